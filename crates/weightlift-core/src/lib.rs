@@ -1,0 +1,33 @@
+//! weightlift-core: the pure planning core of weightlift (no GPU, no I/O).
+//!
+//! Given the tensors a trainer holds ([`SourceSet`]), the parameters one engine rank holds
+//! ([`Manifest`]) and declarative name-mapping [`rules`], [`plan()`] produces the copy
+//! operations for that rank and proves they write every destination byte exactly once.
+//! [`buckets`] groups a plan's operations into bounded transfers, [`exec`] runs them on host
+//! buffers, [`digest`] defines the checksum both sides compute, and [`version`] the update
+//! state machine of a receiver.
+
+pub mod bucket;
+pub mod digest;
+pub mod dtype;
+pub mod exec;
+pub mod layout;
+pub mod models;
+pub mod pattern;
+pub mod plan;
+pub mod presets;
+pub mod region;
+pub mod rules;
+pub mod spec;
+pub mod version;
+
+pub use bucket::{buckets, Bucket, BucketEntry, BucketError, DEFAULT_BUCKET_BYTES};
+pub use dtype::{Cast, DType};
+pub use layout::{Block, LayoutError, Split, TpRank};
+pub use models::{synthetic, ModelConfig, SYNTHETIC_MODELS};
+pub use pattern::Pattern;
+pub use plan::{destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet};
+pub use presets::{Preset, PresetOptions};
+pub use rules::{Rule, RuleError, RuleSet};
+pub use spec::{Manifest, ManifestError, TensorSpec};
+pub use version::{Phase, Version, VersionError, VersionState};

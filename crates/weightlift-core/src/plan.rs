@@ -1,0 +1,841 @@
+//! Plans: for one receiver, the copy operations that realise the rules and layouts, with a
+//! coverage proof. Built once, reused every update.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh64::Xxh64;
+
+use crate::dtype::{Cast, DType};
+use crate::layout::{Block, LayoutError, TpRank};
+use crate::pattern::{Bindings, Pattern};
+use crate::region::{strided_copies, Strided};
+use crate::rules::{Part, Rule, RuleSet, Stack};
+use crate::spec::{Manifest, TensorSpec};
+
+/// The tensors of the sending side: one manifest per sender rank. A name held by one sender
+/// is a whole tensor; a name held by several is split along dim 0 (FSDP-style), its pieces
+/// concatenated in sender order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSet {
+    senders: Vec<Manifest>,
+}
+
+impl SourceSet {
+    pub fn single(manifest: Manifest) -> SourceSet {
+        SourceSet { senders: vec![manifest] }
+    }
+
+    pub fn sharded(senders: Vec<Manifest>) -> SourceSet {
+        SourceSet { senders }
+    }
+
+    pub fn senders(&self) -> &[Manifest] {
+        &self.senders
+    }
+
+    /// Every piece of every sender, in sender order; a plan refers to pieces by this index.
+    fn pieces(&self) -> Vec<SourcePiece> {
+        let mut rows_so_far: HashMap<&str, u64> = HashMap::new();
+        let mut pieces = Vec::new();
+        for (sender, manifest) in self.senders.iter().enumerate() {
+            for spec in manifest {
+                let offset = rows_so_far.entry(&spec.name).or_insert(0);
+                pieces.push(SourcePiece { sender: sender as u32, row_offset: *offset, spec: spec.clone() });
+                *offset += spec.shape.first().copied().unwrap_or(1);
+            }
+        }
+        pieces
+    }
+}
+
+/// One tensor (or dim-0 piece of one) held by one sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePiece {
+    pub sender: u32,
+    /// Index along dim 0 of the whole tensor where this piece starts (0 for whole tensors).
+    pub row_offset: u64,
+    pub spec: TensorSpec,
+}
+
+/// Copy block `extent` (destination dimensions) from `src_start` of source piece `src` to
+/// `dst_start` of destination `dst`, casting if their dtypes differ. A source with fewer
+/// dimensions than the destination (one expert of a stack) aligns with its trailing ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CopyOp {
+    pub src: u32,
+    pub dst: u32,
+    pub src_start: Vec<u64>,
+    pub dst_start: Vec<u64>,
+    pub extent: Vec<u64>,
+}
+
+impl CopyOp {
+    pub fn numel(&self) -> u64 {
+        self.extent.iter().product()
+    }
+}
+
+/// The copy operations for one receiver, and what they are made from. A `Plan` value has
+/// passed [`Plan::verify`]: every destination byte is written exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub tp: TpRank,
+    pub sources: Vec<SourcePiece>,
+    pub destinations: Vec<TensorSpec>,
+    pub ops: Vec<CopyOp>,
+    /// Source tensors dropped by an explicit `ignore` rule.
+    pub ignored: Vec<String>,
+}
+
+/// Figures that describe a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    pub tp_rank: u32,
+    pub tp_size: u32,
+    pub source_tensors: usize,
+    pub source_bytes: u64,
+    pub destination_tensors: usize,
+    pub destination_bytes: u64,
+    /// Bytes this receiver gets: each op's block in the destination dtype.
+    pub bytes_to_send: u64,
+    pub ops: usize,
+    /// Ops that need a strided (row-by-row) copy rather than one contiguous run.
+    pub strided_ops: usize,
+    pub cast_ops: usize,
+    pub ignored: usize,
+    pub covered: bool,
+    pub plan_hash: String,
+}
+
+/// One thing wrong with a planning problem; each names the tensors involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A source tensor no rule claims.
+    Unmapped {
+        source: String,
+    },
+    /// A destination needs a source tensor the source does not have.
+    MissingSource {
+        destination: String,
+        source: String,
+    },
+    /// A rule produces a parameter the engine does not have.
+    NoDestination {
+        destination: String,
+        sources: Vec<String>,
+    },
+    /// An engine parameter that nothing writes.
+    NotWritten {
+        destination: String,
+    },
+    /// Two rules produce the same parameter.
+    Duplicate {
+        destination: String,
+        rules: Vec<String>,
+    },
+    ShapeMismatch {
+        destination: String,
+        engine: Vec<u64>,
+        planned: Vec<u64>,
+    },
+    DtypeMismatch {
+        destination: String,
+        source: String,
+        from: DType,
+        to: DType,
+    },
+    /// Parts that cannot be concatenated or stacked, or a split that does not apply.
+    BadParts {
+        destination: String,
+        detail: String,
+    },
+    Layout {
+        tensor: String,
+        error: LayoutError,
+    },
+    /// Dim-0 pieces of one source tensor that do not line up.
+    BadPieces {
+        source: String,
+        detail: String,
+    },
+    /// An op outside its tensors, or destination bytes written twice or never.
+    Coverage {
+        destination: String,
+        detail: String,
+    },
+}
+
+impl Problem {
+    /// The tensor names this problem is about.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Problem::Unmapped { source } | Problem::BadPieces { source, .. } => vec![source],
+            Problem::MissingSource { destination, source } | Problem::DtypeMismatch { destination, source, .. } => {
+                vec![destination, source]
+            }
+            Problem::NoDestination { destination, sources } => {
+                std::iter::once(destination.as_str()).chain(sources.iter().map(String::as_str)).collect()
+            }
+            Problem::NotWritten { destination }
+            | Problem::Duplicate { destination, .. }
+            | Problem::ShapeMismatch { destination, .. }
+            | Problem::BadParts { destination, .. }
+            | Problem::Coverage { destination, .. } => vec![destination],
+            Problem::Layout { tensor, .. } => vec![tensor],
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Unmapped { source } => {
+                write!(f, "unmapped: source tensor `{source}` matches no rule (map it, or ignore it explicitly)")
+            }
+            Problem::MissingSource { destination, source } => {
+                write!(f, "missing: `{destination}` needs source tensor `{source}`, which the source does not have")
+            }
+            Problem::NoDestination { destination, sources } => write!(
+                f,
+                "no destination: `{destination}` (from {}) is not a parameter of the engine",
+                sources.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            ),
+            Problem::NotWritten { destination } => {
+                write!(f, "not written: engine parameter `{destination}` gets no source tensor")
+            }
+            Problem::Duplicate { destination, rules } => {
+                write!(f, "duplicated: `{destination}` is produced by several rules: {}", rules.join("; "))
+            }
+            Problem::ShapeMismatch { destination, engine, planned } => write!(
+                f,
+                "shape mismatch: `{destination}` is {engine:?} in the engine but the sources make {planned:?}"
+            ),
+            Problem::DtypeMismatch { destination, source, from, to } => {
+                write!(f, "dtype mismatch: `{source}` is {from}, which cannot be cast to {to} for `{destination}`")
+            }
+            Problem::BadParts { destination, detail } => write!(f, "bad parts for `{destination}`: {detail}"),
+            Problem::Layout { tensor, error } => write!(f, "layout: `{tensor}`: {error}"),
+            Problem::BadPieces { source, detail } => write!(f, "bad dim-0 pieces of `{source}`: {detail}"),
+            Problem::Coverage { destination, detail } => write!(f, "coverage: `{destination}`: {detail}"),
+        }
+    }
+}
+
+/// Planning failed; every problem found is listed, not just the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PlanError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "planning failed with {} problem(s):", self.problems.len())?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A whole source tensor, possibly made of dim-0 pieces from several senders.
+struct Logical {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    /// (piece index, first row, rows), in row order.
+    pieces: Vec<(u32, u64, u64)>,
+}
+
+fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> (Vec<Logical>, HashMap<String, usize>) {
+    let mut tensors: Vec<Logical> = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let spec = &piece.spec;
+        let rows = spec.shape.first().copied().unwrap_or(1);
+        match by_name.get(&spec.name) {
+            None => {
+                by_name.insert(spec.name.clone(), tensors.len());
+                tensors.push(Logical {
+                    name: spec.name.clone(),
+                    dtype: spec.dtype,
+                    shape: spec.shape.clone(),
+                    pieces: vec![(i as u32, 0, rows)],
+                });
+            }
+            Some(&t) => {
+                let whole = &mut tensors[t];
+                let detail = if spec.shape.is_empty() {
+                    Some("a scalar cannot be split along dim 0".to_string())
+                } else if spec.dtype != whole.dtype {
+                    Some(format!(
+                        "sender {} holds {} but an earlier piece is {}",
+                        piece.sender, spec.dtype, whole.dtype
+                    ))
+                } else if spec.shape[1..] != whole.shape[1..] {
+                    Some(format!(
+                        "sender {} holds {:?} but an earlier piece is {:?}: only dim 0 may differ",
+                        piece.sender, spec.shape, whole.shape
+                    ))
+                } else {
+                    None
+                };
+                match detail {
+                    Some(detail) => problems.push(Problem::BadPieces { source: spec.name.clone(), detail }),
+                    None => {
+                        whole.pieces.push((i as u32, whole.shape[0], rows));
+                        whole.shape[0] += rows;
+                    }
+                }
+            }
+        }
+    }
+    (tensors, by_name)
+}
+
+/// A rule in the uniform shape planning works with (a tie is a one-part map).
+struct Template<'a> {
+    parts: Vec<Part>,
+    dim: usize,
+    stack: Option<&'a Stack>,
+}
+
+fn template(rule: &Rule) -> Option<Template<'_>> {
+    match rule {
+        Rule::Map { parts, dim, stack, .. } => {
+            Some(Template { parts: parts.clone(), dim: *dim, stack: stack.as_ref() })
+        }
+        Rule::Tie { from, split, .. } => {
+            Some(Template { parts: vec![Part { from: from.clone(), split: *split }], dim: 0, stack: None })
+        }
+        Rule::Ignore { .. } => None,
+    }
+}
+
+/// One destination parameter as the rules build it, before it meets the engine's manifest.
+struct Target {
+    name: String,
+    rule: usize,
+    bindings: Bindings,
+    /// `sources[expert][part]`: logical tensor index (one "expert" when not stacked).
+    sources: Vec<Vec<Option<usize>>>,
+}
+
+/// A target with its local shape and the blocks that fill it.
+struct Resolved {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    /// (logical source, block of the source, start in the destination)
+    copies: Vec<(usize, Block, Vec<u64>)>,
+}
+
+/// What planning needs to know about the destination.
+enum Destination<'a> {
+    /// The engine's parameters for this rank: ties apply only to names it has.
+    Engine(&'a Manifest),
+    /// Derive what the engine should hold; `untied` adds the parameters tie rules fill (an
+    /// engine that keeps its own lm_head).
+    Derive { untied: bool },
+}
+
+struct Planner<'a> {
+    rules: &'a RuleSet,
+    templates: Vec<Option<Template<'a>>>,
+    tp: TpRank,
+    pieces: Vec<SourcePiece>,
+    logical: Vec<Logical>,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(source: &SourceSet, rules: &'a RuleSet, tp: TpRank) -> Planner<'a> {
+        let pieces = source.pieces();
+        let mut problems = Vec::new();
+        let (logical, _) = logical_tensors(&pieces, &mut problems);
+        let templates = rules.rules().iter().map(template).collect();
+        Planner { rules, templates, tp, pieces, logical, problems }
+    }
+
+    /// Groups source tensors into destination targets by the first rule that claims each.
+    fn targets(&mut self, destination: &Destination) -> (Vec<Target>, Vec<String>) {
+        let mut targets: Vec<Target> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut ignored = Vec::new();
+        'sources: for (li, tensor) in self.logical.iter().enumerate() {
+            for (ri, rule) in self.rules.rules().iter().enumerate() {
+                match rule {
+                    Rule::Ignore { from } => {
+                        if from.matches(&tensor.name).is_some() {
+                            ignored.push(tensor.name.clone());
+                            continue 'sources;
+                        }
+                    }
+                    Rule::Tie { .. } => {}
+                    Rule::Map { to, parts, stack, .. } => {
+                        for (pi, part) in parts.iter().enumerate() {
+                            let Some(bindings) = part.from.matches(&tensor.name) else { continue };
+                            let (expert, bindings) = match stack {
+                                None => (0, bindings),
+                                Some(stack) => {
+                                    let value = bindings.get(&stack.var).unwrap_or_default();
+                                    match value.parse::<usize>() {
+                                        Ok(e) => (e, bindings.without(&stack.var)),
+                                        Err(_) => {
+                                            self.problems.push(Problem::BadParts {
+                                                destination: to.as_str().to_string(),
+                                                detail: format!(
+                                                    "`{}`: expert index `{value}` is not an integer",
+                                                    tensor.name
+                                                ),
+                                            });
+                                            continue 'sources;
+                                        }
+                                    }
+                                }
+                            };
+                            let name = fill(to, &bindings);
+                            let ti = *by_name.entry(name.clone()).or_insert_with(|| {
+                                targets.push(Target { name, rule: ri, bindings, sources: Vec::new() });
+                                targets.len() - 1
+                            });
+                            let target = &mut targets[ti];
+                            if target.rule != ri {
+                                let rules = vec![self.rules.rules()[target.rule].describe(), rule.describe()];
+                                let problem = Problem::Duplicate { destination: target.name.clone(), rules };
+                                if !self.problems.contains(&problem) {
+                                    self.problems.push(problem);
+                                }
+                                continue 'sources;
+                            }
+                            if target.sources.len() <= expert {
+                                target.sources.resize(expert + 1, vec![None; parts.len()]);
+                            }
+                            target.sources[expert][pi] = Some(li);
+                            continue 'sources;
+                        }
+                    }
+                }
+            }
+            self.problems.push(Problem::Unmapped { source: tensor.name.clone() });
+        }
+
+        // Ties fill only what no other rule wrote, and only where the engine wants it.
+        for (ri, rule) in self.rules.rules().iter().enumerate() {
+            let Rule::Tie { from, to, .. } = rule else { continue };
+            for (li, tensor) in self.logical.iter().enumerate() {
+                let Some(bindings) = from.matches(&tensor.name) else { continue };
+                let name = fill(to, &bindings);
+                let wanted = match destination {
+                    Destination::Engine(manifest) => manifest.get(&name).is_some(),
+                    Destination::Derive { untied } => *untied,
+                };
+                if wanted && !by_name.contains_key(&name) {
+                    by_name.insert(name.clone(), targets.len());
+                    targets.push(Target { name, rule: ri, bindings, sources: vec![vec![Some(li)]] });
+                }
+            }
+        }
+        (targets, ignored)
+    }
+
+    /// Computes a target's local shape and copies; records problems and returns None if any.
+    fn resolve(&mut self, target: &Target) -> Option<Resolved> {
+        let t = self.templates[target.rule].as_ref().expect("targets come from map and tie rules");
+        let mut missing = false;
+        for (expert, slots) in target.sources.iter().enumerate() {
+            for (pi, slot) in slots.iter().enumerate() {
+                if slot.is_none() {
+                    let mut bindings = target.bindings.clone();
+                    if let Some(stack) = t.stack {
+                        bindings = bindings.with(&stack.var, expert.to_string());
+                    }
+                    let source = fill(&t.parts[pi].from, &bindings);
+                    self.problems.push(Problem::MissingSource { destination: target.name.clone(), source });
+                    missing = true;
+                }
+            }
+        }
+        if missing {
+            return None;
+        }
+        let experts = target.sources.len();
+        let bad = |detail: String| Problem::BadParts { destination: target.name.clone(), detail };
+
+        // Each part's shape must be the same for every expert; then its split for this rank.
+        let mut part_blocks: Vec<Block> = Vec::with_capacity(t.parts.len());
+        for (pi, part) in t.parts.iter().enumerate() {
+            let first = &self.logical[target.sources[0][pi].expect("checked above")];
+            for slots in &target.sources[1..] {
+                let other = &self.logical[slots[pi].expect("checked above")];
+                if other.shape != first.shape {
+                    self.problems.push(bad(format!(
+                        "experts differ in shape: `{}` is {:?}, `{}` is {:?}",
+                        first.name, first.shape, other.name, other.shape
+                    )));
+                    return None;
+                }
+            }
+            match part.split.slice(&first.shape, self.tp) {
+                Ok(block) => part_blocks.push(block),
+                Err(error) => {
+                    self.problems.push(Problem::Layout { tensor: first.name.clone(), error });
+                    return None;
+                }
+            }
+        }
+
+        // Concatenate the parts' local blocks along `dim`.
+        let mut fused: Vec<u64> = part_blocks[0].extent.clone();
+        if t.dim >= fused.len() {
+            self.problems.push(bad(format!("cannot concatenate {}-d parts along dim {}", fused.len(), t.dim)));
+            return None;
+        }
+        let mut offsets = vec![0u64];
+        for (pi, block) in part_blocks.iter().enumerate().skip(1) {
+            let ext = &block.extent;
+            let agrees = ext.len() == fused.len() && (0..ext.len()).all(|d| d == t.dim || ext[d] == fused[d]);
+            if !agrees {
+                let name = &self.logical[target.sources[0][pi].expect("checked above")].name;
+                self.problems.push(bad(format!(
+                    "`{name}` has local shape {ext:?}, which does not concatenate with {fused:?} along dim {}",
+                    t.dim
+                )));
+                return None;
+            }
+            offsets.push(fused[t.dim]);
+            fused[t.dim] += ext[t.dim];
+        }
+
+        // Experts this rank holds: all of them, or an even, contiguous range with EP.
+        let local_experts = match t.stack {
+            Some(stack) if stack.expert_parallel => {
+                let size = self.tp.size as usize;
+                if experts % size != 0 {
+                    let error =
+                        LayoutError::NotDivisible { dim: 0, len: experts as u64, granule: 1, size: self.tp.size };
+                    self.problems.push(Problem::Layout { tensor: target.name.clone(), error });
+                    return None;
+                }
+                let per_rank = experts / size;
+                let first = self.tp.rank as usize * per_rank;
+                first..first + per_rank
+            }
+            _ => 0..experts,
+        };
+        let stacked = t.stack.is_some();
+        let shape: Vec<u64> = if stacked {
+            std::iter::once(local_experts.len() as u64).chain(fused.iter().copied()).collect()
+        } else {
+            fused
+        };
+
+        let mut copies = Vec::with_capacity(local_experts.len() * t.parts.len());
+        for (local, expert) in local_experts.enumerate() {
+            for (pi, block) in part_blocks.iter().enumerate() {
+                let mut dst_start: Vec<u64> = vec![0; block.extent.len()];
+                dst_start[t.dim] = offsets[pi];
+                if stacked {
+                    dst_start.insert(0, local as u64);
+                }
+                let li = target.sources[expert][pi].expect("checked above");
+                copies.push((li, block.clone(), dst_start));
+            }
+        }
+        let dtype = self.logical[target.sources[0][0].expect("checked above")].dtype;
+        Some(Resolved { name: target.name.clone(), dtype, shape, copies })
+    }
+
+    /// Splits a copy of a whole logical tensor's block into ops on its dim-0 pieces.
+    fn ops_for(&self, li: usize, block: &Block, dst: u32, dst_start: &[u64], out: &mut Vec<CopyOp>) {
+        let tensor = &self.logical[li];
+        let lead = dst_start.len() - block.extent.len();
+        let extent: Vec<u64> = std::iter::repeat_n(1, lead).chain(block.extent.iter().copied()).collect();
+        if extent.contains(&0) {
+            return;
+        }
+        if tensor.pieces.len() == 1 {
+            let src = tensor.pieces[0].0;
+            out.push(CopyOp { src, dst, src_start: block.start.clone(), dst_start: dst_start.to_vec(), extent });
+            return;
+        }
+        let (lo, hi) = (block.start[0], block.start[0] + block.extent[0]);
+        for &(piece, first_row, rows) in &tensor.pieces {
+            let (a, b) = (lo.max(first_row), hi.min(first_row + rows));
+            if a >= b {
+                continue;
+            }
+            let mut src_start = block.start.clone();
+            src_start[0] = a - first_row;
+            let mut piece_dst = dst_start.to_vec();
+            piece_dst[lead] += a - lo;
+            let mut piece_extent = extent.clone();
+            piece_extent[lead] = b - a;
+            out.push(CopyOp { src: piece, dst, src_start, dst_start: piece_dst, extent: piece_extent });
+        }
+    }
+
+    fn fail_if_problems(&mut self) -> Result<(), PlanError> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PlanError { problems: std::mem::take(&mut self.problems) })
+        }
+    }
+}
+
+fn fill(pattern: &Pattern, bindings: &Bindings) -> String {
+    // Rule sets are validated: every variable of a destination is bound by each part.
+    pattern.fill(bindings).expect("validated rule binds every variable")
+}
+
+/// Plans the update of one engine rank holding `destination` from `source` under `rules`.
+/// Fails listing every problem at once; a returned plan has passed [`Plan::verify`].
+pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpRank) -> Result<Plan, PlanError> {
+    let mut planner = Planner::new(source, rules, tp);
+    let (targets, ignored) = planner.targets(&Destination::Engine(destination));
+    let mut written = vec![false; destination.len()];
+    let mut ops = Vec::new();
+    for target in &targets {
+        // A parameter whose sources have problems is still accounted for, not "not written".
+        if let Some(dst) = destination.position(&target.name) {
+            written[dst] = true;
+        }
+        let Some(resolved) = planner.resolve(target) else { continue };
+        let Some(dst) = destination.position(&resolved.name) else {
+            let mut sources: Vec<String> =
+                resolved.copies.iter().map(|(li, _, _)| planner.logical[*li].name.clone()).collect();
+            sources.dedup();
+            planner.problems.push(Problem::NoDestination { destination: resolved.name, sources });
+            continue;
+        };
+        let spec = &destination.specs()[dst];
+        if spec.shape != resolved.shape {
+            planner.problems.push(Problem::ShapeMismatch {
+                destination: resolved.name,
+                engine: spec.shape.clone(),
+                planned: resolved.shape,
+            });
+            continue;
+        }
+        let mut castable = true;
+        for (li, _, _) in &resolved.copies {
+            let tensor = &planner.logical[*li];
+            if !tensor.dtype.casts_to(spec.dtype) {
+                let problem = Problem::DtypeMismatch {
+                    destination: resolved.name.clone(),
+                    source: tensor.name.clone(),
+                    from: tensor.dtype,
+                    to: spec.dtype,
+                };
+                if !planner.problems.contains(&problem) {
+                    planner.problems.push(problem);
+                }
+                castable = false;
+            }
+        }
+        if castable {
+            for (li, block, dst_start) in &resolved.copies {
+                planner.ops_for(*li, block, dst as u32, dst_start, &mut ops);
+            }
+        }
+    }
+    for (spec, written) in destination.iter().zip(&written) {
+        if !written {
+            planner.problems.push(Problem::NotWritten { destination: spec.name.clone() });
+        }
+    }
+    planner.fail_if_problems()?;
+    let plan = Plan { tp, sources: planner.pieces, destinations: destination.specs().to_vec(), ops, ignored };
+    plan.verify()?;
+    Ok(plan)
+}
+
+/// The parameters an engine rank should hold for `source` under `rules`: what `plan` expects
+/// as its destination. `dtype` overrides the sources' dtype (e.g. f32 master weights into a
+/// bf16 engine); `untied` adds the parameters that tie rules fill (an engine with its own
+/// lm_head while the source ties it to the embeddings).
+pub fn destination_manifest(
+    source: &SourceSet,
+    rules: &RuleSet,
+    tp: TpRank,
+    dtype: Option<DType>,
+    untied: bool,
+) -> Result<Manifest, PlanError> {
+    let mut planner = Planner::new(source, rules, tp);
+    let (targets, _) = planner.targets(&Destination::Derive { untied });
+    let mut specs = Vec::with_capacity(targets.len());
+    for target in &targets {
+        if let Some(r) = planner.resolve(target) {
+            specs.push(TensorSpec::new(r.name, dtype.unwrap_or(r.dtype), r.shape));
+        }
+    }
+    planner.fail_if_problems()?;
+    Manifest::new(specs).map_err(|e| PlanError {
+        problems: vec![Problem::Coverage { destination: "<derived manifest>".into(), detail: e.to_string() }],
+    })
+}
+
+impl Plan {
+    /// The dtype conversion of an op, if its source and destination dtypes differ.
+    pub fn cast(&self, op: &CopyOp) -> Option<Cast> {
+        let (from, to) = (self.sources[op.src as usize].spec.dtype, self.destinations[op.dst as usize].dtype);
+        (from != to).then_some(Cast { from, to })
+    }
+
+    /// The op as 2-D strided copies, in elements.
+    pub fn strided(&self, op: &CopyOp) -> Vec<Strided> {
+        let src = &self.sources[op.src as usize].spec.shape;
+        let dst = &self.destinations[op.dst as usize].shape;
+        strided_copies(src, &op.src_start, dst, &op.dst_start, &op.extent)
+    }
+
+    /// Bytes an op delivers, in the destination dtype.
+    pub fn op_bytes(&self, op: &CopyOp) -> u64 {
+        op.numel() * self.destinations[op.dst as usize].dtype.size()
+    }
+
+    /// Stable across runs and machines: xxh64 of the plan's canonical JSON form.
+    pub fn hash(&self) -> u64 {
+        struct HashWriter(Xxh64);
+        impl io::Write for HashWriter {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut writer = HashWriter(Xxh64::new(0));
+        serde_json::to_writer(&mut writer, self).expect("a plan always serialises");
+        writer.0.digest()
+    }
+
+    pub fn summary(&self) -> PlanSummary {
+        let mut names: Vec<&str> = self.sources.iter().map(|p| p.spec.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        PlanSummary {
+            tp_rank: self.tp.rank,
+            tp_size: self.tp.size,
+            source_tensors: names.len(),
+            source_bytes: self.sources.iter().map(|p| p.spec.byte_len()).sum(),
+            destination_tensors: self.destinations.len(),
+            destination_bytes: self.destinations.iter().map(TensorSpec::byte_len).sum(),
+            bytes_to_send: self.ops.iter().map(|op| self.op_bytes(op)).sum(),
+            ops: self.ops.len(),
+            strided_ops: self.ops.iter().filter(|op| self.strided(op).iter().any(|s| !s.is_contiguous())).count(),
+            cast_ops: self.ops.iter().filter(|op| self.cast(op).is_some()).count(),
+            ignored: self.ignored.len(),
+            covered: true,
+            plan_hash: format!("{:016x}", self.hash()),
+        }
+    }
+
+    /// The coverage proof, checked independently of how the plan was built: every op lies
+    /// inside its source and destination with a dtype that casts, and the ops' blocks tile
+    /// every destination exactly (pairwise disjoint, volumes adding up to the whole).
+    pub fn verify(&self) -> Result<(), PlanError> {
+        let mut problems = Vec::new();
+        let mut blocks: Vec<Vec<(&[u64], &[u64])>> = vec![Vec::new(); self.destinations.len()];
+        for (i, op) in self.ops.iter().enumerate() {
+            let (Some(src), Some(dst)) = (self.sources.get(op.src as usize), self.destinations.get(op.dst as usize))
+            else {
+                problems
+                    .push(Problem::Coverage { destination: format!("op {i}"), detail: "refers to no tensor".into() });
+                continue;
+            };
+            if let Err(detail) = check_op(op, &src.spec, dst) {
+                problems.push(Problem::Coverage { destination: dst.name.clone(), detail: format!("op {i}: {detail}") });
+                continue;
+            }
+            blocks[op.dst as usize].push((&op.dst_start, &op.extent));
+        }
+        for (dst, mut list) in self.destinations.iter().zip(blocks) {
+            let written: u64 = list.iter().map(|(_, e)| e.iter().product::<u64>()).sum();
+            if let Some(detail) = overlap(&mut list) {
+                problems.push(Problem::Coverage { destination: dst.name.clone(), detail });
+            } else if written != dst.numel() {
+                problems.push(Problem::Coverage {
+                    destination: dst.name.clone(),
+                    detail: format!("{written} of {} elements written", dst.numel()),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PlanError { problems })
+        }
+    }
+
+    /// Reads a plan from JSON and verifies it: a stored plan is trusted no more than a new one.
+    pub fn from_json(text: &str) -> Result<Plan, String> {
+        let plan: Plan = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        plan.verify().map_err(|e| e.to_string())?;
+        Ok(plan)
+    }
+}
+
+fn check_op(op: &CopyOp, src: &TensorSpec, dst: &TensorSpec) -> Result<(), String> {
+    if !src.dtype.casts_to(dst.dtype) {
+        return Err(format!("`{}` is {}, which cannot be cast to {}", src.name, src.dtype, dst.dtype));
+    }
+    let nd = dst.shape.len();
+    if op.extent.len() != nd
+        || op.dst_start.len() != nd
+        || op.src_start.len() != src.shape.len()
+        || src.shape.len() > nd
+    {
+        return Err(format!(
+            "ranks of block {:?} do not fit `{}` {:?} -> {:?}",
+            op.extent, src.name, src.shape, dst.shape
+        ));
+    }
+    let lead = nd - src.shape.len();
+    let inside = |start: &[u64], shape: &[u64], extent: &[u64]| {
+        start.iter().zip(extent).zip(shape).all(|((s, e), n)| s.checked_add(*e).is_some_and(|end| end <= *n))
+    };
+    if op.extent[..lead].iter().any(|&e| e != 1)
+        || !inside(&op.dst_start, &dst.shape, &op.extent)
+        || !inside(&op.src_start, &src.shape, &op.extent[lead..])
+    {
+        return Err(format!(
+            "block {:?} at {:?} of `{}` {:?} -> at {:?} of {:?} lies outside a tensor",
+            op.extent, op.src_start, src.name, src.shape, op.dst_start, dst.shape
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Finds two overlapping blocks, if any: sorted by their first-dim start, each block is only
+/// compared with those that start before it ends along dim 0.
+fn overlap(blocks: &mut [(&[u64], &[u64])]) -> Option<String> {
+    blocks.sort_unstable_by_key(|(start, _)| start.first().copied().unwrap_or(0));
+    for i in 0..blocks.len() {
+        let (a_start, a_ext) = blocks[i];
+        if a_ext.contains(&0) {
+            continue;
+        }
+        for &(b_start, b_ext) in &blocks[i + 1..] {
+            if let (Some(&b0), Some(&a0), Some(&ae)) = (b_start.first(), a_start.first(), a_ext.first()) {
+                if b0 >= a0 + ae {
+                    break;
+                }
+            }
+            let disjoint = b_ext.contains(&0)
+                || (0..a_start.len())
+                    .any(|d| b_start[d] >= a_start[d] + a_ext[d] || a_start[d] >= b_start[d] + b_ext[d]);
+            if !disjoint {
+                return Some(format!("blocks at {a_start:?} {a_ext:?} and {b_start:?} {b_ext:?} overlap"));
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,518 @@
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::bucket::buckets;
+use crate::exec;
+use crate::layout::Split;
+use crate::models::{synthetic, ModelConfig};
+use crate::presets::{Preset, PresetOptions};
+
+fn rules_for(config: &ModelConfig, expert_parallel: bool) -> RuleSet {
+    config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel }).unwrap()
+}
+
+fn spec(name: &str, dtype: DType, shape: &[u64]) -> TensorSpec {
+    TensorSpec::new(name, dtype, shape.to_vec())
+}
+
+fn manifest(specs: Vec<TensorSpec>) -> Manifest {
+    Manifest::new(specs).unwrap()
+}
+
+/// Deterministic, position-dependent bytes for source tensor `t`.
+fn fill_bytes(t: usize, len: u64) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(t as u64 * 40_503) >> 7) as u8).collect()
+}
+
+fn source_bytes(plan: &Plan) -> Vec<Vec<u8>> {
+    plan.sources.iter().enumerate().map(|(i, p)| fill_bytes(i, p.spec.byte_len())).collect()
+}
+
+/// Runs the plan bucket by bucket through pack and unpack, as a transport would.
+fn run_through_buckets(plan: &Plan, sources: &[Vec<u8>], bucket_bytes: u64) -> Vec<Vec<u8>> {
+    let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xAB; d.byte_len() as usize]).collect();
+    for bucket in buckets(plan, bucket_bytes).unwrap() {
+        assert!(bucket.bytes <= bucket_bytes);
+        let mut payload = vec![0u8; bucket.bytes as usize];
+        for e in &bucket.entries {
+            let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
+            exec::pack(plan, &e.op, &sources[e.op.src as usize], &mut payload[range]).unwrap();
+        }
+        for e in &bucket.entries {
+            let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
+            exec::unpack(plan, &e.op, &payload[range], &mut dst[e.op.dst as usize]).unwrap();
+        }
+    }
+    dst
+}
+
+fn run_direct(plan: &Plan, sources: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xCD; d.byte_len() as usize]).collect();
+    let refs: Vec<&[u8]> = sources.iter().map(Vec::as_slice).collect();
+    exec::execute(plan, &refs, &mut dst).unwrap();
+    dst
+}
+
+fn dest_bytes<'a>(plan: &Plan, dst: &'a [Vec<u8>], name: &str) -> &'a [u8] {
+    &dst[plan.destinations.iter().position(|d| d.name == name).unwrap()]
+}
+
+/// Plans every rank of a synthetic model against the manifest it should hold.
+fn plan_all(config: &ModelConfig, tp_size: u32, expert_parallel: bool) -> Vec<Plan> {
+    let source = SourceSet::single(config.source_manifest());
+    let rules = rules_for(config, expert_parallel);
+    TpRank::all(tp_size)
+        .map(|tp| {
+            let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+            plan(&source, &dest, &rules, tp).unwrap()
+        })
+        .collect()
+}
+
+/// Rows `rows` (dim 0) of a row-major tensor with `row_bytes` bytes per row.
+fn rows(bytes: &[u8], row_bytes: u64, rows: std::ops::Range<u64>) -> Vec<u8> {
+    bytes[(rows.start * row_bytes) as usize..(rows.end * row_bytes) as usize].to_vec()
+}
+
+#[test]
+fn qkv_is_fused_per_rank_as_q_then_k_then_v_slices() {
+    // 4 query heads, 2 KV heads, head dim 2, hidden 3: q [8, 3], k and v [4, 3] in f32.
+    let (h, hd) = (3u64, 2u64);
+    let src = manifest(vec![
+        spec("l.q", DType::F32, &[8, h]),
+        spec("l.k", DType::F32, &[4, h]),
+        spec("l.v", DType::F32, &[4, h]),
+    ]);
+    let rules = RuleSet::new(vec![Rule::fuse(
+        "l.qkv",
+        0,
+        &[("l.q", Split::heads(hd)), ("l.k", Split::kv_heads(hd)), ("l.v", Split::kv_heads(hd))],
+    )
+    .unwrap()])
+    .unwrap();
+    let source = SourceSet::single(src);
+    let row = h * 4;
+    for (size, want_q, want_kv) in [(2u32, [0..4, 4..8], [0..2, 2..4]), (4, [0..2, 2..4], [0..2, 0..2])] {
+        for tp in TpRank::all(size) {
+            let dest = manifest(vec![spec("l.qkv", DType::F32, &[if size == 2 { 8 } else { 6 }, h])]);
+            let plan = plan(&source, &dest, &rules, tp).unwrap();
+            let sources = source_bytes(&plan);
+            let out = run_direct(&plan, &sources);
+            // Which half (TP 2) or quarter (TP 4) of the heads this rank holds.
+            let r = tp.rank as usize;
+            let (q_rows, kv_rows) = if size == 2 {
+                (want_q[r].clone(), want_kv[r].clone())
+            } else {
+                // TP 4: one q head each; 2 KV heads replicated over pairs of ranks.
+                let q = (r as u64 * 2)..(r as u64 * 2 + 2);
+                let kv = if r < 2 { want_kv[0].clone() } else { 2..4 };
+                (q, kv)
+            };
+            let mut expected = rows(&sources[0], row, q_rows);
+            expected.extend(rows(&sources[1], row, kv_rows.clone()));
+            expected.extend(rows(&sources[2], row, kv_rows));
+            assert_eq!(out[0], expected, "tp {tp}");
+            assert_eq!(plan.summary().strided_ops, 0, "column slices are contiguous");
+        }
+    }
+}
+
+#[test]
+fn row_parallel_slices_are_strided_columns() {
+    let src = manifest(vec![spec("o", DType::BF16, &[3, 8])]);
+    let rules = RuleSet::new(vec![Rule::rename("o", "o", Split::rows()).unwrap()]).unwrap();
+    let tp = TpRank::new(1, 2).unwrap();
+    let dest = manifest(vec![spec("o", DType::BF16, &[3, 4])]);
+    let plan = plan(&SourceSet::single(src), &dest, &rules, tp).unwrap();
+    assert_eq!(plan.summary().strided_ops, 1);
+    let sources = source_bytes(&plan);
+    let out = run_direct(&plan, &sources);
+    // Row r of the shard is columns 4..8 of row r: bytes 8..16 of each 16-byte row.
+    let expected: Vec<u8> = (0..3).flat_map(|r| sources[0][r * 16 + 8..r * 16 + 16].to_vec()).collect();
+    assert_eq!(out[0], expected);
+}
+
+#[test]
+fn moe_experts_stack_into_w13_and_w2_with_tp_slices_or_ep_ranges() {
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let (e, i, h) = (config.experts, config.moe_intermediate, config.hidden);
+    let elt = config.dtype.size();
+    for (ep, size) in [(false, 2u32), (true, 2), (true, 4), (false, 1)] {
+        for plan in plan_all(&config, size, ep) {
+            let rank = plan.tp.rank as u64;
+            let w13 = plan.destinations.iter().find(|d| d.name == "model.layers.1.mlp.experts.w13_weight").unwrap();
+            let w2 = plan.destinations.iter().find(|d| d.name == "model.layers.1.mlp.experts.w2_weight").unwrap();
+            let s = size as u64;
+            let (experts, local_i) = if ep { (e / s, i) } else { (e, i / s) };
+            assert_eq!(w13.shape, vec![experts, 2 * local_i, h], "ep {ep} tp {size}");
+            assert_eq!(w2.shape, vec![experts, h, local_i]);
+
+            let sources = source_bytes(&plan);
+            let out = run_through_buckets(&plan, &sources, 1000);
+            let src = |name: String| &sources[plan.sources.iter().position(|p| p.spec.name == name).unwrap()];
+            let w13_bytes = dest_bytes(&plan, &out, "model.layers.1.mlp.experts.w13_weight");
+            let w2_bytes = dest_bytes(&plan, &out, "model.layers.1.mlp.experts.w2_weight");
+            for local in 0..experts {
+                let expert = if ep { rank * experts + local } else { local };
+                let proj = |p: &str| src(format!("model.layers.1.mlp.experts.{expert}.{p}.weight"));
+                let i_rows = if ep { 0..i } else { rank * local_i..(rank + 1) * local_i };
+                let mut want13 = rows(proj("gate_proj"), h * elt, i_rows.clone());
+                want13.extend(rows(proj("up_proj"), h * elt, i_rows.clone()));
+                let n13 = (2 * local_i * h * elt) as usize;
+                assert_eq!(&w13_bytes[local as usize * n13..(local as usize + 1) * n13], &want13[..]);
+                // down_proj [h, i]: each of the h rows contributes its slice of columns.
+                let down = proj("down_proj");
+                let want2: Vec<u8> = (0..h)
+                    .flat_map(|r| {
+                        rows(&down[(r * i * elt) as usize..((r + 1) * i * elt) as usize], elt, i_rows.clone())
+                    })
+                    .collect();
+                let n2 = (h * local_i * elt) as usize;
+                assert_eq!(&w2_bytes[local as usize * n2..(local as usize + 1) * n2], &want2[..]);
+            }
+        }
+    }
+}
+
+#[test]
+fn problems_are_all_listed_at_once_and_name_every_tensor() {
+    let config = synthetic("llama-tiny").unwrap();
+    let rules = rules_for(&config, false);
+    let good = config.source_manifest();
+    let dest = destination_manifest(&SourceSet::single(good.clone()), &rules, TpRank::SINGLE, None, false).unwrap();
+
+    let mut specs: Vec<TensorSpec> =
+        good.iter().filter(|s| s.name != "model.layers.1.self_attn.k_proj.weight").cloned().collect();
+    specs.push(spec("model.layers.0.mlp.extra_proj.weight", DType::BF16, &[4, 4]));
+    let down = specs.iter_mut().find(|s| s.name == "model.layers.0.mlp.down_proj.weight").unwrap();
+    down.dtype = DType::I64;
+    let o = specs.iter_mut().find(|s| s.name == "model.layers.1.self_attn.o_proj.weight").unwrap();
+    o.shape = vec![64, 32];
+
+    let mut engine: Vec<TensorSpec> = dest.specs().to_vec();
+    engine.retain(|s| s.name != "model.norm.weight");
+    engine.push(spec("model.layers.0.self_attn.sinks", DType::BF16, &[4]));
+
+    let err = plan(&SourceSet::single(manifest(specs)), &manifest(engine), &rules, TpRank::SINGLE).unwrap_err();
+    let text = err.to_string();
+    let expected = [
+        "unmapped: source tensor `model.layers.0.mlp.extra_proj.weight`",
+        "missing: `model.layers.1.self_attn.qkv_proj.weight` needs source tensor `model.layers.1.self_attn.k_proj.weight`",
+        "dtype mismatch: `model.layers.0.mlp.down_proj.weight` is I64",
+        "shape mismatch: `model.layers.1.self_attn.o_proj.weight` is [64, 64] in the engine but the sources make [64, 32]",
+        "no destination: `model.norm.weight`",
+        "not written: engine parameter `model.layers.0.self_attn.sinks`",
+    ];
+    for e in expected {
+        assert!(text.contains(e), "missing {e:?} in:\n{text}");
+    }
+    assert_eq!(err.problems.len(), expected.len(), "{text}");
+}
+
+#[test]
+fn two_rules_writing_one_parameter_is_a_duplicate() {
+    let src = manifest(vec![spec("a.w", DType::F32, &[2]), spec("b.w", DType::F32, &[2])]);
+    let rules = RuleSet::new(vec![
+        Rule::rename("a.w", "x.w", Split::Replicated).unwrap(),
+        Rule::rename("b.w", "x.w", Split::Replicated).unwrap(),
+    ])
+    .unwrap();
+    let dest = manifest(vec![spec("x.w", DType::F32, &[2])]);
+    let err = plan(&SourceSet::single(src), &dest, &rules, TpRank::SINGLE).unwrap_err();
+    assert!(matches!(&err.problems[0], Problem::Duplicate { destination, .. } if destination == "x.w"), "{err}");
+}
+
+#[test]
+fn renames_never_produce_malformed_fused_names() {
+    for name in ["llama-tiny", "qwen2-tiny", "qwen3-tiny", "qwen3-moe-tiny"] {
+        let config = synthetic(name).unwrap();
+        let source = SourceSet::single(config.source_manifest());
+        let rules = rules_for(&config, false);
+        let dest = destination_manifest(&source, &rules, TpRank::SINGLE, None, true).unwrap();
+        let allowed: BTreeSet<&str> = [
+            "embed_tokens",
+            "norm",
+            "lm_head",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "qkv_proj",
+            "o_proj",
+            "gate_up_proj",
+            "down_proj",
+            "q_norm",
+            "k_norm",
+            "gate",
+            "w13_weight",
+            "w2_weight",
+        ]
+        .into();
+        for d in dest.iter() {
+            let module = d.name.split('.').rev().find(|c| *c != "weight" && *c != "bias").unwrap();
+            assert!(allowed.contains(module), "{name}: unexpected destination `{}`", d.name);
+            assert!(!d.name.contains("gate_gate") && !d.name.contains("up_up"), "{}", d.name);
+        }
+    }
+}
+
+#[test]
+fn tied_embeddings_fill_an_untied_engine_lm_head() {
+    let config = synthetic("qwen3-tiny").unwrap();
+    assert!(config.tie_word_embeddings);
+    let source = SourceSet::single(config.source_manifest());
+    let rules = rules_for(&config, false);
+    for tp in TpRank::all(2) {
+        // An engine that ties too has no lm_head; one that unties gets it from the embeddings.
+        let tied = destination_manifest(&source, &rules, tp, None, false).unwrap();
+        assert!(tied.get("lm_head.weight").is_none());
+        let untied = destination_manifest(&source, &rules, tp, None, true).unwrap();
+        let plan = plan(&source, &untied, &rules, tp).unwrap();
+        let out = run_direct(&plan, &source_bytes(&plan));
+        assert_eq!(dest_bytes(&plan, &out, "lm_head.weight"), dest_bytes(&plan, &out, "model.embed_tokens.weight"));
+    }
+    // A source with its own lm_head uses it, not the tie.
+    let untied_src = synthetic("llama-tiny").unwrap();
+    let source = SourceSet::single(untied_src.source_manifest());
+    let dest = destination_manifest(&source, &rules_for(&untied_src, false), TpRank::SINGLE, None, true).unwrap();
+    let plan = plan(&source, &dest, &rules_for(&untied_src, false), TpRank::SINGLE).unwrap();
+    let lm = plan.destinations.iter().position(|d| d.name == "lm_head.weight").unwrap() as u32;
+    let from: Vec<&str> =
+        plan.ops.iter().filter(|o| o.dst == lm).map(|o| plan.sources[o.src as usize].spec.name.as_str()).collect();
+    assert_eq!(from, vec!["lm_head.weight"]);
+}
+
+#[test]
+fn f32_master_weights_are_cast_to_the_engine_dtype() {
+    let mut config = synthetic("qwen3-tiny").unwrap();
+    config.dtype = DType::F32;
+    let source = SourceSet::single(config.source_manifest());
+    let rules = rules_for(&config, false);
+    let tp = TpRank::new(0, 2).unwrap();
+    let dest = destination_manifest(&source, &rules, tp, Some(DType::BF16), false).unwrap();
+    let plan = plan(&source, &dest, &rules, tp).unwrap();
+    let s = plan.summary();
+    assert_eq!(s.cast_ops, s.ops);
+    // bf16 halves every byte; TP 2 halves all but the replicated 1-D tensors (norms).
+    assert_eq!(s.bytes_to_send * 4, s.source_bytes + replicated_f32_bytes(&plan));
+    let values: Vec<Vec<u8>> = plan
+        .sources
+        .iter()
+        .map(|p| (0..p.spec.numel()).flat_map(|i| (i as f32 * 0.37 - 5.0).to_le_bytes()).collect())
+        .collect();
+    let out = run_through_buckets(&plan, &values, 4096);
+    let norm = dest_bytes(&plan, &out, "model.norm.weight");
+    let got: Vec<f32> = norm.chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    let want: Vec<f32> = (0..config.hidden).map(|i| half::bf16::from_f32(i as f32 * 0.37 - 5.0).to_f32()).collect();
+    assert_eq!(got, want);
+}
+
+/// Bytes (in f32) of the tensors every rank holds whole; they are not halved by TP 2.
+fn replicated_f32_bytes(plan: &Plan) -> u64 {
+    plan.sources.iter().filter(|p| p.spec.shape.len() == 1).map(|p| p.spec.byte_len()).sum()
+}
+
+#[test]
+fn qwen3_8b_at_tp2_sends_each_rank_half_the_model() {
+    let config = synthetic("qwen3-8b").unwrap();
+    for plan in plan_all(&config, 2, false) {
+        let s = plan.summary();
+        assert_eq!(s.destination_bytes, plan.destinations.iter().map(TensorSpec::byte_len).sum::<u64>());
+        assert_eq!(s.bytes_to_send, s.destination_bytes);
+        let half = s.source_bytes as f64 / 2.0;
+        // Only norms (a few MB) are replicated.
+        assert!((s.bytes_to_send as f64 - half).abs() / half < 0.001, "{s:?}");
+        assert_eq!(s.source_tensors, 399);
+    }
+}
+
+#[test]
+fn fsdp_dim0_pieces_plan_to_the_same_bytes_as_whole_tensors() {
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let whole = config.source_manifest();
+    let rules = rules_for(&config, false);
+    let tp = TpRank::new(1, 2).unwrap();
+    let dest = destination_manifest(&SourceSet::single(whole.clone()), &rules, tp, None, false).unwrap();
+    let reference = plan(&SourceSet::single(whole.clone()), &dest, &rules, tp).unwrap();
+    let expected = run_direct(&reference, &source_bytes(&reference));
+
+    let sharded = SourceSet::sharded(chunk_dim0(&whole, 3));
+    let plan = plan(&sharded, &dest, &rules, tp).unwrap();
+    assert_eq!(plan.sources.len(), whole.len() * 3);
+    // Each piece holds its rows of the same whole-tensor bytes the reference used.
+    let pieces: Vec<Vec<u8>> = plan
+        .sources
+        .iter()
+        .map(|p| {
+            let t = whole.position(&p.spec.name).unwrap();
+            let row_bytes = p.spec.byte_len() / p.spec.shape[0].max(1);
+            // The reference's piece t is whole tensor t, filled with fill_bytes(t, ..).
+            let full = fill_bytes(t, whole.specs()[t].byte_len());
+            full[(p.row_offset * row_bytes) as usize..((p.row_offset + p.spec.shape[0]) * row_bytes) as usize].to_vec()
+        })
+        .collect();
+    assert_eq!(run_through_buckets(&plan, &pieces, 777), expected);
+}
+
+/// Splits every tensor along dim 0 over `n` senders the way torch.chunk does.
+fn chunk_dim0(m: &Manifest, n: u64) -> Vec<Manifest> {
+    (0..n)
+        .map(|k| {
+            manifest(
+                m.iter()
+                    .map(|s| {
+                        let rows = s.shape[0];
+                        let chunk = rows.div_ceil(n);
+                        let (a, b) = ((k * chunk).min(rows), ((k + 1) * chunk).min(rows));
+                        let mut shape = s.shape.clone();
+                        shape[0] = b - a;
+                        TensorSpec::new(s.name.clone(), s.dtype, shape)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn misaligned_pieces_are_named() {
+    let senders = vec![
+        manifest(vec![spec("w", DType::BF16, &[2, 4])]),
+        manifest(vec![spec("w", DType::BF16, &[2, 5])]),
+        manifest(vec![spec("w", DType::F32, &[2, 4])]),
+    ];
+    let rules = RuleSet::new(vec![Rule::rename("w", "w", Split::Replicated).unwrap()]).unwrap();
+    let dest = manifest(vec![spec("w", DType::BF16, &[2, 4])]);
+    let err = plan(&SourceSet::sharded(senders), &dest, &rules, TpRank::SINGLE).unwrap_err();
+    let bad: Vec<&Problem> = err.problems.iter().filter(|p| matches!(p, Problem::BadPieces { .. })).collect();
+    assert_eq!(bad.len(), 2, "{err}");
+    assert!(err.to_string().contains("sender 1 holds [2, 5]"), "{err}");
+}
+
+#[test]
+fn plans_are_stable_values_and_stored_plans_are_verified() {
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let a = plan_all(&config, 2, false);
+    let b = plan_all(&config, 2, false);
+    assert_eq!(a[0].hash(), b[0].hash());
+    assert_ne!(a[0].hash(), a[1].hash());
+    let json = serde_json::to_string(&a[0]).unwrap();
+    let back = Plan::from_json(&json).unwrap();
+    assert_eq!(back, a[0]);
+    assert_eq!(back.hash(), a[0].hash());
+
+    // A plan that writes a block twice, or leaves one out, fails verification.
+    let mut twice = a[0].clone();
+    twice.ops.push(twice.ops[3].clone());
+    let err = Plan::from_json(&serde_json::to_string(&twice).unwrap()).unwrap_err();
+    assert!(err.contains("overlap"), "{err}");
+    let mut short = a[0].clone();
+    short.ops.remove(3);
+    assert!(short.verify().unwrap_err().to_string().contains("elements written"));
+    let mut outside = a[0].clone();
+    outside.ops[0].dst_start[0] += 1;
+    assert!(outside.verify().unwrap_err().to_string().contains("outside"));
+}
+
+#[test]
+fn planning_the_moe_model_at_tp8_keeps_the_kv_replication_and_names_indivisible_sizes() {
+    // 4 KV heads over 8 ranks replicate; 32 query heads split; experts split by intermediate.
+    let config = synthetic("qwen3-30b-a3b").unwrap();
+    let plans = plan_all(&config, 8, false);
+    let qkv = plans[5].destinations.iter().find(|d| d.name == "model.layers.0.self_attn.qkv_proj.weight").unwrap();
+    assert_eq!(qkv.shape, vec![(4 + 1 + 1) * 128, 2048]);
+    // 3 ranks cannot split 32 heads.
+    let source = SourceSet::single(config.source_manifest());
+    let err =
+        destination_manifest(&source, &rules_for(&config, false), TpRank::new(0, 3).unwrap(), None, false).unwrap_err();
+    assert!(
+        err.to_string().contains("`model.layers.0.self_attn.q_proj.weight`: dim 0 of length 4096"),
+        "{}",
+        &err.to_string()[..300]
+    );
+}
+
+fn small_config() -> impl Strategy<Value = (ModelConfig, u32, bool, u64, usize)> {
+    let preset = prop_oneof![Just(Preset::Llama), Just(Preset::Qwen3), Just(Preset::Qwen3Moe), Just(Preset::Identity)];
+    (preset, 0usize..4, 1u64..4, 1u64..3, any::<bool>(), any::<bool>(), 1u32..=8, any::<bool>(), 16u64..600, 1usize..4)
+        .prop_map(|(preset, heads_pow, kv_div, head_dim, bias, tie, tp, ep, bucket, senders)| {
+            let heads = 1u64 << heads_pow;
+            let kv_heads = (heads / kv_div).max(1);
+            let tp = tp.min(8);
+            let config = ModelConfig {
+                name: "random".into(),
+                preset,
+                hidden: 8,
+                layers: 2,
+                heads,
+                kv_heads,
+                head_dim: head_dim * 2,
+                intermediate: 16,
+                vocab: 32,
+                tie_word_embeddings: tie,
+                qkv_bias: bias && preset == Preset::Llama,
+                experts: if preset == Preset::Qwen3Moe { 8 } else { 0 },
+                moe_intermediate: 8,
+                dtype: DType::BF16,
+            };
+            (config, tp, ep, bucket, senders)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// For random models, TP sizes and presets: every rank's plan is covered, bucketed and
+    /// direct execution agree, and copying every rank's destination back reassembles every
+    /// source tensor exactly (bytes compared), with each source byte reached by some rank.
+    #[test]
+    fn all_ranks_together_reassemble_every_source_tensor((config, tp_size, ep, bucket, senders) in small_config()) {
+        let whole = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let single = SourceSet::single(whole.clone());
+        let probe = destination_manifest(&single, &rules, TpRank { rank: 0, size: tp_size }, None, false);
+        // Sizes that do not divide are errors, not plans: nothing more to check for them.
+        prop_assume!(probe.is_ok());
+        let source = if senders > 1 { SourceSet::sharded(chunk_dim0(&whole, senders as u64)) } else { single.clone() };
+
+        let mut rebuilt: Vec<Vec<u8>> = whole.iter().map(|s| vec![0; s.byte_len() as usize]).collect();
+        let mut reached: Vec<Vec<bool>> = whole.iter().map(|s| vec![false; s.byte_len() as usize]).collect();
+        let originals: Vec<Vec<u8>> = whole.iter().enumerate().map(|(t, s)| fill_bytes(t, s.byte_len())).collect();
+        for tp in TpRank::all(tp_size) {
+            let dest = destination_manifest(&single, &rules, tp, None, false).unwrap();
+            let plan = plan(&source, &dest, &rules, tp).unwrap();
+            prop_assert!(plan.verify().is_ok());
+            let pieces: Vec<Vec<u8>> = plan.sources.iter().map(|p| {
+                let t = whole.position(&p.spec.name).unwrap();
+                let row_bytes = p.spec.byte_len().checked_div(p.spec.shape[0]).unwrap_or(0);
+                originals[t][(p.row_offset * row_bytes) as usize..(p.row_offset * row_bytes + p.spec.byte_len()) as usize].to_vec()
+            }).collect();
+            let via_buckets = run_through_buckets(&plan, &pieces, bucket);
+            prop_assert_eq!(&via_buckets, &run_direct(&plan, &pieces));
+            let s = plan.summary();
+            prop_assert_eq!(s.bytes_to_send, s.destination_bytes);
+
+            // Copy each op back from the destination into the whole source tensor.
+            for op in &plan.ops {
+                let piece = &plan.sources[op.src as usize];
+                let t = whole.position(&piece.spec.name).unwrap();
+                let elt = piece.spec.dtype.size() as usize;
+                let row_elems: u64 = piece.spec.shape[1..].iter().product();
+                let base = (piece.row_offset * row_elems) as usize;
+                for c in plan.strided(op) {
+                    for r in 0..c.rows {
+                        let s = (base + (c.src_offset + r * c.src_stride) as usize) * elt;
+                        let d = ((c.dst_offset + r * c.dst_stride) as usize) * elt;
+                        let n = c.row_elems as usize * elt;
+                        rebuilt[t][s..s + n].copy_from_slice(&via_buckets[op.dst as usize][d..d + n]);
+                        reached[t][s..s + n].iter_mut().for_each(|b| *b = true);
+                    }
+                }
+            }
+        }
+        for (t, s) in whole.iter().enumerate() {
+            prop_assert!(reached[t].iter().all(|&b| b), "bytes of `{}` reached no rank", s.name);
+            prop_assert!(rebuilt[t] == originals[t], "`{}` reassembled wrongly", s.name);
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Tensor specs and manifests: what one side of an update holds, by name, dtype and shape.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+
+/// Name, dtype and shape of one tensor, stored row-major and contiguous.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, dtype: DType, shape: impl Into<Vec<u64>>) -> Self {
+        TensorSpec { name: name.into(), dtype, shape: shape.into() }
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    pub fn byte_len(&self) -> u64 {
+        self.numel() * self.dtype.size()
+    }
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {:?}", self.name, self.dtype, self.shape)
+    }
+}
+
+/// Why a list of specs is not a valid manifest. Every offending name is listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("duplicate tensor names in manifest: {}", .0.join(", "))]
+    DuplicateNames(Vec<String>),
+    #[error("malformed tensor names (empty, or an empty dot-separated component): {}", .0.join(", "))]
+    MalformedNames(Vec<String>),
+    #[error("tensor sizes overflow 64 bits: {}", .0.join(", "))]
+    Overflow(Vec<String>),
+}
+
+/// The ordered tensor specs of one side of an update, with unique, well-formed names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest {
+    specs: Vec<TensorSpec>,
+    #[serde(skip)]
+    index: HashMap<String, usize>,
+}
+
+impl Manifest {
+    /// Validates names (unique, non-empty dot-separated components) and sizes (no overflow).
+    pub fn new(specs: Vec<TensorSpec>) -> Result<Self, ManifestError> {
+        let malformed: Vec<String> =
+            specs.iter().filter(|s| s.name.split('.').any(str::is_empty)).map(|s| format!("`{}`", s.name)).collect();
+        if !malformed.is_empty() {
+            return Err(ManifestError::MalformedNames(malformed));
+        }
+        let overflow: Vec<String> = specs
+            .iter()
+            .filter(|s| s.shape.iter().try_fold(s.dtype.size(), |acc, &d| acc.checked_mul(d)).is_none())
+            .map(|s| s.name.clone())
+            .collect();
+        if !overflow.is_empty() {
+            return Err(ManifestError::Overflow(overflow));
+        }
+        let mut index = HashMap::with_capacity(specs.len());
+        let mut duplicates = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            if index.insert(spec.name.clone(), i).is_some() && !duplicates.contains(&spec.name) {
+                duplicates.push(spec.name.clone());
+            }
+        }
+        if !duplicates.is_empty() {
+            return Err(ManifestError::DuplicateNames(duplicates));
+        }
+        Ok(Manifest { specs, index })
+    }
+
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.index.get(name).map(|&i| &self.specs[i])
+    }
+
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.specs.iter().map(TensorSpec::byte_len).sum()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, TensorSpec> {
+        self.specs.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for Manifest {
+    /// Deserialises `{"specs": [...]}` and validates it like `Manifest::new`.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            specs: Vec<TensorSpec>,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        Manifest::new(raw.specs).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'a> IntoIterator for &'a Manifest {
+    type Item = &'a TensorSpec;
+    type IntoIter = std::slice::Iter<'a, TensorSpec>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.specs.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> TensorSpec {
+        TensorSpec::new(name, DType::BF16, vec![2, 3])
+    }
+
+    #[test]
+    fn sizes() {
+        let s = TensorSpec::new("w", DType::F32, vec![4, 5]);
+        assert_eq!((s.numel(), s.byte_len()), (20, 80));
+        assert_eq!(TensorSpec::new("scalar", DType::I64, vec![]).byte_len(), 8);
+        assert_eq!(TensorSpec::new("empty", DType::I64, vec![0, 7]).byte_len(), 0);
+    }
+
+    #[test]
+    fn manifest_keeps_order_and_indexes_names() {
+        let m = Manifest::new(vec![spec("b.weight"), spec("a.weight")]).unwrap();
+        assert_eq!(m.position("a.weight"), Some(1));
+        assert_eq!(m.specs()[0].name, "b.weight");
+        assert_eq!(m.total_bytes(), 24);
+        assert!(m.get("c").is_none());
+    }
+
+    #[test]
+    fn manifest_lists_every_duplicate() {
+        let err = Manifest::new(vec![spec("a"), spec("b"), spec("a"), spec("b"), spec("a")]).unwrap_err();
+        assert_eq!(err, ManifestError::DuplicateNames(vec!["a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn manifest_rejects_malformed_names() {
+        let err = Manifest::new(vec![spec("ok"), spec(""), spec("a..b"), spec(".x")]).unwrap_err();
+        let text = err.to_string();
+        for bad in ["``", "`a..b`", "`.x`"] {
+            assert!(text.contains(bad), "{text} should name {bad}");
+        }
+        assert!(!text.contains("`ok`"));
+    }
+
+    #[test]
+    fn manifest_rejects_overflowing_shapes() {
+        let huge = TensorSpec::new("huge", DType::I64, vec![u64::MAX / 4, 2]);
+        assert_eq!(Manifest::new(vec![huge]).unwrap_err(), ManifestError::Overflow(vec!["huge".into()]));
+    }
+
+    #[test]
+    fn manifest_json_round_trip_validates() {
+        let m = Manifest::new(vec![spec("a"), spec("b")]).unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.position("b"), Some(1));
+        let dup = r#"{"specs":[{"name":"a","dtype":"F32","shape":[1]},{"name":"a","dtype":"F32","shape":[1]}]}"#;
+        assert!(serde_json::from_str::<Manifest>(dup).unwrap_err().to_string().contains("duplicate"));
+    }
+}

@@ -100,3 +100,92 @@ fn cut(op: &CopyOp, d: usize, n: u64, lead: usize) -> (CopyOp, CopyOp) {
     }
     (head, tail)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::layout::{Split, TpRank};
+    use crate::plan::{destination_manifest, plan, SourceSet};
+    use crate::rules::{Rule, RuleSet};
+    use crate::spec::{Manifest, TensorSpec};
+    use crate::synthetic;
+    use proptest::prelude::*;
+
+    fn single_tensor_plan(shape: &[u64], split: Split, tp: TpRank) -> Plan {
+        let source = SourceSet::single(Manifest::new(vec![TensorSpec::new("w", DType::F32, shape.to_vec())]).unwrap());
+        let rules = RuleSet::new(vec![Rule::rename("w", "w", split).unwrap()]).unwrap();
+        let dest = destination_manifest(&source, &rules, tp, Some(DType::BF16), false).unwrap();
+        plan(&source, &dest, &rules, tp).unwrap()
+    }
+
+    /// The bucket entries, taken as a plan of their own, must cover every destination exactly
+    /// once again: splitting neither loses nor duplicates a byte.
+    fn assert_entries_tile_the_plan(plan: &Plan, max_bytes: u64) -> Vec<Bucket> {
+        let buckets = buckets(plan, max_bytes).unwrap();
+        let mut rebuilt = plan.clone();
+        rebuilt.ops = buckets.iter().flat_map(|b| b.entries.iter().map(|e| e.op.clone())).collect();
+        rebuilt.verify().unwrap();
+        for b in &buckets {
+            assert!(b.bytes <= max_bytes && !b.entries.is_empty());
+            let mut offset = 0;
+            for e in &b.entries {
+                assert_eq!(e.payload_offset, offset);
+                offset += plan.op_bytes(&e.op);
+            }
+            assert_eq!(offset, b.bytes);
+        }
+        let total: u64 = buckets.iter().map(|b| b.bytes).sum();
+        assert_eq!(total, plan.summary().bytes_to_send);
+        buckets
+    }
+
+    #[test]
+    fn a_tensor_larger_than_a_bucket_spans_several_full_buckets() {
+        // 10 x 6 f32 into bf16: 120 payload bytes; buckets of 50 bytes hold 25 elements.
+        let plan = single_tensor_plan(&[10, 6], Split::Replicated, TpRank::SINGLE);
+        let buckets = assert_entries_tile_the_plan(&plan, 50);
+        let sizes: Vec<u64> = buckets.iter().map(|b| b.bytes).collect();
+        assert_eq!(sizes, vec![50, 50, 20]);
+        // The first bucket: 4 whole rows, then the first element of row 4.
+        assert_eq!(buckets[0].entries[0].op.extent, vec![4, 6]);
+        assert_eq!(buckets[0].entries[1].op.extent, vec![1, 1]);
+    }
+
+    #[test]
+    fn strided_row_parallel_ops_split_by_rows() {
+        let plan = single_tensor_plan(&[8, 16], Split::rows(), TpRank::new(1, 2).unwrap());
+        let buckets = assert_entries_tile_the_plan(&plan, 32);
+        assert_eq!(buckets.len(), 4);
+        assert!(buckets.iter().all(|b| b.entries.len() == 1 && b.entries[0].op.extent == vec![2, 8]));
+    }
+
+    #[test]
+    fn buckets_smaller_than_an_element_are_refused() {
+        let plan = single_tensor_plan(&[4], Split::Replicated, TpRank::SINGLE);
+        assert_eq!(buckets(&plan, 7), Err(BucketError::TooSmall(7)));
+    }
+
+    #[test]
+    fn the_default_bucket_size_groups_a_real_model() {
+        let config = synthetic("qwen3-8b").unwrap();
+        let source = SourceSet::single(config.source_manifest());
+        let rules = config.preset.rules(crate::PresetOptions { head_dim: Some(128), expert_parallel: false }).unwrap();
+        let dest = destination_manifest(&source, &rules, TpRank::SINGLE, None, false).unwrap();
+        let plan = plan(&source, &dest, &rules, TpRank::SINGLE).unwrap();
+        let buckets = assert_entries_tile_the_plan(&plan, DEFAULT_BUCKET_BYTES);
+        assert_eq!(buckets.len() as u64, plan.summary().bytes_to_send.div_ceil(DEFAULT_BUCKET_BYTES));
+    }
+
+    proptest! {
+        #[test]
+        fn bucketing_loses_nothing(
+            rows in 1u64..40, cols in 1u64..40, tp in 1u32..4, row_parallel in any::<bool>(), max in 8u64..400,
+        ) {
+            let split = if row_parallel { Split::Dim { dim: 1, granule: 1 } } else { Split::Dim { dim: 0, granule: 1 } };
+            let (rows, cols) = (rows * u64::from(tp), cols * u64::from(tp));
+            let plan = single_tensor_plan(&[rows, cols], split, TpRank::new(tp - 1, tp).unwrap());
+            assert_entries_tile_the_plan(&plan, max);
+        }
+    }
+}

@@ -24,6 +24,8 @@ enum Component {
 pub struct Pattern {
     text: String,
     components: Vec<Component>,
+    /// Whether some component is `{name*}` (otherwise every component has a fixed position).
+    has_many: bool,
 }
 
 /// Variable values captured by a match, in the order the variables appear in the pattern.
@@ -94,7 +96,8 @@ impl Pattern {
             };
             components.push(component);
         }
-        Ok(Pattern { text: text.to_string(), components })
+        let has_many = components.iter().any(|c| matches!(c, Component::Many(_)));
+        Ok(Pattern { text: text.to_string(), components, has_many })
     }
 
     pub fn as_str(&self) -> &str {
@@ -117,8 +120,25 @@ impl Pattern {
     /// Matches a whole name; returns the bindings of its variables.
     pub fn matches(&self, name: &str) -> Option<Bindings> {
         let parts: Vec<&str> = name.split('.').collect();
+        self.matches_components(&parts)
+    }
+
+    /// Matches a name already split at its dots (planners split each name once and try it
+    /// against every rule, so this path allocates only on success).
+    pub fn matches_components(&self, parts: &[&str]) -> Option<Bindings> {
+        if !self.has_many {
+            // Fixed positions: reject on length or any literal before binding anything.
+            if parts.len() != self.components.len() {
+                return None;
+            }
+            let literals_agree =
+                self.components.iter().zip(parts).all(|(c, p)| !matches!(c, Component::Literal(l) if l != p));
+            if !literals_agree {
+                return None;
+            }
+        }
         let mut bindings = Bindings::default();
-        match_from(&self.components, &parts, &mut bindings).then_some(bindings)
+        match_from(&self.components, parts, &mut bindings).then_some(bindings)
     }
 
     /// Builds a name from bindings. Fails naming the variable that is unbound.
@@ -145,26 +165,26 @@ fn match_from(pattern: &[Component], name: &[&str], bindings: &mut Bindings) -> 
         Component::Literal(l) => name.first() == Some(&l.as_str()) && match_from(rest, &name[1..], bindings),
         Component::One(var) => {
             let Some(value) = name.first() else { return false };
-            let saved = bindings.clone();
-            if bindings.bind(var, value.to_string()) && match_from(rest, &name[1..], bindings) {
-                return true;
-            }
-            *bindings = saved;
-            false
+            try_bind(bindings, var, value.to_string(), |b| match_from(rest, &name[1..], b))
         }
         Component::Many(var) => {
             // Leave at least one name component for each remaining pattern component.
             let max_take = name.len().saturating_sub(rest.len());
-            for take in 1..=max_take {
-                let saved = bindings.clone();
-                if bindings.bind(var, name[..take].join(".")) && match_from(rest, &name[take..], bindings) {
-                    return true;
-                }
-                *bindings = saved;
-            }
-            false
+            (1..=max_take)
+                .any(|take| try_bind(bindings, var, name[..take].join("."), |b| match_from(rest, &name[take..], b)))
         }
     }
+}
+
+/// Binds `var` (or checks an existing binding), then tries `rest`; on failure leaves the
+/// bindings exactly as they were.
+fn try_bind(bindings: &mut Bindings, var: &str, value: String, rest: impl FnOnce(&mut Bindings) -> bool) -> bool {
+    let before = bindings.0.len();
+    if bindings.bind(var, value) && rest(bindings) {
+        return true;
+    }
+    bindings.0.truncate(before);
+    false
 }
 
 impl fmt::Display for Pattern {

@@ -365,10 +365,11 @@ impl<'a> Planner<'a> {
         let mut by_name: HashMap<String, usize> = HashMap::new();
         let mut ignored = Vec::new();
         'sources: for (li, tensor) in self.logical.iter().enumerate() {
+            let components: Vec<&str> = tensor.name.split('.').collect();
             for (ri, rule) in self.rules.rules().iter().enumerate() {
                 match rule {
                     Rule::Ignore { from } => {
-                        if from.matches(&tensor.name).is_some() {
+                        if from.matches_components(&components).is_some() {
                             ignored.push(tensor.name.clone());
                             continue 'sources;
                         }
@@ -376,7 +377,7 @@ impl<'a> Planner<'a> {
                     Rule::Tie { .. } => {}
                     Rule::Map { to, parts, stack, .. } => {
                         for (pi, part) in parts.iter().enumerate() {
-                            let Some(bindings) = part.from.matches(&tensor.name) else { continue };
+                            let Some(bindings) = part.from.matches_components(&components) else { continue };
                             let (expert, bindings) = match stack {
                                 None => (0, bindings),
                                 Some(stack) => {
@@ -730,7 +731,7 @@ impl Plan {
             strided_ops: self.ops.iter().filter(|op| self.strided(op).iter().any(|s| !s.is_contiguous())).count(),
             cast_ops: self.ops.iter().filter(|op| self.cast(op).is_some()).count(),
             ignored: self.ignored.len(),
-            covered: true,
+            covered: self.verify().is_ok(),
             plan_hash: format!("{:016x}", self.hash()),
         }
     }

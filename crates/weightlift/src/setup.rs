@@ -1,0 +1,140 @@
+//! From "this model, this preset, this rank" to the inputs of a plan: the source tensors, the
+//! rules and the parameters the engine rank holds. Shared by every command that plans.
+
+use std::path::{Path, PathBuf};
+
+use weightlift_core::{
+    destination_manifest, synthetic, DType, Manifest, ModelConfig, PlanError, Preset, PresetOptions, RuleSet,
+    SourceSet, TpRank, SYNTHETIC_MODELS,
+};
+
+use crate::safetensors_dir::{SafetensorsDir, SourceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Options that do not fit together or name something unknown.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the trainer-side tensors come from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Synthetic(ModelConfig),
+    Dir(Box<SafetensorsDir>),
+}
+
+impl ModelSource {
+    pub fn synthetic(name: &str) -> Result<ModelSource, SetupError> {
+        synthetic(name).map(ModelSource::Synthetic).ok_or_else(|| {
+            SetupError::Invalid(format!("unknown synthetic model `{name}` (known: {})", SYNTHETIC_MODELS.join(", ")))
+        })
+    }
+
+    pub fn dir(path: &Path) -> Result<ModelSource, SetupError> {
+        Ok(ModelSource::Dir(Box::new(SafetensorsDir::open(path)?)))
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            ModelSource::Synthetic(c) => c.name.clone(),
+            ModelSource::Dir(d) => d.dir.display().to_string(),
+        }
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        match self {
+            ModelSource::Synthetic(c) => c.source_manifest(),
+            ModelSource::Dir(d) => d.manifest.clone(),
+        }
+    }
+
+    pub fn config(&self) -> Option<&ModelConfig> {
+        match self {
+            ModelSource::Synthetic(c) => Some(c),
+            ModelSource::Dir(d) => d.config.as_ref(),
+        }
+    }
+}
+
+/// How to map the source onto one engine rank.
+#[derive(Debug, Clone, Default)]
+pub struct MappingOptions {
+    /// Defaults to the model's own preset (from its config).
+    pub preset: Option<Preset>,
+    /// A JSON rule set used instead of a preset.
+    pub rules_file: Option<PathBuf>,
+    pub head_dim: Option<u64>,
+    pub expert_parallel: bool,
+    /// The engine's dtype; defaults to the source's.
+    pub dtype: Option<DType>,
+    /// The engine keeps its own lm_head although the source ties it to the embeddings.
+    pub untied_lm_head: bool,
+    /// The engine rank's parameters as a JSON manifest; derived from the rules when absent.
+    pub engine_manifest: Option<PathBuf>,
+}
+
+/// Everything `weightlift_core::plan` needs for one rank.
+#[derive(Debug, Clone)]
+pub struct PlanInputs {
+    pub source: SourceSet,
+    pub destination: Manifest,
+    pub rules: RuleSet,
+    pub tp: TpRank,
+    /// What the rules came from, for reports: a preset name or the rules file.
+    pub rules_name: String,
+}
+
+impl MappingOptions {
+    pub fn rules(&self, model: &ModelSource, tp: TpRank) -> Result<(RuleSet, String), SetupError> {
+        if let Some(path) = &self.rules_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
+            let rules =
+                RuleSet::from_json(&text).map_err(|e| SetupError::Invalid(format!("{}: {e}", path.display())))?;
+            return Ok((rules, path.display().to_string()));
+        }
+        let preset = self.preset.or(model.config().map(|c| c.preset)).ok_or_else(|| {
+            SetupError::Invalid("no preset: the model has no config.json, so pass --preset or --rules".into())
+        })?;
+        let head_dim = self.head_dim.or(model.config().map(|c| c.head_dim)).or_else(|| head_dim_from_q_norm(model));
+        if head_dim.is_none() && tp.size > 1 && preset != Preset::Identity {
+            return Err(SetupError::Invalid(format!(
+                "preset {preset} at TP {} must keep attention heads whole, but the head dim is unknown: \
+                 pass --head-dim or put config.json beside the weights",
+                tp.size
+            )));
+        }
+        let options = PresetOptions { head_dim, expert_parallel: self.expert_parallel };
+        let rules = preset.rules(options).map_err(|e| SetupError::Invalid(e.to_string()))?;
+        Ok((rules, preset.name().to_string()))
+    }
+
+    /// The source, rules and engine manifest for rank `tp`.
+    pub fn inputs(&self, model: &ModelSource, tp: TpRank) -> Result<PlanInputs, SetupError> {
+        let (rules, rules_name) = self.rules(model, tp)?;
+        let source = SourceSet::single(model.manifest());
+        let destination = match &self.engine_manifest {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
+                serde_json::from_str(&text).map_err(|e| SetupError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => destination_manifest(&source, &rules, tp, self.dtype, self.untied_lm_head)?,
+        };
+        Ok(PlanInputs { source, destination, rules, tp, rules_name })
+    }
+}
+
+/// Qwen3 checkpoints carry the head dim as the length of the per-head q_norm weight.
+fn head_dim_from_q_norm(model: &ModelSource) -> Option<u64> {
+    model
+        .manifest()
+        .iter()
+        .find(|s| s.name.ends_with(".self_attn.q_norm.weight") && s.shape.len() == 1)
+        .map(|s| s.shape[0])
+}

@@ -1,0 +1,152 @@
+//! `weightlift plan` end to end, through the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use weightlift::core::{synthetic, DType, TensorSpec};
+use weightlift::safetensors_dir::write_file;
+
+fn weightlift(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weightlift")).args(args).output().expect("runs the binary")
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weightlift-cli-{}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `specs` (zero-filled) as a two-file checkpoint, split in the middle as HF shards are.
+fn write_checkpoint(dir: &Path, specs: &[TensorSpec]) {
+    let data: Vec<Vec<u8>> = specs.iter().map(|s| vec![0u8; s.byte_len() as usize]).collect();
+    let tensors: Vec<(&TensorSpec, &[u8])> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
+    write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
+}
+
+fn tiny_specs() -> Vec<TensorSpec> {
+    synthetic("qwen3-tiny").unwrap().source_manifest().specs().to_vec()
+}
+
+#[test]
+fn qwen3_8b_at_tp2_sends_each_rank_its_half() {
+    let mut total = 0;
+    for rank in ["0", "1"] {
+        let out = weightlift(&["plan", "--synthetic", "qwen3-8b", "--tp-size", "2", "--tp-rank", rank, "--json"]);
+        let v = json_of(&out);
+        let (source, dest, send) = (
+            v["source_bytes"].as_u64().unwrap(),
+            v["destination_bytes"].as_u64().unwrap(),
+            v["bytes_to_send"].as_u64().unwrap(),
+        );
+        assert_eq!(v["covered"], true);
+        assert_eq!(source, 16_381_470_720);
+        assert_eq!(send, dest);
+        let ratio = send as f64 / source as f64;
+        assert!((0.4999..0.5001).contains(&ratio), "rank {rank} sends {ratio} of the model");
+        assert!(v["ops"].as_u64().unwrap() > 0 && v["buckets"].as_u64().unwrap() > 0);
+        assert_eq!(v["plan_hash"].as_str().unwrap().len(), 16);
+        total += send;
+    }
+    // Both halves together are the model plus one extra copy of the replicated norms.
+    assert!(total > 16_381_470_720 && total < 16_381_470_720 + 2_000_000);
+}
+
+#[test]
+fn human_summary_names_the_model_and_coverage() {
+    let out = weightlift(&["plan", "--synthetic", "qwen3-moe-tiny", "--tp-size", "2", "--expert-parallel"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("qwen3-moe-tiny (qwen3-moe), tp rank 0/2"), "{text}");
+    assert!(text.contains("every destination byte written exactly once"), "{text}");
+}
+
+#[test]
+fn checkpoint_directory_plans_from_headers_and_config() {
+    let dir = temp_dir("ckpt");
+    write_checkpoint(&dir, &tiny_specs());
+    // No config.json: the preset must be named, and the head dim comes from q_norm.
+    let out = weightlift(&["plan", "--model", dir.to_str().unwrap(), "--tp-size", "2", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--preset"), "{}", stderr(&out));
+    let v = json_of(&weightlift(&[
+        "plan",
+        "--model",
+        dir.to_str().unwrap(),
+        "--preset",
+        "qwen3",
+        "--tp-size",
+        "2",
+        "--json",
+    ]));
+    let expected = json_of(&weightlift(&["plan", "--synthetic", "qwen3-tiny", "--tp-size", "2", "--json"]));
+    assert_eq!(v["bytes_to_send"], expected["bytes_to_send"]);
+    assert_eq!(v["ops"], expected["ops"]);
+}
+
+#[test]
+fn extra_and_missing_tensors_fail_with_exit_2_naming_them() {
+    let dir = temp_dir("extra");
+    let mut specs = tiny_specs();
+    specs.push(TensorSpec::new("model.layers.0.mlp.shared_expert.up_proj.weight", DType::BF16, vec![8, 64]));
+    specs.retain(|s| s.name != "model.layers.1.self_attn.v_proj.weight");
+    write_checkpoint(&dir, &specs);
+    let out = weightlift(&["plan", "--model", dir.to_str().unwrap(), "--preset", "qwen3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("`model.layers.0.mlp.shared_expert.up_proj.weight`"), "{err}");
+    assert!(err.contains("`model.layers.1.self_attn.v_proj.weight`"), "{err}");
+    assert!(err.contains("2 problem(s)"), "{err}");
+}
+
+#[test]
+fn an_engine_manifest_with_a_wrong_shape_is_named() {
+    let dir = temp_dir("engine");
+    let saved = dir.join("plan.json");
+    let ok = weightlift(&["plan", "--synthetic", "llama-tiny", "--save", saved.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    let mut specs = plan["destinations"].as_array().unwrap().clone();
+    specs[3]["shape"][0] = serde_json::json!(7);
+    let name = specs[3]["name"].as_str().unwrap().to_string();
+    let engine = dir.join("engine.json");
+    std::fs::write(&engine, serde_json::json!({ "specs": specs }).to_string()).unwrap();
+    let out = weightlift(&["plan", "--synthetic", "llama-tiny", "--engine", engine.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(&format!("shape mismatch: `{name}`")), "{}", stderr(&out));
+}
+
+#[test]
+fn malformed_safetensors_is_a_clear_error_not_a_panic() {
+    let dir = temp_dir("malformed");
+    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": garbage}").unwrap();
+    let out = weightlift(&["plan", "--model", dir.to_str().unwrap(), "--preset", "qwen3"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_options_are_usage_errors() {
+    let out = weightlift(&["plan", "--synthetic", "qwen3-8b", "--tp-size", "2", "--tp-rank", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("rank 2 of 2"), "{}", stderr(&out));
+    let out = weightlift(&["plan", "--synthetic", "gpt-9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("gpt-9") && stderr(&out).contains("qwen3-8b"), "{}", stderr(&out));
+    let out = weightlift(&["plan", "--synthetic", "qwen3-8b", "--tp-size", "3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("q_proj.weight"), "{}", stderr(&out));
+}

@@ -26,7 +26,9 @@ pub use dtype::{Cast, DType};
 pub use layout::{Block, LayoutError, Split, TpRank};
 pub use models::{synthetic, ModelConfig, SYNTHETIC_MODELS};
 pub use pattern::Pattern;
-pub use plan::{destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet};
+pub use plan::{
+    destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet, StoredPlanError,
+};
 pub use presets::{Preset, PresetOptions};
 pub use rules::{Rule, RuleError, RuleSet};
 pub use spec::{Manifest, ManifestError, TensorSpec};

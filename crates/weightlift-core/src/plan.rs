@@ -240,6 +240,15 @@ impl fmt::Display for PlanError {
     }
 }
 
+/// A stored plan that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoredPlanError {
+    #[error("not a plan: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the stored plan does not verify: {0}")]
+    Invalid(#[from] PlanError),
+}
+
 /// A whole source tensor, possibly made of dim-0 pieces from several senders.
 struct Logical {
     name: String,
@@ -249,7 +258,7 @@ struct Logical {
     pieces: Vec<(u32, u64, u64)>,
 }
 
-fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> (Vec<Logical>, HashMap<String, usize>) {
+fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> Vec<Logical> {
     let mut tensors: Vec<Logical> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for (i, piece) in pieces.iter().enumerate() {
@@ -292,7 +301,7 @@ fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> (Vec<
             }
         }
     }
-    (tensors, by_name)
+    tensors
 }
 
 /// A rule in the uniform shape planning works with (a tie is a one-part map).
@@ -354,7 +363,7 @@ impl<'a> Planner<'a> {
     fn new(source: &SourceSet, rules: &'a RuleSet, tp: TpRank) -> Planner<'a> {
         let pieces = source.pieces();
         let mut problems = Vec::new();
-        let (logical, _) = logical_tensors(&pieces, &mut problems);
+        let logical = logical_tensors(&pieces, &mut problems);
         let templates = rules.rules().iter().map(template).collect();
         Planner { rules, templates, tp, pieces, logical, problems }
     }
@@ -774,9 +783,9 @@ impl Plan {
     }
 
     /// Reads a plan from JSON and verifies it: a stored plan is trusted no more than a new one.
-    pub fn from_json(text: &str) -> Result<Plan, String> {
-        let plan: Plan = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        plan.verify().map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<Plan, StoredPlanError> {
+        let plan: Plan = serde_json::from_str(text)?;
+        plan.verify()?;
         Ok(plan)
     }
 }

@@ -155,6 +155,9 @@ pub enum RuleError {
     Invalid { index: usize, rule: String, reason: String },
     #[error(transparent)]
     Pattern(#[from] PatternError),
+    /// Not a JSON array of rules (bad patterns are reported here too, by serde).
+    #[error("not a rule set: {0}")]
+    Json(String),
 }
 
 /// An ordered, validated list of rules.
@@ -177,9 +180,9 @@ impl RuleSet {
     }
 
     /// Reads a JSON array of rules, validated.
-    pub fn from_json(text: &str) -> Result<RuleSet, String> {
-        let rules: Vec<Rule> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        RuleSet::new(rules).map_err(|e| e.to_string())
+    pub fn from_json(text: &str) -> Result<RuleSet, RuleError> {
+        let rules: Vec<Rule> = serde_json::from_str(text).map_err(|e| RuleError::Json(e.to_string()))?;
+        RuleSet::new(rules)
     }
 }
 
@@ -219,7 +222,11 @@ mod tests {
         assert_eq!(back, set);
         assert!(RuleSet::from_json(r#"[{"kind": "map", "to": "a", "parts": []}]"#)
             .unwrap_err()
+            .to_string()
             .contains("at least one part"));
-        assert!(RuleSet::from_json(r#"[{"kind": "ignore", "from": "a..b"}]"#).unwrap_err().contains("a..b"));
+        assert!(RuleSet::from_json(r#"[{"kind": "ignore", "from": "a..b"}]"#)
+            .unwrap_err()
+            .to_string()
+            .contains("a..b"));
     }
 }

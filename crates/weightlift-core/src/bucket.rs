@@ -67,6 +67,25 @@ pub fn buckets(plan: &Plan, max_bytes: u64) -> Result<Vec<Bucket>, BucketError> 
     Ok(done)
 }
 
+/// `op` cut, in row-major order, into pieces of at most `max_bytes` destination bytes (or one
+/// element, if larger): executors move a piece while its bytes are hot in cache.
+pub fn pieces(plan: &Plan, op: &CopyOp, max_bytes: u64) -> Vec<CopyOp> {
+    let elt = plan.destinations[op.dst as usize].dtype.size();
+    let lead = op.extent.len() - op.src_start.len();
+    let mut out = Vec::new();
+    let mut rest = vec![op.clone()];
+    while let Some(piece) = rest.pop() {
+        match split_front(&piece, max_bytes.max(elt), elt, lead) {
+            (Some(head), tail) => {
+                out.push(head);
+                rest.extend(tail.into_iter().rev());
+            }
+            (None, _) => unreachable!("a budget of at least one element always fits one"),
+        }
+    }
+    out
+}
+
 /// Splits off the front of `op` that fits in `budget` bytes (None if not one element does),
 /// returning it and the rest as ops in row-major order.
 fn split_front(op: &CopyOp, budget: u64, elt: u64, lead: usize) -> (Option<CopyOp>, Vec<CopyOp>) {
@@ -175,6 +194,19 @@ mod tests {
         let plan = plan(&source, &dest, &rules, TpRank::SINGLE).unwrap();
         let buckets = assert_entries_tile_the_plan(&plan, DEFAULT_BUCKET_BYTES);
         assert_eq!(buckets.len() as u64, plan.summary().bytes_to_send.div_ceil(DEFAULT_BUCKET_BYTES));
+    }
+
+    #[test]
+    fn pieces_cover_an_op_in_order() {
+        let plan = single_tensor_plan(&[10, 6], Split::rows(), TpRank::new(1, 2).unwrap());
+        let op = &plan.ops[0];
+        let parts = pieces(&plan, op, 10);
+        // [10, 3] bf16 rows are 6 bytes: one row per piece, in order.
+        assert_eq!(parts.len(), 10);
+        assert!(parts.iter().enumerate().all(|(i, p)| p.dst_start == vec![i as u64, 0] && p.extent == vec![1, 3]));
+        let mut rebuilt = plan.clone();
+        rebuilt.ops = parts;
+        rebuilt.verify().unwrap();
     }
 
     proptest! {

@@ -21,7 +21,7 @@ pub mod rules;
 pub mod spec;
 pub mod version;
 
-pub use bucket::{buckets, Bucket, BucketEntry, BucketError, DEFAULT_BUCKET_BYTES};
+pub use bucket::{buckets, pieces, Bucket, BucketEntry, BucketError, DEFAULT_BUCKET_BYTES};
 pub use dtype::{Cast, DType};
 pub use layout::{Block, LayoutError, Split, TpRank};
 pub use models::{synthetic, ModelConfig, SYNTHETIC_MODELS};

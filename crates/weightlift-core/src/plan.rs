@@ -702,6 +702,24 @@ impl Plan {
         strided_copies(src, &op.src_start, dst, &op.dst_start, &op.extent)
     }
 
+    /// For each destination: whether its ops, in plan order, write it front to back in
+    /// contiguous runs. Then a digest can be streamed over the bytes as they arrive (every
+    /// preset's plans are like this); otherwise the tensor must be digested once complete.
+    pub fn sequential_destinations(&self) -> Vec<bool> {
+        let mut next: Vec<Option<u64>> = vec![Some(0); self.destinations.len()];
+        for op in &self.ops {
+            let d = op.dst as usize;
+            let copies = self.strided(op);
+            next[d] = match (next[d], copies.as_slice()) {
+                (Some(at), [one]) if one.dst_offset == at && (one.rows <= 1 || one.dst_stride == one.row_elems) => {
+                    Some(at + one.numel())
+                }
+                _ => None,
+            };
+        }
+        next.iter().zip(&self.destinations).map(|(n, d)| *n == Some(d.numel())).collect()
+    }
+
     /// Bytes an op delivers, in the destination dtype.
     pub fn op_bytes(&self, op: &CopyOp) -> u64 {
         op.numel() * self.destinations[op.dst as usize].dtype.size()

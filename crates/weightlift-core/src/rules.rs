@@ -186,6 +186,13 @@ impl RuleSet {
     }
 }
 
+impl<'de> Deserialize<'de> for RuleSet {
+    /// Deserialises an array of rules and validates it like `RuleSet::new`.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        RuleSet::new(Vec::<Rule>::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,26 @@
 //! weightlift: move freshly trained weights from RL trainers into inference engines.
 //!
 //! The planning core lives in [`weightlift_core`] (re-exported as [`core`]); this crate adds
-//! sources on disk ([`safetensors_dir`]) and the setup shared by the CLI's commands
-//! ([`setup`]).
+//! the host data plane (a [`Sender`] on the trainer side, a [`Receiver`] on the engine side, a
+//! framed [`protocol`] and two [`transport`]s), sources on disk ([`safetensors_dir`]) and the
+//! setup shared by the CLI's commands ([`setup`]).
 
 pub use weightlift_core as core;
 
+pub mod net;
+pub mod protocol;
+pub mod receiver;
+pub mod report;
 pub mod safetensors_dir;
+pub mod sender;
 pub mod setup;
+pub mod tensors;
+pub mod transport;
+pub mod update;
+
+pub use net::Endpoint;
+pub use protocol::TransportKind;
+pub use receiver::{Receiver, ReceiverOptions};
+pub use report::UpdateReport;
+pub use sender::{Fault, SendError, Sender, SenderOptions};
+pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTensors};

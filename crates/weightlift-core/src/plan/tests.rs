@@ -521,3 +521,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn preset_plans_write_every_destination_in_order() {
+    for (name, tp, ep) in [("qwen3-moe-tiny", 2, false), ("qwen3-moe-tiny", 2, true), ("qwen2-tiny", 4, false)] {
+        for plan in plan_all(&synthetic(name).unwrap(), tp, ep) {
+            assert!(plan.sequential_destinations().iter().all(|&s| s), "{name} tp {tp}");
+        }
+    }
+    // Concatenating along dim 1 interleaves the parts: not sequential.
+    let src = manifest(vec![spec("a", DType::F32, &[2, 2]), spec("b", DType::F32, &[2, 3])]);
+    let rules = RuleSet::new(vec![Rule::fuse("ab", 1, &[("a", Split::Replicated), ("b", Split::Replicated)]).unwrap()])
+        .unwrap();
+    let dest = manifest(vec![spec("ab", DType::F32, &[2, 5])]);
+    let plan = plan(&SourceSet::single(src), &dest, &rules, TpRank::SINGLE).unwrap();
+    assert_eq!(plan.sequential_destinations(), vec![false]);
+}

@@ -1,0 +1,379 @@
+//! The control protocol between a sender (trainer side) and a receiver (engine side).
+//!
+//! A connection opens with an 8-byte preamble (`WLFT` and the protocol version), then carries
+//! frames: `[u32 LE length][u8 kind][body]`. Kind 1 is a JSON [`Message`]; kind 2 is raw
+//! bucket bytes (the socket transport). Every frame is bounded before anything is allocated,
+//! and every read has a deadline, so a peer that sends garbage, an oversized frame or nothing
+//! at all is dropped with a reason, never crashes the receiver or grows it without bound.
+//!
+//! One update: `Begin` -> buckets (through the transport) -> `End` with the sender's digests
+//! -> `Report`. Before the first update: `Hello` (the sender's source manifest and rules) ->
+//! `Welcome` (the receiver's parameters, its plan's hash, its committed version) or `Reject`.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use weightlift_core::{Manifest, RuleSet, TpRank, Version};
+
+use crate::net::Stream;
+use crate::report::UpdateReport;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+const MAGIC: &[u8; 4] = b"WLFT";
+/// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
+pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
+const KIND_MESSAGE: u8 = 1;
+const KIND_DATA: u8 = 2;
+
+/// How bucket bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// Through a ring of slots in shared memory (same host).
+    Shm,
+    /// Over the connection itself (TCP across hosts, or a Unix socket).
+    Tcp,
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shm" => Ok(TransportKind::Shm),
+            "tcp" | "socket" => Ok(TransportKind::Tcp),
+            _ => Err(format!("unknown transport `{s}` (expected shm or tcp)")),
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Shm => "shm",
+            TransportKind::Tcp => "tcp",
+        })
+    }
+}
+
+/// The shared-memory ring a receiver created for one sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingInfo {
+    pub path: String,
+    pub slots: u32,
+    pub slot_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    Hello {
+        source: Manifest,
+        rules: RuleSet,
+        bucket_bytes: u64,
+        transport: TransportKind,
+    },
+    Welcome {
+        destination: Manifest,
+        tp: TpRank,
+        plan_hash: String,
+        committed: Version,
+        /// Digest of each destination tensor at the committed version; None where unknown
+        /// or dirty (so delta mode never skips a tensor whose bytes may be wrong).
+        digests: Vec<Option<u64>>,
+        ring: Option<RingInfo>,
+    },
+    /// The sender mapped the ring; the receiver may unlink its name.
+    RingMapped,
+    Reject {
+        reason: String,
+    },
+    /// Start an update; `skip` lists destination indices the sender leaves unchanged.
+    Begin {
+        version: Version,
+        skip: Vec<u32>,
+    },
+    Accepted {
+        version: Version,
+    },
+    Refused {
+        reason: String,
+    },
+    /// Shared-memory transport: bucket `index` is in ring slot `slot`.
+    BucketReady {
+        index: u32,
+        slot: u32,
+        bytes: u64,
+    },
+    SlotFree {
+        slot: u32,
+    },
+    /// Socket transport: a data frame of `bytes` bytes for bucket `index` follows.
+    Data {
+        index: u32,
+        bytes: u64,
+    },
+    /// All buckets sent; the sender's digest of every destination tensor it wrote.
+    End {
+        version: Version,
+        digests: Vec<(u32, u64)>,
+    },
+    /// The sender gives up on the update in flight.
+    Abort {
+        reason: String,
+    },
+    Report {
+        report: UpdateReport,
+    },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::RingMapped => "ring_mapped",
+            Message::Reject { .. } => "reject",
+            Message::Begin { .. } => "begin",
+            Message::Accepted { .. } => "accepted",
+            Message::Refused { .. } => "refused",
+            Message::BucketReady { .. } => "bucket_ready",
+            Message::SlotFree { .. } => "slot_free",
+            Message::Data { .. } => "data",
+            Message::End { .. } => "end",
+            Message::Abort { .. } => "abort",
+            Message::Report { .. } => "report",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("no message from the peer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a weightlift peer: bad preamble {0:?}")]
+    BadPreamble([u8; 8]),
+    #[error("peer speaks protocol version {0}, this side speaks {PROTOCOL_VERSION}")]
+    VersionSkew(u32),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+}
+
+/// A framed connection.
+pub struct Conn {
+    stream: Stream,
+    peer: String,
+}
+
+impl Conn {
+    /// Client side: writes the preamble.
+    pub fn client(mut stream: Stream) -> Result<Conn, ProtocolError> {
+        let mut preamble = [0u8; 8];
+        preamble[..4].copy_from_slice(MAGIC);
+        preamble[4..].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        stream.write_all(&preamble)?;
+        let peer = stream.peer();
+        Ok(Conn { stream, peer })
+    }
+
+    /// Server side: checks the preamble within `timeout`.
+    pub fn server(mut stream: Stream, timeout: Duration) -> Result<Conn, ProtocolError> {
+        stream.set_read_timeout(Some(timeout))?;
+        let mut preamble = [0u8; 8];
+        read_exact(&mut stream, &mut preamble, timeout)?;
+        if &preamble[..4] != MAGIC {
+            return Err(ProtocolError::BadPreamble(preamble));
+        }
+        let version = u32::from_le_bytes(preamble[4..].try_into().expect("4 bytes"));
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::VersionSkew(version));
+        }
+        let peer = stream.peer();
+        Ok(Conn { stream, peer })
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn send(&mut self, message: &Message) -> Result<(), ProtocolError> {
+        let body = serde_json::to_vec(message).expect("messages always serialise");
+        self.write_frame(KIND_MESSAGE, &body)
+    }
+
+    /// Receives one message within `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Message, ProtocolError> {
+        let (kind, len) = self.read_header(timeout, u64::from(MAX_MESSAGE_BYTES))?;
+        if kind != KIND_MESSAGE {
+            return Err(ProtocolError::UnknownKind(kind));
+        }
+        let mut body = vec![0u8; len as usize];
+        read_exact(&mut self.stream, &mut body, timeout)?;
+        serde_json::from_slice(&body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+    }
+
+    /// Sends raw bucket bytes as one data frame.
+    pub fn send_data(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        self.write_frame(KIND_DATA, bytes)
+    }
+
+    /// Receives one data frame of exactly `into.len()` bytes into `into`.
+    pub fn recv_data(&mut self, into: &mut [u8], timeout: Duration) -> Result<(), ProtocolError> {
+        let (kind, len) = self.read_header(timeout, into.len() as u64)?;
+        if kind != KIND_DATA {
+            return Err(ProtocolError::UnknownKind(kind));
+        }
+        if len != into.len() as u64 {
+            return Err(ProtocolError::Malformed(format!("data frame of {len} bytes, expected {}", into.len())));
+        }
+        read_exact(&mut self.stream, into, timeout)
+    }
+
+    /// Closes both directions, so a peer blocked on this connection wakes at once.
+    pub fn shutdown(&self) {
+        self.stream.shutdown();
+    }
+
+    fn write_frame(&mut self, kind: u8, body: &[u8]) -> Result<(), ProtocolError> {
+        let len = u32::try_from(body.len())
+            .map_err(|_| ProtocolError::TooLarge { len: body.len() as u64, max: u64::from(u32::MAX) })?;
+        let mut header = [0u8; 5];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4] = kind;
+        write_all_vectored(&mut self.stream, &header, body)?;
+        Ok(())
+    }
+
+    fn read_header(&mut self, timeout: Duration, max: u64) -> Result<(u8, u64), ProtocolError> {
+        let mut header = [0u8; 5];
+        read_exact(&mut self.stream, &mut header, timeout)?;
+        let len = u64::from(u32::from_le_bytes(header[..4].try_into().expect("4 bytes")));
+        if len > max {
+            return Err(ProtocolError::TooLarge { len, max });
+        }
+        Ok((header[4], len))
+    }
+}
+
+/// Writes a small header and a large body with as few syscalls as possible.
+fn write_all_vectored(stream: &mut Stream, header: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut written = 0usize;
+    let total = header.len() + body.len();
+    while written < total {
+        let n = if written < header.len() {
+            stream.write_vectored(&[io::IoSlice::new(&header[written..]), io::IoSlice::new(body)])?
+        } else {
+            stream.write(&body[written - header.len()..])?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(())
+}
+
+fn read_exact(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> Result<(), ProtocolError> {
+    stream.set_read_timeout(Some(timeout))?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(ProtocolError::Closed),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(ProtocolError::Timeout(timeout));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ProtocolError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (Conn, Stream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Conn { stream: Stream::Unix(a), peer: "test".into() }, Stream::Unix(b))
+    }
+
+    const T: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn messages_and_data_round_trip() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut client = Conn::client(Stream::Unix(a)).unwrap();
+        let server_thread = std::thread::spawn(move || {
+            let mut server = Conn::server(Stream::Unix(b), T).unwrap();
+            let m = server.recv(T).unwrap();
+            let mut data = vec![0u8; 5];
+            server.recv_data(&mut data, T).unwrap();
+            (m, data)
+        });
+        let msg = Message::Begin { version: Version(3), skip: vec![1, 2] };
+        client.send(&msg).unwrap();
+        client.send_data(b"hello").unwrap();
+        let (got, data) = server_thread.join().unwrap();
+        assert_eq!(got, msg);
+        assert_eq!(data, b"hello");
+    }
+
+    #[test]
+    fn garbage_preambles_and_versions_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut raw = Stream::Unix(a);
+        raw.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        assert!(matches!(Conn::server(Stream::Unix(b), T), Err(ProtocolError::BadPreamble(_))));
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut raw = Stream::Unix(a);
+        raw.write_all(b"WLFT\x09\x00\x00\x00").unwrap();
+        assert!(matches!(Conn::server(Stream::Unix(b), T), Err(ProtocolError::VersionSkew(9))));
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_errors_without_allocation() {
+        let (mut conn, mut raw) = pair();
+        raw.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).unwrap();
+        assert!(matches!(conn.recv(T), Err(ProtocolError::TooLarge { .. })));
+
+        let (mut conn, mut raw) = pair();
+        let body = b"{\"type\": \"nonsense\"}";
+        raw.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        raw.write_all(&[1]).unwrap();
+        raw.write_all(body).unwrap();
+        assert!(matches!(conn.recv(T), Err(ProtocolError::Malformed(_))));
+
+        let (mut conn, mut raw) = pair();
+        raw.write_all(&[3, 0, 0, 0, 7, 1, 2, 3]).unwrap();
+        assert!(matches!(conn.recv(T), Err(ProtocolError::UnknownKind(7))));
+
+        // A data frame longer than the buffer the receiver expects is refused before reading it.
+        let (mut conn, mut raw) = pair();
+        raw.write_all(&[9, 0, 0, 0, 2]).unwrap();
+        let mut small = [0u8; 4];
+        assert!(matches!(conn.recv_data(&mut small, T), Err(ProtocolError::TooLarge { len: 9, max: 4 })));
+    }
+
+    #[test]
+    fn silence_times_out_and_hangups_are_closed() {
+        let (mut conn, raw) = pair();
+        let t = Duration::from_millis(50);
+        assert!(matches!(conn.recv(t), Err(ProtocolError::Timeout(_))));
+        drop(raw);
+        assert!(matches!(conn.recv(t), Err(ProtocolError::Closed)));
+    }
+}

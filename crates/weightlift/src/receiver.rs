@@ -1,0 +1,371 @@
+//! The engine side: holds the destination tensors, takes updates into them in place, verifies
+//! every byte against the sender's digests, and commits versions.
+//!
+//! Any failure (a sender that dies or stalls, a corrupted bucket, a digest mismatch, a bad
+//! message) leaves the receiver on its last committed version, marked dirty with the tensors
+//! the failed update touched, and ready for the next attempt.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use weightlift_core::{digest, plan, Manifest, Plan, SourceSet, TpRank, Version, VersionState};
+
+use crate::net::{Listener, Stream};
+use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
+use crate::report::{peak_rss_bytes, UpdateReport};
+use crate::tensors::DestinationTensors;
+use crate::transport::{RecvPath, TransferError};
+use crate::update::{receiver_digests, unpack, Schedule};
+
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    pub tp: TpRank,
+    /// Slots in each sender's shared-memory ring (2: pack one while the other unpacks).
+    pub ring_slots: u32,
+    /// The largest bucket a sender may ask for; bounds the memory a connection holds.
+    pub max_bucket_bytes: u64,
+    /// Longest wait for the next message while an update is in flight.
+    pub timeout: Duration,
+    /// Longest wait for a new connection's preamble and hello.
+    pub handshake_timeout: Duration,
+    pub initial_version: Version,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            tp: TpRank::SINGLE,
+            ring_slots: 2,
+            max_bucket_bytes: 1 << 30,
+            timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            initial_version: Version(0),
+        }
+    }
+}
+
+struct State {
+    versions: VersionState,
+    /// Digest of each tensor at the committed version; None while unknown or dirty.
+    digests: Vec<Option<u64>>,
+    last_report: Option<UpdateReport>,
+}
+
+struct Shared {
+    options: ReceiverOptions,
+    manifest: Manifest,
+    state: Mutex<State>,
+    /// Written only by the connection whose update is in flight (the version state admits
+    /// one at a time), read by checkers between updates.
+    tensors: Mutex<Box<dyn DestinationTensors>>,
+}
+
+/// A receiver; cheap to clone (all clones share the tensors and the state).
+#[derive(Clone)]
+pub struct Receiver {
+    shared: Arc<Shared>,
+}
+
+/// Why one connection ended early (logged; the receiver keeps serving).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Receiver {
+    /// A receiver holding `tensors` at `options.initial_version`.
+    pub fn new(tensors: impl DestinationTensors + 'static, options: ReceiverOptions) -> Receiver {
+        let manifest = tensors.manifest().clone();
+        let digests = (0..manifest.len()).map(|i| Some(digest::digest(tensors.bytes(i)))).collect();
+        let state = State { versions: VersionState::new(options.initial_version), digests, last_report: None };
+        Receiver {
+            shared: Arc::new(Shared {
+                options,
+                manifest,
+                state: Mutex::new(state),
+                tensors: Mutex::new(Box::new(tensors)),
+            }),
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.shared.manifest
+    }
+
+    pub fn committed(&self) -> Version {
+        self.state().versions.committed()
+    }
+
+    /// Tensors whose bytes may not match the committed version (empty when clean).
+    pub fn dirty(&self) -> Vec<String> {
+        self.state().versions.dirty().iter().cloned().collect()
+    }
+
+    pub fn last_report(&self) -> Option<UpdateReport> {
+        self.state().last_report.clone()
+    }
+
+    /// Runs `f` on the tensors (waits while an update is writing them).
+    pub fn with_tensors<R>(&self, f: impl FnOnce(&dyn DestinationTensors) -> R) -> R {
+        let guard = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        f(guard.as_ref())
+    }
+
+    /// Accepts connections until the listener fails; one thread per connection.
+    pub fn serve(&self, listener: &Listener) -> std::io::Result<()> {
+        loop {
+            let stream = listener.accept()?;
+            let receiver = self.clone();
+            std::thread::spawn(move || receiver.handle(stream));
+        }
+    }
+
+    /// Serves one connection to its end; problems are logged, never propagated.
+    pub fn handle(&self, stream: Stream) {
+        let peer = stream.peer();
+        match self.run_connection(stream) {
+            Ok(()) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
+                tracing::debug!(%peer, "connection closed")
+            }
+            Err(e) => tracing::warn!(%peer, "dropping connection: {e}"),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run_connection(&self, stream: Stream) -> Result<(), ConnectionError> {
+        let options = &self.shared.options;
+        let mut conn = Conn::server(stream, options.handshake_timeout)?;
+        let (source, rules, bucket_bytes, transport) = match conn.recv(options.handshake_timeout)? {
+            Message::Hello { source, rules, bucket_bytes, transport } => (source, rules, bucket_bytes, transport),
+            other => {
+                return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
+            }
+        };
+        let refuse = |conn: &mut Conn, reason: String| {
+            let _ = conn.send(&Message::Reject { reason: reason.clone() });
+            ConnectionError::Refused(reason)
+        };
+        if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
+            let max = options.max_bucket_bytes;
+            return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
+        }
+        let plan = match plan(&SourceSet::single(source), &self.shared.manifest, &rules, options.tp) {
+            Ok(plan) => plan,
+            Err(e) => return Err(refuse(&mut conn, e.to_string())),
+        };
+        let (mut path, ring) = match transport {
+            TransportKind::Shm => {
+                let (path, info) = RecvPath::ring(options.ring_slots, bucket_bytes)?;
+                (path, Some(info))
+            }
+            TransportKind::Tcp => (RecvPath::socket(bucket_bytes), None),
+        };
+        let (committed, digests) = {
+            let state = self.state();
+            (state.versions.committed(), state.digests.clone())
+        };
+        conn.send(&Message::Welcome {
+            destination: self.shared.manifest.clone(),
+            tp: options.tp,
+            plan_hash: format!("{:016x}", plan.hash()),
+            committed,
+            digests,
+            ring,
+        })?;
+        if transport == TransportKind::Shm {
+            match conn.recv(options.handshake_timeout)? {
+                Message::RingMapped => path.unlink(),
+                other => {
+                    return Err(ProtocolError::Unexpected { expected: "ring_mapped", got: other.name().into() }.into())
+                }
+            }
+        }
+        tracing::info!(peer = conn.peer(), %transport, ops = plan.ops.len(), "sender connected");
+
+        loop {
+            // Between updates a sender may stay idle for as long as training takes.
+            let (version, skip) = match conn.recv(Duration::from_secs(24 * 3600))? {
+                Message::Begin { version, skip } => (version, skip),
+                other => return Err(ProtocolError::Unexpected { expected: "begin", got: other.name().into() }.into()),
+            };
+            if let Some(&bad) = skip.iter().find(|&&d| d as usize >= self.shared.manifest.len()) {
+                conn.send(&Message::Refused {
+                    reason: format!("skip list names tensor index {bad}, which does not exist"),
+                })?;
+                continue;
+            }
+            if let Err(e) = self.state().versions.begin(version) {
+                tracing::info!(%version, "refused: {e}");
+                conn.send(&Message::Refused { reason: e.to_string() })?;
+                continue;
+            }
+            conn.send(&Message::Accepted { version })?;
+            let (report, in_sync) = self.update(&mut conn, &mut path, &plan, version, &skip, bucket_bytes);
+            log_report(&report);
+            self.state().last_report = Some(report.clone());
+            // Best effort: a sender that broke the transfer may be gone already.
+            let sent = conn.send(&Message::Report { report: report.clone() });
+            if !in_sync {
+                // The stream may be mid-message after a broken transfer: this connection is done.
+                return Err(ConnectionError::Refused(report.error.unwrap_or_default()));
+            }
+            sent?;
+        }
+    }
+
+    /// Takes one update; always ends with the version state settled (committed or failed).
+    /// Also says whether the connection is still in step (false after a broken transfer).
+    fn update(
+        &self,
+        conn: &mut Conn,
+        path: &mut RecvPath,
+        plan: &Plan,
+        version: Version,
+        skip: &[u32],
+        bucket_bytes: u64,
+    ) -> (UpdateReport, bool) {
+        let started = Instant::now();
+        let timeout = self.shared.options.timeout;
+        let schedule = Schedule::new(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
+        let mut digesters = schedule.digesters();
+        let mut tensors = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut touched = vec![false; plan.destinations.len()];
+        let mut unpack_seconds = 0.0;
+
+        let mut outcome = None;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            for entry in &bucket.entries {
+                touched[entry.op.dst as usize] = true;
+            }
+            let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
+                let t = Instant::now();
+                unpack(plan, &schedule, bucket, payload, tensors.as_mut(), &mut digesters);
+                unpack_seconds += t.elapsed().as_secs_f64();
+            });
+            if let Err(e) = received {
+                outcome = Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())));
+                break;
+            }
+        }
+        let outcome = outcome.unwrap_or_else(|| {
+            let _ = self.state().versions.verify(version);
+            let ours = receiver_digests(&schedule, tensors.as_ref(), &digesters);
+            match conn.recv(timeout) {
+                Ok(Message::End { version: v, digests }) if v == version => {
+                    let mismatched = compare(plan, &ours, &digests);
+                    if mismatched.is_empty() {
+                        Outcome::Verified(ours)
+                    } else {
+                        Outcome::Mismatch(mismatched)
+                    }
+                }
+                Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
+                Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
+            }
+        });
+        drop(tensors);
+
+        let mut report = UpdateReport {
+            version,
+            bytes: schedule.bytes,
+            tensors: schedule.written.iter().filter(|&&w| w).count(),
+            buckets: schedule.buckets.len(),
+            skipped_tensors: skip.len(),
+            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
+            unpack_seconds,
+            ..UpdateReport::default()
+        };
+        let mut state = self.state();
+        let in_sync = !matches!(outcome, Outcome::Broken(_));
+        let reason = match outcome {
+            Outcome::Verified(ours) => {
+                state.versions.commit(version).expect("this connection holds the update in flight");
+                for (d, value) in ours.into_iter().enumerate() {
+                    if value.is_some() {
+                        state.digests[d] = value;
+                    }
+                }
+                report.verified = true;
+                None
+            }
+            Outcome::Mismatch(names) => {
+                let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+                report.mismatched = names;
+                Some(format!("digest mismatch: {}", quoted.join(", ")))
+            }
+            Outcome::Broken(reason) => Some(reason),
+        };
+        if let Some(reason) = reason {
+            // Every tensor this update touched may now hold neither version's bytes.
+            let dirty: Vec<String> = (0..touched.len())
+                .filter(|&d| touched[d])
+                .map(|d| {
+                    state.digests[d] = None;
+                    plan.destinations[d].name.clone()
+                })
+                .collect();
+            state.versions.fail(version, reason.clone(), dirty).expect("this connection holds the update in flight");
+            report.error = Some(reason);
+        }
+        report.committed = state.versions.committed();
+        report.dirty = state.versions.dirty().iter().cloned().collect();
+        report.seconds = started.elapsed().as_secs_f64();
+        report.gbps = report.bytes as f64 / report.seconds.max(1e-9) / 1e9;
+        report.receiver_peak_rss = peak_rss_bytes();
+        (report, in_sync)
+    }
+}
+
+/// How an update ended.
+enum Outcome {
+    /// Every written tensor matched; the receiver's digest of each.
+    Verified(Vec<Option<u64>>),
+    /// The transfer completed but these tensors' digests differ from the sender's.
+    Mismatch(Vec<String>),
+    /// The transfer broke off (sender gone, stalled, or out of protocol).
+    Broken(String),
+}
+
+/// Names of written tensors whose digest differs from the sender's (or that it did not send).
+fn compare(plan: &Plan, ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
+    let mut sent: Vec<Option<u64>> = vec![None; ours.len()];
+    for &(d, value) in theirs {
+        if let Some(slot) = sent.get_mut(d as usize) {
+            *slot = Some(value);
+        }
+    }
+    ours.iter()
+        .zip(&sent)
+        .enumerate()
+        .filter(|(_, (ours, theirs))| ours.is_some() && ours != theirs)
+        .map(|(d, _)| plan.destinations[d].name.clone())
+        .collect()
+}
+
+fn log_report(report: &UpdateReport) {
+    if report.verified {
+        tracing::info!(
+            version = %report.version,
+            bytes = report.bytes,
+            seconds = report.seconds,
+            gbps = report.gbps,
+            "update committed"
+        );
+    } else {
+        tracing::warn!(
+            version = %report.version,
+            committed = %report.committed,
+            dirty = report.dirty.len(),
+            "update failed: {}",
+            report.error.as_deref().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The trainer side: connects to a receiver, agrees on a plan, and pushes versions.
+
+use std::time::{Duration, Instant};
+
+use weightlift_core::{plan, Manifest, Plan, RuleSet, SourceSet, Version};
+
+use crate::net::Endpoint;
+use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
+use crate::report::UpdateReport;
+use crate::tensors::SourceTensors;
+use crate::transport::{SendPath, TransferError};
+use crate::update::{expected_digests, pack, sender_digests, Schedule};
+
+/// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
+pub const DEFAULT_HOST_BUCKET_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct SenderOptions {
+    pub transport: TransportKind,
+    pub bucket_bytes: u64,
+    /// Skip tensors whose digest equals the receiver's committed one.
+    pub delta: bool,
+    /// Longest wait for any one message from the receiver.
+    pub timeout: Duration,
+    /// For fault tests only: misbehave on purpose.
+    pub fault: Option<Fault>,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        SenderOptions {
+            transport: TransportKind::Shm,
+            bucket_bytes: DEFAULT_HOST_BUCKET_BYTES,
+            delta: false,
+            timeout: Duration::from_secs(60),
+            fault: None,
+        }
+    }
+}
+
+/// Deliberate faults, so tests can show the receiver survives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip one byte of bucket `n` after packing it (and after digesting it).
+    FlipByteInBucket(u32),
+    /// Send `n` buckets, then hang up without ending the update.
+    HangUpAfterBuckets(u32),
+    /// Send `n` buckets, then kill this process on the spot.
+    AbortAfterBuckets(u32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect { endpoint: String, source: std::io::Error },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("the receiver rejected this sender: {0}")]
+    Rejected(String),
+    #[error("the receiver refused version {version}: {reason}")]
+    Refused { version: Version, reason: String },
+    #[error("this sender cannot plan for the receiver: {0}")]
+    Plan(String),
+    #[error("plans differ: the receiver's hash is {receiver}, this sender's is {sender} (mismatched versions?)")]
+    PlanMismatch { receiver: String, sender: String },
+    #[error("the tensors pushed do not match the manifest this sender connected with: {0}")]
+    WrongTensors(String),
+    #[error("fault injected: {0}")]
+    Injected(String),
+}
+
+pub struct Sender {
+    conn: Conn,
+    source: Manifest,
+    plan: Plan,
+    path: SendPath,
+    /// The receiver's committed digest per destination, as last known.
+    receiver_digests: Vec<Option<u64>>,
+    options: SenderOptions,
+}
+
+impl Sender {
+    /// Connects, offers the source manifest and rules, and checks both sides plan the same.
+    pub fn connect(
+        endpoint: &Endpoint,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+    ) -> Result<Sender, SendError> {
+        let stream = endpoint
+            .connect(options.timeout)
+            .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
+        let mut conn = Conn::client(stream)?;
+        conn.send(&Message::Hello {
+            source: source.clone(),
+            rules: rules.clone(),
+            bucket_bytes: options.bucket_bytes,
+            transport: options.transport,
+        })?;
+        let (destination, tp, plan_hash, digests, ring) = match conn.recv(options.timeout)? {
+            Message::Welcome { destination, tp, plan_hash, digests, ring, .. } => {
+                (destination, tp, plan_hash, digests, ring)
+            }
+            Message::Reject { reason } => return Err(SendError::Rejected(reason)),
+            other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
+        };
+        let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)
+            .map_err(|e| SendError::Plan(e.to_string()))?;
+        let ours = format!("{:016x}", plan.hash());
+        if ours != plan_hash {
+            return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
+        }
+        let path = match (options.transport, ring) {
+            (TransportKind::Shm, Some(info)) => {
+                let path = SendPath::ring(&info)?;
+                conn.send(&Message::RingMapped)?;
+                path
+            }
+            (TransportKind::Shm, None) => return Err(SendError::Rejected("the receiver offered no ring".into())),
+            (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
+        };
+        Ok(Sender { conn, source: source.clone(), plan, path, receiver_digests: digests, options })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Pushes `tensors` as `version`; returns the receiver's report. A report whose
+    /// `verified` is false means the receiver kept its previous version.
+    pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<UpdateReport, SendError> {
+        if tensors.manifest() != &self.source {
+            return Err(SendError::WrongTensors(describe_difference(&self.source, tensors.manifest())));
+        }
+        let started = Instant::now();
+        let skip: Vec<u32> = if self.options.delta {
+            let expected = expected_digests(&self.plan, tensors);
+            (0..expected.len() as u32)
+                .filter(|&d| self.receiver_digests[d as usize] == Some(expected[d as usize]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let timeout = self.options.timeout;
+        self.conn.send(&Message::Begin { version, skip: skip.clone() })?;
+        match self.conn.recv(timeout)? {
+            Message::Accepted { version: v } if v == version => {}
+            Message::Refused { reason } => return Err(SendError::Refused { version, reason }),
+            other => return Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
+        }
+
+        let schedule =
+            Schedule::new(&self.plan, &skip, self.options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
+        let mut digesters = schedule.digesters();
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let k = k as u32;
+            match self.options.fault {
+                Some(Fault::HangUpAfterBuckets(n)) if n == k => {
+                    self.conn.shutdown();
+                    return Err(SendError::Injected(format!("hung up after {n} bucket(s)")));
+                }
+                Some(Fault::AbortAfterBuckets(n)) if n == k => std::process::abort(),
+                _ => {}
+            }
+            let flip = self.options.fault == Some(Fault::FlipByteInBucket(k));
+            let plan = &self.plan;
+            self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
+                pack(plan, &schedule, bucket, tensors, payload, &mut digesters);
+                if flip {
+                    payload[payload.len() / 2] ^= 0x40;
+                }
+            })?;
+        }
+        let digests = sender_digests(&self.plan, &schedule, tensors, &digesters);
+        self.conn.send(&Message::End { version, digests: digests.clone() })?;
+        let report = self.path.await_report(&mut self.conn, timeout)?;
+        for (d, value) in digests {
+            self.receiver_digests[d as usize] = report.verified.then_some(value);
+        }
+        tracing::debug!(version = %version, seconds = started.elapsed().as_secs_f64(), "push finished");
+        Ok(report)
+    }
+}
+
+/// The first few names whose specs differ, for an error message.
+fn describe_difference(expected: &Manifest, got: &Manifest) -> String {
+    let mut diffs: Vec<String> = Vec::new();
+    for spec in expected {
+        match got.get(&spec.name) {
+            None => diffs.push(format!("`{}` is missing", spec.name)),
+            Some(other) if other != spec => diffs.push(format!("`{}` is {other}, expected {spec}", spec.name)),
+            _ => {}
+        }
+    }
+    for spec in got {
+        if expected.get(&spec.name).is_none() {
+            diffs.push(format!("`{}` is unexpected", spec.name));
+        }
+    }
+    if diffs.is_empty() {
+        diffs.push("same tensors in a different order".into());
+    }
+    diffs.truncate(8);
+    diffs.join("; ")
+}

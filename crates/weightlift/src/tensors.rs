@@ -1,0 +1,170 @@
+//! Where tensor bytes live: the sender's source tensors and the receiver's destinations.
+
+use std::path::Path;
+
+use weightlift_core::{digest, Manifest, ModelConfig};
+use weightlift_cuda::MappedFile;
+
+use crate::safetensors_dir::{SafetensorsDir, SourceError};
+
+/// The sender's tensors, indexed like its source manifest.
+pub trait SourceTensors: Sync {
+    fn manifest(&self) -> &Manifest;
+    fn bytes(&self, index: usize) -> &[u8];
+}
+
+/// The receiver's parameters, written in place, indexed like its destination manifest.
+pub trait DestinationTensors: Send {
+    fn manifest(&self) -> &Manifest;
+    fn bytes(&self, index: usize) -> &[u8];
+    fn bytes_mut(&mut self, index: usize) -> &mut [u8];
+}
+
+/// Tensors in host memory, one buffer each.
+#[derive(Debug, Clone)]
+pub struct HostTensors {
+    manifest: Manifest,
+    data: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("buffer for `{tensor}` holds {actual} bytes but its spec needs {expected}")]
+pub struct BufferSizeError {
+    pub tensor: String,
+    pub expected: u64,
+    pub actual: u64,
+}
+
+impl HostTensors {
+    /// Wraps buffers, checking each has exactly its spec's size.
+    pub fn new(manifest: Manifest, data: Vec<Vec<u8>>) -> Result<HostTensors, BufferSizeError> {
+        for (spec, buf) in manifest.iter().zip(&data) {
+            if spec.byte_len() != buf.len() as u64 {
+                return Err(BufferSizeError {
+                    tensor: spec.name.clone(),
+                    expected: spec.byte_len(),
+                    actual: buf.len() as u64,
+                });
+            }
+        }
+        assert_eq!(manifest.len(), data.len(), "one buffer per spec");
+        Ok(HostTensors { manifest, data })
+    }
+
+    /// Resident buffers filled with `byte` (the engine's weights before the first update).
+    pub fn filled(manifest: Manifest, byte: u8) -> HostTensors {
+        let data = manifest.iter().map(|s| vec![byte; s.byte_len() as usize]).collect();
+        HostTensors { manifest, data }
+    }
+
+    /// A synthetic model's tensors with deterministic pseudo-random small values. For 16-bit
+    /// floats the values are finite (no NaN or Inf), like real weights.
+    pub fn synthetic(config: &ModelConfig, seed: u64) -> HostTensors {
+        let manifest = config.source_manifest();
+        let data = manifest
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let mut state = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut buf = vec![0u8; spec.byte_len() as usize];
+                for chunk in buf.chunks_exact_mut(8) {
+                    // xorshift64*, then clear each 16-bit lane's top exponent bits so every
+                    // bf16/f16 lane is a small finite value.
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D) & 0xBFFF_BFFF_BFFF_BFFF;
+                    chunk.copy_from_slice(&v.to_le_bytes());
+                }
+                buf
+            })
+            .collect();
+        HostTensors { manifest, data }
+    }
+
+    /// One optimizer-like step: every 16-bit lane's low mantissa bits move by one, so every
+    /// element of every tensor changes and an update carries all-new bytes.
+    pub fn perturb(&mut self) {
+        const LOW: u64 = 0x007F_007F_007F_007F;
+        const ONE: u64 = 0x0001_0001_0001_0001;
+        for buf in &mut self.data {
+            for chunk in buf.chunks_exact_mut(8) {
+                let v = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                let stepped = (v & !LOW) | (((v & LOW) + ONE) & LOW);
+                chunk.copy_from_slice(&stepped.to_le_bytes());
+            }
+            for b in buf.chunks_exact_mut(8).into_remainder() {
+                *b ^= 1;
+            }
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Digest of each tensor as it is now.
+    pub fn digests(&self) -> Vec<u64> {
+        self.data.iter().map(|b| digest::digest(b)).collect()
+    }
+
+    pub fn into_parts(self) -> (Manifest, Vec<Vec<u8>>) {
+        (self.manifest, self.data)
+    }
+}
+
+impl SourceTensors for HostTensors {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    fn bytes(&self, index: usize) -> &[u8] {
+        &self.data[index]
+    }
+}
+
+impl DestinationTensors for HostTensors {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    fn bytes(&self, index: usize) -> &[u8] {
+        &self.data[index]
+    }
+    fn bytes_mut(&mut self, index: usize) -> &mut [u8] {
+        &mut self.data[index]
+    }
+}
+
+/// A checkpoint directory's tensors, memory-mapped: bytes come from the page cache.
+pub struct CheckpointTensors {
+    dir: SafetensorsDir,
+    files: Vec<MappedFile>,
+}
+
+impl CheckpointTensors {
+    pub fn open(path: &Path) -> Result<CheckpointTensors, SourceError> {
+        let dir = SafetensorsDir::open(path)?;
+        let files = dir
+            .files
+            .iter()
+            .map(|f| {
+                MappedFile::open(f)
+                    .map_err(|e| SourceError::Io { path: f.clone(), source: std::io::Error::other(e.to_string()) })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CheckpointTensors { dir, files })
+    }
+
+    pub fn dir(&self) -> &SafetensorsDir {
+        &self.dir
+    }
+}
+
+impl SourceTensors for CheckpointTensors {
+    fn manifest(&self) -> &Manifest {
+        &self.dir.manifest
+    }
+    fn bytes(&self, index: usize) -> &[u8] {
+        let loc = &self.dir.locations[index];
+        &self.files[loc.file].as_slice()[loc.offset as usize..(loc.offset + loc.len) as usize]
+    }
+}

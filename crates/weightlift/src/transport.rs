@@ -1,0 +1,169 @@
+//! How bucket bytes travel between a sender and a receiver, behind one interface: a ring of
+//! slots in shared memory (same host), or the connection itself (any host). Memory held by a
+//! transfer is the ring (or one bucket buffer per side), whatever the model's size.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use weightlift_cuda::SharedMemory;
+
+use crate::protocol::{Conn, Message, ProtocolError, RingInfo};
+use crate::report::UpdateReport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("shared memory: {0}")]
+    Memory(String),
+    /// The receiver ended the update early and said why.
+    #[error("the receiver failed the update: {}", .0.error.as_deref().unwrap_or("no reason given"))]
+    ReceiverFailed(Box<UpdateReport>),
+    #[error("the sender aborted the update: {0}")]
+    SenderAborted(String),
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// The sender's half.
+pub enum SendPath {
+    Ring { memory: SharedMemory, slot_bytes: u64, free: VecDeque<u32> },
+    Socket { buffer: Vec<u8> },
+}
+
+impl SendPath {
+    pub fn ring(info: &RingInfo) -> Result<SendPath, TransferError> {
+        let len = info.slots as u64 * info.slot_bytes;
+        let memory = SharedMemory::open(std::path::Path::new(&info.path), len as usize)
+            .map_err(|e| TransferError::Memory(e.to_string()))?;
+        Ok(SendPath::Ring { memory, slot_bytes: info.slot_bytes, free: (0..info.slots).collect() })
+    }
+
+    pub fn socket(bucket_bytes: u64) -> SendPath {
+        SendPath::Socket { buffer: vec![0u8; bucket_bytes as usize] }
+    }
+
+    /// Fills bucket `index` (`bytes` long) with `fill` and hands it to the receiver.
+    pub fn send_bucket(
+        &mut self,
+        conn: &mut Conn,
+        index: u32,
+        bytes: u64,
+        timeout: Duration,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), TransferError> {
+        match self {
+            SendPath::Ring { memory, slot_bytes, free } => {
+                while free.is_empty() {
+                    let slot = wait_for_free_slot(conn, timeout)?;
+                    free.push_back(slot);
+                }
+                let slot = free.pop_front().expect("a free slot");
+                let start = (u64::from(slot) * *slot_bytes) as usize;
+                fill(&mut memory.as_mut_slice()[start..start + bytes as usize]);
+                conn.send(&Message::BucketReady { index, slot, bytes })?;
+            }
+            SendPath::Socket { buffer } => {
+                fill(&mut buffer[..bytes as usize]);
+                conn.send(&Message::Data { index, bytes })?;
+                conn.send_data(&buffer[..bytes as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `End`: waits for the report, taking back ring slots returned meanwhile.
+    pub fn await_report(&mut self, conn: &mut Conn, timeout: Duration) -> Result<UpdateReport, TransferError> {
+        loop {
+            match conn.recv(timeout)? {
+                Message::Report { report } => return Ok(report),
+                Message::SlotFree { slot } => self.give_back(slot)?,
+                other => return Err(unexpected("report", &other)),
+            }
+        }
+    }
+
+    fn give_back(&mut self, slot: u32) -> Result<(), TransferError> {
+        if let SendPath::Ring { free, .. } = self {
+            if !free.contains(&slot) {
+                free.push_back(slot);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn wait_for_free_slot(conn: &mut Conn, timeout: Duration) -> Result<u32, TransferError> {
+    match conn.recv(timeout)? {
+        Message::SlotFree { slot } => Ok(slot),
+        Message::Report { report } => Err(TransferError::ReceiverFailed(Box::new(report))),
+        other => Err(unexpected("slot_free", &other)),
+    }
+}
+
+fn unexpected(expected: &str, got: &Message) -> TransferError {
+    TransferError::Unexpected(format!("expected {expected}, got {}", got.name()))
+}
+
+/// The receiver's half.
+pub enum RecvPath {
+    Ring { memory: SharedMemory, slot_bytes: u64, slots: u32 },
+    Socket { buffer: Vec<u8> },
+}
+
+impl RecvPath {
+    /// Creates a ring of `slots` slots for a sender on this host.
+    pub fn ring(slots: u32, slot_bytes: u64) -> Result<(RecvPath, RingInfo), TransferError> {
+        let memory = SharedMemory::create("weightlift-ring", (u64::from(slots) * slot_bytes) as usize)
+            .map_err(|e| TransferError::Memory(e.to_string()))?;
+        let info = RingInfo { path: memory.path().display().to_string(), slots, slot_bytes };
+        Ok((RecvPath::Ring { memory, slot_bytes, slots }, info))
+    }
+
+    pub fn socket(bucket_bytes: u64) -> RecvPath {
+        RecvPath::Socket { buffer: vec![0u8; bucket_bytes as usize] }
+    }
+
+    /// Once the sender has mapped the ring, its name can go: nothing leaks if either dies.
+    pub fn unlink(&self) {
+        if let RecvPath::Ring { memory, .. } = self {
+            let _ = memory.unlink();
+        }
+    }
+
+    /// Receives bucket `index` of `bytes` bytes and hands it to `consume`.
+    pub fn recv_bucket<R>(
+        &mut self,
+        conn: &mut Conn,
+        index: u32,
+        bytes: u64,
+        timeout: Duration,
+        consume: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, TransferError> {
+        let message = conn.recv(timeout)?;
+        match (self, message) {
+            (RecvPath::Ring { memory, slot_bytes, slots }, Message::BucketReady { index: i, slot, bytes: b }) => {
+                if i != index || b != bytes || slot >= *slots {
+                    return Err(TransferError::Unexpected(format!(
+                        "bucket {i} of {b} bytes in slot {slot}; expected bucket {index} of {bytes} bytes in one of {slots} slots"
+                    )));
+                }
+                let start = (u64::from(slot) * *slot_bytes) as usize;
+                let result = consume(&memory.as_slice()[start..start + bytes as usize]);
+                conn.send(&Message::SlotFree { slot })?;
+                Ok(result)
+            }
+            (RecvPath::Socket { buffer }, Message::Data { index: i, bytes: b }) => {
+                if i != index || b != bytes {
+                    return Err(TransferError::Unexpected(format!(
+                        "data for bucket {i} of {b} bytes; expected bucket {index} of {bytes} bytes"
+                    )));
+                }
+                conn.recv_data(&mut buffer[..bytes as usize], timeout)?;
+                Ok(consume(&buffer[..bytes as usize]))
+            }
+            (_, Message::Abort { reason }) => Err(TransferError::SenderAborted(reason)),
+            (_, other) => Err(unexpected("a bucket", &other)),
+        }
+    }
+}

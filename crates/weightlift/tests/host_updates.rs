@@ -1,0 +1,169 @@
+//! Updates between a sender and a receiver on loopback (receiver on a thread of this process),
+//! with the receiver's bytes compared against the reference executor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use weightlift::core::{
+    destination_manifest, exec, synthetic, Manifest, PresetOptions, RuleSet, SourceSet, TpRank, Version,
+};
+use weightlift::{Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, TransportKind};
+
+fn socket_path(label: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("wl-host-{}-{label}.sock", std::process::id()))
+}
+
+struct Setup {
+    rules: RuleSet,
+    receiver: Receiver,
+    endpoint: Endpoint,
+    trainer: HostTensors,
+}
+
+fn setup(model: &str, tp: TpRank, label: &str, options: ReceiverOptions) -> Setup {
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let source = SourceSet::single(config.source_manifest());
+    let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+    let receiver = Receiver::new(HostTensors::filled(dest, 0), ReceiverOptions { tp, ..options });
+    let endpoint = Endpoint::Unix(socket_path(label));
+    let listener = endpoint.bind().unwrap();
+    let serving = receiver.clone();
+    std::thread::spawn(move || serving.serve(&listener));
+    Setup { rules, receiver, endpoint, trainer: HostTensors::synthetic(&config, 7) }
+}
+
+fn sender(s: &Setup, transport: TransportKind, fault: Option<Fault>) -> Sender {
+    let options = SenderOptions { transport, bucket_bytes: 4096, fault, ..SenderOptions::default() };
+    Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).unwrap()
+}
+
+/// The receiver holds exactly what the plan makes from the trainer's tensors.
+fn assert_bit_exact(s: &Setup, sender: &Sender) {
+    let plan = sender.plan();
+    let (manifest, data) = s.trainer.clone().into_parts();
+    let sources: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let mut expected: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+    exec::execute(plan, &sources, &mut expected).unwrap();
+    assert_eq!(manifest.len(), sources.len());
+    s.receiver.with_tensors(|t| {
+        for (i, want) in expected.iter().enumerate() {
+            assert!(t.bytes(i) == want.as_slice(), "`{}` differs", plan.destinations[i].name);
+        }
+    });
+}
+
+#[test]
+fn three_updates_over_each_transport_arrive_bit_exact() {
+    for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2)] {
+        for transport in [TransportKind::Shm, TransportKind::Tcp] {
+            for rank in 0..tp_size {
+                let label = format!("three-{model}-{transport}-{rank}");
+                let mut s = setup(model, TpRank::new(rank, tp_size).unwrap(), &label, ReceiverOptions::default());
+                let mut tx = sender(&s, transport, None);
+                for v in 1..=3 {
+                    s.trainer.perturb();
+                    let report = tx.push(Version(v), &s.trainer).unwrap();
+                    assert!(report.verified, "{label} v{v}: {report:?}");
+                    assert_eq!(report.committed, Version(v));
+                    assert!(report.buckets > 1, "small buckets make several");
+                    assert_bit_exact(&s, &tx);
+                }
+                assert_eq!(s.receiver.committed(), Version(3));
+            }
+        }
+    }
+}
+
+#[test]
+fn version_order_is_enforced() {
+    let mut s = setup("llama-tiny", TpRank::SINGLE, "order", ReceiverOptions::default());
+    let mut tx = sender(&s, TransportKind::Shm, None);
+    s.trainer.perturb();
+    assert!(tx.push(Version(5), &s.trainer).unwrap().verified);
+    for stale in [4, 5] {
+        let err = tx.push(Version(stale), &s.trainer).unwrap_err().to_string();
+        assert!(err.contains(&format!("refused version {stale}")), "{err}");
+    }
+    assert_eq!(s.receiver.committed(), Version(5));
+    assert!(tx.push(Version(6), &s.trainer).unwrap().verified);
+}
+
+#[test]
+fn a_flipped_byte_fails_verification_then_a_retry_succeeds() {
+    let mut s = setup("qwen3-tiny", TpRank::SINGLE, "flip", ReceiverOptions::default());
+    s.trainer.perturb();
+    assert!(sender(&s, TransportKind::Shm, None).push(Version(1), &s.trainer).unwrap().verified);
+    s.trainer.perturb();
+    let report = sender(&s, TransportKind::Shm, Some(Fault::FlipByteInBucket(2))).push(Version(2), &s.trainer).unwrap();
+    assert!(!report.verified);
+    assert_eq!(report.committed, Version(1));
+    assert_eq!(report.mismatched.len(), 1, "{report:?}");
+    assert!(report.error.as_deref().unwrap().contains(&report.mismatched[0]));
+    assert!(report.dirty.contains(&report.mismatched[0]));
+    assert_eq!(s.receiver.committed(), Version(1));
+    assert!(!s.receiver.dirty().is_empty());
+
+    let mut tx = sender(&s, TransportKind::Tcp, None);
+    let report = tx.push(Version(2), &s.trainer).unwrap();
+    assert!(report.verified, "{report:?}");
+    assert!(s.receiver.dirty().is_empty());
+    assert_bit_exact(&s, &tx);
+}
+
+#[test]
+fn a_sender_that_hangs_up_mid_update_leaves_the_receiver_dirty_on_its_version() {
+    let mut s = setup("qwen3-moe-tiny", TpRank::SINGLE, "hangup", ReceiverOptions::default());
+    s.trainer.perturb();
+    assert!(sender(&s, TransportKind::Tcp, None).push(Version(1), &s.trainer).unwrap().verified);
+    s.trainer.perturb();
+    let err = sender(&s, TransportKind::Tcp, Some(Fault::HangUpAfterBuckets(3))).push(Version(2), &s.trainer);
+    assert!(err.is_err());
+    // The receiver notices at once (EOF), not after its timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.receiver.dirty().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(s.receiver.committed(), Version(1));
+    let report = s.receiver.last_report().unwrap();
+    assert!(!report.verified && report.error.as_deref().unwrap().contains("bucket 3"), "{report:?}");
+    assert!(!s.receiver.dirty().is_empty());
+
+    let mut tx = sender(&s, TransportKind::Shm, None);
+    assert!(tx.push(Version(2), &s.trainer).unwrap().verified);
+    assert!(s.receiver.dirty().is_empty());
+    assert_bit_exact(&s, &tx);
+}
+
+#[test]
+fn delta_mode_skips_unchanged_tensors_and_reports_the_saving() {
+    let mut s = setup("qwen3-tiny", TpRank::SINGLE, "delta", ReceiverOptions::default());
+    let options = SenderOptions { delta: true, bucket_bytes: 4096, ..SenderOptions::default() };
+    let mut tx = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).unwrap();
+    s.trainer.perturb();
+    let first = tx.push(Version(1), &s.trainer).unwrap();
+    assert!(first.verified && first.skipped_tensors == 0 && first.bytes_saved == 0);
+    // Nothing changed: everything is skipped.
+    let second = tx.push(Version(2), &s.trainer).unwrap();
+    assert!(second.verified, "{second:?}");
+    assert_eq!(second.skipped_tensors, tx.plan().destinations.len());
+    assert_eq!(second.bytes, 0);
+    assert_eq!(second.bytes_saved, tx.plan().summary().destination_bytes);
+    assert_eq!(s.receiver.committed(), Version(2));
+    s.trainer.perturb();
+    let third = tx.push(Version(3), &s.trainer).unwrap();
+    assert!(third.verified && third.skipped_tensors == 0);
+    assert_bit_exact(&s, &tx);
+}
+
+#[test]
+fn a_sender_whose_manifest_does_not_fit_is_rejected_by_name() {
+    let s = setup("qwen3-tiny", TpRank::SINGLE, "reject", ReceiverOptions::default());
+    let mut specs = s.trainer.manifest().specs().to_vec();
+    specs[3].dtype = weightlift::core::DType::I64;
+    specs.push(weightlift::core::TensorSpec::new("model.extra.weight", weightlift::core::DType::BF16, vec![2]));
+    let bad = Manifest::new(specs).unwrap();
+    let err = Sender::connect(&s.endpoint, &bad, &s.rules, SenderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("rejected") && err.contains("`model.extra.weight`") && err.contains("I64"), "{err}");
+    assert_eq!(s.receiver.committed(), Version(0));
+}

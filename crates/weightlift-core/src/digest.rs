@@ -118,6 +118,102 @@ impl fmt::Debug for Digester {
     }
 }
 
+/// The chunk digests of one piece of a tensor: computed by any thread, from the bytes at
+/// `offset..offset + len` of a tensor of `tensor_len` bytes. Whole chunks are digested here;
+/// the partial chunks at either end are kept as fragments for [`ChunkDigests`] to complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceDigests {
+    first_chunk: u64,
+    digests: Vec<u64>,
+    fragments: Vec<(u64, Vec<u8>)>,
+}
+
+impl PieceDigests {
+    pub fn new(tensor_len: u64, offset: u64, bytes: &[u8]) -> PieceDigests {
+        let chunk = CHUNK_BYTES as u64;
+        let end = offset + bytes.len() as u64;
+        // Whole chunks: those starting inside the piece that also end inside it (the last
+        // chunk of the tensor may be short).
+        let first_chunk = offset.div_ceil(chunk);
+        let mut digests = Vec::new();
+        let mut c = first_chunk;
+        while c * chunk < end && (c * chunk + chunk).min(tensor_len) <= end {
+            let start = (c * chunk - offset) as usize;
+            let stop = ((c * chunk + chunk).min(tensor_len) - offset) as usize;
+            digests.push(chunk_digest(&bytes[start..stop]));
+            c += 1;
+        }
+        let mut fragments = Vec::new();
+        let whole_start = first_chunk * chunk;
+        let whole_end = c * chunk;
+        if digests.is_empty() {
+            fragments.push((offset, bytes.to_vec()));
+        } else {
+            if offset < whole_start {
+                fragments.push((offset, bytes[..(whole_start - offset) as usize].to_vec()));
+            }
+            if whole_end < end {
+                fragments.push((whole_end, bytes[(whole_end - offset) as usize..].to_vec()));
+            }
+        }
+        PieceDigests { first_chunk, digests, fragments }
+    }
+}
+
+/// A tensor's digest gathered from [`PieceDigests`] in any order: whole chunks as they come,
+/// partial chunks once all their fragments have arrived.
+#[derive(Debug, Clone)]
+pub struct ChunkDigests {
+    len: u64,
+    chunks: Vec<Option<u64>>,
+    /// Fragments of chunks not yet complete, by chunk index: (offset in tensor, bytes).
+    pending: std::collections::HashMap<u64, Vec<(u64, Vec<u8>)>>,
+}
+
+impl ChunkDigests {
+    pub fn new(tensor_len: u64) -> ChunkDigests {
+        let n = tensor_len.div_ceil(CHUNK_BYTES as u64) as usize;
+        ChunkDigests { len: tensor_len, chunks: vec![None; n], pending: Default::default() }
+    }
+
+    pub fn add(&mut self, piece: PieceDigests) {
+        for (i, d) in piece.digests.into_iter().enumerate() {
+            self.chunks[piece.first_chunk as usize + i] = Some(d);
+        }
+        let chunk = CHUNK_BYTES as u64;
+        for (offset, bytes) in piece.fragments {
+            // A fragment may span the end of one chunk and the start of the next when the
+            // piece is smaller than a chunk: file each part under its own chunk.
+            let mut at = offset;
+            let mut rest: &[u8] = &bytes;
+            while !rest.is_empty() {
+                let c = at / chunk;
+                let take = ((c + 1) * chunk - at).min(rest.len() as u64) as usize;
+                let list = self.pending.entry(c).or_default();
+                list.push((at, rest[..take].to_vec()));
+                let chunk_len = ((c + 1) * chunk).min(self.len) - c * chunk;
+                if list.iter().map(|(_, b)| b.len() as u64).sum::<u64>() == chunk_len {
+                    let mut parts = self.pending.remove(&c).expect("just inserted");
+                    parts.sort_unstable_by_key(|(o, _)| *o);
+                    let whole: Vec<u8> = parts.into_iter().flat_map(|(_, b)| b).collect();
+                    self.chunks[c as usize] = Some(chunk_digest(&whole));
+                }
+                at += take as u64;
+                rest = &rest[take..];
+            }
+        }
+    }
+
+    /// The tensor's digest, or None while some chunk is missing.
+    pub fn finish(&self) -> Option<u64> {
+        let mut outer = Xxh64::new(SEED);
+        for c in &self.chunks {
+            outer.update(&(*c)?.to_le_bytes());
+        }
+        Some(outer.digest())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +339,42 @@ mod tests {
             flipped[at.index(bytes.len())] ^= mask;
             prop_assert_ne!(digest(&flipped), digest(&bytes));
         }
+    }
+
+    proptest! {
+        /// Pieces of a tensor digested separately, fed in any order, give the same digest.
+        #[test]
+        fn pieces_in_any_order_give_the_whole_digest(
+            len in 0usize..20_000,
+            cuts in prop::collection::vec(0usize..20_000, 0..12),
+            seed in any::<u64>(),
+        ) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i as u64).wrapping_mul(seed | 1).rotate_left(17) as u8).collect();
+            let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c % (len + 1)).collect();
+            bounds.extend([0, len]);
+            bounds.sort_unstable();
+            bounds.dedup();
+            let mut pieces: Vec<PieceDigests> = bounds.windows(2)
+                .map(|w| PieceDigests::new(len as u64, w[0] as u64, &bytes[w[0]..w[1]]))
+                .collect();
+            pieces.reverse();
+            let third = pieces.len() / 3;
+            pieces.rotate_left(third);
+            let mut acc = ChunkDigests::new(len as u64);
+            for p in pieces {
+                acc.add(p);
+            }
+            prop_assert_eq!(acc.finish(), Some(digest(&bytes)));
+        }
+    }
+
+    #[test]
+    fn a_missing_piece_leaves_the_digest_unknown() {
+        let bytes = vec![7u8; 10_000];
+        let mut acc = ChunkDigests::new(10_000);
+        acc.add(PieceDigests::new(10_000, 0, &bytes[..6000]));
+        assert_eq!(acc.finish(), None);
+        acc.add(PieceDigests::new(10_000, 6000, &bytes[6000..]));
+        assert_eq!(acc.finish(), Some(digest(&bytes)));
     }
 }

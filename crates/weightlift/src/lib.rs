@@ -15,6 +15,7 @@ pub mod safetensors_dir;
 pub mod sender;
 pub mod setup;
 pub mod tensors;
+pub mod trainer;
 pub mod transport;
 pub mod update;
 
@@ -24,3 +25,4 @@ pub use receiver::{Receiver, ReceiverOptions};
 pub use report::UpdateReport;
 pub use sender::{Fault, SendError, Sender, SenderOptions};
 pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTensors};
+pub use trainer::{StepReport, Trainer};

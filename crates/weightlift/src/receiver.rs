@@ -15,7 +15,7 @@ use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::{peak_rss_bytes, UpdateReport};
 use crate::tensors::DestinationTensors;
 use crate::transport::{RecvPath, TransferError};
-use crate::update::{receiver_digests, unpack, Schedule};
+use crate::update::{default_threads, receiver_digests, unpack, Schedule};
 
 #[derive(Debug, Clone)]
 pub struct ReceiverOptions {
@@ -29,6 +29,8 @@ pub struct ReceiverOptions {
     /// Longest wait for a new connection's preamble and hello.
     pub handshake_timeout: Duration,
     pub initial_version: Version,
+    /// Threads that unpack and digest.
+    pub threads: usize,
 }
 
 impl Default for ReceiverOptions {
@@ -40,6 +42,7 @@ impl Default for ReceiverOptions {
             timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             initial_version: Version(0),
+            threads: default_threads(),
         }
     }
 }
@@ -235,7 +238,8 @@ impl Receiver {
         let started = Instant::now();
         let timeout = self.shared.options.timeout;
         let schedule = Schedule::new(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
-        let mut digesters = schedule.digesters();
+        let mut digests = schedule.digests(plan);
+        let threads = self.shared.options.threads;
         let mut tensors = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let mut touched = vec![false; plan.destinations.len()];
         let mut unpack_seconds = 0.0;
@@ -247,7 +251,7 @@ impl Receiver {
             }
             let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
                 let t = Instant::now();
-                unpack(plan, &schedule, bucket, payload, tensors.as_mut(), &mut digesters);
+                unpack(plan, &schedule, bucket, payload, tensors.as_mut(), &mut digests, threads);
                 unpack_seconds += t.elapsed().as_secs_f64();
             });
             if let Err(e) = received {
@@ -257,10 +261,10 @@ impl Receiver {
         }
         let outcome = outcome.unwrap_or_else(|| {
             let _ = self.state().versions.verify(version);
-            let ours = receiver_digests(&schedule, tensors.as_ref(), &digesters);
+            let ours = receiver_digests(&schedule, tensors.as_ref(), &digests);
             match conn.recv(timeout) {
                 Ok(Message::End { version: v, digests }) if v == version => {
-                    let mismatched = compare(plan, &ours, &digests);
+                    let mismatched = compare(plan, &schedule.written, &ours, &digests);
                     if mismatched.is_empty() {
                         Outcome::Verified(ours)
                     } else {
@@ -334,19 +338,18 @@ enum Outcome {
     Broken(String),
 }
 
-/// Names of written tensors whose digest differs from the sender's (or that it did not send).
-fn compare(plan: &Plan, ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
+/// Names of written tensors whose digest differs from the sender's, that the sender sent no
+/// digest for, or whose bytes did not all arrive.
+fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
     let mut sent: Vec<Option<u64>> = vec![None; ours.len()];
     for &(d, value) in theirs {
         if let Some(slot) = sent.get_mut(d as usize) {
             *slot = Some(value);
         }
     }
-    ours.iter()
-        .zip(&sent)
-        .enumerate()
-        .filter(|(_, (ours, theirs))| ours.is_some() && ours != theirs)
-        .map(|(d, _)| plan.destinations[d].name.clone())
+    (0..ours.len())
+        .filter(|&d| written[d] && (ours[d].is_none() || ours[d] != sent[d]))
+        .map(|d| plan.destinations[d].name.clone())
         .collect()
 }
 

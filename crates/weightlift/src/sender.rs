@@ -9,7 +9,7 @@ use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::UpdateReport;
 use crate::tensors::SourceTensors;
 use crate::transport::{SendPath, TransferError};
-use crate::update::{expected_digests, pack, sender_digests, Schedule};
+use crate::update::{default_threads, expected_digests, pack, sender_digests, Schedule};
 
 /// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
 pub const DEFAULT_HOST_BUCKET_BYTES: u64 = 64 << 20;
@@ -22,6 +22,8 @@ pub struct SenderOptions {
     pub delta: bool,
     /// Longest wait for any one message from the receiver.
     pub timeout: Duration,
+    /// Threads that pack and digest.
+    pub threads: usize,
     /// For fault tests only: misbehave on purpose.
     pub fault: Option<Fault>,
 }
@@ -33,6 +35,7 @@ impl Default for SenderOptions {
             bucket_bytes: DEFAULT_HOST_BUCKET_BYTES,
             delta: false,
             timeout: Duration::from_secs(60),
+            threads: default_threads(),
             fault: None,
         }
     }
@@ -153,7 +156,7 @@ impl Sender {
 
         let schedule =
             Schedule::new(&self.plan, &skip, self.options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
-        let mut digesters = schedule.digesters();
+        let mut digests = schedule.digests(&self.plan);
         for (k, bucket) in schedule.buckets.iter().enumerate() {
             let k = k as u32;
             match self.options.fault {
@@ -166,14 +169,15 @@ impl Sender {
             }
             let flip = self.options.fault == Some(Fault::FlipByteInBucket(k));
             let plan = &self.plan;
+            let threads = self.options.threads;
             self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
-                pack(plan, &schedule, bucket, tensors, payload, &mut digesters);
+                pack(plan, &schedule, bucket, tensors, payload, &mut digests, threads);
                 if flip {
                     payload[payload.len() / 2] ^= 0x40;
                 }
             })?;
         }
-        let digests = sender_digests(&self.plan, &schedule, tensors, &digesters);
+        let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
         self.conn.send(&Message::End { version, digests: digests.clone() })?;
         let report = self.path.await_report(&mut self.conn, timeout)?;
         for (d, value) in digests {

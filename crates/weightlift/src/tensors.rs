@@ -18,6 +18,8 @@ pub trait DestinationTensors: Send {
     fn manifest(&self) -> &Manifest;
     fn bytes(&self, index: usize) -> &[u8];
     fn bytes_mut(&mut self, index: usize) -> &mut [u8];
+    /// Every tensor at once, so disjoint parts of several can be written in parallel.
+    fn all_mut(&mut self) -> Vec<&mut [u8]>;
 }
 
 /// Tensors in host memory, one buffer each.
@@ -52,8 +54,19 @@ impl HostTensors {
     }
 
     /// Resident buffers filled with `byte` (the engine's weights before the first update).
+    /// Every page is written now: zeroed allocations are mapped lazily, and the first update
+    /// would otherwise pay a page fault per 4 KiB.
     pub fn filled(manifest: Manifest, byte: u8) -> HostTensors {
-        let data = manifest.iter().map(|s| vec![byte; s.byte_len() as usize]).collect();
+        let data = manifest
+            .iter()
+            .map(|s| {
+                let mut buf = vec![byte; s.byte_len() as usize];
+                for page in buf.chunks_mut(4096) {
+                    page[0] = std::hint::black_box(byte);
+                }
+                buf
+            })
+            .collect();
         HostTensors { manifest, data }
     }
 
@@ -131,6 +144,9 @@ impl DestinationTensors for HostTensors {
     }
     fn bytes_mut(&mut self, index: usize) -> &mut [u8] {
         &mut self.data[index]
+    }
+    fn all_mut(&mut self) -> Vec<&mut [u8]> {
+        self.data.iter_mut().map(Vec::as_mut_slice).collect()
     }
 }
 

@@ -1,22 +1,123 @@
+pub mod bench;
+pub mod demo;
 pub mod plan;
+pub mod push;
+pub mod serve;
 
-use weightlift::setup::SetupError;
+use std::path::PathBuf;
+
+use clap::Args;
+use weightlift::core::{DType, Preset, TpRank};
+use weightlift::setup::{MappingOptions, ModelSource, SetupError};
+use weightlift::SendError;
 
 /// A command's failure and the exit code it maps to: 2 for a plan that cannot be made or
-/// options that do not fit (like clap's usage errors), 1 for unreadable inputs.
+/// options that do not fit (like clap's usage errors), 1 for everything else.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error(transparent)]
     Setup(#[from] SetupError),
+    #[error(transparent)]
+    Send(#[from] SendError),
     #[error("{0}")]
     Io(String),
+    /// The command ran, but an update did not verify.
+    #[error("{0}")]
+    Unverified(String),
 }
 
 impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CommandError::Setup(SetupError::Plan(_) | SetupError::Invalid(_)) => 2,
-            CommandError::Setup(SetupError::Source(_)) | CommandError::Io(_) => 1,
+            _ => 1,
         }
     }
+}
+
+/// Which model, and how it maps onto the engine: shared by every command that plans.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A synthetic model with real shapes: qwen3-0.6b, qwen3-8b, qwen3-30b-a3b, llama3-8b, or a tiny test model.
+    #[arg(long, conflicts_with = "model")]
+    pub synthetic: Option<String>,
+    /// A directory of .safetensors files with an optional config.json.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Mapping preset: identity, llama, qwen3, qwen3-moe (default: from the model's config).
+    #[arg(long)]
+    pub preset: Option<Preset>,
+    /// A JSON rule set to use instead of a preset.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub rules: Option<PathBuf>,
+    /// Whole experts per rank instead of slices of every expert.
+    #[arg(long)]
+    pub expert_parallel: bool,
+    /// Rows per attention head (default: from config.json, or the q_norm weight).
+    #[arg(long)]
+    pub head_dim: Option<u64>,
+    /// The engine's dtype, e.g. BF16 when the source holds F32 master weights.
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// The engine keeps its own lm_head although the source ties it to the embeddings.
+    #[arg(long)]
+    pub untied_lm_head: bool,
+}
+
+impl ModelArgs {
+    /// The model named, or `default` (a synthetic name) when none is.
+    pub fn source(&self, default: Option<&str>) -> Result<ModelSource, CommandError> {
+        Ok(match (&self.synthetic, &self.model, default) {
+            (Some(name), _, _) => ModelSource::synthetic(name)?,
+            (None, Some(dir), _) => ModelSource::dir(dir)?,
+            (None, None, Some(name)) => ModelSource::synthetic(name)?,
+            (None, None, None) => {
+                return Err(SetupError::Invalid("name a model: --synthetic NAME or --model DIR".into()).into())
+            }
+        })
+    }
+
+    pub fn mapping(&self) -> MappingOptions {
+        MappingOptions {
+            preset: self.preset,
+            rules_file: self.rules.clone(),
+            head_dim: self.head_dim,
+            expert_parallel: self.expert_parallel,
+            dtype: self.dtype,
+            untied_lm_head: self.untied_lm_head,
+            engine_manifest: None,
+        }
+    }
+
+    /// The same options as command-line arguments, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut push = |flag: &str, value: Option<String>| {
+            if let Some(v) = value {
+                args.push(flag.to_string());
+                args.push(v);
+            }
+        };
+        push("--synthetic", self.synthetic.clone());
+        push("--model", self.model.as_ref().map(|p| p.display().to_string()));
+        push("--preset", self.preset.map(|p| p.name().to_string()));
+        push("--rules", self.rules.as_ref().map(|p| p.display().to_string()));
+        push("--head-dim", self.head_dim.map(|h| h.to_string()));
+        push("--dtype", self.dtype.map(|d| d.name().to_string()));
+        if self.expert_parallel {
+            args.push("--expert-parallel".into());
+        }
+        if self.untied_lm_head {
+            args.push("--untied-lm-head".into());
+        }
+        args
+    }
+}
+
+pub fn tp_rank(rank: u32, size: u32) -> Result<TpRank, CommandError> {
+    TpRank::new(rank, size).map_err(|e| SetupError::Invalid(e.to_string()).into())
+}
+
+pub fn gb(bytes: u64) -> String {
+    format!("{:.3} GB", bytes as f64 / 1e9)
 }

@@ -3,28 +3,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::{ArgGroup, Args};
+use clap::Args;
 use serde::Serialize;
-use weightlift::core::{buckets, plan, DType, PlanSummary, Preset, TpRank};
-use weightlift::setup::{MappingOptions, ModelSource, SetupError};
+use weightlift::core::{buckets, plan, PlanSummary};
+use weightlift::setup::{MappingOptions, SetupError};
 
-use super::CommandError;
+use super::{gb, tp_rank, CommandError, ModelArgs};
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("model_source").required(true).args(["synthetic", "model"])))]
 pub struct PlanArgs {
-    /// A synthetic model with real shapes: qwen3-0.6b, qwen3-8b, qwen3-30b-a3b, llama3-8b, or a tiny test model.
-    #[arg(long)]
-    pub synthetic: Option<String>,
-    /// A directory of .safetensors files (only headers are read) with an optional config.json.
-    #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
-    /// Mapping preset: identity, llama, qwen3, qwen3-moe (default: from the model's config).
-    #[arg(long)]
-    pub preset: Option<Preset>,
-    /// A JSON rule set to use instead of a preset.
-    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
-    pub rules: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The engine rank's parameters as a JSON manifest (default: what the rules derive).
     #[arg(long, value_name = "FILE")]
     pub engine: Option<PathBuf>,
@@ -32,18 +21,6 @@ pub struct PlanArgs {
     pub tp_size: u32,
     #[arg(long, default_value_t = 0)]
     pub tp_rank: u32,
-    /// Whole experts per rank instead of slices of every expert.
-    #[arg(long)]
-    pub expert_parallel: bool,
-    /// Rows per attention head (default: from config.json, or the q_norm weight).
-    #[arg(long)]
-    pub head_dim: Option<u64>,
-    /// The engine's dtype, e.g. BF16 when the source holds F32 master weights.
-    #[arg(long)]
-    pub dtype: Option<DType>,
-    /// The engine keeps its own lm_head although the source ties it to the embeddings.
-    #[arg(long)]
-    pub untied_lm_head: bool,
     #[arg(long, default_value_t = 256)]
     pub bucket_mib: u64,
     /// Write the plan itself as JSON to this file.
@@ -66,21 +43,9 @@ struct Report<'a> {
 }
 
 pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
-    let model = match (&args.synthetic, &args.model) {
-        (Some(name), _) => ModelSource::synthetic(name)?,
-        (None, Some(dir)) => ModelSource::dir(dir)?,
-        (None, None) => unreachable!("clap requires one of --synthetic and --model"),
-    };
-    let tp = TpRank::new(args.tp_rank, args.tp_size).map_err(|e| SetupError::Invalid(e.to_string()))?;
-    let options = MappingOptions {
-        preset: args.preset,
-        rules_file: args.rules.clone(),
-        head_dim: args.head_dim,
-        expert_parallel: args.expert_parallel,
-        dtype: args.dtype,
-        untied_lm_head: args.untied_lm_head,
-        engine_manifest: args.engine.clone(),
-    };
+    let model = args.model.source(None)?;
+    let tp = tp_rank(args.tp_rank, args.tp_size)?;
+    let options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
 
     let started = Instant::now();
     let inputs = options.inputs(&model, tp)?;
@@ -123,8 +88,4 @@ fn print_summary(r: &Report) {
     println!("  coverage     every destination byte written exactly once");
     println!("  plan hash    {}", s.plan_hash);
     println!("  planned in   {:.1} ms", r.planning_ms);
-}
-
-fn gb(bytes: u64) -> String {
-    format!("{:.3} GB", bytes as f64 / 1e9)
 }

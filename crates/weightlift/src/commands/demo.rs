@@ -1,0 +1,169 @@
+//! `weightlift demo`: the main job. Starts engine-side receiver processes (one per TP rank)
+//! and a trainer-side sender process for a synthetic model, runs `--steps` updates that each
+//! carry new bytes, and reports every step.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use weightlift::protocol::TransportKind;
+use weightlift::{Endpoint, StepReport};
+
+use super::push::print_table;
+use super::{CommandError, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    #[arg(long, default_value = "shm")]
+    pub transport: TransportKind,
+    /// One receiver process per rank.
+    #[arg(long, default_value_t = 1)]
+    pub tp_size: u32,
+    #[arg(long, default_value_t = 64)]
+    pub bucket_mib: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct DemoStep {
+    version: u64,
+    bytes: u64,
+    seconds: f64,
+    gbps: f64,
+    verified: bool,
+}
+
+#[derive(Serialize)]
+struct DemoOutput {
+    model: String,
+    transport: TransportKind,
+    tp_size: u32,
+    steps: Vec<DemoStep>,
+}
+
+/// Child processes that are killed when dropped, so a failing demo leaves nothing behind.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub const DEFAULT_MODEL: &str = "qwen3-0.6b";
+
+pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
+    let model = args.model.source(Some(DEFAULT_MODEL))?;
+    let mut model_args = args.model.clone();
+    if model_args.synthetic.is_none() && model_args.model.is_none() {
+        model_args.synthetic = Some(DEFAULT_MODEL.into());
+    }
+    if model_args.model.is_some() {
+        return Err(CommandError::Io("the demo steps a synthetic model; use `weightlift push --model DIR`".into()));
+    }
+    let exe = std::env::current_exe().map_err(|e| CommandError::Io(format!("cannot find this program: {e}")))?;
+    let dir = std::env::temp_dir().join(format!("weightlift-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
+
+    let mut children = Children(Vec::new());
+    let mut endpoints = Vec::new();
+    for rank in 0..args.tp_size {
+        let listen = match args.transport {
+            TransportKind::Shm => format!("unix:{}", dir.join(format!("rank{rank}.sock")).display()),
+            TransportKind::Tcp => "tcp://127.0.0.1:0".to_string(),
+        };
+        let mut child = Command::new(&exe)
+            .arg("serve")
+            .args(model_args.to_args())
+            .args(["--listen", &listen, "--tp-size", &args.tp_size.to_string(), "--tp-rank", &rank.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
+        let stdout = child.stdout.take().expect("piped");
+        children.0.push(child);
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).map_err(|e| CommandError::Io(e.to_string()))?;
+        let endpoint: Endpoint = first
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|e| e.parse().ok())
+            .ok_or_else(|| CommandError::Io(format!("receiver for rank {rank} did not start (said {first:?})")))?;
+        endpoints.push(endpoint);
+    }
+
+    let mut push = Command::new(&exe);
+    push.arg("push").args(model_args.to_args());
+    for e in &endpoints {
+        push.args(["--to", &e.to_string()]);
+    }
+    push.args([
+        "--steps",
+        &args.steps.to_string(),
+        "--transport",
+        &args.transport.to_string(),
+        "--bucket-mib",
+        &args.bucket_mib.to_string(),
+        "--progress-jsonl",
+    ]);
+    let mut sender =
+        push.stdout(Stdio::piped()).spawn().map_err(|e| CommandError::Io(format!("cannot start the sender: {e}")))?;
+    let stdout = sender.stdout.take().expect("piped");
+
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} updates  {msg}").expect("valid template"));
+    bar.set_message(format!("{} over {}", model.name(), args.transport));
+    let mut steps: Vec<StepReport> = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| CommandError::Io(e.to_string()))?;
+        let step: StepReport =
+            serde_json::from_str(&line).map_err(|e| CommandError::Io(format!("sender said {line:?}: {e}")))?;
+        bar.set_message(format!("version {} {:.2} GB/s", step.version.0, step.gbps));
+        bar.inc(1);
+        steps.push(step);
+    }
+    bar.finish_and_clear();
+    let status = sender.wait().map_err(|e| CommandError::Io(e.to_string()))?;
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    if args.json {
+        let out = DemoOutput {
+            model: model.name(),
+            transport: args.transport,
+            tp_size: args.tp_size,
+            steps: steps
+                .iter()
+                .map(|s| DemoStep {
+                    version: s.version.0,
+                    bytes: s.bytes,
+                    seconds: s.seconds,
+                    gbps: s.gbps,
+                    verified: s.verified,
+                })
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+    } else {
+        println!("{} over {}, {} receiver(s)", model.name(), args.transport, args.tp_size);
+        print_table(&steps);
+    }
+    if !status.success() || steps.len() as u64 != args.steps || steps.iter().any(|s| !s.verified) {
+        return Err(CommandError::Unverified(format!(
+            "{} of {} steps verified; the sender exited with {status}",
+            steps.iter().filter(|s| s.verified).count(),
+            args.steps
+        )));
+    }
+    Ok(())
+}

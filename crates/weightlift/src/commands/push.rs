@@ -1,0 +1,154 @@
+//! `weightlift push`: update running receivers from a checkpoint, or (for demos and
+//! benchmarks) from a synthetic model stepped like an optimizer would.
+
+use std::io::Write;
+use std::str::FromStr;
+
+use clap::Args;
+use serde::Serialize;
+use weightlift::core::{TpRank, Version};
+use weightlift::protocol::TransportKind;
+use weightlift::setup::{ModelSource, SetupError};
+use weightlift::update::default_threads;
+use weightlift::{CheckpointTensors, Endpoint, Fault, HostTensors, SenderOptions, SourceTensors, StepReport, Trainer};
+
+use super::{gb, CommandError, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// A receiver to update; repeat for each tensor-parallel rank.
+    #[arg(long = "to", required = true, value_name = "ENDPOINT")]
+    pub to: Vec<Endpoint>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The version to push (the first of several with --steps).
+    #[arg(long, default_value_t = 1)]
+    pub version: u64,
+    /// Push this many versions, stepping a synthetic model's weights before each.
+    #[arg(long, default_value_t = 1)]
+    pub steps: u64,
+    /// shm (same host) or tcp; default: shm when every receiver is on this host.
+    #[arg(long)]
+    pub transport: Option<TransportKind>,
+    #[arg(long, default_value_t = 64)]
+    pub bucket_mib: u64,
+    /// Skip tensors whose digest did not change since the receiver's last commit.
+    #[arg(long)]
+    pub delta: bool,
+    /// Threads that pack and digest (default: half the cores, at most 8).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+    /// Print each step as one JSON line as soon as it is done (for `weightlift demo`).
+    #[arg(long, hide = true)]
+    pub progress_jsonl: bool,
+    /// Misbehave on purpose (fault tests): flip:N, hangup:N or abort:N (bucket N).
+    #[arg(long, hide = true)]
+    pub fault: Option<FaultArg>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FaultArg(Fault);
+
+impl FromStr for FaultArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, n) = s.split_once(':').ok_or("expected KIND:BUCKET")?;
+        let n: u32 = n.parse().map_err(|_| format!("bad bucket number in `{s}`"))?;
+        Ok(FaultArg(match kind {
+            "flip" => Fault::FlipByteInBucket(n),
+            "hangup" => Fault::HangUpAfterBuckets(n),
+            "abort" => Fault::AbortAfterBuckets(n),
+            _ => return Err(format!("unknown fault `{kind}`")),
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct PushOutput<'a> {
+    model: String,
+    transport: TransportKind,
+    steps: &'a [StepReport],
+}
+
+pub fn run(args: &PushArgs) -> Result<(), CommandError> {
+    let model = args.model.source(None)?;
+    let transport = args.transport.unwrap_or(if args.to.iter().all(Endpoint::is_local) {
+        TransportKind::Shm
+    } else {
+        TransportKind::Tcp
+    });
+    // Rules do not depend on the rank except for checks the receivers repeat.
+    let inputs = args.model.mapping().inputs(&model, TpRank::new(0, args.to.len() as u32).expect("at least one"))?;
+    let source_manifest = inputs.source.senders()[0].clone();
+    let options = SenderOptions {
+        transport,
+        bucket_bytes: args.bucket_mib << 20,
+        delta: args.delta,
+        fault: args.fault.map(|f| f.0),
+        threads: args.threads.unwrap_or_else(default_threads),
+        ..SenderOptions::default()
+    };
+    let mut trainer = Trainer::connect(&args.to, &source_manifest, &inputs.rules, &options)?;
+
+    let mut steps = Vec::new();
+    match &model {
+        ModelSource::Synthetic(config) => {
+            let mut tensors = HostTensors::synthetic(config, 7);
+            for step in 0..args.steps {
+                tensors.perturb();
+                steps.push(push_one(&mut trainer, Version(args.version + step), &tensors, args)?);
+            }
+        }
+        ModelSource::Dir(dir) => {
+            if args.steps != 1 {
+                return Err(SetupError::Invalid("a checkpoint is pushed once: drop --steps".into()).into());
+            }
+            let tensors = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
+            steps.push(push_one(&mut trainer, Version(args.version), &tensors, args)?);
+        }
+    }
+
+    if args.json {
+        let out = PushOutput { model: model.name(), transport, steps: &steps };
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+    } else if !args.progress_jsonl {
+        print_table(&steps);
+    }
+    match steps.iter().find(|s| !s.verified) {
+        None => Ok(()),
+        Some(step) => {
+            let reasons: Vec<&str> = step.ranks.iter().filter_map(|r| r.error.as_deref()).collect();
+            Err(CommandError::Unverified(format!("version {} was not committed: {}", step.version, reasons.join("; "))))
+        }
+    }
+}
+
+fn push_one(
+    trainer: &mut Trainer,
+    version: Version,
+    tensors: &dyn SourceTensors,
+    args: &PushArgs,
+) -> Result<StepReport, CommandError> {
+    let step = trainer.push(version, tensors)?;
+    if args.progress_jsonl {
+        println!("{}", serde_json::to_string(&step).expect("serialises"));
+        let _ = std::io::stdout().flush();
+    }
+    Ok(step)
+}
+
+pub fn print_table(steps: &[StepReport]) {
+    println!("{:>8} {:>12} {:>9} {:>8} {:>9}", "version", "bytes", "seconds", "GB/s", "verified");
+    for s in steps {
+        println!(
+            "{:>8} {:>12} {:>9.3} {:>8.2} {:>9}",
+            s.version.0,
+            gb(s.bytes),
+            s.seconds,
+            s.gbps,
+            if s.verified { "yes" } else { "NO" }
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! `weightlift serve`: a standalone host receiver holding a model in memory.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use weightlift::core::{exec, plan};
+use weightlift::setup::{ModelSource, SetupError};
+use weightlift::update::default_threads;
+use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions};
+
+use super::{gb, tp_rank, CommandError, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where senders connect: unix:/path, tcp://HOST:PORT (port 0 picks a free one).
+    #[arg(long, default_value = "unix:/tmp/weightlift.sock")]
+    pub listen: Endpoint,
+    #[arg(long, default_value_t = 1)]
+    pub tp_size: u32,
+    #[arg(long, default_value_t = 0)]
+    pub tp_rank: u32,
+    /// Slots in each sender's shared-memory ring.
+    #[arg(long, default_value_t = 2)]
+    pub ring_slots: u32,
+    /// The largest bucket a sender may use.
+    #[arg(long, default_value_t = 1024)]
+    pub max_bucket_mib: u64,
+    /// Threads that unpack and digest (default: half the cores, at most 8).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seconds to wait for the next message of an update in flight.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_s: u64,
+}
+
+pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
+    let model = args.model.source(None)?;
+    let tp = tp_rank(args.tp_rank, args.tp_size)?;
+    let inputs = args.model.mapping().inputs(&model, tp)?;
+    let mut tensors = HostTensors::filled(inputs.destination.clone(), 0);
+    if let ModelSource::Dir(dir) = &model {
+        // Start from the checkpoint's weights, laid out as this rank holds them.
+        let checkpoint = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
+        let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).map_err(SetupError::from)?;
+        let (manifest, mut data) = tensors.into_parts();
+        for op in &plan.ops {
+            let src = weightlift::SourceTensors::bytes(&checkpoint, op.src as usize);
+            exec::copy(&plan, op, src, &mut data[op.dst as usize]).map_err(|e| CommandError::Io(e.to_string()))?;
+        }
+        tensors = HostTensors::new(manifest, data).map_err(|e| CommandError::Io(e.to_string()))?;
+    }
+    let bytes = inputs.destination.total_bytes();
+    let options = ReceiverOptions {
+        tp,
+        ring_slots: args.ring_slots,
+        max_bucket_bytes: args.max_bucket_mib << 20,
+        timeout: Duration::from_secs(args.timeout_s),
+        threads: args.threads.unwrap_or_else(default_threads),
+        ..ReceiverOptions::default()
+    };
+    let receiver = Receiver::new(tensors, options);
+    let listener =
+        args.listen.bind().map_err(|e| CommandError::Io(format!("cannot listen on {}: {e}", args.listen)))?;
+    let endpoint = listener.endpoint().map_err(|e| CommandError::Io(e.to_string()))?;
+    // The first line of stdout is what scripts (and `weightlift demo`) wait for.
+    println!("listening on {endpoint}");
+    println!("holding {} ({} tensors, {}) as {tp}", model.name(), inputs.destination.len(), gb(bytes));
+    let _ = std::io::stdout().flush();
+    receiver.serve(&listener).map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))
+}

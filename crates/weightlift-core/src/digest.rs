@@ -161,24 +161,48 @@ impl PieceDigests {
 }
 
 /// A tensor's digest gathered from [`PieceDigests`] in any order: whole chunks as they come,
-/// partial chunks once all their fragments have arrived.
-#[derive(Debug, Clone)]
+/// partial chunks once all their fragments have arrived. Chunk digests are folded into the
+/// outer hash as soon as they are next in line, so memory stays small when pieces arrive
+/// roughly in order (as executors deliver them), however large the tensor.
+#[derive(Clone)]
 pub struct ChunkDigests {
     len: u64,
-    chunks: Vec<Option<u64>>,
+    chunks: u64,
+    /// Chunks folded into `outer` so far: all chunks before this index.
+    next: u64,
+    outer: Xxh64,
+    /// Chunk digests that arrived ahead of `next`.
+    waiting: std::collections::BTreeMap<u64, u64>,
     /// Fragments of chunks not yet complete, by chunk index: (offset in tensor, bytes).
     pending: std::collections::HashMap<u64, Vec<(u64, Vec<u8>)>>,
 }
 
+impl fmt::Debug for ChunkDigests {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkDigests")
+            .field("len", &self.len)
+            .field("folded", &self.next)
+            .field("waiting", &self.waiting.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
 impl ChunkDigests {
     pub fn new(tensor_len: u64) -> ChunkDigests {
-        let n = tensor_len.div_ceil(CHUNK_BYTES as u64) as usize;
-        ChunkDigests { len: tensor_len, chunks: vec![None; n], pending: Default::default() }
+        ChunkDigests {
+            len: tensor_len,
+            chunks: tensor_len.div_ceil(CHUNK_BYTES as u64),
+            next: 0,
+            outer: Xxh64::new(SEED),
+            waiting: Default::default(),
+            pending: Default::default(),
+        }
     }
 
     pub fn add(&mut self, piece: PieceDigests) {
         for (i, d) in piece.digests.into_iter().enumerate() {
-            self.chunks[piece.first_chunk as usize + i] = Some(d);
+            self.chunk_done(piece.first_chunk + i as u64, d);
         }
         let chunk = CHUNK_BYTES as u64;
         for (offset, bytes) in piece.fragments {
@@ -196,7 +220,7 @@ impl ChunkDigests {
                     let mut parts = self.pending.remove(&c).expect("just inserted");
                     parts.sort_unstable_by_key(|(o, _)| *o);
                     let whole: Vec<u8> = parts.into_iter().flat_map(|(_, b)| b).collect();
-                    self.chunks[c as usize] = Some(chunk_digest(&whole));
+                    self.chunk_done(c, chunk_digest(&whole));
                 }
                 at += take as u64;
                 rest = &rest[take..];
@@ -204,13 +228,22 @@ impl ChunkDigests {
         }
     }
 
+    fn chunk_done(&mut self, index: u64, digest: u64) {
+        if index != self.next {
+            self.waiting.insert(index, digest);
+            return;
+        }
+        self.outer.update(&digest.to_le_bytes());
+        self.next += 1;
+        while let Some(d) = self.waiting.remove(&self.next) {
+            self.outer.update(&d.to_le_bytes());
+            self.next += 1;
+        }
+    }
+
     /// The tensor's digest, or None while some chunk is missing.
     pub fn finish(&self) -> Option<u64> {
-        let mut outer = Xxh64::new(SEED);
-        for c in &self.chunks {
-            outer.update(&(*c)?.to_le_bytes());
-        }
-        Some(outer.digest())
+        (self.next == self.chunks).then(|| self.outer.digest())
     }
 }
 

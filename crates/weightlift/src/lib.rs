@@ -23,6 +23,6 @@ pub use net::Endpoint;
 pub use protocol::TransportKind;
 pub use receiver::{Receiver, ReceiverOptions};
 pub use report::UpdateReport;
-pub use sender::{Fault, SendError, Sender, SenderOptions};
+pub use sender::{Fault, ReceiverState, SendError, Sender, SenderOptions};
 pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTensors};
 pub use trainer::{StepReport, Trainer};

@@ -78,6 +78,8 @@ pub enum Message {
         tp: TpRank,
         plan_hash: String,
         committed: Version,
+        /// Tensors whose bytes may not match `committed` (after a failed update).
+        dirty: Vec<String>,
         /// Digest of each destination tensor at the committed version; None where unknown
         /// or dirty (so delta mode never skips a tensor whose bytes may be wrong).
         digests: Vec<Option<u64>>,

@@ -171,15 +171,16 @@ impl Receiver {
             }
             TransportKind::Tcp => (RecvPath::socket(bucket_bytes), None),
         };
-        let (committed, digests) = {
+        let (committed, dirty, digests) = {
             let state = self.state();
-            (state.versions.committed(), state.digests.clone())
+            (state.versions.committed(), state.versions.dirty().iter().cloned().collect(), state.digests.clone())
         };
         conn.send(&Message::Welcome {
             destination: self.shared.manifest.clone(),
             tp: options.tp,
             plan_hash: format!("{:016x}", plan.hash()),
             committed,
+            dirty,
             digests,
             ring,
         })?;

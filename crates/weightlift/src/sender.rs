@@ -74,6 +74,14 @@ pub enum SendError {
     Injected(String),
 }
 
+/// What a receiver said of itself when a sender connected.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiverState {
+    pub tp: weightlift_core::TpRank,
+    pub committed: Version,
+    pub dirty: Vec<String>,
+}
+
 pub struct Sender {
     conn: Conn,
     source: Manifest,
@@ -81,6 +89,7 @@ pub struct Sender {
     path: SendPath,
     /// The receiver's committed digest per destination, as last known.
     receiver_digests: Vec<Option<u64>>,
+    receiver: ReceiverState,
     options: SenderOptions,
 }
 
@@ -102,9 +111,9 @@ impl Sender {
             bucket_bytes: options.bucket_bytes,
             transport: options.transport,
         })?;
-        let (destination, tp, plan_hash, digests, ring) = match conn.recv(options.timeout)? {
-            Message::Welcome { destination, tp, plan_hash, digests, ring, .. } => {
-                (destination, tp, plan_hash, digests, ring)
+        let (destination, tp, plan_hash, digests, ring, receiver) = match conn.recv(options.timeout)? {
+            Message::Welcome { destination, tp, plan_hash, digests, ring, committed, dirty } => {
+                (destination, tp, plan_hash, digests, ring, ReceiverState { tp, committed, dirty })
             }
             Message::Reject { reason } => return Err(SendError::Rejected(reason)),
             other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
@@ -124,11 +133,16 @@ impl Sender {
             (TransportKind::Shm, None) => return Err(SendError::Rejected("the receiver offered no ring".into())),
             (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
         };
-        Ok(Sender { conn, source: source.clone(), plan, path, receiver_digests: digests, options })
+        Ok(Sender { conn, source: source.clone(), plan, path, receiver_digests: digests, receiver, options })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The receiver as it was when this sender connected.
+    pub fn receiver_at_connect(&self) -> &ReceiverState {
+        &self.receiver
     }
 
     /// Pushes `tensors` as `version`; returns the receiver's report. A report whose

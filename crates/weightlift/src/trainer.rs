@@ -7,7 +7,7 @@ use weightlift_core::{Manifest, RuleSet, Version};
 
 use crate::net::Endpoint;
 use crate::report::UpdateReport;
-use crate::sender::{SendError, Sender, SenderOptions};
+use crate::sender::{ReceiverState, SendError, Sender, SenderOptions};
 use crate::tensors::SourceTensors;
 
 /// One version pushed to every rank.
@@ -46,6 +46,11 @@ impl Trainer {
 
     pub fn senders(&self) -> &[Sender] {
         &self.senders
+    }
+
+    /// Each rank's receiver as it was when this trainer connected.
+    pub fn receivers_at_connect(&self) -> Vec<ReceiverState> {
+        self.senders.iter().map(|s| s.receiver_at_connect().clone()).collect()
     }
 
     /// Pushes `version` to every rank at once.

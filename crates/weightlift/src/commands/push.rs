@@ -10,7 +10,9 @@ use weightlift::core::{TpRank, Version};
 use weightlift::protocol::TransportKind;
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
-use weightlift::{CheckpointTensors, Endpoint, Fault, HostTensors, SenderOptions, SourceTensors, StepReport, Trainer};
+use weightlift::{
+    CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, SenderOptions, SourceTensors, StepReport, Trainer,
+};
 
 use super::{gb, CommandError, ModelArgs};
 
@@ -32,6 +34,9 @@ pub struct PushArgs {
     pub transport: Option<TransportKind>,
     #[arg(long, default_value_t = 64)]
     pub bucket_mib: u64,
+    /// Bucket size in bytes, overriding --bucket-mib (tests use tiny buckets).
+    #[arg(long, hide = true)]
+    pub bucket_bytes: Option<u64>,
     /// Skip tensors whose digest did not change since the receiver's last commit.
     #[arg(long)]
     pub delta: bool,
@@ -69,6 +74,8 @@ impl FromStr for FaultArg {
 struct PushOutput<'a> {
     model: String,
     transport: TransportKind,
+    /// Each rank's receiver as it was before this push.
+    receivers: Vec<ReceiverState>,
     steps: &'a [StepReport],
 }
 
@@ -79,18 +86,20 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     } else {
         TransportKind::Tcp
     });
-    // Rules do not depend on the rank except for checks the receivers repeat.
-    let inputs = args.model.mapping().inputs(&model, TpRank::new(0, args.to.len() as u32).expect("at least one"))?;
-    let source_manifest = inputs.source.senders()[0].clone();
+    // The receivers plan against their own parameters; the trainer only brings its tensors
+    // and the rules (which depend on the TP size only through its checks).
+    let tp = TpRank::new(0, args.to.len() as u32).expect("at least one receiver");
+    let (rules, _) = args.model.mapping().rules(&model, tp)?;
+    let source_manifest = model.manifest();
     let options = SenderOptions {
         transport,
-        bucket_bytes: args.bucket_mib << 20,
+        bucket_bytes: args.bucket_bytes.unwrap_or(args.bucket_mib << 20),
         delta: args.delta,
         fault: args.fault.map(|f| f.0),
         threads: args.threads.unwrap_or_else(default_threads),
         ..SenderOptions::default()
     };
-    let mut trainer = Trainer::connect(&args.to, &source_manifest, &inputs.rules, &options)?;
+    let mut trainer = Trainer::connect(&args.to, &source_manifest, &rules, &options)?;
 
     let mut steps = Vec::new();
     match &model {
@@ -111,7 +120,8 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     }
 
     if args.json {
-        let out = PushOutput { model: model.name(), transport, steps: &steps };
+        let out =
+            PushOutput { model: model.name(), transport, receivers: trainer.receivers_at_connect(), steps: &steps };
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else if !args.progress_jsonl {
         print_table(&steps);
@@ -133,8 +143,9 @@ fn push_one(
 ) -> Result<StepReport, CommandError> {
     let step = trainer.push(version, tensors)?;
     if args.progress_jsonl {
-        println!("{}", serde_json::to_string(&step).expect("serialises"));
-        let _ = std::io::stdout().flush();
+        // The reader (`weightlift demo`) may be gone: a closed pipe must not stop the push.
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{}", serde_json::to_string(&step).expect("serialises")).and_then(|()| stdout.flush());
     }
     Ok(step)
 }

@@ -65,9 +65,10 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
     let listener =
         args.listen.bind().map_err(|e| CommandError::Io(format!("cannot listen on {}: {e}", args.listen)))?;
     let endpoint = listener.endpoint().map_err(|e| CommandError::Io(e.to_string()))?;
-    // The first line of stdout is what scripts (and `weightlift demo`) wait for.
-    println!("listening on {endpoint}");
-    println!("holding {} ({} tensors, {}) as {tp}", model.name(), inputs.destination.len(), gb(bytes));
-    let _ = std::io::stdout().flush();
+    // This one line is all a receiver writes to stdout: scripts (and `weightlift demo`) wait
+    // for it and may close the pipe after it, which must not matter.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "listening on {endpoint}").and_then(|()| stdout.flush());
+    tracing::info!("holding {} ({} tensors, {}) as {tp}", model.name(), inputs.destination.len(), gb(bytes));
     receiver.serve(&listener).map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))
 }

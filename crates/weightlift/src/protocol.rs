@@ -34,6 +34,8 @@ pub enum TransportKind {
     Shm,
     /// Over the connection itself (TCP across hosts, or a Unix socket).
     Tcp,
+    /// Through a ring in the memory of the one process both sides run in.
+    InProcess,
 }
 
 impl std::str::FromStr for TransportKind {
@@ -42,7 +44,8 @@ impl std::str::FromStr for TransportKind {
         match s {
             "shm" => Ok(TransportKind::Shm),
             "tcp" | "socket" => Ok(TransportKind::Tcp),
-            _ => Err(format!("unknown transport `{s}` (expected shm or tcp)")),
+            "inproc" | "in-process" => Ok(TransportKind::InProcess),
+            _ => Err(format!("unknown transport `{s}` (expected shm, tcp or inproc)")),
         }
     }
 }
@@ -52,6 +55,7 @@ impl std::fmt::Display for TransportKind {
         f.write_str(match self {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
+            TransportKind::InProcess => "inproc",
         })
     }
 }

@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{digest, plan, Manifest, Plan, SourceSet, TpRank, Version, VersionState};
 
+use std::os::unix::net::UnixStream;
+
+use weightlift_core::RuleSet;
+
 use crate::net::{Listener, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::{peak_rss_bytes, UpdateReport};
+use crate::sender::{SendError, Sender, SenderOptions};
 use crate::tensors::DestinationTensors;
-use crate::transport::{RecvPath, TransferError};
+use crate::transport::{LocalRing, RecvPath, TransferError};
 use crate::update::{default_threads, receiver_digests, unpack, Schedule};
 
 #[derive(Debug, Clone)]
@@ -130,8 +135,35 @@ impl Receiver {
 
     /// Serves one connection to its end; problems are logged, never propagated.
     pub fn handle(&self, stream: Stream) {
+        self.handle_with(stream, None);
+    }
+
+    /// A sender in this process, moving buckets through a ring in this process's memory.
+    pub fn connect_in_process(
+        &self,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+    ) -> Result<Sender, SendError> {
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| SendError::Connect { endpoint: "in-process".into(), source: e })?;
+        if options.bucket_bytes > self.shared.options.max_bucket_bytes {
+            return Err(SendError::Rejected(format!(
+                "bucket size {} exceeds the receiver's limit of {}",
+                options.bucket_bytes, self.shared.options.max_bucket_bytes
+            )));
+        }
+        let ring = Arc::new(LocalRing::new(self.shared.options.ring_slots, options.bucket_bytes));
+        let receiver = self.clone();
+        let receiver_ring = ring.clone();
+        std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
+        let options = SenderOptions { transport: TransportKind::InProcess, ..options };
+        Sender::connect_stream(Stream::Unix(ours), source, rules, options, Some(ring))
+    }
+
+    fn handle_with(&self, stream: Stream, local_ring: Option<Arc<LocalRing>>) {
         let peer = stream.peer();
-        match self.run_connection(stream) {
+        match self.run_connection(stream, local_ring) {
             Ok(()) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
                 tracing::debug!(%peer, "connection closed")
             }
@@ -143,7 +175,7 @@ impl Receiver {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run_connection(&self, stream: Stream) -> Result<(), ConnectionError> {
+    fn run_connection(&self, stream: Stream, local_ring: Option<Arc<LocalRing>>) -> Result<(), ConnectionError> {
         let options = &self.shared.options;
         let mut conn = Conn::server(stream, options.handshake_timeout)?;
         let (source, rules, bucket_bytes, transport) = match conn.recv(options.handshake_timeout)? {
@@ -170,6 +202,18 @@ impl Receiver {
                 (path, Some(info))
             }
             TransportKind::Tcp => (RecvPath::socket(bucket_bytes), None),
+            TransportKind::InProcess => match local_ring {
+                Some(ring) => {
+                    let (path, info) = RecvPath::local(ring);
+                    (path, Some(info))
+                }
+                None => {
+                    return Err(refuse(
+                        &mut conn,
+                        "the in-process transport is for Receiver::connect_in_process".into(),
+                    ))
+                }
+            },
         };
         let (committed, dirty, digests) = {
             let state = self.state();
@@ -184,7 +228,7 @@ impl Receiver {
             digests,
             ring,
         })?;
-        if transport == TransportKind::Shm {
+        if transport != TransportKind::Tcp {
             match conn.recv(options.handshake_timeout)? {
                 Message::RingMapped => path.unlink(),
                 other => {

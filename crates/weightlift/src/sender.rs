@@ -4,11 +4,13 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{plan, Manifest, Plan, RuleSet, SourceSet, Version};
 
-use crate::net::Endpoint;
+use std::sync::Arc;
+
+use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::UpdateReport;
 use crate::tensors::SourceTensors;
-use crate::transport::{SendPath, TransferError};
+use crate::transport::{LocalRing, SendPath, TransferError};
 use crate::update::{default_threads, expected_digests, pack, sender_digests, Schedule};
 
 /// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
@@ -104,6 +106,17 @@ impl Sender {
         let stream = endpoint
             .connect(options.timeout)
             .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
+        Sender::connect_stream(stream, source, rules, options, None)
+    }
+
+    /// The same over a connected stream; `local_ring` is the ring of an in-process receiver.
+    pub(crate) fn connect_stream(
+        stream: Stream,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+        local_ring: Option<Arc<LocalRing>>,
+    ) -> Result<Sender, SendError> {
         let mut conn = Conn::client(stream)?;
         conn.send(&Message::Hello {
             source: source.clone(),
@@ -130,7 +143,14 @@ impl Sender {
                 conn.send(&Message::RingMapped)?;
                 path
             }
-            (TransportKind::Shm, None) => return Err(SendError::Rejected("the receiver offered no ring".into())),
+            (TransportKind::InProcess, Some(info)) => {
+                let ring = local_ring.ok_or_else(|| SendError::Rejected("no in-process ring to use".into()))?;
+                conn.send(&Message::RingMapped)?;
+                SendPath::local(ring, &info)
+            }
+            (TransportKind::Shm | TransportKind::InProcess, None) => {
+                return Err(SendError::Rejected("the receiver offered no ring".into()))
+            }
             (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
         };
         Ok(Sender { conn, source: source.clone(), plan, path, receiver_digests: digests, receiver, options })

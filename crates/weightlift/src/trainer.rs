@@ -44,6 +44,11 @@ impl Trainer {
         Ok(Trainer { senders })
     }
 
+    /// Senders already connected (e.g. to in-process receivers).
+    pub fn from_senders(senders: Vec<Sender>) -> Trainer {
+        Trainer { senders }
+    }
+
     pub fn senders(&self) -> &[Sender] {
         &self.senders
     }

@@ -1,8 +1,10 @@
 //! How bucket bytes travel between a sender and a receiver, behind one interface: a ring of
-//! slots in shared memory (same host), or the connection itself (any host). Memory held by a
+//! slots in shared memory (same host) or in this process's memory (same process), or the
+//! connection itself (any host). Memory held by a
 //! transfer is the ring (or one bucket buffer per side), whatever the model's size.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use weightlift_cuda::SharedMemory;
@@ -25,9 +27,49 @@ pub enum TransferError {
     Unexpected(String),
 }
 
+/// Ring slots in this process's memory, for a sender and receiver in one process.
+pub struct LocalRing {
+    slots: Vec<Mutex<Vec<u8>>>,
+}
+
+impl LocalRing {
+    pub fn new(slots: u32, slot_bytes: u64) -> LocalRing {
+        LocalRing { slots: (0..slots).map(|_| Mutex::new(vec![0u8; slot_bytes as usize])).collect() }
+    }
+}
+
+/// Where ring slots live: shared memory between processes, or memory of this process.
+pub enum RingMemory {
+    Shared(SharedMemory),
+    Local(Arc<LocalRing>),
+}
+
+impl RingMemory {
+    fn with_slot_mut<R>(&mut self, slot: u32, slot_bytes: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        match self {
+            RingMemory::Shared(memory) => {
+                let start = (u64::from(slot) * slot_bytes) as usize;
+                f(&mut memory.as_mut_slice()[start..start + slot_bytes as usize])
+            }
+            // The protocol hands each slot to one side at a time, so the lock is never contended.
+            RingMemory::Local(ring) => f(&mut ring.slots[slot as usize].lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    fn with_slot<R>(&self, slot: u32, slot_bytes: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            RingMemory::Shared(memory) => {
+                let start = (u64::from(slot) * slot_bytes) as usize;
+                f(&memory.as_slice()[start..start + slot_bytes as usize])
+            }
+            RingMemory::Local(ring) => f(&ring.slots[slot as usize].lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
 /// The sender's half.
 pub enum SendPath {
-    Ring { memory: SharedMemory, slot_bytes: u64, free: VecDeque<u32> },
+    Ring { memory: RingMemory, slot_bytes: u64, free: VecDeque<u32> },
     Socket { buffer: Vec<u8> },
 }
 
@@ -36,7 +78,15 @@ impl SendPath {
         let len = info.slots as u64 * info.slot_bytes;
         let memory = SharedMemory::open(std::path::Path::new(&info.path), len as usize)
             .map_err(|e| TransferError::Memory(e.to_string()))?;
-        Ok(SendPath::Ring { memory, slot_bytes: info.slot_bytes, free: (0..info.slots).collect() })
+        Ok(SendPath::Ring {
+            memory: RingMemory::Shared(memory),
+            slot_bytes: info.slot_bytes,
+            free: (0..info.slots).collect(),
+        })
+    }
+
+    pub fn local(ring: Arc<LocalRing>, info: &RingInfo) -> SendPath {
+        SendPath::Ring { memory: RingMemory::Local(ring), slot_bytes: info.slot_bytes, free: (0..info.slots).collect() }
     }
 
     pub fn socket(bucket_bytes: u64) -> SendPath {
@@ -59,8 +109,7 @@ impl SendPath {
                     free.push_back(slot);
                 }
                 let slot = free.pop_front().expect("a free slot");
-                let start = (u64::from(slot) * *slot_bytes) as usize;
-                fill(&mut memory.as_mut_slice()[start..start + bytes as usize]);
+                memory.with_slot_mut(slot, *slot_bytes, |buf| fill(&mut buf[..bytes as usize]));
                 conn.send(&Message::BucketReady { index, slot, bytes })?;
             }
             SendPath::Socket { buffer } => {
@@ -107,7 +156,7 @@ fn unexpected(expected: &str, got: &Message) -> TransferError {
 
 /// The receiver's half.
 pub enum RecvPath {
-    Ring { memory: SharedMemory, slot_bytes: u64, slots: u32 },
+    Ring { memory: RingMemory, slot_bytes: u64, slots: u32 },
     Socket { buffer: Vec<u8> },
 }
 
@@ -117,7 +166,15 @@ impl RecvPath {
         let memory = SharedMemory::create("weightlift-ring", (u64::from(slots) * slot_bytes) as usize)
             .map_err(|e| TransferError::Memory(e.to_string()))?;
         let info = RingInfo { path: memory.path().display().to_string(), slots, slot_bytes };
-        Ok((RecvPath::Ring { memory, slot_bytes, slots }, info))
+        Ok((RecvPath::Ring { memory: RingMemory::Shared(memory), slot_bytes, slots }, info))
+    }
+
+    /// A ring in this process's memory for an in-process sender.
+    pub fn local(ring: Arc<LocalRing>) -> (RecvPath, RingInfo) {
+        let slots = ring.slots.len() as u32;
+        let slot_bytes = ring.slots.first().map_or(0, |s| s.lock().unwrap_or_else(|e| e.into_inner()).len() as u64);
+        let info = RingInfo { path: "in-process".into(), slots, slot_bytes };
+        (RecvPath::Ring { memory: RingMemory::Local(ring), slot_bytes, slots }, info)
     }
 
     pub fn socket(bucket_bytes: u64) -> RecvPath {
@@ -126,7 +183,7 @@ impl RecvPath {
 
     /// Once the sender has mapped the ring, its name can go: nothing leaks if either dies.
     pub fn unlink(&self) {
-        if let RecvPath::Ring { memory, .. } = self {
+        if let RecvPath::Ring { memory: RingMemory::Shared(memory), .. } = self {
             let _ = memory.unlink();
         }
     }
@@ -148,8 +205,7 @@ impl RecvPath {
                         "bucket {i} of {b} bytes in slot {slot}; expected bucket {index} of {bytes} bytes in one of {slots} slots"
                     )));
                 }
-                let start = (u64::from(slot) * *slot_bytes) as usize;
-                let result = consume(&memory.as_slice()[start..start + bytes as usize]);
+                let result = memory.with_slot(slot, *slot_bytes, |buf| consume(&buf[..bytes as usize]));
                 conn.send(&Message::SlotFree { slot })?;
                 Ok(result)
             }

@@ -167,3 +167,19 @@ fn a_sender_whose_manifest_does_not_fit_is_rejected_by_name() {
     assert!(err.contains("rejected") && err.contains("`model.extra.weight`") && err.contains("I64"), "{err}");
     assert_eq!(s.receiver.committed(), Version(0));
 }
+
+#[test]
+fn in_process_updates_arrive_bit_exact_and_remote_senders_cannot_ask_for_them() {
+    let mut s = setup("qwen3-moe-tiny", TpRank::new(1, 2).unwrap(), "inproc", ReceiverOptions::default());
+    let options = SenderOptions { bucket_bytes: 4096, threads: 3, ..SenderOptions::default() };
+    let mut tx = s.receiver.connect_in_process(s.trainer.manifest(), &s.rules, options).unwrap();
+    for v in 1..=3 {
+        s.trainer.perturb();
+        let report = tx.push(Version(v), &s.trainer).unwrap();
+        assert!(report.verified && report.buckets > 1, "{report:?}");
+        assert_bit_exact(&s, &tx);
+    }
+    let remote = SenderOptions { transport: TransportKind::InProcess, ..SenderOptions::default() };
+    let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, remote).err().unwrap().to_string();
+    assert!(err.contains("connect_in_process"), "{err}");
+}

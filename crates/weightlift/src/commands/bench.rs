@@ -12,7 +12,7 @@ use weightlift::protocol::TransportKind;
 use weightlift::report::{cpu_name, today};
 use weightlift::setup::ModelSource;
 use weightlift::update::default_threads;
-use weightlift::{Endpoint, HostTensors, SenderOptions, Trainer};
+use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, SenderOptions, Trainer};
 
 use super::{gb, CommandError, ModelArgs};
 
@@ -92,39 +92,31 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(e.to_string()))?;
 
     let mut rows = Vec::new();
-    for transport in [TransportKind::Shm, TransportKind::Tcp] {
-        let listen = match transport {
-            TransportKind::Shm => format!("unix:{}", dir.join("bench.sock").display()),
-            TransportKind::Tcp => "tcp://127.0.0.1:0".into(),
-        };
-        // The receiver runs in its own process, so its peak memory is its own.
-        let mut child = Command::new(&exe)
-            .arg("serve")
-            .args(model_args.to_args())
-            .args([
-                "--listen",
-                &listen,
-                "--ring-slots",
-                &args.ring_slots.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut first)
-            .map_err(|e| CommandError::Io(e.to_string()))?;
-        let endpoint: Endpoint = first
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|e| e.parse().ok())
-            .ok_or_else(|| CommandError::Io(format!("the receiver did not start (said {first:?})")))?;
+    for transport in [TransportKind::InProcess, TransportKind::Shm, TransportKind::Tcp] {
         let options =
             SenderOptions { transport, bucket_bytes: args.bucket_mib << 20, threads, ..SenderOptions::default() };
-        let result = (|| -> Result<Row, CommandError> {
-            let mut trainer = Trainer::connect(&[endpoint], tensors.manifest(), &inputs.rules, &options)?;
+        let mut child = None;
+        let trainer = match transport {
+            TransportKind::InProcess => {
+                let receiver_options =
+                    ReceiverOptions { ring_slots: args.ring_slots, threads, ..ReceiverOptions::default() };
+                let receiver = Receiver::new(HostTensors::filled(inputs.destination.clone(), 0), receiver_options);
+                receiver
+                    .connect_in_process(tensors.manifest(), &inputs.rules, options)
+                    .map(|s| Trainer::from_senders(vec![s]))
+            }
+            TransportKind::Shm | TransportKind::Tcp => {
+                let listen = match transport {
+                    TransportKind::Shm => format!("unix:{}", dir.join("bench.sock").display()),
+                    _ => "tcp://127.0.0.1:0".into(),
+                };
+                // The receiver runs in its own process, so its peak memory is its own.
+                let (process, endpoint) = start_receiver(&exe, &model_args, &listen, args.ring_slots, threads)?;
+                child = Some(process);
+                Trainer::connect(&[endpoint], tensors.manifest(), &inputs.rules, &options)
+            }
+        };
+        let result = trainer.map_err(CommandError::from).and_then(|mut trainer| {
             let mut seconds = Vec::new();
             let mut last = None;
             for step in 0..=args.steps {
@@ -141,9 +133,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
             seconds.sort_by(f64::total_cmp);
             let bytes = last.as_ref().map_or(0, |r| r.bytes) as f64;
             let median = seconds[seconds.len() / 2];
-            let ring = match transport {
-                TransportKind::Shm => u64::from(args.ring_slots) * (args.bucket_mib << 20),
+            let buffers = match transport {
                 TransportKind::Tcp => args.bucket_mib << 20,
+                _ => u64::from(args.ring_slots) * (args.bucket_mib << 20),
             };
             Ok(Row {
                 transport,
@@ -151,13 +143,18 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
                 median_gbps: bytes / median / 1e9,
                 best_gbps: bytes / seconds[0] / 1e9,
                 ratio_to_memcpy: bytes / median / 1e9 / memcpy,
-                receiver_peak_rss: last.and_then(|r| r.ranks[0].receiver_peak_rss),
+                // In process, the receiver's memory is not its own to measure.
+                receiver_peak_rss: (transport != TransportKind::InProcess)
+                    .then(|| last.and_then(|r| r.ranks[0].receiver_peak_rss))
+                    .flatten(),
                 destination_bytes,
-                transfer_buffer_bytes: ring,
+                transfer_buffer_bytes: buffers,
             })
-        })();
-        let _ = child.kill();
-        let _ = child.wait();
+        });
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         rows.push(result?);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -203,4 +200,32 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
         );
     }
     Ok(())
+}
+
+/// Starts `weightlift serve` for the benchmark and waits until it listens.
+fn start_receiver(
+    exe: &std::path::Path,
+    model_args: &ModelArgs,
+    listen: &str,
+    ring_slots: u32,
+    threads: usize,
+) -> Result<(std::process::Child, Endpoint), CommandError> {
+    let mut child = Command::new(exe)
+        .arg("serve")
+        .args(model_args.to_args())
+        .args(["--listen", listen, "--ring-slots", &ring_slots.to_string(), "--threads", &threads.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut first)
+        .map_err(|e| CommandError::Io(e.to_string()))?;
+    match first.trim().strip_prefix("listening on ").and_then(|e| e.parse().ok()) {
+        Some(endpoint) => Ok((child, endpoint)),
+        None => {
+            let _ = child.kill();
+            Err(CommandError::Io(format!("the receiver did not start (said {first:?})")))
+        }
+    }
 }

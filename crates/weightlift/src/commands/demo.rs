@@ -72,6 +72,9 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if model_args.model.is_some() {
         return Err(CommandError::Io("the demo steps a synthetic model; use `weightlift push --model DIR`".into()));
     }
+    if args.transport == TransportKind::InProcess {
+        return Err(CommandError::Io("the demo runs the two sides as processes: use --transport shm or tcp".into()));
+    }
     let exe = std::env::current_exe().map_err(|e| CommandError::Io(format!("cannot find this program: {e}")))?;
     let dir = std::env::temp_dir().join(format!("weightlift-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
@@ -81,7 +84,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     for rank in 0..args.tp_size {
         let listen = match args.transport {
             TransportKind::Shm => format!("unix:{}", dir.join(format!("rank{rank}.sock")).display()),
-            TransportKind::Tcp => "tcp://127.0.0.1:0".to_string(),
+            TransportKind::Tcp | TransportKind::InProcess => "tcp://127.0.0.1:0".to_string(),
         };
         let mut child = Command::new(&exe)
             .arg("serve")

@@ -1,8 +1,6 @@
 //! `weightlift bench`: host update throughput of each transport, as a ratio to the
 //! single-thread memcpy rate measured in the same run.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use clap::Args;
@@ -12,9 +10,9 @@ use weightlift::protocol::TransportKind;
 use weightlift::report::{cpu_name, today};
 use weightlift::setup::ModelSource;
 use weightlift::update::default_threads;
-use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, SenderOptions, Trainer};
+use weightlift::{HostTensors, Receiver, ReceiverOptions, SenderOptions, Trainer};
 
-use super::{gb, CommandError, ModelArgs};
+use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -111,7 +109,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
                     _ => "tcp://127.0.0.1:0".into(),
                 };
                 // The receiver runs in its own process, so its peak memory is its own.
-                let (process, endpoint) = start_receiver(&exe, &model_args, &listen, args.ring_slots, threads)?;
+                let extra =
+                    ["--ring-slots".to_string(), args.ring_slots.to_string(), "--threads".into(), threads.to_string()];
+                let (process, endpoint) = spawn_receiver(&exe, &model_args, &listen, &extra)?;
                 child = Some(process);
                 Trainer::connect(&[endpoint], tensors.manifest(), &inputs.rules, &options)
             }
@@ -200,32 +200,4 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
         );
     }
     Ok(())
-}
-
-/// Starts `weightlift serve` for the benchmark and waits until it listens.
-fn start_receiver(
-    exe: &std::path::Path,
-    model_args: &ModelArgs,
-    listen: &str,
-    ring_slots: u32,
-    threads: usize,
-) -> Result<(std::process::Child, Endpoint), CommandError> {
-    let mut child = Command::new(exe)
-        .arg("serve")
-        .args(model_args.to_args())
-        .args(["--listen", listen, "--ring-slots", &ring_slots.to_string(), "--threads", &threads.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut first)
-        .map_err(|e| CommandError::Io(e.to_string()))?;
-    match first.trim().strip_prefix("listening on ").and_then(|e| e.parse().ok()) {
-        Some(endpoint) => Ok((child, endpoint)),
-        None => {
-            let _ = child.kill();
-            Err(CommandError::Io(format!("the receiver did not start (said {first:?})")))
-        }
-    }
 }

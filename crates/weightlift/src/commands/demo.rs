@@ -9,10 +9,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use weightlift::protocol::TransportKind;
-use weightlift::{Endpoint, StepReport};
+use weightlift::StepReport;
 
 use super::push::print_table;
-use super::{CommandError, ModelArgs};
+use super::{spawn_receiver, CommandError, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -86,22 +86,9 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
             TransportKind::Shm => format!("unix:{}", dir.join(format!("rank{rank}.sock")).display()),
             TransportKind::Tcp | TransportKind::InProcess => "tcp://127.0.0.1:0".to_string(),
         };
-        let mut child = Command::new(&exe)
-            .arg("serve")
-            .args(model_args.to_args())
-            .args(["--listen", &listen, "--tp-size", &args.tp_size.to_string(), "--tp-rank", &rank.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
-        let stdout = child.stdout.take().expect("piped");
+        let extra = ["--tp-size".to_string(), args.tp_size.to_string(), "--tp-rank".into(), rank.to_string()];
+        let (child, endpoint) = spawn_receiver(&exe, &model_args, &listen, &extra)?;
         children.0.push(child);
-        let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).map_err(|e| CommandError::Io(e.to_string()))?;
-        let endpoint: Endpoint = first
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|e| e.parse().ok())
-            .ok_or_else(|| CommandError::Io(format!("receiver for rank {rank} did not start (said {first:?})")))?;
         endpoints.push(endpoint);
     }
 

@@ -4,12 +4,14 @@ pub mod plan;
 pub mod push;
 pub mod serve;
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use clap::Args;
 use weightlift::core::{DType, Preset, TpRank};
 use weightlift::setup::{MappingOptions, ModelSource, SetupError};
-use weightlift::SendError;
+use weightlift::{Endpoint, SendError};
 
 /// A command's failure and the exit code it maps to: 2 for a plan that cannot be made or
 /// options that do not fit (like clap's usage errors), 1 for everything else.
@@ -111,6 +113,33 @@ impl ModelArgs {
             args.push("--untied-lm-head".into());
         }
         args
+    }
+}
+
+/// Starts `weightlift serve` as a child process and waits for the endpoint it listens on.
+pub fn spawn_receiver(
+    exe: &Path,
+    model: &ModelArgs,
+    listen: &str,
+    extra: &[String],
+) -> Result<(Child, Endpoint), CommandError> {
+    let mut child = Command::new(exe)
+        .arg("serve")
+        .args(model.to_args())
+        .args(["--listen", listen])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| CommandError::Io(format!("cannot start a receiver: {e}")))?;
+    let mut first = String::new();
+    let read = BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first);
+    match read.ok().and_then(|_| first.trim().strip_prefix("listening on ")?.parse().ok()) {
+        Some(endpoint) => Ok((child, endpoint)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(CommandError::Io(format!("a receiver did not start (it said {first:?})")))
+        }
     }
 }
 

@@ -95,6 +95,13 @@ impl HostTensors {
         HostTensors { manifest, data }
     }
 
+    /// A copy of any source's tensors in host memory (a checkpoint to step in a demo).
+    pub fn copy_of(source: &dyn SourceTensors) -> HostTensors {
+        let manifest = source.manifest().clone();
+        let data = (0..manifest.len()).map(|i| source.bytes(i).to_vec()).collect();
+        HostTensors { manifest, data }
+    }
+
     /// One optimizer-like step: every 16-bit lane's low mantissa bits move by one, so every
     /// element of every tensor changes and an update carries all-new bytes.
     pub fn perturb(&mut self) {

@@ -248,3 +248,27 @@ fn demo_with_tensor_parallel_receivers_over_tcp() {
     assert_eq!(v["tp_size"], 2);
     assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true));
 }
+
+#[test]
+fn demo_from_a_checkpoint_directory() {
+    let dir = temp_dir("demo-ckpt");
+    let specs: Vec<TensorSpec> = synthetic("llama-tiny").unwrap().source_manifest().specs().to_vec();
+    // Distinct bytes per tensor, so a mapping mistake could not pass unnoticed.
+    let data: Vec<Vec<u8>> =
+        specs.iter().enumerate().map(|(i, s)| vec![(i % 97) as u8 + 1; s.byte_len() as usize]).collect();
+    let tensors: Vec<(&TensorSpec, &[u8])> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
+    write_file(&dir.join("model.safetensors"), &tensors).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256}"#,
+    )
+    .unwrap();
+    let out = Command::new(EXE)
+        .args(["demo", "--model", dir.to_str().unwrap(), "--tp-size", "2", "--steps", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{v}");
+}

@@ -1,6 +1,6 @@
 //! `weightlift demo`: the main job. Starts engine-side receiver processes (one per TP rank)
-//! and a trainer-side sender process for a synthetic model, runs `--steps` updates that each
-//! carry new bytes, and reports every step.
+//! and a trainer-side sender process for a synthetic model (or a checkpoint directory), runs
+//! `--steps` updates that each carry new bytes, and reports every step.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -68,9 +68,6 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     let mut model_args = args.model.clone();
     if model_args.synthetic.is_none() && model_args.model.is_none() {
         model_args.synthetic = Some(DEFAULT_MODEL.into());
-    }
-    if model_args.model.is_some() {
-        return Err(CommandError::Io("the demo steps a synthetic model; use `weightlift push --model DIR`".into()));
     }
     if args.transport == TransportKind::InProcess {
         return Err(CommandError::Io("the demo runs the two sides as processes: use --transport shm or tcp".into()));

@@ -26,7 +26,7 @@ pub struct PushArgs {
     /// The version to push (the first of several with --steps).
     #[arg(long, default_value_t = 1)]
     pub version: u64,
-    /// Push this many versions, stepping a synthetic model's weights before each.
+    /// Push this many versions, stepping the weights (in memory) before each.
     #[arg(long, default_value_t = 1)]
     pub steps: u64,
     /// shm (same host) or tcp; default: shm when every receiver is on this host.
@@ -111,11 +111,19 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
             }
         }
         ModelSource::Dir(dir) => {
-            if args.steps != 1 {
-                return Err(SetupError::Invalid("a checkpoint is pushed once: drop --steps".into()).into());
+            let checkpoint = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
+            if args.steps == 1 {
+                // Straight from the page cache, no copy.
+                steps.push(push_one(&mut trainer, Version(args.version), &checkpoint, args)?);
+            } else {
+                // Several versions: step a copy in memory, as a trainer would.
+                let mut tensors = HostTensors::copy_of(&checkpoint);
+                drop(checkpoint);
+                for step in 0..args.steps {
+                    tensors.perturb();
+                    steps.push(push_one(&mut trainer, Version(args.version + step), &tensors, args)?);
+                }
             }
-            let tensors = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
-            steps.push(push_one(&mut trainer, Version(args.version), &tensors, args)?);
         }
     }
 

@@ -2,15 +2,28 @@
 //!
 //! Every other crate of the project is free of `unsafe`; whatever needs it lives here, behind safe
 //! APIs, and each `unsafe` block carries a `// SAFETY:` comment saying why it is sound (the lint
-//! below enforces the comment). CUDA driver access (pinning and registering host memory, device
-//! copies) will come here; for now the crate holds the host memory mappings the data plane uses:
+//! below enforces the comment). It holds:
 //!
+//! - [`Gpu`]: one GPU's context and stream, device memory ([`DeviceBuffer`]), and weightlift's
+//!   kernels compiled with NVRTC at run time: batched strided copies ([`CopyBatch`]) and
+//!   digests of device memory ([`DigestBatch`]) that match the CPU digest bit for bit. The
+//!   driver and NVRTC are loaded at run time: on a machine without them every entry point
+//!   returns [`CudaError::NoDriver`] or [`CudaError::NoNvrtc`], never a panic.
 //! - [`SharedMemory`]: a region under `/dev/shm` shared between the processes of one host, through
 //!   which weights travel from a trainer to an inference engine.
 //! - [`MappedFile`]: a read-only map of a whole file, so checkpoint tensors are read straight from
 //!   the page cache.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod error;
+pub mod gpu;
 pub mod host_map;
+pub mod kernels;
 
+pub use error::CudaError;
+pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu};
 pub use host_map::{MapError, MappedFile, SharedMemory};
+pub use kernels::{CopyBatch, CopyDesc, DigestBatch, CHUNK_BYTES};
+
+#[cfg(test)]
+mod tests_gpu;

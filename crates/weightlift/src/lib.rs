@@ -7,6 +7,7 @@
 
 pub use weightlift_core as core;
 
+pub mod gpu;
 pub mod net;
 pub mod protocol;
 pub mod receiver;

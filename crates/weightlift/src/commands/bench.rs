@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// Threads per side (default: half the cores, at most 8).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// `host` (transports between processes), or `cuda` / `cuda:N` (the GPU data plane).
+    #[arg(long, default_value = "host")]
+    pub device: String,
+    /// Models for the GPU benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "qwen3-8b,qwen3-30b-a3b")]
+    pub gpu_models: Vec<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -74,6 +80,12 @@ fn memcpy_gbps(bytes: usize) -> f64 {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
+    if let Some(rest) = args.device.strip_prefix("cuda") {
+        let ordinal = rest.strip_prefix(':').map_or(Ok(0), str::parse).map_err(|_| {
+            CommandError::Setup(weightlift::setup::SetupError::Invalid(format!("bad device `{}`", args.device)))
+        })?;
+        return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, args.json);
+    }
     let model = args.model.source(Some(super::demo::DEFAULT_MODEL))?;
     let ModelSource::Synthetic(config) = &model else {
         return Err(CommandError::Io("the host benchmark steps a synthetic model: use --synthetic".into()));

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_gpu;
 pub mod demo;
 pub mod plan;
 pub mod push;

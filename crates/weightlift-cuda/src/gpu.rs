@@ -1,0 +1,168 @@
+//! A GPU: its context, one stream, device memory, and weightlift's kernels compiled for it.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{result, CudaContext, CudaStream};
+
+use crate::error::{Call, CudaError};
+use crate::kernels::Kernels;
+
+/// Whether the CUDA driver library can be loaded; checked before any driver call, because
+/// cudarc's dynamic loader panics on first use when the library is missing.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda and closes it again; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded (needed to compile the kernels).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen libnvrtc; no NVRTC call is made.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Number of visible GPUs; an error that says so when there is no driver.
+pub fn device_count() -> Result<usize, CudaError> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    result::init().call("cuInit")?;
+    let n = result::device::get_count().call("cuDeviceGetCount")?;
+    Ok(n as usize)
+}
+
+/// One GPU, ready to run weightlift's kernels on its stream.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` (its primary context, shared with torch in the same process) and
+    /// compiles the kernels for its architecture.
+    pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        if !nvrtc_present() {
+            return Err(CudaError::NoNvrtc);
+        }
+        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+        let stream = ctx.new_stream().call("cuStreamCreate")?;
+        let kernels = Kernels::compile(&ctx)?;
+        Ok(Gpu { ctx, stream, kernels })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    pub fn name(&self) -> Result<String, CudaError> {
+        self.ctx.name().call("cuDeviceGetName")
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// Free and total device memory, in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        result::mem_get_info().call("cuMemGetInfo")
+    }
+
+    /// Device memory from cuMemAlloc (so it can later be shared through CUDA IPC).
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: a plain allocation in the current (just bound) context; the pointer is owned
+        // by the returned buffer and freed exactly once in its Drop.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.call("cuMemAlloc")?;
+        Ok(DeviceBuffer { ptr, len: bytes, ctx: self.ctx.clone() })
+    }
+
+    /// Waits for everything queued on this GPU's stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().call("cuStreamSynchronize")
+    }
+
+    /// Copies `bytes` from `src` to `dst` on this GPU's stream (the copy-engine ceiling).
+    pub fn copy(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
+        if bytes > dst.len || bytes > src.len {
+            return Err(CudaError::Invalid(format!(
+                "copy of {bytes} bytes exceeds a buffer ({} / {})",
+                src.len, dst.len
+            )));
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: both ranges lie inside live allocations of this context (checked above).
+        unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }.call("cuMemcpyDtoDAsync")
+    }
+}
+
+/// Device memory owned by weightlift; freed when dropped.
+pub struct DeviceBuffer {
+    ptr: CUdeviceptr,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceBuffer {
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Synchronous host -> device copy of all of `src` to the start of this buffer.
+    pub fn upload(&mut self, src: &[u8]) -> Result<(), CudaError> {
+        if src.len() > self.len {
+            return Err(CudaError::Invalid(format!("{} bytes do not fit a {}-byte buffer", src.len(), self.len)));
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `src` is a valid host slice and the destination range lies inside this buffer.
+        unsafe { result::memcpy_htod_sync(self.ptr, src) }.call("cuMemcpyHtoD")
+    }
+
+    /// Sets every byte to `value` (queued on `gpu`'s stream).
+    pub fn fill(&mut self, gpu: &Gpu, value: u8) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: the range is exactly this live allocation.
+        unsafe { result::memset_d8_async(self.ptr, value, self.len, gpu.stream().cu_stream()) }.call("cuMemsetD8Async")
+    }
+
+    /// Synchronous device -> host copy of the start of this buffer into all of `dst`.
+    pub fn download(&self, dst: &mut [u8]) -> Result<(), CudaError> {
+        if dst.len() > self.len {
+            return Err(CudaError::Invalid(format!("{} bytes exceed a {}-byte buffer", dst.len(), self.len)));
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `dst` is a valid host slice and the source range lies inside this buffer.
+        unsafe { result::memcpy_dtoh_sync(dst, self.ptr) }.call("cuMemcpyDtoH")
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the pointer came from cuMemAlloc in this context and is freed only here.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+// SAFETY: a device pointer is a plain address valid in every thread once the context is bound,
+// which every method does before using it.
+unsafe impl Send for DeviceBuffer {}
+// SAFETY: shared references only read the pointer and length.
+unsafe impl Sync for DeviceBuffer {}

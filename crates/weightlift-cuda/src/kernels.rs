@@ -1,0 +1,332 @@
+//! weightlift's kernels, compiled once per GPU with NVRTC, and batches of work prepared for
+//! them. A batch (thousands of copies, or thousands of tensors to digest) is uploaded once
+//! and then runs with one or two launches per update, whatever the number of tensors.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+use crate::error::{Call, CudaError};
+use crate::gpu::{DeviceBuffer, Gpu};
+
+/// Bytes of one digest chunk (the project's digest definition).
+pub const CHUNK_BYTES: u64 = 4096;
+/// Bytes one block of the copy kernel moves per tile.
+const TILE_BYTES: u64 = 64 << 10;
+const THREADS: u32 = 256;
+
+const SOURCE: &str = r#"
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned char u8;
+
+struct CopyDesc { u64 src, dst, rows, row_bytes, src_stride, dst_stride; };
+
+// Index of the item whose [start[i], start[i+1]) holds `x` (start has n+1 entries).
+__device__ __forceinline__ u32 find(const u64* start, u32 n, u64 x) {
+    u32 lo = 0, hi = n;
+    while (hi - lo > 1) { u32 mid = (lo + hi) >> 1; if (start[mid] <= x) lo = mid; else hi = mid; }
+    return lo;
+}
+
+__device__ __forceinline__ void copy_span(u8* dst, const u8* src, u64 n) {
+    u64 t = threadIdx.x;
+    if ((((u64)src | (u64)dst | n) & 15) == 0) {
+        const uint4* s = (const uint4*)src; uint4* d = (uint4*)dst;
+        for (u64 i = t; i < n / 16; i += blockDim.x) d[i] = s[i];
+    } else if ((((u64)src | (u64)dst | n) & 3) == 0) {
+        const u32* s = (const u32*)src; u32* d = (u32*)dst;
+        for (u64 i = t; i < n / 4; i += blockDim.x) d[i] = s[i];
+    } else {
+        for (u64 i = t; i < n; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// Every descriptor's rows cut into tiles that never cross a row; tile_start is the prefix sum
+// of tiles per descriptor. Blocks stride over all tiles.
+extern "C" __global__ void batched_copy(const CopyDesc* descs, const u64* tile_start, u32 n, u64 tile_bytes) {
+    u64 total = tile_start[n];
+    for (u64 tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        u32 i = find(tile_start, n, tile);
+        CopyDesc d = descs[i];
+        u64 per_row = (d.row_bytes + tile_bytes - 1) / tile_bytes;
+        u64 k = tile - tile_start[i];
+        u64 row = k / per_row, seg = k % per_row;
+        u64 off = seg * tile_bytes;
+        u64 len = d.row_bytes - off < tile_bytes ? d.row_bytes - off : tile_bytes;
+        copy_span((u8*)(d.dst + row * d.dst_stride + off), (const u8*)(d.src + row * d.src_stride + off), len);
+    }
+}
+
+#define P1 11400714785074694791ULL
+#define P2 14029467366897019727ULL
+#define P3 1609587929392839161ULL
+#define P4 9650029242287828579ULL
+#define P5 2870177450012600261ULL
+
+__device__ __forceinline__ u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
+__device__ __forceinline__ u64 xround(u64 acc, u64 input) { acc += input * P2; acc = rotl(acc, 31); return acc * P1; }
+__device__ __forceinline__ u64 merge(u64 acc, u64 val) { acc ^= xround(0, val); return acc * P1 + P4; }
+__device__ __forceinline__ u64 load64(const u8* p) {
+    if (((u64)p & 7) == 0) return *(const u64*)p;
+    u64 v = 0; for (int b = 7; b >= 0; --b) v = (v << 8) | p[b]; return v;
+}
+__device__ __forceinline__ u32 load32(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24); }
+
+// xxh64 (seed 0) of `len` bytes at `p`, starting from the four stripe accumulators already
+// folded over the first `done` bytes (a multiple of 32).
+__device__ u64 xxh64_finish(const u8* p, u64 len, u64 done, u64 v1, u64 v2, u64 v3, u64 v4) {
+    u64 h;
+    if (len >= 32) {
+        h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
+        h = merge(h, v1); h = merge(h, v2); h = merge(h, v3); h = merge(h, v4);
+    } else {
+        h = P5;
+    }
+    h += len;
+    u64 i = done;
+    for (; i + 8 <= len; i += 8) { h ^= xround(0, load64(p + i)); h = rotl(h, 27) * P1 + P4; }
+    if (i + 4 <= len) { h ^= (u64)load32(p + i) * P1; h = rotl(h, 23) * P2 + P3; i += 4; }
+    for (; i < len; ++i) { h ^= (u64)p[i] * P5; h = rotl(h, 11) * P1; }
+    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
+    return h;
+}
+
+// One digest per 4 KiB chunk of every region. Four consecutive threads share a chunk, one per
+// xxh64 stripe accumulator, so each 32-byte stripe is read as one coalesced sector.
+extern "C" __global__ void chunk_digests(const u64* ptrs, const u64* lens, const u64* chunk_start, u32 n, u64* out) {
+    u64 total = chunk_start[n];
+    u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
+    u64 lane = threadIdx.x & 3;
+    u32 group_mask = 0xFu << (threadIdx.x & 28);
+    for (u64 base = 0; base < total; base += groups) {
+        u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
+        bool active = g < total;
+        u64 v = 0, len = 0;
+        const u8* p = 0;
+        if (active) {
+            u32 i = find(chunk_start, n, g);
+            u64 k = g - chunk_start[i];
+            p = (const u8*)(ptrs[i] + k * 4096);
+            len = lens[i] - k * 4096 < 4096 ? lens[i] - k * 4096 : 4096;
+            v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+            for (u64 s = 0; s + 32 <= len; s += 32) v = xround(v, load64(p + s + 8 * lane));
+        }
+        int src_lane = threadIdx.x & ~3u;
+        u64 v1 = __shfl_sync(group_mask, v, src_lane, 32);
+        u64 v2 = __shfl_sync(group_mask, v, src_lane + 1, 32);
+        u64 v3 = __shfl_sync(group_mask, v, src_lane + 2, 32);
+        u64 v4 = __shfl_sync(group_mask, v, src_lane + 3, 32);
+        if (active && lane == 0) out[g] = xxh64_finish(p, len, len & ~31ULL, v1, v2, v3, v4);
+    }
+}
+
+// Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
+extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
+    u64 acc = 0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (u64)gridDim.x * blockDim.x) {
+        uint4 v = p[i];
+        acc ^= ((u64)v.x << 32 | v.y) ^ ((u64)v.z << 32 | v.w);
+    }
+    if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
+}
+
+// Each region's digest: xxh64 of its chunk digests, one thread per region.
+extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, u32 n, u64* out) {
+    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const u8* p = (const u8*)(chunks + chunk_start[i]);
+    u64 len = (chunk_start[i + 1] - chunk_start[i]) * 8;
+    u64 v1 = P1 + P2, v2 = P2, v3 = 0, v4 = 0 - P1;
+    u64 s = 0;
+    for (; s + 32 <= len; s += 32) {
+        v1 = xround(v1, load64(p + s)); v2 = xround(v2, load64(p + s + 8));
+        v3 = xround(v3, load64(p + s + 16)); v4 = xround(v4, load64(p + s + 24));
+    }
+    out[i] = xxh64_finish(p, len, s, v1, v2, v3, v4);
+}
+"#;
+
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    copy: CudaFunction,
+    chunk_digests: CudaFunction,
+    combine: CudaFunction,
+    read_all: CudaFunction,
+    /// Blocks a grid-striding kernel needs to fill the GPU.
+    blocks: u32,
+}
+
+impl Kernels {
+    pub(crate) fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
+        let (major, minor) = ctx.compute_capability().call("cuDeviceGetAttribute")?;
+        let arch = format!("--gpu-architecture=sm_{major}{minor}");
+        let options = CompileOptions { options: vec![arch, "-O3".into()], ..Default::default() };
+        let ptx = compile_ptx_with_opts(SOURCE, options).map_err(|e| CudaError::Compile(e.to_string()))?;
+        let module = ctx.load_module(ptx).call("cuModuleLoadData")?;
+        let load = |name: &'static str| module.load_function(name).call("cuModuleGetFunction");
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .call("cuDeviceGetAttribute")?;
+        Ok(Kernels {
+            copy: load("batched_copy")?,
+            chunk_digests: load("chunk_digests")?,
+            combine: load("combine_digests")?,
+            read_all: load("read_all")?,
+            blocks: (sms.max(1) as u32) * 8,
+            _module: module,
+        })
+    }
+}
+
+/// One 2-D strided copy between device addresses, in bytes: `rows` rows of `row_bytes`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyDesc {
+    pub src: u64,
+    pub dst: u64,
+    pub rows: u64,
+    pub row_bytes: u64,
+    pub src_stride: u64,
+    pub dst_stride: u64,
+}
+
+/// Copies uploaded once, run with one launch each time.
+pub struct CopyBatch {
+    descs: DeviceBuffer,
+    tile_start: DeviceBuffer,
+    count: u32,
+    tiles: u64,
+}
+
+/// Regions uploaded once, digested with two launches each time.
+pub struct DigestBatch {
+    ptrs: DeviceBuffer,
+    lens: DeviceBuffer,
+    chunk_start: DeviceBuffer,
+    chunks: DeviceBuffer,
+    out: DeviceBuffer,
+    count: u32,
+    total_chunks: u64,
+}
+
+fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
+    // SAFETY: T is a plain #[repr(C)] or integer type with no padding read as bytes for a copy.
+    unsafe { std::slice::from_raw_parts(items.as_ptr().cast::<u8>(), std::mem::size_of_val(items)) }
+}
+
+fn upload<T: Copy>(gpu: &Gpu, items: &[T]) -> Result<DeviceBuffer, CudaError> {
+    let bytes = as_bytes(items);
+    let mut buf = gpu.alloc(bytes.len())?;
+    buf.upload(bytes)?;
+    Ok(buf)
+}
+
+impl Gpu {
+    /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
+    /// is used; weightlift builds batches from buffers it holds or has mapped.
+    pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
+        let mut tile_start = Vec::with_capacity(descs.len() + 1);
+        let mut total = 0u64;
+        for d in descs {
+            tile_start.push(total);
+            total += d.rows * d.row_bytes.div_ceil(TILE_BYTES);
+        }
+        tile_start.push(total);
+        let count =
+            u32::try_from(descs.len()).map_err(|_| CudaError::Invalid("too many copies in one batch".into()))?;
+        Ok(CopyBatch { descs: upload(self, descs)?, tile_start: upload(self, &tile_start)?, count, tiles: total })
+    }
+
+    /// Queues every copy of the batch on this GPU's stream: one launch.
+    pub fn run_copies(&self, batch: &CopyBatch) -> Result<(), CudaError> {
+        if batch.tiles == 0 {
+            return Ok(());
+        }
+        let k = self.kernels();
+        let grid = (batch.tiles.min(u64::from(k.blocks) * 4)) as u32;
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (descs, starts, tile) = (batch.descs.device_ptr(), batch.tile_start.device_ptr(), TILE_BYTES);
+        let mut launch = self.stream().launch_builder(&k.copy);
+        launch.arg(&descs).arg(&starts).arg(&batch.count).arg(&tile);
+        // SAFETY: the arguments match the kernel's signature; every descriptor addresses live
+        // device memory (the batch's contract), and the arrays hold `count` (+1) entries.
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(batched_copy)")?;
+        Ok(())
+    }
+
+    /// Reads all of `buffer` once (16-byte loads), for measuring the read-bandwidth ceiling.
+    pub fn read_all(&self, buffer: &DeviceBuffer) -> Result<(), CudaError> {
+        let k = self.kernels();
+        let n16 = (buffer.len() / 16) as u64;
+        let sink = self.alloc(8)?;
+        let grid = k.blocks * 4;
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (ptr, out) = (buffer.device_ptr(), sink.device_ptr());
+        let mut launch = self.stream().launch_builder(&k.read_all);
+        launch.arg(&ptr).arg(&n16).arg(&out);
+        // SAFETY: arguments match the kernel; it reads `n16` 16-byte words inside `buffer`.
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(read_all)")?;
+        self.synchronize()
+    }
+
+    /// Prepares digests of the device regions `(address, bytes)`.
+    pub fn prepare_digests(&self, regions: &[(u64, u64)]) -> Result<DigestBatch, CudaError> {
+        let mut chunk_start = Vec::with_capacity(regions.len() + 1);
+        let mut total = 0u64;
+        for &(_, len) in regions {
+            chunk_start.push(total);
+            total += len.div_ceil(CHUNK_BYTES);
+        }
+        chunk_start.push(total);
+        let ptrs: Vec<u64> = regions.iter().map(|r| r.0).collect();
+        let lens: Vec<u64> = regions.iter().map(|r| r.1).collect();
+        let count =
+            u32::try_from(regions.len()).map_err(|_| CudaError::Invalid("too many regions in one batch".into()))?;
+        Ok(DigestBatch {
+            ptrs: upload(self, &ptrs)?,
+            lens: upload(self, &lens)?,
+            chunk_start: upload(self, &chunk_start)?,
+            chunks: self.alloc((total as usize).max(1) * 8)?,
+            out: self.alloc(regions.len().max(1) * 8)?,
+            count,
+            total_chunks: total,
+        })
+    }
+
+    /// Digests every region of the batch (as the project defines digests) and returns them.
+    pub fn run_digests(&self, batch: &DigestBatch) -> Result<Vec<u64>, CudaError> {
+        let k = self.kernels();
+        if batch.total_chunks > 0 {
+            let threads_needed = batch.total_chunks * 4;
+            let grid = threads_needed.div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
+            let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let (ptrs, lens, starts, out) = (
+                batch.ptrs.device_ptr(),
+                batch.lens.device_ptr(),
+                batch.chunk_start.device_ptr(),
+                batch.chunks.device_ptr(),
+            );
+            let mut launch = self.stream().launch_builder(&k.chunk_digests);
+            launch.arg(&ptrs).arg(&lens).arg(&starts).arg(&batch.count).arg(&out);
+            // SAFETY: arguments match the kernel; the regions are live device memory (the
+            // batch's contract) and `chunks` has room for every chunk digest.
+            unsafe { launch.launch(config) }.call("cuLaunchKernel(chunk_digests)")?;
+        }
+        if batch.count > 0 {
+            let grid = batch.count.div_ceil(THREADS);
+            let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let (chunks, starts, out) =
+                (batch.chunks.device_ptr(), batch.chunk_start.device_ptr(), batch.out.device_ptr());
+            let mut launch = self.stream().launch_builder(&k.combine);
+            launch.arg(&chunks).arg(&starts).arg(&batch.count).arg(&out);
+            // SAFETY: arguments match the kernel; `out` has one slot per region.
+            unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
+        }
+        self.synchronize()?;
+        let mut bytes = vec![0u8; batch.count as usize * 8];
+        batch.out.download(&mut bytes)?;
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU tests and the GPU benchmark, in two halves because GPU machines have no Rust toolchain:
+#   bash scripts/gpu-tests.sh build   # here: release test binaries and the CLI into .gpu/
+#   bash .gpu/run.sh                  # on the GPU machine (carry .gpu): every GPU test, then
+#                                     # `weightlift bench --device cuda`, a summary table last
+# On a machine without a GPU the same tests are listed by `cargo test` as ignored, with why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" != "build" ]; then
+    echo "usage: bash scripts/gpu-tests.sh build   (then run .gpu/run.sh on the GPU machine)" >&2
+    exit 2
+fi
+rm -rf .gpu && mkdir -p .gpu/tests
+cargo build --release -p weightlift
+cp target/release/weightlift .gpu/
+# The unit-test binaries of the crates that hold GPU tests.
+cargo test --release --no-run --message-format=json -p weightlift-cuda -p weightlift --lib 2>/dev/null \
+    | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        name = m["target"]["name"]
+        shutil.copy(m["executable"], f".gpu/tests/{name}")
+        print(f"built .gpu/tests/{name}")
+'
+cat > .gpu/run.sh <<'RUN'
+#!/usr/bin/env bash
+# Runs every GPU test (the ignored ones) and the GPU benchmark; summary last.
+cd "$(dirname "$0")"
+export NCCL_NVLS_ENABLE=0
+status=0
+summary=""
+for t in tests/*; do
+    if out=$("$t" --ignored --test-threads=1 2>&1); then result="ok"; else result="FAILED"; status=1; fi
+    echo "$out"
+    line=$(echo "$out" | grep -E "^test result" | tail -1)
+    summary="$summary$(printf '%-22s %-7s %s' "$(basename "$t")" "$result" "$line")\n"
+done
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} --json > "${OUT:-.}/gpu-bench.json" && ./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} || status=1
+echo
+echo "GPU tests:"
+printf "$summary"
+exit $status
+RUN
+chmod +x .gpu/run.sh
+# Debug info would push the folder past what a device call carries (64 MiB).
+strip .gpu/weightlift .gpu/tests/*
+echo "ready: carry .gpu and run bash .gpu/run.sh on the GPU machine"

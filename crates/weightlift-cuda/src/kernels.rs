@@ -111,7 +111,15 @@ extern "C" __global__ void chunk_digests(const u64* ptrs, const u64* lens, const
             p = (const u8*)(ptrs[i] + k * 4096);
             len = lens[i] - k * 4096 < 4096 ? lens[i] - k * 4096 : 4096;
             v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-            for (u64 s = 0; s + 32 <= len; s += 32) v = xround(v, load64(p + s + 8 * lane));
+            u64 s = 0;
+            // Four stripes' loads in flight before their rounds: the loads, not the
+            // arithmetic, are what a chunk waits on.
+            for (; s + 128 <= len; s += 128) {
+                u64 w0 = load64(p + s + 8 * lane), w1 = load64(p + s + 32 + 8 * lane);
+                u64 w2 = load64(p + s + 64 + 8 * lane), w3 = load64(p + s + 96 + 8 * lane);
+                v = xround(xround(xround(xround(v, w0), w1), w2), w3);
+            }
+            for (; s + 32 <= len; s += 32) v = xround(v, load64(p + s + 8 * lane));
         }
         int src_lane = threadIdx.x & ~3u;
         u64 v1 = __shfl_sync(group_mask, v, src_lane, 32);
@@ -132,19 +140,32 @@ extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
 }
 
-// Each region's digest: xxh64 of its chunk digests, one thread per region.
+// Each region's digest: xxh64 of its chunk digests, one warp per region. The chunk digests of
+// a large tensor (300k for a 1.2 GB embedding) are read 256 bytes at a time, coalesced, one word
+// per lane; lanes 0-3 (one per stripe accumulator) then fold the 8 stripes in order.
 extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, u32 n, u64* out) {
-    u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const u8* p = (const u8*)(chunks + chunk_start[i]);
-    u64 len = (chunk_start[i + 1] - chunk_start[i]) * 8;
-    u64 v1 = P1 + P2, v2 = P2, v3 = 0, v4 = 0 - P1;
+    u32 warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    u32 lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    const u64* words = chunks + chunk_start[warp];
+    u64 count = chunk_start[warp + 1] - chunk_start[warp];
+    u64 len = count * 8;
+    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
     u64 s = 0;
-    for (; s + 32 <= len; s += 32) {
-        v1 = xround(v1, load64(p + s)); v2 = xround(v2, load64(p + s + 8));
-        v3 = xround(v3, load64(p + s + 16)); v4 = xround(v4, load64(p + s + 24));
+    for (; s + 32 <= count; s += 32) {
+        u64 mine = words[s + lane];
+        for (int k = 0; k < 8; ++k) {
+            u64 w = __shfl_sync(0xffffffffu, mine, 4 * k + (lane & 3), 32);
+            if (lane < 4) v = xround(v, w);
+        }
     }
-    out[i] = xxh64_finish(p, len, s, v1, v2, v3, v4);
+    // Whole stripes left (fewer than 8): one word per accumulator lane each.
+    for (; s + 4 <= count; s += 4) {
+        if (lane < 4) v = xround(v, words[s + lane]);
+    }
+    u64 v1 = __shfl_sync(0xffffffffu, v, 0, 32), v2 = __shfl_sync(0xffffffffu, v, 1, 32);
+    u64 v3 = __shfl_sync(0xffffffffu, v, 2, 32), v4 = __shfl_sync(0xffffffffu, v, 3, 32);
+    if (lane == 0) out[warp] = xxh64_finish((const u8*)words, len, s * 8, v1, v2, v3, v4);
 }
 "#;
 
@@ -162,7 +183,7 @@ impl Kernels {
     pub(crate) fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, CudaError> {
         let (major, minor) = ctx.compute_capability().call("cuDeviceGetAttribute")?;
         let arch = format!("--gpu-architecture=sm_{major}{minor}");
-        let options = CompileOptions { options: vec![arch, "-O3".into()], ..Default::default() };
+        let options = CompileOptions { options: vec![arch], ..Default::default() };
         let ptx = compile_ptx_with_opts(SOURCE, options).map_err(|e| CudaError::Compile(e.to_string()))?;
         let module = ctx.load_module(ptx).call("cuModuleLoadData")?;
         let load = |name: &'static str| module.load_function(name).call("cuModuleGetFunction");
@@ -315,7 +336,7 @@ impl Gpu {
             unsafe { launch.launch(config) }.call("cuLaunchKernel(chunk_digests)")?;
         }
         if batch.count > 0 {
-            let grid = batch.count.div_ceil(THREADS);
+            let grid = (batch.count * 32).div_ceil(THREADS);
             let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             let (chunks, starts, out) =
                 (batch.chunks.device_ptr(), batch.chunk_start.device_ptr(), batch.out.device_ptr());

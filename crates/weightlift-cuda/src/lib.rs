@@ -23,7 +23,7 @@ pub mod kernels;
 pub use error::CudaError;
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu};
 pub use host_map::{MapError, MappedFile, SharedMemory};
-pub use kernels::{CopyBatch, CopyDesc, DigestBatch, CHUNK_BYTES};
+pub use kernels::{CopyBatch, CopyDesc, DigestBatch, FusedRun, UpdateBatch, CHUNK_BYTES};
 
 #[cfg(test)]
 mod tests_gpu;

@@ -93,6 +93,18 @@ __device__ u64 xxh64_finish(const u8* p, u64 len, u64 done, u64 v1, u64 v2, u64 
     return h;
 }
 
+// The chunk's digest from its four lanes' stripe accumulators (every lane of the group calls
+// this; lane 0's result is the one kept). `p` holds the chunk's `len` bytes, for the tail.
+__device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, u64 len) {
+    int first = threadIdx.x & ~3u;
+    u64 v1 = __shfl_sync(group_mask, v, first, 32);
+    u64 v2 = __shfl_sync(group_mask, v, first + 1, 32);
+    u64 v3 = __shfl_sync(group_mask, v, first + 2, 32);
+    u64 v4 = __shfl_sync(group_mask, v, first + 3, 32);
+    if ((threadIdx.x & 3) != 0 || p == 0) return 0;
+    return xxh64_finish(p, len, len & ~31ULL, v1, v2, v3, v4);
+}
+
 // One digest per 4 KiB chunk of every region. Four consecutive threads share a chunk, one per
 // xxh64 stripe accumulator, so each 32-byte stripe is read as one coalesced sector.
 extern "C" __global__ void chunk_digests(const u64* ptrs, const u64* lens, const u64* chunk_start, const u64* out_base, u32 n, u64* out) {
@@ -122,12 +134,8 @@ extern "C" __global__ void chunk_digests(const u64* ptrs, const u64* lens, const
             }
             for (; s + 32 <= len; s += 32) v = xround(v, load64(p + s + 8 * lane));
         }
-        int src_lane = threadIdx.x & ~3u;
-        u64 v1 = __shfl_sync(group_mask, v, src_lane, 32);
-        u64 v2 = __shfl_sync(group_mask, v, src_lane + 1, 32);
-        u64 v3 = __shfl_sync(group_mask, v, src_lane + 2, 32);
-        u64 v4 = __shfl_sync(group_mask, v, src_lane + 3, 32);
-        if (active && lane == 0) out[slot] = xxh64_finish(p, len, len & ~31ULL, v1, v2, v3, v4);
+        u64 h = group_finish(v, group_mask, p, len);
+        if (active && lane == 0) out[slot] = h;
     }
 }
 
@@ -174,12 +182,8 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
             // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
             if (lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
         }
-        int src_lane = threadIdx.x & ~3u;
-        u64 v1 = __shfl_sync(group_mask, v, src_lane, 32);
-        u64 v2 = __shfl_sync(group_mask, v, src_lane + 1, 32);
-        u64 v3 = __shfl_sync(group_mask, v, src_lane + 2, 32);
-        u64 v4 = __shfl_sync(group_mask, v, src_lane + 3, 32);
-        if (active && lane == 0) out[slot] = xxh64_finish(q, len, len & ~31ULL, v1, v2, v3, v4);
+        u64 h = group_finish(v, group_mask, q, len);
+        if (active && lane == 0) out[slot] = h;
     }
 }
 

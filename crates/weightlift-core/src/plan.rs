@@ -742,6 +742,11 @@ impl Plan {
         writer.0.digest()
     }
 
+    /// The hash as the 16 hex digits reports and the protocol use.
+    pub fn hash_hex(&self) -> String {
+        format!("{:016x}", self.hash())
+    }
+
     pub fn summary(&self) -> PlanSummary {
         let mut names: Vec<&str> = self.sources.iter().map(|p| p.spec.name.as_str()).collect();
         names.sort_unstable();
@@ -759,7 +764,7 @@ impl Plan {
             cast_ops: self.ops.iter().filter(|op| self.cast(op).is_some()).count(),
             ignored: self.ignored.len(),
             covered: self.verify().is_ok(),
-            plan_hash: format!("{:016x}", self.hash()),
+            plan_hash: self.hash_hex(),
         }
     }
 

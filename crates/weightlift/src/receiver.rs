@@ -196,6 +196,8 @@ impl Receiver {
             Ok(plan) => plan,
             Err(e) => return Err(refuse(&mut conn, e.to_string())),
         };
+        // The schedule of an update that skips nothing: built once for this connection.
+        let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
         let (mut path, ring) = match transport {
             TransportKind::Shm => {
                 let (path, info) = RecvPath::ring(options.ring_slots, bucket_bytes)?;
@@ -222,7 +224,7 @@ impl Receiver {
         conn.send(&Message::Welcome {
             destination: self.shared.manifest.clone(),
             tp: options.tp,
-            plan_hash: format!("{:016x}", plan.hash()),
+            plan_hash: plan.hash_hex(),
             committed,
             dirty,
             digests,
@@ -256,7 +258,7 @@ impl Receiver {
                 continue;
             }
             conn.send(&Message::Accepted { version })?;
-            let (report, in_sync) = self.update(&mut conn, &mut path, &plan, version, &skip, bucket_bytes);
+            let (report, in_sync) = self.update(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes);
             log_report(&report);
             self.state().last_report = Some(report.clone());
             // Best effort: a sender that broke the transfer may be gone already.
@@ -271,18 +273,20 @@ impl Receiver {
 
     /// Takes one update; always ends with the version state settled (committed or failed).
     /// Also says whether the connection is still in step (false after a broken transfer).
+    #[allow(clippy::too_many_arguments)]
     fn update(
         &self,
         conn: &mut Conn,
         path: &mut RecvPath,
         plan: &Plan,
+        full: &Schedule,
         version: Version,
         skip: &[u32],
         bucket_bytes: u64,
     ) -> (UpdateReport, bool) {
         let started = Instant::now();
         let timeout = self.shared.options.timeout;
-        let schedule = Schedule::new(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
+        let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
         let mut digests = schedule.digests(plan);
         let threads = self.shared.options.threads;
         let mut tensors = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
@@ -296,7 +300,7 @@ impl Receiver {
             }
             let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
                 let t = Instant::now();
-                unpack(plan, &schedule, bucket, payload, tensors.as_mut(), &mut digests, threads);
+                unpack(plan, &schedule, k, payload, tensors.as_mut(), &mut digests, threads);
                 unpack_seconds += t.elapsed().as_secs_f64();
             });
             if let Err(e) = received {

@@ -88,6 +88,8 @@ pub struct Sender {
     conn: Conn,
     source: Manifest,
     plan: Plan,
+    /// The schedule of an update that skips nothing, built once.
+    schedule: Schedule,
     path: SendPath,
     /// The receiver's committed digest per destination, as last known.
     receiver_digests: Vec<Option<u64>>,
@@ -133,7 +135,7 @@ impl Sender {
         };
         let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)
             .map_err(|e| SendError::Plan(e.to_string()))?;
-        let ours = format!("{:016x}", plan.hash());
+        let ours = plan.hash_hex();
         if ours != plan_hash {
             return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
         }
@@ -153,7 +155,8 @@ impl Sender {
             }
             (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
         };
-        Ok(Sender { conn, source: source.clone(), plan, path, receiver_digests: digests, receiver, options })
+        let schedule = Schedule::new(&plan, &[], options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
+        Ok(Sender { conn, source: source.clone(), plan, schedule, path, receiver_digests: digests, receiver, options })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -173,7 +176,7 @@ impl Sender {
         }
         let started = Instant::now();
         let skip: Vec<u32> = if self.options.delta {
-            let expected = expected_digests(&self.plan, tensors);
+            let expected = expected_digests(&self.plan, &self.schedule, tensors);
             (0..expected.len() as u32)
                 .filter(|&d| self.receiver_digests[d as usize] == Some(expected[d as usize]))
                 .collect()
@@ -188,8 +191,10 @@ impl Sender {
             other => return Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
         }
 
-        let schedule =
-            Schedule::new(&self.plan, &skip, self.options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
+        let schedule = self
+            .schedule
+            .for_skip(&self.plan, &skip, self.options.bucket_bytes)
+            .map_err(|e| SendError::Plan(e.to_string()))?;
         let mut digests = schedule.digests(&self.plan);
         for (k, bucket) in schedule.buckets.iter().enumerate() {
             let k = k as u32;
@@ -205,7 +210,7 @@ impl Sender {
             let plan = &self.plan;
             let threads = self.options.threads;
             self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
-                pack(plan, &schedule, bucket, tensors, payload, &mut digests, threads);
+                pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
                 if flip {
                     payload[payload.len() / 2] ^= 0x40;
                 }

@@ -126,19 +126,18 @@ impl SendPath {
         loop {
             match conn.recv(timeout)? {
                 Message::Report { report } => return Ok(report),
-                Message::SlotFree { slot } => self.give_back(slot)?,
+                Message::SlotFree { slot } => self.give_back(slot),
                 other => return Err(unexpected("report", &other)),
             }
         }
     }
 
-    fn give_back(&mut self, slot: u32) -> Result<(), TransferError> {
+    fn give_back(&mut self, slot: u32) {
         if let SendPath::Ring { free, .. } = self {
             if !free.contains(&slot) {
                 free.push_back(slot);
             }
         }
-        Ok(())
     }
 }
 

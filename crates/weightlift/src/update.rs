@@ -20,10 +20,14 @@ pub fn default_threads() -> usize {
     (cores / 2).clamp(1, 8)
 }
 
-/// The buckets of one update (the plan less the skipped destinations) and what they write.
+/// The buckets of one update (the plan less the skipped destinations), cut into pieces, and
+/// what they write. Built when a connection starts (and again only for a delta update that
+/// skips tensors), so updates themselves do no planning work.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub buckets: Vec<Bucket>,
+    /// Each bucket's pieces, in payload order.
+    pieces: Vec<Vec<Piece>>,
     /// Destinations this update writes.
     pub written: Vec<bool>,
     /// Destinations written front to back in contiguous runs: digested piece by piece.
@@ -42,7 +46,23 @@ impl Schedule {
         kept.ops.retain(|op| written[op.dst as usize]);
         let buckets = buckets(&kept, bucket_bytes)?;
         let bytes = buckets.iter().map(|b| b.bytes).sum();
-        Ok(Schedule { buckets, written, sequential: plan.sequential_destinations(), bytes })
+        let sequential = plan.sequential_destinations();
+        let pieces = buckets.iter().map(|b| bucket_pieces(plan, &sequential, b)).collect();
+        Ok(Schedule { buckets, pieces, written, sequential, bytes })
+    }
+
+    /// The schedule for an update skipping `skip`: this (full) one when nothing is skipped.
+    pub fn for_skip<'a>(
+        &'a self,
+        plan: &Plan,
+        skip: &[u32],
+        bucket_bytes: u64,
+    ) -> Result<std::borrow::Cow<'a, Schedule>, BucketError> {
+        if skip.is_empty() {
+            Ok(std::borrow::Cow::Borrowed(self))
+        } else {
+            Schedule::new(plan, skip, bucket_bytes).map(std::borrow::Cow::Owned)
+        }
     }
 
     /// One accumulator per destination.
@@ -53,20 +73,21 @@ impl Schedule {
 
 /// One piece of a bucket: what to copy, where its bytes sit in the payload, and (for a
 /// sequential destination) where they land in the destination, in bytes.
+#[derive(Debug, Clone)]
 struct Piece {
     op: CopyOp,
     payload: Range<usize>,
     dst_bytes: Option<Range<usize>>,
 }
 
-fn bucket_pieces(plan: &Plan, schedule: &Schedule, bucket: &Bucket) -> Vec<Piece> {
+fn bucket_pieces(plan: &Plan, sequential: &[bool], bucket: &Bucket) -> Vec<Piece> {
     let mut out = Vec::new();
     for entry in &bucket.entries {
         let mut at = entry.payload_offset as usize;
         for op in pieces(plan, &entry.op, PIECE_BYTES) {
             let len = plan.op_bytes(&op) as usize;
             let d = op.dst as usize;
-            let dst_bytes = schedule.sequential[d].then(|| {
+            let dst_bytes = sequential[d].then(|| {
                 let elt = plan.destinations[d].dtype.size() as usize;
                 let start = plan.strided(&op)[0].dst_offset as usize * elt;
                 start..start + len
@@ -111,13 +132,13 @@ fn in_parallel<T: Send, R: Send>(runs: Vec<T>, work: impl Fn(T) -> R + Sync) -> 
 pub fn pack(
     plan: &Plan,
     schedule: &Schedule,
-    bucket: &Bucket,
+    bucket: usize,
     sources: &dyn SourceTensors,
     payload: &mut [u8],
     digests: &mut [ChunkDigests],
     threads: usize,
 ) {
-    let pieces = bucket_pieces(plan, schedule, bucket);
+    let pieces: Vec<&Piece> = schedule.pieces[bucket].iter().collect();
     let runs = split_runs(pieces, threads, |p| p.payload.len());
     // Hand each run the part of the payload its pieces fill (runs are contiguous in it).
     let mut rest = payload;
@@ -136,7 +157,7 @@ pub fn pack(
             let bytes = &mut out[piece.payload.start - base..piece.payload.end - base];
             exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes)
                 .expect("plans match their sources' sizes");
-            if let Some(dst) = piece.dst_bytes {
+            if let Some(dst) = &piece.dst_bytes {
                 let len = plan.destinations[piece.op.dst as usize].byte_len();
                 found.push((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)));
             }
@@ -153,14 +174,14 @@ pub fn pack(
 pub fn unpack(
     plan: &Plan,
     schedule: &Schedule,
-    bucket: &Bucket,
+    bucket: usize,
     payload: &[u8],
     destinations: &mut dyn DestinationTensors,
     digests: &mut [ChunkDigests],
     threads: usize,
 ) {
-    let (sequential, strided): (Vec<Piece>, Vec<Piece>) =
-        bucket_pieces(plan, schedule, bucket).into_iter().partition(|p| p.dst_bytes.is_some());
+    let (sequential, strided): (Vec<&Piece>, Vec<&Piece>) =
+        schedule.pieces[bucket].iter().partition(|p| p.dst_bytes.is_some());
 
     // Carve each destination into the disjoint byte ranges its pieces write.
     let mut order: Vec<usize> = (0..sequential.len()).collect();
@@ -178,7 +199,7 @@ pub fn unpack(
         tensors[d] = rest;
         cursor[d] = range.end;
     }
-    let work: Vec<(Piece, &mut [u8])> =
+    let work: Vec<(&Piece, &mut [u8])> =
         sequential.into_iter().zip(targets).map(|(p, t)| (p, t.expect("every piece carved"))).collect();
     let runs = split_runs(work, threads, |(p, _)| p.payload.len());
     let results = in_parallel(runs, |run| {
@@ -186,7 +207,7 @@ pub fn unpack(
         for (piece, target) in run {
             target.copy_from_slice(&payload[piece.payload.clone()]);
             let len = plan.destinations[piece.op.dst as usize].byte_len();
-            let start = piece.dst_bytes.expect("sequential").start as u64;
+            let start = piece.dst_bytes.as_ref().expect("sequential").start as u64;
             found.push((piece.op.dst, PieceDigests::new(len, start, target)));
         }
         found
@@ -197,7 +218,8 @@ pub fn unpack(
     }
     for piece in strided {
         let dst = destinations.bytes_mut(piece.op.dst as usize);
-        exec::unpack(plan, &piece.op, &payload[piece.payload], dst).expect("plans match their destinations' sizes");
+        exec::unpack(plan, &piece.op, &payload[piece.payload.clone()], dst)
+            .expect("plans match their destinations' sizes");
     }
 }
 
@@ -222,13 +244,12 @@ pub fn sender_digests(
 }
 
 /// Every destination's digest as the sources would make it, without sending anything
-/// (delta mode compares these with the receiver's).
-pub fn expected_digests(plan: &Plan, sources: &dyn SourceTensors) -> Vec<u64> {
-    let schedule = Schedule::new(plan, &[], u64::MAX).expect("one bucket holds everything");
+/// (delta mode compares these with the receiver's); `schedule` is the full one.
+pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTensors) -> Vec<u64> {
     let mut digests = schedule.digests(plan);
     let mut scratch = Vec::new();
-    for piece in schedule.buckets.iter().flat_map(|b| bucket_pieces(plan, &schedule, b)) {
-        let Some(dst) = piece.dst_bytes else { continue };
+    for piece in schedule.pieces.iter().flatten() {
+        let Some(dst) = &piece.dst_bytes else { continue };
         scratch.resize(piece.payload.len(), 0);
         exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), &mut scratch).expect("sizes match");
         let len = plan.destinations[piece.op.dst as usize].byte_len();

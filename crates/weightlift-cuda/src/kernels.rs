@@ -105,45 +105,12 @@ __device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, 
     return xxh64_finish(p, len, len & ~31ULL, v1, v2, v3, v4);
 }
 
-// One digest per 4 KiB chunk of every region. Four consecutive threads share a chunk, one per
-// xxh64 stripe accumulator, so each 32-byte stripe is read as one coalesced sector.
-extern "C" __global__ void chunk_digests(const u64* ptrs, const u64* lens, const u64* chunk_start, const u64* out_base, u32 n, u64* out) {
-    u64 total = chunk_start[n];
-    u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
-    u64 lane = threadIdx.x & 3;
-    u32 group_mask = 0xFu << (threadIdx.x & 28);
-    for (u64 base = 0; base < total; base += groups) {
-        u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
-        bool active = g < total;
-        u64 v = 0, len = 0, slot = 0;
-        const u8* p = 0;
-        if (active) {
-            u32 i = find(chunk_start, n, g);
-            u64 k = g - chunk_start[i];
-            slot = out_base[i] + k;
-            p = (const u8*)(ptrs[i] + k * 4096);
-            len = lens[i] - k * 4096 < 4096 ? lens[i] - k * 4096 : 4096;
-            v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-            u64 s = 0;
-            // Four stripes' loads in flight before their rounds: the loads, not the
-            // arithmetic, are what a chunk waits on.
-            for (; s + 128 <= len; s += 128) {
-                u64 w0 = load64(p + s + 8 * lane), w1 = load64(p + s + 32 + 8 * lane);
-                u64 w2 = load64(p + s + 64 + 8 * lane), w3 = load64(p + s + 96 + 8 * lane);
-                v = xround(xround(xround(xround(v, w0), w1), w2), w3);
-            }
-            for (; s + 32 <= len; s += 32) v = xround(v, load64(p + s + 8 * lane));
-        }
-        u64 h = group_finish(v, group_mask, p, len);
-        if (active && lane == 0) out[slot] = h;
-    }
-}
-
 struct FusedRun { u64 src, dst, bytes, out; };
 
 // Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
-// source, written once, and hashed from the registers it passed through. Same lane layout as
-// chunk_digests (four threads per chunk, one per stripe accumulator).
+// source, written once, and hashed from the registers it passed through. A run whose `dst` is
+// 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
+// per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector.
 extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
@@ -160,27 +127,30 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
             FusedRun r = runs[i];
             slot = r.out + k;
             const u8* p = (const u8*)(r.src + k * 4096);
-            q = (u8*)(r.dst + k * 4096);
+            q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
             len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
             v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
             u64 s = 0;
             if (((((u64)p) | ((u64)q)) & 7) == 0) {
+                // Four stripes' loads in flight before their rounds: the loads, not the
+                // arithmetic, are what a chunk waits on.
                 for (; s + 128 <= len; s += 128) {
                     u64 o = s + 8 * lane;
                     u64 w0 = *(const u64*)(p + o), w1 = *(const u64*)(p + o + 32);
                     u64 w2 = *(const u64*)(p + o + 64), w3 = *(const u64*)(p + o + 96);
-                    *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3;
+                    if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
                     v = xround(xround(xround(xround(v, w0), w1), w2), w3);
                 }
             }
             for (; s + 32 <= len; s += 32) {
                 u64 o = s + 8 * lane;
                 u64 w = load64(p + o);
-                for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
+                if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
                 v = xround(v, w);
             }
             // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
-            if (lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
+            if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
+            if (!q) q = (u8*)p;
         }
         u64 h = group_finish(v, group_mask, q, len);
         if (active && lane == 0) out[slot] = h;
@@ -229,10 +199,9 @@ extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_s
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     copy: CudaFunction,
-    chunk_digests: CudaFunction,
+    copy_digest: CudaFunction,
     combine: CudaFunction,
     read_all: CudaFunction,
-    copy_digest: CudaFunction,
     /// Blocks a grid-striding kernel needs to fill the GPU.
     blocks: u32,
 }
@@ -250,10 +219,9 @@ impl Kernels {
             .call("cuDeviceGetAttribute")?;
         Ok(Kernels {
             copy: load("batched_copy")?,
-            chunk_digests: load("chunk_digests")?,
+            copy_digest: load("copy_digest")?,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
-            copy_digest: load("copy_digest")?,
             blocks: (sms.max(1) as u32) * 8,
             _module: module,
         })
@@ -275,6 +243,7 @@ pub struct CopyDesc {
 /// A run of a destination tensor copied and digested in one pass: `bytes` from `src` to
 /// `dst`, whose chunk digests go to slots `out`, `out + 1`, ... of the tensors' chunk array.
 /// `dst` starts on a chunk boundary of its tensor, and the run ends on one or at its end.
+/// With `dst` 0 the run is only digested: `src` is then the tensor memory itself.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedRun {
@@ -282,25 +251,6 @@ pub struct FusedRun {
     pub dst: u64,
     pub bytes: u64,
     pub out: u64,
-}
-
-/// A whole update prepared once: see [`Gpu::prepare_update`].
-pub struct UpdateBatch {
-    runs: DeviceBuffer,
-    run_start: DeviceBuffer,
-    run_count: u32,
-    fused_chunks: u64,
-    copies: CopyBatch,
-    region_ptrs: DeviceBuffer,
-    region_lens: DeviceBuffer,
-    region_out: DeviceBuffer,
-    region_start: DeviceBuffer,
-    region_count: u32,
-    region_chunks: u64,
-    tensor_start: DeviceBuffer,
-    tensor_count: u32,
-    chunks: DeviceBuffer,
-    out: DeviceBuffer,
 }
 
 /// Copies uploaded once, run with one launch each time.
@@ -311,17 +261,29 @@ pub struct CopyBatch {
     tiles: u64,
 }
 
-/// Regions uploaded once, digested with two launches each time.
-pub struct DigestBatch {
-    ptrs: DeviceBuffer,
-    lens: DeviceBuffer,
-    chunk_start: DeviceBuffer,
-    out_base: DeviceBuffer,
+/// Runs uploaded once, with the prefix sum of their chunks (the kernel's work index).
+struct RunList {
+    runs: DeviceBuffer,
+    start: DeviceBuffer,
+    count: u32,
+    chunks: u64,
+}
+
+/// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
+/// of memory in place is (see [`Gpu::prepare_digests`]).
+pub struct UpdateBatch {
+    fused: RunList,
+    copies: CopyBatch,
+    /// Digest-only runs over the chunks the fallback copies write, run after them.
+    after: RunList,
+    tensor_start: DeviceBuffer,
+    tensor_count: u32,
     chunks: DeviceBuffer,
     out: DeviceBuffer,
-    count: u32,
-    total_chunks: u64,
 }
+
+/// Digests of device memory in place: an update with nothing to copy.
+pub type DigestBatch = UpdateBatch;
 
 fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
     // SAFETY: T is a plain #[repr(C)] or integer type with no padding read as bytes for a copy.
@@ -335,6 +297,22 @@ fn upload<T: Copy>(gpu: &Gpu, items: &[T]) -> Result<DeviceBuffer, CudaError> {
     Ok(buf)
 }
 
+/// Start of each item's share of a total (plus the total at the end), in units of `unit`.
+fn prefix(lens: impl Iterator<Item = u64>, unit: u64) -> (Vec<u64>, u64) {
+    let mut start = Vec::new();
+    let mut total = 0u64;
+    for len in lens {
+        start.push(total);
+        total += len.div_ceil(unit);
+    }
+    start.push(total);
+    (start, total)
+}
+
+fn count(n: usize) -> Result<u32, CudaError> {
+    u32::try_from(n).map_err(|_| CudaError::Invalid(format!("{n} items are too many for one batch")))
+}
+
 impl Gpu {
     /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
     /// is used; weightlift builds batches from buffers it holds or has mapped.
@@ -346,9 +324,12 @@ impl Gpu {
             total += d.rows * d.row_bytes.div_ceil(TILE_BYTES);
         }
         tile_start.push(total);
-        let count =
-            u32::try_from(descs.len()).map_err(|_| CudaError::Invalid("too many copies in one batch".into()))?;
-        Ok(CopyBatch { descs: upload(self, descs)?, tile_start: upload(self, &tile_start)?, count, tiles: total })
+        Ok(CopyBatch {
+            descs: upload(self, descs)?,
+            tile_start: upload(self, &tile_start)?,
+            count: count(descs.len())?,
+            tiles: total,
+        })
     }
 
     /// Queues every copy of the batch on this GPU's stream: one launch.
@@ -383,74 +364,77 @@ impl Gpu {
         self.synchronize()
     }
 
-    /// Prepares digests of the device regions `(address, bytes)`.
+    /// Prepares digests of the device regions `(address, bytes)`, as they are when run.
     pub fn prepare_digests(&self, regions: &[(u64, u64)]) -> Result<DigestBatch, CudaError> {
-        let mut chunk_start = Vec::with_capacity(regions.len() + 1);
-        let mut total = 0u64;
-        for &(_, len) in regions {
-            chunk_start.push(total);
-            total += len.div_ceil(CHUNK_BYTES);
-        }
-        chunk_start.push(total);
-        let ptrs: Vec<u64> = regions.iter().map(|r| r.0).collect();
+        let (start, _) = prefix(regions.iter().map(|r| r.1), CHUNK_BYTES);
+        let in_place: Vec<(u64, u64, u64)> = regions.iter().zip(&start).map(|(r, &s)| (r.0, r.1, s)).collect();
         let lens: Vec<u64> = regions.iter().map(|r| r.1).collect();
-        let count =
-            u32::try_from(regions.len()).map_err(|_| CudaError::Invalid("too many regions in one batch".into()))?;
-        Ok(DigestBatch {
-            ptrs: upload(self, &ptrs)?,
-            lens: upload(self, &lens)?,
-            out_base: upload(self, &chunk_start)?,
-            chunk_start: upload(self, &chunk_start)?,
-            chunks: self.alloc((total as usize).max(1) * 8)?,
-            out: self.alloc(regions.len().max(1) * 8)?,
-            count,
-            total_chunks: total,
-        })
+        self.prepare_update(&[], &[], &in_place, &lens)
     }
 
     /// Digests every region of the batch (as the project defines digests) and returns them.
     pub fn run_digests(&self, batch: &DigestBatch) -> Result<Vec<u64>, CudaError> {
-        self.launch_chunk_digests(
-            &batch.ptrs,
-            &batch.lens,
-            &batch.chunk_start,
-            &batch.out_base,
-            batch.count,
-            batch.total_chunks,
-            &batch.chunks,
-        )?;
-        self.combine(&batch.chunks, &batch.chunk_start, batch.count, &batch.out)
+        self.run_update(batch)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn launch_chunk_digests(
+    /// Prepares a whole update: fused copy+digest runs, fallback copies, the digests of the
+    /// chunks the fallback copies write (address, bytes, first out slot), and the chunk layout
+    /// of every destination tensor (`tensor_bytes`), whose digests [`Gpu::run_update`] returns.
+    pub fn prepare_update(
         &self,
-        ptrs: &DeviceBuffer,
-        lens: &DeviceBuffer,
-        chunk_start: &DeviceBuffer,
-        out_base: &DeviceBuffer,
-        count: u32,
-        total_chunks: u64,
-        chunks: &DeviceBuffer,
-    ) -> Result<(), CudaError> {
-        if total_chunks == 0 {
+        fused: &[FusedRun],
+        fallback_copies: &[CopyDesc],
+        fallback_chunks: &[(u64, u64, u64)],
+        tensor_bytes: &[u64],
+    ) -> Result<UpdateBatch, CudaError> {
+        let after: Vec<FusedRun> =
+            fallback_chunks.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
+        let (fused, after) = (self.upload_runs(fused)?, self.upload_runs(&after)?);
+        let (tensor_start, chunks) = prefix(tensor_bytes.iter().copied(), CHUNK_BYTES);
+        if fused.chunks + after.chunks != chunks {
+            return Err(CudaError::Invalid(format!(
+                "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
+                fused.chunks, after.chunks
+            )));
+        }
+        Ok(UpdateBatch {
+            fused,
+            copies: self.prepare_copies(fallback_copies)?,
+            after,
+            tensor_start: upload(self, &tensor_start)?,
+            tensor_count: count(tensor_bytes.len())?,
+            chunks: self.alloc((chunks as usize).max(1) * 8)?,
+            out: self.alloc(tensor_bytes.len().max(1) * 8)?,
+        })
+    }
+
+    /// Runs an update: fused copy+digest, fallback copies, their chunks' digests, then every
+    /// tensor's digest (four launches however many tensors); returns the digests.
+    pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
+        self.launch_runs(&batch.fused, &batch.chunks)?;
+        self.run_copies(&batch.copies)?;
+        self.launch_runs(&batch.after, &batch.chunks)?;
+        self.combine(&batch.chunks, &batch.tensor_start, batch.tensor_count, &batch.out)
+    }
+
+    fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
+        let (start, chunks) = prefix(runs.iter().map(|r| r.bytes), CHUNK_BYTES);
+        Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
+    }
+
+    fn launch_runs(&self, list: &RunList, chunks: &DeviceBuffer) -> Result<(), CudaError> {
+        if list.chunks == 0 {
             return Ok(());
         }
         let k = self.kernels();
-        let grid = (total_chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
+        let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (p, l, s, o, c) = (
-            ptrs.device_ptr(),
-            lens.device_ptr(),
-            chunk_start.device_ptr(),
-            out_base.device_ptr(),
-            chunks.device_ptr(),
-        );
-        let mut launch = self.stream().launch_builder(&k.chunk_digests);
-        launch.arg(&p).arg(&l).arg(&s).arg(&o).arg(&count).arg(&c);
-        // SAFETY: arguments match the kernel; the regions are live device memory (the batch's
-        // contract) and every out slot lies inside `chunks`.
-        unsafe { launch.launch(config) }.call("cuLaunchKernel(chunk_digests)")?;
+        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
+        let mut launch = self.stream().launch_builder(&k.copy_digest);
+        launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
+        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract)
+        // and every out slot lies inside `chunks` (counted when the batch was prepared).
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(copy_digest)")?;
         Ok(())
     }
 
@@ -476,81 +460,5 @@ impl Gpu {
         let mut bytes = vec![0u8; count as usize * 8];
         out.download(&mut bytes)?;
         Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
-    }
-
-    /// Prepares a whole update: fused copy+digest runs, fallback copies, the digests of the
-    /// chunks the fallback copies write (address, bytes, first out slot), and the chunk layout
-    /// of every destination tensor (`tensor_bytes`), whose digests [`Gpu::run_update`] returns.
-    pub fn prepare_update(
-        &self,
-        fused: &[FusedRun],
-        fallback_copies: &[CopyDesc],
-        fallback_chunks: &[(u64, u64, u64)],
-        tensor_bytes: &[u64],
-    ) -> Result<UpdateBatch, CudaError> {
-        let prefix = |lens: &mut dyn Iterator<Item = u64>| -> (Vec<u64>, u64) {
-            let mut start = Vec::new();
-            let mut total = 0u64;
-            for len in lens {
-                start.push(total);
-                total += len.div_ceil(CHUNK_BYTES);
-            }
-            start.push(total);
-            (start, total)
-        };
-        let (run_start, fused_chunks) = prefix(&mut fused.iter().map(|r| r.bytes));
-        let (region_start, region_chunks) = prefix(&mut fallback_chunks.iter().map(|r| r.1));
-        let (tensor_start, chunks) = prefix(&mut tensor_bytes.iter().copied());
-        if fused_chunks + region_chunks != chunks {
-            return Err(CudaError::Invalid(format!(
-                "{fused_chunks} fused and {region_chunks} fallback chunks do not make the {chunks} chunks of the tensors"
-            )));
-        }
-        let count = |n: usize| u32::try_from(n).map_err(|_| CudaError::Invalid("batch too large".into()));
-        Ok(UpdateBatch {
-            runs: upload(self, fused)?,
-            run_start: upload(self, &run_start)?,
-            run_count: count(fused.len())?,
-            fused_chunks,
-            copies: self.prepare_copies(fallback_copies)?,
-            region_ptrs: upload(self, &fallback_chunks.iter().map(|r| r.0).collect::<Vec<_>>())?,
-            region_lens: upload(self, &fallback_chunks.iter().map(|r| r.1).collect::<Vec<_>>())?,
-            region_out: upload(self, &fallback_chunks.iter().map(|r| r.2).collect::<Vec<_>>())?,
-            region_start: upload(self, &region_start)?,
-            region_count: count(fallback_chunks.len())?,
-            region_chunks,
-            tensor_start: upload(self, &tensor_start)?,
-            tensor_count: count(tensor_bytes.len())?,
-            chunks: self.alloc((chunks as usize).max(1) * 8)?,
-            out: self.alloc(tensor_bytes.len().max(1) * 8)?,
-        })
-    }
-
-    /// Runs an update: fused copy+digest, fallback copies, their chunks' digests, then every
-    /// tensor's digest (four launches however many tensors); returns the digests.
-    pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
-        let k = self.kernels();
-        if batch.fused_chunks > 0 {
-            let grid = (batch.fused_chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
-            let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            let (runs, starts, out) =
-                (batch.runs.device_ptr(), batch.run_start.device_ptr(), batch.chunks.device_ptr());
-            let mut launch = self.stream().launch_builder(&k.copy_digest);
-            launch.arg(&runs).arg(&starts).arg(&batch.run_count).arg(&out);
-            // SAFETY: arguments match the kernel; runs address live memory (the batch's
-            // contract) and every out slot lies inside `chunks` (counted when prepared).
-            unsafe { launch.launch(config) }.call("cuLaunchKernel(copy_digest)")?;
-        }
-        self.run_copies(&batch.copies)?;
-        self.launch_chunk_digests(
-            &batch.region_ptrs,
-            &batch.region_lens,
-            &batch.region_start,
-            &batch.region_out,
-            batch.region_count,
-            batch.region_chunks,
-            &batch.chunks,
-        )?;
-        self.combine(&batch.chunks, &batch.tensor_start, batch.tensor_count, &batch.out)
     }
 }

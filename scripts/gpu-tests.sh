@@ -14,13 +14,13 @@ fi
 rm -rf .gpu && mkdir -p .gpu/tests
 cargo build --release -p weightlift
 cp target/release/weightlift .gpu/
-# The unit-test binaries of the crates that hold GPU tests.
-cargo test --release --no-run --message-format=json -p weightlift-cuda -p weightlift --lib 2>/dev/null \
+# The test binaries that hold GPU tests: the crates' unit tests and the IPC integration tests.
+cargo test --release --no-run --message-format=json -p weightlift-cuda -p weightlift --lib --test gpu_ipc 2>/dev/null \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["lib"], ["test"]):
         name = m["target"]["name"]
         shutil.copy(m["executable"], f".gpu/tests/{name}")
         print(f"built .gpu/tests/{name}")
@@ -30,6 +30,8 @@ cat > .gpu/run.sh <<'RUN'
 # Runs every GPU test (the ignored ones) and the GPU benchmark; summary last.
 cd "$(dirname "$0")"
 export NCCL_NVLS_ENABLE=0
+# Integration tests start the CLI from here, not from the build machine's target/.
+export WEIGHTLIFT_BIN="$PWD/weightlift"
 status=0
 summary=""
 for t in tests/*; do

@@ -62,6 +62,10 @@ impl Gpu {
         self.ctx.name().call("cuDeviceGetName")
     }
 
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -104,6 +108,44 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Lets this GPU's kernels and copies reach `peer`'s memory directly (NVLink); a no-op when
+    /// already enabled.
+    pub fn enable_peer_access(&self, peer: &Gpu) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: both contexts are live (owned by the two Gpus); flags must be 0.
+        let result = unsafe { cudarc::driver::sys::cuCtxEnablePeerAccess(peer.ctx.cu_ctx(), 0) };
+        match result {
+            cudarc::driver::sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            other => other.result().call("cuCtxEnablePeerAccess"),
+        }
+    }
+
+    /// Copies `bytes` from `src` (on this GPU) to `dst` (on another) with the copy engines, on
+    /// this GPU's stream: the peer-copy ceiling.
+    pub fn copy_to_peer(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
+        if bytes > dst.len || bytes > src.len {
+            return Err(CudaError::Invalid(format!(
+                "copy of {bytes} bytes exceeds a buffer ({} / {})",
+                src.len, dst.len
+            )));
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: both ranges lie inside live allocations of their contexts (checked above).
+        unsafe {
+            result::memcpy_peer_async(
+                dst.ctx.cu_ctx(),
+                dst.ptr,
+                src.ctx.cu_ctx(),
+                src.ptr,
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .call("cuMemcpyPeerAsync")
+    }
+}
+
 /// Device memory owned by weightlift; freed when dropped.
 pub struct DeviceBuffer {
     ptr: CUdeviceptr,
@@ -123,32 +165,75 @@ impl DeviceBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
 
-    /// Synchronous host -> device copy of all of `src` to the start of this buffer.
-    pub fn upload(&mut self, src: &[u8]) -> Result<(), CudaError> {
-        if src.len() > self.len {
-            return Err(CudaError::Invalid(format!("{} bytes do not fit a {}-byte buffer", src.len(), self.len)));
+impl OwnedDeviceMemory for DeviceBuffer {
+    fn range(&self) -> (u64, usize) {
+        (self.ptr, self.len)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::DeviceBuffer {}
+    impl Sealed for crate::vmm::SharedAllocation {}
+}
+
+/// Device memory this crate allocated and owns: its whole range stays valid while borrowed,
+/// which is what makes the copies below sound (sealed: only this crate's owners implement it).
+pub trait OwnedDeviceMemory: sealed::Sealed {
+    /// Start and length in bytes.
+    fn range(&self) -> (u64, usize);
+    fn owner(&self) -> &Arc<CudaContext>;
+
+    /// Synchronous host -> device copy of all of `src` to the start of this memory.
+    fn upload(&mut self, src: &[u8]) -> Result<(), CudaError> {
+        self.upload_at(0, src)
+    }
+
+    /// Synchronous host -> device copy of all of `src` to byte `offset` of this memory.
+    fn upload_at(&mut self, offset: usize, src: &[u8]) -> Result<(), CudaError> {
+        let (ptr, len) = self.range();
+        if offset.checked_add(src.len()).is_none_or(|end| end > len) {
+            return Err(CudaError::Invalid(format!(
+                "{} bytes at offset {offset} do not fit a {len}-byte buffer",
+                src.len()
+            )));
         }
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        // SAFETY: `src` is a valid host slice and the destination range lies inside this buffer.
-        unsafe { result::memcpy_htod_sync(self.ptr, src) }.call("cuMemcpyHtoD")
+        self.owner().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `src` is a valid host slice and the destination range lies inside this memory.
+        unsafe { result::memcpy_htod_sync(ptr + offset as u64, src) }.call("cuMemcpyHtoD")
     }
 
     /// Sets every byte to `value` (queued on `gpu`'s stream).
-    pub fn fill(&mut self, gpu: &Gpu, value: u8) -> Result<(), CudaError> {
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        // SAFETY: the range is exactly this live allocation.
-        unsafe { result::memset_d8_async(self.ptr, value, self.len, gpu.stream().cu_stream()) }.call("cuMemsetD8Async")
+    fn fill(&mut self, gpu: &Gpu, value: u8) -> Result<(), CudaError> {
+        let (ptr, len) = self.range();
+        self.owner().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: the range is exactly this live memory.
+        unsafe { result::memset_d8_async(ptr, value, len, gpu.stream().cu_stream()) }.call("cuMemsetD8Async")
     }
 
-    /// Synchronous device -> host copy of the start of this buffer into all of `dst`.
-    pub fn download(&self, dst: &mut [u8]) -> Result<(), CudaError> {
-        if dst.len() > self.len {
-            return Err(CudaError::Invalid(format!("{} bytes exceed a {}-byte buffer", dst.len(), self.len)));
+    /// Synchronous device -> host copy of the start of this memory into all of `dst`.
+    fn download(&self, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.download_at(0, dst)
+    }
+
+    /// Synchronous device -> host copy from byte `offset` of this memory into all of `dst`.
+    fn download_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), CudaError> {
+        let (ptr, len) = self.range();
+        if offset.checked_add(dst.len()).is_none_or(|end| end > len) {
+            return Err(CudaError::Invalid(format!(
+                "{} bytes at offset {offset} exceed a {len}-byte buffer",
+                dst.len()
+            )));
         }
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        // SAFETY: `dst` is a valid host slice and the source range lies inside this buffer.
-        unsafe { result::memcpy_dtoh_sync(dst, self.ptr) }.call("cuMemcpyDtoH")
+        self.owner().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `dst` is a valid host slice and the source range lies inside this memory.
+        unsafe { result::memcpy_dtoh_sync(dst, ptr + offset as u64) }.call("cuMemcpyDtoH")
     }
 }
 

@@ -8,12 +8,14 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKe
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use crate::error::{Call, CudaError};
-use crate::gpu::{DeviceBuffer, Gpu};
+use crate::gpu::{DeviceBuffer, Gpu, OwnedDeviceMemory};
 
 /// Bytes of one digest chunk (the project's digest definition).
 pub const CHUNK_BYTES: u64 = 4096;
 /// Bytes one block of the copy kernel moves per tile.
 const TILE_BYTES: u64 = 64 << 10;
+/// Elements one block of the cast kernel converts per tile.
+const CAST_TILE_ELEMS: u64 = 16 << 10;
 const THREADS: u32 = 256;
 
 const SOURCE: &str = r#"
@@ -56,6 +58,31 @@ extern "C" __global__ void batched_copy(const CopyDesc* descs, const u64* tile_s
         u64 off = seg * tile_bytes;
         u64 len = d.row_bytes - off < tile_bytes ? d.row_bytes - off : tile_bytes;
         copy_span((u8*)(d.dst + row * d.dst_stride + off), (const u8*)(d.src + row * d.src_stride + off), len);
+    }
+}
+
+struct CastDesc { u64 src, dst, rows, row_elems, src_stride, dst_stride; };
+
+// f32 -> bf16, round to nearest even, with the instruction torch's CUDA kernels use (so NaNs,
+// infinities and subnormals come out exactly as `.to(torch.bfloat16)` gives them). Tiles as in
+// batched_copy, counted in elements.
+extern "C" __global__ void batched_cast_f32_bf16(const CastDesc* descs, const u64* tile_start, u32 n, u64 tile_elems) {
+    u64 total = tile_start[n];
+    for (u64 tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        u32 i = find(tile_start, n, tile);
+        CastDesc d = descs[i];
+        u64 per_row = (d.row_elems + tile_elems - 1) / tile_elems;
+        u64 k = tile - tile_start[i];
+        u64 row = k / per_row, seg = k % per_row;
+        u64 off = seg * tile_elems;
+        u64 len = d.row_elems - off < tile_elems ? d.row_elems - off : tile_elems;
+        const float* src = (const float*)(d.src + row * d.src_stride) + off;
+        unsigned short* dst = (unsigned short*)(d.dst + row * d.dst_stride) + off;
+        for (u64 e = threadIdx.x; e < len; e += blockDim.x) {
+            unsigned short h;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(src[e]));
+            dst[e] = h;
+        }
     }
 }
 
@@ -199,6 +226,7 @@ extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_s
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     copy: CudaFunction,
+    cast: CudaFunction,
     copy_digest: CudaFunction,
     combine: CudaFunction,
     read_all: CudaFunction,
@@ -219,6 +247,7 @@ impl Kernels {
             .call("cuDeviceGetAttribute")?;
         Ok(Kernels {
             copy: load("batched_copy")?,
+            cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
@@ -240,10 +269,22 @@ pub struct CopyDesc {
     pub dst_stride: u64,
 }
 
+/// One 2-D strided f32 -> bf16 cast: `rows` rows of `row_elems` elements; strides in bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CastDesc {
+    pub src: u64,
+    pub dst: u64,
+    pub rows: u64,
+    pub row_elems: u64,
+    pub src_stride: u64,
+    pub dst_stride: u64,
+}
+
 /// A run of a destination tensor copied and digested in one pass: `bytes` from `src` to
-/// `dst`, whose chunk digests go to slots `out`, `out + 1`, ... of the tensors' chunk array.
+/// `dst`, whose chunk digests go to slots `out`, `out + 1`, ... of the wave's chunk array.
 /// `dst` starts on a chunk boundary of its tensor, and the run ends on one or at its end.
-/// With `dst` 0 the run is only digested: `src` is then the tensor memory itself.
+/// With `dst` 0 the run is only digested: `src` is then the memory to digest.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedRun {
@@ -253,8 +294,56 @@ pub struct FusedRun {
     pub out: u64,
 }
 
+/// Chunk digests one wave of an update holds at most (32 MiB of them, for 16 GiB of tensors):
+/// what bounds the GPU memory an update needs beyond the tensors.
+pub const WAVE_CHUNKS: u64 = 4 << 20;
+
+/// Consecutive tensors grouped into waves of at most [`WAVE_CHUNKS`] chunks (a larger tensor
+/// is a wave of its own).
+pub fn waves(tensor_bytes: &[u64]) -> Vec<std::ops::Range<usize>> {
+    waves_of(tensor_bytes, WAVE_CHUNKS)
+}
+
+/// [`waves`] with another bound (tests use small ones to get many waves from small models).
+pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64) -> Vec<std::ops::Range<usize>> {
+    let mut waves = Vec::new();
+    let (mut start, mut chunks) = (0, 0u64);
+    for (t, bytes) in tensor_bytes.iter().enumerate() {
+        let c = bytes.div_ceil(CHUNK_BYTES);
+        if t > start && chunks + c > max_chunks {
+            waves.push(start..t);
+            (start, chunks) = (t, 0);
+        }
+        chunks += c;
+    }
+    if start < tensor_bytes.len() {
+        waves.push(start..tensor_bytes.len());
+    }
+    waves
+}
+
+/// The work of one wave: consecutive destination tensors, their fused runs, the copies and
+/// casts that cannot be fused, and the chunks those write, to digest after them: (address,
+/// bytes, first out slot). Out slots count from the wave's first chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Wave {
+    pub fused: Vec<FusedRun>,
+    pub copies: Vec<CopyDesc>,
+    pub casts: Vec<CastDesc>,
+    pub after: Vec<(u64, u64, u64)>,
+    pub tensor_bytes: Vec<u64>,
+}
+
 /// Copies uploaded once, run with one launch each time.
 pub struct CopyBatch {
+    descs: DeviceBuffer,
+    tile_start: DeviceBuffer,
+    count: u32,
+    tiles: u64,
+}
+
+/// Casts uploaded once, run with one launch each time.
+struct CastBatch {
     descs: DeviceBuffer,
     tile_start: DeviceBuffer,
     count: u32,
@@ -269,17 +358,37 @@ struct RunList {
     chunks: u64,
 }
 
-/// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
-/// of memory in place is (see [`Gpu::prepare_digests`]).
-pub struct UpdateBatch {
+struct PreparedWave {
     fused: RunList,
     copies: CopyBatch,
-    /// Digest-only runs over the chunks the fallback copies write, run after them.
+    casts: CastBatch,
     after: RunList,
     tensor_start: DeviceBuffer,
     tensor_count: u32,
+    first_tensor: u32,
+}
+
+/// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
+/// of memory in place is (see [`Gpu::prepare_digests`]).
+pub struct UpdateBatch {
+    waves: Vec<PreparedWave>,
+    /// The chunk digests of one wave at a time.
     chunks: DeviceBuffer,
     out: DeviceBuffer,
+    tensor_count: u32,
+    device_bytes: u64,
+}
+
+impl UpdateBatch {
+    /// Device memory the batch holds (descriptors, chunk digests, results).
+    pub fn device_bytes(&self) -> u64 {
+        self.device_bytes
+    }
+
+    /// Kernel launches one run takes.
+    pub fn launches(&self) -> usize {
+        self.waves.len() * 5
+    }
 }
 
 /// Digests of device memory in place: an update with nothing to copy.
@@ -313,39 +422,78 @@ fn count(n: usize) -> Result<u32, CudaError> {
     u32::try_from(n).map_err(|_| CudaError::Invalid(format!("{n} items are too many for one batch")))
 }
 
+/// Tile starts of 2-D work items: `rows` rows each cut into tiles of `tile` units.
+fn tiles(items: impl Iterator<Item = (u64, u64)>, tile: u64) -> (Vec<u64>, u64) {
+    let mut start = Vec::new();
+    let mut total = 0u64;
+    for (rows, row_len) in items {
+        start.push(total);
+        total += rows * row_len.div_ceil(tile);
+    }
+    start.push(total);
+    (start, total)
+}
+
 impl Gpu {
     /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
     /// is used; weightlift builds batches from buffers it holds or has mapped.
     pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
-        let mut tile_start = Vec::with_capacity(descs.len() + 1);
-        let mut total = 0u64;
-        for d in descs {
-            tile_start.push(total);
-            total += d.rows * d.row_bytes.div_ceil(TILE_BYTES);
-        }
-        tile_start.push(total);
+        let (tile_start, tiles) = tiles(descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES);
         Ok(CopyBatch {
             descs: upload(self, descs)?,
             tile_start: upload(self, &tile_start)?,
             count: count(descs.len())?,
-            tiles: total,
+            tiles,
         })
     }
 
     /// Queues every copy of the batch on this GPU's stream: one launch.
     pub fn run_copies(&self, batch: &CopyBatch) -> Result<(), CudaError> {
-        if batch.tiles == 0 {
+        let k = self.kernels();
+        self.launch_tiled(
+            &k.copy,
+            &batch.descs,
+            &batch.tile_start,
+            batch.count,
+            batch.tiles,
+            TILE_BYTES,
+            "batched_copy",
+        )
+    }
+
+    fn prepare_casts(&self, descs: &[CastDesc]) -> Result<CastBatch, CudaError> {
+        let (tile_start, tiles) = tiles(descs.iter().map(|d| (d.rows, d.row_elems)), CAST_TILE_ELEMS);
+        Ok(CastBatch {
+            descs: upload(self, descs)?,
+            tile_start: upload(self, &tile_start)?,
+            count: count(descs.len())?,
+            tiles,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_tiled(
+        &self,
+        kernel: &CudaFunction,
+        descs: &DeviceBuffer,
+        tile_start: &DeviceBuffer,
+        count: u32,
+        tiles: u64,
+        tile: u64,
+        name: &'static str,
+    ) -> Result<(), CudaError> {
+        if tiles == 0 {
             return Ok(());
         }
-        let k = self.kernels();
-        let grid = (batch.tiles.min(u64::from(k.blocks) * 4)) as u32;
+        let grid = (tiles.min(u64::from(self.kernels().blocks) * 4)) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (descs, starts, tile) = (batch.descs.device_ptr(), batch.tile_start.device_ptr(), TILE_BYTES);
-        let mut launch = self.stream().launch_builder(&k.copy);
-        launch.arg(&descs).arg(&starts).arg(&batch.count).arg(&tile);
-        // SAFETY: the arguments match the kernel's signature; every descriptor addresses live
-        // device memory (the batch's contract), and the arrays hold `count` (+1) entries.
-        unsafe { launch.launch(config) }.call("cuLaunchKernel(batched_copy)")?;
+        let (descs, starts) = (descs.device_ptr(), tile_start.device_ptr());
+        let mut launch = self.stream().launch_builder(kernel);
+        launch.arg(&descs).arg(&starts).arg(&count).arg(&tile);
+        // SAFETY: both tiled kernels take (descriptors, tile starts, count, tile size); every
+        // descriptor addresses live device memory (the batch's contract), and the arrays hold
+        // `count` (+1) entries.
+        unsafe { launch.launch(config) }.map_err(|e| CudaError::Driver { call: name, code: e.0 })?;
         Ok(())
     }
 
@@ -366,10 +514,19 @@ impl Gpu {
 
     /// Prepares digests of the device regions `(address, bytes)`, as they are when run.
     pub fn prepare_digests(&self, regions: &[(u64, u64)]) -> Result<DigestBatch, CudaError> {
-        let (start, _) = prefix(regions.iter().map(|r| r.1), CHUNK_BYTES);
-        let in_place: Vec<(u64, u64, u64)> = regions.iter().zip(&start).map(|(r, &s)| (r.0, r.1, s)).collect();
         let lens: Vec<u64> = regions.iter().map(|r| r.1).collect();
-        self.prepare_update(&[], &[], &in_place, &lens)
+        let waves: Vec<Wave> = waves(&lens)
+            .into_iter()
+            .map(|range| {
+                let (start, _) = prefix(lens[range.clone()].iter().copied(), CHUNK_BYTES);
+                Wave {
+                    after: regions[range.clone()].iter().zip(&start).map(|(r, &s)| (r.0, r.1, s)).collect(),
+                    tensor_bytes: lens[range].to_vec(),
+                    ..Wave::default()
+                }
+            })
+            .collect();
+        self.prepare_update(&waves)
     }
 
     /// Digests every region of the batch (as the project defines digests) and returns them.
@@ -377,44 +534,73 @@ impl Gpu {
         self.run_update(batch)
     }
 
-    /// Prepares a whole update: fused copy+digest runs, fallback copies, the digests of the
-    /// chunks the fallback copies write (address, bytes, first out slot), and the chunk layout
-    /// of every destination tensor (`tensor_bytes`), whose digests [`Gpu::run_update`] returns.
-    pub fn prepare_update(
-        &self,
-        fused: &[FusedRun],
-        fallback_copies: &[CopyDesc],
-        fallback_chunks: &[(u64, u64, u64)],
-        tensor_bytes: &[u64],
-    ) -> Result<UpdateBatch, CudaError> {
-        let after: Vec<FusedRun> =
-            fallback_chunks.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
-        let (fused, after) = (self.upload_runs(fused)?, self.upload_runs(&after)?);
-        let (tensor_start, chunks) = prefix(tensor_bytes.iter().copied(), CHUNK_BYTES);
-        if fused.chunks + after.chunks != chunks {
-            return Err(CudaError::Invalid(format!(
-                "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
-                fused.chunks, after.chunks
-            )));
+    /// Prepares a whole update, wave by wave (see [`Wave`]); [`Gpu::run_update`] returns the
+    /// digest of every tensor of every wave, in order.
+    pub fn prepare_update(&self, waves: &[Wave]) -> Result<UpdateBatch, CudaError> {
+        let mut prepared = Vec::with_capacity(waves.len());
+        let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
+        for wave in waves {
+            let after: Vec<FusedRun> =
+                wave.after.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
+            let (fused, after) = (self.upload_runs(&wave.fused)?, self.upload_runs(&after)?);
+            let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
+            if fused.chunks + after.chunks != chunks {
+                return Err(CudaError::Invalid(format!(
+                    "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
+                    fused.chunks, after.chunks
+                )));
+            }
+            max_chunks = max_chunks.max(chunks);
+            let wave = PreparedWave {
+                fused,
+                copies: self.prepare_copies(&wave.copies)?,
+                casts: self.prepare_casts(&wave.casts)?,
+                after,
+                tensor_start: upload(self, &tensor_start)?,
+                tensor_count: count(wave.tensor_bytes.len())?,
+                first_tensor,
+            };
+            first_tensor += wave.tensor_count;
+            device_bytes += [
+                &wave.fused.runs,
+                &wave.fused.start,
+                &wave.copies.descs,
+                &wave.copies.tile_start,
+                &wave.casts.descs,
+                &wave.casts.tile_start,
+                &wave.after.runs,
+                &wave.after.start,
+                &wave.tensor_start,
+            ]
+            .iter()
+            .map(|b| b.len() as u64)
+            .sum::<u64>();
+            prepared.push(wave);
         }
-        Ok(UpdateBatch {
-            fused,
-            copies: self.prepare_copies(fallback_copies)?,
-            after,
-            tensor_start: upload(self, &tensor_start)?,
-            tensor_count: count(tensor_bytes.len())?,
-            chunks: self.alloc((chunks as usize).max(1) * 8)?,
-            out: self.alloc(tensor_bytes.len().max(1) * 8)?,
-        })
+        let chunks = self.alloc((max_chunks as usize).max(1) * 8)?;
+        let out = self.alloc((first_tensor as usize).max(1) * 8)?;
+        device_bytes += (chunks.len() + out.len()) as u64;
+        Ok(UpdateBatch { waves: prepared, chunks, out, tensor_count: first_tensor, device_bytes })
     }
 
-    /// Runs an update: fused copy+digest, fallback copies, their chunks' digests, then every
-    /// tensor's digest (four launches however many tensors); returns the digests.
+    /// Runs an update: per wave, fused copy+digest, fallback copies and casts, their chunks'
+    /// digests, then every tensor's digest (five launches a wave, however many tensors);
+    /// returns the digests.
     pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
-        self.launch_runs(&batch.fused, &batch.chunks)?;
-        self.run_copies(&batch.copies)?;
-        self.launch_runs(&batch.after, &batch.chunks)?;
-        self.combine(&batch.chunks, &batch.tensor_start, batch.tensor_count, &batch.out)
+        let k = self.kernels();
+        for wave in &batch.waves {
+            self.launch_runs(&wave.fused, &batch.chunks)?;
+            self.run_copies(&wave.copies)?;
+            let c = &wave.casts;
+            self.launch_tiled(&k.cast, &c.descs, &c.tile_start, c.count, c.tiles, CAST_TILE_ELEMS, "batched_cast")?;
+            self.launch_runs(&wave.after, &batch.chunks)?;
+            let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
+            self.combine(&batch.chunks, &wave.tensor_start, wave.tensor_count, out)?;
+        }
+        self.synchronize()?;
+        let mut bytes = vec![0u8; batch.tensor_count as usize * 8];
+        batch.out.download(&mut bytes)?;
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
     }
 
     fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
@@ -438,27 +624,26 @@ impl Gpu {
         Ok(())
     }
 
-    /// Folds each tensor's chunk digests into its digest and downloads them (waits).
+    /// Folds each tensor's chunk digests into its digest at `out` (one slot per tensor).
     fn combine(
         &self,
         chunks: &DeviceBuffer,
         chunk_start: &DeviceBuffer,
         count: u32,
-        out: &DeviceBuffer,
-    ) -> Result<Vec<u64>, CudaError> {
-        if count > 0 {
-            let k = self.kernels();
-            let grid = (count * 32).div_ceil(THREADS);
-            let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            let (c, s, o) = (chunks.device_ptr(), chunk_start.device_ptr(), out.device_ptr());
-            let mut launch = self.stream().launch_builder(&k.combine);
-            launch.arg(&c).arg(&s).arg(&count).arg(&o);
-            // SAFETY: arguments match the kernel; `out` has one slot per tensor.
-            unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if count == 0 {
+            return Ok(());
         }
-        self.synchronize()?;
-        let mut bytes = vec![0u8; count as usize * 8];
-        out.download(&mut bytes)?;
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        let k = self.kernels();
+        let grid = (count * 32).div_ceil(THREADS);
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (c, s) = (chunks.device_ptr(), chunk_start.device_ptr());
+        let mut launch = self.stream().launch_builder(&k.combine);
+        launch.arg(&c).arg(&s).arg(&count).arg(&out);
+        // SAFETY: arguments match the kernel; `out` has one slot per tensor of the wave (inside
+        // the batch's result buffer).
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
+        Ok(())
     }
 }

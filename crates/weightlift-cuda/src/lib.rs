@@ -18,12 +18,18 @@
 pub mod error;
 pub mod gpu;
 pub mod host_map;
+pub mod ipc;
 pub mod kernels;
+pub mod vmm;
 
 pub use error::CudaError;
-pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu};
+pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, OwnedDeviceMemory};
 pub use host_map::{MapError, MappedFile, SharedMemory};
-pub use kernels::{CopyBatch, CopyDesc, DigestBatch, FusedRun, UpdateBatch, CHUNK_BYTES};
+pub use ipc::{IpcMapping, Located, Segment, IPC_HANDLE_BYTES};
+pub use kernels::{
+    waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedRun, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+};
+pub use vmm::{ImportedAllocation, SharedAllocation};
 
 #[cfg(test)]
 mod tests_gpu;

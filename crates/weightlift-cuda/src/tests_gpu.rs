@@ -3,7 +3,7 @@
 
 use weightlift_core::digest::digest;
 
-use crate::{device_count, driver_present, CopyDesc, CudaError, Gpu};
+use crate::{device_count, driver_present, CopyDesc, CudaError, Gpu, OwnedDeviceMemory};
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
 
@@ -98,4 +98,53 @@ fn batched_strided_copies_match_a_host_copy() {
     let mut got = vec![0u8; 1 << 20];
     dst.download(&mut got).unwrap();
     assert!(got == expected, "batched copy differs from the host copy");
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn f32_to_bf16_casts_round_to_nearest_even_like_the_host_and_are_digested() {
+    use crate::{CastDesc, Wave};
+    use weightlift_core::{dtype::convert, Cast, DType};
+    let gpu = gpu();
+    // Random bit patterns (every exponent, subnormals, infinities) and the rounding ties.
+    let mut values: Vec<f32> = bytes(1 << 20, 11)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .filter(|v| !v.is_nan())
+        .collect();
+    values.extend([
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        f32::MAX,
+        f32::MIN_POSITIVE / 3.0,
+        -0.0,
+        f32::INFINITY,
+    ]);
+    let elems = values.len() as u64;
+    let src_host: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut src = gpu.alloc(src_host.len()).unwrap();
+    src.upload(&src_host).unwrap();
+    let mut dst = gpu.alloc(elems as usize * 2).unwrap();
+    dst.fill(&gpu, 0).unwrap();
+    // Two halves: the first contiguous, the second as 2-D rows of 1000 (a row-parallel slice
+    // writes rows of the destination from strided source rows).
+    let half = elems / 2 / 1000 * 1000;
+    let rows = (elems - half) / 1000;
+    let (s, d) = (src.device_ptr(), dst.device_ptr());
+    let casts = vec![
+        CastDesc { src: s, dst: d, rows: 1, row_elems: half, src_stride: 0, dst_stride: 0 },
+        CastDesc { src: s + half * 4, dst: d + half * 2, rows, row_elems: 1000, src_stride: 4000, dst_stride: 2000 },
+    ];
+    let cast_elems = half + rows * 1000;
+    let wave =
+        Wave { casts, after: vec![(d, cast_elems * 2, 0)], tensor_bytes: vec![cast_elems * 2], ..Wave::default() };
+    let batch = gpu.prepare_update(&[wave]).unwrap();
+    let digests = gpu.run_update(&batch).unwrap();
+    let mut expected = vec![0u8; cast_elems as usize * 2];
+    convert(Cast { from: DType::F32, to: DType::BF16 }, &src_host, &mut expected, cast_elems as usize);
+    let mut got = vec![0u8; cast_elems as usize * 2];
+    dst.download(&mut got).unwrap();
+    let first_bad = got.chunks(2).zip(expected.chunks(2)).position(|(g, e)| g != e);
+    assert!(first_bad.is_none(), "element {first_bad:?} differs: {}", values[first_bad.unwrap()]);
+    assert_eq!(digests, vec![digest(&expected)]);
 }

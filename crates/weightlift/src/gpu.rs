@@ -4,9 +4,13 @@
 use std::collections::BTreeSet;
 use weightlift_core::{Manifest, Plan};
 
+use weightlift_core::DType;
 use weightlift_cuda::{
-    CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedRun, Gpu, UpdateBatch, CHUNK_BYTES,
+    waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedRun, Gpu, OwnedDeviceMemory,
+    SharedAllocation, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
 };
+
+use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
 
 use crate::tensors::HostTensors;
 
@@ -15,20 +19,50 @@ const ALIGN: u64 = 256;
 
 /// Tensors of a manifest laid out in one device allocation.
 pub struct GpuTensors {
-    buffer: DeviceBuffer,
+    memory: Memory,
     manifest: Manifest,
     offsets: Vec<u64>,
 }
 
-impl GpuTensors {
-    pub fn alloc(gpu: &Gpu, manifest: &Manifest) -> Result<GpuTensors, CudaError> {
-        let mut offsets = Vec::with_capacity(manifest.len());
-        let mut at = 0u64;
-        for spec in manifest {
-            offsets.push(at);
-            at = (at + spec.byte_len()).div_ceil(ALIGN) * ALIGN;
+enum Memory {
+    /// cuMemAlloc: shared with other processes through legacy CUDA IPC handles.
+    Plain(DeviceBuffer),
+    /// CUDA VMM: shared as a file descriptor; `u64` is its process-unique id.
+    Shareable(u64, SharedAllocation),
+}
+
+impl Memory {
+    fn owned(&self) -> &dyn OwnedDeviceMemory {
+        match self {
+            Memory::Plain(b) => b,
+            Memory::Shareable(_, a) => a,
         }
-        Ok(GpuTensors { buffer: gpu.alloc(at as usize)?, manifest: manifest.clone(), offsets })
+    }
+
+    fn owned_mut(&mut self) -> &mut dyn OwnedDeviceMemory {
+        match self {
+            Memory::Plain(b) => b,
+            Memory::Shareable(_, a) => a,
+        }
+    }
+}
+
+impl GpuTensors {
+    /// Tensors in memory from cuMemAlloc (what torch's allocator gives).
+    pub fn alloc(gpu: &Gpu, manifest: &Manifest) -> Result<GpuTensors, CudaError> {
+        let (offsets, bytes) = layout(manifest);
+        Ok(GpuTensors { memory: Memory::Plain(gpu.alloc(bytes as usize)?), manifest: manifest.clone(), offsets })
+    }
+
+    /// Tensors in VMM memory, shared with receivers as a file descriptor.
+    pub fn alloc_shareable(gpu: &Gpu, manifest: &Manifest) -> Result<GpuTensors, CudaError> {
+        let (offsets, bytes) = layout(manifest);
+        let memory = Memory::Shareable(next_allocation_id(), gpu.alloc_shareable(bytes as usize)?);
+        Ok(GpuTensors { memory, manifest: manifest.clone(), offsets })
+    }
+
+    fn base(&self) -> u64 {
+        self.memory.owned().range().0
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -37,7 +71,12 @@ impl GpuTensors {
 
     /// Device address of tensor `i`.
     pub fn ptr(&self, i: usize) -> u64 {
-        self.buffer.device_ptr() + self.offsets[i]
+        self.base() + self.offsets[i]
+    }
+
+    /// Every tensor's address.
+    pub fn ptrs(&self) -> Vec<u64> {
+        (0..self.manifest.len()).map(|i| self.ptr(i)).collect()
     }
 
     /// Every tensor as (address, bytes).
@@ -46,86 +85,108 @@ impl GpuTensors {
     }
 
     pub fn fill(&mut self, gpu: &Gpu, value: u8) -> Result<(), CudaError> {
-        self.buffer.fill(gpu, value)
+        self.memory.owned_mut().fill(gpu, value)
     }
 
     /// Copies host tensors (same manifest) to the device.
     pub fn upload(&mut self, host: &HostTensors) -> Result<(), CudaError> {
-        let (manifest, data) = host.clone().into_parts();
-        if manifest != self.manifest {
+        let (manifest, data) = (host.manifest(), host.data());
+        if manifest != &self.manifest {
             return Err(CudaError::Invalid("host tensors have a different manifest".into()));
         }
-        let mut staging = vec![0u8; self.buffer.len()];
         for (i, bytes) in data.iter().enumerate() {
-            let at = self.offsets[i] as usize;
-            staging[at..at + bytes.len()].copy_from_slice(bytes);
+            self.memory.owned_mut().upload_at(self.offsets[i] as usize, bytes)?;
         }
-        self.buffer.upload(&staging)
+        Ok(())
     }
 
     /// Copies the tensors back to host memory.
     pub fn download(&self) -> Result<HostTensors, CudaError> {
-        let mut staging = vec![0u8; self.buffer.len()];
-        self.buffer.download(&mut staging)?;
-        let data = self
-            .manifest
-            .iter()
-            .enumerate()
-            .map(|(i, s)| staging[self.offsets[i] as usize..(self.offsets[i] + s.byte_len()) as usize].to_vec())
-            .collect();
+        let mut data = Vec::with_capacity(self.manifest.len());
+        for (i, spec) in self.manifest.iter().enumerate() {
+            let mut bytes = vec![0u8; spec.byte_len() as usize];
+            self.memory.owned().download_at(self.offsets[i] as usize, &mut bytes)?;
+            data.push(bytes);
+        }
         HostTensors::new(self.manifest.clone(), data).map_err(|e| CudaError::Invalid(e.to_string()))
     }
 }
 
-/// A plan bound to device tensors: the update (fused copy+digest where the bytes allow it),
-/// and for measurement its copies alone and its digests alone.
+impl DeviceTensors for GpuTensors {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn device_ptrs(&self) -> Vec<u64> {
+        self.ptrs()
+    }
+
+    fn shareable(&self) -> Vec<(u64, &SharedAllocation)> {
+        match &self.memory {
+            Memory::Shareable(id, a) => vec![(*id, a)],
+            Memory::Plain(_) => Vec::new(),
+        }
+    }
+}
+
+/// Offset of each tensor and the bytes of the whole layout.
+fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
+    let mut offsets = Vec::with_capacity(manifest.len());
+    let mut at = 0u64;
+    for spec in manifest {
+        offsets.push(at);
+        at = (at + spec.byte_len()).div_ceil(ALIGN) * ALIGN;
+    }
+    (offsets, at)
+}
+
+/// A plan bound to device addresses, prepared once: each update is a handful of launches
+/// (five per wave of up to 16 GiB) however many tensors, and its extra device memory is
+/// bounded (descriptors and one wave's chunk digests), never a staging copy of the model.
 pub struct GpuPlan {
-    copies: CopyBatch,
-    digests: DigestBatch,
     update: UpdateBatch,
+    /// Every strided copy of the plan (kept to build the copy-only batch for measurement).
+    descs: Vec<CopyDesc>,
+    destinations: Vec<(u64, u64)>,
     pub copy_count: usize,
     /// Destination bytes copied and digested in one pass (the rest: copied, then digested).
     pub fused_bytes: u64,
 }
 
+/// How a plan's destination bytes are produced.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// Written into the destination tensors at these addresses.
+    Tensors(&'a [u64]),
+    /// Only digested, as they would be written: the sender's digests of what it means to send.
+    /// Bytes that cannot be digested straight from the sources are assembled in `scratch`.
+    DigestOnly { scratch: u64 },
+}
+
 impl GpuPlan {
-    /// Binds `plan` to `sources` (indexed like `plan.sources`) and `destinations` (like
-    /// `plan.destinations`). Plans with dtype casts are not run on the GPU yet.
-    pub fn new(gpu: &Gpu, plan: &Plan, sources: &GpuTensors, destinations: &GpuTensors) -> Result<GpuPlan, CudaError> {
-        if let Some(op) = plan.ops.iter().find(|op| plan.cast(op).is_some()) {
-            let name = &plan.destinations[op.dst as usize].name;
-            return Err(CudaError::Invalid(format!("`{name}` needs a dtype cast, which the GPU path does not do yet")));
-        }
-        let tensor_bytes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
-        let mut fusion = Fusion::new(&tensor_bytes);
-        let mut descs = Vec::with_capacity(plan.ops.len());
-        for op in &plan.ops {
-            let t = op.dst as usize;
-            let elt = plan.destinations[t].dtype.size();
-            let (src, dst) = (sources.ptr(op.src as usize), destinations.ptr(t));
-            for c in plan.strided(op) {
-                let desc = CopyDesc {
-                    src: src + c.src_offset * elt,
-                    dst: dst + c.dst_offset * elt,
-                    rows: c.rows,
-                    row_bytes: c.row_elems * elt,
-                    src_stride: c.src_stride * elt,
-                    dst_stride: c.dst_stride * elt,
-                };
-                descs.push(desc);
-                fusion.add(t, dst, c.dst_offset * elt, desc);
-            }
-        }
-        let copy_count = descs.len();
-        let regions = destinations.regions();
-        let fallback_chunks = fusion.fallback_regions(&regions);
-        let fused_bytes = fusion.fused.iter().map(|r| r.bytes).sum();
+    /// Binds `plan` to source tensors at `sources` (indexed like `plan.sources`) and
+    /// destination tensors at `destinations` (like `plan.destinations`).
+    pub fn new(gpu: &Gpu, plan: &Plan, sources: &[u64], destinations: &[u64]) -> Result<GpuPlan, CudaError> {
+        GpuPlan::with_wave_chunks(gpu, plan, sources, destinations, WAVE_CHUNKS)
+    }
+
+    fn with_wave_chunks(
+        gpu: &Gpu,
+        plan: &Plan,
+        sources: &[u64],
+        destinations: &[u64],
+        wave_chunks: u64,
+    ) -> Result<GpuPlan, CudaError> {
+        check_counts(plan, sources, Some(destinations))?;
+        let work = Fusion::of(plan, sources, wave_chunks)?;
+        let waves = work.waves(Target::Tensors(destinations));
+        let descs = work.all_copies(destinations);
         Ok(GpuPlan {
-            copies: gpu.prepare_copies(&descs)?,
-            digests: gpu.prepare_digests(&regions)?,
-            update: gpu.prepare_update(&fusion.fused, &fusion.fallback, &fallback_chunks, &tensor_bytes)?,
-            copy_count,
-            fused_bytes,
+            update: gpu.prepare_update(&waves)?,
+            copy_count: descs.len(),
+            descs,
+            destinations: destinations.iter().zip(&work.tensor_bytes).map(|(&p, &b)| (p, b)).collect(),
+            fused_bytes: work.fused_bytes(),
         })
     }
 
@@ -134,114 +195,290 @@ impl GpuPlan {
         gpu.run_update(&self.update)
     }
 
-    /// Queues every copy (one launch), without digests: for measurement.
-    pub fn copy(&self, gpu: &Gpu) -> Result<(), CudaError> {
-        gpu.run_copies(&self.copies)
+    /// Device memory the prepared update holds.
+    pub fn device_bytes(&self) -> u64 {
+        self.update.device_bytes()
     }
 
-    /// Digests every destination as it now is (two launches), waiting for queued copies.
-    pub fn digests(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
-        gpu.run_digests(&self.digests)
+    pub fn launches(&self) -> usize {
+        self.update.launches()
+    }
+
+    /// For measurement: the plan's copies alone, as one batch.
+    pub fn copy_batch(&self, gpu: &Gpu) -> Result<CopyBatch, CudaError> {
+        gpu.prepare_copies(&self.descs)
+    }
+
+    /// For measurement: digests of the destinations alone.
+    pub fn digest_batch(&self, gpu: &Gpu) -> Result<DigestBatch, CudaError> {
+        gpu.prepare_digests(&self.destinations)
     }
 }
 
-/// Sorts a plan's copies into fused runs (whole destination chunks from one contiguous
-/// source run) and fallback copies, and records which chunks the fallback copies write.
+/// The digests a plan's destinations will have, computed from the sources where they live,
+/// without writing any destination: what a sender compares the receiver's digests with.
+pub struct ExpectedDigests {
+    batch: UpdateBatch,
+    _scratch: DeviceBuffer,
+}
+
+impl ExpectedDigests {
+    pub fn new(gpu: &Gpu, plan: &Plan, sources: &[u64]) -> Result<ExpectedDigests, CudaError> {
+        ExpectedDigests::with_wave_chunks(gpu, plan, sources, WAVE_CHUNKS)
+    }
+
+    fn with_wave_chunks(
+        gpu: &Gpu,
+        plan: &Plan,
+        sources: &[u64],
+        wave_chunks: u64,
+    ) -> Result<ExpectedDigests, CudaError> {
+        check_counts(plan, sources, None)?;
+        let work = Fusion::of(plan, sources, wave_chunks)?;
+        let scratch = gpu.alloc(work.scratch_bytes() as usize)?;
+        let waves = work.waves(Target::DigestOnly { scratch: scratch.device_ptr() });
+        Ok(ExpectedDigests { batch: gpu.prepare_update(&waves)?, _scratch: scratch })
+    }
+
+    /// Every destination's digest as the plan would write it from the sources as they are now.
+    pub fn run(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
+        gpu.run_update(&self.batch)
+    }
+
+    pub fn device_bytes(&self) -> u64 {
+        self.batch.device_bytes() + self._scratch.len() as u64
+    }
+}
+
+fn check_counts(plan: &Plan, sources: &[u64], destinations: Option<&[u64]>) -> Result<(), CudaError> {
+    if sources.len() != plan.sources.len() || destinations.is_some_and(|d| d.len() != plan.destinations.len()) {
+        return Err(CudaError::Invalid(format!(
+            "the plan has {} sources and {} destinations; got {} and {} addresses",
+            plan.sources.len(),
+            plan.destinations.len(),
+            sources.len(),
+            destinations.map_or(0, <[u64]>::len)
+        )));
+    }
+    Ok(())
+}
+
+/// One destination tensor's share of the work, with addresses relative to the tensor's start
+/// (`dst` fields hold offsets until the work is placed).
+#[derive(Default)]
+struct TensorWork {
+    /// Whole chunks copied and digested in one pass; `out` is the tensor's chunk index.
+    fused: Vec<FusedRun>,
+    copies: Vec<CopyDesc>,
+    casts: Vec<CastDesc>,
+    /// Chunks the copies and casts write: digested after them.
+    fallback_chunks: BTreeSet<u64>,
+}
+
+/// A plan's copies sorted, per destination tensor, into fused runs (whole destination chunks
+/// from one contiguous source run) and fallback copies and casts.
 struct Fusion {
     tensor_bytes: Vec<u64>,
-    /// Index of each tensor's first chunk in the update's chunk array.
-    first_chunk: Vec<u64>,
-    fused: Vec<FusedRun>,
-    fallback: Vec<CopyDesc>,
-    fallback_chunks: Vec<BTreeSet<u64>>,
+    tensors: Vec<TensorWork>,
+    /// Bound on the chunks of one wave.
+    wave_chunks: u64,
 }
 
 impl Fusion {
-    fn new(tensor_bytes: &[u64]) -> Fusion {
-        let mut first_chunk = Vec::with_capacity(tensor_bytes.len());
-        let mut at = 0;
-        for b in tensor_bytes {
-            first_chunk.push(at);
-            at += b.div_ceil(CHUNK_BYTES);
+    fn of(plan: &Plan, sources: &[u64], wave_chunks: u64) -> Result<Fusion, CudaError> {
+        let tensor_bytes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
+        let tensors = (0..tensor_bytes.len()).map(|_| TensorWork::default()).collect();
+        let mut fusion = Fusion { tensors, tensor_bytes, wave_chunks };
+        for op in &plan.ops {
+            let t = op.dst as usize;
+            let dst_elt = plan.destinations[t].dtype.size();
+            let src_elt = plan.sources[op.src as usize].spec.dtype.size();
+            let src = sources[op.src as usize];
+            let cast = plan.cast(op);
+            if let Some(cast) = cast {
+                if (cast.from, cast.to) != (DType::F32, DType::BF16) {
+                    let name = &plan.destinations[t].name;
+                    return Err(CudaError::Invalid(format!(
+                        "`{name}` needs a {} -> {} cast; the GPU path casts F32 -> BF16 only",
+                        cast.from, cast.to
+                    )));
+                }
+            }
+            for c in plan.strided(op) {
+                if cast.is_some() {
+                    fusion.add_cast(
+                        t,
+                        CastDesc {
+                            src: src + c.src_offset * src_elt,
+                            dst: c.dst_offset * dst_elt,
+                            rows: c.rows,
+                            row_elems: c.row_elems,
+                            src_stride: c.src_stride * src_elt,
+                            dst_stride: c.dst_stride * dst_elt,
+                        },
+                    );
+                } else {
+                    fusion.add(
+                        t,
+                        CopyDesc {
+                            src: src + c.src_offset * src_elt,
+                            dst: c.dst_offset * dst_elt,
+                            rows: c.rows,
+                            row_bytes: c.row_elems * dst_elt,
+                            src_stride: c.src_stride * src_elt,
+                            dst_stride: c.dst_stride * dst_elt,
+                        },
+                    );
+                }
+            }
         }
-        Fusion {
-            tensor_bytes: tensor_bytes.to_vec(),
-            first_chunk,
-            fused: Vec::new(),
-            fallback: Vec::new(),
-            fallback_chunks: vec![BTreeSet::new(); tensor_bytes.len()],
-        }
+        Ok(fusion)
     }
 
-    /// Adds one strided copy into tensor `t` (at device address `base`), whose first byte lands
-    /// at byte `offset` of the tensor.
-    fn add(&mut self, t: usize, base: u64, offset: u64, c: CopyDesc) {
+    fn fused_bytes(&self) -> u64 {
+        self.tensors.iter().flat_map(|w| &w.fused).map(|r| r.bytes).sum()
+    }
+
+    /// Adds one strided copy into tensor `t` (`c.dst` is the offset in the tensor).
+    fn add(&mut self, t: usize, c: CopyDesc) {
         let dst_contiguous = c.rows <= 1 || c.dst_stride == c.row_bytes;
         if !dst_contiguous {
             // Interleaved destination rows: copy, then digest every chunk it spans.
-            let end = offset + (c.rows - 1) * c.dst_stride + c.row_bytes;
-            self.fallback.push(c);
-            self.fallback_chunks[t].extend(offset / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+            let end = c.dst + (c.rows - 1) * c.dst_stride + c.row_bytes;
+            self.tensors[t].fallback_chunks.extend(c.dst / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+            self.tensors[t].copies.push(c);
             return;
         }
         if c.rows <= 1 || c.src_stride == c.row_bytes {
-            self.add_run(t, base, offset, c.src, c.rows.max(1) * c.row_bytes);
+            self.add_run(t, c.dst, c.src, c.rows.max(1) * c.row_bytes);
         } else {
             // A row-parallel slice: each row is contiguous on both sides.
             for r in 0..c.rows {
-                self.add_run(t, base, offset + r * c.row_bytes, c.src + r * c.src_stride, c.row_bytes);
+                self.add_run(t, c.dst + r * c.row_bytes, c.src + r * c.src_stride, c.row_bytes);
             }
         }
     }
 
-    /// A contiguous run: its whole chunks are fused; bytes of chunks it shares go the slow way.
-    fn add_run(&mut self, t: usize, base: u64, offset: u64, src: u64, len: u64) {
+    fn add_cast(&mut self, t: usize, c: CastDesc) {
+        let end = c.dst + (c.rows.max(1) - 1) * c.dst_stride + c.row_elems * 2;
+        self.tensors[t].fallback_chunks.extend(c.dst / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+        self.tensors[t].casts.push(c);
+    }
+
+    /// A contiguous run at `offset` of tensor `t`: its whole chunks are fused; bytes of chunks
+    /// it shares with other runs go the slow way.
+    fn add_run(&mut self, t: usize, offset: u64, src: u64, len: u64) {
         let end = offset + len;
         let body_start = offset.div_ceil(CHUNK_BYTES) * CHUNK_BYTES;
         let body_end = if end == self.tensor_bytes[t] { end } else { end / CHUNK_BYTES * CHUNK_BYTES };
         let plain = |from: u64, to: u64| CopyDesc {
             src: src + (from - offset),
-            dst: base + from,
+            dst: from,
             rows: 1,
             row_bytes: to - from,
             src_stride: 0,
             dst_stride: 0,
         };
+        let work = &mut self.tensors[t];
         if body_start >= body_end {
-            self.fallback.push(plain(offset, end));
-            self.fallback_chunks[t].extend(offset / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+            work.copies.push(plain(offset, end));
+            work.fallback_chunks.extend(offset / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
             return;
         }
-        self.fused.push(FusedRun {
+        work.fused.push(FusedRun {
             src: src + (body_start - offset),
-            dst: base + body_start,
+            dst: body_start,
             bytes: body_end - body_start,
-            out: self.first_chunk[t] + body_start / CHUNK_BYTES,
+            out: body_start / CHUNK_BYTES,
         });
         if offset < body_start {
-            self.fallback.push(plain(offset, body_start));
-            self.fallback_chunks[t].insert(offset / CHUNK_BYTES);
+            work.copies.push(plain(offset, body_start));
+            work.fallback_chunks.insert(offset / CHUNK_BYTES);
         }
         if body_end < end {
-            self.fallback.push(plain(body_end, end));
-            self.fallback_chunks[t].insert(body_end / CHUNK_BYTES);
+            work.copies.push(plain(body_end, end));
+            work.fallback_chunks.insert(body_end / CHUNK_BYTES);
         }
     }
 
-    /// The fallback chunks as regions to digest: (address, bytes, first out slot).
-    fn fallback_regions(&self, regions: &[(u64, u64)]) -> Vec<(u64, u64, u64)> {
-        let mut out = Vec::new();
-        for (t, chunks) in self.fallback_chunks.iter().enumerate() {
-            let mut iter = chunks.iter().copied().peekable();
-            while let Some(first) = iter.next() {
-                let mut last = first;
-                while iter.peek() == Some(&(last + 1)) {
-                    last = iter.next().expect("peeked");
-                }
-                let start = first * CHUNK_BYTES;
-                let end = ((last + 1) * CHUNK_BYTES).min(self.tensor_bytes[t]);
-                out.push((regions[t].0 + start, end - start, self.first_chunk[t] + first));
+    /// Tensor `t`'s fallback chunks as byte ranges of the tensor (consecutive chunks merged).
+    fn fallback_ranges(&self, t: usize) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &chunk in &self.tensors[t].fallback_chunks {
+            let (start, end) = (chunk * CHUNK_BYTES, ((chunk + 1) * CHUNK_BYTES).min(self.tensor_bytes[t]));
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => out.push((start, end)),
             }
+        }
+        out
+    }
+
+    /// Scratch a digest-only run needs: the largest wave's fallback bytes.
+    fn scratch_bytes(&self) -> u64 {
+        waves_of(&self.tensor_bytes, self.wave_chunks)
+            .into_iter()
+            .map(|range| range.flat_map(|t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The work placed at real addresses, in waves.
+    fn waves(&self, target: Target<'_>) -> Vec<Wave> {
+        waves_of(&self.tensor_bytes, self.wave_chunks)
+            .into_iter()
+            .map(|range| {
+                let mut wave = Wave::default();
+                let (mut first_chunk, mut scratch_at) = (0u64, 0u64);
+                for t in range {
+                    let work = &self.tensors[t];
+                    let ranges = self.fallback_ranges(t);
+                    // Where each fallback range's bytes are written, and where a byte at
+                    // tensor offset `o` (inside range `i`) goes.
+                    let bases: Vec<u64> = match target {
+                        Target::Tensors(ptrs) => ranges.iter().map(|r| ptrs[t] + r.0).collect(),
+                        Target::DigestOnly { scratch } => ranges
+                            .iter()
+                            .map(|r| {
+                                let at = scratch + scratch_at;
+                                scratch_at += r.1 - r.0;
+                                at
+                            })
+                            .collect(),
+                    };
+                    let place = |o: u64| {
+                        let i = ranges.partition_point(|r| r.1 <= o);
+                        bases[i] + (o - ranges[i].0)
+                    };
+                    for r in &work.fused {
+                        let dst = match target {
+                            Target::Tensors(ptrs) => ptrs[t] + r.dst,
+                            Target::DigestOnly { .. } => 0,
+                        };
+                        wave.fused.push(FusedRun { dst, out: first_chunk + r.out, ..*r });
+                    }
+                    wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: place(c.dst), ..*c }));
+                    wave.casts.extend(work.casts.iter().map(|c| CastDesc { dst: place(c.dst), ..*c }));
+                    for (r, base) in ranges.iter().zip(&bases) {
+                        wave.after.push((*base, r.1 - r.0, first_chunk + r.0 / CHUNK_BYTES));
+                    }
+                    wave.tensor_bytes.push(self.tensor_bytes[t]);
+                    first_chunk += self.tensor_bytes[t].div_ceil(CHUNK_BYTES);
+                }
+                wave
+            })
+            .collect()
+    }
+
+    /// Every copy of the plan at the destinations' addresses (casts left out), unfused.
+    fn all_copies(&self, destinations: &[u64]) -> Vec<CopyDesc> {
+        let mut out = Vec::new();
+        for (t, work) in self.tensors.iter().enumerate() {
+            for r in &work.fused {
+                let (src, dst) = (r.src, destinations[t] + r.dst);
+                out.push(CopyDesc { src, dst, rows: 1, row_bytes: r.bytes, src_stride: 0, dst_stride: 0 });
+            }
+            out.extend(work.copies.iter().map(|c| CopyDesc { dst: destinations[t] + c.dst, ..*c }));
         }
         out
     }
@@ -258,19 +495,36 @@ mod tests {
         let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
         // Tiny shapes exercise the fallback paths (unaligned parts, row-parallel slices of
         // 64-byte rows); qwen3-0.6b's real shapes mostly fuse.
-        for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2), ("qwen2-tiny", 4), ("qwen3-0.6b", 2)] {
-            let config = synthetic(model).unwrap();
+        // (model, TP size, f32 sources cast to bf16, chunks per wave: small bounds split even
+        // tiny models into many waves).
+        let cases = [
+            ("qwen3-tiny", 1, false, WAVE_CHUNKS),
+            ("qwen3-moe-tiny", 2, false, 7),
+            ("qwen2-tiny", 4, false, WAVE_CHUNKS),
+            ("qwen3-0.6b", 2, false, 20_000),
+            ("qwen3-tiny", 2, true, 5),
+            ("qwen3-moe-tiny", 1, true, WAVE_CHUNKS),
+        ];
+        for (model, tp_size, cast, wave_chunks) in cases {
+            let mut config = synthetic(model).unwrap();
+            if cast {
+                config.dtype = weightlift_core::DType::F32;
+            }
+            let engine_dtype = cast.then_some(weightlift_core::DType::BF16);
             let rules =
                 config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
             let source = SourceSet::single(config.source_manifest());
             for tp in TpRank::all(tp_size) {
-                let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+                let dest = destination_manifest(&source, &rules, tp, engine_dtype, false).unwrap();
                 let plan = plan(&source, &dest, &rules, tp).unwrap();
                 let mut trainer = HostTensors::synthetic(&config, 5);
                 let mut src = GpuTensors::alloc(&gpu, &config.source_manifest()).unwrap();
                 let mut dst = GpuTensors::alloc(&gpu, &dest).unwrap();
                 dst.fill(&gpu, 0).unwrap();
-                let bound = GpuPlan::new(&gpu, &plan, &src, &dst).unwrap();
+                let bound = GpuPlan::with_wave_chunks(&gpu, &plan, &src.ptrs(), &dst.ptrs(), wave_chunks).unwrap();
+                let expected_digests =
+                    ExpectedDigests::with_wave_chunks(&gpu, &plan, &src.ptrs(), wave_chunks).unwrap();
+                let (copies, digest_batch) = (bound.copy_batch(&gpu).unwrap(), bound.digest_batch(&gpu).unwrap());
                 // Five updates with changing weights, the plan bound once.
                 for _ in 0..5 {
                     trainer.perturb();
@@ -285,10 +539,15 @@ mod tests {
                     assert!(got == expected, "{model} {tp}: bytes differ");
                     let cpu: Vec<u64> = expected.iter().map(|b| weightlift_core::digest::digest(b)).collect();
                     assert_eq!(digests, cpu, "{model} {tp}: digests differ");
-                    // The unfused path (copy, then digest) agrees.
-                    dst.fill(&gpu, 0).unwrap();
-                    bound.copy(&gpu).unwrap();
-                    assert_eq!(bound.digests(&gpu).unwrap(), cpu, "{model} {tp}: unfused digests differ");
+                    // The sender's digests, from the sources alone, agree.
+                    assert_eq!(expected_digests.run(&gpu).unwrap(), cpu, "{model} {tp}: expected digests differ");
+                    // The unfused path (copy, then digest; measurement only, no casts) agrees.
+                    if !cast {
+                        dst.fill(&gpu, 0).unwrap();
+                        gpu.run_copies(&copies).unwrap();
+                        let unfused = gpu.run_digests(&digest_batch).unwrap();
+                        assert_eq!(unfused, cpu, "{model} {tp}: unfused digests differ");
+                    }
                 }
             }
         }

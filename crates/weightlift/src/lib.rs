@@ -7,6 +7,8 @@
 
 pub use weightlift_core as core;
 
+pub mod cuda_ipc;
+pub mod fd_pass;
 pub mod gpu;
 pub mod net;
 pub mod protocol;

@@ -36,6 +36,9 @@ pub enum TransportKind {
     Tcp,
     /// Through a ring in the memory of the one process both sides run in.
     InProcess,
+    /// GPU to GPU on one host: the receiver maps the sender's device memory once (CUDA IPC)
+    /// and pulls, on the same GPU or over NVLink.
+    CudaIpc,
 }
 
 impl std::str::FromStr for TransportKind {
@@ -45,7 +48,8 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(TransportKind::Shm),
             "tcp" | "socket" => Ok(TransportKind::Tcp),
             "inproc" | "in-process" => Ok(TransportKind::InProcess),
-            _ => Err(format!("unknown transport `{s}` (expected shm, tcp or inproc)")),
+            "cuda-ipc" | "ipc" => Ok(TransportKind::CudaIpc),
+            _ => Err(format!("unknown transport `{s}` (expected shm, tcp, inproc or cuda-ipc)")),
         }
     }
 }
@@ -56,6 +60,7 @@ impl std::fmt::Display for TransportKind {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::InProcess => "inproc",
+            TransportKind::CudaIpc => "cuda-ipc",
         })
     }
 }
@@ -66,6 +71,19 @@ pub struct RingInfo {
     pub path: String,
     pub slots: u32,
     pub slot_bytes: u64,
+}
+
+/// One allocation of a sender's GPU memory, as a receiver opens it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IpcSegment {
+    /// cudaMalloc memory: a legacy IPC handle (hex) and the allocation's driver id, which
+    /// changes when the memory is freed and allocated again.
+    Legacy { handle: String, buffer_id: u64, bytes: u64 },
+    /// Memory weightlift allocated through CUDA VMM, shared as a file descriptor: `id` is unique
+    /// per allocation of the sender; `fd` is its index among the descriptors that follow the
+    /// message when this connection has not seen the segment before.
+    Shareable { id: u64, mapped_bytes: u64, fd: Option<u32> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +137,18 @@ pub enum Message {
         index: u32,
         bytes: u64,
     },
+    /// CUDA IPC: where the source tensors of the update just accepted live. `fds` descriptors
+    /// (of the shareable segments new to this connection) follow on the socket (SCM_RIGHTS).
+    IpcSources {
+        /// The sender's process (CUDA IPC cannot map a process's own memory).
+        pid: u32,
+        /// UUID of the GPU the sources live on.
+        device: String,
+        segments: Vec<IpcSegment>,
+        /// Per source tensor: (segment index, offset from the segment's start).
+        tensors: Vec<(u32, u64)>,
+        fds: u32,
+    },
     /// All buckets sent; the sender's digest of every destination tensor it wrote.
     End {
         version: Version,
@@ -146,6 +176,7 @@ impl Message {
             Message::BucketReady { .. } => "bucket_ready",
             Message::SlotFree { .. } => "slot_free",
             Message::Data { .. } => "data",
+            Message::IpcSources { .. } => "ipc_sources",
             Message::End { .. } => "end",
             Message::Abort { .. } => "abort",
             Message::Report { .. } => "report",
@@ -243,6 +274,27 @@ impl Conn {
             return Err(ProtocolError::Malformed(format!("data frame of {len} bytes, expected {}", into.len())));
         }
         read_exact(&mut self.stream, into, timeout)
+    }
+
+    /// Sends file descriptors right after the last frame (Unix sockets only).
+    pub fn send_fds(&mut self, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), ProtocolError> {
+        match &self.stream {
+            Stream::Unix(socket) => Ok(crate::fd_pass::send_fds(socket, fds)?),
+            Stream::Tcp(_) if fds.is_empty() => Ok(()),
+            Stream::Tcp(_) => Err(ProtocolError::Malformed("file descriptors cannot travel over TCP".into())),
+        }
+    }
+
+    /// Receives `count` file descriptors sent with [`Conn::send_fds`].
+    pub fn recv_fds(&mut self, count: usize, timeout: Duration) -> Result<Vec<std::os::fd::OwnedFd>, ProtocolError> {
+        match &self.stream {
+            _ if count == 0 => Ok(Vec::new()),
+            Stream::Unix(socket) => {
+                socket.set_read_timeout(Some(timeout))?;
+                Ok(crate::fd_pass::recv_fds(socket, count)?)
+            }
+            Stream::Tcp(_) => Err(ProtocolError::Malformed("file descriptors cannot travel over TCP".into())),
+        }
     }
 
     /// Closes both directions, so a peer blocked on this connection wakes at once.

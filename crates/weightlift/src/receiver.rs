@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 
 use weightlift_core::RuleSet;
 
+use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::net::{Listener, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::{peak_rss_bytes, UpdateReport};
@@ -21,6 +22,7 @@ use crate::sender::{SendError, Sender, SenderOptions};
 use crate::tensors::DestinationTensors;
 use crate::transport::{LocalRing, RecvPath, TransferError};
 use crate::update::{default_threads, receiver_digests, unpack, Schedule};
+use weightlift_cuda::{CudaError, Gpu};
 
 #[derive(Debug, Clone)]
 pub struct ReceiverOptions {
@@ -65,7 +67,17 @@ struct Shared {
     state: Mutex<State>,
     /// Written only by the connection whose update is in flight (the version state admits
     /// one at a time), read by checkers between updates.
-    tensors: Mutex<Box<dyn DestinationTensors>>,
+    tensors: Mutex<Store>,
+}
+
+/// Where the receiver's tensors live.
+enum Store {
+    Host(Box<dyn DestinationTensors>),
+    /// On a GPU: updates arrive over CUDA IPC.
+    Device {
+        gpu: Arc<Gpu>,
+        tensors: Box<dyn DeviceTensors>,
+    },
 }
 
 /// A receiver; cheap to clone (all clones share the tensors and the state).
@@ -90,14 +102,27 @@ impl Receiver {
     pub fn new(tensors: impl DestinationTensors + 'static, options: ReceiverOptions) -> Receiver {
         let manifest = tensors.manifest().clone();
         let digests = (0..manifest.len()).map(|i| Some(digest::digest(tensors.bytes(i)))).collect();
+        Receiver::with_store(manifest, digests, Store::Host(Box::new(tensors)), options)
+    }
+
+    /// A receiver whose tensors live on `gpu` (written in place by updates over CUDA IPC).
+    pub fn on_gpu(
+        gpu: Arc<Gpu>,
+        tensors: impl DeviceTensors + 'static,
+        options: ReceiverOptions,
+    ) -> Result<Receiver, CudaError> {
+        let manifest = tensors.manifest().clone();
+        let regions: Vec<(u64, u64)> =
+            tensors.device_ptrs().into_iter().zip(manifest.iter()).map(|(p, s)| (p, s.byte_len())).collect();
+        let digests = gpu.run_digests(&gpu.prepare_digests(&regions)?)?.into_iter().map(Some).collect();
+        let store = Store::Device { gpu, tensors: Box::new(tensors) };
+        Ok(Receiver::with_store(manifest, digests, store, options))
+    }
+
+    fn with_store(manifest: Manifest, digests: Vec<Option<u64>>, store: Store, options: ReceiverOptions) -> Receiver {
         let state = State { versions: VersionState::new(options.initial_version), digests, last_report: None };
         Receiver {
-            shared: Arc::new(Shared {
-                options,
-                manifest,
-                state: Mutex::new(state),
-                tensors: Mutex::new(Box::new(tensors)),
-            }),
+            shared: Arc::new(Shared { options, manifest, state: Mutex::new(state), tensors: Mutex::new(store) }),
         }
     }
 
@@ -118,10 +143,31 @@ impl Receiver {
         self.state().last_report.clone()
     }
 
-    /// Runs `f` on the tensors (waits while an update is writing them).
-    pub fn with_tensors<R>(&self, f: impl FnOnce(&dyn DestinationTensors) -> R) -> R {
-        let guard = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
-        f(guard.as_ref())
+    /// Runs `f` on the tensors if they are in host memory (waits while an update is writing
+    /// them); None for tensors on a GPU.
+    pub fn with_host_tensors<R>(&self, f: impl FnOnce(&dyn DestinationTensors) -> R) -> Option<R> {
+        match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Store::Host(tensors) => Some(f(tensors.as_ref())),
+            Store::Device { .. } => None,
+        }
+    }
+
+    /// The digest of every tensor as its bytes are now, computed where they live.
+    pub fn current_digests(&self) -> Result<Vec<u64>, CudaError> {
+        match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Store::Host(tensors) => {
+                Ok((0..self.shared.manifest.len()).map(|i| digest::digest(tensors.bytes(i))).collect())
+            }
+            Store::Device { gpu, tensors } => {
+                let regions: Vec<(u64, u64)> = tensors
+                    .device_ptrs()
+                    .into_iter()
+                    .zip(self.shared.manifest.iter())
+                    .map(|(p, s)| (p, s.byte_len()))
+                    .collect();
+                gpu.run_digests(&gpu.prepare_digests(&regions)?)
+            }
+        }
     }
 
     /// Accepts connections until the listener fails; one thread per connection.
@@ -198,7 +244,17 @@ impl Receiver {
         };
         // The schedule of an update that skips nothing: built once for this connection.
         let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
+        let on_gpu = matches!(*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()), Store::Device { .. });
+        if on_gpu != (transport == TransportKind::CudaIpc) {
+            let reason = if on_gpu {
+                format!("this receiver's tensors are on a GPU: send them over cuda-ipc, not {transport}")
+            } else {
+                "this receiver's tensors are in host memory: cuda-ipc needs them on a GPU".to_string()
+            };
+            return Err(refuse(&mut conn, reason));
+        }
         let (mut path, ring) = match transport {
+            TransportKind::CudaIpc => (RecvPath::socket(0), None),
             TransportKind::Shm => {
                 let (path, info) = RecvPath::ring(options.ring_slots, bucket_bytes)?;
                 (path, Some(info))
@@ -230,7 +286,7 @@ impl Receiver {
             digests,
             ring,
         })?;
-        if transport != TransportKind::Tcp {
+        if matches!(transport, TransportKind::Shm | TransportKind::InProcess) {
             match conn.recv(options.handshake_timeout)? {
                 Message::RingMapped => path.unlink(),
                 other => {
@@ -239,6 +295,7 @@ impl Receiver {
             }
         }
         tracing::info!(peer = conn.peer(), %transport, ops = plan.ops.len(), "sender connected");
+        let mut importer = Importer::default();
 
         loop {
             // Between updates a sender may stay idle for as long as training takes.
@@ -258,7 +315,11 @@ impl Receiver {
                 continue;
             }
             conn.send(&Message::Accepted { version })?;
-            let (report, in_sync) = self.update(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes);
+            let (report, in_sync) = if transport == TransportKind::CudaIpc {
+                self.update_ipc(&mut conn, &mut importer, &plan, version)
+            } else {
+                self.update(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes)
+            };
             log_report(&report);
             self.state().last_report = Some(report.clone());
             // Best effort: a sender that broke the transfer may be gone already.
@@ -289,7 +350,10 @@ impl Receiver {
         let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
         let mut digests = schedule.digests(plan);
         let threads = self.shared.options.threads;
-        let mut tensors = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let Store::Host(tensors) = &mut *store else {
+            unreachable!("host transports are refused at hello for tensors on a GPU");
+        };
         let mut touched = vec![false; plan.destinations.len()];
         let mut unpack_seconds = 0.0;
 
@@ -324,9 +388,9 @@ impl Receiver {
                 Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
             }
         });
-        drop(tensors);
+        drop(store);
 
-        let mut report = UpdateReport {
+        let report = UpdateReport {
             version,
             bytes: schedule.bytes,
             tensors: schedule.written.iter().filter(|&&w| w).count(),
@@ -336,6 +400,93 @@ impl Receiver {
             unpack_seconds,
             ..UpdateReport::default()
         };
+        self.settle(plan, version, outcome, &touched, report, started)
+    }
+
+    /// Takes one update over CUDA IPC: maps the sender's memory (what is not mapped yet), pulls
+    /// every destination in one pass with its digests, and compares with the sender's.
+    fn update_ipc(
+        &self,
+        conn: &mut Conn,
+        importer: &mut Importer,
+        plan: &Plan,
+        version: Version,
+    ) -> (UpdateReport, bool) {
+        let started = Instant::now();
+        let timeout = self.shared.options.timeout;
+        let store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let Store::Device { gpu, tensors } = &*store else {
+            unreachable!("cuda-ipc is refused at hello for tensors in host memory");
+        };
+        let mut report = UpdateReport {
+            version,
+            bytes: plan.destinations.iter().map(|d| d.byte_len()).sum(),
+            tensors: plan.destinations.len(),
+            ..UpdateReport::default()
+        };
+        let mut touched = vec![false; plan.destinations.len()];
+        let outcome = (|| {
+            let (pid, device, segments, located, fds) = match conn.recv(timeout) {
+                Ok(Message::IpcSources { pid, device, segments, tensors, fds }) => {
+                    (pid, device, segments, tensors, fds)
+                }
+                Ok(other) => return Outcome::Broken(format!("expected ipc_sources, got {}", other.name())),
+                Err(e) => return Outcome::Broken(format!("waiting for the sender's memory: {e}")),
+            };
+            let fds = match conn.recv_fds(fds as usize, timeout) {
+                Ok(fds) => fds,
+                Err(e) => return Outcome::Broken(format!("receiving the sender's memory descriptors: {e}")),
+            };
+            let resolved = match importer.resolve(gpu, &plan_sources(plan), pid, &device, &segments, &located, fds) {
+                Ok(r) => r,
+                Err(e) => return Outcome::Broken(e),
+            };
+            report.ipc_opens = resolved.opens;
+            report.same_gpu = Some(resolved.same_gpu);
+            let bound = match importer.plan(gpu, plan, &resolved.ptrs, &tensors.device_ptrs()) {
+                Ok(b) => b,
+                Err(e) => return Outcome::Broken(format!("binding the update to the sender's memory: {e}")),
+            };
+            report.device_extra_bytes = bound.device_bytes();
+            report.launches = bound.launches();
+            touched.iter_mut().for_each(|t| *t = true);
+            let pulled = Instant::now();
+            let ours = match bound.update(gpu) {
+                Ok(d) => d,
+                Err(e) => return Outcome::Broken(format!("pulling the update: {e}")),
+            };
+            report.unpack_seconds = pulled.elapsed().as_secs_f64();
+            let _ = self.state().versions.verify(version);
+            let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
+            match conn.recv(timeout) {
+                Ok(Message::End { version: v, digests }) if v == version => {
+                    let mismatched = compare(plan, &vec![true; ours.len()], &ours, &digests);
+                    if mismatched.is_empty() {
+                        Outcome::Verified(ours)
+                    } else {
+                        Outcome::Mismatch(mismatched)
+                    }
+                }
+                Ok(Message::Abort { reason }) => Outcome::Broken(format!("the sender gave up: {reason}")),
+                Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
+                Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
+            }
+        })();
+        drop(store);
+        self.settle(plan, version, outcome, &touched, report, started)
+    }
+
+    /// Settles the version state after an update (commit, or fail marking what it touched
+    /// dirty) and completes its report.
+    fn settle(
+        &self,
+        plan: &Plan,
+        version: Version,
+        outcome: Outcome,
+        touched: &[bool],
+        mut report: UpdateReport,
+        started: Instant,
+    ) -> (UpdateReport, bool) {
         let mut state = self.state();
         let in_sync = !matches!(outcome, Outcome::Broken(_));
         let reason = match outcome {
@@ -375,6 +526,11 @@ impl Receiver {
         report.receiver_peak_rss = peak_rss_bytes();
         (report, in_sync)
     }
+}
+
+/// The plan's source manifest (one sender: its pieces are whole tensors).
+fn plan_sources(plan: &Plan) -> Manifest {
+    Manifest::new(plan.sources.iter().map(|p| p.spec.clone()).collect()).expect("a plan's sources form a manifest")
 }
 
 /// How an update ended.

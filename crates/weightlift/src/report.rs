@@ -30,6 +30,18 @@ pub struct UpdateReport {
     pub unpack_seconds: f64,
     /// The receiver process's peak resident memory so far (Linux VmHWM), when known.
     pub receiver_peak_rss: Option<u64>,
+    /// CUDA IPC: allocations of the sender opened for this update (0 once mappings are warm).
+    #[serde(default)]
+    pub ipc_opens: u64,
+    /// CUDA IPC: whether the sources were on the receiver's own GPU.
+    #[serde(default)]
+    pub same_gpu: Option<bool>,
+    /// GPU memory the update held beyond the tensors (descriptors, chunk digests).
+    #[serde(default)]
+    pub device_extra_bytes: u64,
+    /// Kernel launches of the update.
+    #[serde(default)]
+    pub launches: usize,
 }
 
 /// The calling process's peak resident set size, from /proc (Linux).

@@ -6,6 +6,11 @@ use weightlift_core::{plan, Manifest, Plan, RuleSet, SourceSet, Version};
 
 use std::sync::Arc;
 
+use std::os::fd::AsFd;
+
+use weightlift_cuda::Gpu;
+
+use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::UpdateReport;
@@ -72,6 +77,8 @@ pub enum SendError {
     PlanMismatch { receiver: String, sender: String },
     #[error("the tensors pushed do not match the manifest this sender connected with: {0}")]
     WrongTensors(String),
+    #[error("GPU: {0}")]
+    Device(String),
     #[error("fault injected: {0}")]
     Injected(String),
 }
@@ -95,6 +102,8 @@ pub struct Sender {
     receiver_digests: Vec<Option<u64>>,
     receiver: ReceiverState,
     options: SenderOptions,
+    /// What the receiver has of this sender's GPU memory (CUDA IPC).
+    exporter: Exporter,
 }
 
 impl Sender {
@@ -154,13 +163,30 @@ impl Sender {
                 return Err(SendError::Rejected("the receiver offered no ring".into()))
             }
             (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
+            // Nothing travels through the connection but control messages.
+            (TransportKind::CudaIpc, _) => SendPath::socket(0),
         };
         let schedule = Schedule::new(&plan, &[], options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
-        Ok(Sender { conn, source: source.clone(), plan, schedule, path, receiver_digests: digests, receiver, options })
+        Ok(Sender {
+            conn,
+            source: source.clone(),
+            plan,
+            schedule,
+            path,
+            receiver_digests: digests,
+            receiver,
+            options,
+            exporter: Exporter::default(),
+        })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends).
+    pub fn device_extra_bytes(&self) -> u64 {
+        self.exporter.device_bytes()
     }
 
     /// The receiver as it was when this sender connected.
@@ -173,6 +199,9 @@ impl Sender {
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<UpdateReport, SendError> {
         if tensors.manifest() != &self.source {
             return Err(SendError::WrongTensors(describe_difference(&self.source, tensors.manifest())));
+        }
+        if self.options.transport == TransportKind::CudaIpc {
+            return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: use push_device".into()));
         }
         let started = Instant::now();
         let skip: Vec<u32> = if self.options.delta {
@@ -223,6 +252,57 @@ impl Sender {
             self.receiver_digests[d as usize] = report.verified.then_some(value);
         }
         tracing::debug!(version = %version, seconds = started.elapsed().as_secs_f64(), "push finished");
+        Ok(report)
+    }
+}
+
+impl Sender {
+    /// Pushes GPU tensors (on `gpu`) as `version` over CUDA IPC: the receiver maps the memory
+    /// (once per allocation) and pulls; this side digests what it sends from its own memory
+    /// meanwhile. Returns the receiver's report.
+    pub fn push_device(
+        &mut self,
+        version: Version,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+    ) -> Result<UpdateReport, SendError> {
+        if tensors.manifest() != &self.source {
+            return Err(SendError::WrongTensors(describe_difference(&self.source, tensors.manifest())));
+        }
+        if self.options.transport != TransportKind::CudaIpc {
+            return Err(SendError::WrongTensors(format!(
+                "GPU tensors travel over cuda-ipc, not {} (stage them in host memory for that)",
+                self.options.transport
+            )));
+        }
+        let timeout = self.options.timeout;
+        let (sources, fds) = self.exporter.describe(gpu, tensors).map_err(|e| SendError::Device(e.to_string()))?;
+        self.conn.send(&Message::Begin { version, skip: Vec::new() })?;
+        match self.conn.recv(timeout)? {
+            Message::Accepted { version: v } if v == version => {}
+            Message::Refused { reason } => return Err(SendError::Refused { version, reason }),
+            other => return Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
+        }
+        self.conn.send(&sources)?;
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        self.conn.send_fds(&borrowed)?;
+        self.exporter.sent(&sources);
+        // Digest while the receiver pulls.
+        let ptrs = tensors.device_ptrs();
+        let expected = match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = format!("the sender could not digest its tensors: {e}");
+                let _ = self.conn.send(&Message::Abort { reason: reason.clone() });
+                return Err(SendError::Device(reason));
+            }
+        };
+        let digests: Vec<(u32, u64)> = expected.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect();
+        self.conn.send(&Message::End { version, digests: digests.clone() })?;
+        let report = self.path.await_report(&mut self.conn, timeout)?;
+        for (d, value) in digests {
+            self.receiver_digests[d as usize] = report.verified.then_some(value);
+        }
         Ok(report)
     }
 }

@@ -128,6 +128,11 @@ impl HostTensors {
         self.data.iter().map(|b| digest::digest(b)).collect()
     }
 
+    /// Every tensor's bytes, in manifest order.
+    pub fn data(&self) -> &[Vec<u8>] {
+        &self.data
+    }
+
     pub fn into_parts(self) -> (Manifest, Vec<Vec<u8>>) {
         (self.manifest, self.data)
     }

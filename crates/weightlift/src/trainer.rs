@@ -5,6 +5,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use weightlift_core::{Manifest, RuleSet, Version};
 
+use weightlift_cuda::Gpu;
+
+use crate::cuda_ipc::DeviceTensors;
 use crate::net::Endpoint;
 use crate::report::UpdateReport;
 use crate::sender::{ReceiverState, SendError, Sender, SenderOptions};
@@ -60,10 +63,28 @@ impl Trainer {
 
     /// Pushes `version` to every rank at once.
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<StepReport, SendError> {
+        self.push_each(version, |s| s.push(version, tensors))
+    }
+
+    /// Pushes GPU tensors (on `gpu`) as `version` to every rank at once, over CUDA IPC.
+    pub fn push_device(
+        &mut self,
+        version: Version,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+    ) -> Result<StepReport, SendError> {
+        self.push_each(version, |s| s.push_device(version, gpu, tensors))
+    }
+
+    fn push_each(
+        &mut self,
+        version: Version,
+        push: impl Fn(&mut Sender) -> Result<UpdateReport, SendError> + Sync,
+    ) -> Result<StepReport, SendError> {
         let started = Instant::now();
+        let push = &push;
         let results: Vec<Result<UpdateReport, SendError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                self.senders.iter_mut().map(|s| scope.spawn(move || s.push(version, tensors))).collect();
+            let handles: Vec<_> = self.senders.iter_mut().map(|s| scope.spawn(move || push(s))).collect();
             handles.into_iter().map(|h| h.join().expect("a push thread panicked")).collect()
         });
         let seconds = started.elapsed().as_secs_f64();

@@ -46,11 +46,13 @@ fn assert_bit_exact(s: &Setup, sender: &Sender) {
     let mut expected: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
     exec::execute(plan, &sources, &mut expected).unwrap();
     assert_eq!(manifest.len(), sources.len());
-    s.receiver.with_tensors(|t| {
-        for (i, want) in expected.iter().enumerate() {
-            assert!(t.bytes(i) == want.as_slice(), "`{}` differs", plan.destinations[i].name);
-        }
-    });
+    s.receiver
+        .with_host_tensors(|t| {
+            for (i, want) in expected.iter().enumerate() {
+                assert!(t.bytes(i) == want.as_slice(), "`{}` differs", plan.destinations[i].name);
+            }
+        })
+        .expect("the receiver holds host tensors");
 }
 
 #[test]

@@ -1,21 +1,36 @@
-//! `weightlift bench --device cuda[:N]`: the GPU data plane in one process on one GPU, against
-//! ceilings measured in the same run (copy engine D2D copy, HBM read).
+//! `weightlift bench --device cuda[:N]`: the GPU data plane against ceilings measured in the
+//! same run (copy-engine D2D and peer copies, HBM read):
+//! - in one process on one GPU: a plan's copies alone, digests alone, and the fused update;
+//! - between processes over CUDA IPC, as deployed: `weightlift serve --device cuda:R` as the
+//!   engine and this process as the trainer, colocated (same GPU) and cross-GPU (NVLink).
 
 use std::time::Instant;
 
 use serde::Serialize;
-use weightlift::core::{plan, TpRank};
+use weightlift::core::{plan, TpRank, Version};
 use weightlift::gpu::{GpuPlan, GpuTensors};
+use weightlift::protocol::TransportKind;
 use weightlift::report::today;
-use weightlift_cuda::{CudaError, Gpu};
+use weightlift::{Sender, SenderOptions, UpdateReport};
+use weightlift_cuda::{device_count, CudaError, Gpu};
 
-use super::{gb, CommandError, ModelArgs};
+use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
 const CEILING_BYTES: usize = 4 << 30;
 const RUNS: usize = 5;
+/// Free memory a run leaves on each GPU.
+const HEADROOM: u64 = 4 << 30;
 
 #[derive(Serialize)]
-struct GpuRow {
+struct Ceilings {
+    d2d_copy_gbps: f64,
+    hbm_read_gbps: f64,
+    /// GPU0 -> GPU1 with the copy engines and peer access enabled; None with one GPU.
+    peer_copy_gbps: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct SameProcessRow {
     model: String,
     tensors: usize,
     copies: usize,
@@ -33,16 +48,44 @@ struct GpuRow {
     update_ratio_to_d2d: f64,
     digest_ratio_to_read: f64,
     verified_against_cpu: bool,
+    launches: usize,
+    device_extra_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct IpcRow {
+    model: String,
+    /// colocated: both processes on GPU 0; cross: trainer GPU 0, engine GPU 1.
+    mode: &'static str,
+    bytes: u64,
+    tensors: usize,
+    updates: usize,
+    /// Trainer's wall time of one push: from Begin to the receiver's report.
+    median_seconds: f64,
+    best_seconds: f64,
+    gbps: f64,
+    ceiling_gbps: f64,
+    ratio_to_ceiling: f64,
+    /// The receiver's pull (copy + digest kernels) alone.
+    receiver_pull_median_seconds: f64,
+    first_update_seconds: f64,
+    ipc_opens_first: u64,
+    ipc_opens_later: u64,
+    device_extra_bytes: u64,
+    sender_device_extra_bytes: u64,
+    launches: usize,
+    verified: bool,
 }
 
 #[derive(Serialize)]
 struct GpuBench {
     benchmark: &'static str,
     device: String,
+    gpus: usize,
     date: String,
-    d2d_copy_gbps: f64,
-    hbm_read_gbps: f64,
-    rows: Vec<GpuRow>,
+    ceilings: Ceilings,
+    same_process: Vec<SameProcessRow>,
+    ipc: Vec<IpcRow>,
     skipped: Vec<String>,
 }
 
@@ -63,124 +106,272 @@ fn time(mut f: impl FnMut() -> Result<(), CudaError>) -> Result<(f64, f64), Comm
     Ok((t[RUNS / 2], t[0]))
 }
 
-pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool) -> Result<(), CommandError> {
-    let gpu = Gpu::open(ordinal).map_err(cuda)?;
-    let device = gpu.name().map_err(cuda)?;
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
 
-    let (d2d, read) = {
-        let src = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
-        let mut dst = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
-        let (_, copy_best) = time(|| {
-            gpu.copy(&mut dst, &src, CEILING_BYTES)?;
-            gpu.synchronize()
-        })?;
-        let (_, read_best) = time(|| gpu.read_all(&src))?;
-        (CEILING_BYTES as f64 / copy_best / 1e9, CEILING_BYTES as f64 / read_best / 1e9)
-    };
-
-    let mut rows = Vec::new();
-    let mut skipped = Vec::new();
-    for name in models {
-        let args = ModelArgs { synthetic: Some(name.clone()), model: None, ..model_args.clone() };
-        let model = args.source(None)?;
-        let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
-        let bytes = inputs.destination.total_bytes();
-        let source_bytes = inputs.source.senders()[0].total_bytes();
-        let (free, _) = gpu.memory_info().map_err(cuda)?;
-        if (source_bytes + bytes) as usize + (2 << 30) > free {
-            skipped.push(format!("{name}: needs {} on one GPU, {} free", gb(source_bytes + bytes), gb(free as u64)));
-            continue;
+fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
+    let src = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
+    let mut dst = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
+    let (_, copy_best) = time(|| {
+        gpu.copy(&mut dst, &src, CEILING_BYTES)?;
+        gpu.synchronize()
+    })?;
+    let (_, read_best) = time(|| gpu.read_all(&src))?;
+    let peer_copy_gbps = match peer {
+        Some(peer) => {
+            gpu.enable_peer_access(peer).map_err(cuda)?;
+            let mut remote = peer.alloc(CEILING_BYTES).map_err(cuda)?;
+            let (_, best) = time(|| {
+                gpu.copy_to_peer(&mut remote, &src, CEILING_BYTES)?;
+                gpu.synchronize()
+            })?;
+            Some(CEILING_BYTES as f64 / best / 1e9)
         }
-        let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, TpRank::SINGLE)
-            .map_err(|e| CommandError::Io(e.to_string()))?;
-        let mut src = GpuTensors::alloc(&gpu, &inputs.source.senders()[0]).map_err(cuda)?;
-        let mut dst = GpuTensors::alloc(&gpu, &inputs.destination).map_err(cuda)?;
-        src.fill(&gpu, 0x3c).map_err(cuda)?;
-        dst.fill(&gpu, 0).map_err(cuda)?;
-        let bound = GpuPlan::new(&gpu, &plan, &src, &dst).map_err(cuda)?;
-        let (copy, _) = time(|| {
-            bound.copy(&gpu)?;
-            gpu.synchronize()
-        })?;
-        let (digest, _) = time(|| bound.digests(&gpu).map(|_| ()))?;
-        let (unfused, _) = time(|| {
-            bound.copy(&gpu)?;
-            bound.digests(&gpu).map(|_| ())
-        })?;
-        let (update, _) = time(|| bound.update(&gpu).map(|_| ()))?;
-        // Every destination now holds 0x3c bytes: check the update's digests against the CPU's.
-        dst.fill(&gpu, 0).map_err(cuda)?;
-        let digests = bound.update(&gpu).map_err(cuda)?;
-        let verified = inputs
-            .destination
-            .iter()
-            .zip(&digests)
-            .all(|(spec, &d)| d == weightlift::core::digest::digest(&vec![0x3c; spec.byte_len() as usize]));
-        let b = bytes as f64;
-        rows.push(GpuRow {
-            model: name.clone(),
-            tensors: inputs.destination.len(),
-            copies: bound.copy_count,
-            bytes,
-            copy_ms: copy * 1e3,
-            copy_gbps: b / copy / 1e9,
-            digest_ms: digest * 1e3,
-            digest_gbps: b / digest / 1e9,
-            unfused_update_ms: unfused * 1e3,
-            fused_bytes: bound.fused_bytes,
-            update_ms: update * 1e3,
-            update_gbps: b / update / 1e9,
-            update_ratio_to_d2d: b / update / 1e9 / d2d,
-            digest_ratio_to_read: b / digest / 1e9 / read,
-            verified_against_cpu: verified,
-        });
-    }
-    let out = GpuBench {
-        benchmark: "gpu-same-process",
-        device,
-        date: today(),
-        d2d_copy_gbps: d2d,
-        hbm_read_gbps: read,
-        rows,
-        skipped,
+        None => None,
     };
+    Ok(Ceilings {
+        d2d_copy_gbps: CEILING_BYTES as f64 / copy_best / 1e9,
+        hbm_read_gbps: CEILING_BYTES as f64 / read_best / 1e9,
+        peer_copy_gbps,
+    })
+}
+
+pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool) -> Result<(), CommandError> {
+    let gpus = device_count().map_err(cuda)?;
+    let gpu = Gpu::open(ordinal).map_err(cuda)?;
+    let peer_ordinal = (0..gpus).find(|&g| g != ordinal);
+    let peer = peer_ordinal.map(Gpu::open).transpose().map_err(cuda)?;
+    let device = gpu.name().map_err(cuda)?;
+    let ceilings = ceilings(&gpu, peer.as_ref())?;
+    let mut skipped = Vec::new();
+
+    let mut same_process = Vec::new();
+    for name in models {
+        match same_process_row(&gpu, name, model_args, &ceilings)? {
+            Ok(row) => same_process.push(row),
+            Err(reason) => skipped.push(reason),
+        }
+    }
+    let mut ipc = Vec::new();
+    for name in models {
+        for (mode, receiver) in [("colocated", Some(ordinal)), ("cross", peer_ordinal)] {
+            let Some(receiver) = receiver else {
+                skipped.push(format!("{name} {mode}: one GPU only"));
+                continue;
+            };
+            let ceiling =
+                if mode == "colocated" { ceilings.d2d_copy_gbps } else { ceilings.peer_copy_gbps.unwrap_or(0.0) };
+            match ipc_row(&gpu, receiver, peer.as_ref(), name, mode, ceiling, model_args)? {
+                Ok(row) => ipc.push(row),
+                Err(reason) => skipped.push(reason),
+            }
+        }
+    }
+    let out = GpuBench { benchmark: "gpu", device, gpus, date: today(), ceilings, same_process, ipc, skipped };
     if json {
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
-        return Ok(());
+    } else {
+        print_tables(&out);
     }
-    println!("{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s", out.device, out.date, d2d, read);
+    Ok(())
+}
+
+/// One model's plan run in this process; Err(reason) when it does not fit the GPU.
+fn same_process_row(
+    gpu: &Gpu,
+    name: &str,
+    model_args: &ModelArgs,
+    ceilings: &Ceilings,
+) -> Result<Result<SameProcessRow, String>, CommandError> {
+    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
+    let model = args.source(None)?;
+    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let bytes = inputs.destination.total_bytes();
+    let source_bytes = inputs.source.senders()[0].total_bytes();
+    let (free, _) = gpu.memory_info().map_err(cuda)?;
+    if source_bytes + bytes + HEADROOM > free as u64 {
+        return Ok(Err(format!(
+            "{name} same process: needs {} on one GPU, {} free",
+            gb(source_bytes + bytes),
+            gb(free as u64)
+        )));
+    }
+    let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, TpRank::SINGLE)
+        .map_err(|e| CommandError::Io(e.to_string()))?;
+    let mut src = GpuTensors::alloc(gpu, &inputs.source.senders()[0]).map_err(cuda)?;
+    let mut dst = GpuTensors::alloc(gpu, &inputs.destination).map_err(cuda)?;
+    src.fill(gpu, 0x3c).map_err(cuda)?;
+    dst.fill(gpu, 0).map_err(cuda)?;
+    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), &dst.ptrs()).map_err(cuda)?;
+    let (copy, digest, unfused) = {
+        let (copies, digests) = (bound.copy_batch(gpu).map_err(cuda)?, bound.digest_batch(gpu).map_err(cuda)?);
+        let (copy, _) = time(|| {
+            gpu.run_copies(&copies)?;
+            gpu.synchronize()
+        })?;
+        let (digest, _) = time(|| gpu.run_digests(&digests).map(|_| ()))?;
+        let (unfused, _) = time(|| {
+            gpu.run_copies(&copies)?;
+            gpu.run_digests(&digests).map(|_| ())
+        })?;
+        (copy, digest, unfused)
+    };
+    let (update, _) = time(|| bound.update(gpu).map(|_| ()))?;
+    // Every destination now holds 0x3c bytes: check the update's digests against the CPU's.
+    dst.fill(gpu, 0).map_err(cuda)?;
+    let digests = bound.update(gpu).map_err(cuda)?;
+    let verified = inputs
+        .destination
+        .iter()
+        .zip(&digests)
+        .all(|(spec, &d)| d == weightlift::core::digest::digest(&vec![0x3c; spec.byte_len() as usize]));
+    let b = bytes as f64;
+    Ok(Ok(SameProcessRow {
+        model: name.to_string(),
+        tensors: inputs.destination.len(),
+        copies: bound.copy_count,
+        bytes,
+        copy_ms: copy * 1e3,
+        copy_gbps: b / copy / 1e9,
+        digest_ms: digest * 1e3,
+        digest_gbps: b / digest / 1e9,
+        unfused_update_ms: unfused * 1e3,
+        fused_bytes: bound.fused_bytes,
+        update_ms: update * 1e3,
+        update_gbps: b / update / 1e9,
+        update_ratio_to_d2d: b / update / 1e9 / ceilings.d2d_copy_gbps,
+        digest_ratio_to_read: b / digest / 1e9 / ceilings.hbm_read_gbps,
+        verified_against_cpu: verified,
+        launches: bound.launches(),
+        device_extra_bytes: bound.device_bytes(),
+    }))
+}
+
+/// One model pushed from this process (GPU `gpu`) to a `weightlift serve` on GPU `receiver`.
+fn ipc_row(
+    gpu: &Gpu,
+    receiver: usize,
+    peer: Option<&Gpu>,
+    name: &str,
+    mode: &'static str,
+    ceiling_gbps: f64,
+    model_args: &ModelArgs,
+) -> Result<Result<IpcRow, String>, CommandError> {
+    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
+    let model = args.source(None)?;
+    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let source = inputs.source.senders()[0].clone();
+    let bytes = inputs.destination.total_bytes();
+    let (free, _) = gpu.memory_info().map_err(cuda)?;
+    let (peer_free, _) = match peer {
+        Some(p) if receiver != gpu.ordinal() => p.memory_info().map_err(cuda)?,
+        _ => (free, 0),
+    };
+    let needed_here = source.total_bytes() + if receiver == gpu.ordinal() { bytes } else { 0 } + HEADROOM;
+    if needed_here > free as u64 || bytes + HEADROOM > peer_free as u64 {
+        return Ok(Err(format!("{name} {mode}: does not fit ({} free on the trainer's GPU)", gb(free as u64))));
+    }
+    let exe = std::env::current_exe().map_err(|e| CommandError::Io(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("weightlift-gpu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(e.to_string()))?;
+    let listen = format!("unix:{}", dir.join(format!("{name}-{mode}.sock")).display());
+    let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
+    let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
+    let result = (|| {
+        let mut tensors = GpuTensors::alloc(gpu, &source).map_err(cuda)?;
+        let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
+        let mut sender = Sender::connect(&endpoint, &source, &inputs.rules, options)?;
+        let mut reports: Vec<(f64, UpdateReport)> = Vec::new();
+        for step in 0..=RUNS as u64 {
+            // New bytes every update (what a trainer step does to every weight).
+            tensors.fill(gpu, 0x11 + step as u8).map_err(cuda)?;
+            gpu.synchronize().map_err(cuda)?;
+            let started = Instant::now();
+            let report = sender.push_device(Version(step + 1), gpu, &tensors)?;
+            reports.push((started.elapsed().as_secs_f64(), report));
+        }
+        Ok::<_, CommandError>((reports, sender.device_extra_bytes()))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let (reports, sender_extra) = result?;
+    let timed = &reports[1..];
+    let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
+    let median_seconds = median(seconds.clone());
+    let gbps = bytes as f64 / median_seconds / 1e9;
+    Ok(Ok(IpcRow {
+        model: name.to_string(),
+        mode,
+        bytes,
+        tensors: inputs.destination.len(),
+        updates: timed.len(),
+        median_seconds,
+        best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        gbps,
+        ceiling_gbps,
+        ratio_to_ceiling: gbps / ceiling_gbps,
+        receiver_pull_median_seconds: median(timed.iter().map(|(_, r)| r.unpack_seconds).collect()),
+        first_update_seconds: reports[0].0,
+        ipc_opens_first: reports[0].1.ipc_opens,
+        ipc_opens_later: timed.iter().map(|(_, r)| r.ipc_opens).sum(),
+        device_extra_bytes: reports.iter().map(|(_, r)| r.device_extra_bytes).max().unwrap_or(0),
+        sender_device_extra_bytes: sender_extra,
+        launches: reports[0].1.launches,
+        verified: reports.iter().all(|(_, r)| r.verified),
+    }))
+}
+
+fn print_tables(out: &GpuBench) {
+    let c = &out.ceilings;
     println!(
-        "{:<15} {:>7} {:>8} {:>10} {:>9} {:>10} {:>11} {:>10} {:>9} {:>8} {:>9}",
-        "model",
-        "tensors",
-        "copies",
-        "bytes",
-        "copy ms",
-        "digest ms",
-        "2-pass ms",
-        "update ms",
-        "GB/s",
-        "x D2D",
-        "verified"
+        "{} x{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s, peer copy {}",
+        out.device,
+        out.gpus,
+        out.date,
+        c.d2d_copy_gbps,
+        c.hbm_read_gbps,
+        c.peer_copy_gbps.map_or("n/a".into(), |p| format!("{p:.0} GB/s"))
     );
-    for r in &out.rows {
+    println!(
+        "{:<15} {:>7} {:>10} {:>9} {:>10} {:>10} {:>8} {:>9} {:>9}",
+        "same process", "tensors", "bytes", "copy ms", "digest ms", "update ms", "x D2D", "x read", "verified"
+    );
+    for r in &out.same_process {
         println!(
-            "{:<15} {:>7} {:>8} {:>10} {:>9.2} {:>10.2} {:>11.2} {:>10.2} {:>9.0} {:>8.2} {:>9}",
+            "{:<15} {:>7} {:>10} {:>9.2} {:>10.2} {:>10.2} {:>8.2} {:>9.2} {:>9}",
             r.model,
             r.tensors,
-            r.copies,
             gb(r.bytes),
             r.copy_ms,
             r.digest_ms,
-            r.unfused_update_ms,
             r.update_ms,
-            r.update_gbps,
             r.update_ratio_to_d2d,
+            r.digest_ratio_to_read,
             r.verified_against_cpu
+        );
+    }
+    println!(
+        "{:<15} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>9}",
+        "cuda-ipc", "mode", "update ms", "pull ms", "GB/s", "x ceil", "first s", "opens 1st/+", "extra MiB", "verified"
+    );
+    for r in &out.ipc {
+        println!(
+            "{:<15} {:>9} {:>10.2} {:>8.2} {:>8.0} {:>8.2} {:>9.3} {:>11} {:>10.1} {:>9}",
+            r.model,
+            r.mode,
+            r.median_seconds * 1e3,
+            r.receiver_pull_median_seconds * 1e3,
+            r.gbps,
+            r.ratio_to_ceiling,
+            r.first_update_seconds,
+            format!("{}/{}", r.ipc_opens_first, r.ipc_opens_later),
+            r.device_extra_bytes as f64 / (1 << 20) as f64,
+            r.verified
         );
     }
     for s in &out.skipped {
         println!("skipped {s}");
     }
-    Ok(())
 }

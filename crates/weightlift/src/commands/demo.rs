@@ -12,7 +12,7 @@ use weightlift::protocol::TransportKind;
 use weightlift::StepReport;
 
 use super::push::print_table;
-use super::{spawn_receiver, CommandError, ModelArgs};
+use super::{spawn_receiver, CommandError, DeviceArg, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -20,8 +20,16 @@ pub struct DemoArgs {
     pub model: ModelArgs,
     #[arg(long, default_value_t = 3)]
     pub steps: u64,
-    #[arg(long, default_value = "shm")]
-    pub transport: TransportKind,
+    /// shm, tcp or cuda-ipc (default: cuda-ipc with --device cuda, else shm).
+    #[arg(long)]
+    pub transport: Option<TransportKind>,
+    /// Where the trainer's tensors live: host, or cuda:N.
+    #[arg(long, default_value = "host")]
+    pub device: DeviceArg,
+    /// Where the engine's tensors live (default: the trainer's device); cuda:1 with --device
+    /// cuda:0 updates across GPUs over NVLink.
+    #[arg(long)]
+    pub receiver_device: Option<DeviceArg>,
     /// One receiver process per rank.
     #[arg(long, default_value_t = 1)]
     pub tp_size: u32,
@@ -69,9 +77,14 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if model_args.synthetic.is_none() && model_args.model.is_none() {
         model_args.synthetic = Some(DEFAULT_MODEL.into());
     }
-    if args.transport == TransportKind::InProcess {
+    let transport = args.transport.unwrap_or(match args.device {
+        DeviceArg::Cuda(_) => TransportKind::CudaIpc,
+        DeviceArg::Host => TransportKind::Shm,
+    });
+    if transport == TransportKind::InProcess {
         return Err(CommandError::Io("the demo runs the two sides as processes: use --transport shm or tcp".into()));
     }
+    let receiver_device = args.receiver_device.unwrap_or(args.device);
     let exe = std::env::current_exe().map_err(|e| CommandError::Io(format!("cannot find this program: {e}")))?;
     let dir = std::env::temp_dir().join(format!("weightlift-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
@@ -79,11 +92,20 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     let mut children = Children(Vec::new());
     let mut endpoints = Vec::new();
     for rank in 0..args.tp_size {
-        let listen = match args.transport {
-            TransportKind::Shm => format!("unix:{}", dir.join(format!("rank{rank}.sock")).display()),
+        let listen = match transport {
+            TransportKind::Shm | TransportKind::CudaIpc => {
+                format!("unix:{}", dir.join(format!("rank{rank}.sock")).display())
+            }
             TransportKind::Tcp | TransportKind::InProcess => "tcp://127.0.0.1:0".to_string(),
         };
-        let extra = ["--tp-size".to_string(), args.tp_size.to_string(), "--tp-rank".into(), rank.to_string()];
+        let extra = [
+            "--tp-size".to_string(),
+            args.tp_size.to_string(),
+            "--tp-rank".into(),
+            rank.to_string(),
+            "--device".into(),
+            receiver_device.to_string(),
+        ];
         let (child, endpoint) = spawn_receiver(&exe, &model_args, &listen, &extra)?;
         children.0.push(child);
         endpoints.push(endpoint);
@@ -98,7 +120,9 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         "--steps",
         &args.steps.to_string(),
         "--transport",
-        &args.transport.to_string(),
+        &transport.to_string(),
+        "--device",
+        &args.device.to_string(),
         "--bucket-mib",
         &args.bucket_mib.to_string(),
         "--progress-jsonl",
@@ -109,7 +133,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
 
     let bar = ProgressBar::new(args.steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} updates  {msg}").expect("valid template"));
-    bar.set_message(format!("{} over {}", model.name(), args.transport));
+    bar.set_message(format!("{} over {transport}", model.name()));
     let mut steps: Vec<StepReport> = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| CommandError::Io(e.to_string()))?;
@@ -127,7 +151,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if args.json {
         let out = DemoOutput {
             model: model.name(),
-            transport: args.transport,
+            transport,
             tp_size: args.tp_size,
             steps: steps
                 .iter()
@@ -142,7 +166,12 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         };
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else {
-        println!("{} over {}, {} receiver(s)", model.name(), args.transport, args.tp_size);
+        println!(
+            "{} over {transport} ({} -> {receiver_device}), {} receiver(s)",
+            model.name(),
+            args.device,
+            args.tp_size
+        );
         print_table(&steps);
     }
     if !status.success() || steps.len() as u64 != args.steps || steps.iter().any(|s| !s.verified) {

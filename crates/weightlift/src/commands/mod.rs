@@ -144,6 +144,44 @@ pub fn spawn_receiver(
     }
 }
 
+/// Where tensors live: `host`, or a GPU (`cuda` is `cuda:0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Host,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" | "cpu" => Ok(DeviceArg::Host),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceArg::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (expected host, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Host => f.write_str("host"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Opens GPU `ordinal`, with an error that says which.
+pub fn open_gpu(ordinal: usize) -> Result<std::sync::Arc<weightlift_cuda::Gpu>, CommandError> {
+    weightlift_cuda::Gpu::open(ordinal)
+        .map(std::sync::Arc::new)
+        .map_err(|e| CommandError::Io(format!("cannot use cuda:{ordinal}: {e}")))
+}
+
 pub fn tp_rank(rank: u32, size: u32) -> Result<TpRank, CommandError> {
     TpRank::new(rank, size).map_err(|e| SetupError::Invalid(e.to_string()).into())
 }

@@ -14,7 +14,9 @@ use weightlift::{
     CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, SenderOptions, SourceTensors, StepReport, Trainer,
 };
 
-use super::{gb, CommandError, ModelArgs};
+use weightlift::gpu::GpuTensors;
+
+use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
@@ -29,9 +31,17 @@ pub struct PushArgs {
     /// Push this many versions, stepping the weights (in memory) before each.
     #[arg(long, default_value_t = 1)]
     pub steps: u64,
-    /// shm (same host) or tcp; default: shm when every receiver is on this host.
+    /// shm (same host), tcp, or cuda-ipc (GPU to GPU, same host); default: cuda-ipc for
+    /// --device cuda, else shm when every receiver is on this host.
     #[arg(long)]
     pub transport: Option<TransportKind>,
+    /// Where the trainer's tensors live: host, or cuda:N.
+    #[arg(long, default_value = "host")]
+    pub device: DeviceArg,
+    /// GPU sources in CUDA VMM memory (shared as file descriptors, needs unix: endpoints)
+    /// instead of cudaMalloc memory (shared as legacy IPC handles).
+    #[arg(long)]
+    pub vmm: bool,
     #[arg(long, default_value_t = 64)]
     pub bucket_mib: u64,
     /// Bucket size in bytes, overriding --bucket-mib (tests use tiny buckets).
@@ -81,7 +91,9 @@ struct PushOutput<'a> {
 
 pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
-    let transport = args.transport.unwrap_or(if args.to.iter().all(Endpoint::is_local) {
+    let transport = args.transport.unwrap_or(if matches!(args.device, DeviceArg::Cuda(_)) {
+        TransportKind::CudaIpc
+    } else if args.to.iter().all(Endpoint::is_local) {
         TransportKind::Shm
     } else {
         TransportKind::Tcp
@@ -102,7 +114,32 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     let mut trainer = Trainer::connect(&args.to, &source_manifest, &rules, &options)?;
 
     let mut steps = Vec::new();
+    if let DeviceArg::Cuda(ordinal) = args.device {
+        // The trainer's weights on a GPU: stepped in host memory, copied up, then pushed.
+        let mut tensors = match &model {
+            ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
+            ModelSource::Dir(dir) => {
+                HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?)
+            }
+        };
+        let gpu = open_gpu(ordinal)?;
+        let cuda = |e: weightlift_cuda::CudaError| CommandError::Io(format!("cuda:{ordinal}: {e}"));
+        let mut on_gpu = if args.vmm {
+            GpuTensors::alloc_shareable(&gpu, &source_manifest)
+        } else {
+            GpuTensors::alloc(&gpu, &source_manifest)
+        }
+        .map_err(cuda)?;
+        for step in 0..args.steps {
+            tensors.perturb();
+            on_gpu.upload(&tensors).map_err(cuda)?;
+            let step = trainer.push_device(Version(args.version + step), &gpu, &on_gpu)?;
+            report_progress(&step, args);
+            steps.push(step);
+        }
+    }
     match &model {
+        _ if matches!(args.device, DeviceArg::Cuda(_)) => {}
         ModelSource::Synthetic(config) => {
             let mut tensors = HostTensors::synthetic(config, 7);
             for step in 0..args.steps {
@@ -150,12 +187,16 @@ fn push_one(
     args: &PushArgs,
 ) -> Result<StepReport, CommandError> {
     let step = trainer.push(version, tensors)?;
+    report_progress(&step, args);
+    Ok(step)
+}
+
+fn report_progress(step: &StepReport, args: &PushArgs) {
     if args.progress_jsonl {
         // The reader (`weightlift demo`) may be gone: a closed pipe must not stop the push.
         let mut stdout = std::io::stdout();
-        let _ = writeln!(stdout, "{}", serde_json::to_string(&step).expect("serialises")).and_then(|()| stdout.flush());
+        let _ = writeln!(stdout, "{}", serde_json::to_string(step).expect("serialises")).and_then(|()| stdout.flush());
     }
-    Ok(step)
 }
 
 pub fn print_table(steps: &[StepReport]) {

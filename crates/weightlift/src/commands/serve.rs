@@ -1,15 +1,17 @@
-//! `weightlift serve`: a standalone host receiver holding a model in memory.
+//! `weightlift serve`: a standalone receiver holding a model in host or GPU memory.
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use weightlift::core::{exec, plan};
+use weightlift::core::{exec, plan, Manifest, TpRank};
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
 use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions};
 
-use super::{gb, tp_rank, CommandError, ModelArgs};
+use weightlift::gpu::GpuTensors;
+
+use super::{gb, open_gpu, tp_rank, CommandError, DeviceArg, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -34,12 +36,19 @@ pub struct ServeArgs {
     /// Seconds to wait for the next message of an update in flight.
     #[arg(long, default_value_t = 30)]
     pub timeout_s: u64,
+    /// Where the tensors live: host, or cuda:N (updates then come over cuda-ipc).
+    #[arg(long, default_value = "host")]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
     let tp = tp_rank(args.tp_rank, args.tp_size)?;
     let inputs = args.model.mapping().inputs(&model, tp)?;
+    if let (DeviceArg::Cuda(_), ModelSource::Synthetic(_)) = (args.device, &model) {
+        // Zeros straight on the GPU: a model's worth of host memory would be wasted.
+        return serve(args, &model, inputs.destination.clone(), None, tp);
+    }
     let mut tensors = HostTensors::filled(inputs.destination.clone(), 0);
     if let ModelSource::Dir(dir) = &model {
         // Start from the checkpoint's weights, laid out as this rank holds them.
@@ -52,7 +61,17 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
         }
         tensors = HostTensors::new(manifest, data).map_err(|e| CommandError::Io(e.to_string()))?;
     }
-    let bytes = inputs.destination.total_bytes();
+    serve(args, &model, inputs.destination.clone(), Some(tensors), tp)
+}
+
+/// Serves `destination` (starting from `host`, or zeros) until the listener fails.
+fn serve(
+    args: &ServeArgs,
+    model: &ModelSource,
+    destination: Manifest,
+    host: Option<HostTensors>,
+    tp: TpRank,
+) -> Result<(), CommandError> {
     let options = ReceiverOptions {
         tp,
         ring_slots: args.ring_slots,
@@ -61,7 +80,23 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
         threads: args.threads.unwrap_or_else(default_threads),
         ..ReceiverOptions::default()
     };
-    let receiver = Receiver::new(tensors, options);
+    let receiver = match args.device {
+        DeviceArg::Host => Receiver::new(host.unwrap_or_else(|| HostTensors::filled(destination.clone(), 0)), options),
+        DeviceArg::Cuda(ordinal) => {
+            let gpu = open_gpu(ordinal)?;
+            let cuda = |e: weightlift_cuda::CudaError| CommandError::Io(format!("cuda:{ordinal}: {e}"));
+            let mut on_gpu = GpuTensors::alloc(&gpu, &destination).map_err(cuda)?;
+            match host {
+                Some(tensors) => on_gpu.upload(&tensors).map_err(cuda)?,
+                None => {
+                    on_gpu.fill(&gpu, 0).map_err(cuda)?;
+                    gpu.synchronize().map_err(cuda)?;
+                }
+            }
+            Receiver::on_gpu(gpu, on_gpu, options).map_err(cuda)?
+        }
+    };
+    let bytes = destination.total_bytes();
     let listener =
         args.listen.bind().map_err(|e| CommandError::Io(format!("cannot listen on {}: {e}", args.listen)))?;
     let endpoint = listener.endpoint().map_err(|e| CommandError::Io(e.to_string()))?;
@@ -69,6 +104,6 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
     // for it and may close the pipe after it, which must not matter.
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {endpoint}").and_then(|()| stdout.flush());
-    tracing::info!("holding {} ({} tensors, {}) as {tp}", model.name(), inputs.destination.len(), gb(bytes));
+    tracing::info!("holding {} ({} tensors, {}) as {tp}", model.name(), destination.len(), gb(bytes));
     receiver.serve(&listener).map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))
 }

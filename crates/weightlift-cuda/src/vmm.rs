@@ -1,0 +1,405 @@
+//! Device memory shareable between processes (and GPUs) through the CUDA virtual memory
+//! management API, with POSIX file descriptors as the shareable handles.
+//!
+//! One physical allocation ([`cuMemCreate`](sys::cuMemCreate)) per [`SharedAllocation`], mapped
+//! at an address range of its own and readable and writable by the GPU that owns it. Its
+//! [`export_fd`](SharedAllocation::export_fd) gives a file descriptor that another process
+//! receives (over a Unix socket, SCM_RIGHTS) and maps with [`Gpu::import_shareable`]; the importer
+//! may be another GPU of the host, which then reads and writes the memory over NVLink. Unlike
+//! legacy CUDA IPC, a process may also import its own descriptors (the tests do).
+//!
+//! Sizes are rounded up to the allocation granularity (2 MiB on H100/H200): [`SharedAllocation::len`]
+//! is what was asked for, [`SharedAllocation::mapped_len`] what was mapped, and the importer must
+//! be told the latter.
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{
+    self, CUdeviceptr, CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationProp_st__bindgen_ty_1, CUmemAllocationType, CUmemGenericAllocationHandle,
+    CUmemLocation, CUmemLocationType, CUresult,
+};
+use cudarc::driver::CudaContext;
+
+use crate::error::{Call, CudaError};
+use crate::gpu::Gpu;
+
+const POSIX_FD: CUmemAllocationHandleType = CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+
+/// A driver result as weightlift's error, naming the call.
+fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
+    if result == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(CudaError::Driver { call, code: result })
+    }
+}
+
+/// The location "device `ordinal`".
+fn device_location(ordinal: usize) -> CUmemLocation {
+    CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as c_int }
+}
+
+/// Properties of a pinned device allocation on device `ordinal`, exportable as a POSIX fd.
+fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
+    CUmemAllocationProp {
+        type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: POSIX_FD,
+        location: device_location(ordinal),
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// A physical allocation handle mapped at an address range of its own. Dropping it undoes, in
+/// reverse order, whatever of reserve / map was done, then releases the handle; so a half-built
+/// mapping cleans up after itself when a later step fails.
+struct Mapping {
+    ctx: Arc<CudaContext>,
+    handle: CUmemGenericAllocationHandle,
+    /// The reserved range's start; 0 until reserved.
+    ptr: CUdeviceptr,
+    /// Whether the handle is mapped at `ptr`.
+    mapped: bool,
+    /// Size of the reservation and the mapping (a multiple of the granularity).
+    size: usize,
+}
+
+impl Mapping {
+    /// Takes ownership of `handle` (released on drop, also on error), reserves `size` bytes of
+    /// address space, maps the handle there and grants `access_ordinal` read/write access. The
+    /// context must be bound to the thread.
+    fn map(
+        ctx: Arc<CudaContext>,
+        handle: CUmemGenericAllocationHandle,
+        size: usize,
+        access_ordinal: usize,
+    ) -> Result<Mapping, CudaError> {
+        let mut m = Mapping { ctx, handle, ptr: 0, mapped: false, size };
+        let mut ptr: CUdeviceptr = 0;
+        // SAFETY: `ptr` is a valid out-pointer; alignment 0 picks the default (the granularity),
+        // address 0 lets the driver choose, flags must be 0.
+        check(unsafe { sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0) }, "cuMemAddressReserve")?;
+        m.ptr = ptr;
+        // SAFETY: the range was just reserved with exactly `size` bytes and nothing is mapped in
+        // it; `handle` is a live allocation handle of at least `size` bytes (the driver checks the
+        // size and fails otherwise).
+        check(unsafe { sys::cuMemMap(m.ptr, size, 0, m.handle, 0) }, "cuMemMap")?;
+        m.mapped = true;
+        let access = CUmemAccessDesc {
+            location: device_location(access_ordinal),
+            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole range is mapped (just above); `access` is one valid descriptor and
+        // the count says one.
+        check(unsafe { sys::cuMemSetAccess(m.ptr, size, &access, 1) }, "cuMemSetAccess")?;
+        Ok(m)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Tear down even if binding failed: the VMM calls below name everything explicitly.
+        let _ = self.ctx.bind_to_thread();
+        if self.mapped {
+            // SAFETY: `handle` is mapped at exactly [ptr, ptr + size) and only here unmapped; no
+            // reference to the range outlives its owner (the pointer is handed out as a plain
+            // integer, and using it after drop is the caller's error on the device, not UB here).
+            let _ = unsafe { sys::cuMemUnmap(self.ptr, self.size) };
+        }
+        if self.ptr != 0 {
+            // SAFETY: the range came from cuMemAddressReserve with this size and is freed once.
+            let _ = unsafe { sys::cuMemAddressFree(self.ptr, self.size) };
+        }
+        // SAFETY: the handle came from cuMemCreate or cuMemImportFromShareableHandle and is
+        // released exactly once, here; the physical memory lives on while other mappings or
+        // importers still hold it.
+        let _ = unsafe { sys::cuMemRelease(self.handle) };
+    }
+}
+
+/// Device memory of one GPU that other processes and GPUs can map: unmapped, its address range
+/// freed and its handle released when dropped (the memory itself lives on while an importer
+/// still has it mapped).
+pub struct SharedAllocation {
+    mapping: Mapping,
+    len: usize,
+}
+
+impl crate::gpu::OwnedDeviceMemory for SharedAllocation {
+    fn range(&self) -> (u64, usize) {
+        (self.mapping.ptr, self.len)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.mapping.ctx
+    }
+}
+
+impl SharedAllocation {
+    /// The start of the mapping on the owning GPU.
+    pub fn device_ptr(&self) -> u64 {
+        self.mapping.ptr
+    }
+
+    /// The bytes asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes mapped: [`len`](Self::len) rounded up to the allocation granularity (at least
+    /// one granule). An importer passes this to [`Gpu::import_shareable`].
+    pub fn mapped_len(&self) -> usize {
+        self.mapping.size
+    }
+
+    /// A new POSIX file descriptor for the physical memory, to send to another process (or map
+    /// again in this one). Each call gives a new descriptor; closing it does not free the memory.
+    pub fn export_fd(&self) -> Result<OwnedFd, CudaError> {
+        self.mapping.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX_FD the driver writes one int (the new descriptor) through the
+        // pointer, which points at `fd`; the handle is live (owned by `self`).
+        let result = unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut c_int).cast::<c_void>(),
+                self.mapping.handle,
+                POSIX_FD,
+                0,
+            )
+        };
+        check(result, "cuMemExportToShareableHandle")?;
+        if fd < 0 {
+            return Err(CudaError::Invalid(format!("cuMemExportToShareableHandle returned descriptor {fd}")));
+        }
+        // SAFETY: the driver just opened this descriptor for the caller; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Another allocation's memory (of this process or another, of this GPU or another) mapped for
+/// this GPU: unmapped, its address range freed and its handle released when dropped.
+pub struct ImportedAllocation {
+    mapping: Mapping,
+}
+
+impl ImportedAllocation {
+    /// The start of the mapping, valid on the importing GPU.
+    pub fn device_ptr(&self) -> u64 {
+        self.mapping.ptr
+    }
+
+    /// The bytes mapped (the exporter's [`SharedAllocation::mapped_len`]).
+    pub fn len(&self) -> usize {
+        self.mapping.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.size == 0
+    }
+}
+
+// Both types hold only integers and an `Arc<CudaContext>` (Send + Sync), so they are Send and
+// Sync without an `unsafe impl`; this keeps it that way, so a field added later that is neither
+// fails the build here instead of being papered over.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<SharedAllocation>();
+    send_sync::<ImportedAllocation>();
+};
+
+impl Gpu {
+    /// The granularity shareable allocations on this GPU are rounded up to (the driver's minimum
+    /// for pinned device memory with POSIX-fd handles).
+    pub fn shareable_granularity(&self) -> Result<usize, CudaError> {
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let prop = shareable_prop(self.ordinal());
+        let mut granularity: usize = 0;
+        // SAFETY: both pointers are valid for the duration of the call.
+        let result = unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut granularity,
+                &prop,
+                CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+            )
+        };
+        check(result, "cuMemGetAllocationGranularity")?;
+        if granularity == 0 {
+            return Err(CudaError::Invalid("cuMemGetAllocationGranularity returned 0".into()));
+        }
+        Ok(granularity)
+    }
+
+    /// `bytes` of device memory on this GPU (rounded up to the granularity; 0 bytes take one
+    /// granule), mapped read/write for this GPU and exportable as a POSIX file descriptor.
+    pub fn alloc_shareable(&self, bytes: usize) -> Result<SharedAllocation, CudaError> {
+        let granularity = self.shareable_granularity()?;
+        let mapped_len = bytes
+            .max(1)
+            .checked_next_multiple_of(granularity)
+            .ok_or_else(|| CudaError::Invalid(format!("{bytes} bytes cannot be rounded up to the granularity")))?;
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let prop = shareable_prop(self.ordinal());
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer, `prop` a fully initialised property struct,
+        // the size a multiple of the granularity for these properties, flags must be 0.
+        check(unsafe { sys::cuMemCreate(&mut handle, mapped_len, &prop, 0) }, "cuMemCreate")?;
+        let mapping = Mapping::map(self.context().clone(), handle, mapped_len, self.ordinal())?;
+        Ok(SharedAllocation { mapping, len: bytes })
+    }
+
+    /// Maps memory exported by [`SharedAllocation::export_fd`] (in this process or another, on
+    /// this GPU or another GPU of the host) for this GPU, read/write. `mapped_len` is the
+    /// exporter's [`SharedAllocation::mapped_len`]. The descriptor stays the caller's: it may be
+    /// closed as soon as this returns.
+    pub fn import_shareable(&self, fd: BorrowedFd<'_>, mapped_len: usize) -> Result<ImportedAllocation, CudaError> {
+        if mapped_len == 0 {
+            return Err(CudaError::Invalid("cannot import a shareable allocation of 0 bytes".into()));
+        }
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: for POSIX_FD the driver takes the descriptor's value in place of the pointer
+        // (`(void *)(uintptr_t)fd`) and only reads it; the descriptor is open for the duration
+        // of the call (borrowed); `handle` is a valid out-pointer.
+        let result = unsafe {
+            sys::cuMemImportFromShareableHandle(&mut handle, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD)
+        };
+        check(result, "cuMemImportFromShareableHandle")?;
+        let mapping = Mapping::map(self.context().clone(), handle, mapped_len, self.ordinal())?;
+        Ok(ImportedAllocation { mapping })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use cudarc::driver::result;
+
+    use super::*;
+    use crate::device_count;
+
+    const SIZES: [usize; 2] = [1, 3 * 1024 * 1024 + 5];
+
+    /// Deterministic bytes that differ everywhere.
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    fn upload(gpu: &Gpu, ptr: u64, bytes: &[u8]) {
+        gpu.context().bind_to_thread().unwrap();
+        // SAFETY: `ptr` starts a live mapping of at least `bytes.len()` bytes, read/write for `gpu`.
+        unsafe { result::memcpy_htod_sync(ptr, bytes) }.unwrap();
+    }
+
+    fn download(gpu: &Gpu, ptr: u64, len: usize) -> Vec<u8> {
+        gpu.context().bind_to_thread().unwrap();
+        let mut out = vec![0u8; len];
+        // SAFETY: `ptr` starts a live mapping of at least `len` bytes, readable by `gpu`.
+        unsafe { result::memcpy_dtoh_sync(&mut out, ptr) }.unwrap();
+        out
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn vmm_shareable_round_trip_same_gpu() {
+        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let granularity = gpu.shareable_granularity().unwrap();
+        let (free_before, _) = gpu.memory_info().unwrap();
+        for (i, &size) in SIZES.iter().enumerate() {
+            let shared = gpu.alloc_shareable(size).unwrap();
+            assert_eq!(shared.len(), size);
+            assert!(shared.mapped_len() >= size);
+            assert_eq!(shared.mapped_len() % granularity, 0);
+            assert!(shared.mapped_len() - size.max(1) < granularity, "rounded up by more than one granule");
+            assert_ne!(shared.device_ptr(), 0);
+
+            let data = pattern(size, i as u64 + 1);
+            upload(&gpu, shared.device_ptr(), &data);
+            let fd = shared.export_fd().unwrap();
+            let imported = gpu.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
+            drop(fd); // the import keeps the memory; the descriptor is no longer needed
+            assert_eq!(imported.len(), shared.mapped_len());
+            assert_ne!(imported.device_ptr(), shared.device_ptr(), "a mapping of its own");
+            assert_eq!(download(&gpu, imported.device_ptr(), size), data, "size {size}: read through the import");
+
+            // Writes through the import land in the exporter's memory too.
+            let back = pattern(size, i as u64 + 100);
+            upload(&gpu, imported.device_ptr(), &back);
+            assert_eq!(download(&gpu, shared.device_ptr(), size), back, "size {size}: write through the import");
+
+            // The memory outlives the exporter while the import holds it.
+            drop(shared);
+            assert_eq!(download(&gpu, imported.device_ptr(), size), back, "size {size}: after the exporter dropped");
+            drop(imported);
+        }
+        let (free_after, _) = gpu.memory_info().unwrap();
+        assert!(
+            free_after + granularity >= free_before,
+            "device memory not returned: {free_before} bytes free before, {free_after} after"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn vmm_shareable_import_on_peer_gpu() {
+        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        if device_count().unwrap() < 2 {
+            eprintln!("vmm_shareable_import_on_peer_gpu: one GPU only, nothing to check");
+            return;
+        }
+        let peer = Gpu::open(1).unwrap();
+        let granularity = gpu.shareable_granularity().unwrap();
+        let (free_before, _) = gpu.memory_info().unwrap();
+        for (i, &size) in SIZES.iter().enumerate() {
+            let shared = gpu.alloc_shareable(size).unwrap();
+            let data = pattern(size, i as u64 + 7);
+            upload(&gpu, shared.device_ptr(), &data);
+            let fd = shared.export_fd().unwrap();
+            let imported = peer.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
+            assert_eq!(download(&peer, imported.device_ptr(), size), data, "size {size}: GPU 1 reads GPU 0's memory");
+            let back = pattern(size, i as u64 + 700);
+            upload(&peer, imported.device_ptr(), &back);
+            assert_eq!(download(&gpu, shared.device_ptr(), size), back, "size {size}: GPU 1 writes GPU 0's memory");
+            drop(imported);
+            drop(shared);
+        }
+        let (free_after, _) = gpu.memory_info().unwrap();
+        assert!(
+            free_after + granularity >= free_before,
+            "device memory not returned: {free_before} bytes free before, {free_after} after"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn vmm_import_of_a_bad_size_is_an_error() {
+        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let shared = gpu.alloc_shareable(1).unwrap();
+        let fd = shared.export_fd().unwrap();
+        assert!(matches!(gpu.import_shareable(fd.as_fd(), 0), Err(CudaError::Invalid(_))));
+        // Larger than the physical allocation: the driver refuses the mapping, and the imported
+        // handle and reserved range are released again (no leak, no panic).
+        let err = gpu.import_shareable(fd.as_fd(), shared.mapped_len() * 2).err().expect("mapping past the end");
+        assert!(matches!(err, CudaError::Driver { .. }), "{err}");
+    }
+}

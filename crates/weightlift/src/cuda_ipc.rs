@@ -1,0 +1,330 @@
+//! The CUDA IPC transport: GPU to GPU on one host, with no staging copy.
+//!
+//! The sender names the allocations its source tensors live in (legacy IPC handles for
+//! cudaMalloc memory such as torch's, file descriptors for memory weightlift allocates through
+//! CUDA VMM) and where each tensor lies in them. The receiver opens each allocation once and
+//! keeps the mapping for as long as the sender's allocation is the same one, which it checks
+//! every update (the driver's allocation id, the handle), never assumes. It then pulls: one
+//! pass reads the sources and writes its tensors in place, digesting what it writes, on the
+//! same GPU or over NVLink. The sender digests what it meant to send from its own memory, and
+//! the receiver commits only if the two agree.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use weightlift_core::{Manifest, Plan};
+use weightlift_cuda::{CudaError, Gpu, ImportedAllocation, IpcMapping, SharedAllocation, IPC_HANDLE_BYTES};
+
+use crate::gpu::{ExpectedDigests, GpuPlan};
+use crate::protocol::{IpcSegment, Message};
+
+/// Tensors in GPU memory, each at a device address: a sender's sources or a receiver's
+/// destinations.
+pub trait DeviceTensors: Send + Sync {
+    fn manifest(&self) -> &Manifest;
+    /// Device address of every tensor, in manifest order.
+    fn device_ptrs(&self) -> Vec<u64>;
+    /// Allocations made through CUDA VMM that hold some of the tensors, with a process-unique
+    /// id each (see [`next_allocation_id`]); the rest is shared through legacy IPC handles.
+    fn shareable(&self) -> Vec<(u64, &SharedAllocation)> {
+        Vec::new()
+    }
+}
+
+/// Shared tensors (a caller may keep a handle to what a receiver writes into).
+impl<T: DeviceTensors> DeviceTensors for std::sync::Arc<T> {
+    fn manifest(&self) -> &Manifest {
+        (**self).manifest()
+    }
+
+    fn device_ptrs(&self) -> Vec<u64> {
+        (**self).device_ptrs()
+    }
+
+    fn shareable(&self) -> Vec<(u64, &SharedAllocation)> {
+        (**self).shareable()
+    }
+}
+
+/// A fresh id for a shareable allocation of this process.
+pub fn next_allocation_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The sender's side of one connection.
+#[derive(Default)]
+pub(crate) struct Exporter {
+    /// Shareable allocations whose descriptors this connection's receiver already has.
+    sent: HashSet<u64>,
+    /// Legacy handles already asked of the driver, by allocation id.
+    handles: HashMap<u64, String>,
+    /// The expected-digest batch, bound to the source addresses it was built for.
+    expected: Option<(Vec<u64>, ExpectedDigests)>,
+}
+
+impl Exporter {
+    /// Where `tensors` live, as a message, and the descriptors to send after it.
+    pub(crate) fn describe(
+        &mut self,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+    ) -> Result<(Message, Vec<OwnedFd>), CudaError> {
+        let ptrs = tensors.device_ptrs();
+        let manifest = tensors.manifest();
+        let mut segments = Vec::new();
+        let mut located = vec![(0u32, 0u64); ptrs.len()];
+        let mut fds = Vec::new();
+        let mut legacy = Vec::new();
+        let shareable = tensors.shareable();
+        let mut shareable_index: HashMap<u64, u32> = HashMap::new();
+        for (i, (&ptr, spec)) in ptrs.iter().zip(manifest.iter()).enumerate() {
+            let end = ptr + spec.byte_len();
+            let Some(&(id, alloc)) = shareable.iter().find(|(_, a)| {
+                let base = a.device_ptr();
+                ptr >= base && end <= base + a.mapped_len() as u64
+            }) else {
+                legacy.push(i);
+                continue;
+            };
+            let segment = match shareable_index.get(&id) {
+                Some(&s) => s,
+                None => {
+                    let fd = if self.sent.contains(&id) {
+                        None
+                    } else {
+                        fds.push(alloc.export_fd()?);
+                        Some(fds.len() as u32 - 1)
+                    };
+                    segments.push(IpcSegment::Shareable { id, mapped_bytes: alloc.mapped_len() as u64, fd });
+                    shareable_index.insert(id, segments.len() as u32 - 1);
+                    segments.len() as u32 - 1
+                }
+            };
+            located[i] = (segment, ptr - alloc.device_ptr());
+        }
+        if !legacy.is_empty() {
+            let regions: Vec<(u64, u64)> = legacy.iter().map(|&i| (ptrs[i], manifest.specs()[i].byte_len())).collect();
+            let (found, at) = gpu.locate(&regions).map_err(|e| match e {
+                CudaError::Invalid(m) => CudaError::Invalid(format!("{}: {m}", name_of(manifest, &legacy, &m))),
+                other => other,
+            })?;
+            let first = segments.len() as u32;
+            for s in &found {
+                let handle = match self.handles.get(&s.buffer_id) {
+                    Some(h) => h.clone(),
+                    None => {
+                        let h = hex(&gpu.ipc_handle(s.base)?);
+                        self.handles.insert(s.buffer_id, h.clone());
+                        h
+                    }
+                };
+                segments.push(IpcSegment::Legacy { handle, buffer_id: s.buffer_id, bytes: s.bytes });
+            }
+            for (k, &i) in legacy.iter().enumerate() {
+                located[i] = (first + at[k].segment, at[k].offset);
+            }
+            // Handles of allocations no longer used: forget them (their ids never come back).
+            let live: HashSet<u64> = found.iter().map(|s| s.buffer_id).collect();
+            self.handles.retain(|id, _| live.contains(id));
+        }
+        let message = Message::IpcSources {
+            pid: std::process::id(),
+            device: hex(&gpu.uuid()?),
+            segments,
+            tensors: located,
+            fds: fds.len() as u32,
+        };
+        Ok((message, fds))
+    }
+
+    /// Call once the descriptors of `message` reached the receiver.
+    pub(crate) fn sent(&mut self, message: &Message) {
+        if let Message::IpcSources { segments, .. } = message {
+            for s in segments {
+                if let IpcSegment::Shareable { id, .. } = s {
+                    self.sent.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// GPU memory held for digesting (descriptors, chunk digests, scratch).
+    pub(crate) fn device_bytes(&self) -> u64 {
+        self.expected.as_ref().map_or(0, |(_, e)| e.device_bytes())
+    }
+
+    /// The digest of every destination as `plan` writes it from the sources at `ptrs`.
+    pub(crate) fn expected_digests(&mut self, gpu: &Gpu, plan: &Plan, ptrs: &[u64]) -> Result<Vec<u64>, CudaError> {
+        if self.expected.as_ref().is_none_or(|(bound, _)| bound != ptrs) {
+            self.expected = None; // free the old batch before building the new one
+            self.expected = Some((ptrs.to_vec(), ExpectedDigests::new(gpu, plan, ptrs)?));
+        }
+        self.expected.as_ref().expect("just bound").1.run(gpu)
+    }
+}
+
+/// The tensor named in a `locate` error about tensor index `k` of `legacy`, for the message.
+fn name_of(manifest: &Manifest, legacy: &[usize], message: &str) -> String {
+    let k: Option<usize> =
+        message.strip_prefix("tensor ").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
+    k.and_then(|k| legacy.get(k))
+        .map_or_else(|| "a source tensor".into(), |&i| format!("`{}`", manifest.specs()[i].name))
+}
+
+/// What resolving an update's sources did.
+pub(crate) struct Resolved {
+    /// Device address (in this process) of every source tensor.
+    pub ptrs: Vec<u64>,
+    /// Allocations opened for this update (0 once the mappings are warm).
+    pub opens: u64,
+    /// Whether the sources live on the receiver's own GPU.
+    pub same_gpu: bool,
+}
+
+/// The receiver's side of one connection: the sender's allocations it has mapped, and the
+/// update bound to their addresses.
+#[derive(Default)]
+pub(crate) struct Importer {
+    legacy: HashMap<(String, u64), IpcMapping>,
+    shareable: HashMap<u64, ImportedAllocation>,
+    bound: Option<(Vec<u64>, GpuPlan)>,
+}
+
+impl Importer {
+    /// Maps what `IpcSources` names (opening only allocations not mapped yet, closing those
+    /// no longer named) and returns every source tensor's address here.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn resolve(
+        &mut self,
+        gpu: &Gpu,
+        source: &Manifest,
+        pid: u32,
+        device: &str,
+        segments: &[IpcSegment],
+        tensors: &[(u32, u64)],
+        fds: Vec<OwnedFd>,
+    ) -> Result<Resolved, String> {
+        if pid == std::process::id() {
+            return Err("the sender is this process: CUDA IPC maps another process's memory".into());
+        }
+        if tensors.len() != source.len() {
+            return Err(format!("{} source locations for {} source tensors", tensors.len(), source.len()));
+        }
+        let legacy_keys: HashSet<(String, u64)> = segments
+            .iter()
+            .filter_map(|s| match s {
+                IpcSegment::Legacy { handle, buffer_id, .. } => Some((handle.clone(), *buffer_id)),
+                IpcSegment::Shareable { .. } => None,
+            })
+            .collect();
+        let shareable_ids: HashSet<u64> = segments
+            .iter()
+            .filter_map(|s| match s {
+                IpcSegment::Shareable { id, .. } => Some(*id),
+                IpcSegment::Legacy { .. } => None,
+            })
+            .collect();
+        // Close what the sender no longer uses before opening anything (an allocation freed and
+        // made again may come back under the same handle).
+        let before = (self.legacy.len(), self.shareable.len());
+        self.legacy.retain(|k, _| legacy_keys.contains(k));
+        self.shareable.retain(|id, _| shareable_ids.contains(id));
+        if (self.legacy.len(), self.shareable.len()) != before {
+            self.bound = None;
+        }
+        let mut opens = 0;
+        let mut bases = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let (base, bytes) = match segment {
+                IpcSegment::Legacy { handle, buffer_id, bytes } => {
+                    let key = (handle.clone(), *buffer_id);
+                    if !self.legacy.contains_key(&key) {
+                        let raw: [u8; IPC_HANDLE_BYTES] =
+                            unhex(handle).ok_or_else(|| format!("malformed IPC handle `{handle}`"))?;
+                        let mapping = gpu.open_ipc(&raw).map_err(|e| format!("opening the sender's memory: {e}"))?;
+                        self.legacy.insert(key.clone(), mapping);
+                        opens += 1;
+                    }
+                    (self.legacy[&key].device_ptr(), *bytes)
+                }
+                IpcSegment::Shareable { id, mapped_bytes, fd } => {
+                    if let Some(k) = fd {
+                        let fd = fds.get(*k as usize).ok_or_else(|| format!("descriptor {k} was not sent"))?;
+                        let imported = gpu
+                            .import_shareable(fd.as_fd(), *mapped_bytes as usize)
+                            .map_err(|e| format!("importing the sender's memory: {e}"))?;
+                        self.shareable.insert(*id, imported);
+                        opens += 1;
+                    }
+                    let imported = self
+                        .shareable
+                        .get(id)
+                        .ok_or_else(|| format!("shareable allocation {id} was never sent to this connection"))?;
+                    (imported.device_ptr(), *mapped_bytes)
+                }
+            };
+            bases.push((base, bytes));
+        }
+        let mut ptrs = Vec::with_capacity(tensors.len());
+        for (spec, &(segment, offset)) in source.iter().zip(tensors) {
+            let &(base, bytes) = bases
+                .get(segment as usize)
+                .ok_or_else(|| format!("`{}` is in segment {segment}, which was not described", spec.name))?;
+            if offset.checked_add(spec.byte_len()).is_none_or(|end| end > bytes) {
+                return Err(format!(
+                    "`{}` ({} bytes at offset {offset}) does not fit its segment of {bytes} bytes",
+                    spec.name,
+                    spec.byte_len()
+                ));
+            }
+            ptrs.push(base + offset);
+        }
+        let same_gpu = gpu.uuid().map(|u| hex(&u) == device).unwrap_or(false);
+        Ok(Resolved { ptrs, opens, same_gpu })
+    }
+
+    /// The update bound to sources at `ptrs` (bound again only when they moved).
+    pub(crate) fn plan(
+        &mut self,
+        gpu: &Gpu,
+        plan: &Plan,
+        sources: &[u64],
+        destinations: &[u64],
+    ) -> Result<&GpuPlan, CudaError> {
+        if self.bound.as_ref().is_none_or(|(bound, _)| bound != sources) {
+            self.bound = None;
+            self.bound = Some((sources.to_vec(), GpuPlan::new(gpu, plan, sources, destinations)?));
+        }
+        Ok(&self.bound.as_ref().expect("just bound").1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_round_trip_through_hex() {
+        let raw: [u8; IPC_HANDLE_BYTES] = std::array::from_fn(|i| (i * 37) as u8);
+        assert_eq!(unhex::<IPC_HANDLE_BYTES>(&hex(&raw)), Some(raw));
+        assert_eq!(unhex::<4>("zz00aa11"), None);
+        assert_eq!(unhex::<4>("00aa11"), None);
+    }
+}

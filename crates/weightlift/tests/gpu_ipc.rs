@@ -1,0 +1,188 @@
+//! GPU updates between processes over CUDA IPC (ignored without a GPU: run
+//! `scripts/gpu-tests.sh` on a GPU machine). The receiver side runs in this test process so
+//! its bytes can be read back; the sender is `weightlift push --device cuda:0`, or the other
+//! way round where the test must control the sender's memory.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use serde_json::Value;
+use weightlift::core::{destination_manifest, exec, plan, synthetic, PresetOptions, SourceSet, TpRank, Version};
+use weightlift::gpu::GpuTensors;
+use weightlift::protocol::TransportKind;
+use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions};
+use weightlift_cuda::{device_count, Gpu};
+
+fn exe() -> String {
+    std::env::var("WEIGHTLIFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_weightlift").to_string())
+}
+
+fn gpu(ordinal: usize) -> Arc<Gpu> {
+    Arc::new(Gpu::open(ordinal).unwrap_or_else(|e| panic!("needs a GPU: {e}")))
+}
+
+fn socket(label: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("wl-gpu-{}-{label}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn ipc_updates_are_bit_exact_for_dense_and_moe_at_tp1_and_tp2_on_the_same_and_another_gpu() {
+    let gpus = device_count().expect("needs a GPU");
+    let receiver_devices: Vec<usize> = if gpus >= 2 { vec![0, 1] } else { vec![0] };
+    for (model, tp_size, vmm) in [("qwen3-tiny", 1, false), ("qwen3-moe-tiny", 2, true), ("qwen2-tiny", 2, false)] {
+        for &device in &receiver_devices {
+            let config = synthetic(model).unwrap();
+            let rules =
+                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+            let source = SourceSet::single(config.source_manifest());
+            let receiver_gpu = gpu(device);
+            let mut receivers = Vec::new();
+            let mut endpoints = Vec::new();
+            for tp in TpRank::all(tp_size) {
+                let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+                let mut tensors = GpuTensors::alloc(&receiver_gpu, &dest).unwrap();
+                tensors.fill(&receiver_gpu, 0).unwrap();
+                let tensors = Arc::new(tensors);
+                let options = ReceiverOptions { tp, ..ReceiverOptions::default() };
+                let receiver = Receiver::on_gpu(receiver_gpu.clone(), tensors.clone(), options).unwrap();
+                let path = socket(&format!("{model}-{device}-{}", tp.rank));
+                let listener = Endpoint::Unix(path.clone()).bind().unwrap();
+                let serving = receiver.clone();
+                std::thread::spawn(move || serving.serve(&listener));
+                endpoints.push(format!("unix:{}", path.display()));
+                receivers.push((tp, dest, tensors, receiver));
+            }
+            // The sender: another process, 5 versions, each with every weight changed.
+            let mut push = Command::new(exe());
+            push.args(["push", "--synthetic", model, "--device", "cuda:0", "--steps", "5", "--json"]);
+            if vmm {
+                push.arg("--vmm");
+            }
+            for e in &endpoints {
+                push.args(["--to", e]);
+            }
+            let out = push.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{model} -> cuda:{device}: push failed: {stderr}");
+            let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let steps = json["steps"].as_array().unwrap();
+            assert_eq!(steps.len(), 5);
+            for (k, step) in steps.iter().enumerate() {
+                assert_eq!(step["verified"], true, "{model} -> cuda:{device} step {k}");
+                for rank in step["ranks"].as_array().unwrap() {
+                    let opens = rank["ipc_opens"].as_u64().unwrap();
+                    // Mapped once, on the first update; reused by every later one.
+                    if k == 0 {
+                        assert!(opens >= 1, "{model}: first update opened nothing");
+                    } else {
+                        assert_eq!(opens, 0, "{model} step {k}: mappings were not reused");
+                    }
+                    assert_eq!(rank["same_gpu"], device == 0);
+                    assert!(rank["device_extra_bytes"].as_u64().unwrap() < 64 << 20);
+                }
+            }
+            // Byte compare with the host reference of the last version.
+            let mut trainer = HostTensors::synthetic(&config, 7);
+            for _ in 0..5 {
+                trainer.perturb();
+            }
+            let (_, data) = trainer.into_parts();
+            let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            for (tp, dest, tensors, receiver) in &receivers {
+                let plan = plan(&source, dest, &rules, *tp).unwrap();
+                let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+                exec::execute(&plan, &refs, &mut expected).unwrap();
+                let (_, got) = tensors.download().unwrap().into_parts();
+                for (i, want) in expected.iter().enumerate() {
+                    assert!(&got[i] == want, "{model} {tp} on cuda:{device}: `{}` differs", dest.specs()[i].name);
+                }
+                assert_eq!(receiver.committed(), Version(5));
+                assert!(receiver.dirty().is_empty());
+                let digests: Vec<u64> = expected.iter().map(|b| weightlift::core::digest::digest(b)).collect();
+                assert_eq!(receiver.current_digests().unwrap(), digests);
+            }
+        }
+    }
+}
+
+/// A `weightlift serve --device cuda:N` process.
+fn serve_on_gpu(model: &str, device: usize, label: &str) -> (Killed, Endpoint) {
+    let path = socket(label);
+    let mut child = Command::new(exe())
+        .args(["serve", "--synthetic", model, "--device", &format!("cuda:{device}")])
+        .args(["--listen", &format!("unix:{}", path.display()), "--timeout-s", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let endpoint = line.trim().strip_prefix("listening on ").expect("serve says where it listens").parse().unwrap();
+    (Killed(child), endpoint)
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_stale() {
+    let model = "qwen3-tiny";
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let gpu = gpu(0);
+    for vmm in [false, true] {
+        let (_server, endpoint) = serve_on_gpu(model, 0, &format!("realloc-{vmm}"));
+        let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
+        let mut sender = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).unwrap();
+        let alloc = |gpu: &Gpu| {
+            if vmm {
+                GpuTensors::alloc_shareable(gpu, &config.source_manifest()).unwrap()
+            } else {
+                GpuTensors::alloc(gpu, &config.source_manifest()).unwrap()
+            }
+        };
+        let mut trainer = HostTensors::synthetic(&config, 3);
+        let mut tensors = alloc(&gpu);
+        tensors.upload(&trainer).unwrap();
+        let first = sender.push_device(Version(1), &gpu, &tensors).unwrap();
+        assert!(first.verified && first.ipc_opens >= 1, "{first:?}");
+        let second = sender.push_device(Version(2), &gpu, &tensors).unwrap();
+        assert!(second.verified && second.ipc_opens == 0, "{second:?}");
+        // Free and allocate again (the driver tends to hand back the same address), with new
+        // weights: the receiver must map the new allocation, not read the old mapping.
+        let old = tensors.ptrs()[0];
+        drop(tensors);
+        let mut tensors = alloc(&gpu);
+        trainer.perturb();
+        tensors.upload(&trainer).unwrap();
+        let third = sender.push_device(Version(3), &gpu, &tensors).unwrap();
+        assert!(third.verified, "vmm={vmm}: {third:?}");
+        assert!(third.ipc_opens >= 1, "vmm={vmm}: reallocated memory was not re-imported: {third:?}");
+        eprintln!("vmm={vmm}: reallocated at the same address: {}", old == tensors.ptrs()[0]);
+        let fourth = sender.push_device(Version(4), &gpu, &tensors).unwrap();
+        assert!(fourth.verified && fourth.ipc_opens == 0, "{fourth:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn host_transports_and_gpu_receivers_refuse_each_other_by_name() {
+    let model = "qwen3-tiny";
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let (_server, endpoint) = serve_on_gpu(model, 0, "refuse");
+    let options = SenderOptions { transport: TransportKind::Shm, ..SenderOptions::default() };
+    let err = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).err().expect("refused");
+    assert!(err.to_string().contains("on a GPU"), "{err}");
+}

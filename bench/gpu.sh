@@ -51,6 +51,10 @@ export NVSHMEM_DISABLE_NVLS=1
 
 cd "$root"
 IFS=, read -ra models <<<"$MODELS"
+if [ "${#models[@]}" -eq 0 ]; then
+    echo "MODELS is empty" >&2
+    exit 2
+fi
 start=$SECONDS
 failures=()
 
@@ -123,7 +127,7 @@ skip_baseline() {
     note "$name: skipped: $4"
 }
 
-note "weightlift $("$WL" --version 2>/dev/null || echo '?') ($WL); models $MODELS; results in $OUT"
+note "$("$WL" --version 2>/dev/null || echo 'weightlift ?') ($WL); models $MODELS; results in $OUT"
 nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv >"$OUT/logs/nvidia-smi.csv" 2>&1 || true
 
 # 1. Plans: the models' tensor lists for the baselines.
@@ -197,7 +201,9 @@ fi
 t0=$SECONDS
 rc=0
 "$PY" bench/gpu_table.py "$OUT" --models "$MODELS" | tee "$OUT/table.txt" || rc=$?
-if [ "$rc" -ne 0 ]; then
+if [ "$rc" -eq 3 ]; then
+    failures+=("table: a result is NOT VERIFIED")
+elif [ "$rc" -ne 0 ]; then
     failures+=("table (exit $rc)")
 fi
 note "table: $OUT/table.txt, $OUT/summary.json ($((SECONDS - t0)) s)"

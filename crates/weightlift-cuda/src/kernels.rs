@@ -134,15 +134,51 @@ __device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, 
 
 struct FusedRun { u64 src, dst, bytes, out; };
 
+// xxh64 of `count` little-endian words (a tensor's chunk digests), by the four lanes of a
+// group, one stripe accumulator each; the result lands in lane 0. The words were written by
+// other SMs during this kernel: they are read from L2 (ld.global.cg), never from a stale L1.
+__device__ u64 fold_group(const u64* words, u64 count, u32 lane, u32 group_mask) {
+    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+    u64 s = 0;
+    // Eight stripes' loads in flight before their rounds: a long fold waits on loads.
+    for (; s + 32 <= count; s += 32) {
+        u64 w[8];
+        for (int k = 0; k < 8; ++k) w[k] = __ldcg(words + s + 4 * k + lane);
+        for (int k = 0; k < 8; ++k) v = xround(v, w[k]);
+    }
+    for (; s + 4 <= count; s += 4) v = xround(v, __ldcg(words + s + lane));
+    int first = threadIdx.x & ~3u;
+    u64 v1 = __shfl_sync(group_mask, v, first, 32), v2 = __shfl_sync(group_mask, v, first + 1, 32);
+    u64 v3 = __shfl_sync(group_mask, v, first + 2, 32), v4 = __shfl_sync(group_mask, v, first + 3, 32);
+    u64 len = count * 8;
+    u64 h;
+    if (len >= 32) {
+        h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
+        h = merge(h, v1); h = merge(h, v2); h = merge(h, v3); h = merge(h, v4);
+    } else {
+        h = P5;
+    }
+    h += len;
+    for (; s < count; ++s) { h ^= xround(0, __ldcg(words + s)); h = rotl(h, 27) * P1 + P4; }
+    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
+    return h;
+}
+
 // Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
 // source, written once, and hashed from the registers it passed through. A run whose `dst` is
 // 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
 // per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector.
-extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
+// The group that completes a tensor's last chunk (counted in `done`) folds the tensor's chunk
+// digests into its digest right away, while the rest of the GPU goes on copying: a 1.2 GB
+// embedding's fold (300k words, one dependent chain) then overlaps the copy instead of
+// trailing it.
+extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out,
+                                       const u64* tensor_start, u32 tensors, unsigned int* done, u64* digests) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
     u64 lane = threadIdx.x & 3;
     u32 group_mask = 0xFu << (threadIdx.x & 28);
+    int first = threadIdx.x & ~3u;
     for (u64 base = 0; base < total; base += groups) {
         u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
         bool active = g < total;
@@ -180,7 +216,21 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
             if (!q) q = (u8*)p;
         }
         u64 h = group_finish(v, group_mask, q, len);
-        if (active && lane == 0) out[slot] = h;
+        u32 last = 0, t = 0;
+        if (active && lane == 0) {
+            out[slot] = h;
+            __threadfence();  // the digest is visible before the count says so
+            t = find(tensor_start, tensors, slot);
+            u32 chunks = (u32)(tensor_start[t + 1] - tensor_start[t]);
+            last = atomicAdd(&done[t], 1u) + 1 == chunks;
+        }
+        last = __shfl_sync(group_mask, last, first, 32);
+        t = __shfl_sync(group_mask, t, first, 32);
+        if (last) {
+            __threadfence();  // every other group's digest of this tensor is visible now
+            u64 d = fold_group(out + tensor_start[t], tensor_start[t + 1] - tensor_start[t], (u32)lane, group_mask);
+            if (lane == 0) digests[t] = d;
+        }
     }
 }
 
@@ -194,33 +244,6 @@ extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
 }
 
-// Each region's digest: xxh64 of its chunk digests, one warp per region. The chunk digests of
-// a large tensor (300k for a 1.2 GB embedding) are read 256 bytes at a time, coalesced, one word
-// per lane; lanes 0-3 (one per stripe accumulator) then fold the 8 stripes in order.
-extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, u32 n, u64* out) {
-    u32 warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    u32 lane = threadIdx.x & 31;
-    if (warp >= n) return;
-    const u64* words = chunks + chunk_start[warp];
-    u64 count = chunk_start[warp + 1] - chunk_start[warp];
-    u64 len = count * 8;
-    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-    u64 s = 0;
-    for (; s + 32 <= count; s += 32) {
-        u64 mine = words[s + lane];
-        for (int k = 0; k < 8; ++k) {
-            u64 w = __shfl_sync(0xffffffffu, mine, 4 * k + (lane & 3), 32);
-            if (lane < 4) v = xround(v, w);
-        }
-    }
-    // Whole stripes left (fewer than 8): one word per accumulator lane each.
-    for (; s + 4 <= count; s += 4) {
-        if (lane < 4) v = xround(v, words[s + lane]);
-    }
-    u64 v1 = __shfl_sync(0xffffffffu, v, 0, 32), v2 = __shfl_sync(0xffffffffu, v, 1, 32);
-    u64 v3 = __shfl_sync(0xffffffffu, v, 2, 32), v4 = __shfl_sync(0xffffffffu, v, 3, 32);
-    if (lane == 0) out[warp] = xxh64_finish((const u8*)words, len, s * 8, v1, v2, v3, v4);
-}
 "#;
 
 pub(crate) struct Kernels {
@@ -228,7 +251,6 @@ pub(crate) struct Kernels {
     copy: CudaFunction,
     cast: CudaFunction,
     copy_digest: CudaFunction,
-    combine: CudaFunction,
     read_all: CudaFunction,
     /// Blocks a grid-striding kernel needs to fill the GPU.
     blocks: u32,
@@ -249,7 +271,6 @@ impl Kernels {
             copy: load("batched_copy")?,
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
-            combine: load("combine_digests")?,
             read_all: load("read_all")?,
             blocks: (sms.max(1) as u32) * 8,
             _module: module,
@@ -368,14 +389,22 @@ struct PreparedWave {
     first_tensor: u32,
 }
 
+/// Digest of a tensor of no bytes: xxh64 (seed 0) of no chunk digests, i.e. of no input.
+/// No chunk completes such a tensor on the GPU, so its digest is set here.
+const EMPTY_DIGEST: u64 = 0xEF46_DB37_51D8_E999;
+
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
     waves: Vec<PreparedWave>,
     /// The chunk digests of one wave at a time.
     chunks: DeviceBuffer,
+    /// Chunks digested so far, per tensor of the wave (zeroed before each wave).
+    done: DeviceBuffer,
     out: DeviceBuffer,
     tensor_count: u32,
+    /// Tensors of no bytes (their digest is [`EMPTY_DIGEST`]).
+    empty: Vec<usize>,
     device_bytes: u64,
 }
 
@@ -387,7 +416,7 @@ impl UpdateBatch {
 
     /// Kernel launches one run takes.
     pub fn launches(&self) -> usize {
-        self.waves.len() * 5
+        self.waves.len() * 4
     }
 }
 
@@ -539,7 +568,13 @@ impl Gpu {
     pub fn prepare_update(&self, waves: &[Wave]) -> Result<UpdateBatch, CudaError> {
         let mut prepared = Vec::with_capacity(waves.len());
         let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
+        let mut max_tensors = 0usize;
+        let mut empty = Vec::new();
         for wave in waves {
+            max_tensors = max_tensors.max(wave.tensor_bytes.len());
+            empty.extend(
+                wave.tensor_bytes.iter().enumerate().filter(|(_, &b)| b == 0).map(|(i, _)| first_tensor as usize + i),
+            );
             let after: Vec<FusedRun> =
                 wave.after.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
             let (fused, after) = (self.upload_runs(&wave.fused)?, self.upload_runs(&after)?);
@@ -578,29 +613,52 @@ impl Gpu {
             prepared.push(wave);
         }
         let chunks = self.alloc((max_chunks as usize).max(1) * 8)?;
+        let done = self.alloc(max_tensors.max(1) * 4)?;
         let out = self.alloc((first_tensor as usize).max(1) * 8)?;
-        device_bytes += (chunks.len() + out.len()) as u64;
-        Ok(UpdateBatch { waves: prepared, chunks, out, tensor_count: first_tensor, device_bytes })
+        device_bytes += (chunks.len() + done.len() + out.len()) as u64;
+        Ok(UpdateBatch { waves: prepared, chunks, done, out, tensor_count: first_tensor, empty, device_bytes })
     }
 
-    /// Runs an update: per wave, fused copy+digest, fallback copies and casts, their chunks'
-    /// digests, then every tensor's digest (five launches a wave, however many tensors);
-    /// returns the digests.
+    /// Runs an update: per wave, fused copy+digest, fallback copies and casts, and their
+    /// chunks' digests, each tensor's digest folded by whichever group finishes its last chunk
+    /// (four launches a wave, however many tensors); returns the digests.
     pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
         let k = self.kernels();
         for wave in &batch.waves {
-            self.launch_runs(&wave.fused, &batch.chunks)?;
+            self.zero(&batch.done, wave.tensor_count as usize * 4)?;
+            let digests = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
+            self.launch_runs(&wave.fused, batch, wave, digests)?;
             self.run_copies(&wave.copies)?;
             let c = &wave.casts;
             self.launch_tiled(&k.cast, &c.descs, &c.tile_start, c.count, c.tiles, CAST_TILE_ELEMS, "batched_cast")?;
-            self.launch_runs(&wave.after, &batch.chunks)?;
-            let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            self.combine(&batch.chunks, &wave.tensor_start, wave.tensor_count, out)?;
+            self.launch_runs(&wave.after, batch, wave, digests)?;
         }
         self.synchronize()?;
         let mut bytes = vec![0u8; batch.tensor_count as usize * 8];
         batch.out.download(&mut bytes)?;
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        let mut digests: Vec<u64> =
+            bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        for &t in &batch.empty {
+            digests[t] = EMPTY_DIGEST;
+        }
+        Ok(digests)
+    }
+
+    /// Zeroes the first `bytes` of `buffer` on this GPU's stream.
+    fn zero(&self, buffer: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside the live buffer (callers pass at most its length).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                buffer.device_ptr(),
+                0,
+                bytes.min(buffer.len()),
+                self.stream().cu_stream(),
+            )
+        }
+        .call("cuMemsetD8Async")
     }
 
     fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
@@ -608,42 +666,28 @@ impl Gpu {
         Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
     }
 
-    fn launch_runs(&self, list: &RunList, chunks: &DeviceBuffer) -> Result<(), CudaError> {
+    fn launch_runs(
+        &self,
+        list: &RunList,
+        batch: &UpdateBatch,
+        wave: &PreparedWave,
+        digests: u64,
+    ) -> Result<(), CudaError> {
         if list.chunks == 0 {
             return Ok(());
         }
         let k = self.kernels();
         let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
+        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), batch.chunks.device_ptr());
+        let (tensor_start, done) = (wave.tensor_start.device_ptr(), batch.done.device_ptr());
         let mut launch = self.stream().launch_builder(&k.copy_digest);
         launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
-        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract)
-        // and every out slot lies inside `chunks` (counted when the batch was prepared).
+        launch.arg(&tensor_start).arg(&wave.tensor_count).arg(&done).arg(&digests);
+        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract),
+        // every out slot lies inside `chunks` and every tensor's counter inside `done`, and
+        // `digests` has a slot per tensor of the wave (counted when the batch was prepared).
         unsafe { launch.launch(config) }.call("cuLaunchKernel(copy_digest)")?;
-        Ok(())
-    }
-
-    /// Folds each tensor's chunk digests into its digest at `out` (one slot per tensor).
-    fn combine(
-        &self,
-        chunks: &DeviceBuffer,
-        chunk_start: &DeviceBuffer,
-        count: u32,
-        out: u64,
-    ) -> Result<(), CudaError> {
-        if count == 0 {
-            return Ok(());
-        }
-        let k = self.kernels();
-        let grid = (count * 32).div_ceil(THREADS);
-        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (c, s) = (chunks.device_ptr(), chunk_start.device_ptr());
-        let mut launch = self.stream().launch_builder(&k.combine);
-        launch.arg(&c).arg(&s).arg(&count).arg(&out);
-        // SAFETY: arguments match the kernel; `out` has one slot per tensor of the wave (inside
-        // the batch's result buffer).
-        unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
         Ok(())
     }
 }

@@ -77,6 +77,8 @@ pub(crate) struct Exporter {
     handles: HashMap<u64, String>,
     /// The expected-digest batch, bound to the source addresses it was built for.
     expected: Option<(Vec<u64>, ExpectedDigests)>,
+    /// The tensor locations last sent (the receiver keeps them).
+    last_located: Option<Vec<(u32, u64)>>,
 }
 
 impl Exporter {
@@ -85,6 +87,7 @@ impl Exporter {
         &mut self,
         gpu: &Gpu,
         tensors: &dyn DeviceTensors,
+        sender_digests: bool,
     ) -> Result<(Message, Vec<OwnedFd>), CudaError> {
         let ptrs = tensors.device_ptrs();
         let manifest = tensors.manifest();
@@ -144,25 +147,35 @@ impl Exporter {
             let live: HashSet<u64> = found.iter().map(|s| s.buffer_id).collect();
             self.handles.retain(|id, _| live.contains(id));
         }
+        let unchanged = self.last_located.as_ref() == Some(&located);
         let message = Message::IpcSources {
             pid: std::process::id(),
             device: hex(&gpu.uuid()?),
             segments,
-            tensors: located,
+            tensors: (!unchanged).then_some(located),
             fds: fds.len() as u32,
+            sender_digests,
         };
         Ok((message, fds))
     }
 
-    /// Call once the descriptors of `message` reached the receiver.
+    /// Call once `message` and its descriptors reached the receiver.
     pub(crate) fn sent(&mut self, message: &Message) {
-        if let Message::IpcSources { segments, .. } = message {
+        if let Message::IpcSources { segments, tensors, .. } = message {
             for s in segments {
                 if let IpcSegment::Shareable { id, .. } = s {
                     self.sent.insert(*id);
                 }
             }
+            if let Some(located) = tensors {
+                self.last_located = Some(located.clone());
+            }
         }
+    }
+
+    /// Call when the connection may have lost track (a failed update): send everything again.
+    pub(crate) fn forget_locations(&mut self) {
+        self.last_located = None;
     }
 
     /// GPU memory held for digesting (descriptors, chunk digests, scratch).
@@ -205,6 +218,8 @@ pub(crate) struct Importer {
     legacy: HashMap<(String, u64), IpcMapping>,
     shareable: HashMap<u64, ImportedAllocation>,
     bound: Option<(Vec<u64>, GpuPlan)>,
+    /// The tensor locations of the last update (a sender omits them when unchanged).
+    located: Option<Vec<(u32, u64)>>,
 }
 
 impl Importer {
@@ -218,12 +233,16 @@ impl Importer {
         pid: u32,
         device: &str,
         segments: &[IpcSegment],
-        tensors: &[(u32, u64)],
+        tensors: Option<Vec<(u32, u64)>>,
         fds: Vec<OwnedFd>,
     ) -> Result<Resolved, String> {
         if pid == std::process::id() {
             return Err("the sender is this process: CUDA IPC maps another process's memory".into());
         }
+        if let Some(located) = tensors {
+            self.located = Some(located);
+        }
+        let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
         if tensors.len() != source.len() {
             return Err(format!("{} source locations for {} source tensors", tensors.len(), source.len()));
         }

@@ -145,9 +145,13 @@ pub enum Message {
         /// UUID of the GPU the sources live on.
         device: String,
         segments: Vec<IpcSegment>,
-        /// Per source tensor: (segment index, offset from the segment's start).
-        tensors: Vec<(u32, u64)>,
+        /// Per source tensor: (segment index, offset from the segment's start); None when
+        /// the same as the last update's on this connection (18,867 entries for a MoE model).
+        tensors: Option<Vec<(u32, u64)>>,
         fds: u32,
+        /// Whether `End` carries the sender's digests of its own memory to compare with; if
+        /// not, the receiver's digests of what it wrote are what it records.
+        sender_digests: bool,
     },
     /// All buckets sent; the sender's digest of every destination tensor it wrote.
     End {

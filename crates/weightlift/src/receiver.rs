@@ -238,7 +238,7 @@ impl Receiver {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
         }
-        let plan = match plan(&SourceSet::single(source), &self.shared.manifest, &rules, options.tp) {
+        let plan = match plan(&SourceSet::single(source.clone()), &self.shared.manifest, &rules, options.tp) {
             Ok(plan) => plan,
             Err(e) => return Err(refuse(&mut conn, e.to_string())),
         };
@@ -316,7 +316,7 @@ impl Receiver {
             }
             conn.send(&Message::Accepted { version })?;
             let (report, in_sync) = if transport == TransportKind::CudaIpc {
-                self.update_ipc(&mut conn, &mut importer, &plan, version)
+                self.update_ipc(&mut conn, &mut importer, &plan, &source, version)
             } else {
                 self.update(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes)
             };
@@ -410,6 +410,7 @@ impl Receiver {
         conn: &mut Conn,
         importer: &mut Importer,
         plan: &Plan,
+        source: &Manifest,
         version: Version,
     ) -> (UpdateReport, bool) {
         let started = Instant::now();
@@ -426,9 +427,9 @@ impl Receiver {
         };
         let mut touched = vec![false; plan.destinations.len()];
         let outcome = (|| {
-            let (pid, device, segments, located, fds) = match conn.recv(timeout) {
-                Ok(Message::IpcSources { pid, device, segments, tensors, fds }) => {
-                    (pid, device, segments, tensors, fds)
+            let (pid, device, segments, located, fds, sender_digests) = match conn.recv(timeout) {
+                Ok(Message::IpcSources { pid, device, segments, tensors, fds, sender_digests }) => {
+                    (pid, device, segments, tensors, fds, sender_digests)
                 }
                 Ok(other) => return Outcome::Broken(format!("expected ipc_sources, got {}", other.name())),
                 Err(e) => return Outcome::Broken(format!("waiting for the sender's memory: {e}")),
@@ -437,7 +438,8 @@ impl Receiver {
                 Ok(fds) => fds,
                 Err(e) => return Outcome::Broken(format!("receiving the sender's memory descriptors: {e}")),
             };
-            let resolved = match importer.resolve(gpu, &plan_sources(plan), pid, &device, &segments, &located, fds) {
+            report.sender_digests = sender_digests;
+            let resolved = match importer.resolve(gpu, source, pid, &device, &segments, located, fds) {
                 Ok(r) => r,
                 Err(e) => return Outcome::Broken(e),
             };
@@ -459,6 +461,7 @@ impl Receiver {
             let _ = self.state().versions.verify(version);
             let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
             match conn.recv(timeout) {
+                Ok(Message::End { version: v, .. }) if v == version && !sender_digests => Outcome::Verified(ours),
                 Ok(Message::End { version: v, digests }) if v == version => {
                     let mismatched = compare(plan, &vec![true; ours.len()], &ours, &digests);
                     if mismatched.is_empty() {
@@ -526,11 +529,6 @@ impl Receiver {
         report.receiver_peak_rss = peak_rss_bytes();
         (report, in_sync)
     }
-}
-
-/// The plan's source manifest (one sender: its pieces are whole tensors).
-fn plan_sources(plan: &Plan) -> Manifest {
-    Manifest::new(plan.sources.iter().map(|p| p.spec.clone()).collect()).expect("a plan's sources form a manifest")
 }
 
 /// How an update ended.

@@ -33,6 +33,10 @@ pub struct UpdateReport {
     /// CUDA IPC: allocations of the sender opened for this update (0 once mappings are warm).
     #[serde(default)]
     pub ipc_opens: u64,
+    /// CUDA IPC: whether the sender digested its own memory for this side to compare with
+    /// (else this side's digests of what it wrote were recorded as they are).
+    #[serde(default)]
+    pub sender_digests: bool,
     /// CUDA IPC: whether the sources were on the receiver's own GPU.
     #[serde(default)]
     pub same_gpu: Option<bool>,

@@ -31,6 +31,10 @@ pub struct SenderOptions {
     pub timeout: Duration,
     /// Threads that pack and digest.
     pub threads: usize,
+    /// CUDA IPC: digest the sources on the sender's GPU for the receiver to compare with (a
+    /// second read of the model, on the trainer's GPU). Off, the receiver's digests of what it
+    /// wrote are recorded, and the sender's memory is identified by allocation id and handle.
+    pub sender_digests: bool,
     /// For fault tests only: misbehave on purpose.
     pub fault: Option<Fault>,
 }
@@ -43,6 +47,7 @@ impl Default for SenderOptions {
             delta: false,
             timeout: Duration::from_secs(60),
             threads: default_threads(),
+            sender_digests: true,
             fault: None,
         }
     }
@@ -276,7 +281,9 @@ impl Sender {
             )));
         }
         let timeout = self.options.timeout;
-        let (sources, fds) = self.exporter.describe(gpu, tensors).map_err(|e| SendError::Device(e.to_string()))?;
+        let sender_digests = self.options.sender_digests;
+        let (sources, fds) =
+            self.exporter.describe(gpu, tensors, sender_digests).map_err(|e| SendError::Device(e.to_string()))?;
         self.conn.send(&Message::Begin { version, skip: Vec::new() })?;
         match self.conn.recv(timeout)? {
             Message::Accepted { version: v } if v == version => {}
@@ -288,20 +295,23 @@ impl Sender {
         self.conn.send_fds(&borrowed)?;
         self.exporter.sent(&sources);
         // Digest while the receiver pulls.
-        let ptrs = tensors.device_ptrs();
-        let expected = match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
-            Ok(d) => d,
-            Err(e) => {
-                let reason = format!("the sender could not digest its tensors: {e}");
-                let _ = self.conn.send(&Message::Abort { reason: reason.clone() });
-                return Err(SendError::Device(reason));
+        let digests: Vec<(u32, u64)> = if sender_digests {
+            let ptrs = tensors.device_ptrs();
+            match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
+                Ok(d) => d.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect(),
+                Err(e) => {
+                    let reason = format!("the sender could not digest its tensors: {e}");
+                    let _ = self.conn.send(&Message::Abort { reason: reason.clone() });
+                    return Err(SendError::Device(reason));
+                }
             }
+        } else {
+            Vec::new()
         };
-        let digests: Vec<(u32, u64)> = expected.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect();
-        self.conn.send(&Message::End { version, digests: digests.clone() })?;
+        self.conn.send(&Message::End { version, digests })?;
         let report = self.path.await_report(&mut self.conn, timeout)?;
-        for (d, value) in digests {
-            self.receiver_digests[d as usize] = report.verified.then_some(value);
+        if !report.verified {
+            self.exporter.forget_locations();
         }
         Ok(report)
     }

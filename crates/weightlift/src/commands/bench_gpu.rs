@@ -57,6 +57,9 @@ struct IpcRow {
     model: String,
     /// colocated: both processes on GPU 0; cross: trainer GPU 0, engine GPU 1.
     mode: &'static str,
+    /// The sender digests its own memory for the receiver to compare with (a second read of
+    /// the model); else the receiver's digests of what it wrote are recorded.
+    sender_digests: bool,
     bytes: u64,
     tensors: usize,
     updates: usize,
@@ -164,7 +167,7 @@ pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool
             let ceiling =
                 if mode == "colocated" { ceilings.d2d_copy_gbps } else { ceilings.peer_copy_gbps.unwrap_or(0.0) };
             match ipc_row(&gpu, receiver, peer.as_ref(), name, mode, ceiling, model_args)? {
-                Ok(row) => ipc.push(row),
+                Ok(rows) => ipc.extend(rows),
                 Err(reason) => skipped.push(reason),
             }
         }
@@ -258,7 +261,7 @@ fn ipc_row(
     mode: &'static str,
     ceiling_gbps: f64,
     model_args: &ModelArgs,
-) -> Result<Result<IpcRow, String>, CommandError> {
+) -> Result<Result<Vec<IpcRow>, String>, CommandError> {
     let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
     let model = args.source(None)?;
     let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
@@ -281,46 +284,59 @@ fn ipc_row(
     let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
     let result = (|| {
         let mut tensors = GpuTensors::alloc(gpu, &source).map_err(cuda)?;
-        let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
-        let mut sender = Sender::connect(&endpoint, &source, &inputs.rules, options)?;
-        let mut reports: Vec<(f64, UpdateReport)> = Vec::new();
-        for step in 0..=RUNS as u64 {
-            // New bytes every update (what a trainer step does to every weight).
-            tensors.fill(gpu, 0x11 + step as u8).map_err(cuda)?;
-            gpu.synchronize().map_err(cuda)?;
-            let started = Instant::now();
-            let report = sender.push_device(Version(step + 1), gpu, &tensors)?;
-            reports.push((started.elapsed().as_secs_f64(), report));
+        let mut runs = Vec::new();
+        let mut version = 0u64;
+        for sender_digests in [true, false] {
+            let options =
+                SenderOptions { transport: TransportKind::CudaIpc, sender_digests, ..SenderOptions::default() };
+            let mut sender = Sender::connect(&endpoint, &source, &inputs.rules, options)?;
+            let mut reports: Vec<(f64, UpdateReport)> = Vec::new();
+            for _ in 0..=RUNS {
+                // New bytes every update (what a trainer step does to every weight).
+                version += 1;
+                tensors.fill(gpu, 0x11 + version as u8).map_err(cuda)?;
+                gpu.synchronize().map_err(cuda)?;
+                let started = Instant::now();
+                let report = sender.push_device(Version(version), gpu, &tensors)?;
+                reports.push((started.elapsed().as_secs_f64(), report));
+            }
+            runs.push((sender_digests, reports, sender.device_extra_bytes()));
         }
-        Ok::<_, CommandError>((reports, sender.device_extra_bytes()))
+        Ok::<_, CommandError>(runs)
     })();
     let _ = child.kill();
     let _ = child.wait();
-    let (reports, sender_extra) = result?;
-    let timed = &reports[1..];
-    let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
-    let median_seconds = median(seconds.clone());
-    let gbps = bytes as f64 / median_seconds / 1e9;
-    Ok(Ok(IpcRow {
-        model: name.to_string(),
-        mode,
-        bytes,
-        tensors: inputs.destination.len(),
-        updates: timed.len(),
-        median_seconds,
-        best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
-        gbps,
-        ceiling_gbps,
-        ratio_to_ceiling: gbps / ceiling_gbps,
-        receiver_pull_median_seconds: median(timed.iter().map(|(_, r)| r.unpack_seconds).collect()),
-        first_update_seconds: reports[0].0,
-        ipc_opens_first: reports[0].1.ipc_opens,
-        ipc_opens_later: timed.iter().map(|(_, r)| r.ipc_opens).sum(),
-        device_extra_bytes: reports.iter().map(|(_, r)| r.device_extra_bytes).max().unwrap_or(0),
-        sender_device_extra_bytes: sender_extra,
-        launches: reports[0].1.launches,
-        verified: reports.iter().all(|(_, r)| r.verified),
-    }))
+    let rows = result?
+        .into_iter()
+        .map(|(sender_digests, reports, sender_extra)| {
+            let timed = &reports[1..];
+            let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
+            let median_seconds = median(seconds.clone());
+            let gbps = bytes as f64 / median_seconds / 1e9;
+            IpcRow {
+                model: name.to_string(),
+                mode,
+                sender_digests,
+                bytes,
+                tensors: inputs.destination.len(),
+                updates: timed.len(),
+                median_seconds,
+                best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+                gbps,
+                ceiling_gbps,
+                ratio_to_ceiling: gbps / ceiling_gbps,
+                receiver_pull_median_seconds: median(timed.iter().map(|(_, r)| r.unpack_seconds).collect()),
+                first_update_seconds: reports[0].0,
+                ipc_opens_first: reports[0].1.ipc_opens,
+                ipc_opens_later: timed.iter().map(|(_, r)| r.ipc_opens).sum(),
+                device_extra_bytes: reports.iter().map(|(_, r)| r.device_extra_bytes).max().unwrap_or(0),
+                sender_device_extra_bytes: sender_extra,
+                launches: reports[0].1.launches,
+                verified: reports.iter().all(|(_, r)| r.verified),
+            }
+        })
+        .collect();
+    Ok(Ok(rows))
 }
 
 fn print_tables(out: &GpuBench) {
@@ -353,14 +369,25 @@ fn print_tables(out: &GpuBench) {
         );
     }
     println!(
-        "{:<15} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>9}",
-        "cuda-ipc", "mode", "update ms", "pull ms", "GB/s", "x ceil", "first s", "opens 1st/+", "extra MiB", "verified"
+        "{:<15} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>9}",
+        "cuda-ipc",
+        "mode",
+        "digests",
+        "update ms",
+        "pull ms",
+        "GB/s",
+        "x ceil",
+        "first s",
+        "opens 1st/+",
+        "extra MiB",
+        "verified"
     );
     for r in &out.ipc {
         println!(
-            "{:<15} {:>9} {:>10.2} {:>8.2} {:>8.0} {:>8.2} {:>9.3} {:>11} {:>10.1} {:>9}",
+            "{:<15} {:>9} {:>8} {:>10.2} {:>8.2} {:>8.0} {:>8.2} {:>9.3} {:>11} {:>10.1} {:>9}",
             r.model,
             r.mode,
+            if r.sender_digests { "both" } else { "receiver" },
             r.median_seconds * 1e3,
             r.receiver_pull_median_seconds * 1e3,
             r.gbps,

@@ -35,6 +35,8 @@ pub fn device_count() -> Result<usize, CudaError> {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Work that overlaps the main stream's (digest folds of an update's large tensors).
+    side: Arc<CudaStream>,
     kernels: Kernels,
 }
 
@@ -50,8 +52,9 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
         let stream = ctx.new_stream().call("cuStreamCreate")?;
+        let side = ctx.new_stream().call("cuStreamCreate")?;
         let kernels = Kernels::compile(&ctx)?;
-        Ok(Gpu { ctx, stream, kernels })
+        Ok(Gpu { ctx, stream, side, kernels })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -68,6 +71,10 @@ impl Gpu {
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    pub(crate) fn side_stream(&self) -> &Arc<CudaStream> {
+        &self.side
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {

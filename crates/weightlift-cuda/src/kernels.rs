@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
 use crate::error::{Call, CudaError};
@@ -134,51 +134,15 @@ __device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, 
 
 struct FusedRun { u64 src, dst, bytes, out; };
 
-// xxh64 of `count` little-endian words (a tensor's chunk digests), by the four lanes of a
-// group, one stripe accumulator each; the result lands in lane 0. The words were written by
-// other SMs during this kernel: they are read from L2 (ld.global.cg), never from a stale L1.
-__device__ u64 fold_group(const u64* words, u64 count, u32 lane, u32 group_mask) {
-    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-    u64 s = 0;
-    // Eight stripes' loads in flight before their rounds: a long fold waits on loads.
-    for (; s + 32 <= count; s += 32) {
-        u64 w[8];
-        for (int k = 0; k < 8; ++k) w[k] = __ldcg(words + s + 4 * k + lane);
-        for (int k = 0; k < 8; ++k) v = xround(v, w[k]);
-    }
-    for (; s + 4 <= count; s += 4) v = xround(v, __ldcg(words + s + lane));
-    int first = threadIdx.x & ~3u;
-    u64 v1 = __shfl_sync(group_mask, v, first, 32), v2 = __shfl_sync(group_mask, v, first + 1, 32);
-    u64 v3 = __shfl_sync(group_mask, v, first + 2, 32), v4 = __shfl_sync(group_mask, v, first + 3, 32);
-    u64 len = count * 8;
-    u64 h;
-    if (len >= 32) {
-        h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-        h = merge(h, v1); h = merge(h, v2); h = merge(h, v3); h = merge(h, v4);
-    } else {
-        h = P5;
-    }
-    h += len;
-    for (; s < count; ++s) { h ^= xround(0, __ldcg(words + s)); h = rotl(h, 27) * P1 + P4; }
-    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
-    return h;
-}
-
 // Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
 // source, written once, and hashed from the registers it passed through. A run whose `dst` is
 // 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
 // per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector.
-// The group that completes a tensor's last chunk (counted in `done`) folds the tensor's chunk
-// digests into its digest right away, while the rest of the GPU goes on copying: a 1.2 GB
-// embedding's fold (300k words, one dependent chain) then overlaps the copy instead of
-// trailing it.
-extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out,
-                                       const u64* tensor_start, u32 tensors, unsigned int* done, u64* digests) {
+extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
     u64 lane = threadIdx.x & 3;
     u32 group_mask = 0xFu << (threadIdx.x & 28);
-    int first = threadIdx.x & ~3u;
     for (u64 base = 0; base < total; base += groups) {
         u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
         bool active = g < total;
@@ -216,21 +180,7 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
             if (!q) q = (u8*)p;
         }
         u64 h = group_finish(v, group_mask, q, len);
-        u32 last = 0, t = 0;
-        if (active && lane == 0) {
-            out[slot] = h;
-            __threadfence();  // the digest is visible before the count says so
-            t = find(tensor_start, tensors, slot);
-            u32 chunks = (u32)(tensor_start[t + 1] - tensor_start[t]);
-            last = atomicAdd(&done[t], 1u) + 1 == chunks;
-        }
-        last = __shfl_sync(group_mask, last, first, 32);
-        t = __shfl_sync(group_mask, t, first, 32);
-        if (last) {
-            __threadfence();  // every other group's digest of this tensor is visible now
-            u64 d = fold_group(out + tensor_start[t], tensor_start[t + 1] - tensor_start[t], (u32)lane, group_mask);
-            if (lane == 0) digests[t] = d;
-        }
+        if (active && lane == 0) out[slot] = h;
     }
 }
 
@@ -244,6 +194,35 @@ extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
 }
 
+// Each listed tensor's digest: xxh64 of its chunk digests, one warp per tensor. The chunk
+// digests of a large tensor (300k for a 1.2 GB embedding) are read 256 bytes at a time,
+// coalesced, one word per lane; lanes 0-3 (one per stripe accumulator) then fold the 8 stripes
+// in order. `which` lists the tensors (indices into chunk_start and out).
+extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, const unsigned int* which, u32 n, u64* out) {
+    u32 warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    u32 lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    u32 t = which[warp];
+    const u64* words = chunks + chunk_start[t];
+    u64 count = chunk_start[t + 1] - chunk_start[t];
+    u64 len = count * 8;
+    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+    u64 s = 0;
+    for (; s + 32 <= count; s += 32) {
+        u64 mine = words[s + lane];
+        for (int k = 0; k < 8; ++k) {
+            u64 w = __shfl_sync(0xffffffffu, mine, 4 * k + (lane & 3), 32);
+            if (lane < 4) v = xround(v, w);
+        }
+    }
+    // Whole stripes left (fewer than 8): one word per accumulator lane each.
+    for (; s + 4 <= count; s += 4) {
+        if (lane < 4) v = xround(v, words[s + lane]);
+    }
+    u64 v1 = __shfl_sync(0xffffffffu, v, 0, 32), v2 = __shfl_sync(0xffffffffu, v, 1, 32);
+    u64 v3 = __shfl_sync(0xffffffffu, v, 2, 32), v4 = __shfl_sync(0xffffffffu, v, 3, 32);
+    if (lane == 0) out[t] = xxh64_finish((const u8*)words, len, s * 8, v1, v2, v3, v4);
+}
 "#;
 
 pub(crate) struct Kernels {
@@ -251,6 +230,7 @@ pub(crate) struct Kernels {
     copy: CudaFunction,
     cast: CudaFunction,
     copy_digest: CudaFunction,
+    combine: CudaFunction,
     read_all: CudaFunction,
     /// Blocks a grid-striding kernel needs to fill the GPU.
     blocks: u32,
@@ -271,6 +251,7 @@ impl Kernels {
             copy: load("batched_copy")?,
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
+            combine: load("combine_digests")?,
             read_all: load("read_all")?,
             blocks: (sms.max(1) as u32) * 8,
             _module: module,
@@ -315,9 +296,10 @@ pub struct FusedRun {
     pub out: u64,
 }
 
-/// Chunk digests one wave of an update holds at most (32 MiB of them, for 16 GiB of tensors):
-/// what bounds the GPU memory an update needs beyond the tensors.
-pub const WAVE_CHUNKS: u64 = 4 << 20;
+/// Chunk digests one wave of an update holds at most (16 MiB of them, for 8 GiB of tensors);
+/// two waves' worth (one being copied, one being folded) bound the GPU memory an update needs
+/// beyond the tensors.
+pub const WAVE_CHUNKS: u64 = 2 << 20;
 
 /// Consecutive tensors grouped into waves of at most [`WAVE_CHUNKS`] chunks (a larger tensor
 /// is a wave of its own).
@@ -380,31 +362,38 @@ struct RunList {
 }
 
 struct PreparedWave {
+    /// Fused runs of the tensors whose digests are folded early (see [`EARLY_FOLD_CHUNKS`]).
+    early: RunList,
     fused: RunList,
     copies: CopyBatch,
     casts: CastBatch,
     after: RunList,
     tensor_start: DeviceBuffer,
-    tensor_count: u32,
+    /// Tensors folded on the side stream as soon as `early` is done, and the rest.
+    early_tensors: IndexList,
+    late_tensors: IndexList,
     first_tensor: u32,
 }
 
-/// Digest of a tensor of no bytes: xxh64 (seed 0) of no chunk digests, i.e. of no input.
-/// No chunk completes such a tensor on the GPU, so its digest is set here.
-const EMPTY_DIGEST: u64 = 0xEF46_DB37_51D8_E999;
+struct IndexList {
+    items: DeviceBuffer,
+    count: u32,
+}
+
+/// A tensor of at least this many chunks (128 MiB) whose chunks are all fused has its digest
+/// folded early: its runs go first, then its fold (one dependent chain per tensor, ~1 ms for
+/// 200k chunks) runs on a second stream while the rest of the wave is copied.
+const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
 
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
     waves: Vec<PreparedWave>,
-    /// The chunk digests of one wave at a time.
-    chunks: DeviceBuffer,
-    /// Chunks digested so far, per tensor of the wave (zeroed before each wave).
-    done: DeviceBuffer,
+    /// Chunk digests: wave k uses buffer k % 2, so one wave's digests are folded while the
+    /// next wave is copied.
+    chunks: [DeviceBuffer; 2],
     out: DeviceBuffer,
     tensor_count: u32,
-    /// Tensors of no bytes (their digest is [`EMPTY_DIGEST`]).
-    empty: Vec<usize>,
     device_bytes: u64,
 }
 
@@ -416,7 +405,7 @@ impl UpdateBatch {
 
     /// Kernel launches one run takes.
     pub fn launches(&self) -> usize {
-        self.waves.len() * 4
+        self.waves.len() * 7
     }
 }
 
@@ -549,7 +538,12 @@ impl Gpu {
             .map(|range| {
                 let (start, _) = prefix(lens[range.clone()].iter().copied(), CHUNK_BYTES);
                 Wave {
-                    after: regions[range.clone()].iter().zip(&start).map(|(r, &s)| (r.0, r.1, s)).collect(),
+                    fused: regions[range.clone()]
+                        .iter()
+                        .zip(&start)
+                        .filter(|(r, _)| r.1 > 0)
+                        .map(|(r, &s)| FusedRun { src: r.0, dst: 0, bytes: r.1, out: s })
+                        .collect(),
                     tensor_bytes: lens[range].to_vec(),
                     ..Wave::default()
                 }
@@ -568,35 +562,47 @@ impl Gpu {
     pub fn prepare_update(&self, waves: &[Wave]) -> Result<UpdateBatch, CudaError> {
         let mut prepared = Vec::with_capacity(waves.len());
         let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
-        let mut max_tensors = 0usize;
-        let mut empty = Vec::new();
         for wave in waves {
-            max_tensors = max_tensors.max(wave.tensor_bytes.len());
-            empty.extend(
-                wave.tensor_bytes.iter().enumerate().filter(|(_, &b)| b == 0).map(|(i, _)| first_tensor as usize + i),
-            );
+            let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
+            let tensor_of = |slot: u64| tensor_start.partition_point(|&c| c <= slot) - 1;
+            let mut early = vec![false; wave.tensor_bytes.len()];
+            for (t, e) in early.iter_mut().enumerate() {
+                *e = tensor_start[t + 1] - tensor_start[t] >= EARLY_FOLD_CHUNKS;
+            }
+            for &(_, _, out) in &wave.after {
+                early[tensor_of(out)] = false;
+            }
+            let (early_runs, late_runs): (Vec<FusedRun>, Vec<FusedRun>) =
+                wave.fused.iter().partition(|r| early[tensor_of(r.out)]);
             let after: Vec<FusedRun> =
                 wave.after.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
-            let (fused, after) = (self.upload_runs(&wave.fused)?, self.upload_runs(&after)?);
-            let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
-            if fused.chunks + after.chunks != chunks {
+            let (early_list, fused, after) =
+                (self.upload_runs(&early_runs)?, self.upload_runs(&late_runs)?, self.upload_runs(&after)?);
+            if early_list.chunks + fused.chunks + after.chunks != chunks {
                 return Err(CudaError::Invalid(format!(
                     "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
-                    fused.chunks, after.chunks
+                    early_list.chunks + fused.chunks,
+                    after.chunks
                 )));
             }
             max_chunks = max_chunks.max(chunks);
+            let (early_tensors, late_tensors): (Vec<u32>, Vec<u32>) =
+                (0..wave.tensor_bytes.len() as u32).partition(|&t| early[t as usize]);
             let wave = PreparedWave {
+                early: early_list,
                 fused,
                 copies: self.prepare_copies(&wave.copies)?,
                 casts: self.prepare_casts(&wave.casts)?,
                 after,
                 tensor_start: upload(self, &tensor_start)?,
-                tensor_count: count(wave.tensor_bytes.len())?,
+                early_tensors: IndexList { items: upload(self, &early_tensors)?, count: count(early_tensors.len())? },
+                late_tensors: IndexList { items: upload(self, &late_tensors)?, count: count(late_tensors.len())? },
                 first_tensor,
             };
-            first_tensor += wave.tensor_count;
+            first_tensor += wave.early_tensors.count + wave.late_tensors.count;
             device_bytes += [
+                &wave.early.runs,
+                &wave.early.start,
                 &wave.fused.runs,
                 &wave.fused.start,
                 &wave.copies.descs,
@@ -606,59 +612,56 @@ impl Gpu {
                 &wave.after.runs,
                 &wave.after.start,
                 &wave.tensor_start,
+                &wave.early_tensors.items,
+                &wave.late_tensors.items,
             ]
             .iter()
             .map(|b| b.len() as u64)
             .sum::<u64>();
             prepared.push(wave);
         }
-        let chunks = self.alloc((max_chunks as usize).max(1) * 8)?;
-        let done = self.alloc(max_tensors.max(1) * 4)?;
+        let chunk_bytes = (max_chunks as usize).max(1) * 8;
+        // One wave needs one buffer; the second is a token allocation then.
+        let second = if prepared.len() > 1 { chunk_bytes } else { 8 };
+        let chunks = [self.alloc(chunk_bytes)?, self.alloc(second)?];
         let out = self.alloc((first_tensor as usize).max(1) * 8)?;
-        device_bytes += (chunks.len() + done.len() + out.len()) as u64;
-        Ok(UpdateBatch { waves: prepared, chunks, done, out, tensor_count: first_tensor, empty, device_bytes })
+        device_bytes += (chunks[0].len() + chunks[1].len() + out.len()) as u64;
+        Ok(UpdateBatch { waves: prepared, chunks, out, tensor_count: first_tensor, device_bytes })
     }
 
-    /// Runs an update: per wave, fused copy+digest, fallback copies and casts, and their
-    /// chunks' digests, each tensor's digest folded by whichever group finishes its last chunk
-    /// (four launches a wave, however many tensors); returns the digests.
+    /// Runs an update. Per wave: the early tensors' fused runs, then the rest (fused
+    /// copy+digest, fallback copies and casts, their chunks' digests) while a second stream
+    /// folds the early tensors' digests; then the other tensors' folds on that stream too,
+    /// while the main stream goes on with the next wave (into the other chunk buffer). Seven
+    /// launches a wave, however many tensors. Returns the digests.
     pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
         let k = self.kernels();
-        for wave in &batch.waves {
-            self.zero(&batch.done, wave.tensor_count as usize * 4)?;
-            let digests = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            self.launch_runs(&wave.fused, batch, wave, digests)?;
+        let (main, side) = (self.stream(), self.side_stream());
+        let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
+        for (w, wave) in batch.waves.iter().enumerate() {
+            let chunks = &batch.chunks[w % 2];
+            if w >= 2 {
+                // The fold of wave w - 2 read this buffer: it must be done.
+                main.wait(&folded[w - 2]).call("cuStreamWaitEvent")?;
+            }
+            let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
+            self.launch_runs(main, &wave.early, chunks)?;
+            side.join(main).call("cuStreamWaitEvent")?;
+            self.combine(side, chunks, &wave.tensor_start, &wave.early_tensors, out)?;
+            self.launch_runs(main, &wave.fused, chunks)?;
             self.run_copies(&wave.copies)?;
             let c = &wave.casts;
             self.launch_tiled(&k.cast, &c.descs, &c.tile_start, c.count, c.tiles, CAST_TILE_ELEMS, "batched_cast")?;
-            self.launch_runs(&wave.after, batch, wave, digests)?;
+            self.launch_runs(main, &wave.after, chunks)?;
+            side.join(main).call("cuStreamWaitEvent")?;
+            self.combine(side, chunks, &wave.tensor_start, &wave.late_tensors, out)?;
+            folded.push(side.record_event(None).call("cuEventRecord")?);
         }
+        main.join(side).call("cuStreamWaitEvent")?;
         self.synchronize()?;
         let mut bytes = vec![0u8; batch.tensor_count as usize * 8];
         batch.out.download(&mut bytes)?;
-        let mut digests: Vec<u64> =
-            bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        for &t in &batch.empty {
-            digests[t] = EMPTY_DIGEST;
-        }
-        Ok(digests)
-    }
-
-    /// Zeroes the first `bytes` of `buffer` on this GPU's stream.
-    fn zero(&self, buffer: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        // SAFETY: the range lies inside the live buffer (callers pass at most its length).
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                buffer.device_ptr(),
-                0,
-                bytes.min(buffer.len()),
-                self.stream().cu_stream(),
-            )
-        }
-        .call("cuMemsetD8Async")
+        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
     }
 
     fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
@@ -666,28 +669,44 @@ impl Gpu {
         Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
     }
 
-    fn launch_runs(
-        &self,
-        list: &RunList,
-        batch: &UpdateBatch,
-        wave: &PreparedWave,
-        digests: u64,
-    ) -> Result<(), CudaError> {
+    fn launch_runs(&self, stream: &CudaStream, list: &RunList, chunks: &DeviceBuffer) -> Result<(), CudaError> {
         if list.chunks == 0 {
             return Ok(());
         }
         let k = self.kernels();
         let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), batch.chunks.device_ptr());
-        let (tensor_start, done) = (wave.tensor_start.device_ptr(), batch.done.device_ptr());
-        let mut launch = self.stream().launch_builder(&k.copy_digest);
+        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
+        let mut launch = stream.launch_builder(&k.copy_digest);
         launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
-        launch.arg(&tensor_start).arg(&wave.tensor_count).arg(&done).arg(&digests);
-        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract),
-        // every out slot lies inside `chunks` and every tensor's counter inside `done`, and
-        // `digests` has a slot per tensor of the wave (counted when the batch was prepared).
+        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract)
+        // and every out slot lies inside `chunks` (counted when the batch was prepared).
         unsafe { launch.launch(config) }.call("cuLaunchKernel(copy_digest)")?;
+        Ok(())
+    }
+
+    /// Folds the listed tensors' chunk digests into their digests at `out` (a slot per tensor
+    /// of the wave), one warp per tensor.
+    fn combine(
+        &self,
+        stream: &CudaStream,
+        chunks: &DeviceBuffer,
+        chunk_start: &DeviceBuffer,
+        which: &IndexList,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if which.count == 0 {
+            return Ok(());
+        }
+        let k = self.kernels();
+        let grid = (which.count * 32).div_ceil(THREADS);
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (c, s, w) = (chunks.device_ptr(), chunk_start.device_ptr(), which.items.device_ptr());
+        let mut launch = stream.launch_builder(&k.combine);
+        launch.arg(&c).arg(&s).arg(&w).arg(&which.count).arg(&out);
+        // SAFETY: arguments match the kernel; `which` holds `count` tensor indices of the wave,
+        // each with a slot at `out` (inside the batch's result buffer).
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use weightlift_core::{Manifest, Plan};
 use weightlift_cuda::{CudaError, Gpu, ImportedAllocation, IpcMapping, SharedAllocation, IPC_HANDLE_BYTES};
@@ -33,7 +34,7 @@ pub trait DeviceTensors: Send + Sync {
 }
 
 /// Shared tensors (a caller may keep a handle to what a receiver writes into).
-impl<T: DeviceTensors> DeviceTensors for std::sync::Arc<T> {
+impl<T: DeviceTensors> DeviceTensors for Arc<T> {
     fn manifest(&self) -> &Manifest {
         (**self).manifest()
     }
@@ -201,6 +202,30 @@ fn name_of(manifest: &Manifest, legacy: &[usize], message: &str) -> String {
         .map_or_else(|| "a source tensor".into(), |&i| format!("`{}`", manifest.specs()[i].name))
 }
 
+/// Legacy IPC mappings open in this process, by (handle, allocation id, GPU). The driver maps a
+/// handle once per process and device: receivers of one process (several TP ranks, say) that
+/// import the same sender allocation share its mapping, and it is closed when the last lets go.
+type OpenMappings = Mutex<HashMap<(String, u64, usize), Weak<IpcMapping>>>;
+
+fn open_mappings() -> &'static OpenMappings {
+    static OPEN: OnceLock<OpenMappings> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+/// The mapping of `handle` on `gpu`, opened now (true) or shared with another receiver.
+fn open_shared(gpu: &Gpu, handle: &str, buffer_id: u64) -> Result<(Arc<IpcMapping>, bool), String> {
+    let mut open = open_mappings().lock().unwrap_or_else(|e| e.into_inner());
+    open.retain(|_, weak| weak.strong_count() > 0);
+    let key = (handle.to_string(), buffer_id, gpu.ordinal());
+    if let Some(mapping) = open.get(&key).and_then(Weak::upgrade) {
+        return Ok((mapping, false));
+    }
+    let raw: [u8; IPC_HANDLE_BYTES] = unhex(handle).ok_or_else(|| format!("malformed IPC handle `{handle}`"))?;
+    let mapping = Arc::new(gpu.open_ipc(&raw).map_err(|e| format!("opening the sender's memory: {e}"))?);
+    open.insert(key, Arc::downgrade(&mapping));
+    Ok((mapping, true))
+}
+
 /// What resolving an update's sources did.
 pub(crate) struct Resolved {
     /// Device address (in this process) of every source tensor.
@@ -215,7 +240,7 @@ pub(crate) struct Resolved {
 /// update bound to their addresses.
 #[derive(Default)]
 pub(crate) struct Importer {
-    legacy: HashMap<(String, u64), IpcMapping>,
+    legacy: HashMap<(String, u64), Arc<IpcMapping>>,
     shareable: HashMap<u64, ImportedAllocation>,
     bound: Option<(Vec<u64>, GpuPlan)>,
     /// The tensor locations of the last update (a sender omits them when unchanged).
@@ -275,11 +300,9 @@ impl Importer {
                 IpcSegment::Legacy { handle, buffer_id, bytes } => {
                     let key = (handle.clone(), *buffer_id);
                     if !self.legacy.contains_key(&key) {
-                        let raw: [u8; IPC_HANDLE_BYTES] =
-                            unhex(handle).ok_or_else(|| format!("malformed IPC handle `{handle}`"))?;
-                        let mapping = gpu.open_ipc(&raw).map_err(|e| format!("opening the sender's memory: {e}"))?;
+                        let (mapping, opened) = open_shared(gpu, handle, *buffer_id)?;
                         self.legacy.insert(key.clone(), mapping);
-                        opens += 1;
+                        opens += u64::from(opened);
                     }
                     (self.legacy[&key].device_ptr(), *bytes)
                 }

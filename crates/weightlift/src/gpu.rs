@@ -129,19 +129,6 @@ impl DeviceTensors for GpuTensors {
     }
 }
 
-/// The first chunk of each tensor of a wave.
-fn wave_tensor_starts(tensor_bytes: &[u64]) -> Vec<u64> {
-    let mut at = 0;
-    tensor_bytes
-        .iter()
-        .map(|b| {
-            let start = at;
-            at += b.div_ceil(CHUNK_BYTES);
-            start
-        })
-        .collect()
-}
-
 /// Offset of each tensor and the bytes of the whole layout.
 fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
     let mut offsets = Vec::with_capacity(manifest.len());
@@ -478,14 +465,6 @@ impl Fusion {
                     wave.tensor_bytes.push(self.tensor_bytes[t]);
                     first_chunk += self.tensor_bytes[t].div_ceil(CHUNK_BYTES);
                 }
-                // Largest tensors first: the GPU works through runs in order, and a tensor's
-                // digest is folded (one long dependent chain) when its last chunk is done, so
-                // the big folds then overlap the copying of everything else.
-                let starts = wave_tensor_starts(&wave.tensor_bytes);
-                let size = |slot: u64| wave.tensor_bytes[starts.partition_point(|&c| c <= slot) - 1];
-                let mut keyed: Vec<(u64, FusedRun)> = wave.fused.iter().map(|r| (size(r.out), *r)).collect();
-                keyed.sort_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
-                wave.fused = keyed.into_iter().map(|(_, r)| r).collect();
                 wave
             })
             .collect()

@@ -15,7 +15,7 @@ fn gpu() -> Gpu {
 }
 
 /// Deterministic bytes that differ everywhere.
-fn bytes(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
         .map(|_| {

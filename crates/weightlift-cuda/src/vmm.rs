@@ -289,21 +289,9 @@ mod tests {
 
     use super::*;
     use crate::device_count;
+    use crate::tests_gpu::bytes as pattern;
 
     const SIZES: [usize; 2] = [1, 3 * 1024 * 1024 + 5];
-
-    /// Deterministic bytes that differ everywhere.
-    fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
 
     fn upload(gpu: &Gpu, ptr: u64, bytes: &[u8]) {
         gpu.context().bind_to_thread().unwrap();

@@ -14,6 +14,7 @@ fi
 rm -rf .gpu && mkdir -p .gpu/tests
 cargo build --release -p weightlift
 cp target/release/weightlift .gpu/
+cp scripts/torch_cast_reference.py .gpu/
 # The test binaries that hold GPU tests: the crates' unit tests and the IPC integration tests.
 cargo test --release --no-run --message-format=json -p weightlift-cuda -p weightlift --lib --test gpu_ipc 2>/dev/null \
     | python3 -c '
@@ -32,6 +33,9 @@ cd "$(dirname "$0")"
 export NCCL_NVLS_ENABLE=0
 # Integration tests start the CLI from here, not from the build machine's target/.
 export WEIGHTLIFT_BIN="$PWD/weightlift"
+# torch's f32 -> bf16 cast, for the cast kernel's test to match bit for bit.
+export WEIGHTLIFT_TORCH_CAST_DIR=$(mktemp -d)
+python3 torch_cast_reference.py "$WEIGHTLIFT_TORCH_CAST_DIR" || echo "no torch reference: the torch cast test will fail"
 status=0
 summary=""
 for t in tests/*; do

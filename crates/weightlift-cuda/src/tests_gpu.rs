@@ -148,3 +148,36 @@ fn f32_to_bf16_casts_round_to_nearest_even_like_the_host_and_are_digested() {
     assert!(first_bad.is_none(), "element {first_bad:?} differs: {}", values[first_bad.unwrap()]);
     assert_eq!(digests, vec![digest(&expected)]);
 }
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn f32_to_bf16_casts_match_torch_bit_for_bit_including_nans() {
+    use crate::{CastDesc, Wave};
+    // .gpu/run.sh writes torch's reference first (scripts/torch_cast_reference.py).
+    let dir = std::env::var("WEIGHTLIFT_TORCH_CAST_DIR")
+        .unwrap_or_else(|_| panic!("{NEEDS_GPU}: WEIGHTLIFT_TORCH_CAST_DIR names torch's reference cast"));
+    let input = std::fs::read(format!("{dir}/cast_input.f32")).unwrap();
+    let expected = std::fs::read(format!("{dir}/cast_torch.bf16")).unwrap();
+    let elems = (input.len() / 4) as u64;
+    assert_eq!(expected.len() as u64, elems * 2);
+    let gpu = gpu();
+    let mut src = gpu.alloc(input.len()).unwrap();
+    src.upload(&input).unwrap();
+    let mut dst = gpu.alloc(expected.len()).unwrap();
+    dst.fill(&gpu, 0).unwrap();
+    let (s, d) = (src.device_ptr(), dst.device_ptr());
+    let casts = vec![CastDesc { src: s, dst: d, rows: 1, row_elems: elems, src_stride: 0, dst_stride: 0 }];
+    let wave = Wave { casts, after: vec![(d, elems * 2, 0)], tensor_bytes: vec![elems * 2], ..Wave::default() };
+    let digests = gpu.run_update(&gpu.prepare_update(&[wave]).unwrap()).unwrap();
+    let mut got = vec![0u8; expected.len()];
+    dst.download(&mut got).unwrap();
+    let bad: Vec<usize> =
+        (0..elems as usize).filter(|&i| got[2 * i..2 * i + 2] != expected[2 * i..2 * i + 2]).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {elems} differ from torch, first: input {:#010x}",
+        bad.len(),
+        u32::from_le_bytes(input[4 * bad[0]..4 * bad[0] + 4].try_into().unwrap())
+    );
+    assert_eq!(digests, vec![digest(&expected)]);
+}

@@ -17,6 +17,10 @@ pub enum CudaError {
     Compile(String),
     #[error("{0}")]
     Invalid(String),
+    /// Region `index` of a [`Gpu::locate`](crate::Gpu::locate) call does not fit the
+    /// allocation it starts in.
+    #[error("region {index} at {ptr:#x} ({len} bytes) runs past the end of its allocation ({base:#x}, {bytes} bytes)")]
+    OutsideAllocation { index: usize, ptr: u64, len: u64, base: u64, bytes: u64 },
 }
 
 /// Attaches the name of the driver call to a cudarc result.

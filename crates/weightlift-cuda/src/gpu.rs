@@ -103,12 +103,8 @@ impl Gpu {
 
     /// Copies `bytes` from `src` to `dst` on this GPU's stream (the copy-engine ceiling).
     pub fn copy(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
-        if bytes > dst.len || bytes > src.len {
-            return Err(CudaError::Invalid(format!(
-                "copy of {bytes} bytes exceeds a buffer ({} / {})",
-                src.len, dst.len
-            )));
-        }
+        fits(0, bytes, src.len)?;
+        fits(0, bytes, dst.len)?;
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         // SAFETY: both ranges lie inside live allocations of this context (checked above).
         unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }.call("cuMemcpyDtoDAsync")
@@ -131,12 +127,8 @@ impl Gpu {
     /// Copies `bytes` from `src` (on this GPU) to `dst` (on another) with the copy engines, on
     /// this GPU's stream: the peer-copy ceiling.
     pub fn copy_to_peer(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
-        if bytes > dst.len || bytes > src.len {
-            return Err(CudaError::Invalid(format!(
-                "copy of {bytes} bytes exceeds a buffer ({} / {})",
-                src.len, dst.len
-            )));
-        }
+        fits(0, bytes, src.len)?;
+        fits(0, bytes, dst.len)?;
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         // SAFETY: both ranges lie inside live allocations of their contexts (checked above).
         unsafe {
@@ -184,10 +176,19 @@ impl OwnedDeviceMemory for DeviceBuffer {
     }
 }
 
+/// Checks that `bytes` at `offset` lie inside a buffer of `len` bytes.
+fn fits(offset: usize, bytes: usize, len: usize) -> Result<(), CudaError> {
+    if offset.checked_add(bytes).is_none_or(|end| end > len) {
+        return Err(CudaError::Invalid(format!("{bytes} bytes at offset {offset} exceed a {len}-byte buffer")));
+    }
+    Ok(())
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for super::DeviceBuffer {}
     impl Sealed for crate::vmm::SharedAllocation {}
+    impl Sealed for crate::vmm::ImportedAllocation {}
 }
 
 /// Device memory this crate allocated and owns: its whole range stays valid while borrowed,
@@ -205,12 +206,7 @@ pub trait OwnedDeviceMemory: sealed::Sealed {
     /// Synchronous host -> device copy of all of `src` to byte `offset` of this memory.
     fn upload_at(&mut self, offset: usize, src: &[u8]) -> Result<(), CudaError> {
         let (ptr, len) = self.range();
-        if offset.checked_add(src.len()).is_none_or(|end| end > len) {
-            return Err(CudaError::Invalid(format!(
-                "{} bytes at offset {offset} do not fit a {len}-byte buffer",
-                src.len()
-            )));
-        }
+        fits(offset, src.len(), len)?;
         self.owner().bind_to_thread().call("cuCtxSetCurrent")?;
         // SAFETY: `src` is a valid host slice and the destination range lies inside this memory.
         unsafe { result::memcpy_htod_sync(ptr + offset as u64, src) }.call("cuMemcpyHtoD")
@@ -232,12 +228,7 @@ pub trait OwnedDeviceMemory: sealed::Sealed {
     /// Synchronous device -> host copy from byte `offset` of this memory into all of `dst`.
     fn download_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), CudaError> {
         let (ptr, len) = self.range();
-        if offset.checked_add(dst.len()).is_none_or(|end| end > len) {
-            return Err(CudaError::Invalid(format!(
-                "{} bytes at offset {offset} exceed a {len}-byte buffer",
-                dst.len()
-            )));
-        }
+        fits(offset, dst.len(), len)?;
         self.owner().bind_to_thread().call("cuCtxSetCurrent")?;
         // SAFETY: `dst` is a valid host slice and the source range lies inside this memory.
         unsafe { result::memcpy_dtoh_sync(dst, ptr + offset as u64) }.call("cuMemcpyDtoH")

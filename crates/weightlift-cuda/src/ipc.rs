@@ -73,10 +73,8 @@ impl Gpu {
             if !segments.last().is_some_and(inside) {
                 let segment = self.segment_of(ptr)?;
                 if !inside(&segment) {
-                    return Err(CudaError::Invalid(format!(
-                        "tensor {i} at {ptr:#x} ({len} bytes) runs past the end of its allocation ({:#x}, {} bytes)",
-                        segment.base, segment.bytes
-                    )));
+                    let (base, bytes) = (segment.base, segment.bytes);
+                    return Err(CudaError::OutsideAllocation { index: i, ptr, len, base, bytes });
                 }
                 segments.push(segment);
             }

@@ -23,8 +23,6 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned char u8;
 
-struct CopyDesc { u64 src, dst, rows, row_bytes, src_stride, dst_stride; };
-
 // Index of the item whose [start[i], start[i+1]) holds `x` (start has n+1 entries).
 __device__ __forceinline__ u32 find(const u64* start, u32 n, u64 x) {
     u32 lo = 0, hi = n;
@@ -45,39 +43,44 @@ __device__ __forceinline__ void copy_span(u8* dst, const u8* src, u64 n) {
     }
 }
 
-// Every descriptor's rows cut into tiles that never cross a row; tile_start is the prefix sum
-// of tiles per descriptor. Blocks stride over all tiles.
-extern "C" __global__ void batched_copy(const CopyDesc* descs, const u64* tile_start, u32 n, u64 tile_bytes) {
-    u64 total = tile_start[n];
-    for (u64 tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        u32 i = find(tile_start, n, tile);
-        CopyDesc d = descs[i];
-        u64 per_row = (d.row_bytes + tile_bytes - 1) / tile_bytes;
-        u64 k = tile - tile_start[i];
-        u64 row = k / per_row, seg = k % per_row;
-        u64 off = seg * tile_bytes;
-        u64 len = d.row_bytes - off < tile_bytes ? d.row_bytes - off : tile_bytes;
-        copy_span((u8*)(d.dst + row * d.dst_stride + off), (const u8*)(d.src + row * d.src_stride + off), len);
-    }
+// A strided 2-D region pair: `rows` rows of `row_len` units (bytes for copies, elements for
+// casts); strides in bytes. CopyDesc and CastDesc on the Rust side share this layout.
+struct Rows2D { u64 src, dst, rows, row_len, src_stride, dst_stride; };
+
+// Every descriptor's rows are cut into tiles of `tile_len` units that never cross a row;
+// tile_start is the prefix sum of tiles per descriptor. Gives tile `tile`'s row (its source and
+// destination addresses) and the unit offset and length of the tile in it.
+__device__ __forceinline__ void tile_at(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile, u64 tile_len,
+                                        u64* src, u64* dst, u64* off, u64* len) {
+    u32 i = find(tile_start, n, tile);
+    Rows2D d = descs[i];
+    u64 per_row = (d.row_len + tile_len - 1) / tile_len;
+    u64 k = tile - tile_start[i];
+    u64 row = k / per_row;
+    *off = (k % per_row) * tile_len;
+    *len = d.row_len - *off < tile_len ? d.row_len - *off : tile_len;
+    *src = d.src + row * d.src_stride;
+    *dst = d.dst + row * d.dst_stride;
 }
 
-struct CastDesc { u64 src, dst, rows, row_elems, src_stride, dst_stride; };
+// Blocks stride over all tiles of all descriptors (lengths in bytes).
+extern "C" __global__ void batched_copy(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile_bytes) {
+    for (u64 tile = blockIdx.x; tile < tile_start[n]; tile += gridDim.x) {
+        u64 src, dst, off, len;
+        tile_at(descs, tile_start, n, tile, tile_bytes, &src, &dst, &off, &len);
+        copy_span((u8*)dst + off, (const u8*)src + off, len);
+    }
+}
 
 // f32 -> bf16, round to nearest even, with the instruction torch's CUDA kernels use (so NaNs,
 // infinities and subnormals come out exactly as `.to(torch.bfloat16)` gives them). Tiles as in
 // batched_copy, counted in elements.
-extern "C" __global__ void batched_cast_f32_bf16(const CastDesc* descs, const u64* tile_start, u32 n, u64 tile_elems) {
-    u64 total = tile_start[n];
-    for (u64 tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        u32 i = find(tile_start, n, tile);
-        CastDesc d = descs[i];
-        u64 per_row = (d.row_elems + tile_elems - 1) / tile_elems;
-        u64 k = tile - tile_start[i];
-        u64 row = k / per_row, seg = k % per_row;
-        u64 off = seg * tile_elems;
-        u64 len = d.row_elems - off < tile_elems ? d.row_elems - off : tile_elems;
-        const float* src = (const float*)(d.src + row * d.src_stride) + off;
-        unsigned short* dst = (unsigned short*)(d.dst + row * d.dst_stride) + off;
+extern "C" __global__ void batched_cast_f32_bf16(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile_elems) {
+    for (u64 tile = blockIdx.x; tile < tile_start[n]; tile += gridDim.x) {
+        u64 src_row, dst_row, off, len;
+        tile_at(descs, tile_start, n, tile, tile_elems, &src_row, &dst_row, &off, &len);
+        const float* src = (const float*)src_row + off;
+        unsigned short* dst = (unsigned short*)dst_row + off;
         for (u64 e = threadIdx.x; e < len; e += blockDim.x) {
             unsigned short h;
             asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(src[e]));
@@ -273,7 +276,8 @@ impl Kernels {
     }
 }
 
-/// One 2-D strided copy between device addresses, in bytes: `rows` rows of `row_bytes`.
+/// One 2-D strided copy between device addresses, in bytes: `rows` rows of `row_bytes` (the
+/// kernels' `Rows2D` layout).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyDesc {
@@ -285,7 +289,8 @@ pub struct CopyDesc {
     pub dst_stride: u64,
 }
 
-/// One 2-D strided f32 -> bf16 cast: `rows` rows of `row_elems` elements; strides in bytes.
+/// One 2-D strided f32 -> bf16 cast: `rows` rows of `row_elems` elements; strides in bytes
+/// (the kernels' `Rows2D` layout).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CastDesc {
@@ -351,20 +356,14 @@ pub struct Wave {
     pub tensor_bytes: Vec<u64>,
 }
 
-/// Copies uploaded once, run with one launch each time.
+/// 2-D copies (or casts) uploaded once, run with one launch each time.
 pub struct CopyBatch {
     descs: DeviceBuffer,
     tile_start: DeviceBuffer,
     count: u32,
     tiles: u64,
-}
-
-/// Casts uploaded once, run with one launch each time.
-struct CastBatch {
-    descs: DeviceBuffer,
-    tile_start: DeviceBuffer,
-    count: u32,
-    tiles: u64,
+    /// Units (bytes, or elements for casts) of one tile.
+    tile: u64,
 }
 
 /// Runs uploaded once, with the prefix sum of their chunks (the kernel's work index).
@@ -380,7 +379,7 @@ struct PreparedWave {
     early: RunList,
     fused: RunList,
     copies: CopyBatch,
-    casts: CastBatch,
+    casts: CopyBatch,
     after: RunList,
     tensor_start: DeviceBuffer,
     /// Tensors folded on the side stream as soon as `early` is done, and the rest.
@@ -417,9 +416,25 @@ impl UpdateBatch {
         self.device_bytes
     }
 
-    /// Kernel launches one run takes.
+    /// Kernel launches one run takes (work lists that are empty launch nothing).
     pub fn launches(&self) -> usize {
-        self.waves.len() * 7
+        self.waves
+            .iter()
+            .map(|w| {
+                [
+                    w.early.chunks > 0,
+                    w.early_tensors.count > 0,
+                    w.fused.chunks > 0,
+                    w.copies.tiles > 0,
+                    w.casts.tiles > 0,
+                    w.after.chunks > 0,
+                    w.late_tensors.count > 0,
+                ]
+                .iter()
+                .filter(|&&launched| launched)
+                .count()
+            })
+            .sum()
     }
 }
 
@@ -470,62 +485,44 @@ impl Gpu {
     /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
     /// is used; weightlift builds batches from buffers it holds or has mapped.
     pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
-        let (tile_start, tiles) = tiles(descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES);
+        self.prepare_tiled(descs, descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)
+    }
+
+    fn prepare_tiled<T: Copy>(
+        &self,
+        descs: &[T],
+        rows_and_len: impl Iterator<Item = (u64, u64)>,
+        tile: u64,
+    ) -> Result<CopyBatch, CudaError> {
+        let (tile_start, tiles) = tiles(rows_and_len, tile);
         Ok(CopyBatch {
             descs: upload(self, descs)?,
             tile_start: upload(self, &tile_start)?,
             count: count(descs.len())?,
             tiles,
+            tile,
         })
     }
 
     /// Queues every copy of the batch on this GPU's stream: one launch.
     pub fn run_copies(&self, batch: &CopyBatch) -> Result<(), CudaError> {
-        let k = self.kernels();
-        self.launch_tiled(
-            &k.copy,
-            &batch.descs,
-            &batch.tile_start,
-            batch.count,
-            batch.tiles,
-            TILE_BYTES,
-            "batched_copy",
-        )
+        self.launch_tiled(&self.kernels().copy, batch, "cuLaunchKernel(batched_copy)")
     }
 
-    fn prepare_casts(&self, descs: &[CastDesc]) -> Result<CastBatch, CudaError> {
-        let (tile_start, tiles) = tiles(descs.iter().map(|d| (d.rows, d.row_elems)), CAST_TILE_ELEMS);
-        Ok(CastBatch {
-            descs: upload(self, descs)?,
-            tile_start: upload(self, &tile_start)?,
-            count: count(descs.len())?,
-            tiles,
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch_tiled(
-        &self,
-        kernel: &CudaFunction,
-        descs: &DeviceBuffer,
-        tile_start: &DeviceBuffer,
-        count: u32,
-        tiles: u64,
-        tile: u64,
-        name: &'static str,
-    ) -> Result<(), CudaError> {
-        if tiles == 0 {
+    /// One launch of a tiled kernel (batched_copy or batched_cast_f32_bf16) over `batch`.
+    fn launch_tiled(&self, kernel: &CudaFunction, batch: &CopyBatch, call: &'static str) -> Result<(), CudaError> {
+        if batch.tiles == 0 {
             return Ok(());
         }
-        let grid = (tiles.min(u64::from(self.kernels().blocks) * 4)) as u32;
+        let grid = (batch.tiles.min(u64::from(self.kernels().blocks) * 4)) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (descs, starts) = (descs.device_ptr(), tile_start.device_ptr());
+        let (descs, starts) = (batch.descs.device_ptr(), batch.tile_start.device_ptr());
         let mut launch = self.stream().launch_builder(kernel);
-        launch.arg(&descs).arg(&starts).arg(&count).arg(&tile);
+        launch.arg(&descs).arg(&starts).arg(&batch.count).arg(&batch.tile);
         // SAFETY: both tiled kernels take (descriptors, tile starts, count, tile size); every
         // descriptor addresses live device memory (the batch's contract), and the arrays hold
         // `count` (+1) entries.
-        unsafe { launch.launch(config) }.map_err(|e| CudaError::Driver { call: name, code: e.0 })?;
+        unsafe { launch.launch(config) }.call(call)?;
         Ok(())
     }
 
@@ -606,7 +603,11 @@ impl Gpu {
                 early: early_list,
                 fused,
                 copies: self.prepare_copies(&wave.copies)?,
-                casts: self.prepare_casts(&wave.casts)?,
+                casts: self.prepare_tiled(
+                    &wave.casts,
+                    wave.casts.iter().map(|c| (c.rows, c.row_elems)),
+                    CAST_TILE_ELEMS,
+                )?,
                 after,
                 tensor_start: upload(self, &tensor_start)?,
                 early_tensors: IndexList { items: upload(self, &early_tensors)?, count: count(early_tensors.len())? },
@@ -664,8 +665,7 @@ impl Gpu {
             self.combine(side, chunks, &wave.tensor_start, &wave.early_tensors, out)?;
             self.launch_runs(main, &wave.fused, chunks)?;
             self.run_copies(&wave.copies)?;
-            let c = &wave.casts;
-            self.launch_tiled(&k.cast, &c.descs, &c.tile_start, c.count, c.tiles, CAST_TILE_ELEMS, "batched_cast")?;
+            self.launch_tiled(&k.cast, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
             self.launch_runs(main, &wave.after, chunks)?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, &wave.tensor_start, &wave.late_tensors, out)?;

@@ -100,10 +100,36 @@ fn batched_strided_copies_match_a_host_copy() {
     assert!(got == expected, "batched copy differs from the host copy");
 }
 
+/// Casts f32 `input` on the GPU as `casts(src, dst)` lays it out into `out_elems` bf16 values,
+/// as one update: returns the bf16 bytes and their digest as the update computed it.
+fn cast_on_gpu(
+    gpu: &Gpu,
+    input: &[u8],
+    out_elems: u64,
+    casts: impl FnOnce(u64, u64) -> Vec<crate::CastDesc>,
+) -> (Vec<u8>, u64) {
+    let mut src = gpu.alloc(input.len()).unwrap();
+    src.upload(input).unwrap();
+    let mut dst = gpu.alloc(out_elems as usize * 2).unwrap();
+    dst.fill(gpu, 0).unwrap();
+    let d = dst.device_ptr();
+    let casts = casts(src.device_ptr(), d);
+    let wave = crate::Wave {
+        casts,
+        after: vec![(d, out_elems * 2, 0)],
+        tensor_bytes: vec![out_elems * 2],
+        ..Default::default()
+    };
+    let digests = gpu.run_update(&gpu.prepare_update(&[wave]).unwrap()).unwrap();
+    let mut got = vec![0u8; out_elems as usize * 2];
+    dst.download(&mut got).unwrap();
+    (got, digests[0])
+}
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn f32_to_bf16_casts_round_to_nearest_even_like_the_host_and_are_digested() {
-    use crate::{CastDesc, Wave};
+    use crate::CastDesc;
     use weightlift_core::{dtype::convert, Cast, DType};
     let gpu = gpu();
     // Random bit patterns (every exponent, subnormals, infinities) and the rounding ties.
@@ -122,37 +148,35 @@ fn f32_to_bf16_casts_round_to_nearest_even_like_the_host_and_are_digested() {
     ]);
     let elems = values.len() as u64;
     let src_host: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut src = gpu.alloc(src_host.len()).unwrap();
-    src.upload(&src_host).unwrap();
-    let mut dst = gpu.alloc(elems as usize * 2).unwrap();
-    dst.fill(&gpu, 0).unwrap();
     // Two halves: the first contiguous, the second as 2-D rows of 1000 (a row-parallel slice
     // writes rows of the destination from strided source rows).
     let half = elems / 2 / 1000 * 1000;
     let rows = (elems - half) / 1000;
-    let (s, d) = (src.device_ptr(), dst.device_ptr());
-    let casts = vec![
-        CastDesc { src: s, dst: d, rows: 1, row_elems: half, src_stride: 0, dst_stride: 0 },
-        CastDesc { src: s + half * 4, dst: d + half * 2, rows, row_elems: 1000, src_stride: 4000, dst_stride: 2000 },
-    ];
     let cast_elems = half + rows * 1000;
-    let wave =
-        Wave { casts, after: vec![(d, cast_elems * 2, 0)], tensor_bytes: vec![cast_elems * 2], ..Wave::default() };
-    let batch = gpu.prepare_update(&[wave]).unwrap();
-    let digests = gpu.run_update(&batch).unwrap();
+    let (got, got_digest) = cast_on_gpu(&gpu, &src_host, cast_elems, |s, d| {
+        vec![
+            CastDesc { src: s, dst: d, rows: 1, row_elems: half, src_stride: 0, dst_stride: 0 },
+            CastDesc {
+                src: s + half * 4,
+                dst: d + half * 2,
+                rows,
+                row_elems: 1000,
+                src_stride: 4000,
+                dst_stride: 2000,
+            },
+        ]
+    });
     let mut expected = vec![0u8; cast_elems as usize * 2];
     convert(Cast { from: DType::F32, to: DType::BF16 }, &src_host, &mut expected, cast_elems as usize);
-    let mut got = vec![0u8; cast_elems as usize * 2];
-    dst.download(&mut got).unwrap();
     let first_bad = got.chunks(2).zip(expected.chunks(2)).position(|(g, e)| g != e);
     assert!(first_bad.is_none(), "element {first_bad:?} differs: {}", values[first_bad.unwrap()]);
-    assert_eq!(digests, vec![digest(&expected)]);
+    assert_eq!(vec![got_digest], vec![digest(&expected)]);
 }
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn f32_to_bf16_casts_match_torch_bit_for_bit_including_nans() {
-    use crate::{CastDesc, Wave};
+    use crate::CastDesc;
     // .gpu/run.sh writes torch's reference first (scripts/torch_cast_reference.py).
     let dir = std::env::var("WEIGHTLIFT_TORCH_CAST_DIR")
         .unwrap_or_else(|_| panic!("{NEEDS_GPU}: WEIGHTLIFT_TORCH_CAST_DIR names torch's reference cast"));
@@ -161,16 +185,9 @@ fn f32_to_bf16_casts_match_torch_bit_for_bit_including_nans() {
     let elems = (input.len() / 4) as u64;
     assert_eq!(expected.len() as u64, elems * 2);
     let gpu = gpu();
-    let mut src = gpu.alloc(input.len()).unwrap();
-    src.upload(&input).unwrap();
-    let mut dst = gpu.alloc(expected.len()).unwrap();
-    dst.fill(&gpu, 0).unwrap();
-    let (s, d) = (src.device_ptr(), dst.device_ptr());
-    let casts = vec![CastDesc { src: s, dst: d, rows: 1, row_elems: elems, src_stride: 0, dst_stride: 0 }];
-    let wave = Wave { casts, after: vec![(d, elems * 2, 0)], tensor_bytes: vec![elems * 2], ..Wave::default() };
-    let digests = gpu.run_update(&gpu.prepare_update(&[wave]).unwrap()).unwrap();
-    let mut got = vec![0u8; expected.len()];
-    dst.download(&mut got).unwrap();
+    let (got, got_digest) = cast_on_gpu(&gpu, &input, elems, |s, d| {
+        vec![CastDesc { src: s, dst: d, rows: 1, row_elems: elems, src_stride: 0, dst_stride: 0 }]
+    });
     let bad: Vec<usize> =
         (0..elems as usize).filter(|&i| got[2 * i..2 * i + 2] != expected[2 * i..2 * i + 2]).collect();
     assert!(
@@ -179,5 +196,5 @@ fn f32_to_bf16_casts_match_torch_bit_for_bit_including_nans() {
         bad.len(),
         u32::from_le_bytes(input[4 * bad[0]..4 * bad[0] + 4].try_into().unwrap())
     );
-    assert_eq!(digests, vec![digest(&expected)]);
+    assert_eq!(vec![got_digest], vec![digest(&expected)]);
 }

@@ -194,6 +194,16 @@ pub struct ImportedAllocation {
     mapping: Mapping,
 }
 
+impl crate::gpu::OwnedDeviceMemory for ImportedAllocation {
+    fn range(&self) -> (u64, usize) {
+        (self.mapping.ptr, self.mapping.size)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.mapping.ctx
+    }
+}
+
 impl ImportedAllocation {
     /// The start of the mapping, valid on the importing GPU.
     pub fn device_ptr(&self) -> u64 {
@@ -285,26 +295,26 @@ impl Gpu {
 mod tests {
     use std::os::fd::AsFd;
 
-    use cudarc::driver::result;
-
     use super::*;
     use crate::device_count;
     use crate::tests_gpu::bytes as pattern;
+    use crate::OwnedDeviceMemory;
 
     const SIZES: [usize; 2] = [1, 3 * 1024 * 1024 + 5];
 
-    fn upload(gpu: &Gpu, ptr: u64, bytes: &[u8]) {
-        gpu.context().bind_to_thread().unwrap();
-        // SAFETY: `ptr` starts a live mapping of at least `bytes.len()` bytes, read/write for `gpu`.
-        unsafe { result::memcpy_htod_sync(ptr, bytes) }.unwrap();
+    fn read(memory: &dyn OwnedDeviceMemory, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        memory.download(&mut out).unwrap();
+        out
     }
 
-    fn download(gpu: &Gpu, ptr: u64, len: usize) -> Vec<u8> {
-        gpu.context().bind_to_thread().unwrap();
-        let mut out = vec![0u8; len];
-        // SAFETY: `ptr` starts a live mapping of at least `len` bytes, readable by `gpu`.
-        unsafe { result::memcpy_dtoh_sync(&mut out, ptr) }.unwrap();
-        out
+    fn assert_memory_returned(gpu: &Gpu, free_before: usize) {
+        let granularity = gpu.shareable_granularity().unwrap();
+        let (free_after, _) = gpu.memory_info().unwrap();
+        assert!(
+            free_after + granularity >= free_before,
+            "device memory not returned: {free_before} bytes free before, {free_after} after"
+        );
     }
 
     #[test]
@@ -314,7 +324,7 @@ mod tests {
         let granularity = gpu.shareable_granularity().unwrap();
         let (free_before, _) = gpu.memory_info().unwrap();
         for (i, &size) in SIZES.iter().enumerate() {
-            let shared = gpu.alloc_shareable(size).unwrap();
+            let mut shared = gpu.alloc_shareable(size).unwrap();
             assert_eq!(shared.len(), size);
             assert!(shared.mapped_len() >= size);
             assert_eq!(shared.mapped_len() % granularity, 0);
@@ -322,29 +332,25 @@ mod tests {
             assert_ne!(shared.device_ptr(), 0);
 
             let data = pattern(size, i as u64 + 1);
-            upload(&gpu, shared.device_ptr(), &data);
+            shared.upload(&data).unwrap();
             let fd = shared.export_fd().unwrap();
-            let imported = gpu.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
+            let mut imported = gpu.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
             drop(fd); // the import keeps the memory; the descriptor is no longer needed
             assert_eq!(imported.len(), shared.mapped_len());
             assert_ne!(imported.device_ptr(), shared.device_ptr(), "a mapping of its own");
-            assert_eq!(download(&gpu, imported.device_ptr(), size), data, "size {size}: read through the import");
+            assert_eq!(read(&imported, size), data, "size {size}: read through the import");
 
             // Writes through the import land in the exporter's memory too.
             let back = pattern(size, i as u64 + 100);
-            upload(&gpu, imported.device_ptr(), &back);
-            assert_eq!(download(&gpu, shared.device_ptr(), size), back, "size {size}: write through the import");
+            imported.upload(&back).unwrap();
+            assert_eq!(read(&shared, size), back, "size {size}: write through the import");
 
             // The memory outlives the exporter while the import holds it.
             drop(shared);
-            assert_eq!(download(&gpu, imported.device_ptr(), size), back, "size {size}: after the exporter dropped");
+            assert_eq!(read(&imported, size), back, "size {size}: after the exporter dropped");
             drop(imported);
         }
-        let (free_after, _) = gpu.memory_info().unwrap();
-        assert!(
-            free_after + granularity >= free_before,
-            "device memory not returned: {free_before} bytes free before, {free_after} after"
-        );
+        assert_memory_returned(&gpu, free_before);
     }
 
     #[test]
@@ -356,26 +362,21 @@ mod tests {
             return;
         }
         let peer = Gpu::open(1).unwrap();
-        let granularity = gpu.shareable_granularity().unwrap();
         let (free_before, _) = gpu.memory_info().unwrap();
         for (i, &size) in SIZES.iter().enumerate() {
-            let shared = gpu.alloc_shareable(size).unwrap();
+            let mut shared = gpu.alloc_shareable(size).unwrap();
             let data = pattern(size, i as u64 + 7);
-            upload(&gpu, shared.device_ptr(), &data);
+            shared.upload(&data).unwrap();
             let fd = shared.export_fd().unwrap();
-            let imported = peer.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
-            assert_eq!(download(&peer, imported.device_ptr(), size), data, "size {size}: GPU 1 reads GPU 0's memory");
+            let mut imported = peer.import_shareable(fd.as_fd(), shared.mapped_len()).unwrap();
+            assert_eq!(read(&imported, size), data, "size {size}: GPU 1 reads GPU 0's memory");
             let back = pattern(size, i as u64 + 700);
-            upload(&peer, imported.device_ptr(), &back);
-            assert_eq!(download(&gpu, shared.device_ptr(), size), back, "size {size}: GPU 1 writes GPU 0's memory");
+            imported.upload(&back).unwrap();
+            assert_eq!(read(&shared, size), back, "size {size}: GPU 1 writes GPU 0's memory");
             drop(imported);
             drop(shared);
         }
-        let (free_after, _) = gpu.memory_info().unwrap();
-        assert!(
-            free_after + granularity >= free_before,
-            "device memory not returned: {free_before} bytes free before, {free_after} after"
-        );
+        assert_memory_returned(&gpu, free_before);
     }
 
     #[test]

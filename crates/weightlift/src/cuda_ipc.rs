@@ -126,7 +126,9 @@ impl Exporter {
         if !legacy.is_empty() {
             let regions: Vec<(u64, u64)> = legacy.iter().map(|&i| (ptrs[i], manifest.specs()[i].byte_len())).collect();
             let (found, at) = gpu.locate(&regions).map_err(|e| match e {
-                CudaError::Invalid(m) => CudaError::Invalid(format!("{}: {m}", name_of(manifest, &legacy, &m))),
+                CudaError::OutsideAllocation { index, .. } => {
+                    CudaError::Invalid(format!("`{}`: {e}", manifest.specs()[legacy[index]].name))
+                }
                 other => other,
             })?;
             let first = segments.len() as u32;
@@ -192,14 +194,6 @@ impl Exporter {
         }
         self.expected.as_ref().expect("just bound").1.run(gpu)
     }
-}
-
-/// The tensor named in a `locate` error about tensor index `k` of `legacy`, for the message.
-fn name_of(manifest: &Manifest, legacy: &[usize], message: &str) -> String {
-    let k: Option<usize> =
-        message.strip_prefix("tensor ").and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
-    k.and_then(|k| legacy.get(k))
-        .map_or_else(|| "a source tensor".into(), |&i| format!("`{}`", manifest.specs()[i].name))
 }
 
 /// Legacy IPC mappings open in this process, by (handle, allocation id, GPU). The driver maps a

@@ -219,7 +219,7 @@ impl GpuPlan {
 /// without writing any destination: what a sender compares the receiver's digests with.
 pub struct ExpectedDigests {
     batch: UpdateBatch,
-    _scratch: DeviceBuffer,
+    scratch: DeviceBuffer,
 }
 
 impl ExpectedDigests {
@@ -237,7 +237,7 @@ impl ExpectedDigests {
         let work = Fusion::of(plan, sources, wave_chunks)?;
         let scratch = gpu.alloc(work.scratch_bytes() as usize)?;
         let waves = work.waves(Target::DigestOnly { scratch: scratch.device_ptr() });
-        Ok(ExpectedDigests { batch: gpu.prepare_update(&waves)?, _scratch: scratch })
+        Ok(ExpectedDigests { batch: gpu.prepare_update(&waves)?, scratch })
     }
 
     /// Every destination's digest as the plan would write it from the sources as they are now.
@@ -246,7 +246,7 @@ impl ExpectedDigests {
     }
 
     pub fn device_bytes(&self) -> u64 {
-        self.batch.device_bytes() + self._scratch.len() as u64
+        self.batch.device_bytes() + self.scratch.len() as u64
     }
 }
 

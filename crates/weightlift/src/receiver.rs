@@ -112,9 +112,7 @@ impl Receiver {
         options: ReceiverOptions,
     ) -> Result<Receiver, CudaError> {
         let manifest = tensors.manifest().clone();
-        let regions: Vec<(u64, u64)> =
-            tensors.device_ptrs().into_iter().zip(manifest.iter()).map(|(p, s)| (p, s.byte_len())).collect();
-        let digests = gpu.run_digests(&gpu.prepare_digests(&regions)?)?.into_iter().map(Some).collect();
+        let digests = device_digests(&gpu, &tensors)?.into_iter().map(Some).collect();
         let store = Store::Device { gpu, tensors: Box::new(tensors) };
         Ok(Receiver::with_store(manifest, digests, store, options))
     }
@@ -158,15 +156,7 @@ impl Receiver {
             Store::Host(tensors) => {
                 Ok((0..self.shared.manifest.len()).map(|i| digest::digest(tensors.bytes(i))).collect())
             }
-            Store::Device { gpu, tensors } => {
-                let regions: Vec<(u64, u64)> = tensors
-                    .device_ptrs()
-                    .into_iter()
-                    .zip(self.shared.manifest.iter())
-                    .map(|(p, s)| (p, s.byte_len()))
-                    .collect();
-                gpu.run_digests(&gpu.prepare_digests(&regions)?)
-            }
+            Store::Device { gpu, tensors } => device_digests(gpu, tensors.as_ref()),
         }
     }
 
@@ -426,55 +416,41 @@ impl Receiver {
             ..UpdateReport::default()
         };
         let mut touched = vec![false; plan.destinations.len()];
-        let outcome = (|| {
-            let (pid, device, segments, located, fds, sender_digests) = match conn.recv(timeout) {
-                Ok(Message::IpcSources { pid, device, segments, tensors, fds, sender_digests }) => {
-                    (pid, device, segments, tensors, fds, sender_digests)
-                }
-                Ok(other) => return Outcome::Broken(format!("expected ipc_sources, got {}", other.name())),
-                Err(e) => return Outcome::Broken(format!("waiting for the sender's memory: {e}")),
+        // Any error here means the transfer broke off (Outcome::Broken, with the reason).
+        let outcome = (|| -> Result<Outcome, String> {
+            let message = conn.recv(timeout).map_err(|e| format!("waiting for the sender's memory: {e}"))?;
+            let Message::IpcSources { pid, device, segments, tensors: located, fds, sender_digests } = message else {
+                return Err(format!("expected ipc_sources, got {}", message.name()));
             };
-            let fds = match conn.recv_fds(fds as usize, timeout) {
-                Ok(fds) => fds,
-                Err(e) => return Outcome::Broken(format!("receiving the sender's memory descriptors: {e}")),
-            };
+            let fds = conn
+                .recv_fds(fds as usize, timeout)
+                .map_err(|e| format!("receiving the sender's memory descriptors: {e}"))?;
             report.sender_digests = sender_digests;
-            let resolved = match importer.resolve(gpu, source, pid, &device, &segments, located, fds) {
-                Ok(r) => r,
-                Err(e) => return Outcome::Broken(e),
-            };
+            let resolved = importer.resolve(gpu, source, pid, &device, &segments, located, fds)?;
             report.ipc_opens = resolved.opens;
             report.same_gpu = Some(resolved.same_gpu);
-            let bound = match importer.plan(gpu, plan, &resolved.ptrs, &tensors.device_ptrs()) {
-                Ok(b) => b,
-                Err(e) => return Outcome::Broken(format!("binding the update to the sender's memory: {e}")),
-            };
+            let bound = importer
+                .plan(gpu, plan, &resolved.ptrs, &tensors.device_ptrs())
+                .map_err(|e| format!("binding the update to the sender's memory: {e}"))?;
             report.device_extra_bytes = bound.device_bytes();
             report.launches = bound.launches();
-            touched.iter_mut().for_each(|t| *t = true);
+            touched.fill(true);
             let pulled = Instant::now();
-            let ours = match bound.update(gpu) {
-                Ok(d) => d,
-                Err(e) => return Outcome::Broken(format!("pulling the update: {e}")),
-            };
+            let ours = bound.update(gpu).map_err(|e| format!("pulling the update: {e}"))?;
             report.unpack_seconds = pulled.elapsed().as_secs_f64();
             let _ = self.state().versions.verify(version);
             let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
-            match conn.recv(timeout) {
-                Ok(Message::End { version: v, .. }) if v == version && !sender_digests => Outcome::Verified(ours),
-                Ok(Message::End { version: v, digests }) if v == version => {
-                    let mismatched = compare(plan, &vec![true; ours.len()], &ours, &digests);
-                    if mismatched.is_empty() {
-                        Outcome::Verified(ours)
-                    } else {
-                        Outcome::Mismatch(mismatched)
-                    }
+            match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
+                Message::End { version: v, .. } if v == version && !sender_digests => Ok(Outcome::Verified(ours)),
+                Message::End { version: v, digests } if v == version => {
+                    let mismatched = compare(plan, &touched, &ours, &digests);
+                    Ok(if mismatched.is_empty() { Outcome::Verified(ours) } else { Outcome::Mismatch(mismatched) })
                 }
-                Ok(Message::Abort { reason }) => Outcome::Broken(format!("the sender gave up: {reason}")),
-                Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
-                Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
+                Message::Abort { reason } => Err(format!("the sender gave up: {reason}")),
+                other => Err(format!("expected the end of version {version}, got {}", other.name())),
             }
-        })();
+        })()
+        .unwrap_or_else(Outcome::Broken);
         drop(store);
         self.settle(plan, version, outcome, &touched, report, started)
     }
@@ -529,6 +505,13 @@ impl Receiver {
         report.receiver_peak_rss = peak_rss_bytes();
         (report, in_sync)
     }
+}
+
+/// Every tensor's digest, computed on the GPU that holds them.
+fn device_digests(gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<u64>, CudaError> {
+    let regions: Vec<(u64, u64)> =
+        tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()).map(|(p, s)| (p, s.byte_len())).collect();
+    gpu.run_digests(&gpu.prepare_digests(&regions)?)
 }
 
 /// How an update ended.

@@ -218,12 +218,7 @@ impl Sender {
             Vec::new()
         };
         let timeout = self.options.timeout;
-        self.conn.send(&Message::Begin { version, skip: skip.clone() })?;
-        match self.conn.recv(timeout)? {
-            Message::Accepted { version: v } if v == version => {}
-            Message::Refused { reason } => return Err(SendError::Refused { version, reason }),
-            other => return Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
-        }
+        self.begin(version, skip.clone())?;
 
         let schedule = self
             .schedule
@@ -284,12 +279,7 @@ impl Sender {
         let sender_digests = self.options.sender_digests;
         let (sources, fds) =
             self.exporter.describe(gpu, tensors, sender_digests).map_err(|e| SendError::Device(e.to_string()))?;
-        self.conn.send(&Message::Begin { version, skip: Vec::new() })?;
-        match self.conn.recv(timeout)? {
-            Message::Accepted { version: v } if v == version => {}
-            Message::Refused { reason } => return Err(SendError::Refused { version, reason }),
-            other => return Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
-        }
+        self.begin(version, Vec::new())?;
         self.conn.send(&sources)?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.conn.send_fds(&borrowed)?;
@@ -314,6 +304,18 @@ impl Sender {
             self.exporter.forget_locations();
         }
         Ok(report)
+    }
+}
+
+impl Sender {
+    /// Opens an update of `version` that leaves the destinations in `skip` alone.
+    fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<(), SendError> {
+        self.conn.send(&Message::Begin { version, skip })?;
+        match self.conn.recv(self.options.timeout)? {
+            Message::Accepted { version: v } if v == version => Ok(()),
+            Message::Refused { reason } => Err(SendError::Refused { version, reason }),
+            other => Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
+        }
     }
 }
 

@@ -92,17 +92,13 @@ struct GpuBench {
     skipped: Vec<String>,
 }
 
-fn cuda(e: CudaError) -> CommandError {
-    CommandError::Io(e.to_string())
-}
-
 /// Median and best (in seconds) of `RUNS` timed runs of `f`, after one warm-up.
 fn time(mut f: impl FnMut() -> Result<(), CudaError>) -> Result<(f64, f64), CommandError> {
-    f().map_err(cuda)?;
+    f()?;
     let mut t: Vec<f64> = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
         let start = Instant::now();
-        f().map_err(cuda)?;
+        f()?;
         t.push(start.elapsed().as_secs_f64());
     }
     t.sort_by(f64::total_cmp);
@@ -115,8 +111,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
-    let src = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
-    let mut dst = gpu.alloc(CEILING_BYTES).map_err(cuda)?;
+    let src = gpu.alloc(CEILING_BYTES)?;
+    let mut dst = gpu.alloc(CEILING_BYTES)?;
     let (_, copy_best) = time(|| {
         gpu.copy(&mut dst, &src, CEILING_BYTES)?;
         gpu.synchronize()
@@ -124,8 +120,8 @@ fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
     let (_, read_best) = time(|| gpu.read_all(&src))?;
     let peer_copy_gbps = match peer {
         Some(peer) => {
-            gpu.enable_peer_access(peer).map_err(cuda)?;
-            let mut remote = peer.alloc(CEILING_BYTES).map_err(cuda)?;
+            gpu.enable_peer_access(peer)?;
+            let mut remote = peer.alloc(CEILING_BYTES)?;
             let (_, best) = time(|| {
                 gpu.copy_to_peer(&mut remote, &src, CEILING_BYTES)?;
                 gpu.synchronize()
@@ -142,11 +138,11 @@ fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
 }
 
 pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool) -> Result<(), CommandError> {
-    let gpus = device_count().map_err(cuda)?;
-    let gpu = Gpu::open(ordinal).map_err(cuda)?;
+    let gpus = device_count()?;
+    let gpu = Gpu::open(ordinal)?;
     let peer_ordinal = (0..gpus).find(|&g| g != ordinal);
-    let peer = peer_ordinal.map(Gpu::open).transpose().map_err(cuda)?;
-    let device = gpu.name().map_err(cuda)?;
+    let peer = peer_ordinal.map(Gpu::open).transpose()?;
+    let device = gpu.name()?;
     let ceilings = ceilings(&gpu, peer.as_ref())?;
     let mut skipped = Vec::new();
 
@@ -193,7 +189,7 @@ fn same_process_row(
     let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
     let bytes = inputs.destination.total_bytes();
     let source_bytes = inputs.source.senders()[0].total_bytes();
-    let (free, _) = gpu.memory_info().map_err(cuda)?;
+    let (free, _) = gpu.memory_info()?;
     if source_bytes + bytes + HEADROOM > free as u64 {
         return Ok(Err(format!(
             "{name} same process: needs {} on one GPU, {} free",
@@ -203,13 +199,13 @@ fn same_process_row(
     }
     let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, TpRank::SINGLE)
         .map_err(|e| CommandError::Io(e.to_string()))?;
-    let mut src = GpuTensors::alloc(gpu, &inputs.source.senders()[0]).map_err(cuda)?;
-    let mut dst = GpuTensors::alloc(gpu, &inputs.destination).map_err(cuda)?;
-    src.fill(gpu, 0x3c).map_err(cuda)?;
-    dst.fill(gpu, 0).map_err(cuda)?;
-    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), &dst.ptrs()).map_err(cuda)?;
+    let mut src = GpuTensors::alloc(gpu, &inputs.source.senders()[0])?;
+    let mut dst = GpuTensors::alloc(gpu, &inputs.destination)?;
+    src.fill(gpu, 0x3c)?;
+    dst.fill(gpu, 0)?;
+    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), &dst.ptrs())?;
     let (copy, digest, unfused) = {
-        let (copies, digests) = (bound.copy_batch(gpu).map_err(cuda)?, bound.digest_batch(gpu).map_err(cuda)?);
+        let (copies, digests) = (bound.copy_batch(gpu)?, bound.digest_batch(gpu)?);
         let (copy, _) = time(|| {
             gpu.run_copies(&copies)?;
             gpu.synchronize()
@@ -223,8 +219,8 @@ fn same_process_row(
     };
     let (update, _) = time(|| bound.update(gpu).map(|_| ()))?;
     // Every destination now holds 0x3c bytes: check the update's digests against the CPU's.
-    dst.fill(gpu, 0).map_err(cuda)?;
-    let digests = bound.update(gpu).map_err(cuda)?;
+    dst.fill(gpu, 0)?;
+    let digests = bound.update(gpu)?;
     let verified = inputs
         .destination
         .iter()
@@ -267,9 +263,9 @@ fn ipc_row(
     let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
     let source = inputs.source.senders()[0].clone();
     let bytes = inputs.destination.total_bytes();
-    let (free, _) = gpu.memory_info().map_err(cuda)?;
+    let (free, _) = gpu.memory_info()?;
     let (peer_free, _) = match peer {
-        Some(p) if receiver != gpu.ordinal() => p.memory_info().map_err(cuda)?,
+        Some(p) if receiver != gpu.ordinal() => p.memory_info()?,
         _ => (free, 0),
     };
     let needed_here = source.total_bytes() + if receiver == gpu.ordinal() { bytes } else { 0 } + HEADROOM;
@@ -283,7 +279,7 @@ fn ipc_row(
     let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
     let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
     let result = (|| {
-        let mut tensors = GpuTensors::alloc(gpu, &source).map_err(cuda)?;
+        let mut tensors = GpuTensors::alloc(gpu, &source)?;
         let mut runs = Vec::new();
         let mut version = 0u64;
         for sender_digests in [true, false] {
@@ -294,8 +290,8 @@ fn ipc_row(
             for _ in 0..=RUNS {
                 // New bytes every update (what a trainer step does to every weight).
                 version += 1;
-                tensors.fill(gpu, 0x11 + version as u8).map_err(cuda)?;
-                gpu.synchronize().map_err(cuda)?;
+                tensors.fill(gpu, 0x11 + version as u8)?;
+                gpu.synchronize()?;
                 let started = Instant::now();
                 let report = sender.push_device(Version(version), gpu, &tensors)?;
                 reports.push((started.elapsed().as_secs_f64(), report));

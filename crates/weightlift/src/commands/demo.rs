@@ -12,7 +12,7 @@ use weightlift::protocol::TransportKind;
 use weightlift::StepReport;
 
 use super::push::print_table;
-use super::{spawn_receiver, CommandError, DeviceArg, ModelArgs};
+use super::{spawn_receiver, CommandError, DeviceArg, ModelArgs, TrainerArgs};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -20,12 +20,8 @@ pub struct DemoArgs {
     pub model: ModelArgs,
     #[arg(long, default_value_t = 3)]
     pub steps: u64,
-    /// shm, tcp or cuda-ipc (default: cuda-ipc with --device cuda, else shm).
-    #[arg(long)]
-    pub transport: Option<TransportKind>,
-    /// Where the trainer's tensors live: host, or cuda:N.
-    #[arg(long, default_value = "host")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
     /// Where the engine's tensors live (default: the trainer's device); cuda:1 with --device
     /// cuda:0 updates across GPUs over NVLink.
     #[arg(long)]
@@ -77,14 +73,11 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if model_args.synthetic.is_none() && model_args.model.is_none() {
         model_args.synthetic = Some(DEFAULT_MODEL.into());
     }
-    let transport = args.transport.unwrap_or(match args.device {
-        DeviceArg::Cuda(_) => TransportKind::CudaIpc,
-        DeviceArg::Host => TransportKind::Shm,
-    });
+    let transport = args.trainer.transport(true);
     if transport == TransportKind::InProcess {
         return Err(CommandError::Io("the demo runs the two sides as processes: use --transport shm or tcp".into()));
     }
-    let receiver_device = args.receiver_device.unwrap_or(args.device);
+    let receiver_device = args.receiver_device.unwrap_or(args.trainer.device);
     let exe = std::env::current_exe().map_err(|e| CommandError::Io(format!("cannot find this program: {e}")))?;
     let dir = std::env::temp_dir().join(format!("weightlift-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
@@ -122,7 +115,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         "--transport",
         &transport.to_string(),
         "--device",
-        &args.device.to_string(),
+        &args.trainer.device.to_string(),
         "--bucket-mib",
         &args.bucket_mib.to_string(),
         "--progress-jsonl",
@@ -169,7 +162,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         println!(
             "{} over {transport} ({} -> {receiver_device}), {} receiver(s)",
             model.name(),
-            args.device,
+            args.trainer.device,
             args.tp_size
         );
         print_table(&steps);

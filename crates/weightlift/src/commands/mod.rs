@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use clap::Args;
 use weightlift::core::{DType, Preset, TpRank};
+use weightlift::protocol::TransportKind;
 use weightlift::setup::{MappingOptions, ModelSource, SetupError};
 use weightlift::{Endpoint, SendError};
 
@@ -24,6 +25,8 @@ pub enum CommandError {
     Send(#[from] SendError),
     #[error("{0}")]
     Io(String),
+    #[error("GPU: {0}")]
+    Cuda(#[from] weightlift_cuda::CudaError),
     /// The command ran, but an update did not verify.
     #[error("{0}")]
     Unverified(String),
@@ -172,6 +175,29 @@ impl std::fmt::Display for DeviceArg {
             DeviceArg::Host => f.write_str("host"),
             DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// Where the trainer's tensors live and how they travel: shared by `push` and `demo`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainerArgs {
+    /// shm (same host), tcp, or cuda-ipc (GPU to GPU, same host); default: cuda-ipc for
+    /// --device cuda, else shm when every receiver is on this host, else tcp.
+    #[arg(long)]
+    pub transport: Option<TransportKind>,
+    /// Where the trainer's tensors live: host, or cuda:N.
+    #[arg(long, default_value = "host")]
+    pub device: DeviceArg,
+}
+
+impl TrainerArgs {
+    /// The transport asked for, or the default for this device and these receivers.
+    pub fn transport(&self, receivers_local: bool) -> TransportKind {
+        self.transport.unwrap_or(match self.device {
+            DeviceArg::Cuda(_) => TransportKind::CudaIpc,
+            DeviceArg::Host if receivers_local => TransportKind::Shm,
+            DeviceArg::Host => TransportKind::Tcp,
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use weightlift::{
 
 use weightlift::gpu::GpuTensors;
 
-use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs};
+use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs, TrainerArgs};
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
@@ -31,13 +31,8 @@ pub struct PushArgs {
     /// Push this many versions, stepping the weights (in memory) before each.
     #[arg(long, default_value_t = 1)]
     pub steps: u64,
-    /// shm (same host), tcp, or cuda-ipc (GPU to GPU, same host); default: cuda-ipc for
-    /// --device cuda, else shm when every receiver is on this host.
-    #[arg(long)]
-    pub transport: Option<TransportKind>,
-    /// Where the trainer's tensors live: host, or cuda:N.
-    #[arg(long, default_value = "host")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
     /// GPU sources in CUDA VMM memory (shared as file descriptors, needs unix: endpoints)
     /// instead of cudaMalloc memory (shared as legacy IPC handles).
     #[arg(long)]
@@ -91,13 +86,7 @@ struct PushOutput<'a> {
 
 pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
-    let transport = args.transport.unwrap_or(if matches!(args.device, DeviceArg::Cuda(_)) {
-        TransportKind::CudaIpc
-    } else if args.to.iter().all(Endpoint::is_local) {
-        TransportKind::Shm
-    } else {
-        TransportKind::Tcp
-    });
+    let transport = args.trainer.transport(args.to.iter().all(Endpoint::is_local));
     // The receivers plan against their own parameters; the trainer only brings its tensors
     // and the rules (which depend on the TP size only through its checks).
     let tp = TpRank::new(0, args.to.len() as u32).expect("at least one receiver");
@@ -113,56 +102,10 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     };
     let mut trainer = Trainer::connect(&args.to, &source_manifest, &rules, &options)?;
 
-    let mut steps = Vec::new();
-    if let DeviceArg::Cuda(ordinal) = args.device {
-        // The trainer's weights on a GPU: stepped in host memory, copied up, then pushed.
-        let mut tensors = match &model {
-            ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
-            ModelSource::Dir(dir) => {
-                HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?)
-            }
-        };
-        let gpu = open_gpu(ordinal)?;
-        let cuda = |e: weightlift_cuda::CudaError| CommandError::Io(format!("cuda:{ordinal}: {e}"));
-        let mut on_gpu = if args.vmm {
-            GpuTensors::alloc_shareable(&gpu, &source_manifest)
-        } else {
-            GpuTensors::alloc(&gpu, &source_manifest)
-        }
-        .map_err(cuda)?;
-        for step in 0..args.steps {
-            tensors.perturb();
-            on_gpu.upload(&tensors).map_err(cuda)?;
-            let step = trainer.push_device(Version(args.version + step), &gpu, &on_gpu)?;
-            report_progress(&step, args);
-            steps.push(step);
-        }
-    }
-    match &model {
-        _ if matches!(args.device, DeviceArg::Cuda(_)) => {}
-        ModelSource::Synthetic(config) => {
-            let mut tensors = HostTensors::synthetic(config, 7);
-            for step in 0..args.steps {
-                tensors.perturb();
-                steps.push(push_one(&mut trainer, Version(args.version + step), &tensors, args)?);
-            }
-        }
-        ModelSource::Dir(dir) => {
-            let checkpoint = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
-            if args.steps == 1 {
-                // Straight from the page cache, no copy.
-                steps.push(push_one(&mut trainer, Version(args.version), &checkpoint, args)?);
-            } else {
-                // Several versions: step a copy in memory, as a trainer would.
-                let mut tensors = HostTensors::copy_of(&checkpoint);
-                drop(checkpoint);
-                for step in 0..args.steps {
-                    tensors.perturb();
-                    steps.push(push_one(&mut trainer, Version(args.version + step), &tensors, args)?);
-                }
-            }
-        }
-    }
+    let steps = match args.trainer.device {
+        DeviceArg::Cuda(ordinal) => push_from_gpu(&mut trainer, &model, ordinal, args)?,
+        DeviceArg::Host => push_from_host(&mut trainer, &model, args)?,
+    };
 
     if args.json {
         let out =
@@ -178,6 +121,67 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
             Err(CommandError::Unverified(format!("version {} was not committed: {}", step.version, reasons.join("; "))))
         }
     }
+}
+
+/// The trainer's weights in host memory: a checkpoint straight from the page cache, or stepped
+/// in memory before each version.
+fn push_from_host(
+    trainer: &mut Trainer,
+    model: &ModelSource,
+    args: &PushArgs,
+) -> Result<Vec<StepReport>, CommandError> {
+    let mut steps = Vec::new();
+    match model {
+        ModelSource::Synthetic(config) => {
+            let mut tensors = HostTensors::synthetic(config, 7);
+            for step in 0..args.steps {
+                tensors.perturb();
+                steps.push(push_one(trainer, Version(args.version + step), &tensors, args)?);
+            }
+        }
+        ModelSource::Dir(dir) => {
+            let checkpoint = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
+            if args.steps == 1 {
+                // Straight from the page cache, no copy.
+                steps.push(push_one(trainer, Version(args.version), &checkpoint, args)?);
+            } else {
+                // Several versions: step a copy in memory, as a trainer would.
+                let mut tensors = HostTensors::copy_of(&checkpoint);
+                drop(checkpoint);
+                for step in 0..args.steps {
+                    tensors.perturb();
+                    steps.push(push_one(trainer, Version(args.version + step), &tensors, args)?);
+                }
+            }
+        }
+    }
+    Ok(steps)
+}
+
+/// The trainer's weights on GPU `ordinal`: stepped in host memory, copied up, then pushed.
+fn push_from_gpu(
+    trainer: &mut Trainer,
+    model: &ModelSource,
+    ordinal: usize,
+    args: &PushArgs,
+) -> Result<Vec<StepReport>, CommandError> {
+    let mut tensors = match model {
+        ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
+        ModelSource::Dir(dir) => HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?),
+    };
+    let gpu = open_gpu(ordinal)?;
+    let manifest = tensors.manifest();
+    let mut on_gpu =
+        if args.vmm { GpuTensors::alloc_shareable(&gpu, manifest) } else { GpuTensors::alloc(&gpu, manifest) }?;
+    let mut steps = Vec::new();
+    for step in 0..args.steps {
+        tensors.perturb();
+        on_gpu.upload(&tensors)?;
+        let step = trainer.push_device(Version(args.version + step), &gpu, &on_gpu)?;
+        report_progress(&step, args);
+        steps.push(step);
+    }
+    Ok(steps)
 }
 
 fn push_one(

@@ -84,16 +84,15 @@ fn serve(
         DeviceArg::Host => Receiver::new(host.unwrap_or_else(|| HostTensors::filled(destination.clone(), 0)), options),
         DeviceArg::Cuda(ordinal) => {
             let gpu = open_gpu(ordinal)?;
-            let cuda = |e: weightlift_cuda::CudaError| CommandError::Io(format!("cuda:{ordinal}: {e}"));
-            let mut on_gpu = GpuTensors::alloc(&gpu, &destination).map_err(cuda)?;
+            let mut on_gpu = GpuTensors::alloc(&gpu, &destination)?;
             match host {
-                Some(tensors) => on_gpu.upload(&tensors).map_err(cuda)?,
+                Some(tensors) => on_gpu.upload(&tensors)?,
                 None => {
-                    on_gpu.fill(&gpu, 0).map_err(cuda)?;
-                    gpu.synchronize().map_err(cuda)?;
+                    on_gpu.fill(&gpu, 0)?;
+                    gpu.synchronize()?;
                 }
             }
-            Receiver::on_gpu(gpu, on_gpu, options).map_err(cuda)?
+            Receiver::on_gpu(gpu, on_gpu, options)?
         }
     };
     let bytes = destination.total_bytes();

@@ -3,7 +3,7 @@
 
 use weightlift_core::digest::digest;
 
-use crate::{device_count, driver_present, CopyDesc, CudaError, Gpu, OwnedDeviceMemory};
+use crate::{device_count, driver_present, CopyDesc, CudaError, FusedRun, Gpu, OwnedDeviceMemory, Wave};
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
 
@@ -37,19 +37,53 @@ fn without_a_driver_every_entry_point_says_so() {
     assert_eq!(Gpu::open(0).err().unwrap().to_string(), "no CUDA driver found (libcuda.so could not be loaded)");
 }
 
+/// Sizes from 0 to 5 MiB: empty, under a stripe, around stripes and the kernel's 128-byte
+/// step, around chunks, and odd sizes.
+const SIZES: [usize; 24] = [
+    0,
+    1,
+    7,
+    8,
+    31,
+    32,
+    33,
+    63,
+    255,
+    256,
+    257,
+    4095,
+    4096,
+    4097,
+    4127,
+    8191,
+    12_289,
+    65_536 + 5,
+    65_536 + 256 + 31,
+    100_000,
+    (1 << 20) + 3,
+    (3 << 20) + 4096 + 224,
+    (5 << 20) - 1,
+    5 << 20,
+];
+
+/// (source, destination) offsets from a 256-byte boundary: 8-byte aligned pairs (the fast
+/// path) and every misalignment, from either side. 13 of them, so that the cases that are
+/// only digested (every third) meet each of them too.
+const OFFSETS: [(usize, usize); 13] =
+    [(0, 0), (8, 0), (0, 8), (4, 12), (3, 0), (0, 5), (16, 1), (2, 6), (12, 4), (1, 7), (32, 48), (24, 40), (0, 0)];
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn gpu_digest_equals_cpu_digest_for_many_sizes_and_alignments() {
     let gpu = gpu();
-    let sizes = [0usize, 1, 7, 8, 31, 32, 33, 63, 4095, 4096, 4097, 8191, 12_289, 65_536 + 5, (1 << 20) + 3, 5 << 20];
     let data = bytes((6 << 20) + 64, 7);
     let mut buf = gpu.alloc(data.len()).unwrap();
     buf.upload(&data).unwrap();
     // Regions at aligned and unaligned offsets in one batch.
     let mut regions = Vec::new();
     let mut expected = Vec::new();
-    for (i, &len) in sizes.iter().enumerate() {
-        let offset = [0usize, 8, 3, 256][i % 4];
+    for (i, &len) in SIZES.iter().enumerate() {
+        let offset = [0usize, 8, 3, 256, 4, 12, 1, 16, 2][i % 9];
         regions.push((buf.device_ptr() + offset as u64, len as u64));
         expected.push(digest(&data[offset..offset + len]));
     }
@@ -57,6 +91,96 @@ fn gpu_digest_equals_cpu_digest_for_many_sizes_and_alignments() {
     assert_eq!(gpu.run_digests(&batch).unwrap(), expected);
     // Reused batches give the same answer (a plan's digests are prepared once).
     assert_eq!(gpu.run_digests(&batch).unwrap(), expected);
+}
+
+/// The runs of one destination tensor: split at a chunk in the middle (with an empty run
+/// between) when it has two chunks or more, so runs start at chunks other than 0.
+fn runs_of(src: u64, dst: u64, len: u64, out: u64) -> Vec<FusedRun> {
+    let chunks = len.div_ceil(4096);
+    if chunks < 2 {
+        return if len == 0 { vec![] } else { vec![FusedRun { src, dst, bytes: len, out }] };
+    }
+    let m = chunks / 2;
+    let dst_at = |d: u64| if dst == 0 { 0 } else { dst + d };
+    vec![
+        FusedRun { src, dst, bytes: m * 4096, out },
+        FusedRun { src: src + m * 4096, dst: dst_at(m * 4096), bytes: 0, out: out + m },
+        FusedRun { src: src + m * 4096, dst: dst_at(m * 4096), bytes: len - m * 4096, out: out + m },
+    ]
+}
+
+/// Copies and digests `cases` (source offset, destination offset or None to only digest,
+/// length) as one wave of fused runs, twice; checks every digest against the CPU and every
+/// byte of the destination buffer (copies exact, nothing else written).
+fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
+    let src_len = cases.iter().map(|c| c.0 + c.2).max().unwrap_or(0) + 64;
+    let dst_len = cases.iter().filter_map(|c| c.1.map(|d| d + c.2)).max().unwrap_or(0) + 64;
+    let data = bytes(src_len, seed);
+    let mut src = gpu.alloc(src_len).unwrap();
+    src.upload(&data).unwrap();
+    let mut dst = gpu.alloc(dst_len).unwrap();
+    let (s, d) = (src.device_ptr(), dst.device_ptr());
+    let (mut fused, mut tensor_bytes, mut out) = (Vec::new(), Vec::new(), 0u64);
+    let mut expected_digests = Vec::new();
+    let mut expected_dst = vec![0x5au8; dst_len];
+    for &(so, dof, len) in cases {
+        let dst_addr = dof.map_or(0, |o| d + o as u64);
+        fused.extend(runs_of(s + so as u64, dst_addr, len as u64, out));
+        out += (len as u64).div_ceil(4096);
+        tensor_bytes.push(len as u64);
+        expected_digests.push(digest(&data[so..so + len]));
+        if let Some(o) = dof {
+            expected_dst[o..o + len].copy_from_slice(&data[so..so + len]);
+        }
+    }
+    let batch = gpu.prepare_update(&[Wave { fused, tensor_bytes, ..Wave::default() }]).unwrap();
+    for run in 0..2 {
+        dst.fill(gpu, 0x5a).unwrap();
+        assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "run {run}");
+        let mut got = vec![0u8; dst_len];
+        dst.download(&mut got).unwrap();
+        let first_bad = got.iter().zip(&expected_dst).position(|(g, e)| g != e);
+        assert!(first_bad.is_none(), "run {run}: destination byte {first_bad:?} differs");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn fused_copy_and_digest_match_the_host_at_every_alignment() {
+    let gpu = gpu();
+    let (mut src_at, mut dst_at) = (0usize, 0usize);
+    let cases: Vec<(usize, Option<usize>, usize)> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let (so, dof) = OFFSETS[i % OFFSETS.len()];
+            let s = src_at.next_multiple_of(256) + so;
+            src_at = s + len;
+            let d = (i % 3 != 2).then(|| {
+                let d = dst_at.next_multiple_of(256) + dof;
+                dst_at = d + len;
+                d
+            });
+            (s, d, len)
+        })
+        .collect();
+    check_fused(&gpu, &cases, 5);
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn fused_runs_larger_than_one_wave_of_threads_stride_the_grid() {
+    // ~260 MiB each: more chunks than the threads of a whole GPU, so every thread of the
+    // kernel takes several chunks (the small test above gives each thread one at most), and
+    // large enough to be folded early (see EARLY_FOLD_CHUNKS).
+    let gpu = gpu();
+    let len: usize = (260 << 20) + 4096 + 33;
+    // Copied, digested in place, and a small unaligned copy: the three runs share one grid, so
+    // its stride crosses from run to run.
+    let second = (len + 64).next_multiple_of(256) + 8;
+    let third = (second + len).next_multiple_of(256) + 3;
+    let cases = [(0, Some(0), len), (second, None, len), (third, Some(len.next_multiple_of(256) + 5), 1000)];
+    check_fused(&gpu, &cases, 9);
 }
 
 #[test]

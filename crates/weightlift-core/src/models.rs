@@ -124,8 +124,21 @@ impl ModelConfig {
         })
     }
 
-    /// The tensors a trainer holds for this model, with Hugging Face names, in module order.
+    /// The tensors a trainer holds for this model, with Hugging Face names, in module order;
+    /// experts one tensor each, as checkpoints store them.
     pub fn source_manifest(&self) -> Manifest {
+        self.source_manifest_with(false)
+    }
+
+    /// [`ModelConfig::source_manifest`] with each layer's experts stacked as transformers 5
+    /// holds them in memory: `mlp.experts.gate_up_proj` `[experts, 2 * moe_intermediate,
+    /// hidden]` (gate then up) and `mlp.experts.down_proj` `[experts, hidden,
+    /// moe_intermediate]`. The same as `source_manifest` for dense models.
+    pub fn stacked_experts_manifest(&self) -> Manifest {
+        self.source_manifest_with(true)
+    }
+
+    fn source_manifest_with(&self, stacked_experts: bool) -> Manifest {
         let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let mut specs = Vec::new();
         let mut add = |name: String, shape: Vec<u64>| specs.push(TensorSpec::new(name, self.dtype, shape));
@@ -150,7 +163,11 @@ impl ModelConfig {
             if self.experts > 0 {
                 let i = self.moe_intermediate;
                 add(format!("{p}.mlp.gate.weight"), vec![self.experts, h]);
-                for e in 0..self.experts {
+                if stacked_experts {
+                    add(format!("{p}.mlp.experts.gate_up_proj"), vec![self.experts, 2 * i, h]);
+                    add(format!("{p}.mlp.experts.down_proj"), vec![self.experts, h, i]);
+                }
+                for e in (0..self.experts).filter(|_| !stacked_experts) {
                     add(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![i, h]);
                     add(format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![i, h]);
                     add(format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![h, i]);

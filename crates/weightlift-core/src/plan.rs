@@ -12,7 +12,7 @@ use crate::dtype::{Cast, DType};
 use crate::layout::{Block, LayoutError, TpRank};
 use crate::pattern::{Bindings, Pattern};
 use crate::region::{strided_copies, Strided};
-use crate::rules::{Part, Rule, RuleSet, Stack};
+use crate::rules::{Part, Rule, RuleSet, Segment, Stack};
 use crate::spec::{Manifest, TensorSpec};
 
 /// The tensors of the sending side: one manifest per sender rank. A name held by one sender
@@ -316,9 +316,11 @@ fn template(rule: &Rule) -> Option<Template<'_>> {
         Rule::Map { parts, dim, stack, .. } => {
             Some(Template { parts: parts.clone(), dim: *dim, stack: stack.as_ref() })
         }
-        Rule::Tie { from, split, .. } => {
-            Some(Template { parts: vec![Part { from: from.clone(), split: *split }], dim: 0, stack: None })
-        }
+        Rule::Tie { from, split, .. } => Some(Template {
+            parts: vec![Part { from: from.clone(), split: *split, segment: None }],
+            dim: 0,
+            stack: None,
+        }),
         Rule::Ignore { .. } => None,
     }
 }
@@ -385,7 +387,13 @@ impl<'a> Planner<'a> {
                     }
                     Rule::Tie { .. } => {}
                     Rule::Map { to, parts, stack, .. } => {
+                        // A source fills the first part it matches, and, when that part is a
+                        // segment of it, every later segment part it matches too.
+                        let mut claimed = false;
                         for (pi, part) in parts.iter().enumerate() {
+                            if claimed && part.segment.is_none() {
+                                continue;
+                            }
                             let Some(bindings) = part.from.matches_components(&components) else { continue };
                             let (expert, bindings) = match stack {
                                 None => (0, bindings),
@@ -424,6 +432,12 @@ impl<'a> Planner<'a> {
                                 target.sources.resize(expert + 1, vec![None; parts.len()]);
                             }
                             target.sources[expert][pi] = Some(li);
+                            if part.segment.is_none() {
+                                continue 'sources;
+                            }
+                            claimed = true;
+                        }
+                        if claimed {
                             continue 'sources;
                         }
                     }
@@ -488,8 +502,31 @@ impl<'a> Planner<'a> {
                     return None;
                 }
             }
-            match part.split.slice(&first.shape, self.tp) {
-                Ok(block) => part_blocks.push(block),
+            // A segment part splits its segment, then finds it at the segment's offset.
+            let mut shape = first.shape.clone();
+            let mut segment_start = None;
+            if let Some(Segment { dim, index, count }) = part.segment {
+                match shape.get(dim) {
+                    Some(&len) if len % count == 0 => {
+                        shape[dim] = len / count;
+                        segment_start = Some((dim, index * (len / count)));
+                    }
+                    _ => {
+                        self.problems.push(bad(format!(
+                            "`{}` ({:?}) has no dim {dim} of {count} equal segments",
+                            first.name, first.shape
+                        )));
+                        return None;
+                    }
+                }
+            }
+            match part.split.slice(&shape, self.tp) {
+                Ok(mut block) => {
+                    if let Some((dim, start)) = segment_start {
+                        block.start[dim] += start;
+                    }
+                    part_blocks.push(block)
+                }
                 Err(error) => {
                     self.problems.push(Problem::Layout { tensor: first.name.clone(), error });
                     return None;

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Split;
-use crate::rules::{Rule, RuleError, RuleSet};
+use crate::rules::{Part, Rule, RuleError, RuleSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -19,7 +19,9 @@ pub enum Preset {
     Qwen3,
     /// Qwen3-MoE: Qwen3 attention, a replicated router and experts stacked into
     /// w13_weight `[experts, 2 * moe_intermediate, hidden]` (gate then up) and w2_weight
-    /// `[experts, hidden, moe_intermediate]`, as vLLM's FusedMoE holds them.
+    /// `[experts, hidden, moe_intermediate]`, as vLLM's FusedMoE holds them; from per-expert
+    /// tensors (checkpoints) or from transformers 5's stacked `experts.gate_up_proj` and
+    /// `experts.down_proj`.
     Qwen3Moe,
 }
 
@@ -133,6 +135,27 @@ impl Preset {
                 ep,
                 0,
                 &[(&format!("{mlp}.experts.{{expert}}.down_proj.weight"), expert_rows)],
+            )?);
+            // transformers >= 5 holds the experts stacked already: gate_up_proj
+            // [experts, 2 * moe_intermediate, hidden] (gate then up) and down_proj
+            // [experts, hidden, moe_intermediate]. Each rank takes its slice of the gate half
+            // and of the up half, or its whole experts with expert parallelism.
+            let experts = Split::Dim { dim: 0, granule: 1 };
+            let (gate_up_split, down_split) =
+                if ep { (experts, experts) } else { (Split::rows(), Split::Dim { dim: 2, granule: 1 }) };
+            let gate_up = format!("{mlp}.experts.gate_up_proj");
+            rules.push(Rule::map(
+                &format!("{mlp}.experts.w13_weight"),
+                1,
+                vec![
+                    Part::segment(&gate_up, 1, 0, 2, gate_up_split)?,
+                    Part::segment(&gate_up, 1, 1, 2, gate_up_split)?,
+                ],
+            )?);
+            rules.push(Rule::rename(
+                &format!("{mlp}.experts.down_proj"),
+                &format!("{mlp}.experts.w2_weight"),
+                down_split,
             )?);
         }
         RuleSet::new(rules)

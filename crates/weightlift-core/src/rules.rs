@@ -14,6 +14,31 @@ use crate::pattern::{Pattern, PatternError};
 pub struct Part {
     pub from: Pattern,
     pub split: Split,
+    /// Only one of `count` equal segments of the source along a dimension is this part (a
+    /// source that is itself fused, such as transformers' `gate_up_proj` of stacked experts);
+    /// the split then applies to that segment. Several parts of one rule may take segments of
+    /// the same source tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
+}
+
+/// Segment `index` of `count` equal segments of a source along `dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub dim: usize,
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Part {
+    pub fn new(from: &str, split: Split) -> Result<Part, PatternError> {
+        Ok(Part { from: from.parse()?, split, segment: None })
+    }
+
+    /// Segment `index` of `count` along `dim` of the source `from`, then split.
+    pub fn segment(from: &str, dim: usize, index: u64, count: u64, split: Split) -> Result<Part, PatternError> {
+        Ok(Part { from: from.parse()?, split, segment: Some(Segment { dim, index, count }) })
+    }
 }
 
 /// Stacks per-expert source tensors into one destination with a leading expert dimension.
@@ -50,11 +75,16 @@ pub enum Rule {
 
 impl Rule {
     pub fn rename(from: &str, to: &str, split: Split) -> Result<Rule, PatternError> {
-        Ok(Rule::Map { to: to.parse()?, parts: vec![Part { from: from.parse()?, split }], dim: 0, stack: None })
+        Ok(Rule::Map { to: to.parse()?, parts: vec![Part::new(from, split)?], dim: 0, stack: None })
     }
 
     pub fn fuse(to: &str, dim: usize, parts: &[(&str, Split)]) -> Result<Rule, PatternError> {
         Ok(Rule::Map { to: to.parse()?, parts: parse_parts(parts)?, dim, stack: None })
+    }
+
+    /// A map from parts built with [`Part::new`] or [`Part::segment`].
+    pub fn map(to: &str, dim: usize, parts: Vec<Part>) -> Result<Rule, PatternError> {
+        Ok(Rule::Map { to: to.parse()?, parts, dim, stack: None })
     }
 
     pub fn stack(
@@ -119,6 +149,11 @@ impl Rule {
                 }
                 want.sort_unstable();
                 for part in parts {
+                    if let Some(Segment { index, count, .. }) = part.segment {
+                        if index >= count {
+                            return Err(format!("part `{}`: segment {index} of {count} does not exist", part.from));
+                        }
+                    }
                     let mut got = part.from.variables();
                     got.sort_unstable();
                     if got != want {
@@ -145,7 +180,7 @@ impl Rule {
 }
 
 fn parse_parts(parts: &[(&str, Split)]) -> Result<Vec<Part>, PatternError> {
-    parts.iter().map(|(from, split)| Ok(Part { from: from.parse()?, split: *split })).collect()
+    parts.iter().map(|(from, split)| Part::new(from, *split)).collect()
 }
 
 /// A rule that cannot work; names the rule and why.

@@ -438,6 +438,7 @@ fn planning_the_moe_model_at_tp8_keeps_the_kv_replication_and_names_indivisible_
 }
 
 fn small_config() -> impl Strategy<Value = (ModelConfig, u32, bool, u64, usize)> {
+    // (config, tp size, expert parallel, bucket bytes, senders)
     let preset = prop_oneof![Just(Preset::Llama), Just(Preset::Qwen3), Just(Preset::Qwen3Moe), Just(Preset::Identity)];
     (preset, 0usize..4, 1u64..4, 1u64..3, any::<bool>(), any::<bool>(), 1u32..=8, any::<bool>(), 16u64..600, 1usize..4)
         .prop_map(|(preset, heads_pow, kv_div, head_dim, bias, tie, tp, ep, bucket, senders)| {
@@ -467,12 +468,16 @@ fn small_config() -> impl Strategy<Value = (ModelConfig, u32, bool, u64, usize)>
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
-    /// For random models, TP sizes and presets: every rank's plan is covered, bucketed and
-    /// direct execution agree, and copying every rank's destination back reassembles every
-    /// source tensor exactly (bytes compared), with each source byte reached by some rank.
+    /// For random models (MoE experts per tensor or stacked), TP sizes and presets: every
+    /// rank's plan is covered, bucketed and direct execution agree, and copying every rank's
+    /// destination back reassembles every source tensor exactly (bytes compared), with each
+    /// source byte reached by some rank.
     #[test]
-    fn all_ranks_together_reassemble_every_source_tensor((config, tp_size, ep, bucket, senders) in small_config()) {
-        let whole = config.source_manifest();
+    fn all_ranks_together_reassemble_every_source_tensor(
+        (config, tp_size, ep, bucket, senders) in small_config(),
+        stacked_experts in any::<bool>(),
+    ) {
+        let whole = if stacked_experts { config.stacked_experts_manifest() } else { config.source_manifest() };
         let rules = rules_for(&config, ep);
         let single = SourceSet::single(whole.clone());
         let probe = destination_manifest(&single, &rules, TpRank { rank: 0, size: tp_size }, None, false);
@@ -536,4 +541,88 @@ fn preset_plans_write_every_destination_in_order() {
     let dest = manifest(vec![spec("ab", DType::F32, &[2, 5])]);
     let plan = plan(&SourceSet::single(src), &dest, &rules, TpRank::SINGLE).unwrap();
     assert_eq!(plan.sequential_destinations(), vec![false]);
+}
+
+/// transformers 5 holds a layer's experts stacked (`experts.gate_up_proj` [E, 2I, H], gate
+/// then up; `experts.down_proj` [E, H, I]): the same weights in that layout plan to the same
+/// engine parameters and the same bytes as per-expert tensors, at every TP size, with and
+/// without expert parallelism.
+#[test]
+fn stacked_expert_sources_give_the_bytes_of_per_expert_sources() {
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let (per_expert, stacked) = (config.source_manifest(), config.stacked_experts_manifest());
+    assert!(stacked.len() < per_expert.len());
+    let per_expert_bytes: Vec<Vec<u8>> =
+        per_expert.iter().enumerate().map(|(t, s)| fill_bytes(t, s.byte_len())).collect();
+    let bytes_of = |name: &str| &per_expert_bytes[per_expert.position(name).unwrap()];
+    // The stacked tensors made of the per-expert ones (rows of gate, then up, per expert).
+    let stacked_bytes: Vec<Vec<u8>> = stacked
+        .iter()
+        .map(|spec| match spec.name.strip_suffix(".experts.gate_up_proj") {
+            Some(mlp) => (0..config.experts)
+                .flat_map(|e| {
+                    let gate = bytes_of(&format!("{mlp}.experts.{e}.gate_proj.weight"));
+                    let up = bytes_of(&format!("{mlp}.experts.{e}.up_proj.weight"));
+                    gate.iter().chain(up).copied().collect::<Vec<u8>>()
+                })
+                .collect(),
+            None => match spec.name.strip_suffix(".experts.down_proj") {
+                Some(mlp) => (0..config.experts)
+                    .flat_map(|e| bytes_of(&format!("{mlp}.experts.{e}.down_proj.weight")).clone())
+                    .collect(),
+                None => bytes_of(&spec.name).clone(),
+            },
+        })
+        .collect();
+    for (ep, size) in [(false, 1u32), (false, 2), (false, 4), (true, 2), (true, 4)] {
+        let rules = rules_for(&config, ep);
+        for tp in TpRank::all(size) {
+            let from_experts = SourceSet::single(per_expert.clone());
+            let from_stacked = SourceSet::single(stacked.clone());
+            let dest = destination_manifest(&from_experts, &rules, tp, None, false).unwrap();
+            assert_eq!(destination_manifest(&from_stacked, &rules, tp, None, false).unwrap(), dest, "ep {ep} {tp}");
+            let a = plan(&from_experts, &dest, &rules, tp).unwrap();
+            let b = plan(&from_stacked, &dest, &rules, tp).unwrap();
+            let order = |p: &Plan| -> Vec<Vec<u8>> {
+                p.sources
+                    .iter()
+                    .map(|s| stacked_or_expert(&s.spec.name, &stacked, &stacked_bytes, &per_expert, &per_expert_bytes))
+                    .collect()
+            };
+            assert_eq!(run_direct(&a, &order(&a)), run_through_buckets(&b, &order(&b), 700), "ep {ep} {tp}");
+        }
+    }
+}
+
+fn stacked_or_expert(
+    name: &str,
+    stacked: &Manifest,
+    stacked_bytes: &[Vec<u8>],
+    experts: &Manifest,
+    expert_bytes: &[Vec<u8>],
+) -> Vec<u8> {
+    match stacked.position(name) {
+        Some(i) => stacked_bytes[i].clone(),
+        None => expert_bytes[experts.position(name).unwrap()].clone(),
+    }
+}
+
+#[test]
+fn a_segment_that_does_not_divide_its_dim_is_named() {
+    let src = manifest(vec![spec("gu", DType::F32, &[3, 4])]);
+    let rules = RuleSet::new(vec![Rule::map(
+        "w",
+        0,
+        vec![
+            Part::segment("gu", 0, 0, 2, Split::Replicated).unwrap(),
+            Part::segment("gu", 0, 1, 2, Split::Replicated).unwrap(),
+        ],
+    )
+    .unwrap()])
+    .unwrap();
+    let dest = manifest(vec![spec("w", DType::F32, &[3, 4])]);
+    let err = plan(&SourceSet::single(src), &dest, &rules, TpRank::SINGLE).unwrap_err().to_string();
+    assert!(err.contains("`gu`") && err.contains("2 equal segments"), "{err}");
+    let bad = Rule::map("w", 0, vec![Part::segment("gu", 0, 2, 2, Split::Replicated).unwrap()]).unwrap();
+    assert!(RuleSet::new(vec![bad]).unwrap_err().to_string().contains("segment 2 of 2"));
 }

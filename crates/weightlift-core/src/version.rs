@@ -170,6 +170,12 @@ impl VersionState {
         Ok(())
     }
 
+    /// Something outside an update changed these tensors (a checker poisoning them on
+    /// purpose): they stay dirty until the next commit rewrites them.
+    pub fn mark_dirty(&mut self, names: impl IntoIterator<Item = String>) {
+        self.dirty.extend(names);
+    }
+
     fn unexpected(&self, action: &'static str, version: Version) -> VersionError {
         VersionError::Unexpected { action, version, phase: self.phase.to_string() }
     }

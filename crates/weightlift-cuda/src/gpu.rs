@@ -101,6 +101,30 @@ impl Gpu {
         self.stream.synchronize().call("cuStreamSynchronize")
     }
 
+    /// Waits for all work on this GPU in this process, on every stream (torch's included), so
+    /// memory another library wrote is complete before weightlift reads it.
+    pub fn synchronize_device(&self) -> Result<(), CudaError> {
+        self.ctx.synchronize().call("cuCtxSynchronize")
+    }
+
+    /// Sets `len` bytes at `ptr` to `value`: memory this process allocated some other way (a
+    /// torch tensor), queued on this GPU's stream ([`Gpu::synchronize`] waits for it). The
+    /// range must lie inside one live allocation of this GPU, which is checked, so a bad
+    /// address is an error, not a stray write.
+    pub fn fill_region(&self, ptr: u64, len: u64, value: u8) -> Result<(), CudaError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let segment = self.segment_of(ptr)?;
+        if ptr + len > segment.base + segment.bytes {
+            let (base, bytes) = (segment.base, segment.bytes);
+            return Err(CudaError::OutsideAllocation { index: 0, ptr, len, base, bytes });
+        }
+        // SAFETY: the range lies inside a live allocation of this context (checked above); the
+        // caller owns what it holds, as for any write it asks for.
+        unsafe { result::memset_d8_async(ptr, value, len as usize, self.stream.cu_stream()) }.call("cuMemsetD8Async")
+    }
+
     /// Copies `bytes` from `src` to `dst` on this GPU's stream (the copy-engine ceiling).
     pub fn copy(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
         fits(0, bytes, src.len)?;

@@ -39,6 +39,31 @@ impl Gpu {
         Ok(uuid.bytes.map(|b| b as u8))
     }
 
+    /// Lets this GPU reach the memory of the GPU whose UUID is `uuid` directly (NVLink), for
+    /// memory of this process on another GPU; a no-op for this GPU itself or when enabled.
+    pub fn enable_peer_access_to(&self, uuid: &[u8; 16]) -> Result<(), CudaError> {
+        if &self.uuid()? == uuid {
+            return Ok(());
+        }
+        for ordinal in 0..crate::device_count()? {
+            let peer = cudarc::driver::CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+            if peer.uuid().call("cuDeviceGetUuid")?.bytes.map(|b| b as u8) != *uuid {
+                continue;
+            }
+            self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+            // SAFETY: both contexts are live (ours, and `peer` retained above); flags must be 0.
+            let result = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+            return match result {
+                sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+                other => other.result().call("cuCtxEnablePeerAccess"),
+            };
+        }
+        Err(CudaError::Invalid(format!(
+            "no GPU of this process has UUID {}",
+            uuid.map(|b| format!("{b:02x}")).concat()
+        )))
+    }
+
     /// The allocation that contains `ptr`.
     pub fn segment_of(&self, ptr: u64) -> Result<Segment, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;

@@ -116,7 +116,8 @@ impl Exporter {
                         fds.push(alloc.export_fd()?);
                         Some(fds.len() as u32 - 1)
                     };
-                    segments.push(IpcSegment::Shareable { id, mapped_bytes: alloc.mapped_len() as u64, fd });
+                    let (mapped_bytes, base) = (alloc.mapped_len() as u64, alloc.device_ptr());
+                    segments.push(IpcSegment::Shareable { id, mapped_bytes, fd, base });
                     shareable_index.insert(id, segments.len() as u32 - 1);
                     segments.len() as u32 - 1
                 }
@@ -141,7 +142,7 @@ impl Exporter {
                         h
                     }
                 };
-                segments.push(IpcSegment::Legacy { handle, buffer_id: s.buffer_id, bytes: s.bytes });
+                segments.push(IpcSegment::Legacy { handle, buffer_id: s.buffer_id, bytes: s.bytes, base: s.base });
             }
             for (k, &i) in legacy.iter().enumerate() {
                 located[i] = (first + at[k].segment, at[k].offset);
@@ -255,15 +256,23 @@ impl Importer {
         tensors: Option<Vec<(u32, u64)>>,
         fds: Vec<OwnedFd>,
     ) -> Result<Resolved, String> {
-        if pid == std::process::id() {
-            return Err("the sender is this process: CUDA IPC maps another process's memory".into());
-        }
         if let Some(located) = tensors {
             self.located = Some(located);
         }
         let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
         if tensors.len() != source.len() {
             return Err(format!("{} source locations for {} source tensors", tensors.len(), source.len()));
+        }
+        let same_gpu = gpu.uuid().map(|u| hex(&u) == device).unwrap_or(false);
+        if pid == std::process::id() {
+            // The sender's addresses are valid here as they are: nothing to open.
+            if !same_gpu {
+                let uuid = unhex::<16>(device).ok_or_else(|| format!("malformed GPU UUID `{device}`"))?;
+                gpu.enable_peer_access_to(&uuid).map_err(|e| format!("reaching the sender's GPU: {e}"))?;
+            }
+            let bases: Vec<(u64, u64)> = segments.iter().map(segment_extent).collect();
+            let ptrs = locate_in(source, tensors, &bases)?;
+            return Ok(Resolved { ptrs, opens: 0, same_gpu });
         }
         let legacy_keys: HashSet<(String, u64)> = segments
             .iter()
@@ -291,7 +300,7 @@ impl Importer {
         let mut bases = Vec::with_capacity(segments.len());
         for segment in segments {
             let (base, bytes) = match segment {
-                IpcSegment::Legacy { handle, buffer_id, bytes } => {
+                IpcSegment::Legacy { handle, buffer_id, bytes, .. } => {
                     let key = (handle.clone(), *buffer_id);
                     if !self.legacy.contains_key(&key) {
                         let (mapping, opened) = open_shared(gpu, handle, *buffer_id)?;
@@ -300,7 +309,7 @@ impl Importer {
                     }
                     (self.legacy[&key].device_ptr(), *bytes)
                 }
-                IpcSegment::Shareable { id, mapped_bytes, fd } => {
+                IpcSegment::Shareable { id, mapped_bytes, fd, .. } => {
                     if let Some(k) = fd {
                         let fd = fds.get(*k as usize).ok_or_else(|| format!("descriptor {k} was not sent"))?;
                         let imported = gpu
@@ -318,21 +327,7 @@ impl Importer {
             };
             bases.push((base, bytes));
         }
-        let mut ptrs = Vec::with_capacity(tensors.len());
-        for (spec, &(segment, offset)) in source.iter().zip(tensors) {
-            let &(base, bytes) = bases
-                .get(segment as usize)
-                .ok_or_else(|| format!("`{}` is in segment {segment}, which was not described", spec.name))?;
-            if offset.checked_add(spec.byte_len()).is_none_or(|end| end > bytes) {
-                return Err(format!(
-                    "`{}` ({} bytes at offset {offset}) does not fit its segment of {bytes} bytes",
-                    spec.name,
-                    spec.byte_len()
-                ));
-            }
-            ptrs.push(base + offset);
-        }
-        let same_gpu = gpu.uuid().map(|u| hex(&u) == device).unwrap_or(false);
+        let ptrs = locate_in(source, tensors, &bases)?;
         Ok(Resolved { ptrs, opens, same_gpu })
     }
 
@@ -350,6 +345,34 @@ impl Importer {
         }
         Ok(&self.bound.as_ref().expect("just bound").1)
     }
+}
+
+/// A segment's start in the sender's process and its length.
+fn segment_extent(segment: &IpcSegment) -> (u64, u64) {
+    match segment {
+        IpcSegment::Legacy { base, bytes, .. } => (*base, *bytes),
+        IpcSegment::Shareable { base, mapped_bytes, .. } => (*base, *mapped_bytes),
+    }
+}
+
+/// Every source tensor's address, from its (segment, offset) and the segments' (base, bytes);
+/// a tensor that does not fit its segment is an error naming it.
+fn locate_in(source: &Manifest, tensors: &[(u32, u64)], bases: &[(u64, u64)]) -> Result<Vec<u64>, String> {
+    let mut ptrs = Vec::with_capacity(tensors.len());
+    for (spec, &(segment, offset)) in source.iter().zip(tensors) {
+        let &(base, bytes) = bases
+            .get(segment as usize)
+            .ok_or_else(|| format!("`{}` is in segment {segment}, which was not described", spec.name))?;
+        if offset.checked_add(spec.byte_len()).is_none_or(|end| end > bytes) {
+            return Err(format!(
+                "`{}` ({} bytes at offset {offset}) does not fit its segment of {bytes} bytes",
+                spec.name,
+                spec.byte_len()
+            ));
+        }
+        ptrs.push(base + offset);
+    }
+    Ok(ptrs)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use weightlift_core::{Manifest, RuleSet, TpRank, Version};
 use crate::net::Stream;
 use crate::report::UpdateReport;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -78,12 +78,13 @@ pub struct RingInfo {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum IpcSegment {
     /// cudaMalloc memory: a legacy IPC handle (hex) and the allocation's driver id, which
-    /// changes when the memory is freed and allocated again.
-    Legacy { handle: String, buffer_id: u64, bytes: u64 },
+    /// changes when the memory is freed and allocated again. `base` is its address in the
+    /// sender's process (used as is by a receiver in the same process).
+    Legacy { handle: String, buffer_id: u64, bytes: u64, base: u64 },
     /// Memory weightlift allocated through CUDA VMM, shared as a file descriptor: `id` is unique
     /// per allocation of the sender; `fd` is its index among the descriptors that follow the
     /// message when this connection has not seen the segment before.
-    Shareable { id: u64, mapped_bytes: u64, fd: Option<u32> },
+    Shareable { id: u64, mapped_bytes: u64, fd: Option<u32>, base: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

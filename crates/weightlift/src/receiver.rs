@@ -5,7 +5,7 @@
 //! message) leaves the receiver on its last committed version, marked dirty with the tensors
 //! the failed update touched, and ready for the next attempt.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use weightlift_core::{digest, plan, Manifest, Plan, SourceSet, TpRank, Version, VersionState};
@@ -38,6 +38,9 @@ pub struct ReceiverOptions {
     pub initial_version: Version,
     /// Threads that unpack and digest.
     pub threads: usize,
+    /// The rules this engine's layout needs (named, e.g. by preset): a sender offering other
+    /// rules is refused at hello. None accepts the sender's.
+    pub expected_rules: Option<(String, RuleSet)>,
 }
 
 impl Default for ReceiverOptions {
@@ -50,6 +53,7 @@ impl Default for ReceiverOptions {
             handshake_timeout: Duration::from_secs(10),
             initial_version: Version(0),
             threads: default_threads(),
+            expected_rules: None,
         }
     }
 }
@@ -65,6 +69,8 @@ struct Shared {
     options: ReceiverOptions,
     manifest: Manifest,
     state: Mutex<State>,
+    /// Signalled whenever a version is committed.
+    committed: Condvar,
     /// Written only by the connection whose update is in flight (the version state admits
     /// one at a time), read by checkers between updates.
     tensors: Mutex<Store>,
@@ -120,7 +126,13 @@ impl Receiver {
     fn with_store(manifest: Manifest, digests: Vec<Option<u64>>, store: Store, options: ReceiverOptions) -> Receiver {
         let state = State { versions: VersionState::new(options.initial_version), digests, last_report: None };
         Receiver {
-            shared: Arc::new(Shared { options, manifest, state: Mutex::new(state), tensors: Mutex::new(store) }),
+            shared: Arc::new(Shared {
+                options,
+                manifest,
+                state: Mutex::new(state),
+                committed: Condvar::new(),
+                tensors: Mutex::new(store),
+            }),
         }
     }
 
@@ -174,7 +186,8 @@ impl Receiver {
         self.handle_with(stream, None);
     }
 
-    /// A sender in this process, moving buckets through a ring in this process's memory.
+    /// A sender in this process: buckets move through a ring in this process's memory, or, for
+    /// tensors on a GPU, the receiver pulls straight from the sender's GPU memory.
     pub fn connect_in_process(
         &self,
         source: &Manifest,
@@ -183,6 +196,12 @@ impl Receiver {
     ) -> Result<Sender, SendError> {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| SendError::Connect { endpoint: "in-process".into(), source: e })?;
+        let receiver = self.clone();
+        if self.is_on_gpu() {
+            std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
+            let options = SenderOptions { transport: TransportKind::CudaIpc, ..options };
+            return Sender::connect_stream(Stream::Unix(ours), source, rules, options, None);
+        }
         if options.bucket_bytes > self.shared.options.max_bucket_bytes {
             return Err(SendError::Rejected(format!(
                 "bucket size {} exceeds the receiver's limit of {}",
@@ -190,11 +209,50 @@ impl Receiver {
             )));
         }
         let ring = Arc::new(LocalRing::new(self.shared.options.ring_slots, options.bucket_bytes));
-        let receiver = self.clone();
         let receiver_ring = ring.clone();
         std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
         let options = SenderOptions { transport: TransportKind::InProcess, ..options };
         Sender::connect_stream(Stream::Unix(ours), source, rules, options, Some(ring))
+    }
+
+    /// Whether the tensors live on a GPU (updates then arrive over CUDA IPC).
+    pub fn is_on_gpu(&self) -> bool {
+        matches!(*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()), Store::Device { .. })
+    }
+
+    /// Waits until the committed version is above `version`, up to `timeout`; returns the
+    /// committed version either way.
+    pub fn wait_for_version_after(&self, version: Version, timeout: Duration) -> Version {
+        let mut state = self.state();
+        let deadline = Instant::now() + timeout;
+        while state.versions.committed() <= version {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self.shared.committed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        state.versions.committed()
+    }
+
+    /// Fills every tensor with `value` bytes and marks them all dirty (what a checker does to
+    /// prove the next update writes everything). Waits while an update is writing.
+    pub fn poison(&self, value: u8) -> Result<(), CudaError> {
+        let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *store {
+            Store::Host(tensors) => tensors.all_mut().into_iter().for_each(|t| t.fill(value)),
+            Store::Device { gpu, tensors } => {
+                for (ptr, spec) in tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()) {
+                    gpu.fill_region(ptr, spec.byte_len(), value)?;
+                }
+                gpu.synchronize()?;
+            }
+        }
+        let mut state = self.state();
+        state.digests.iter_mut().for_each(|d| *d = None);
+        let names: Vec<String> = self.shared.manifest.iter().map(|s| s.name.clone()).collect();
+        state.versions.mark_dirty(names);
+        Ok(())
     }
 
     fn handle_with(&self, stream: Stream, local_ring: Option<Arc<LocalRing>>) {
@@ -228,13 +286,21 @@ impl Receiver {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
         }
+        if let Some((name, expected)) = &options.expected_rules {
+            if *expected != rules {
+                return Err(refuse(
+                    &mut conn,
+                    format!("this receiver's layout follows {name}, and the sender offered other rules"),
+                ));
+            }
+        }
         let plan = match plan(&SourceSet::single(source.clone()), &self.shared.manifest, &rules, options.tp) {
             Ok(plan) => plan,
             Err(e) => return Err(refuse(&mut conn, e.to_string())),
         };
         // The schedule of an update that skips nothing: built once for this connection.
         let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
-        let on_gpu = matches!(*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()), Store::Device { .. });
+        let on_gpu = self.is_on_gpu();
         if on_gpu != (transport == TransportKind::CudaIpc) {
             let reason = if on_gpu {
                 format!("this receiver's tensors are on a GPU: send them over cuda-ipc, not {transport}")
@@ -477,6 +543,7 @@ impl Receiver {
                     }
                 }
                 report.verified = true;
+                self.shared.committed.notify_all();
                 None
             }
             Outcome::Mismatch(names) => {

@@ -64,6 +64,22 @@ pub enum Fault {
     AbortAfterBuckets(u32),
 }
 
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `flip:N`, `hangup:N` or `abort:N` (bucket N).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, n) = s.split_once(':').ok_or("expected KIND:BUCKET")?;
+        let n: u32 = n.parse().map_err(|_| format!("bad bucket number in `{s}`"))?;
+        Ok(match kind {
+            "flip" => Fault::FlipByteInBucket(n),
+            "hangup" => Fault::HangUpAfterBuckets(n),
+            "abort" => Fault::AbortAfterBuckets(n),
+            _ => return Err(format!("unknown fault `{kind}` (flip, hangup or abort)")),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("cannot connect to {endpoint}: {source}")]

@@ -2,7 +2,6 @@
 //! benchmarks) from a synthetic model stepped like an optimizer would.
 
 use std::io::Write;
-use std::str::FromStr;
 
 use clap::Args;
 use serde::Serialize;
@@ -42,6 +41,11 @@ pub struct PushArgs {
     /// Bucket size in bytes, overriding --bucket-mib (tests use tiny buckets).
     #[arg(long, hide = true)]
     pub bucket_bytes: Option<u64>,
+    /// With --synthetic and --device cuda: step the weights on the GPU (every byte set to a
+    /// value of the step) instead of in host memory and copying them up; for benchmarks that
+    /// time pushes, without a host copy of the model.
+    #[arg(long)]
+    pub gpu_fill: bool,
     /// Skip tensors whose digest did not change since the receiver's last commit.
     #[arg(long)]
     pub delta: bool,
@@ -55,24 +59,7 @@ pub struct PushArgs {
     pub progress_jsonl: bool,
     /// Misbehave on purpose (fault tests): flip:N, hangup:N or abort:N (bucket N).
     #[arg(long, hide = true)]
-    pub fault: Option<FaultArg>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct FaultArg(Fault);
-
-impl FromStr for FaultArg {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, n) = s.split_once(':').ok_or("expected KIND:BUCKET")?;
-        let n: u32 = n.parse().map_err(|_| format!("bad bucket number in `{s}`"))?;
-        Ok(FaultArg(match kind {
-            "flip" => Fault::FlipByteInBucket(n),
-            "hangup" => Fault::HangUpAfterBuckets(n),
-            "abort" => Fault::AbortAfterBuckets(n),
-            _ => return Err(format!("unknown fault `{kind}`")),
-        }))
-    }
+    pub fault: Option<Fault>,
 }
 
 #[derive(Serialize)]
@@ -96,7 +83,7 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         transport,
         bucket_bytes: args.bucket_bytes.unwrap_or(args.bucket_mib << 20),
         delta: args.delta,
-        fault: args.fault.map(|f| f.0),
+        fault: args.fault,
         threads: args.threads.unwrap_or_else(default_threads),
         ..SenderOptions::default()
     };
@@ -158,26 +145,45 @@ fn push_from_host(
     Ok(steps)
 }
 
-/// The trainer's weights on GPU `ordinal`: stepped in host memory, copied up, then pushed.
+/// The trainer's weights on GPU `ordinal`: stepped in host memory and copied up before each
+/// push, or, with --gpu-fill (synthetic models), stepped on the GPU with no host copy.
 fn push_from_gpu(
     trainer: &mut Trainer,
     model: &ModelSource,
     ordinal: usize,
     args: &PushArgs,
 ) -> Result<Vec<StepReport>, CommandError> {
-    let mut tensors = match model {
-        ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
-        ModelSource::Dir(dir) => HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?),
+    let (manifest, mut host) = match model {
+        ModelSource::Synthetic(_) if args.gpu_fill => (model.manifest(), None),
+        ModelSource::Synthetic(config) => {
+            let tensors = HostTensors::synthetic(config, 7);
+            (tensors.manifest().clone(), Some(tensors))
+        }
+        ModelSource::Dir(_) if args.gpu_fill => {
+            return Err(SetupError::Invalid("--gpu-fill steps synthetic models only".into()).into())
+        }
+        ModelSource::Dir(dir) => {
+            let tensors = HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?);
+            (tensors.manifest().clone(), Some(tensors))
+        }
     };
     let gpu = open_gpu(ordinal)?;
-    let manifest = tensors.manifest();
     let mut on_gpu =
-        if args.vmm { GpuTensors::alloc_shareable(&gpu, manifest) } else { GpuTensors::alloc(&gpu, manifest) }?;
+        if args.vmm { GpuTensors::alloc_shareable(&gpu, &manifest) } else { GpuTensors::alloc(&gpu, &manifest) }?;
     let mut steps = Vec::new();
     for step in 0..args.steps {
-        tensors.perturb();
-        on_gpu.upload(&tensors)?;
-        let step = trainer.push_device(Version(args.version + step), &gpu, &on_gpu)?;
+        let version = Version(args.version + step);
+        match host.as_mut() {
+            Some(tensors) => {
+                tensors.perturb();
+                on_gpu.upload(tensors)?;
+            }
+            None => {
+                on_gpu.fill(&gpu, 0x11u8.wrapping_add(version.0 as u8))?;
+                gpu.synchronize()?;
+            }
+        }
+        let step = trainer.push_device(version, &gpu, &on_gpu)?;
         report_progress(&step, args);
         steps.push(step);
     }

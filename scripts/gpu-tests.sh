@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU tests and the GPU benchmark, in two halves because GPU machines have no Rust toolchain:
-#   bash scripts/gpu-tests.sh build   # here: release test binaries and the CLI into .gpu/
-#   bash .gpu/run.sh                  # on the GPU machine (carry .gpu): every GPU test, then
-#                                     # `weightlift bench --device cuda`, a summary table last
+#   bash scripts/gpu-tests.sh build   # here: release test binaries, the CLI and the Python
+#                                     # wheel into .gpu/
+#   bash .gpu/run.sh                  # on the GPU machine (carry .gpu), from the repository
+#                                     # root's .gpu: every Rust GPU test, the Python tests (torch,
+#                                     # CUDA, the Hugging Face proof), then `weightlift bench
+#                                     # --device cuda` (BENCH=0 skips it); a summary table last
 # On a machine without a GPU the same tests are listed by `cargo test` as ignored, with why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,9 @@ rm -rf .gpu && mkdir -p .gpu/tests
 cargo build --release -p weightlift
 cp target/release/weightlift .gpu/
 cp scripts/torch_cast_reference.py .gpu/
+# The Python package as one abi3 wheel (imports on the GPU machine's Python 3.12).
+python3 -m pip install -q "maturin>=1.16,<2" >/dev/null 2>&1 || true
+python3 -m maturin build --release --strip -q -m bindings/python/Cargo.toml -o .gpu/wheels
 # The test binaries that hold GPU tests: the crates' unit tests and the IPC integration tests.
 cargo test --release --no-run --message-format=json -p weightlift-cuda -p weightlift --lib --test gpu_ipc 2>/dev/null \
     | python3 -c '
@@ -38,6 +44,17 @@ export WEIGHTLIFT_TORCH_CAST_DIR=$(mktemp -d)
 python3 torch_cast_reference.py "$WEIGHTLIFT_TORCH_CAST_DIR" || echo "no torch reference: the torch cast test will fail"
 status=0
 summary=""
+# The Python package: the wheel into a private folder (nothing to fetch: --no-deps; torch,
+# numpy, pytest and transformers come with the machine).
+rm -rf /tmp/weightlift-site
+python3 -m pip install -q --no-index --no-deps --target /tmp/weightlift-site wheels/*.whl
+if PYTHONPATH=/tmp/weightlift-site python3 -m pytest -q -p no:cacheprovider -rs ../bindings/python/tests > python-tests.log 2>&1; then
+    result="ok"
+else
+    result="FAILED"; status=1
+fi
+cat python-tests.log
+summary="$summary$(printf '%-22s %-7s %s' python "$result" "$(tail -n 1 python-tests.log)")\n"
 for t in tests/*; do
     if out=$("$t" --ignored --test-threads=1 2>&1); then result="ok"; else result="FAILED"; status=1; fi
     echo "$out"
@@ -45,7 +62,9 @@ for t in tests/*; do
     summary="$summary$(printf '%-22s %-7s %s' "$(basename "$t")" "$result" "$line")\n"
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} --json > "${OUT:-.}/gpu-bench.json" && ./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} || status=1
+if [ "${BENCH:-1}" = 1 ]; then
+    ./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} || status=1
+fi
 echo
 echo "GPU tests:"
 printf "$summary"

@@ -1,0 +1,53 @@
+"""weightlift: move freshly trained weights from RL trainers into inference engines.
+
+Zero-copy (DLPack) with numpy arrays and torch tensors, one call into Rust per update,
+every update planned (trainer names and layouts onto the engine's), verified by digest where
+the bytes live, and versioned.
+
+Trainer side::
+
+    sender = weightlift.Sender("unix:/tmp/engine.sock", preset="qwen3")
+    report = sender.push(model.named_parameters(), version=step)
+
+Engine side (parameters written in place)::
+
+    receiver = weightlift.Receiver(engine.named_parameters(), preset="qwen3",
+                                   tp_rank=rank, tp_size=world, listen="unix:/tmp/engine.sock")
+
+Engines that load weights through their own ``load_weights`` use a ``StagingReceiver``, which
+yields ``(name, tensor)`` pairs in the trainer's names after every update.
+"""
+
+from weightlift._weightlift import (
+    CudaError,
+    PlanError,
+    Receiver,
+    Sender,
+    TransferError,
+    VerificationError,
+    VersionError,
+    WeightliftError,
+    WeightsChecker,
+    __version__,
+    cuda_available,
+    digest,
+    synthetic_manifest,
+)
+from weightlift.staging import StagingReceiver
+
+__all__ = [
+    "CudaError",
+    "PlanError",
+    "Receiver",
+    "Sender",
+    "StagingReceiver",
+    "TransferError",
+    "VerificationError",
+    "VersionError",
+    "WeightliftError",
+    "WeightsChecker",
+    "__version__",
+    "cuda_available",
+    "digest",
+    "synthetic_manifest",
+]

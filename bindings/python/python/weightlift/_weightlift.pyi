@@ -1,0 +1,108 @@
+"""Type stubs of weightlift's native module (bindings/python/src)."""
+
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+# A dict of tensors, or any iterable of (name, tensor) pairs such as `model.named_parameters()`;
+# tensors are numpy arrays or torch tensors (CPU or CUDA), contiguous.
+NamedTensors = Union[Mapping[str, Any], Iterable[Tuple[str, Any]]]
+
+__version__: str
+
+class WeightliftError(Exception):
+    """Base of every error weightlift raises."""
+
+class PlanError(WeightliftError):
+    """The tensors cannot be mapped: unknown or missing names, shapes, dtypes, rules, layouts."""
+
+class TransferError(WeightliftError):
+    """An update broke off: connection, transport, a receiver that went away or stalled."""
+
+class VerificationError(WeightliftError):
+    """Bytes arrived but their digests differ from the sender's (or a checker's snapshot).
+
+    Raised by `Sender.push` with a `report` attribute (the push's report)."""
+
+    report: dict[str, Any]
+
+class VersionError(WeightliftError):
+    """The receiver refused the version (not newer than its committed one, or one in flight)."""
+
+class CudaError(WeightliftError):
+    """The CUDA driver failed or is absent; names the call."""
+
+class Sender:
+    """Pushes a trainer's tensors to one receiver per engine rank.
+
+    `to`: an endpoint ("unix:/path", "tcp://host:port"), a `Receiver` of this process, or a list
+    of them (one per tensor-parallel rank, in rank order). `preset`: identity, llama, qwen3,
+    qwen3-moe. CPU tensors travel through shared memory (TCP for remote endpoints), CUDA
+    tensors over CUDA IPC. `sender_digests`: the sender also digests what it meant to write
+    (a second read of the model) for the receiver to compare with.
+    """
+
+    def __init__(
+        self,
+        to: Union[str, "Receiver", Sequence[Union[str, "Receiver"]]],
+        *,
+        preset: str = "identity",
+        head_dim: Optional[int] = None,
+        expert_parallel: bool = False,
+        transport: Optional[str] = None,
+        sender_digests: bool = True,
+        timeout: float = 60.0,
+    ) -> None: ...
+    def push(self, named_tensors: NamedTensors, version: int) -> dict[str, Any]:
+        """Pushes every tensor as `version` to every receiver; returns the report (version,
+        bytes, seconds, gbps, verified, stages, ranks). One call into Rust, GIL released."""
+    @property
+    def last_report(self) -> Optional[dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+class Receiver:
+    """Takes updates into the engine's own tensors (`params`), in place."""
+
+    def __init__(
+        self,
+        params: NamedTensors,
+        *,
+        preset: Optional[str] = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        listen: Optional[str] = None,
+        initial_version: int = 0,
+        head_dim: Optional[int] = None,
+        expert_parallel: bool = False,
+        timeout: float = 30.0,
+    ) -> None: ...
+    @property
+    def version(self) -> int:
+        """The committed version."""
+    @property
+    def dirty(self) -> list[str]:
+        """Tensors that may not hold the committed version's bytes (after a failed update)."""
+    @property
+    def last_report(self) -> Optional[dict[str, Any]]: ...
+    @property
+    def endpoint(self) -> Optional[str]: ...
+    def wait_for_version(self, after: int, timeout: Optional[float] = None) -> int: ...
+    def digests(self) -> list[Tuple[str, int]]: ...
+    def poison(self, value: int = 255) -> None: ...
+
+class WeightsChecker:
+    """Digests of a set of tensors where they live: snapshot / compare / reset / checksum."""
+
+    def __init__(self, params: NamedTensors) -> None: ...
+    def checksum(self) -> list[Tuple[str, int]]: ...
+    def snapshot(self) -> None: ...
+    def changed(self) -> list[str]: ...
+    def compare(self) -> None:
+        """Raises VerificationError naming the tensors that changed since the snapshot."""
+    def reset(self, value: int = 255) -> None: ...
+
+def digest(tensor: Any) -> int:
+    """xxh64 over the xxh64 of each 4 KiB chunk of the tensor's bytes, computed where it lives."""
+
+def synthetic_manifest(name: str) -> list[Tuple[str, list[int], str]]:
+    """(name, shape, dtype) of each tensor of a synthetic model shape (qwen3-8b, ...)."""
+
+def cuda_available() -> bool: ...

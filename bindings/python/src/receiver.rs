@@ -1,0 +1,156 @@
+//! The engine side: `Receiver(params, ...)` holding the engine's own tensors, written in place.
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use weightlift::net::Listener;
+use weightlift::{Endpoint, ReceiverOptions};
+use weightlift_core::{TpRank, Version};
+
+use crate::errors::{cuda_error, plan_error, TransferError};
+use crate::tensors::{Place, TensorSet};
+use crate::{gpu, preset_rules, seconds, to_python};
+
+/// Receiver(params, *, preset=None, tp_rank=0, tp_size=1, listen=None, initial_version=0,
+///          head_dim=None, expert_parallel=False, timeout=30.0)
+///
+/// Takes updates into `params` (the engine's named parameters: a dict or iterable of
+/// (name, tensor) pairs, all on the CPU or all on one GPU), in place. With `listen`
+/// ("unix:/path", "tcp://host:port") it serves senders of other processes in the background;
+/// `Sender(to=receiver)` pushes from this process. `preset`, when given, is the layout these
+/// parameters follow: a sender offering other rules is refused. Every update is verified by
+/// digest; one that fails leaves the committed version and marks the tensors it touched dirty.
+#[pyclass(module = "weightlift._weightlift", subclass)]
+pub(crate) struct Receiver {
+    inner: weightlift::Receiver,
+    endpoint: Option<String>,
+}
+
+impl Receiver {
+    pub(crate) fn inner(&self) -> &weightlift::Receiver {
+        &self.inner
+    }
+}
+
+#[pymethods]
+impl Receiver {
+    #[new]
+    #[pyo3(signature = (params, *, preset = None, tp_rank = 0, tp_size = 1, listen = None, initial_version = 0,
+                        head_dim = None, expert_parallel = false, timeout = 30.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        params: &Bound<'_, PyAny>,
+        preset: Option<&str>,
+        tp_rank: u32,
+        tp_size: u32,
+        listen: Option<&str>,
+        initial_version: u64,
+        head_dim: Option<u64>,
+        expert_parallel: bool,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        let tensors = TensorSet::import(params, "engine")?;
+        tensors.check_disjoint()?;
+        let manifest = weightlift::SourceTensors::manifest(&tensors).clone();
+        let tp = TpRank::new(tp_rank, tp_size).map_err(|e| plan_error(e.to_string()))?;
+        let expected_rules = match preset {
+            Some(name) => {
+                let (preset, rules) = preset_rules(name, &manifest, head_dim, expert_parallel)?;
+                Some((format!("preset {preset}"), rules))
+            }
+            None => None,
+        };
+        let options = ReceiverOptions {
+            tp,
+            initial_version: Version(initial_version),
+            timeout: seconds("timeout", timeout, false)?,
+            expected_rules,
+            ..ReceiverOptions::default()
+        };
+        let inner = match tensors.place() {
+            Place::Host => weightlift::Receiver::new(tensors, options),
+            Place::Cuda(ordinal) => py
+                .detach(|| {
+                    let gpu = gpu(ordinal)?;
+                    gpu.synchronize_device()?;
+                    weightlift::Receiver::on_gpu(gpu, tensors, options)
+                })
+                .map_err(cuda_error)?,
+        };
+        let endpoint = match listen {
+            Some(text) => {
+                let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;
+                let listener: Listener =
+                    endpoint.bind().map_err(|e| TransferError::new_err(format!("cannot listen on {endpoint}: {e}")))?;
+                let bound = listener.endpoint().map(|e| e.to_string()).unwrap_or_else(|_| text.to_string());
+                let serving = inner.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = serving.serve(&listener) {
+                        eprintln!("weightlift: the receiver stopped listening: {e}");
+                    }
+                });
+                Some(bound)
+            }
+            None => None,
+        };
+        Ok(Receiver { inner, endpoint })
+    }
+
+    /// The committed version.
+    #[getter]
+    fn version(&self) -> u64 {
+        self.inner.committed().0
+    }
+
+    /// Names of tensors that may not hold the committed version's bytes (empty when clean).
+    #[getter]
+    fn dirty(&self) -> Vec<String> {
+        self.inner.dirty()
+    }
+
+    /// The report of the last update taken (committed or not), as a dict, or None.
+    #[getter]
+    fn last_report(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.inner
+            .last_report()
+            .map(|r| {
+                let value = serde_json::to_value(&r).map_err(|e| TransferError::new_err(e.to_string()))?;
+                to_python(py, &value)
+            })
+            .transpose()
+    }
+
+    /// Where this receiver listens ("unix:/path", "tcp://host:port"), or None.
+    #[getter]
+    fn endpoint(&self) -> Option<String> {
+        self.endpoint.clone()
+    }
+
+    /// wait_for_version(after, timeout=None) -> int
+    ///
+    /// Blocks (without the GIL) until a version newer than `after` is committed, or `timeout`
+    /// seconds pass; returns the committed version either way.
+    #[pyo3(signature = (after, timeout = None))]
+    fn wait_for_version(&self, py: Python<'_>, after: u64, timeout: Option<f64>) -> PyResult<u64> {
+        let timeout = match timeout {
+            None => Duration::from_secs(365 * 24 * 3600),
+            Some(t) => seconds("timeout", t, true)?,
+        };
+        Ok(py.detach(|| self.inner.wait_for_version_after(Version(after), timeout)).0)
+    }
+
+    /// digests() -> dict[str, int]: every tensor's digest as its bytes are now, computed
+    /// where they live (waits while an update is writing).
+    fn digests(&self, py: Python<'_>) -> PyResult<Vec<(String, u64)>> {
+        let values = py.detach(|| self.inner.current_digests()).map_err(cuda_error)?;
+        Ok(self.inner.manifest().iter().map(|s| s.name.clone()).zip(values).collect())
+    }
+
+    /// poison(value=255): fills every tensor with `value` bytes and marks them all dirty, so
+    /// the next update must rewrite everything (a checker's reset).
+    #[pyo3(signature = (value = 255))]
+    fn poison(&self, py: Python<'_>, value: u8) -> PyResult<()> {
+        py.detach(|| self.inner.poison(value)).map_err(cuda_error)
+    }
+}

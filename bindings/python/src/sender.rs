@@ -1,0 +1,232 @@
+//! The trainer side: `Sender(to, preset=...)` and `push(named_tensors, version)`.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use weightlift::{Endpoint, Fault, SendError, SenderOptions, StepReport, Trainer, TransportKind};
+use weightlift_core::{Manifest, RuleSet, Version};
+
+use crate::errors::{cuda_error, send_error, TransferError, VerificationError};
+use crate::receiver::Receiver;
+use crate::tensors::{Place, TensorSet};
+use crate::{gpu, preset_rules, seconds, to_python};
+
+/// One receiver to push to.
+enum Target {
+    Endpoint(Endpoint),
+    /// A receiver in this process.
+    Local(weightlift::Receiver),
+}
+
+/// The connections, made for one set of tensors (their manifest) and remade when it changes.
+struct Connected {
+    manifest: Manifest,
+    trainer: Trainer,
+}
+
+#[derive(Default)]
+struct State {
+    connected: Option<Connected>,
+    tensors: Option<TensorSet>,
+    last_report: Option<Py<PyAny>>,
+}
+
+/// Sender(to, *, preset="identity", head_dim=None, expert_parallel=False, transport=None,
+///        sender_digests=True, timeout=60.0, _fault=None)
+///
+/// Pushes a trainer's tensors to one receiver per engine rank (`to`: endpoints such as
+/// "unix:/tmp/wl.sock" or "tcp://host:port", or `Receiver` objects of this process). `preset`
+/// names the rules mapping trainer names and layouts onto the engine's (identity, llama,
+/// qwen3, qwen3-moe). It connects on the first push and again when the set of tensors
+/// changes. CPU tensors travel through shared memory (or TCP), CUDA tensors over CUDA IPC.
+/// `_fault` ("flip:N", "hangup:N", "abort:N": bucket N) misbehaves on purpose, for tests that
+/// show a receiver survives a bad sender.
+#[pyclass(module = "weightlift._weightlift")]
+pub(crate) struct Sender {
+    targets: Vec<Target>,
+    preset: String,
+    head_dim: Option<u64>,
+    expert_parallel: bool,
+    transport: Option<TransportKind>,
+    options: SenderOptions,
+    state: Mutex<State>,
+}
+
+fn targets(to: &Bound<'_, PyAny>) -> PyResult<Vec<Target>> {
+    let one = |item: &Bound<'_, PyAny>| -> PyResult<Target> {
+        if let Ok(receiver) = item.cast::<Receiver>() {
+            return Ok(Target::Local(receiver.borrow().inner().clone()));
+        }
+        let text: String = item.extract().map_err(|_| {
+            crate::errors::plan_error("`to` takes endpoints (\"unix:/path\", \"tcp://host:port\") or Receiver objects")
+        })?;
+        text.parse::<Endpoint>().map(Target::Endpoint).map_err(|e| crate::errors::plan_error(format!("`{text}`: {e}")))
+    };
+    if to.is_instance_of::<PyList>() || to.is_instance_of::<pyo3::types::PyTuple>() {
+        to.try_iter()?.map(|item| one(&item?)).collect()
+    } else {
+        Ok(vec![one(to)?])
+    }
+}
+
+impl Sender {
+    fn connect(&self, manifest: &Manifest, place: Place, rules: &RuleSet) -> Result<Trainer, SendError> {
+        let transport = self.transport.unwrap_or(match place {
+            Place::Cuda(_) => TransportKind::CudaIpc,
+            Place::Host => TransportKind::Shm,
+        });
+        let mut senders = Vec::with_capacity(self.targets.len());
+        for target in &self.targets {
+            let options = SenderOptions { transport, ..self.options.clone() };
+            let sender = match target {
+                Target::Endpoint(endpoint) => {
+                    let transport = match (transport, endpoint.is_local()) {
+                        (TransportKind::Shm, false) => TransportKind::Tcp,
+                        (t, _) => t,
+                    };
+                    weightlift::Sender::connect(endpoint, manifest, rules, SenderOptions { transport, ..options })?
+                }
+                Target::Local(receiver) => receiver.connect_in_process(manifest, rules, options)?,
+            };
+            senders.push(sender);
+        }
+        Ok(Trainer::from_senders(senders))
+    }
+}
+
+#[pymethods]
+impl Sender {
+    #[new]
+    #[pyo3(signature = (to, *, preset = "identity", head_dim = None, expert_parallel = false, transport = None,
+                        sender_digests = true, timeout = 60.0, _fault = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        to: &Bound<'_, PyAny>,
+        preset: &str,
+        head_dim: Option<u64>,
+        expert_parallel: bool,
+        transport: Option<&str>,
+        sender_digests: bool,
+        timeout: f64,
+        _fault: Option<&str>,
+    ) -> PyResult<Self> {
+        let targets = targets(to)?;
+        if targets.is_empty() {
+            return Err(crate::errors::plan_error("`to` names no receiver"));
+        }
+        preset.parse::<weightlift_core::Preset>().map_err(crate::errors::plan_error)?;
+        let transport = transport
+            .map(|t| t.parse::<TransportKind>().map_err(|e| crate::errors::plan_error(e.to_string())))
+            .transpose()?;
+        let fault = _fault.map(|f| f.parse::<Fault>().map_err(crate::errors::plan_error)).transpose()?;
+        let options = SenderOptions {
+            sender_digests,
+            timeout: seconds("timeout", timeout, false)?,
+            fault,
+            ..SenderOptions::default()
+        };
+        Ok(Sender {
+            targets,
+            preset: preset.to_string(),
+            head_dim,
+            expert_parallel,
+            transport,
+            options,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// push(named_tensors, version) -> dict
+    ///
+    /// Pushes every (name, tensor) of `named_tensors` (a dict, or any iterable of pairs such
+    /// as `model.named_parameters()`) as `version` to every receiver, and returns the report:
+    /// version, bytes, seconds, gbps, verified, `stages` (seconds importing tensors,
+    /// connecting, transferring) and one report per receiver (`ranks`). f32 tensors are cast
+    /// on the way to an engine that holds bf16/f16. Raises VersionError if a receiver refuses
+    /// the version, VerificationError if digests differ (the receiver keeps its last version),
+    /// TransferError if the update broke off, PlanError for tensors that do not fit the plan.
+    fn push(&self, py: Python<'_>, named_tensors: &Bound<'_, PyAny>, version: u64) -> PyResult<Py<PyAny>> {
+        let started = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (tensors, reused) = match state.tensors.take() {
+            Some(previous) => previous.refresh(named_tensors, "pushed")?,
+            None => (TensorSet::import(named_tensors, "pushed")?, false),
+        };
+        let imported = started.elapsed().as_secs_f64();
+        let place = tensors.place();
+        // Tensors reused from the last push have that push's manifest: nothing to compare.
+        let manifest = weightlift::SourceTensors::manifest(&tensors);
+        if state.connected.as_ref().is_none_or(|c| !reused && &c.manifest != manifest) {
+            let manifest = manifest.clone();
+            state.connected = None;
+            let (_, rules) = preset_rules(&self.preset, &manifest, self.head_dim, self.expert_parallel)?;
+            let trainer = py.detach(|| self.connect(&manifest, place, &rules)).map_err(send_error)?;
+            state.connected = Some(Connected { manifest, trainer });
+        }
+        let connected_at = started.elapsed().as_secs_f64();
+        let trainer = &mut state.connected.as_mut().expect("connected above").trainer;
+        let version = Version(version);
+        let outcome: Result<StepReport, PyErr> = py.detach(|| match place {
+            Place::Host => trainer.push(version, &tensors).map_err(send_error),
+            Place::Cuda(ordinal) => {
+                let gpu = gpu(ordinal).map_err(cuda_error)?;
+                // The optimizer's writes (on torch's streams) must land before anyone reads.
+                gpu.synchronize_device().map_err(cuda_error)?;
+                trainer.push_device(version, &gpu, &tensors).map_err(send_error)
+            }
+        });
+        state.tensors = Some(tensors);
+        let step = match outcome {
+            Ok(step) => step,
+            Err(e) => {
+                // The connections may be mid-update: start afresh next time.
+                state.connected = None;
+                return Err(e);
+            }
+        };
+        let mut value = serde_json::to_value(&step).map_err(|e| TransferError::new_err(e.to_string()))?;
+        value["stages"] = serde_json::json!({
+            "import_seconds": imported,
+            "connect_seconds": connected_at - imported,
+            "transfer_seconds": step.seconds,
+        });
+        value["tensors_reused"] = serde_json::json!(reused);
+        let report = to_python(py, &value)?;
+        state.last_report = Some(report.clone_ref(py));
+        if !step.verified {
+            let mismatched: Vec<&str> =
+                step.ranks.iter().flat_map(|r| r.mismatched.iter().map(String::as_str)).take(8).collect();
+            let errors: Vec<String> = step
+                .ranks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.error.as_ref().map(|e| format!("rank {i}: {e}")))
+                .collect();
+            let message = format!("version {version} was not committed: {}", errors.join("; "));
+            let error = if mismatched.is_empty() {
+                TransferError::new_err(message)
+            } else {
+                VerificationError::new_err(message)
+            };
+            error.value(py).setattr("report", report.clone_ref(py))?;
+            return Err(error);
+        }
+        Ok(report)
+    }
+
+    /// The report of the last push (also set when it failed verification), or None.
+    #[getter]
+    fn last_report(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.last_report.as_ref().map(|r| r.clone_ref(py))
+    }
+
+    /// Drops the connections and the tensors this sender holds (the next push reconnects).
+    fn close(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.connected = None;
+        state.tensors = None;
+    }
+}

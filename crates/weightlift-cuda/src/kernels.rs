@@ -137,18 +137,22 @@ __device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, 
 
 struct FusedRun { u64 src, dst, bytes, out; };
 
-// An 8-byte load of memory no kernel writes while this one runs. It asks L2 to fetch the
-// 256-byte block around it from DRAM at once: a four-lane group walks its chunk 128 bytes at
-// a time while tens of thousands of groups walk theirs, and DRAM serves whole blocks better
-// than the scattered 32-byte sectors the plain load asks for (7% faster on H200: see
-// bench/results/digest-kernels-h200-2026-11-29.md).
-__device__ __forceinline__ u64 ldg64(const u8* p) {
+// An 8-byte load of memory no kernel writes while this one runs. From this GPU's memory
+// (LOCAL) it asks L2 to fetch the 256-byte block around it from DRAM at once: a four-lane
+// group walks its chunk 128 bytes at a time while tens of thousands of groups walk theirs,
+// and DRAM serves whole blocks better than the scattered 32-byte sectors a plain load asks
+// for (7% faster on H200: bench/results/digest-kernels-h200-2026-11-29.md). From a peer GPU's
+// memory, over NVLink, the same hint made updates ~20% slower (0.75 instead of 0.90 of the
+// peer copy rate, same day): there the plain load is used.
+template <bool LOCAL> __device__ __forceinline__ u64 ldg64(const u8* p) {
     u64 v;
 #if __CUDA_ARCH__ >= 800
-    asm("ld.global.nc.L2::256B.u64 %0, [%1];" : "=l"(v) : "l"(p));
-#else
-    v = *(const u64*)p;
+    if (LOCAL) {
+        asm("ld.global.nc.L2::256B.u64 %0, [%1];" : "=l"(v) : "l"(p));
+        return v;
+    }
 #endif
+    v = *(const u64*)p;
     return v;
 }
 
@@ -156,7 +160,7 @@ __device__ __forceinline__ u64 ldg64(const u8* p) {
 // source, written once, and hashed from the registers it passed through. A run whose `dst` is
 // 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
 // per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector.
-extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
+template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
     u64 lane = threadIdx.x & 3;
@@ -181,8 +185,8 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
                 // arithmetic, are what a chunk waits on.
                 for (; s + 128 <= len; s += 128) {
                     u64 o = s + 8 * lane;
-                    u64 w0 = ldg64(p + o), w1 = ldg64(p + o + 32);
-                    u64 w2 = ldg64(p + o + 64), w3 = ldg64(p + o + 96);
+                    u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
+                    u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
                     if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
                     v = xround(xround(xround(xround(v, w0), w1), w2), w3);
                 }
@@ -200,6 +204,14 @@ extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_st
         u64 h = group_finish(v, group_mask, q, len);
         if (active && lane == 0) out[slot] = h;
     }
+}
+
+// Sources in this GPU's memory, and sources on a peer GPU (read over NVLink).
+extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
+    copy_digest_body<true>(runs, chunk_start, n, out);
+}
+extern "C" __global__ void copy_digest_peer(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
+    copy_digest_body<false>(runs, chunk_start, n, out);
 }
 
 // Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
@@ -262,6 +274,7 @@ pub(crate) struct Kernels {
     copy: CudaFunction,
     cast: CudaFunction,
     copy_digest: CudaFunction,
+    copy_digest_peer: CudaFunction,
     combine: CudaFunction,
     read_all: CudaFunction,
     /// Blocks a grid-striding kernel needs to fill the GPU.
@@ -283,6 +296,7 @@ impl Kernels {
             copy: load("batched_copy")?,
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
+            copy_digest_peer: load("copy_digest_peer")?,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
             blocks: (sms.max(1) as u32) * 8,
@@ -413,10 +427,22 @@ struct IndexList {
 /// 200k chunks) runs on a second stream while the rest of the wave is copied.
 const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
 
+/// Where an update's sources live, which decides how the fused kernel reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceGpu {
+    /// This GPU's memory: loads ask L2 for whole 256-byte blocks.
+    This,
+    /// Another GPU's memory, read over NVLink: plain loads (block fetches were slower there).
+    Peer,
+}
+
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
     waves: Vec<PreparedWave>,
+    /// Where the fused runs' sources are (fallback chunks are always read here, after the
+    /// copies wrote them).
+    sources: SourceGpu,
     /// Chunk digests: wave k uses buffer k % 2, so one wave's digests are folded while the
     /// next wave is copied.
     chunks: [DeviceBuffer; 2],
@@ -575,7 +601,7 @@ impl Gpu {
                 }
             })
             .collect();
-        self.prepare_update(&waves)
+        self.prepare_update(&waves, SourceGpu::This)
     }
 
     /// Digests every region of the batch (as the project defines digests) and returns them.
@@ -585,7 +611,7 @@ impl Gpu {
 
     /// Prepares a whole update, wave by wave (see [`Wave`]); [`Gpu::run_update`] returns the
     /// digest of every tensor of every wave, in order.
-    pub fn prepare_update(&self, waves: &[Wave]) -> Result<UpdateBatch, CudaError> {
+    pub fn prepare_update(&self, waves: &[Wave], sources: SourceGpu) -> Result<UpdateBatch, CudaError> {
         let mut prepared = Vec::with_capacity(waves.len());
         let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
         for wave in waves {
@@ -656,7 +682,7 @@ impl Gpu {
         let chunks = [self.alloc(chunk_bytes)?, self.alloc(second)?];
         let out = self.alloc((first_tensor as usize).max(1) * 8)?;
         device_bytes += (chunks[0].len() + chunks[1].len() + out.len()) as u64;
-        Ok(UpdateBatch { waves: prepared, chunks, out, tensor_count: first_tensor, device_bytes })
+        Ok(UpdateBatch { waves: prepared, sources, chunks, out, tensor_count: first_tensor, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs, then the rest (fused
@@ -675,13 +701,13 @@ impl Gpu {
                 main.wait(&folded[w - 2]).call("cuStreamWaitEvent")?;
             }
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            self.launch_runs(main, &wave.early, chunks)?;
+            self.launch_runs(main, &wave.early, chunks, batch.sources)?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, &wave.tensor_start, &wave.early_tensors, out)?;
-            self.launch_runs(main, &wave.fused, chunks)?;
+            self.launch_runs(main, &wave.fused, chunks, batch.sources)?;
             self.run_copies(&wave.copies)?;
             self.launch_tiled(&k.cast, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
-            self.launch_runs(main, &wave.after, chunks)?;
+            self.launch_runs(main, &wave.after, chunks, SourceGpu::This)?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, &wave.tensor_start, &wave.late_tensors, out)?;
             folded.push(side.record_event(None).call("cuEventRecord")?);
@@ -698,7 +724,13 @@ impl Gpu {
         Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
     }
 
-    fn launch_runs(&self, stream: &CudaStream, list: &RunList, chunks: &DeviceBuffer) -> Result<(), CudaError> {
+    fn launch_runs(
+        &self,
+        stream: &CudaStream,
+        list: &RunList,
+        chunks: &DeviceBuffer,
+        sources: SourceGpu,
+    ) -> Result<(), CudaError> {
         if list.chunks == 0 {
             return Ok(());
         }
@@ -706,11 +738,16 @@ impl Gpu {
         let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
-        let mut launch = stream.launch_builder(&k.copy_digest);
+        let (kernel, call) = match sources {
+            SourceGpu::This => (&k.copy_digest, "cuLaunchKernel(copy_digest)"),
+            SourceGpu::Peer => (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)"),
+        };
+        let mut launch = stream.launch_builder(kernel);
         launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
-        // SAFETY: arguments match the kernel; runs address live memory (the batch's contract)
-        // and every out slot lies inside `chunks` (counted when the batch was prepared).
-        unsafe { launch.launch(config) }.call("cuLaunchKernel(copy_digest)")?;
+        // SAFETY: both kernels take (runs, chunk starts, count, out) as passed here; runs
+        // address live memory (the batch's contract) and every out slot lies inside `chunks`
+        // (counted when the batch was prepared).
+        unsafe { launch.launch(config) }.call(call)?;
         Ok(())
     }
 

@@ -27,7 +27,8 @@ pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, OwnedDeviceMemory
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{IpcMapping, Located, Segment, IPC_HANDLE_BYTES};
 pub use kernels::{
-    waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedRun, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+    waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedRun, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES,
+    WAVE_CHUNKS,
 };
 pub use vmm::{ImportedAllocation, SharedAllocation};
 

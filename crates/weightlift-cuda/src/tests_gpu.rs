@@ -3,7 +3,7 @@
 
 use weightlift_core::digest::digest;
 
-use crate::{device_count, driver_present, CopyDesc, CudaError, FusedRun, Gpu, OwnedDeviceMemory, Wave};
+use crate::{device_count, driver_present, CopyDesc, CudaError, FusedRun, Gpu, OwnedDeviceMemory, SourceGpu, Wave};
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
 
@@ -133,14 +133,18 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
             expected_dst[o..o + len].copy_from_slice(&data[so..so + len]);
         }
     }
-    let batch = gpu.prepare_update(&[Wave { fused, tensor_bytes, ..Wave::default() }]).unwrap();
-    for run in 0..2 {
-        dst.fill(gpu, 0x5a).unwrap();
-        assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "run {run}");
-        let mut got = vec![0u8; dst_len];
-        dst.download(&mut got).unwrap();
-        let first_bad = got.iter().zip(&expected_dst).position(|(g, e)| g != e);
-        assert!(first_bad.is_none(), "run {run}: destination byte {first_bad:?} differs");
+    let wave = Wave { fused, tensor_bytes, ..Wave::default() };
+    // Both kernels (loads for this GPU's memory and for a peer's), each batch run twice.
+    for sources in [SourceGpu::This, SourceGpu::Peer] {
+        let batch = gpu.prepare_update(std::slice::from_ref(&wave), sources).unwrap();
+        for run in 0..2 {
+            dst.fill(gpu, 0x5a).unwrap();
+            assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{sources:?} run {run}");
+            let mut got = vec![0u8; dst_len];
+            dst.download(&mut got).unwrap();
+            let first_bad = got.iter().zip(&expected_dst).position(|(g, e)| g != e);
+            assert!(first_bad.is_none(), "{sources:?} run {run}: destination byte {first_bad:?} differs");
+        }
     }
 }
 
@@ -244,7 +248,7 @@ fn cast_on_gpu(
         tensor_bytes: vec![out_elems * 2],
         ..Default::default()
     };
-    let digests = gpu.run_update(&gpu.prepare_update(&[wave]).unwrap()).unwrap();
+    let digests = gpu.run_update(&gpu.prepare_update(&[wave], SourceGpu::This).unwrap()).unwrap();
     let mut got = vec![0u8; out_elems as usize * 2];
     dst.download(&mut got).unwrap();
     (got, digests[0])

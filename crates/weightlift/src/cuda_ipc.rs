@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use weightlift_core::{Manifest, Plan};
-use weightlift_cuda::{CudaError, Gpu, ImportedAllocation, IpcMapping, SharedAllocation, IPC_HANDLE_BYTES};
+use weightlift_cuda::{CudaError, Gpu, ImportedAllocation, IpcMapping, SharedAllocation, SourceGpu, IPC_HANDLE_BYTES};
 
 use crate::gpu::{ExpectedDigests, GpuPlan};
 use crate::protocol::{IpcSegment, Message};
@@ -331,17 +331,19 @@ impl Importer {
         Ok(Resolved { ptrs, opens, same_gpu })
     }
 
-    /// The update bound to sources at `ptrs` (bound again only when they moved).
+    /// The update bound to the resolved sources (bound again only when they moved).
     pub(crate) fn plan(
         &mut self,
         gpu: &Gpu,
         plan: &Plan,
-        sources: &[u64],
+        sources: &Resolved,
         destinations: &[u64],
     ) -> Result<&GpuPlan, CudaError> {
-        if self.bound.as_ref().is_none_or(|(bound, _)| bound != sources) {
+        if self.bound.as_ref().is_none_or(|(bound, _)| bound != &sources.ptrs) {
             self.bound = None;
-            self.bound = Some((sources.to_vec(), GpuPlan::new(gpu, plan, sources, destinations)?));
+            let source_gpu = if sources.same_gpu { SourceGpu::This } else { SourceGpu::Peer };
+            let bound = GpuPlan::new(gpu, plan, &sources.ptrs, source_gpu, destinations)?;
+            self.bound = Some((sources.ptrs.clone(), bound));
         }
         Ok(&self.bound.as_ref().expect("just bound").1)
     }

@@ -7,7 +7,7 @@ use weightlift_core::{Manifest, Plan};
 use weightlift_core::DType;
 use weightlift_cuda::{
     waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedRun, Gpu, OwnedDeviceMemory,
-    SharedAllocation, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+    SharedAllocation, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
 };
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
@@ -164,16 +164,24 @@ enum Target<'a> {
 }
 
 impl GpuPlan {
-    /// Binds `plan` to source tensors at `sources` (indexed like `plan.sources`) and
-    /// destination tensors at `destinations` (like `plan.destinations`).
-    pub fn new(gpu: &Gpu, plan: &Plan, sources: &[u64], destinations: &[u64]) -> Result<GpuPlan, CudaError> {
-        GpuPlan::with_wave_chunks(gpu, plan, sources, destinations, WAVE_CHUNKS)
+    /// Binds `plan` to source tensors at `sources` (indexed like `plan.sources`, on this GPU or
+    /// on the peer GPU `source_gpu` says) and destination tensors at `destinations` (like
+    /// `plan.destinations`, on this GPU).
+    pub fn new(
+        gpu: &Gpu,
+        plan: &Plan,
+        sources: &[u64],
+        source_gpu: SourceGpu,
+        destinations: &[u64],
+    ) -> Result<GpuPlan, CudaError> {
+        GpuPlan::with_wave_chunks(gpu, plan, sources, source_gpu, destinations, WAVE_CHUNKS)
     }
 
     fn with_wave_chunks(
         gpu: &Gpu,
         plan: &Plan,
         sources: &[u64],
+        source_gpu: SourceGpu,
         destinations: &[u64],
         wave_chunks: u64,
     ) -> Result<GpuPlan, CudaError> {
@@ -182,7 +190,7 @@ impl GpuPlan {
         let waves = work.waves(Target::Tensors(destinations));
         let descs = work.all_copies(destinations);
         Ok(GpuPlan {
-            update: gpu.prepare_update(&waves)?,
+            update: gpu.prepare_update(&waves, source_gpu)?,
             copy_count: descs.len(),
             descs,
             destinations: destinations.iter().zip(&work.tensor_bytes).map(|(&p, &b)| (p, b)).collect(),
@@ -237,7 +245,8 @@ impl ExpectedDigests {
         let work = Fusion::of(plan, sources, wave_chunks)?;
         let scratch = gpu.alloc(work.scratch_bytes() as usize)?;
         let waves = work.waves(Target::DigestOnly { scratch: scratch.device_ptr() });
-        Ok(ExpectedDigests { batch: gpu.prepare_update(&waves)?, scratch })
+        // A sender digests its own tensors, on its own GPU.
+        Ok(ExpectedDigests { batch: gpu.prepare_update(&waves, SourceGpu::This)?, scratch })
     }
 
     /// Every destination's digest as the plan would write it from the sources as they are now.
@@ -505,7 +514,10 @@ mod tests {
             ("qwen3-tiny", 2, true, 5),
             ("qwen3-moe-tiny", 1, true, WAVE_CHUNKS),
         ];
-        for (model, tp_size, cast, wave_chunks) in cases {
+        for (case, (model, tp_size, cast, wave_chunks)) in cases.into_iter().enumerate() {
+            // Sources read as local memory, or with the loads used for a peer GPU's (same
+            // results; a second GPU exercises the real thing in tests/gpu_ipc.rs).
+            let source_gpu = if case % 2 == 0 { SourceGpu::This } else { SourceGpu::Peer };
             let mut config = synthetic(model).unwrap();
             if cast {
                 config.dtype = weightlift_core::DType::F32;
@@ -521,7 +533,8 @@ mod tests {
                 let mut src = GpuTensors::alloc(&gpu, &config.source_manifest()).unwrap();
                 let mut dst = GpuTensors::alloc(&gpu, &dest).unwrap();
                 dst.fill(&gpu, 0).unwrap();
-                let bound = GpuPlan::with_wave_chunks(&gpu, &plan, &src.ptrs(), &dst.ptrs(), wave_chunks).unwrap();
+                let bound =
+                    GpuPlan::with_wave_chunks(&gpu, &plan, &src.ptrs(), source_gpu, &dst.ptrs(), wave_chunks).unwrap();
                 let expected_digests =
                     ExpectedDigests::with_wave_chunks(&gpu, &plan, &src.ptrs(), wave_chunks).unwrap();
                 let (copies, digest_batch) = (bound.copy_batch(&gpu).unwrap(), bound.digest_batch(&gpu).unwrap());

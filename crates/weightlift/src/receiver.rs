@@ -496,7 +496,7 @@ impl Receiver {
             report.ipc_opens = resolved.opens;
             report.same_gpu = Some(resolved.same_gpu);
             let bound = importer
-                .plan(gpu, plan, &resolved.ptrs, &tensors.device_ptrs())
+                .plan(gpu, plan, &resolved, &tensors.device_ptrs())
                 .map_err(|e| format!("binding the update to the sender's memory: {e}"))?;
             report.device_extra_bytes = bound.device_bytes();
             report.launches = bound.launches();

@@ -12,7 +12,7 @@ use weightlift::gpu::{GpuPlan, GpuTensors};
 use weightlift::protocol::TransportKind;
 use weightlift::report::today;
 use weightlift::{Sender, SenderOptions, UpdateReport};
-use weightlift_cuda::{device_count, CudaError, Gpu};
+use weightlift_cuda::{device_count, CudaError, Gpu, SourceGpu};
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
@@ -203,7 +203,7 @@ fn same_process_row(
     let mut dst = GpuTensors::alloc(gpu, &inputs.destination)?;
     src.fill(gpu, 0x3c)?;
     dst.fill(gpu, 0)?;
-    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), &dst.ptrs())?;
+    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), SourceGpu::This, &dst.ptrs())?;
     let (copy, digest, unfused) = {
         let (copies, digests) = (bound.copy_batch(gpu)?, bound.digest_batch(gpu)?);
         let (copy, _) = time(|| {

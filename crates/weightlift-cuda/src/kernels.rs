@@ -141,9 +141,9 @@ struct FusedRun { u64 src, dst, bytes, out; };
 // (LOCAL) it asks L2 to fetch the 256-byte block around it from DRAM at once: a four-lane
 // group walks its chunk 128 bytes at a time while tens of thousands of groups walk theirs,
 // and DRAM serves whole blocks better than the scattered 32-byte sectors a plain load asks
-// for (7% faster on H200: bench/results/digest-kernels-h200-2026-11-29.md). From a peer GPU's
-// memory, over NVLink, the same hint made updates ~20% slower (0.75 instead of 0.90 of the
-// peer copy rate, same day): there the plain load is used.
+// for (7% faster on H200: bench/results/digest-kernels-h200-2026-11-29.md). On a peer GPU's
+// memory, read over NVLink, the hint made updates ~20% slower (2 x H200: 0.76 of the peer
+// copy rate, against 0.91 with plain loads a week earlier): there the plain load is used.
 template <bool LOCAL> __device__ __forceinline__ u64 ldg64(const u8* p) {
     u64 v;
 #if __CUDA_ARCH__ >= 800

@@ -1,11 +1,13 @@
 //! The engine side: `Receiver(params, ...)` holding the engine's own tensors, written in place.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use weightlift::agent::{Agent, AgentOptions, RunningAgent};
 use weightlift::net::Listener;
 use weightlift::{Endpoint, ReceiverOptions};
-use weightlift_core::{TpRank, Version};
+use weightlift_core::{RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, plan_error, TransferError};
 use crate::tensors::{Place, TensorSet};
@@ -24,11 +26,26 @@ use crate::{gpu, preset_rules, seconds, to_python};
 pub(crate) struct Receiver {
     inner: weightlift::Receiver,
     endpoint: Option<String>,
+    /// The layout's rules when a preset was given (checkpoints on disk are mapped with them).
+    rules: Option<RuleSet>,
+    /// The HTTP API, once started (stopped with the receiver).
+    http: Mutex<Option<RunningAgent>>,
 }
 
 impl Receiver {
     pub(crate) fn inner(&self) -> &weightlift::Receiver {
         &self.inner
+    }
+}
+
+impl Drop for Receiver {
+    /// Stops the HTTP API without the GIL: the server thread may drop the tensors' DLPack
+    /// owners, whose deleters take the GIL, so joining it while holding the GIL could deadlock.
+    fn drop(&mut self) {
+        let running = self.http.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(running) = running {
+            Python::attach(|py| py.detach(move || drop(running)));
+        }
     }
 }
 
@@ -61,6 +78,7 @@ impl Receiver {
             }
             None => None,
         };
+        let options_rules = expected_rules.as_ref().map(|(_, rules)| rules.clone());
         let options = ReceiverOptions {
             tp,
             initial_version: Version(initial_version),
@@ -94,7 +112,8 @@ impl Receiver {
             }
             None => None,
         };
-        Ok(Receiver { inner, endpoint })
+        let rules = options_rules;
+        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None) })
     }
 
     /// The committed version.
@@ -145,6 +164,34 @@ impl Receiver {
     fn digests(&self, py: Python<'_>) -> PyResult<Vec<(String, u64)>> {
         let values = py.detach(|| self.inner.current_digests()).map_err(cuda_error)?;
         Ok(self.inner.manifest().iter().map(|s| s.name.clone()).zip(values).collect())
+    }
+
+    /// serve_http(host="127.0.0.1", port=0, *, token=None) -> str
+    ///
+    /// Starts this receiver's HTTP API (update_weights, weights_checker, version, metrics,
+    /// release/resume_memory_occupation, openapi.json) on a background thread of this process
+    /// and returns its URL. `token`: requests must carry `Authorization: Bearer <token>`. Updates
+    /// from a checkpoint on disk need the receiver to have been made with a `preset`. Runs until
+    /// `stop_http()` or until the receiver is dropped.
+    #[pyo3(signature = (host = "127.0.0.1", port = 0, *, token = None))]
+    fn serve_http(&self, host: &str, port: u16, token: Option<String>) -> PyResult<String> {
+        let mut http = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = http.as_ref() {
+            return Err(TransferError::new_err(format!("already serving HTTP on http://{}", running.addr())));
+        }
+        let options = AgentOptions { token, disk_rules: self.rules.clone(), ..AgentOptions::default() };
+        let running = Agent::new(self.inner.clone(), options)
+            .spawn(&format!("{host}:{port}"))
+            .map_err(|e| TransferError::new_err(format!("cannot serve HTTP on {host}:{port}: {e}")))?;
+        let url = format!("http://{}", running.addr());
+        *http = Some(running);
+        Ok(url)
+    }
+
+    /// stop_http(): stops the HTTP API (a no-op when it is not running).
+    fn stop_http(&self, py: Python<'_>) {
+        let running = self.http.lock().unwrap_or_else(|e| e.into_inner()).take();
+        py.detach(move || drop(running));
     }
 
     /// poison(value=255): fills every tensor with `value` bytes and marks them all dirty, so

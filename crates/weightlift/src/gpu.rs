@@ -12,7 +12,7 @@ use weightlift_cuda::{
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
 
-use crate::tensors::HostTensors;
+use crate::tensors::{HostTensors, SourceTensors};
 
 /// Alignment of each tensor in a [`GpuTensors`] allocation (as torch's allocator gives).
 const ALIGN: u64 = 256;
@@ -88,14 +88,13 @@ impl GpuTensors {
         self.memory.owned_mut().fill(gpu, value)
     }
 
-    /// Copies host tensors (same manifest) to the device.
-    pub fn upload(&mut self, host: &HostTensors) -> Result<(), CudaError> {
-        let (manifest, data) = (host.manifest(), host.data());
-        if manifest != &self.manifest {
+    /// Copies host tensors (same manifest; a checkpoint straight from its mapping) to the device.
+    pub fn upload(&mut self, host: &dyn SourceTensors) -> Result<(), CudaError> {
+        if host.manifest() != &self.manifest {
             return Err(CudaError::Invalid("host tensors have a different manifest".into()));
         }
-        for (i, bytes) in data.iter().enumerate() {
-            self.memory.owned_mut().upload_at(self.offsets[i] as usize, bytes)?;
+        for i in 0..self.manifest.len() {
+            self.memory.owned_mut().upload_at(self.offsets[i] as usize, host.bytes(i))?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 
 pub use weightlift_core as core;
 
+pub mod agent;
 pub mod cuda_ipc;
 pub mod fd_pass;
 pub mod gpu;

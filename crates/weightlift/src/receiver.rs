@@ -8,7 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use weightlift_core::{digest, plan, Manifest, Plan, SourceSet, TpRank, Version, VersionState};
+use weightlift_core::{digest, plan, Manifest, Plan, SourceSet, TpRank, Version, VersionError, VersionState};
 
 use std::os::unix::net::UnixStream;
 
@@ -74,6 +74,44 @@ struct Shared {
     /// Written only by the connection whose update is in flight (the version state admits
     /// one at a time), read by checkers between updates.
     tensors: Mutex<Store>,
+    /// Called with the report of every settled update (metrics, logs).
+    observers: Mutex<Vec<UpdateObserver>>,
+}
+
+/// Something told of every settled update, committed or not.
+pub type UpdateObserver = Arc<dyn Fn(&UpdateReport) + Send + Sync>;
+
+/// The receiver's version state at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverStatus {
+    pub committed: Version,
+    /// The version being received or verified now, if any.
+    pub in_flight: Option<Version>,
+    /// Tensors that may not hold the committed version's bytes.
+    pub dirty: Vec<String>,
+}
+
+/// What a connection this receiver dialled must bring: one update, of exactly this version,
+/// over this transport when given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    pub version: Version,
+    pub transport: Option<TransportKind>,
+}
+
+/// Why a fetch from a sender gave no update.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the sender at {endpoint}: {source}")]
+    Connect { endpoint: String, source: std::io::Error },
+    #[error("the sender at {endpoint}: {reason}")]
+    Sender { endpoint: String, reason: String },
+    #[error("the sender at {endpoint} closed the connection without an update")]
+    NoUpdate { endpoint: String },
+    /// This receiver's version state refused the sender's version (another update in flight,
+    /// or not newer than the committed one).
+    #[error("version refused: {0}")]
+    Version(VersionError),
 }
 
 /// Where the receiver's tensors live.
@@ -101,6 +139,8 @@ enum ConnectionError {
     Transfer(#[from] TransferError),
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Version(VersionError),
 }
 
 impl Receiver {
@@ -132,6 +172,7 @@ impl Receiver {
                 state: Mutex::new(state),
                 committed: Condvar::new(),
                 tensors: Mutex::new(store),
+                observers: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -151,6 +192,40 @@ impl Receiver {
 
     pub fn last_report(&self) -> Option<UpdateReport> {
         self.state().last_report.clone()
+    }
+
+    pub fn status(&self) -> ReceiverStatus {
+        let state = self.state();
+        ReceiverStatus {
+            committed: state.versions.committed(),
+            in_flight: state.versions.in_flight(),
+            dirty: state.versions.dirty().iter().cloned().collect(),
+        }
+    }
+
+    /// Calls `observer` with the report of every update settled from now on (committed or
+    /// failed), from whatever connection brought it.
+    pub fn observe(&self, observer: UpdateObserver) {
+        self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).push(observer);
+    }
+
+    /// Dials a sender waiting at `endpoint` (one that accepts receivers, such as `weightlift
+    /// push --listen`) and takes the one update it brings, which must be `expect`'s version
+    /// (and transport). Returns that update's report, committed or not; a sender that offers
+    /// another version or transport, or brings nothing, is an error and changes nothing.
+    pub fn fetch(&self, endpoint: &crate::net::Endpoint, expect: Expect) -> Result<UpdateReport, FetchError> {
+        let name = endpoint.to_string();
+        let stream = endpoint
+            .connect(self.shared.options.handshake_timeout)
+            .map_err(|source| FetchError::Connect { endpoint: name.clone(), source })?;
+        match self.run_connection(stream, None, Some(expect)) {
+            Ok(Some(report)) => Ok(report),
+            Ok(None) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
+                Err(FetchError::NoUpdate { endpoint: name })
+            }
+            Err(ConnectionError::Version(e)) => Err(FetchError::Version(e)),
+            Err(e) => Err(FetchError::Sender { endpoint: name, reason: e.to_string() }),
+        }
     }
 
     /// Runs `f` on the tensors if they are in host memory (waits while an update is writing
@@ -238,12 +313,22 @@ impl Receiver {
     /// Fills every tensor with `value` bytes and marks them all dirty (what a checker does to
     /// prove the next update writes everything). Waits while an update is writing.
     pub fn poison(&self, value: u8) -> Result<(), CudaError> {
+        self.overwrite(|_, bytes| bytes.fill(value), |_| value)
+    }
+
+    /// Overwrites every tensor with pseudo-random bytes from `seed` (on a GPU, each tensor with
+    /// one random byte value) and marks them all dirty, like [`Receiver::poison`].
+    pub fn scramble(&self, seed: u64) -> Result<(), CudaError> {
+        self.overwrite(|i, bytes| fill_random(bytes, seed ^ (i as u64)), |i| mix(seed ^ (i as u64)) as u8)
+    }
+
+    fn overwrite(&self, host: impl Fn(usize, &mut [u8]), device: impl Fn(usize) -> u8) -> Result<(), CudaError> {
         let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *store {
-            Store::Host(tensors) => tensors.all_mut().into_iter().for_each(|t| t.fill(value)),
+            Store::Host(tensors) => tensors.all_mut().into_iter().enumerate().for_each(|(i, t)| host(i, t)),
             Store::Device { gpu, tensors } => {
-                for (ptr, spec) in tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()) {
-                    gpu.fill_region(ptr, spec.byte_len(), value)?;
+                for (i, (ptr, spec)) in tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()).enumerate() {
+                    gpu.fill_region(ptr, spec.byte_len(), device(i))?;
                 }
                 gpu.synchronize()?;
             }
@@ -257,8 +342,8 @@ impl Receiver {
 
     fn handle_with(&self, stream: Stream, local_ring: Option<Arc<LocalRing>>) {
         let peer = stream.peer();
-        match self.run_connection(stream, local_ring) {
-            Ok(()) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
+        match self.run_connection(stream, local_ring, None) {
+            Ok(_) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
                 tracing::debug!(%peer, "connection closed")
             }
             Err(e) => tracing::warn!(%peer, "dropping connection: {e}"),
@@ -269,7 +354,14 @@ impl Receiver {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run_connection(&self, stream: Stream, local_ring: Option<Arc<LocalRing>>) -> Result<(), ConnectionError> {
+    /// Serves a connection's updates until it closes; with `expect` (a connection this
+    /// receiver dialled), takes only that one update and returns its report.
+    fn run_connection(
+        &self,
+        stream: Stream,
+        local_ring: Option<Arc<LocalRing>>,
+        expect: Option<Expect>,
+    ) -> Result<Option<UpdateReport>, ConnectionError> {
         let options = &self.shared.options;
         let mut conn = Conn::server(stream, options.handshake_timeout)?;
         let (source, rules, bucket_bytes, transport) = match conn.recv(options.handshake_timeout)? {
@@ -285,6 +377,12 @@ impl Receiver {
         if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
+        }
+        if let Some(wanted) = expect.and_then(|e| e.transport).filter(|&t| t != transport) {
+            return Err(refuse(
+                &mut conn,
+                format!("this receiver asked for {wanted}, and the sender offers {transport}"),
+            ));
         }
         if let Some((name, expected)) = &options.expected_rules {
             if *expected != rules {
@@ -365,9 +463,17 @@ impl Receiver {
                 })?;
                 continue;
             }
+            if let Some(wanted) = expect.map(|e| e.version).filter(|&v| v != version) {
+                let reason = format!("this receiver asked for version {wanted}, and the sender offers {version}");
+                conn.send(&Message::Refused { reason: reason.clone() })?;
+                return Err(ConnectionError::Refused(reason));
+            }
             if let Err(e) = self.state().versions.begin(version) {
                 tracing::info!(%version, "refused: {e}");
                 conn.send(&Message::Refused { reason: e.to_string() })?;
+                if expect.is_some() {
+                    return Err(ConnectionError::Version(e));
+                }
                 continue;
             }
             conn.send(&Message::Accepted { version })?;
@@ -378,8 +484,13 @@ impl Receiver {
             };
             log_report(&report);
             self.state().last_report = Some(report.clone());
+            let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            observers.iter().for_each(|observe| observe(&report));
             // Best effort: a sender that broke the transfer may be gone already.
             let sent = conn.send(&Message::Report { report: report.clone() });
+            if expect.is_some() {
+                return Ok(Some(report));
+            }
             if !in_sync {
                 // The stream may be mid-message after a broken transfer: this connection is done.
                 return Err(ConnectionError::Refused(report.error.unwrap_or_default()));
@@ -623,5 +734,23 @@ fn log_report(report: &UpdateReport) {
             "update failed: {}",
             report.error.as_deref().unwrap_or("")
         );
+    }
+}
+
+/// splitmix64: a well-mixed 64-bit value from `x`.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Pseudo-random bytes (a splitmix64 stream from `seed`): what a checker reset writes.
+fn fill_random(bytes: &mut [u8], seed: u64) {
+    let mut state = seed;
+    for chunk in bytes.chunks_mut(8) {
+        state = state.wrapping_add(1);
+        let word = mix(state).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
     }
 }

@@ -3,11 +3,13 @@
 use serde::{Deserialize, Serialize};
 use weightlift_core::Version;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpdateReport {
     /// The version the update carried.
+    #[schema(value_type = u64)]
     pub version: Version,
     /// The version the receiver holds afterwards: `version` if committed, else the previous one.
+    #[schema(value_type = u64)]
     pub committed: Version,
     /// Payload bytes moved.
     pub bytes: u64,

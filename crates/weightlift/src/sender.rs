@@ -141,6 +141,17 @@ impl Sender {
         Sender::connect_stream(stream, source, rules, options, None)
     }
 
+    /// A sender for a receiver that connected to us (one asked to fetch a version from this
+    /// trainer): the same handshake as [`Sender::connect`], over the accepted stream.
+    pub fn accept(
+        stream: Stream,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+    ) -> Result<Sender, SendError> {
+        Sender::connect_stream(stream, source, rules, options, None)
+    }
+
     /// The same over a connected stream; `local_ring` is the ring of an in-process receiver.
     pub(crate) fn connect_stream(
         stream: Stream,

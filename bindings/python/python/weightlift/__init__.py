@@ -16,6 +16,9 @@ Engine side (parameters written in place)::
 
 Engines that load weights through their own ``load_weights`` use a ``StagingReceiver``, which
 yields ``(name, tensor)`` pairs in the trainer's names after every update.
+
+``receiver.serve_http()`` starts the engine agent's HTTP API in the engine process;
+``weightlift.Client(url)`` calls it (update_weights, weights_checker, version, metrics, ...).
 """
 
 from weightlift._weightlift import (
@@ -33,9 +36,12 @@ from weightlift._weightlift import (
     digest,
     synthetic_manifest,
 )
+from weightlift.client import AgentError, Client
 from weightlift.staging import StagingReceiver
 
 __all__ = [
+    "AgentError",
+    "Client",
     "CudaError",
     "PlanError",
     "Receiver",

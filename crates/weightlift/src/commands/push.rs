@@ -5,12 +5,14 @@ use std::io::Write;
 
 use clap::Args;
 use serde::Serialize;
+use weightlift::core::{Manifest, RuleSet};
 use weightlift::core::{TpRank, Version};
 use weightlift::protocol::TransportKind;
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
 use weightlift::{
-    CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, SenderOptions, SourceTensors, StepReport, Trainer,
+    CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, Sender, SenderOptions, SourceTensors, StepReport,
+    Trainer,
 };
 
 use weightlift::gpu::GpuTensors;
@@ -20,8 +22,16 @@ use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs, TrainerArgs};
 #[derive(Args, Debug)]
 pub struct PushArgs {
     /// A receiver to update; repeat for each tensor-parallel rank.
-    #[arg(long = "to", required = true, value_name = "ENDPOINT")]
+    #[arg(long = "to", required_unless_present = "listen", value_name = "ENDPOINT")]
     pub to: Vec<Endpoint>,
+    /// Wait for receivers here instead (unix:/path, tcp://HOST:PORT; port 0 picks one) and
+    /// push --version to each one that connects: engines told to fetch it through their HTTP
+    /// API (`update_weights` with `{"sender": ADDR}`). Prints `listening on ADDR` first.
+    #[arg(long, conflicts_with = "to", value_name = "ENDPOINT")]
+    pub listen: Option<Endpoint>,
+    /// With --listen: stop after this many receivers (default: until interrupted).
+    #[arg(long, requires = "listen")]
+    pub receivers: Option<u64>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// The version to push (the first of several with --steps).
@@ -73,10 +83,14 @@ struct PushOutput<'a> {
 
 pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
-    let transport = args.trainer.transport(args.to.iter().all(Endpoint::is_local));
+    let local = match &args.listen {
+        Some(listen) => listen.is_local(),
+        None => args.to.iter().all(Endpoint::is_local),
+    };
+    let transport = args.trainer.transport(local);
     // The receivers plan against their own parameters; the trainer only brings its tensors
     // and the rules (which depend on the TP size only through its checks).
-    let tp = TpRank::new(0, args.to.len() as u32).expect("at least one receiver");
+    let tp = TpRank::new(0, args.to.len().max(1) as u32).expect("at least one receiver");
     let (rules, _) = args.model.mapping().rules(&model, tp)?;
     let source_manifest = model.manifest();
     let options = SenderOptions {
@@ -87,6 +101,9 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         threads: args.threads.unwrap_or_else(default_threads),
         ..SenderOptions::default()
     };
+    if let Some(listen) = &args.listen {
+        return publish(listen, &model, &source_manifest, &rules, options, args);
+    }
     let mut trainer = Trainer::connect(&args.to, &source_manifest, &rules, &options)?;
 
     let steps = match args.trainer.device {
@@ -188,6 +205,58 @@ fn push_from_gpu(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// Waits for receivers at `listen` and pushes one version, the same weights, to each.
+fn publish(
+    listen: &Endpoint,
+    model: &ModelSource,
+    manifest: &Manifest,
+    rules: &RuleSet,
+    options: SenderOptions,
+    args: &PushArgs,
+) -> Result<(), CommandError> {
+    if args.steps != 1 {
+        return Err(SetupError::Invalid("--listen pushes one version (--steps 1)".into()).into());
+    }
+    let version = Version(args.version);
+    // The weights, ready before the first receiver comes.
+    let host: Box<dyn SourceTensors> = match model {
+        ModelSource::Synthetic(config) => Box::new(HostTensors::synthetic(config, 7)),
+        ModelSource::Dir(dir) => Box::new(CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?),
+    };
+    let device = match args.trainer.device {
+        DeviceArg::Cuda(ordinal) => {
+            let gpu = open_gpu(ordinal)?;
+            let mut tensors = GpuTensors::alloc(&gpu, manifest)?;
+            tensors.upload(host.as_ref())?;
+            Some((gpu, tensors))
+        }
+        DeviceArg::Host => None,
+    };
+    let listener = listen.bind().map_err(|e| CommandError::Io(format!("cannot listen on {listen}: {e}")))?;
+    let endpoint = listener.endpoint().map_err(|e| CommandError::Io(e.to_string()))?;
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "listening on {endpoint}").and_then(|()| stdout.flush());
+    let mut served = 0u64;
+    while args.receivers.is_none_or(|n| served < n) {
+        let stream = listener.accept().map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))?;
+        served += 1;
+        let peer = stream.peer();
+        let pushed = Sender::accept(stream, manifest, rules, options.clone()).and_then(|mut sender| match &device {
+            Some((gpu, tensors)) => sender.push_device(version, gpu, tensors),
+            None => sender.push(version, host.as_ref()),
+        });
+        // One line per receiver: its report, or why it got nothing (the next may fare better).
+        match pushed {
+            Ok(report) => {
+                let _ = writeln!(stdout, "{}", serde_json::to_string(&report).expect("serialises"))
+                    .and_then(|()| stdout.flush());
+            }
+            Err(e) => tracing::warn!(%peer, "version {version} not delivered: {e}"),
+        }
+    }
+    Ok(())
 }
 
 fn push_one(

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use weightlift::core::{exec, plan, Manifest, TpRank};
+use weightlift::agent::{Agent, AgentOptions};
+use weightlift::core::{exec, plan, Manifest, RuleSet, TpRank};
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
 use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions};
@@ -39,6 +40,13 @@ pub struct ServeArgs {
     /// Where the tensors live: host, or cuda:N (updates then come over cuda-ipc).
     #[arg(long, default_value = "host")]
     pub device: DeviceArg,
+    /// Also serve the HTTP API (update_weights, weights_checker, version, metrics, ...) on this
+    /// address, e.g. 127.0.0.1:8000 (port 0 picks one); printed on the second line of stdout.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// The bearer token the HTTP API requires.
+    #[arg(long, env = "WEIGHTLIFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
@@ -47,7 +55,7 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
     let inputs = args.model.mapping().inputs(&model, tp)?;
     if let (DeviceArg::Cuda(_), ModelSource::Synthetic(_)) = (args.device, &model) {
         // Zeros straight on the GPU: a model's worth of host memory would be wasted.
-        return serve(args, &model, inputs.destination.clone(), None, tp);
+        return serve(args, &model, inputs.destination.clone(), None, tp, &inputs.rules);
     }
     let mut tensors = HostTensors::filled(inputs.destination.clone(), 0);
     if let ModelSource::Dir(dir) = &model {
@@ -61,16 +69,18 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
         }
         tensors = HostTensors::new(manifest, data).map_err(|e| CommandError::Io(e.to_string()))?;
     }
-    serve(args, &model, inputs.destination.clone(), Some(tensors), tp)
+    serve(args, &model, inputs.destination.clone(), Some(tensors), tp, &inputs.rules)
 }
 
-/// Serves `destination` (starting from `host`, or zeros) until the listener fails.
+/// Serves `destination` (starting from `host`, or zeros) until the listener fails; with
+/// --http, the HTTP API too (updates from disk mapped by `rules`).
 fn serve(
     args: &ServeArgs,
     model: &ModelSource,
     destination: Manifest,
     host: Option<HostTensors>,
     tp: TpRank,
+    rules: &RuleSet,
 ) -> Result<(), CommandError> {
     let options = ReceiverOptions {
         tp,
@@ -103,6 +113,19 @@ fn serve(
     // for it and may close the pipe after it, which must not matter.
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {endpoint}").and_then(|()| stdout.flush());
+    // The HTTP API serves from its own thread while this one accepts senders.
+    let _http = match &args.http {
+        Some(addr) => {
+            let options =
+                AgentOptions { token: args.token.clone(), disk_rules: Some(rules.clone()), ..AgentOptions::default() };
+            let running = Agent::new(receiver.clone(), options)
+                .spawn(addr)
+                .map_err(|e| CommandError::Io(format!("cannot serve HTTP on {addr}: {e}")))?;
+            let _ = writeln!(stdout, "http on http://{}", running.addr()).and_then(|()| stdout.flush());
+            Some(running)
+        }
+        None => None,
+    };
     tracing::info!("holding {} ({} tensors, {}) as {tp}", model.name(), destination.len(), gb(bytes));
     receiver.serve(&listener).map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))
 }

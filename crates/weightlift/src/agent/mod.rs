@@ -1,0 +1,668 @@
+//! The engine agent: the HTTP API that RL frameworks and engines call on a receiver to update
+//! its weights (from a checkpoint on disk or from a sender), check them, release and resume
+//! its memory by tag, and read its version and metrics.
+//!
+//! Bound to loopback unless told otherwise, with an optional bearer token and a request body
+//! limit; every error is `{"error": {"code", "message"}}` with a fitting status. One update
+//! at a time: a second one, a stale version, or an update while the weights' memory is
+//! released is refused with 409 and the reason. The API describes itself at `/openapi.json`.
+
+pub mod api;
+pub mod memory;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use weightlift_core::{RuleSet, Version};
+
+use crate::net::Endpoint;
+use crate::protocol::TransportKind;
+use crate::receiver::{Expect, FetchError, Receiver};
+use crate::report::UpdateReport;
+use crate::sender::{SendError, SenderOptions};
+use crate::tensors::{CheckpointTensors, SourceTensors};
+use api::*;
+pub use memory::{MemoryControl, MemoryError, WEIGHTS_TAG};
+use metrics::{FailureReason, Metrics};
+
+/// How an agent serves.
+#[derive(Clone, Default)]
+pub struct AgentOptions {
+    /// Requests must carry `Authorization: Bearer <token>` (all but `/health`).
+    pub token: Option<String>,
+    /// Largest request body accepted, in bytes (default 64 KiB: requests are small).
+    pub body_limit: Option<usize>,
+    /// Rules that map a checkpoint's tensors onto this engine's (its preset); without them,
+    /// updates from disk are refused with 501.
+    pub disk_rules: Option<RuleSet>,
+    /// The engine's tagged memory; without it, the memory endpoints answer 501.
+    pub memory: Option<Arc<dyn MemoryControl>>,
+}
+
+const DEFAULT_BODY_LIMIT: usize = 64 << 10;
+
+struct AgentState {
+    receiver: Receiver,
+    options: AgentOptions,
+    /// Held while an HTTP-started update runs (a second is refused, not queued).
+    updating: Arc<tokio::sync::Mutex<()>>,
+    /// Each tensor's digest at the last `snapshot`.
+    snapshot: Mutex<Option<Vec<u64>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The HTTP API of one receiver.
+#[derive(Clone)]
+pub struct Agent {
+    state: Arc<AgentState>,
+}
+
+/// An error response: status, stable code, message, and the report of an update that was
+/// attempted and not committed.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// Boxed: most errors carry none, and a report is large.
+    report: Option<Box<UpdateReport>>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), report: None }
+    }
+
+    fn with_report(mut self, report: UpdateReport) -> ApiError {
+        self.report = Some(Box::new(report));
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let report = self.report.map(|r| *r);
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message, report } };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// A JSON body whose rejections are this API's errors (malformed JSON, a body of the wrong
+/// shape, a missing content type, a body over the limit).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T> FromRequest<S> for JsonBody<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => {
+                let message = rejection.body_text();
+                Err(match rejection {
+                    JsonRejection::JsonSyntaxError(_) => {
+                        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message)
+                    }
+                    JsonRejection::JsonDataError(_) => {
+                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+                    }
+                    JsonRejection::MissingJsonContentType(_) => {
+                        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+                    }
+                    other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+                    }
+                    _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_body", message),
+                })
+            }
+        }
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{what}: {e}"))
+}
+
+/// Runs blocking receiver work off the async threads.
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| internal("a worker thread failed", e))
+}
+
+impl Agent {
+    /// The API of `receiver`; its metrics count every update the receiver settles from now
+    /// on, also those pushed straight to its transport listener.
+    pub fn new(receiver: Receiver, options: AgentOptions) -> Agent {
+        let metrics = Arc::new(Metrics::default());
+        let observed = metrics.clone();
+        receiver.observe(Arc::new(move |report: &UpdateReport| observed.settled(report)));
+        let state = AgentState {
+            receiver,
+            options,
+            updating: Arc::new(tokio::sync::Mutex::new(())),
+            snapshot: Mutex::new(None),
+            metrics,
+        };
+        Agent { state: Arc::new(state) }
+    }
+
+    /// The routes, with authentication and the body limit.
+    pub fn router(&self) -> Router {
+        let limit = self.state.options.body_limit.unwrap_or(DEFAULT_BODY_LIMIT);
+        Router::new()
+            .route("/health", get(health))
+            .route("/version", get(version))
+            .route("/metrics", get(metrics_text))
+            .route("/openapi.json", get(openapi_json))
+            .route("/update_weights", post(update_weights))
+            .route("/weights_checker", post(weights_checker))
+            .route("/release_memory_occupation", post(release_memory))
+            .route("/resume_memory_occupation", post(resume_memory))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(middleware::from_fn_with_state(self.state.clone(), authenticate))
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn_with_state(limit, refuse_oversized))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+    }
+
+    /// Serves on `addr` ("127.0.0.1:8000"; port 0 picks one) from a thread of its own (with its
+    /// own runtime, so callers need none and may have one), until the returned handle is
+    /// dropped or stopped.
+    pub fn spawn(&self, addr: &str) -> std::io::Result<RunningAgent> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("weightlift-http")
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let agent = self.clone();
+        let thread = std::thread::Builder::new().name("weightlift-http".into()).spawn(move || {
+            let served = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let (mut signal, mut grace) = (stopped.clone(), stopped);
+                let shutdown = async move { drop(signal.wait_for(|&stop| stop).await) };
+                // Graceful shutdown waits for open connections; a client that keeps one open
+                // (an unread error response) must not hold the stop up for long.
+                let deadline = async move {
+                    drop(grace.wait_for(|&stop| stop).await);
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                };
+                tokio::select! {
+                    served = agent.serve(listener, shutdown) => served,
+                    () = deadline => Ok(()),
+                }
+            });
+            if let Err(e) = served {
+                tracing::error!("the HTTP agent stopped: {e}");
+            }
+        })?;
+        Ok(RunningAgent { addr: local, stop, thread: Some(thread) })
+    }
+}
+
+/// How long a stopping agent lets open connections finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An agent serving from its own thread; stops when dropped.
+pub struct RunningAgent {
+    addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for the server thread (at most about a second more than the
+    /// requests in flight take).
+    pub fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn authenticate(State(state): State<Arc<AgentState>>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.options.token else { return next.run(request).await };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if given == token => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this agent needs `Authorization: Bearer <token>`")
+                .into_response()
+        }
+    }
+}
+
+/// Refuses a body whose declared length is over `limit` before reading any of it (a body
+/// without a length is cut at the limit while read, with the same error).
+async fn refuse_oversized(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a body of {length} bytes is over this agent's limit of {limit}"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint {}", request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {}", request.uri().path(), request.method()),
+    )
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "The agent is up", body = HealthResponse)))]
+async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse { status: "ok".into() })
+}
+
+/// The committed weight version and whether the receiver is dirty.
+#[utoipa::path(get, path = "/version", security((), ("bearer" = [])), responses(
+    (status = 200, description = "The version state", body = VersionResponse),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+))]
+async fn version(State(state): State<Arc<AgentState>>) -> Json<VersionResponse> {
+    let status = state.receiver.status();
+    Json(VersionResponse {
+        version: status.committed.0,
+        dirty: !status.dirty.is_empty(),
+        dirty_tensors: status.dirty,
+        in_flight: status.in_flight.map(|v| v.0),
+    })
+}
+
+/// Prometheus metrics: updates, bytes, durations, failures by reason, paused bytes by tag.
+#[utoipa::path(get, path = "/metrics", security((), ("bearer" = [])), responses(
+    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+))]
+async fn metrics_text(State(state): State<Arc<AgentState>>) -> Response {
+    let paused = state.options.memory.as_ref().map(|m| m.paused()).unwrap_or_default();
+    let text = state.metrics.render(state.receiver.committed().0, &paused);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", security((), ("bearer" = [])), responses(
+    (status = 200, description = "The OpenAPI document", body = Object),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+/// Updates the weights to `version` from a checkpoint on disk or from a sender, and returns
+/// the update's report once it is committed.
+#[utoipa::path(post, path = "/update_weights", security((), ("bearer" = [])), request_body = UpdateWeightsRequest, responses(
+    (status = 200, description = "Committed: the update's report", body = UpdateReport),
+    (status = 400, description = "Malformed body, bad version, endpoint or transfer mode, or a source that cannot be mapped onto this engine", body = ErrorBody),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+    (status = 404, description = "The checkpoint directory does not exist", body = ErrorBody),
+    (status = 409, description = "Another update is running, the version is not above the committed one, or the weights' memory is released", body = ErrorBody),
+    (status = 413, description = "Request body over the limit", body = ErrorBody),
+    (status = 415, description = "The body is not application/json", body = ErrorBody),
+    (status = 422, description = "The update was attempted and not committed (transfer broke, digests differed, the sender could not be reached or offered another version); the receiver keeps its last version", body = ErrorBody),
+    (status = 501, description = "This receiver cannot take updates from that source", body = ErrorBody),
+))]
+async fn update_weights(
+    State(state): State<Arc<AgentState>>,
+    JsonBody(request): JsonBody<UpdateWeightsRequest>,
+) -> Result<Json<UpdateReport>, ApiError> {
+    let version = request.version.trim().parse::<u64>().map(Version).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("version `{}` is not a whole number", request.version),
+        )
+    })?;
+    let refuse = |reason: FailureReason, code: &'static str, message: String| {
+        state.metrics.failed(reason);
+        ApiError::new(StatusCode::CONFLICT, code, message)
+    };
+    if let Some(memory) = &state.options.memory {
+        if memory.paused().iter().any(|(tag, bytes)| tag == WEIGHTS_TAG && *bytes > 0) {
+            return Err(refuse(
+                FailureReason::Paused,
+                "paused",
+                format!("the `{WEIGHTS_TAG}` memory is released: resume it before updating to version {version}"),
+            ));
+        }
+    }
+    let Ok(guard) = state.updating.clone().try_lock_owned() else {
+        return Err(refuse(
+            FailureReason::Busy,
+            "busy",
+            format!("another update is running; version {version} not started"),
+        ));
+    };
+    let status = state.receiver.status();
+    if let Some(in_flight) = status.in_flight {
+        return Err(refuse(
+            FailureReason::Busy,
+            "busy",
+            format!("version {in_flight} is being received; version {version} not started"),
+        ));
+    }
+    if version <= status.committed {
+        return Err(refuse(
+            FailureReason::StaleVersion,
+            "stale_version",
+            format!("version {version} is not above the committed version {}", status.committed),
+        ));
+    }
+    let worker = state.clone();
+    let result = blocking(move || {
+        let _held = guard;
+        match request.source {
+            UpdateSource::Disk(path) => update_from_disk(&worker, Path::new(&path), version, request.transfer_mode),
+            UpdateSource::Sender(addr) => update_from_sender(&worker, &addr, version, request.transfer_mode),
+        }
+    })
+    .await?;
+    match result {
+        Ok(report) if report.verified => Ok(Json(report)),
+        Ok(report) => {
+            let reason = report.error.clone().unwrap_or_else(|| "digests differ".into());
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "update_failed",
+                format!("version {version} was not committed: {reason}"),
+            )
+            .with_report(report))
+        }
+        Err(e) => {
+            let reason = match e.code {
+                "fetch_failed" => FailureReason::Fetch,
+                "busy" => FailureReason::Busy,
+                _ => FailureReason::BadSource,
+            };
+            state.metrics.failed(reason);
+            Err(e)
+        }
+    }
+}
+
+/// Reads the checkpoint at `dir` and applies it as `version`, in this process.
+fn update_from_disk(
+    state: &AgentState,
+    dir: &Path,
+    version: Version,
+    mode: TransferMode,
+) -> Result<UpdateReport, ApiError> {
+    if mode != TransferMode::Auto {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a checkpoint on disk is read in place: transfer_mode must be auto",
+        ));
+    }
+    if state.receiver.is_on_gpu() {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "this receiver's weights are on a GPU: updates from disk are not supported there yet (push from a sender)",
+        ));
+    }
+    let Some(rules) = &state.options.disk_rules else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "this agent was started without rules for checkpoints (serve it with --synthetic or --model)",
+        ));
+    };
+    if !dir.is_dir() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no checkpoint directory at {}", dir.display()),
+        ));
+    }
+    let checkpoint = CheckpointTensors::open(dir)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_checkpoint", e.to_string()))?;
+    let mut sender = state
+        .receiver
+        .connect_in_process(checkpoint.manifest(), rules, SenderOptions::default())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string()))?;
+    sender.push(version, &checkpoint).map_err(|e| match e {
+        SendError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "busy", e.to_string()),
+        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "update_failed", other.to_string()),
+    })
+}
+
+/// Connects to the sender at `addr` and takes `version` from it.
+fn update_from_sender(
+    state: &AgentState,
+    addr: &str,
+    version: Version,
+    mode: TransferMode,
+) -> Result<UpdateReport, ApiError> {
+    let endpoint: Endpoint =
+        addr.parse().map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?;
+    let transport = match mode {
+        TransferMode::Auto => None,
+        TransferMode::Shm => Some(TransportKind::Shm),
+        TransferMode::Tcp => Some(TransportKind::Tcp),
+        TransferMode::Ipc => Some(TransportKind::CudaIpc),
+    };
+    state.receiver.fetch(&endpoint, Expect { version, transport }).map_err(|e| match e {
+        // Another update began (from a sender of its own) since the checks above.
+        FetchError::Version(_) => ApiError::new(StatusCode::CONFLICT, "busy", e.to_string()),
+        FetchError::Connect { .. } | FetchError::Sender { .. } | FetchError::NoUpdate { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "fetch_failed", e.to_string())
+        }
+    })
+}
+
+/// Digests of the weights where they live: snapshot, compare, reset, checksum.
+#[utoipa::path(post, path = "/weights_checker", security((), ("bearer" = [])), request_body = CheckerRequest, responses(
+    (status = 200, description = "The action's result; `success` is false when `compare` finds differences", body = CheckerResponse),
+    (status = 400, description = "Malformed body or unknown action", body = ErrorBody),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+    (status = 409, description = "`compare` before any `snapshot`", body = ErrorBody),
+    (status = 413, description = "Request body over the limit", body = ErrorBody),
+    (status = 415, description = "The body is not application/json", body = ErrorBody),
+    (status = 500, description = "The GPU failed to digest or overwrite the weights", body = ErrorBody),
+))]
+async fn weights_checker(
+    State(state): State<Arc<AgentState>>,
+    JsonBody(request): JsonBody<CheckerRequest>,
+) -> Result<Json<CheckerResponse>, ApiError> {
+    let action = request.action;
+    let worker = state.clone();
+    let response = blocking(move || -> Result<CheckerResponse, ApiError> {
+        let receiver = &worker.receiver;
+        let names = || receiver.manifest().iter().map(|s| s.name.clone());
+        let tensors = receiver.manifest().len();
+        let digests = || receiver.current_digests().map_err(|e| internal("digesting the weights", e));
+        let mut response = CheckerResponse {
+            success: true,
+            action: format!("{action:?}").to_lowercase(),
+            tensors,
+            mismatched: None,
+            checksums: None,
+        };
+        match action {
+            CheckerAction::Snapshot => {
+                let now = digests()?;
+                *worker.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            }
+            CheckerAction::Compare => {
+                let Some(before) = worker.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "no_snapshot",
+                        "no snapshot taken: call snapshot first",
+                    ));
+                };
+                let now = digests()?;
+                let mismatched: Vec<String> =
+                    names().zip(before.iter().zip(&now)).filter(|(_, (a, b))| a != b).map(|(n, _)| n).collect();
+                response.success = mismatched.is_empty();
+                response.mismatched = Some(mismatched);
+            }
+            CheckerAction::Reset => {
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0x5eed, |d| d.as_nanos() as u64);
+                receiver.scramble(seed).map_err(|e| internal("overwriting the weights", e))?;
+            }
+            CheckerAction::Checksum => {
+                let now = digests()?;
+                response.checksums = Some(names().zip(now).map(|(n, d)| (n, format!("{d:016x}"))).collect());
+            }
+        }
+        Ok(response)
+    })
+    .await??;
+    Ok(Json(response))
+}
+
+/// Releases the GPU memory of the given tags (the weights' and KV cache's, say).
+#[utoipa::path(post, path = "/release_memory_occupation", security((), ("bearer" = [])), request_body = MemoryRequest, responses(
+    (status = 200, description = "Released: bytes paused per tag", body = MemoryResponse),
+    (status = 400, description = "Malformed body or unknown tag", body = ErrorBody),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+    (status = 409, description = "The memory could not be released; nothing changed", body = ErrorBody),
+    (status = 413, description = "Request body over the limit", body = ErrorBody),
+    (status = 415, description = "The body is not application/json", body = ErrorBody),
+    (status = 501, description = "This receiver has no tagged memory pool", body = ErrorBody),
+))]
+async fn release_memory(
+    State(state): State<Arc<AgentState>>,
+    JsonBody(request): JsonBody<MemoryRequest>,
+) -> Result<Json<MemoryResponse>, ApiError> {
+    memory_call(&state, request, |memory, tags| memory.release(tags)).await
+}
+
+/// Maps the GPU memory of the given tags again, at the same addresses.
+#[utoipa::path(post, path = "/resume_memory_occupation", security((), ("bearer" = [])), request_body = MemoryRequest, responses(
+    (status = 200, description = "Resumed: bytes still paused per tag", body = MemoryResponse),
+    (status = 400, description = "Malformed body or unknown tag", body = ErrorBody),
+    (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+    (status = 409, description = "The memory could not be resumed (not enough free); it stays released", body = ErrorBody),
+    (status = 413, description = "Request body over the limit", body = ErrorBody),
+    (status = 415, description = "The body is not application/json", body = ErrorBody),
+    (status = 501, description = "This receiver has no tagged memory pool", body = ErrorBody),
+))]
+async fn resume_memory(
+    State(state): State<Arc<AgentState>>,
+    JsonBody(request): JsonBody<MemoryRequest>,
+) -> Result<Json<MemoryResponse>, ApiError> {
+    memory_call(&state, request, |memory, tags| memory.resume(tags)).await
+}
+
+async fn memory_call(
+    state: &Arc<AgentState>,
+    request: MemoryRequest,
+    call: impl FnOnce(&dyn MemoryControl, &[String]) -> Result<Vec<(String, u64)>, MemoryError> + Send + 'static,
+) -> Result<Json<MemoryResponse>, ApiError> {
+    let Some(memory) = state.options.memory.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "this receiver has no tagged memory pool: its memory cannot be released or resumed by tag",
+        ));
+    };
+    let result = blocking(move || call(memory.as_ref(), &request.tags)).await?;
+    match result {
+        Ok(paused) => Ok(Json(MemoryResponse { success: true, paused_bytes: paused.into_iter().collect() })),
+        Err(e @ MemoryError::UnknownTag(_)) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "unknown_tag", e.to_string()))
+        }
+        Err(e @ MemoryError::Refused(_)) => Err(ApiError::new(StatusCode::CONFLICT, "memory_refused", e.to_string())),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "weightlift engine agent",
+        description = "Update an inference engine's weights to a version (from disk or from a sender), check them where they live, release and resume its memory by tag, and read its version and metrics."
+    ),
+    paths(health, version, metrics_text, openapi_json, update_weights, weights_checker, release_memory, resume_memory),
+    components(schemas(
+        ErrorBody, ErrorDetail, UpdateWeightsRequest, UpdateSource, TransferMode, CheckerRequest, CheckerAction,
+        CheckerResponse, MemoryRequest, MemoryResponse, HealthResponse, VersionResponse, UpdateReport
+    )),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc
+}

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod models;
 pub mod pattern;
 pub mod plan;
+pub mod pool;
 pub mod presets;
 pub mod region;
 pub mod rules;

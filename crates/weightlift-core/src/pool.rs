@@ -1,0 +1,445 @@
+//! Tagged device memory: the bookkeeping of a pool that maps physical memory in large chunks,
+//! sub-allocates from them, and pauses and resumes whole tags at stable virtual addresses.
+//!
+//! Every allocation carries a tag (`weights`, `kv_cache`, `cuda_graph`, ...) and lives in a
+//! chunk of that tag only, so pausing a tag releases whole chunks. [`TaggedPool::pause`]
+//! optionally copies the tag's live bytes to pinned host staging (allocated once per tag and
+//! reused every cycle), then unmaps its chunks and releases their physical memory; the
+//! address ranges stay reserved. [`TaggedPool::resume`] maps new physical memory at the same
+//! addresses and restores the backup, all or nothing: it checks the free memory first, and a
+//! step that fails undoes the steps before it, leaving the tag paused.
+//!
+//! The device is a [`Backend`]: CUDA's virtual memory management in `weightlift-cuda`, and an
+//! in-memory fake in the tests here. Nothing here touches a GPU.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What the pool needs from a device: address ranges, physical memory, mappings, pinned host
+/// staging and copies. Every method that returns an error leaves nothing half done.
+pub trait Backend {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// A physical allocation.
+    type Physical;
+    /// Pinned host memory.
+    type Staging;
+
+    /// The size physical allocations and mappings are made in (2 MiB on H100/H200).
+    fn granularity(&self) -> u64;
+    /// Reserves `bytes` of virtual address space (a multiple of the granularity).
+    fn reserve(&mut self, bytes: u64) -> Result<u64, Self::Error>;
+    fn free_range(&mut self, va: u64, bytes: u64);
+    /// Creates `bytes` of physical memory (a multiple of the granularity).
+    fn create(&mut self, bytes: u64) -> Result<Self::Physical, Self::Error>;
+    fn release(&mut self, physical: Self::Physical);
+    /// Maps `physical` at `va` and makes it readable and writable by the device.
+    fn map(&mut self, va: u64, bytes: u64, physical: &Self::Physical) -> Result<(), Self::Error>;
+    fn unmap(&mut self, va: u64, bytes: u64);
+    /// Device memory free now.
+    fn free_bytes(&mut self) -> Result<u64, Self::Error>;
+    /// Pinned host memory of `bytes`.
+    fn staging(&mut self, bytes: u64) -> Result<Self::Staging, Self::Error>;
+    /// Queues a copy of `bytes` at device address `from` to `staging[at..]`.
+    fn to_host(&mut self, from: u64, staging: &mut Self::Staging, at: u64, bytes: u64) -> Result<(), Self::Error>;
+    /// Queues a copy of `staging[at..at + bytes]` to device address `to`.
+    fn to_device(&mut self, staging: &Self::Staging, at: u64, to: u64, bytes: u64) -> Result<(), Self::Error>;
+    /// Waits for every queued copy.
+    fn wait(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Allocations are aligned to this (what CUDA's own allocators give, and what torch expects).
+pub const ALIGNMENT: u64 = 512;
+
+/// Default bytes mapped per chunk: large enough that per-handle costs (~100 us to create,
+/// map and set access) stay off the hot path, small enough not to strand much memory.
+pub const DEFAULT_CHUNK_BYTES: u64 = 256 << 20;
+
+/// How a tag's memory is handled when paused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TagOptions {
+    /// Copy the live bytes to pinned host memory on pause and back on resume.
+    pub cpu_backup: bool,
+    /// Keep the physical memory on pause (only unmap it), so that resume maps the very same
+    /// pages: for state tied to them, such as NCCL buffer registrations. Frees nothing.
+    pub keep_physical: bool,
+}
+
+/// A tag's state and sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagStats {
+    pub tag: String,
+    pub paused: bool,
+    pub chunks: usize,
+    /// Address space the tag's chunks hold, mapped or not.
+    pub reserved_bytes: u64,
+    /// Physical memory mapped now (0 while paused).
+    pub mapped_bytes: u64,
+    /// Physical memory the tag gave back while paused (0 while active, and with keep_physical).
+    pub paused_bytes: u64,
+    /// Bytes of live allocations.
+    pub allocated_bytes: u64,
+    /// Bytes held in host memory for the tag (its last backup, while paused).
+    pub backed_up_bytes: u64,
+    /// Pinned host staging kept for the tag across cycles.
+    pub staging_bytes: u64,
+}
+
+/// A transition a hook is told of: before a tag's memory goes, after it is back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Pausing,
+    Resumed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError<E: std::error::Error + 'static> {
+    #[error("unknown memory tag `{0}`")]
+    UnknownTag(String),
+    #[error("no allocation of this pool starts at {0:#x}")]
+    UnknownAddress(u64),
+    #[error("memory tag `{0}` is paused: resume it before allocating in it")]
+    Paused(String),
+    #[error("not enough device memory for tag `{tag}`: {needed} bytes needed, {free} free")]
+    NotEnoughMemory { tag: String, needed: u64, free: u64 },
+    #[error("device call failed for tag `{tag}` ({action}): {source}")]
+    Device {
+        tag: String,
+        action: &'static str,
+        #[source]
+        source: E,
+    },
+}
+
+/// A hook told of every pause and resume.
+pub type Hook = Box<dyn FnMut(&str, Transition) + Send>;
+
+struct Chunk<P> {
+    va: u64,
+    bytes: u64,
+    /// None while paused (unless the tag keeps its physical memory).
+    physical: Option<P>,
+    mapped: bool,
+    /// Free (offset, length) ranges, sorted and coalesced.
+    free: Vec<(u64, u64)>,
+}
+
+impl<P> Chunk<P> {
+    fn is_empty(&self) -> bool {
+        self.free.len() == 1 && self.free[0] == (0, self.bytes)
+    }
+
+    /// Takes `bytes` (aligned) from the first free range that fits; the offset.
+    fn take(&mut self, bytes: u64) -> Option<u64> {
+        let i = self.free.iter().position(|&(_, len)| len >= bytes)?;
+        let (offset, len) = self.free[i];
+        if len == bytes {
+            self.free.remove(i);
+        } else {
+            self.free[i] = (offset + bytes, len - bytes);
+        }
+        Some(offset)
+    }
+
+    /// Returns [offset, offset + bytes) to the free list, merged with its neighbours.
+    fn give_back(&mut self, offset: u64, bytes: u64) {
+        let i = self.free.partition_point(|&(o, _)| o < offset);
+        self.free.insert(i, (offset, bytes));
+        if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0 {
+            self.free[i].1 += self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
+            self.free[i - 1].1 += self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+}
+
+struct Tag<B: Backend> {
+    options: TagOptions,
+    paused: bool,
+    chunks: Vec<Chunk<B::Physical>>,
+    /// Pinned host memory kept across cycles, and its size.
+    staging: Option<(B::Staging, u64)>,
+    /// While paused with a backup: (address, offset in staging, bytes) of each live allocation.
+    backup: Vec<(u64, u64, u64)>,
+}
+
+struct Allocation {
+    tag: String,
+    chunk_va: u64,
+    bytes: u64,
+}
+
+/// A pool of tagged device memory over `B`. Not thread-safe by itself: share it behind a lock.
+pub struct TaggedPool<B: Backend> {
+    backend: B,
+    chunk_bytes: u64,
+    tags: BTreeMap<String, Tag<B>>,
+    /// Live allocations by address.
+    allocations: BTreeMap<u64, Allocation>,
+    hooks: Vec<Hook>,
+}
+
+impl<B: Backend> fmt::Debug for TaggedPool<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaggedPool").field("stats", &self.stats()).finish()
+    }
+}
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+impl<B: Backend> TaggedPool<B> {
+    /// A pool mapping chunks of `chunk_bytes` (rounded up to the granularity).
+    pub fn new(backend: B, chunk_bytes: u64) -> TaggedPool<B> {
+        let chunk_bytes = round_up(chunk_bytes.max(1), backend.granularity());
+        TaggedPool { backend, chunk_bytes, tags: BTreeMap::new(), allocations: BTreeMap::new(), hooks: Vec::new() }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Sets how `tag` is paused (creating the tag if new); applies from its next pause.
+    pub fn configure(&mut self, tag: &str, options: TagOptions) {
+        self.tag_mut(tag).options = options;
+    }
+
+    /// Calls `hook` on every pause (before the memory goes) and resume (after it is back).
+    pub fn add_hook(&mut self, hook: Hook) {
+        self.hooks.push(hook);
+    }
+
+    fn tag_mut(&mut self, tag: &str) -> &mut Tag<B> {
+        self.tags.entry(tag.to_string()).or_insert_with(|| Tag {
+            options: TagOptions::default(),
+            paused: false,
+            chunks: Vec::new(),
+            staging: None,
+            backup: Vec::new(),
+        })
+    }
+
+    /// `bytes` of device memory tagged `tag`; its address.
+    pub fn alloc(&mut self, tag: &str, bytes: u64) -> Result<u64, PoolError<B::Error>> {
+        let bytes = round_up(bytes.max(1), ALIGNMENT);
+        let chunk_bytes = self.chunk_bytes;
+        let granularity = self.backend.granularity();
+        let state = self.tag_mut(tag);
+        if state.paused {
+            return Err(PoolError::Paused(tag.to_string()));
+        }
+        let found = state.chunks.iter_mut().find_map(|c| c.take(bytes).map(|offset| (c.va, offset)));
+        let (chunk_va, offset) = match found {
+            Some(found) => found,
+            None => {
+                let size = chunk_bytes.max(round_up(bytes, granularity));
+                let mut chunk = self.new_chunk(tag, size)?;
+                let offset = chunk.take(bytes).expect("a new chunk holds the allocation");
+                let va = chunk.va;
+                self.tag_mut(tag).chunks.push(chunk);
+                (va, offset)
+            }
+        };
+        let address = chunk_va + offset;
+        self.allocations.insert(address, Allocation { tag: tag.to_string(), chunk_va, bytes });
+        Ok(address)
+    }
+
+    /// Reserves, creates and maps one chunk; undoes what was done if a step fails.
+    fn new_chunk(&mut self, tag: &str, size: u64) -> Result<Chunk<B::Physical>, PoolError<B::Error>> {
+        let device = |action, source| PoolError::Device { tag: tag.to_string(), action, source };
+        let va = self.backend.reserve(size).map_err(|e| device("reserving addresses", e))?;
+        let physical = match self.backend.create(size) {
+            Ok(p) => p,
+            Err(e) => {
+                self.backend.free_range(va, size);
+                let free = self.backend.free_bytes().unwrap_or(0);
+                return Err(if free < size {
+                    PoolError::NotEnoughMemory { tag: tag.to_string(), needed: size, free }
+                } else {
+                    device("creating physical memory", e)
+                });
+            }
+        };
+        if let Err(e) = self.backend.map(va, size, &physical) {
+            self.backend.release(physical);
+            self.backend.free_range(va, size);
+            return Err(device("mapping", e));
+        }
+        Ok(Chunk { va, bytes: size, physical: Some(physical), mapped: true, free: vec![(0, size)] })
+    }
+
+    /// Frees the allocation at `address`. A chunk left empty is given back whole (its
+    /// addresses too); in a paused tag, that needs no device memory work beyond the unreserve.
+    pub fn free(&mut self, address: u64) -> Result<(), PoolError<B::Error>> {
+        let allocation = self.allocations.remove(&address).ok_or(PoolError::UnknownAddress(address))?;
+        let tag = self.tags.get_mut(&allocation.tag).expect("allocations belong to known tags");
+        tag.backup.retain(|&(a, _, _)| a != address);
+        let i = tag.chunks.iter().position(|c| c.va == allocation.chunk_va).expect("allocations belong to a chunk");
+        tag.chunks[i].give_back(address - allocation.chunk_va, allocation.bytes);
+        if tag.chunks[i].is_empty() {
+            let chunk = tag.chunks.remove(i);
+            if chunk.mapped {
+                self.backend.unmap(chunk.va, chunk.bytes);
+            }
+            if let Some(physical) = chunk.physical {
+                self.backend.release(physical);
+            }
+            self.backend.free_range(chunk.va, chunk.bytes);
+        }
+        Ok(())
+    }
+
+    /// Gives back the physical memory of `tag` (after backing it up, if configured), keeping
+    /// its addresses. Pausing a paused tag does nothing.
+    pub fn pause(&mut self, tag: &str) -> Result<(), PoolError<B::Error>> {
+        let addresses: Vec<(u64, u64)> =
+            self.allocations.iter().filter(|(_, a)| a.tag == tag).map(|(&address, a)| (address, a.bytes)).collect();
+        let Some(state) = self.tags.get(tag) else { return Err(PoolError::UnknownTag(tag.to_string())) };
+        if state.paused {
+            return Ok(());
+        }
+        let options = state.options;
+        let device = |action, source| PoolError::Device { tag: tag.to_string(), action, source };
+        let mut backup = Vec::new();
+        if options.cpu_backup && !options.keep_physical {
+            let needed: u64 = addresses.iter().map(|&(_, bytes)| bytes).sum();
+            let state = self.tags.get_mut(tag).expect("checked above");
+            // Persistent staging: allocated once (grown when needed), reused every cycle.
+            if state.staging.as_ref().is_none_or(|&(_, size)| size < needed) {
+                state.staging = None;
+                let staging = self.backend.staging(needed).map_err(|e| device("allocating pinned staging", e))?;
+                self.tags.get_mut(tag).expect("checked above").staging = Some((staging, needed));
+            }
+            let state = self.tags.get_mut(tag).expect("checked above");
+            let (staging, _) = state.staging.as_mut().expect("allocated above");
+            let mut at = 0;
+            for &(address, bytes) in &addresses {
+                self.backend.to_host(address, staging, at, bytes).map_err(|e| device("copying to host", e))?;
+                backup.push((address, at, bytes));
+                at += bytes;
+            }
+            self.backend.wait().map_err(|e| device("copying to host", e))?;
+        }
+        for hook in &mut self.hooks {
+            hook(tag, Transition::Pausing);
+        }
+        let state = self.tags.get_mut(tag).expect("checked above");
+        for chunk in &mut state.chunks {
+            self.backend.unmap(chunk.va, chunk.bytes);
+            chunk.mapped = false;
+            if !options.keep_physical {
+                if let Some(physical) = chunk.physical.take() {
+                    self.backend.release(physical);
+                }
+            }
+        }
+        state.backup = backup;
+        state.paused = true;
+        Ok(())
+    }
+
+    /// Maps memory for `tag` again at the same addresses and restores its backup. All or
+    /// nothing: without enough free device memory, or when a step fails, the tag stays paused
+    /// and nothing it held changes. Resuming an active tag does nothing.
+    pub fn resume(&mut self, tag: &str) -> Result<(), PoolError<B::Error>> {
+        let Some(state) = self.tags.get_mut(tag) else { return Err(PoolError::UnknownTag(tag.to_string())) };
+        if !state.paused {
+            return Ok(());
+        }
+        let device = |action, source| PoolError::Device { tag: tag.to_string(), action, source };
+        let needed: u64 = state.chunks.iter().filter(|c| c.physical.is_none()).map(|c| c.bytes).sum();
+        let free = self.backend.free_bytes().map_err(|e| device("reading free memory", e))?;
+        if needed > free {
+            return Err(PoolError::NotEnoughMemory { tag: tag.to_string(), needed, free });
+        }
+        // Each chunk: physical memory (new, or kept), then the mapping; then the backup back.
+        // Any failure undoes this call's mappings and new physical memory.
+        let mut created = Vec::new();
+        let mut outcome = Ok(());
+        for (i, chunk) in state.chunks.iter_mut().enumerate() {
+            if chunk.physical.is_none() {
+                match self.backend.create(chunk.bytes) {
+                    Ok(physical) => {
+                        chunk.physical = Some(physical);
+                        created.push(i);
+                    }
+                    Err(e) => {
+                        outcome = Err(device("creating physical memory", e));
+                        break;
+                    }
+                }
+            }
+            let physical = chunk.physical.as_ref().expect("created or kept");
+            if let Err(e) = self.backend.map(chunk.va, chunk.bytes, physical) {
+                outcome = Err(device("mapping", e));
+                break;
+            }
+            chunk.mapped = true;
+        }
+        if let (Ok(()), Some((staging, _))) = (&outcome, &state.staging) {
+            outcome = state
+                .backup
+                .iter()
+                .try_for_each(|&(address, at, bytes)| self.backend.to_device(staging, at, address, bytes))
+                .and_then(|()| self.backend.wait())
+                .map_err(|e| device("restoring the backup", e));
+        }
+        if let Err(error) = outcome {
+            for chunk in &mut state.chunks {
+                if chunk.mapped {
+                    self.backend.unmap(chunk.va, chunk.bytes);
+                    chunk.mapped = false;
+                }
+            }
+            for i in created {
+                if let Some(physical) = state.chunks[i].physical.take() {
+                    self.backend.release(physical);
+                }
+            }
+            return Err(error);
+        }
+        state.backup.clear();
+        state.paused = false;
+        for hook in &mut self.hooks {
+            hook(tag, Transition::Resumed);
+        }
+        Ok(())
+    }
+
+    /// The tag an allocation belongs to.
+    pub fn tag_of(&self, address: u64) -> Option<&str> {
+        self.allocations.get(&address).map(|a| a.tag.as_str())
+    }
+
+    pub fn is_paused(&self, tag: &str) -> Option<bool> {
+        self.tags.get(tag).map(|t| t.paused)
+    }
+
+    /// Every tag's state and sizes, in name order.
+    pub fn stats(&self) -> Vec<TagStats> {
+        self.tags
+            .iter()
+            .map(|(name, t)| {
+                let released: u64 = t.chunks.iter().filter(|c| c.physical.is_none()).map(|c| c.bytes).sum();
+                TagStats {
+                    tag: name.clone(),
+                    paused: t.paused,
+                    chunks: t.chunks.len(),
+                    reserved_bytes: t.chunks.iter().map(|c| c.bytes).sum(),
+                    mapped_bytes: t.chunks.iter().filter(|c| c.mapped).map(|c| c.bytes).sum(),
+                    paused_bytes: if t.paused { released } else { 0 },
+                    allocated_bytes: self.allocations.values().filter(|a| &a.tag == name).map(|a| a.bytes).sum(),
+                    backed_up_bytes: t.backup.iter().map(|&(_, _, bytes)| bytes).sum(),
+                    staging_bytes: t.staging.as_ref().map_or(0, |&(_, size)| size),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -21,6 +21,7 @@ pub mod host_map;
 pub mod ipc;
 pub mod kernels;
 pub mod vmm;
+pub mod vmm_pool;
 
 pub use error::CudaError;
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, OwnedDeviceMemory};
@@ -31,6 +32,7 @@ pub use kernels::{
     WAVE_CHUNKS,
 };
 pub use vmm::{ImportedAllocation, SharedAllocation};
+pub use vmm_pool::{GpuPool, PhysicalMemory, PinnedHost, VmmDevice};
 
 #[cfg(test)]
 mod tests_gpu;

@@ -1,0 +1,344 @@
+//! The device side of the tagged memory pool ([`weightlift_core::pool`]) over CUDA's virtual
+//! memory management: address ranges (`cuMemAddressReserve`), physical memory (`cuMemCreate`,
+//! released with its RAII owner), mappings with access (`cuMemMap`, `cuMemSetAccess`), pinned
+//! host staging (`cuMemHostAlloc`, owned) and copies queued on a stream of the pool's own.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{
+    self, CUdeviceptr, CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
+    CUmemAllocationProp, CUmemAllocationProp_st__bindgen_ty_1, CUmemAllocationType, CUmemGenericAllocationHandle,
+    CUmemLocation, CUmemLocationType, CUresult,
+};
+use cudarc::driver::{CudaContext, CudaStream};
+use weightlift_core::pool::{Backend, TaggedPool};
+
+use crate::error::{Call, CudaError};
+use crate::gpu::Gpu;
+
+fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
+    if result == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(CudaError::Driver { call, code: result })
+    }
+}
+
+fn device_location(ordinal: usize) -> CUmemLocation {
+    CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as i32 }
+}
+
+/// Pinned device memory on `ordinal`, not shared with other processes.
+fn private_prop(ordinal: usize) -> CUmemAllocationProp {
+    CUmemAllocationProp {
+        type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+        location: device_location(ordinal),
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// Physical device memory from `cuMemCreate`; released when dropped.
+pub struct PhysicalMemory {
+    ctx: Arc<CudaContext>,
+    handle: CUmemGenericAllocationHandle,
+}
+
+impl Drop for PhysicalMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the handle came from cuMemCreate and is released exactly once, here; the pool
+        // unmaps it before dropping it.
+        let _ = unsafe { sys::cuMemRelease(self.handle) };
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc`; freed when dropped.
+pub struct PinnedHost {
+    ctx: Arc<CudaContext>,
+    ptr: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: the pointer is owned exclusively by this value (nothing else frees or aliases it),
+// and pinned host memory may be used and freed from any thread of the process.
+unsafe impl Send for PinnedHost {}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by cuMemHostAlloc, freed exactly once, here; the pool waits for
+        // every queued copy before staging can be dropped.
+        let _ = unsafe { sys::cuMemFreeHost(self.ptr) };
+    }
+}
+
+impl PinnedHost {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The pool's view of one GPU.
+pub struct VmmDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    granularity: u64,
+}
+
+/// A tagged memory pool on one GPU.
+pub type GpuPool = TaggedPool<VmmDevice>;
+
+impl Gpu {
+    /// A tagged memory pool on this GPU, mapping chunks of `chunk_bytes` (rounded up to the
+    /// allocation granularity). Pools are independent: a process may hold several.
+    pub fn tagged_pool(&self, chunk_bytes: u64) -> Result<GpuPool, CudaError> {
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let prop = private_prop(self.ordinal());
+        let mut granularity: usize = 0;
+        // SAFETY: both pointers are valid for the duration of the call.
+        let result = unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut granularity,
+                &prop,
+                CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+            )
+        };
+        check(result, "cuMemGetAllocationGranularity")?;
+        let stream = self.context().new_stream().call("cuStreamCreate")?;
+        let device = VmmDevice {
+            ctx: self.context().clone(),
+            stream,
+            ordinal: self.ordinal(),
+            granularity: granularity.max(1) as u64,
+        };
+        Ok(TaggedPool::new(device, chunk_bytes))
+    }
+}
+
+impl VmmDevice {
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")
+    }
+}
+
+impl Backend for VmmDevice {
+    type Error = CudaError;
+    type Physical = PhysicalMemory;
+    type Staging = PinnedHost;
+
+    fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    fn reserve(&mut self, bytes: u64) -> Result<u64, CudaError> {
+        self.bind()?;
+        let mut va: CUdeviceptr = 0;
+        // SAFETY: `va` is a valid out-pointer; the size is a multiple of the granularity (the
+        // pool's contract); alignment 0 is the default, address 0 lets the driver choose.
+        check(unsafe { sys::cuMemAddressReserve(&mut va, bytes as usize, 0, 0, 0) }, "cuMemAddressReserve")?;
+        Ok(va)
+    }
+
+    fn free_range(&mut self, va: u64, bytes: u64) {
+        let _ = self.bind();
+        // SAFETY: the pool frees each range it reserved once, with its size, after unmapping it.
+        let _ = unsafe { sys::cuMemAddressFree(va, bytes as usize) };
+    }
+
+    fn create(&mut self, bytes: u64) -> Result<PhysicalMemory, CudaError> {
+        self.bind()?;
+        let prop = private_prop(self.ordinal);
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer, `prop` fully initialised, the size a multiple
+        // of the granularity, flags 0.
+        check(unsafe { sys::cuMemCreate(&mut handle, bytes as usize, &prop, 0) }, "cuMemCreate")?;
+        Ok(PhysicalMemory { ctx: self.ctx.clone(), handle })
+    }
+
+    fn release(&mut self, physical: PhysicalMemory) {
+        drop(physical);
+    }
+
+    fn map(&mut self, va: u64, bytes: u64, physical: &PhysicalMemory) -> Result<(), CudaError> {
+        self.bind()?;
+        // SAFETY: [va, va + bytes) lies in a range the pool reserved and holds no mapping (the
+        // pool maps each chunk once between unmaps); the handle is live and `bytes` long.
+        check(unsafe { sys::cuMemMap(va, bytes as usize, 0, physical.handle, 0) }, "cuMemMap")?;
+        let access = CUmemAccessDesc {
+            location: device_location(self.ordinal),
+            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was just mapped; one access descriptor, count one.
+        let granted = check(unsafe { sys::cuMemSetAccess(va, bytes as usize, &access, 1) }, "cuMemSetAccess");
+        if granted.is_err() {
+            // SAFETY: mapped just above, unmapped once here so the pool sees nothing done.
+            let _ = unsafe { sys::cuMemUnmap(va, bytes as usize) };
+        }
+        granted
+    }
+
+    fn unmap(&mut self, va: u64, bytes: u64) {
+        let _ = self.bind();
+        // Work queued on the pool's stream may still read the range (a backup): finish it first.
+        let _ = self.stream.synchronize();
+        // SAFETY: the pool unmaps exactly the ranges it mapped, once each.
+        let _ = unsafe { sys::cuMemUnmap(va, bytes as usize) };
+    }
+
+    fn free_bytes(&mut self) -> Result<u64, CudaError> {
+        self.bind()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: two valid out-pointers.
+        check(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
+        Ok(free as u64)
+    }
+
+    fn staging(&mut self, bytes: u64) -> Result<PinnedHost, CudaError> {
+        self.bind()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        let len = bytes.max(1) as usize;
+        // SAFETY: `ptr` is a valid out-pointer; flags 0 (portable pinned memory not needed: one
+        // context uses it).
+        check(unsafe { sys::cuMemHostAlloc(&mut ptr, len, 0) }, "cuMemHostAlloc")?;
+        Ok(PinnedHost { ctx: self.ctx.clone(), ptr, len })
+    }
+
+    fn to_host(&mut self, from: u64, staging: &mut PinnedHost, at: u64, bytes: u64) -> Result<(), CudaError> {
+        if at + bytes > staging.len as u64 {
+            return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
+        }
+        self.bind()?;
+        // SAFETY: the destination lies inside the pinned allocation (checked above), which
+        // outlives the copy (the pool waits before dropping or reusing it); the source is a
+        // live mapped allocation of the pool.
+        let result = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                staging.ptr.cast::<u8>().add(at as usize).cast(),
+                from,
+                bytes as usize,
+                self.stream.cu_stream(),
+            )
+        };
+        check(result, "cuMemcpyDtoHAsync")
+    }
+
+    fn to_device(&mut self, staging: &PinnedHost, at: u64, to: u64, bytes: u64) -> Result<(), CudaError> {
+        if at + bytes > staging.len as u64 {
+            return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
+        }
+        self.bind()?;
+        // SAFETY: the source lies inside the pinned allocation (checked above), alive until
+        // the copy completes (the pool waits); the destination is mapped (the pool restores
+        // only after mapping).
+        let result = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                to,
+                staging.ptr.cast::<u8>().add(at as usize).cast_const().cast(),
+                bytes as usize,
+                self.stream.cu_stream(),
+            )
+        };
+        check(result, "cuMemcpyHtoDAsync")
+    }
+
+    fn wait(&mut self) -> Result<(), CudaError> {
+        self.stream.synchronize().call("cuStreamSynchronize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weightlift_core::pool::{PoolError, TagOptions};
+
+    use super::*;
+    use crate::tests_gpu::bytes as pattern;
+    use crate::{CopyDesc, OwnedDeviceMemory};
+
+    fn gpu() -> Gpu {
+        Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"))
+    }
+
+    /// Copies `len` bytes between device addresses with the batched copy kernel.
+    fn copy(gpu: &Gpu, dst: u64, src: u64, len: usize) {
+        let desc = CopyDesc { src, dst, rows: 1, row_bytes: len as u64, src_stride: 0, dst_stride: 0 };
+        gpu.run_copies(&gpu.prepare_copies(&[desc]).unwrap()).unwrap();
+        gpu.synchronize().unwrap();
+    }
+
+    /// Writes `data` at pool address `va` (through a buffer of this GPU).
+    fn write(gpu: &Gpu, va: u64, data: &[u8]) {
+        let mut staging = gpu.alloc(data.len()).unwrap();
+        staging.upload(data).unwrap();
+        copy(gpu, va, staging.device_ptr(), data.len());
+    }
+
+    fn read(gpu: &Gpu, va: u64, len: usize) -> Vec<u8> {
+        let staging = gpu.alloc(len).unwrap();
+        copy(gpu, staging.device_ptr(), va, len);
+        let mut out = vec![0u8; len];
+        staging.download(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn a_paused_tag_gives_its_memory_back_and_resumes_bit_for_bit_at_the_same_addresses() {
+        let gpu = gpu();
+        let mut pool = gpu.tagged_pool(64 << 20).unwrap();
+        pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+        let sizes = [1000usize, 3 << 20, 100 << 20];
+        let addresses: Vec<u64> = sizes.iter().map(|&n| pool.alloc("weights", n as u64).unwrap()).collect();
+        for (i, (&va, &n)) in addresses.iter().zip(&sizes).enumerate() {
+            write(&gpu, va, &pattern(n, i as u64 + 1));
+        }
+        let mapped = pool.stats()[0].mapped_bytes;
+        let (free_before, _) = gpu.memory_info().unwrap();
+        for cycle in 0..10 {
+            pool.pause("weights").unwrap();
+            let (free_paused, _) = gpu.memory_info().unwrap();
+            assert!(free_paused as u64 >= free_before as u64 + mapped, "cycle {cycle}: the memory was not released");
+            pool.resume("weights").unwrap();
+            for (i, (&va, &n)) in addresses.iter().zip(&sizes).enumerate() {
+                assert!(read(&gpu, va, n) == pattern(n, i as u64 + 1), "cycle {cycle}: allocation {i} differs");
+            }
+            let (free_after, _) = gpu.memory_info().unwrap();
+            assert_eq!(free_after, free_before, "cycle {cycle}: device memory leaked or grew");
+        }
+        for va in addresses {
+            pool.free(va).unwrap();
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn a_resume_that_cannot_fit_fails_and_succeeds_once_memory_is_freed() {
+        let gpu = gpu();
+        let mut pool = gpu.tagged_pool(256 << 20).unwrap();
+        let va = pool.alloc("kv_cache", 1 << 30).unwrap();
+        pool.pause("kv_cache").unwrap();
+        // Take nearly all free memory elsewhere.
+        let (free, _) = gpu.memory_info().unwrap();
+        let squatter = gpu.alloc(free - (512 << 20)).unwrap();
+        match pool.resume("kv_cache") {
+            Err(PoolError::NotEnoughMemory { needed, free, .. }) => assert!(needed > free, "{needed} vs {free}"),
+            other => panic!("expected NotEnoughMemory, got {other:?}"),
+        }
+        assert_eq!(pool.is_paused("kv_cache"), Some(true));
+        drop(squatter);
+        pool.resume("kv_cache").unwrap();
+        pool.free(va).unwrap();
+    }
+}

@@ -95,11 +95,7 @@ impl WeightsChecker {
                 .detach(|| {
                     let gpu = gpu(ordinal)?;
                     gpu.synchronize_device()?;
-                    let manifest = weightlift::SourceTensors::manifest(tensors);
-                    for (&ptr, spec) in tensors.ptrs().iter().zip(manifest.iter()) {
-                        gpu.fill_region(ptr, spec.byte_len(), value)?;
-                    }
-                    gpu.synchronize()
+                    weightlift::cuda_ipc::DeviceTensors::fill_each(tensors, &gpu, &|_| value)
                 })
                 .map_err(cuda_error),
         }

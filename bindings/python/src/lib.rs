@@ -19,6 +19,8 @@ use pyo3::types::{PyDict, PyList};
 use weightlift_core::{digest as host_digest, synthetic, Manifest, Preset, PresetOptions, RuleSet, SYNTHETIC_MODELS};
 use weightlift_cuda::{CudaError as DriverError, Gpu};
 
+use weightlift::cuda_ipc::DeviceTensors;
+
 use crate::errors::{cuda_error, plan_error};
 use crate::tensors::{Place, TensorSet};
 
@@ -47,10 +49,7 @@ pub(crate) fn digests_of(py: Python<'_>, set: &TensorSet) -> PyResult<Vec<u64>> 
             .detach(|| {
                 let gpu = gpu(ordinal)?;
                 gpu.synchronize_device()?;
-                let manifest = weightlift::SourceTensors::manifest(set);
-                let regions: Vec<(u64, u64)> =
-                    set.ptrs().iter().zip(manifest.iter()).map(|(&p, s)| (p, s.byte_len())).collect();
-                gpu.run_digests(&gpu.prepare_digests(&regions)?)
+                DeviceTensors::digests(set, &gpu)
             })
             .map_err(cuda_error),
     }

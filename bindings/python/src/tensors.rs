@@ -227,10 +227,6 @@ impl TensorSet {
         self.place
     }
 
-    pub(crate) fn ptrs(&self) -> &[u64] {
-        &self.ptrs
-    }
-
     /// An error naming two tensors whose memory overlaps (a receiver writes each in place, so
     /// two names for one memory would each be written).
     pub(crate) fn check_disjoint(&self) -> PyResult<()> {

@@ -29,7 +29,7 @@ use crate::gpu::Gpu;
 const POSIX_FD: CUmemAllocationHandleType = CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
 
 /// A driver result as weightlift's error, naming the call.
-fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
+pub(crate) fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
     if result == CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
@@ -38,15 +38,16 @@ fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
 }
 
 /// The location "device `ordinal`".
-fn device_location(ordinal: usize) -> CUmemLocation {
+pub(crate) fn device_location(ordinal: usize) -> CUmemLocation {
     CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as c_int }
 }
 
-/// Properties of a pinned device allocation on device `ordinal`, exportable as a POSIX fd.
-fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
+/// Properties of a pinned device allocation on device `ordinal`, shareable through
+/// `handle_types` (none for memory only this process maps).
+pub(crate) fn pinned_prop(ordinal: usize, handle_types: CUmemAllocationHandleType) -> CUmemAllocationProp {
     CUmemAllocationProp {
         type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
-        requestedHandleTypes: POSIX_FD,
+        requestedHandleTypes: handle_types,
         location: device_location(ordinal),
         win32HandleMetaData: std::ptr::null_mut(),
         allocFlags: CUmemAllocationProp_st__bindgen_ty_1 {
@@ -56,6 +57,11 @@ fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
             reserved: [0; 4],
         },
     }
+}
+
+/// A pinned device allocation on device `ordinal`, exportable as a POSIX fd.
+fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
+    pinned_prop(ordinal, POSIX_FD)
 }
 
 /// A physical allocation handle mapped at an address range of its own. Dropping it undoes, in

@@ -8,41 +8,18 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{
     self, CUdeviceptr, CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemAllocationProp_st__bindgen_ty_1, CUmemAllocationType, CUmemGenericAllocationHandle,
-    CUmemLocation, CUmemLocationType, CUresult,
+    CUmemAllocationProp, CUmemGenericAllocationHandle,
 };
 use cudarc::driver::{CudaContext, CudaStream};
 use weightlift_core::pool::{Backend, TaggedPool};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::Gpu;
-
-fn check(result: CUresult, call: &'static str) -> Result<(), CudaError> {
-    if result == CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(CudaError::Driver { call, code: result })
-    }
-}
-
-fn device_location(ordinal: usize) -> CUmemLocation {
-    CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ordinal as i32 }
-}
+use crate::vmm::{check, device_location, pinned_prop};
 
 /// Pinned device memory on `ordinal`, not shared with other processes.
 fn private_prop(ordinal: usize) -> CUmemAllocationProp {
-    CUmemAllocationProp {
-        type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
-        requestedHandleTypes: CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
-        location: device_location(ordinal),
-        win32HandleMetaData: std::ptr::null_mut(),
-        allocFlags: CUmemAllocationProp_st__bindgen_ty_1 {
-            compressionType: 0,
-            gpuDirectRDMACapable: 0,
-            usage: 0,
-            reserved: [0; 4],
-        },
-    }
+    pinned_prop(ordinal, CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE)
 }
 
 /// Physical device memory from `cuMemCreate`; released when dropped.

@@ -31,6 +31,24 @@ pub trait DeviceTensors: Send + Sync {
     fn shareable(&self) -> Vec<(u64, &SharedAllocation)> {
         Vec::new()
     }
+
+    /// Every tensor's digest, computed on `gpu` where the tensors live.
+    fn digests(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
+        gpu.run_digests(&gpu.prepare_digests(&self.regions())?)
+    }
+
+    /// Sets every byte of tensor `i` to `value(i)` on `gpu`, and waits for it.
+    fn fill_each(&self, gpu: &Gpu, value: &dyn Fn(usize) -> u8) -> Result<(), CudaError> {
+        for (i, (ptr, bytes)) in self.regions().into_iter().enumerate() {
+            gpu.fill_region(ptr, bytes, value(i))?;
+        }
+        gpu.synchronize()
+    }
+
+    /// (address, bytes) of every tensor.
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.device_ptrs().into_iter().zip(self.manifest().iter()).map(|(p, s)| (p, s.byte_len())).collect()
+    }
 }
 
 /// Shared tensors (a caller may keep a handle to what a receiver writes into).

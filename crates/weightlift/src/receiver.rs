@@ -158,7 +158,7 @@ impl Receiver {
         options: ReceiverOptions,
     ) -> Result<Receiver, CudaError> {
         let manifest = tensors.manifest().clone();
-        let digests = device_digests(&gpu, &tensors)?.into_iter().map(Some).collect();
+        let digests = tensors.digests(&gpu)?.into_iter().map(Some).collect();
         let store = Store::Device { gpu, tensors: Box::new(tensors) };
         Ok(Receiver::with_store(manifest, digests, store, options))
     }
@@ -243,7 +243,7 @@ impl Receiver {
             Store::Host(tensors) => {
                 Ok((0..self.shared.manifest.len()).map(|i| digest::digest(tensors.bytes(i))).collect())
             }
-            Store::Device { gpu, tensors } => device_digests(gpu, tensors.as_ref()),
+            Store::Device { gpu, tensors } => tensors.digests(gpu),
         }
     }
 
@@ -326,12 +326,7 @@ impl Receiver {
         let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *store {
             Store::Host(tensors) => tensors.all_mut().into_iter().enumerate().for_each(|(i, t)| host(i, t)),
-            Store::Device { gpu, tensors } => {
-                for (i, (ptr, spec)) in tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()).enumerate() {
-                    gpu.fill_region(ptr, spec.byte_len(), device(i))?;
-                }
-                gpu.synchronize()?;
-            }
+            Store::Device { gpu, tensors } => tensors.fill_each(gpu, &device)?,
         }
         let mut state = self.state();
         state.digests.iter_mut().for_each(|d| *d = None);
@@ -686,12 +681,6 @@ impl Receiver {
 }
 
 /// Every tensor's digest, computed on the GPU that holds them.
-fn device_digests(gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<u64>, CudaError> {
-    let regions: Vec<(u64, u64)> =
-        tensors.device_ptrs().into_iter().zip(tensors.manifest().iter()).map(|(p, s)| (p, s.byte_len())).collect();
-    gpu.run_digests(&gpu.prepare_digests(&regions)?)
-}
-
 /// How an update ended.
 enum Outcome {
     /// Every written tensor matched; the receiver's digest of each.

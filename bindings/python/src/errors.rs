@@ -34,6 +34,12 @@ create_exception!(
     "The receiver refused the version (not newer than its committed one, or one in flight)."
 );
 create_exception!(_weightlift, CudaError, WeightliftError, "The CUDA driver failed or is absent; names the call.");
+create_exception!(
+    _weightlift,
+    MemoryPoolError,
+    WeightliftError,
+    "Tagged memory refused: a tag that does not fit on resume (`needed` and `free` bytes), a paused or unknown tag."
+);
 
 pub(crate) fn plan_error(message: impl Into<String>) -> PyErr {
     PlanError::new_err(message.into())

@@ -7,6 +7,7 @@
 
 mod checker;
 mod errors;
+mod memory;
 mod receiver;
 mod sender;
 mod tensors;
@@ -149,9 +150,12 @@ fn _weightlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VerificationError", py.get_type::<errors::VerificationError>())?;
     m.add("VersionError", py.get_type::<errors::VersionError>())?;
     m.add("CudaError", py.get_type::<errors::CudaError>())?;
+    m.add("MemoryPoolError", py.get_type::<errors::MemoryPoolError>())?;
     m.add_class::<sender::Sender>()?;
     m.add_class::<receiver::Receiver>()?;
     m.add_class::<checker::WeightsChecker>()?;
+    m.add_class::<memory::MemoryPool>()?;
+    m.add_function(wrap_pyfunction!(memory::last_allocator_error, m)?)?;
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;

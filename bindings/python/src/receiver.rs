@@ -1,17 +1,20 @@
 //! The engine side: `Receiver(params, ...)` holding the engine's own tensors, written in place.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use weightlift::agent::{Agent, AgentOptions, RunningAgent};
+use weightlift::agent::{Agent, AgentOptions, MemoryControl, RunningAgent};
+use weightlift::cuda_ipc::DeviceTensors;
 use weightlift::net::Listener;
 use weightlift::{Endpoint, ReceiverOptions};
 use weightlift_core::{RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, plan_error, TransferError};
+use crate::memory::{pools_holding, Holding, MemoryPool};
 use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
+use weightlift_core::pool::Transition;
 
 /// Receiver(params, *, preset=None, tp_rank=0, tp_size=1, listen=None, initial_version=0,
 ///          head_dim=None, expert_parallel=False, timeout=30.0)
@@ -30,6 +33,8 @@ pub(crate) struct Receiver {
     rules: Option<RuleSet>,
     /// The HTTP API, once started (stopped with the receiver).
     http: Mutex<Option<RunningAgent>>,
+    /// The tagged memory pools holding the tensors (none unless made in `Pool.region`).
+    pools: Vec<Arc<weightlift::memory::MemoryPool>>,
 }
 
 impl Receiver {
@@ -47,6 +52,43 @@ impl Drop for Receiver {
             Python::attach(|py| py.detach(move || drop(running)));
         }
     }
+}
+
+/// For tensors made in tagged memory: updates, digests and overwrites wait while a tag holding
+/// them is paused (touching released memory would fault the GPU), and a tag paused without a
+/// backup loses its bytes, so its tensors are forgotten (rewritten by the next update).
+fn guard_pooled_tensors(receiver: &weightlift::Receiver, holders: Vec<Holding>) {
+    if holders.is_empty() {
+        return;
+    }
+    for holding in &holders {
+        let weak = receiver.downgrade();
+        let tags = holding.tags.clone();
+        let pool = Arc::downgrade(&holding.pool);
+        holding.pool.add_hook(Arc::new(move |tag: &str, transition: Transition| {
+            let (Some(names), Some(receiver), Some(pool)) = (tags.get(tag), weak.upgrade(), pool.upgrade()) else {
+                return;
+            };
+            let options = pool.stats().into_iter().find(|s| s.tag == tag).map(|s| s.options).unwrap_or_default();
+            if transition == Transition::Pausing && !options.cpu_backup && !options.keep_physical {
+                receiver.forget(names);
+            }
+        }));
+    }
+    receiver.set_write_gate(Arc::new(move || {
+        for holding in &holders {
+            for s in holding.pool.stats() {
+                if s.paused && holding.tags.contains_key(&s.tag) {
+                    return Err(format!(
+                        "the engine's tensors are in memory tag `{}` of cuda:{}, which is paused: resume it first",
+                        s.tag,
+                        holding.pool.ordinal()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }));
 }
 
 #[pymethods]
@@ -86,6 +128,13 @@ impl Receiver {
             expected_rules,
             ..ReceiverOptions::default()
         };
+        let holders = match tensors.place() {
+            Place::Host => Vec::new(),
+            Place::Cuda(_) => {
+                let addresses = tensors.regions();
+                pools_holding(manifest.iter().map(|s| s.name.as_str()).zip(addresses.into_iter().map(|(a, _)| a)))
+            }
+        };
         let inner = match tensors.place() {
             Place::Host => weightlift::Receiver::new(tensors, options),
             Place::Cuda(ordinal) => py
@@ -96,6 +145,8 @@ impl Receiver {
                 })
                 .map_err(cuda_error)?,
         };
+        let pools: Vec<_> = holders.iter().map(|h| h.pool.clone()).collect();
+        guard_pooled_tensors(&inner, holders);
         let endpoint = match listen {
             Some(text) => {
                 let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;
@@ -113,7 +164,7 @@ impl Receiver {
             None => None,
         };
         let rules = options_rules;
-        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None) })
+        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools })
     }
 
     /// The committed version.
@@ -166,20 +217,39 @@ impl Receiver {
         Ok(self.inner.manifest().iter().map(|s| s.name.clone()).zip(values).collect())
     }
 
-    /// serve_http(host="127.0.0.1", port=0, *, token=None) -> str
+    /// serve_http(host="127.0.0.1", port=0, *, token=None, memory=None) -> str
     ///
     /// Starts this receiver's HTTP API (update_weights, weights_checker, version, metrics,
     /// release/resume_memory_occupation, openapi.json) on a background thread of this process
     /// and returns its URL. `token`: requests must carry `Authorization: Bearer <token>`. Updates
-    /// from a checkpoint on disk need the receiver to have been made with a `preset`. Runs until
+    /// from a checkpoint on disk need the receiver to have been made with a `preset`.
+    /// `memory`: the `weightlift.memory.Pool` the memory endpoints release and resume (by
+    /// default the pool holding this receiver's tensors, if they were made in one). Runs until
     /// `stop_http()` or until the receiver is dropped.
-    #[pyo3(signature = (host = "127.0.0.1", port = 0, *, token = None))]
-    fn serve_http(&self, host: &str, port: u16, token: Option<String>) -> PyResult<String> {
+    #[pyo3(signature = (host = "127.0.0.1", port = 0, *, token = None, memory = None))]
+    fn serve_http(
+        &self,
+        host: &str,
+        port: u16,
+        token: Option<String>,
+        memory: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<String> {
         let mut http = self.http.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(running) = http.as_ref() {
             return Err(TransferError::new_err(format!("already serving HTTP on http://{}", running.addr())));
         }
-        let options = AgentOptions { token, disk_rules: self.rules.clone(), ..AgentOptions::default() };
+        let memory: Option<Arc<dyn MemoryControl>> = match memory {
+            // weightlift.memory.Pool wraps the native pool as `_native`.
+            Some(pool) => {
+                let native = if pool.is_instance_of::<MemoryPool>() { pool.clone() } else { pool.getattr("_native")? };
+                let native = native
+                    .cast_into::<MemoryPool>()
+                    .map_err(|_| plan_error("memory= takes a weightlift.memory.Pool".to_string()))?;
+                Some(native.get().shared().clone())
+            }
+            None => self.pools.first().filter(|_| self.pools.len() == 1).map(|p| p.clone() as Arc<dyn MemoryControl>),
+        };
+        let options = AgentOptions { token, disk_rules: self.rules.clone(), memory, ..AgentOptions::default() };
         let running = Agent::new(self.inner.clone(), options)
             .spawn(&format!("{host}:{port}"))
             .map_err(|e| TransferError::new_err(format!("cannot serve HTTP on {host}:{port}: {e}")))?;

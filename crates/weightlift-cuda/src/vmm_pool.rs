@@ -3,14 +3,16 @@
 //! released with its RAII owner), mappings with access (`cuMemMap`, `cuMemSetAccess`), pinned
 //! host staging (`cuMemHostAlloc`, owned) and copies queued on a stream of the pool's own.
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{
     self, CUdeviceptr, CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
     CUmemAllocationProp, CUmemGenericAllocationHandle,
 };
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use weightlift_core::pool::{Backend, TaggedPool};
 
 use crate::error::{Call, CudaError};
@@ -73,6 +75,9 @@ pub struct VmmDevice {
     stream: Arc<CudaStream>,
     ordinal: usize,
     granularity: u64,
+    /// Calls and time spent per driver call, since the pool was made (where pauses and
+    /// resumes spend their time).
+    times: BTreeMap<&'static str, (u64, Duration)>,
 }
 
 /// A tagged memory pool on one GPU.
@@ -100,6 +105,7 @@ impl Gpu {
             stream,
             ordinal: self.ordinal(),
             granularity: granularity.max(1) as u64,
+            times: BTreeMap::new(),
         };
         Ok(TaggedPool::new(device, chunk_bytes))
     }
@@ -109,12 +115,24 @@ impl VmmDevice {
     fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")
     }
+
+    fn note(&mut self, call: &'static str, started: Instant) {
+        let entry = self.times.entry(call).or_default();
+        entry.0 += 1;
+        entry.1 += started.elapsed();
+    }
+
+    /// (driver call, calls, total time) since the pool was made, by call name.
+    pub fn driver_times(&self) -> Vec<(&'static str, u64, Duration)> {
+        self.times.iter().map(|(&call, &(calls, time))| (call, calls, time)).collect()
+    }
 }
 
 impl Backend for VmmDevice {
     type Error = CudaError;
     type Physical = PhysicalMemory;
     type Staging = PinnedHost;
+    type Mark = CudaEvent;
 
     fn granularity(&self) -> u64 {
         self.granularity
@@ -123,10 +141,13 @@ impl Backend for VmmDevice {
     fn reserve(&mut self, bytes: u64) -> Result<u64, CudaError> {
         self.bind()?;
         let mut va: CUdeviceptr = 0;
+        let started = Instant::now();
         // SAFETY: `va` is a valid out-pointer; the size is a multiple of the granularity (the
         // pool's contract); alignment 0 is the default, address 0 lets the driver choose.
-        check(unsafe { sys::cuMemAddressReserve(&mut va, bytes as usize, 0, 0, 0) }, "cuMemAddressReserve")?;
-        Ok(va)
+        let reserved =
+            check(unsafe { sys::cuMemAddressReserve(&mut va, bytes as usize, 0, 0, 0) }, "cuMemAddressReserve");
+        self.note("cuMemAddressReserve", started);
+        reserved.map(|()| va)
     }
 
     fn free_range(&mut self, va: u64, bytes: u64) {
@@ -139,58 +160,73 @@ impl Backend for VmmDevice {
         self.bind()?;
         let prop = private_prop(self.ordinal);
         let mut handle: CUmemGenericAllocationHandle = 0;
+        let started = Instant::now();
         // SAFETY: `handle` is a valid out-pointer, `prop` fully initialised, the size a multiple
         // of the granularity, flags 0.
-        check(unsafe { sys::cuMemCreate(&mut handle, bytes as usize, &prop, 0) }, "cuMemCreate")?;
-        Ok(PhysicalMemory { ctx: self.ctx.clone(), handle })
+        let created = check(unsafe { sys::cuMemCreate(&mut handle, bytes as usize, &prop, 0) }, "cuMemCreate");
+        self.note("cuMemCreate", started);
+        created.map(|()| PhysicalMemory { ctx: self.ctx.clone(), handle })
     }
 
     fn release(&mut self, physical: PhysicalMemory) {
+        let started = Instant::now();
         drop(physical);
+        self.note("cuMemRelease", started);
     }
 
     fn map(&mut self, va: u64, bytes: u64, physical: &PhysicalMemory) -> Result<(), CudaError> {
         self.bind()?;
+        let started = Instant::now();
         // SAFETY: [va, va + bytes) lies in a range the pool reserved and holds no mapping (the
         // pool maps each chunk once between unmaps); the handle is live and `bytes` long.
-        check(unsafe { sys::cuMemMap(va, bytes as usize, 0, physical.handle, 0) }, "cuMemMap")?;
+        let mapped = check(unsafe { sys::cuMemMap(va, bytes as usize, 0, physical.handle, 0) }, "cuMemMap");
+        self.note("cuMemMap", started);
+        mapped
+    }
+
+    fn grant(&mut self, va: u64, bytes: u64) -> Result<(), CudaError> {
+        self.bind()?;
         let access = CUmemAccessDesc {
             location: device_location(self.ordinal),
             flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        // SAFETY: the range was just mapped; one access descriptor, count one.
+        let started = Instant::now();
+        // SAFETY: the pool grants only ranges it has fully mapped, within one reservation; one
+        // access descriptor, count one.
         let granted = check(unsafe { sys::cuMemSetAccess(va, bytes as usize, &access, 1) }, "cuMemSetAccess");
-        if granted.is_err() {
-            // SAFETY: mapped just above, unmapped once here so the pool sees nothing done.
-            let _ = unsafe { sys::cuMemUnmap(va, bytes as usize) };
-        }
+        self.note("cuMemSetAccess", started);
         granted
     }
 
     fn unmap(&mut self, va: u64, bytes: u64) {
         let _ = self.bind();
-        // Work queued on the pool's stream may still read the range (a backup): finish it first.
-        let _ = self.stream.synchronize();
-        // SAFETY: the pool unmaps exactly the ranges it mapped, once each.
+        let started = Instant::now();
+        // SAFETY: the pool unmaps exactly the ranges it mapped, once each, after waiting for
+        // the work that used them.
         let _ = unsafe { sys::cuMemUnmap(va, bytes as usize) };
+        self.note("cuMemUnmap", started);
     }
 
     fn free_bytes(&mut self) -> Result<u64, CudaError> {
         self.bind()?;
         let (mut free, mut total) = (0usize, 0usize);
+        let started = Instant::now();
         // SAFETY: two valid out-pointers.
-        check(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
-        Ok(free as u64)
+        let read = check(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo");
+        self.note("cuMemGetInfo", started);
+        read.map(|()| free as u64)
     }
 
     fn staging(&mut self, bytes: u64) -> Result<PinnedHost, CudaError> {
         self.bind()?;
         let mut ptr: *mut c_void = std::ptr::null_mut();
         let len = bytes.max(1) as usize;
+        let started = Instant::now();
         // SAFETY: `ptr` is a valid out-pointer; flags 0 (portable pinned memory not needed: one
         // context uses it).
-        check(unsafe { sys::cuMemHostAlloc(&mut ptr, len, 0) }, "cuMemHostAlloc")?;
-        Ok(PinnedHost { ctx: self.ctx.clone(), ptr, len })
+        let allocated = check(unsafe { sys::cuMemHostAlloc(&mut ptr, len, 0) }, "cuMemHostAlloc");
+        self.note("cuMemHostAlloc", started);
+        allocated.map(|()| PinnedHost { ctx: self.ctx.clone(), ptr, len })
     }
 
     fn to_host(&mut self, from: u64, staging: &mut PinnedHost, at: u64, bytes: u64) -> Result<(), CudaError> {
@@ -198,6 +234,7 @@ impl Backend for VmmDevice {
             return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
         }
         self.bind()?;
+        let started = Instant::now();
         // SAFETY: the destination lies inside the pinned allocation (checked above), which
         // outlives the copy (the pool waits before dropping or reusing it); the source is a
         // live mapped allocation of the pool.
@@ -209,6 +246,7 @@ impl Backend for VmmDevice {
                 self.stream.cu_stream(),
             )
         };
+        self.note("cuMemcpyDtoHAsync", started);
         check(result, "cuMemcpyDtoHAsync")
     }
 
@@ -217,6 +255,7 @@ impl Backend for VmmDevice {
             return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
         }
         self.bind()?;
+        let started = Instant::now();
         // SAFETY: the source lies inside the pinned allocation (checked above), alive until
         // the copy completes (the pool waits); the destination is mapped (the pool restores
         // only after mapping).
@@ -228,11 +267,27 @@ impl Backend for VmmDevice {
                 self.stream.cu_stream(),
             )
         };
+        self.note("cuMemcpyHtoDAsync", started);
         check(result, "cuMemcpyHtoDAsync")
     }
 
+    fn mark(&mut self) -> Result<CudaEvent, CudaError> {
+        self.stream.record_event(None).call("cuEventRecord")
+    }
+
+    fn wait_for(&mut self, mark: &CudaEvent) -> Result<(), CudaError> {
+        let started = Instant::now();
+        let waited = mark.synchronize().call("cuEventSynchronize");
+        self.note("cuEventSynchronize", started);
+        waited
+    }
+
+    /// The whole context: the engine's streams (torch's) as well as the pool's.
     fn wait(&mut self) -> Result<(), CudaError> {
-        self.stream.synchronize().call("cuStreamSynchronize")
+        let started = Instant::now();
+        let waited = self.ctx.synchronize().call("cuCtxSynchronize");
+        self.note("cuCtxSynchronize", started);
+        waited
     }
 }
 
@@ -294,6 +349,13 @@ mod tests {
             let (free_after, _) = gpu.memory_info().unwrap();
             assert_eq!(free_after, free_before, "cycle {cycle}: device memory leaked or grew");
         }
+        // The two chunks lie side by side: each resume grants access to both in one call.
+        let grants =
+            |pool: &GpuPool| pool.backend().driver_times().iter().find(|t| t.0 == "cuMemSetAccess").map(|t| t.1);
+        let before = grants(&pool).unwrap();
+        pool.pause("weights").unwrap();
+        pool.resume("weights").unwrap();
+        assert_eq!(grants(&pool), Some(before + 1));
         for va in addresses {
             pool.free(va).unwrap();
         }

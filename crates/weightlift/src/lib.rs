@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cuda_ipc;
 pub mod fd_pass;
 pub mod gpu;
+pub mod memory;
 pub mod net;
 pub mod protocol;
 pub mod receiver;

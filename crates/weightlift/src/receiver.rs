@@ -76,7 +76,13 @@ struct Shared {
     tensors: Mutex<Store>,
     /// Called with the report of every settled update (metrics, logs).
     observers: Mutex<Vec<UpdateObserver>>,
+    /// Asked before the tensors are touched; see [`Receiver::set_write_gate`].
+    gate: Mutex<Option<WriteGate>>,
 }
+
+/// Says whether the destination tensors may be touched now; `Err(reason)` when not (their
+/// memory is released, say). See [`Receiver::set_write_gate`].
+pub type WriteGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Something told of every settled update, committed or not.
 pub type UpdateObserver = Arc<dyn Fn(&UpdateReport) + Send + Sync>;
@@ -122,6 +128,16 @@ enum Store {
         gpu: Arc<Gpu>,
         tensors: Box<dyn DeviceTensors>,
     },
+}
+
+/// A [`Receiver`] that may have been dropped (for hooks that must not keep it alive).
+#[derive(Clone)]
+pub struct WeakReceiver(std::sync::Weak<Shared>);
+
+impl WeakReceiver {
+    pub fn upgrade(&self) -> Option<Receiver> {
+        self.0.upgrade().map(|shared| Receiver { shared })
+    }
 }
 
 /// A receiver; cheap to clone (all clones share the tensors and the state).
@@ -173,6 +189,7 @@ impl Receiver {
                 committed: Condvar::new(),
                 tensors: Mutex::new(store),
                 observers: Mutex::new(Vec::new()),
+                gate: Mutex::new(None),
             }),
         }
     }
@@ -237,8 +254,22 @@ impl Receiver {
         }
     }
 
+    /// Installs `gate`, asked before every update, digest and overwrite: an update is refused
+    /// (at its begin, nothing written) and a digest or overwrite fails with its reason while
+    /// the gate says no. For tensors in tagged memory that may be paused, where touching them
+    /// would fault the GPU.
+    pub fn set_write_gate(&self, gate: WriteGate) {
+        *self.shared.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate);
+    }
+
+    fn gate(&self) -> Result<(), String> {
+        let gate = self.shared.gate.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        gate.map_or(Ok(()), |gate| gate())
+    }
+
     /// The digest of every tensor as its bytes are now, computed where they live.
     pub fn current_digests(&self) -> Result<Vec<u64>, CudaError> {
+        self.gate().map_err(CudaError::Invalid)?;
         match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
             Store::Host(tensors) => {
                 Ok((0..self.shared.manifest.len()).map(|i| digest::digest(tensors.bytes(i))).collect())
@@ -322,7 +353,26 @@ impl Receiver {
         self.overwrite(|i, bytes| fill_random(bytes, seed ^ (i as u64)), |i| mix(seed ^ (i as u64)) as u8)
     }
 
+    /// Forgets the bytes of the tensors named (their memory was released without a backup):
+    /// their digests become unknown and they are marked dirty, so the next update rewrites
+    /// them whatever the sender's digests say.
+    pub fn forget(&self, names: &[String]) {
+        let mut state = self.state();
+        for (i, spec) in self.shared.manifest.iter().enumerate() {
+            if names.contains(&spec.name) {
+                state.digests[i] = None;
+            }
+        }
+        state.versions.mark_dirty(names.to_vec());
+    }
+
+    /// A handle that does not keep the receiver (and its tensors) alive.
+    pub fn downgrade(&self) -> WeakReceiver {
+        WeakReceiver(Arc::downgrade(&self.shared))
+    }
+
     fn overwrite(&self, host: impl Fn(usize, &mut [u8]), device: impl Fn(usize) -> u8) -> Result<(), CudaError> {
+        self.gate().map_err(CudaError::Invalid)?;
         let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *store {
             Store::Host(tensors) => tensors.all_mut().into_iter().enumerate().for_each(|(i, t)| host(i, t)),
@@ -462,6 +512,15 @@ impl Receiver {
                 let reason = format!("this receiver asked for version {wanted}, and the sender offers {version}");
                 conn.send(&Message::Refused { reason: reason.clone() })?;
                 return Err(ConnectionError::Refused(reason));
+            }
+            if let Err(reason) = self.gate() {
+                let reason = format!("version {version} refused: {reason}");
+                tracing::info!(%version, "{reason}");
+                conn.send(&Message::Refused { reason: reason.clone() })?;
+                if expect.is_some() {
+                    return Err(ConnectionError::Refused(reason));
+                }
+                continue;
             }
             if let Err(e) = self.state().versions.begin(version) {
                 tracing::info!(%version, "refused: {e}");

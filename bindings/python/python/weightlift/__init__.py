@@ -17,12 +17,17 @@ Engine side (parameters written in place)::
 Engines that load weights through their own ``load_weights`` use a ``StagingReceiver``, which
 yields ``(name, tensor)`` pairs in the trainer's names after every update.
 
+``weightlift.memory.Pool`` holds an engine's GPU memory by tag (weights, KV cache), to release
+while the trainer trains and take back in stages at the same addresses;
+``weightlift.compat.torch_memory_saver`` offers it under torch_memory_saver's calls.
+
 ``receiver.serve_http()`` starts the engine agent's HTTP API in the engine process;
 ``weightlift.Client(url)`` calls it (update_weights, weights_checker, version, metrics, ...).
 """
 
 from weightlift._weightlift import (
     CudaError,
+    MemoryPoolError,
     PlanError,
     Receiver,
     Sender,
@@ -36,6 +41,7 @@ from weightlift._weightlift import (
     digest,
     synthetic_manifest,
 )
+from weightlift import memory
 from weightlift.client import AgentError, Client
 from weightlift.staging import StagingReceiver
 
@@ -43,6 +49,7 @@ __all__ = [
     "AgentError",
     "Client",
     "CudaError",
+    "MemoryPoolError",
     "PlanError",
     "Receiver",
     "Sender",
@@ -55,5 +62,6 @@ __all__ = [
     "__version__",
     "cuda_available",
     "digest",
+    "memory",
     "synthetic_manifest",
 ]

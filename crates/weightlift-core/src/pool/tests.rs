@@ -6,7 +6,8 @@ use proptest::prelude::*;
 use super::*;
 
 /// A device in host memory: address ranges, physical allocations with real bytes, mappings
-/// that reads and writes go through, a capacity, counters, and failures on demand.
+/// that reads and writes go through, copies that run only when waited for (so a pool that
+/// unmaps or reads too early is caught), a capacity, counters, and failures on demand.
 #[derive(Default)]
 struct Fake {
     capacity: u64,
@@ -17,11 +18,36 @@ struct Fake {
     physical: BTreeMap<u64, Vec<u8>>,
     /// va -> (bytes, physical id)
     mapped: BTreeMap<u64, (u64, u64)>,
+    /// Mappings the device may access (by base address), and the grant calls made.
+    granted: std::collections::BTreeSet<u64>,
+    grants: usize,
     staging_allocations: usize,
+    /// Pinned host staging by id.
+    staging_store: BTreeMap<u64, Vec<u8>>,
+    /// Copies queued and not yet run, and how many ran before them.
+    pending: Vec<FakeCopy>,
+    copies_run: usize,
     creates: usize,
     /// Fail the create call this many creates from now (1: the next).
     fail_create_in: Option<usize>,
     fail_map_in: Option<usize>,
+    /// Fail the copy run this many copies from now.
+    fail_copy_in: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FakeCopy {
+    ToHost { from: u64, staging: u64, at: u64, bytes: u64 },
+    ToDevice { staging: u64, at: u64, to: u64, bytes: u64 },
+}
+
+impl FakeCopy {
+    fn device_range(self) -> (u64, u64) {
+        match self {
+            FakeCopy::ToHost { from, bytes, .. } => (from, bytes),
+            FakeCopy::ToDevice { to, bytes, .. } => (to, bytes),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +68,9 @@ impl Fake {
         if va + len > base + bytes {
             return Err(FakeError(format!("[{va:#x}, +{len}) is not mapped")));
         }
+        if !self.granted.contains(&base) {
+            return Err(FakeError(format!("{va:#x} is mapped without access")));
+        }
         Ok((id, va - base))
     }
 
@@ -54,6 +83,30 @@ impl Fake {
     fn read(&self, va: u64, len: u64) -> Result<Vec<u8>, FakeError> {
         let (id, at) = self.find(va, len)?;
         Ok(self.physical[&id][at as usize..(at + len) as usize].to_vec())
+    }
+
+    /// Runs queued copies until `count` have run in all.
+    fn run_copies(&mut self, count: usize) -> Result<(), FakeError> {
+        while self.copies_run < count {
+            let copy = self.pending.remove(0);
+            self.copies_run += 1;
+            if countdown(&mut self.fail_copy_in) {
+                self.pending.clear();
+                return Err(FakeError("injected copy failure".into()));
+            }
+            match copy {
+                FakeCopy::ToHost { from, staging, at, bytes } => {
+                    let data = self.read(from, bytes)?;
+                    self.staging_store.get_mut(&staging).expect("live staging")[at as usize..(at + bytes) as usize]
+                        .copy_from_slice(&data);
+                }
+                FakeCopy::ToDevice { staging, at, to, bytes } => {
+                    let data = self.staging_store[&staging][at as usize..(at + bytes) as usize].to_vec();
+                    self.write(to, &data)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -74,7 +127,8 @@ fn countdown(slot: &mut Option<usize>) -> bool {
 impl Backend for Fake {
     type Error = FakeError;
     type Physical = u64;
-    type Staging = Vec<u8>;
+    type Staging = u64;
+    type Mark = usize;
 
     fn granularity(&self) -> u64 {
         G
@@ -124,7 +178,29 @@ impl Backend for Fake {
         Ok(())
     }
 
+    fn grant(&mut self, va: u64, bytes: u64) -> Result<(), FakeError> {
+        let mut at = va;
+        while at < va + bytes {
+            let &(len, _) = self.mapped.get(&at).expect("grants cover whole mappings, side by side");
+            self.granted.insert(at);
+            at += len;
+        }
+        assert_eq!(at, va + bytes, "a grant ends where a mapping ends");
+        let (&base, &size) = self.reserved.range(..=va).next_back().expect("granted outside any reservation");
+        assert!(va + bytes <= base + size, "a grant spans two reservations");
+        self.grants += 1;
+        Ok(())
+    }
+
     fn unmap(&mut self, va: u64, bytes: u64) {
+        self.granted.remove(&va);
+        assert!(
+            !self.pending.iter().any(|c| {
+                let (start, len) = c.device_range();
+                start < va + bytes && va < start + len
+            }),
+            "unmapped a range a queued copy still uses"
+        );
         assert_eq!(self.mapped.remove(&va).map(|m| m.0), Some(bytes), "unmapped what was not mapped");
     }
 
@@ -132,23 +208,35 @@ impl Backend for Fake {
         Ok(self.capacity - self.used)
     }
 
-    fn staging(&mut self, bytes: u64) -> Result<Vec<u8>, FakeError> {
+    fn staging(&mut self, bytes: u64) -> Result<u64, FakeError> {
         self.staging_allocations += 1;
-        Ok(vec![0; bytes as usize])
+        self.next_id += 1;
+        self.staging_store.insert(self.next_id, vec![0; bytes as usize]);
+        Ok(self.next_id)
     }
 
-    fn to_host(&mut self, from: u64, staging: &mut Vec<u8>, at: u64, bytes: u64) -> Result<(), FakeError> {
-        let data = self.read(from, bytes)?;
-        staging[at as usize..(at + bytes) as usize].copy_from_slice(&data);
+    fn to_host(&mut self, from: u64, staging: &mut u64, at: u64, bytes: u64) -> Result<(), FakeError> {
+        assert!(at + bytes <= self.staging_store[staging].len() as u64, "copy past the staging");
+        self.pending.push(FakeCopy::ToHost { from, staging: *staging, at, bytes });
         Ok(())
     }
 
-    fn to_device(&mut self, staging: &Vec<u8>, at: u64, to: u64, bytes: u64) -> Result<(), FakeError> {
-        self.write(to, &staging[at as usize..(at + bytes) as usize])
+    fn to_device(&mut self, staging: &u64, at: u64, to: u64, bytes: u64) -> Result<(), FakeError> {
+        assert!(at + bytes <= self.staging_store[staging].len() as u64, "copy past the staging");
+        self.pending.push(FakeCopy::ToDevice { staging: *staging, at, to, bytes });
+        Ok(())
+    }
+
+    fn mark(&mut self) -> Result<usize, FakeError> {
+        Ok(self.copies_run + self.pending.len())
+    }
+
+    fn wait_for(&mut self, mark: &usize) -> Result<(), FakeError> {
+        self.run_copies(*mark)
     }
 
     fn wait(&mut self) -> Result<(), FakeError> {
-        Ok(())
+        self.run_copies(self.copies_run + self.pending.len())
     }
 }
 
@@ -207,6 +295,10 @@ fn tags_never_share_chunks_and_large_allocations_get_their_own() {
     let s = stats(&pool, "weights");
     assert_eq!((s.chunks, s.mapped_bytes), (2, 4 * G + 11 * G));
     assert_eq!(pool.tag_of(big), Some("weights"));
+    assert_eq!(pool.tag_containing(big + 10 * G), Some("weights"), "a byte inside");
+    assert_eq!(pool.tag_of(big + 10 * G), None, "not an allocation's start");
+    assert_eq!(pool.tag_containing(big + 11 * G), None, "past the end");
+    assert_eq!(pool.tags(), ["kv_cache", "weights"]);
     assert_eq!(pool.tag_of(kv), Some("kv_cache"));
 }
 
@@ -239,6 +331,23 @@ fn pause_releases_the_memory_and_resume_restores_every_byte_at_the_same_addresse
     }
     assert_eq!(pool.backend().staging_allocations, 1, "the staging is allocated once, reused every cycle");
     assert_eq!(stats(&pool, "weights").backed_up_bytes, 0);
+}
+
+#[test]
+fn a_resume_grants_access_once_per_run_of_adjacent_chunks() {
+    let mut pool = pool(1 << 20, 4 * G);
+    let chunks: Vec<u64> = (0..5).map(|_| pool.alloc("kv_cache", 4 * G).unwrap()).collect();
+    assert!(chunks.windows(2).all(|w| w[1] == w[0] + 4 * G), "side by side in one window");
+    pool.free(chunks[2]).unwrap(); // a hole: two runs
+    pool.pause("kv_cache").unwrap();
+    let before = pool.backend().grants;
+    pool.resume("kv_cache").unwrap();
+    assert_eq!(pool.backend().grants - before, 2);
+    for &va in [chunks[0], chunks[1], chunks[3], chunks[4]].iter() {
+        write(&mut pool, va, &[1; 64]);
+    }
+    // The hole is reused by the next chunk, at the same place.
+    assert_eq!(pool.alloc("kv_cache", 4 * G).unwrap(), chunks[2]);
 }
 
 #[test]
@@ -285,9 +394,12 @@ fn a_resume_that_fails_midway_is_rolled_back_and_can_be_retried() {
     assert_eq!(stats(&pool, "weights").chunks, 3);
     pool.pause("weights").unwrap();
     let used = pool.backend().used;
-    for (create, map) in [(Some(2), None), (None, Some(3)), (Some(1), None)] {
+    for (create, map, copy) in
+        [(Some(2), None, None), (None, Some(3), None), (Some(1), None, None), (None, None, Some(2))]
+    {
         pool.backend.fail_create_in = create;
         pool.backend.fail_map_in = map;
+        pool.backend.fail_copy_in = copy;
         let err = pool.resume("weights").unwrap_err().to_string();
         assert!(err.contains("`weights`") && err.contains("injected"), "{err}");
         assert_eq!(pool.is_paused("weights"), Some(true));
@@ -298,6 +410,57 @@ fn a_resume_that_fails_midway_is_rolled_back_and_can_be_retried() {
     for (i, &va) in addresses.iter().enumerate() {
         assert_eq!(read(&pool, va, 1000).unwrap(), pattern(i as u64, 1000));
     }
+}
+
+#[test]
+fn a_backup_copy_that_fails_leaves_the_tag_active_with_every_byte() {
+    let mut pool = pool(1 << 20, 4 * G);
+    pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let log = heard.clone();
+    pool.add_hook(Box::new(move |_, t| log.lock().unwrap().push(t)));
+    let addresses: Vec<u64> = (0..3).map(|i| pool.alloc("weights", 4 * G - 100 + i).unwrap()).collect();
+    for (i, &va) in addresses.iter().enumerate() {
+        write(&mut pool, va, &pattern(i as u64, 1000));
+    }
+    let used = pool.backend().used;
+    // The third chunk's copy fails after the first two chunks were unmapped.
+    pool.backend.fail_copy_in = Some(3);
+    let err = pool.pause("weights").unwrap_err().to_string();
+    assert!(err.contains("`weights`") && err.contains("copying to host"), "{err}");
+    assert_eq!(pool.is_paused("weights"), Some(false));
+    assert_eq!(pool.backend().used, used, "nothing released");
+    for (i, &va) in addresses.iter().enumerate() {
+        assert_eq!(read(&pool, va, 1000).unwrap(), pattern(i as u64, 1000), "allocation {i}");
+    }
+    assert_eq!(*heard.lock().unwrap(), [Transition::Pausing, Transition::Resumed], "hooks hear the way back");
+    // And the next pause works.
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    assert_eq!(read(&pool, addresses[2], 1000).unwrap(), pattern(2, 1000));
+}
+
+#[test]
+fn the_staging_can_be_given_back_between_cycles() {
+    let mut pool = pool(1 << 20, 4 * G);
+    pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+    let va = pool.alloc("weights", 1000).unwrap();
+    write(&mut pool, va, &pattern(5, 1000));
+    pool.alloc("kv_cache", 10).unwrap();
+    assert_eq!(pool.prepare_staging("kv_cache").unwrap(), 0, "no backup, no staging");
+    assert_eq!(pool.prepare_staging("weights").unwrap(), 1024, "ahead of the first pause");
+    assert_eq!(pool.backend().staging_allocations, 1);
+    pool.pause("weights").unwrap();
+    assert_eq!(pool.backend().staging_allocations, 1, "the first pause found it ready");
+    assert!(matches!(pool.release_staging("weights"), Err(PoolError::Paused(_))), "it holds the backup");
+    pool.resume("weights").unwrap();
+    assert_eq!(stats(&pool, "weights").staging_bytes, 1024);
+    assert_eq!(pool.release_staging("weights").unwrap(), 1024);
+    assert_eq!(stats(&pool, "weights").staging_bytes, 0);
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    assert_eq!(read(&pool, va, 1000).unwrap(), pattern(5, 1000));
+    assert_eq!(pool.backend().staging_allocations, 2, "allocated again after being given back");
 }
 
 #[test]
@@ -363,7 +526,7 @@ fn running_out_of_memory_names_the_tag_and_the_sizes() {
     assert!(
         matches!(&err, PoolError::NotEnoughMemory { tag, needed, free } if tag == "kv_cache" && *needed == 4 * G && *free == 0)
     );
-    assert_eq!(pool.backend().reserved.len(), 2, "the failed chunk's addresses were given back");
+    assert_eq!(pool.backend().reserved.len(), 1, "one window for the weights; the failed chunk's was given back");
 }
 
 #[derive(Debug, Clone)]

@@ -12,6 +12,11 @@ pub trait MemoryControl: Send + Sync {
     fn resume(&self, tags: &[String]) -> Result<Vec<(String, u64)>, MemoryError>;
     /// Bytes paused per tag now (0 for an active tag).
     fn paused(&self) -> Vec<(String, u64)>;
+    /// Whether `tag`'s memory is released now (a tag that keeps its pages may be paused with
+    /// 0 bytes given back).
+    fn is_paused(&self, tag: &str) -> bool {
+        self.paused().iter().any(|(t, bytes)| t == tag && *bytes > 0)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -379,7 +379,7 @@ async fn update_weights(
         ApiError::new(StatusCode::CONFLICT, code, message)
     };
     if let Some(memory) = &state.options.memory {
-        if memory.paused().iter().any(|(tag, bytes)| tag == WEIGHTS_TAG && *bytes > 0) {
+        if memory.is_paused(WEIGHTS_TAG) {
             return Err(refuse(
                 FailureReason::Paused,
                 "paused",
@@ -590,6 +590,22 @@ async fn release_memory(
     State(state): State<Arc<AgentState>>,
     JsonBody(request): JsonBody<MemoryRequest>,
 ) -> Result<Json<MemoryResponse>, ApiError> {
+    // Memory an update is writing must not go: refuse while one is in flight.
+    let busy = state.updating.clone().try_lock_owned().is_err();
+    if let Some(version) = state.receiver.status().in_flight.filter(|_| state.options.memory.is_some()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            format!("version {version} is being written: release the memory once it settles"),
+        ));
+    }
+    if busy && state.options.memory.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "an update is running: release the memory once it settles",
+        ));
+    }
     memory_call(&state, request, |memory, tags| memory.release(tags)).await
 }
 

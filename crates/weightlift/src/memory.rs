@@ -1,0 +1,186 @@
+//! An engine's tagged GPU memory, shared between the threads that use it: the allocator an
+//! engine's framework calls (torch's pluggable allocator, through the Python package), the
+//! code that pauses and resumes tags, and the HTTP agent ([`MemoryControl`]).
+//!
+//! Hooks registered here run outside the pool's lock, so a hook may take other locks (the
+//! Python interpreter's) while allocations go on elsewhere.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use weightlift_core::pool::{PoolError, TagOptions, TagStats, Transition};
+use weightlift_cuda::{CudaError, Gpu, GpuPool};
+
+use crate::agent::{MemoryControl, MemoryError};
+
+/// A hook told of every pause (before the memory goes) and resume (after it is back).
+pub type MemoryHook = Arc<dyn Fn(&str, Transition) + Send + Sync>;
+
+/// Tagged memory on one GPU, usable from any thread.
+pub struct MemoryPool {
+    ordinal: usize,
+    pool: Mutex<GpuPool>,
+    hooks: Mutex<Vec<MemoryHook>>,
+}
+
+impl std::fmt::Debug for MemoryPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPool").field("ordinal", &self.ordinal).field("pool", &*self.lock()).finish()
+    }
+}
+
+pub type MemoryResult<T> = Result<T, PoolError<CudaError>>;
+
+impl MemoryPool {
+    /// A pool on `gpu` mapping chunks of `chunk_bytes` (rounded up to the granularity).
+    pub fn new(gpu: &Gpu, chunk_bytes: u64) -> Result<MemoryPool, CudaError> {
+        Ok(MemoryPool {
+            ordinal: gpu.ordinal(),
+            pool: Mutex::new(gpu.tagged_pool(chunk_bytes)?),
+            hooks: Mutex::default(),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The pool's lock. A panic elsewhere never leaves the books half written (every pool
+    /// method finishes or undoes its work before returning), so a poisoned lock is taken as is.
+    fn lock(&self) -> MutexGuard<'_, GpuPool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn alloc(&self, tag: &str, bytes: u64) -> MemoryResult<u64> {
+        self.lock().alloc(tag, bytes)
+    }
+
+    pub fn free(&self, address: u64) -> MemoryResult<()> {
+        self.lock().free(address)
+    }
+
+    pub fn configure(&self, tag: &str, options: TagOptions) {
+        self.lock().configure(tag, options)
+    }
+
+    pub fn add_hook(&self, hook: MemoryHook) {
+        self.hooks.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+    }
+
+    fn tell(&self, tag: &str, transition: Transition) {
+        let hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for hook in hooks {
+            hook(tag, transition);
+        }
+    }
+
+    /// Pauses `tag` (see [`weightlift_core::pool::TaggedPool::pause`]); hooks hear of it first.
+    pub fn pause(&self, tag: &str) -> MemoryResult<()> {
+        match self.lock().is_paused(tag) {
+            None => return Err(PoolError::UnknownTag(tag.to_string())),
+            Some(true) => return Ok(()),
+            Some(false) => {}
+        }
+        self.tell(tag, Transition::Pausing);
+        let paused = self.lock().pause(tag);
+        if paused.is_err() {
+            self.tell(tag, Transition::Resumed);
+        }
+        paused
+    }
+
+    /// Resumes `tag`, all or nothing; hooks hear of it once the memory is back.
+    pub fn resume(&self, tag: &str) -> MemoryResult<()> {
+        let was_paused = self.lock().is_paused(tag).ok_or_else(|| PoolError::UnknownTag(tag.to_string()))?;
+        self.lock().resume(tag)?;
+        if was_paused {
+            self.tell(tag, Transition::Resumed);
+        }
+        Ok(())
+    }
+
+    /// Allocates `tag`'s pinned staging ahead of its first backed-up pause; its size.
+    pub fn prepare_staging(&self, tag: &str) -> MemoryResult<u64> {
+        self.lock().prepare_staging(tag)
+    }
+
+    /// Frees the pinned staging `tag` keeps between backed-up pauses; the bytes freed.
+    pub fn release_staging(&self, tag: &str) -> MemoryResult<u64> {
+        self.lock().release_staging(tag)
+    }
+
+    /// (driver call, calls, seconds) since the pool was made: where pauses and resumes go.
+    pub fn driver_times(&self) -> Vec<(&'static str, u64, f64)> {
+        self.lock().backend().driver_times().into_iter().map(|(call, n, t)| (call, n, t.as_secs_f64())).collect()
+    }
+
+    pub fn tags(&self) -> Vec<String> {
+        self.lock().tags()
+    }
+
+    pub fn stats(&self) -> Vec<TagStats> {
+        self.lock().stats()
+    }
+
+    /// Whether an allocation of this pool holds `address`.
+    pub fn owns(&self, address: u64) -> bool {
+        self.lock().tag_containing(address).is_some()
+    }
+
+    /// The tag of the allocation holding `address`, and whether it is paused.
+    pub fn tag_containing(&self, address: u64) -> Option<(String, bool)> {
+        let pool = self.lock();
+        let tag = pool.tag_containing(address)?;
+        Some((tag.to_string(), pool.is_paused(tag) == Some(true)))
+    }
+
+    /// `tags`, or every tag when empty.
+    fn named_or_all(&self, tags: &[String]) -> Result<Vec<String>, MemoryError> {
+        if tags.is_empty() {
+            return Ok(self.tags());
+        }
+        let known = self.tags();
+        match tags.iter().find(|t| !known.contains(t)) {
+            Some(unknown) => Err(MemoryError::UnknownTag(unknown.clone())),
+            None => Ok(tags.to_vec()),
+        }
+    }
+
+    fn paused_bytes(&self, tags: &[String]) -> Vec<(String, u64)> {
+        self.stats().into_iter().filter(|s| tags.contains(&s.tag)).map(|s| (s.tag, s.paused_bytes)).collect()
+    }
+}
+
+fn refused(error: PoolError<CudaError>) -> MemoryError {
+    match error {
+        PoolError::UnknownTag(tag) => MemoryError::UnknownTag(tag),
+        other => MemoryError::Refused(other.to_string()),
+    }
+}
+
+/// The agent's release and resume: tag by tag, in order; a tag that fails stops the call with
+/// its error, and the tags before it stay as they now are (each one all or nothing).
+impl MemoryControl for MemoryPool {
+    fn release(&self, tags: &[String]) -> Result<Vec<(String, u64)>, MemoryError> {
+        let tags = self.named_or_all(tags)?;
+        for tag in &tags {
+            self.pause(tag).map_err(refused)?;
+        }
+        Ok(self.paused_bytes(&tags))
+    }
+
+    fn resume(&self, tags: &[String]) -> Result<Vec<(String, u64)>, MemoryError> {
+        let tags = self.named_or_all(tags)?;
+        for tag in &tags {
+            MemoryPool::resume(self, tag).map_err(refused)?;
+        }
+        Ok(self.paused_bytes(&tags))
+    }
+
+    fn paused(&self) -> Vec<(String, u64)> {
+        self.stats().into_iter().map(|s| (s.tag, s.paused_bytes)).collect()
+    }
+
+    fn is_paused(&self, tag: &str) -> bool {
+        self.lock().is_paused(tag) == Some(true)
+    }
+}

@@ -3,7 +3,9 @@
 0.0.10 (its default hook_mode "preload", as SGLang runs it), each in its own process, next to
 the pinned host copy ceiling measured in the same run. Prints one table; writes JSON with --json.
 
-For each system, ten pause/resume cycles of:
+For each system, ten pause/resume cycles (with --gap-s seconds between pause and resume, the
+trainer's step: the driver scrubs released memory in the background, and resuming at once
+competes with that) of:
   - "weights": 8 GiB in 400 torch tensors (Qwen3-8B-like, ~20 MiB each), with CPU backup;
   - "kv_cache": 32 GiB in one torch tensor, without backup.
 Every cycle checks the restored bytes (a digest of the weights, on the GPU) and records device
@@ -55,7 +57,7 @@ def weights_shapes(total: int, count: int = 400) -> list:
     return [per] * count
 
 
-def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chunk_bytes: int) -> dict:
+def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chunk_bytes: int, gap_s: float) -> dict:
     import torch
 
     import weightlift as wl
@@ -98,6 +100,7 @@ def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chun
         rows["weights_pause"].append(timed(pause, "weights"))
         rows["kv_pause"].append(timed(pause, "kv_cache"))
         free_released.append(torch.cuda.mem_get_info(0)[0] - free_before)
+        time.sleep(gap_s)  # the trainer's step: released memory is scrubbed by the driver meanwhile
         rows["weights_resume"].append(timed(resume, "weights"))
         rows["kv_resume"].append(timed(resume, "kv_cache"))
         got = [wl.digest(w) for w in weights[:: max(1, len(weights) // 40)]]
@@ -117,7 +120,7 @@ def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chun
     }
 
 
-def handle_sizes(kv_bytes: int, cycles: int) -> dict:
+def handle_sizes(kv_bytes: int, cycles: int, gap_s: float) -> dict:
     """Pause/resume (no backup) of the same bytes mapped as handles of different sizes: what
     the per-handle and per-byte costs of cuMemCreate/Map/SetAccess/Unmap/Release are."""
     import torch
@@ -138,6 +141,7 @@ def handle_sizes(kv_bytes: int, cycles: int) -> dict:
             t = time.perf_counter()
             pool.pause("kv")
             pauses.append(time.perf_counter() - t)
+            time.sleep(gap_s)
             t = time.perf_counter()
             pool.resume("kv")
             resumes.append(time.perf_counter() - t)
@@ -192,9 +196,9 @@ def worker(args) -> None:
     if args.worker == "ceiling":
         result.update(pinned_ceiling(args.weights_gib * GiB))
     elif args.worker == "handles":
-        result.update(handle_sizes(args.kv_gib * GiB, args.cycles))
+        result.update(handle_sizes(args.kv_gib * GiB, args.cycles, args.gap_s))
     else:
-        result.update(run_cycles(args.worker, args.weights_gib * GiB, args.kv_gib * GiB, args.cycles, args.chunk_mib << 20))
+        result.update(run_cycles(args.worker, args.weights_gib * GiB, args.kv_gib * GiB, args.cycles, args.chunk_mib << 20, args.gap_s))
     print(json.dumps(result))
 
 
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--weights-gib", type=int, default=8)
     parser.add_argument("--kv-gib", type=int, default=32)
     parser.add_argument("--cycles", type=int, default=10)
+    parser.add_argument("--gap-s", type=float, default=1.0,
+                        help="seconds between pause and resume (the trainer's step); 0 resumes at once")
     parser.add_argument("--chunk-mib", type=int, default=256, help="weightlift's chunk size (a worker's)")
     parser.add_argument("--weightlift-chunks-mib", default="256,1024",
                         help="chunk sizes to run weightlift with, comma-separated (the first is the default)")
@@ -220,7 +226,8 @@ def main() -> None:
     systems = [name for name, _, _ in runs if name not in ("ceiling", "handles")]
     for name, system, chunk_mib in runs:
         cmd = [sys.executable, __file__, "--worker", system, "--weights-gib", str(args.weights_gib),
-               "--kv-gib", str(args.kv_gib), "--cycles", str(args.cycles), "--chunk-mib", str(chunk_mib)]
+               "--kv-gib", str(args.kv_gib), "--cycles", str(args.cycles), "--chunk-mib", str(chunk_mib),
+               "--gap-s", str(args.gap_s)]
         env = dict(os.environ)
         if system == "torch_memory_saver":
             # Its default mode (what SGLang runs): cudaMalloc intercepted through LD_PRELOAD.

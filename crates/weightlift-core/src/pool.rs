@@ -517,7 +517,10 @@ impl<B: Backend> TaggedPool<B> {
                 .try_for_each(|&(address, at, bytes)| self.backend.to_device(staging, at, address, bytes))
                 .map_err(|e| device("restoring the backup", e));
         }
-        if outcome.is_ok() {
+        // Only a restore needs waiting for: a resume without one returns as soon as the
+        // memory is mapped, and the engine's next kernels are ordered after the driver's own
+        // work on the new pages.
+        if outcome.is_ok() && !state.backup.is_empty() {
             outcome = self.backend.wait().map_err(|e| device("restoring the backup", e));
         }
         if let Err(error) = outcome {

@@ -634,5 +634,26 @@ impl<B: Backend> TaggedPool<B> {
     }
 }
 
+/// Unmaps and releases everything the pool holds and gives its addresses back (tensors still
+/// pointing into it must be gone by then).
+impl<B: Backend> Drop for TaggedPool<B> {
+    fn drop(&mut self) {
+        let _ = self.backend.wait();
+        for (_, mut tag) in std::mem::take(&mut self.tags) {
+            for chunk in tag.chunks.drain(..) {
+                if chunk.mapped {
+                    self.backend.unmap(chunk.va, chunk.bytes);
+                }
+                if let Some(physical) = chunk.physical {
+                    self.backend.release(physical);
+                }
+            }
+            for window in tag.windows.drain(..) {
+                self.backend.free_range(window.va, window.space.bytes);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

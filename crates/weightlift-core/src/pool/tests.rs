@@ -33,6 +33,16 @@ struct Fake {
     fail_map_in: Option<usize>,
     /// Fail the copy run this many copies from now.
     fail_copy_in: Option<usize>,
+    /// Where the fake leaves (bytes used, ranges reserved, mappings) when dropped.
+    left_behind: Option<Arc<Mutex<(u64, usize, usize)>>>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if let Some(report) = &self.left_behind {
+            *report.lock().unwrap() = (self.used, self.reserved.len(), self.mapped.len());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +68,9 @@ const G: u64 = 4096;
 
 impl Fake {
     fn with_capacity(capacity: u64) -> Fake {
-        Fake { capacity, next_va: 1 << 40, ..Fake::default() }
+        let mut fake = Fake::default();
+        (fake.capacity, fake.next_va) = (capacity, 1 << 40);
+        fake
     }
 
     /// The mapping holding [va, va + len), as (physical id, offset).
@@ -498,6 +510,21 @@ fn keeping_the_physical_memory_maps_the_same_pages_again() {
     assert_eq!(pool.backend().mapped.values().next().unwrap().1, page, "the very same physical allocation");
     assert_eq!(read(&pool, va, 100).unwrap(), pattern(9, 100));
     assert_eq!(pool.backend().staging_allocations, 0, "nothing to back up");
+}
+
+#[test]
+fn dropping_the_pool_gives_everything_back() {
+    let left_behind = Arc::new(Mutex::new((u64::MAX, usize::MAX, usize::MAX)));
+    let mut fake = Fake::with_capacity(1 << 20);
+    fake.left_behind = Some(left_behind.clone());
+    let mut pool = TaggedPool::new(fake, 4 * G);
+    pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+    pool.alloc("weights", 100).unwrap();
+    pool.alloc("kv_cache", 5 * G).unwrap();
+    pool.alloc("nccl", 10).unwrap();
+    pool.pause("weights").unwrap();
+    drop(pool);
+    assert_eq!(*left_behind.lock().unwrap(), (0, 0, 0));
 }
 
 #[test]

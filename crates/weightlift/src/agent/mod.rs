@@ -590,21 +590,18 @@ async fn release_memory(
     State(state): State<Arc<AgentState>>,
     JsonBody(request): JsonBody<MemoryRequest>,
 ) -> Result<Json<MemoryResponse>, ApiError> {
-    // Memory an update is writing must not go: refuse while one is in flight.
-    let busy = state.updating.clone().try_lock_owned().is_err();
-    if let Some(version) = state.receiver.status().in_flight.filter(|_| state.options.memory.is_some()) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "busy",
-            format!("version {version} is being written: release the memory once it settles"),
-        ));
-    }
-    if busy && state.options.memory.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "busy",
-            "an update is running: release the memory once it settles",
-        ));
+    // Memory an update is writing must not go: refuse while one is in flight (started here, or
+    // by a sender of its own).
+    if state.options.memory.is_some() {
+        let in_flight = state.receiver.status().in_flight;
+        if in_flight.is_some() || state.updating.clone().try_lock_owned().is_err() {
+            let what = in_flight.map_or("an update".to_string(), |v| format!("version {v}"));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "busy",
+                format!("{what} is being written: release the memory once it settles"),
+            ));
+        }
     }
     memory_call(&state, request, |memory, tags| memory.release(tags)).await
 }

@@ -19,7 +19,7 @@ use weightlift_core::{Manifest, RuleSet, TpRank, Version};
 use crate::net::Stream;
 use crate::report::UpdateReport;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -118,8 +118,12 @@ pub enum Message {
         version: Version,
         skip: Vec<u32>,
     },
+    /// `stale`: destinations of the skip list the receiver no longer holds at its committed
+    /// version (released without a backup, reset, or left by a failed update); they are sent
+    /// anyway, and both sides schedule the update without them in the skip list.
     Accepted {
         version: Version,
+        stale: Vec<u32>,
     },
     Refused {
         reason: String,

@@ -530,7 +530,13 @@ impl Receiver {
                 }
                 continue;
             }
-            conn.send(&Message::Accepted { version })?;
+            // A tensor whose bytes the receiver no longer vouches for cannot be skipped.
+            let stale: Vec<u32> = {
+                let state = self.state();
+                skip.iter().copied().filter(|&d| state.digests[d as usize].is_none()).collect()
+            };
+            let skip: Vec<u32> = skip.into_iter().filter(|d| !stale.contains(d)).collect();
+            conn.send(&Message::Accepted { version, stale })?;
             let (report, in_sync) = if transport == TransportKind::CudaIpc {
                 self.update_ipc(&mut conn, &mut importer, &plan, &source, version)
             } else {

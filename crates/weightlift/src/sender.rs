@@ -245,7 +245,7 @@ impl Sender {
             Vec::new()
         };
         let timeout = self.options.timeout;
-        self.begin(version, skip.clone())?;
+        let skip = self.begin(version, skip)?;
 
         let schedule = self
             .schedule
@@ -335,11 +335,19 @@ impl Sender {
 }
 
 impl Sender {
-    /// Opens an update of `version` that leaves the destinations in `skip` alone.
-    fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<(), SendError> {
-        self.conn.send(&Message::Begin { version, skip })?;
+    /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
+    /// may really be skipped (the receiver names those it no longer holds).
+    fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<Vec<u32>, SendError> {
+        self.conn.send(&Message::Begin { version, skip: skip.clone() })?;
         match self.conn.recv(self.options.timeout)? {
-            Message::Accepted { version: v } if v == version => Ok(()),
+            Message::Accepted { version: v, stale } if v == version => {
+                for &d in &stale {
+                    if let Some(known) = self.receiver_digests.get_mut(d as usize) {
+                        *known = None;
+                    }
+                }
+                Ok(skip.into_iter().filter(|d| !stale.contains(d)).collect())
+            }
             Message::Refused { reason } => Err(SendError::Refused { version, reason }),
             other => Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
         }

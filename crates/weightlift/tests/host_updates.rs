@@ -185,3 +185,49 @@ fn in_process_updates_arrive_bit_exact_and_remote_senders_cannot_ask_for_them() 
     let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, remote).err().unwrap().to_string();
     assert!(err.contains("connect_in_process"), "{err}");
 }
+
+#[test]
+fn a_closed_write_gate_refuses_updates_and_tensors_the_receiver_lost_are_sent_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut s = setup("qwen3-tiny", TpRank::SINGLE, "gate", ReceiverOptions::default());
+    let options = SenderOptions { delta: true, bucket_bytes: 4096, ..SenderOptions::default() };
+    let mut tx = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).unwrap();
+    s.trainer.perturb();
+    assert!(tx.push(Version(1), &s.trainer).unwrap().verified);
+    let count = tx.plan().destinations.len();
+
+    // The engine's memory is released: nothing may touch the tensors.
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = open.clone();
+    s.receiver.set_write_gate(Arc::new(move || {
+        if gate.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the weights' memory is released".into())
+        }
+    }));
+    let err = tx.push(Version(2), &s.trainer).unwrap_err().to_string();
+    assert!(err.contains("released"), "{err}");
+    assert_eq!(s.receiver.committed(), Version(1));
+    assert!(s.receiver.current_digests().unwrap_err().to_string().contains("released"));
+    assert!(s.receiver.poison(0).is_err());
+    open.store(true, Ordering::SeqCst);
+
+    // Two tensors came back without their bytes: a delta sender must send them though the
+    // trainer did not change them (it skips the rest).
+    let lost: Vec<String> = tx.plan().destinations[..2].iter().map(|d| d.name.clone()).collect();
+    s.receiver.forget(&lost);
+    assert_eq!(s.receiver.dirty(), lost);
+    let report = tx.push(Version(2), &s.trainer).unwrap();
+    assert!(report.verified, "{report:?}");
+    assert_eq!((report.tensors, report.skipped_tensors), (2, count - 2));
+    assert!(s.receiver.dirty().is_empty());
+
+    // A checker's reset overwrites everything: the next update rewrites everything.
+    s.receiver.poison(0xAB).unwrap();
+    let report = tx.push(Version(3), &s.trainer).unwrap();
+    assert!(report.verified && report.skipped_tensors == 0, "{report:?}");
+    assert_bit_exact(&s, &tx);
+}

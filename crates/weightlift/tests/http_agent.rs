@@ -406,6 +406,31 @@ async fn memory_endpoints_release_and_resume_and_updates_wait_for_the_weights() 
     assert_eq!(status, StatusCode::OK, "{report}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_is_not_released_under_an_update_in_flight() {
+    let client = Client::new();
+    let memory = Arc::new(FakeMemory {
+        tags: Mutex::new(vec![("weights".into(), 4096, false)]),
+        refuse_resume: Mutex::new(false),
+    });
+    let e = engine_with(AgentOptions { memory: Some(memory.clone()), ..AgentOptions::default() });
+    let release = format!("{}/release_memory_occupation", e.url);
+    // This sender waits a second after the receiver connects: the update is in flight.
+    let at = publisher(&e, e.trainer.clone(), 1, 1, Duration::from_secs(1));
+    let first = tokio::spawn({
+        let (client, update) = (client.clone(), format!("{}/update_weights", e.url));
+        async move { post(&client, &update, json!({"version": "1", "source": {"sender": at}})).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = post(&client, &release, json!({"tags": ["weights"]})).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "busy"), "{body}");
+    assert_eq!(memory.paused(), [("weights".to_string(), 0)], "nothing was released");
+    let (status, report) = first.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (status, body) = post(&client, &release, json!({"tags": ["weights"]})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 /// 1,000 concurrent checksum and version requests while updates run (a bounded load test: it
 /// stops by itself). Every request answers 200, every update is committed in order, and the
 /// weights end as the last version's. Latencies of /version are printed (not asserted).

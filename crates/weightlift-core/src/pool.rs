@@ -333,7 +333,12 @@ impl<B: Backend> TaggedPool<B> {
         {
             return Ok(found);
         }
-        let va = self.backend.reserve(window_bytes)?;
+        // Where a wide window cannot be had (a small address space), one just for the chunk.
+        let (va, window_bytes) = match self.backend.reserve(window_bytes) {
+            Ok(va) => (va, window_bytes),
+            Err(_) if window_bytes > size => (self.backend.reserve(size)?, size),
+            Err(e) => return Err(e),
+        };
         let mut window = Window { va, space: FreeList::new(window_bytes) };
         let offset = window.space.take(size).expect("a new window holds the chunk");
         self.tags.get_mut(tag).expect("checked above").windows.push(window);

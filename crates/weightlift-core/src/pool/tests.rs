@@ -33,6 +33,8 @@ struct Fake {
     fail_map_in: Option<usize>,
     /// Fail the copy run this many copies from now.
     fail_copy_in: Option<usize>,
+    /// The largest address range a reservation may have (a small address space).
+    reserve_limit: Option<u64>,
     /// Where the fake leaves (bytes used, ranges reserved, mappings) when dropped.
     left_behind: Option<Arc<Mutex<(u64, usize, usize)>>>,
 }
@@ -148,6 +150,9 @@ impl Backend for Fake {
 
     fn reserve(&mut self, bytes: u64) -> Result<u64, FakeError> {
         assert_eq!(bytes % G, 0, "reservations are whole granules");
+        if self.reserve_limit.is_some_and(|limit| bytes > limit) {
+            return Err(FakeError(format!("no {bytes} bytes of address space")));
+        }
         let va = self.next_va;
         self.next_va += bytes + G;
         self.reserved.insert(va, bytes);
@@ -360,6 +365,25 @@ fn a_resume_grants_access_once_per_run_of_adjacent_chunks() {
     }
     // The hole is reused by the next chunk, at the same place.
     assert_eq!(pool.alloc("kv_cache", 4 * G).unwrap(), chunks[2]);
+}
+
+#[test]
+fn without_room_for_a_wide_window_each_chunk_gets_its_own_addresses() {
+    let mut fake = Fake::with_capacity(1 << 20);
+    fake.reserve_limit = Some(8 * G);
+    let mut pool = TaggedPool::new(fake, 4 * G);
+    pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+    let a = pool.alloc("weights", 4 * G).unwrap();
+    let b = pool.alloc("weights", 4 * G).unwrap();
+    write(&mut pool, b, &pattern(1, 100));
+    assert_eq!(pool.backend().reserved.len(), 2);
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    assert_eq!(read(&pool, b, 100).unwrap(), pattern(1, 100));
+    assert!(matches!(pool.alloc("weights", 9 * G), Err(PoolError::Device { action: "reserving addresses", .. })));
+    pool.free(a).unwrap();
+    pool.free(b).unwrap();
+    assert!(pool.backend().reserved.is_empty());
 }
 
 #[test]

@@ -69,22 +69,18 @@ fn guard_pooled_tensors(receiver: &weightlift::Receiver, holders: Vec<Holding>) 
             let (Some(names), Some(receiver), Some(pool)) = (tags.get(tag), weak.upgrade(), pool.upgrade()) else {
                 return;
             };
-            let options = pool.stats().into_iter().find(|s| s.tag == tag).map(|s| s.options).unwrap_or_default();
-            if transition == Transition::Pausing && !options.cpu_backup && !options.keep_physical {
+            if transition == Transition::Pausing && !pool.options(tag).unwrap_or_default().keeps_bytes() {
                 receiver.forget(names);
             }
         }));
     }
     receiver.set_write_gate(Arc::new(move || {
         for holding in &holders {
-            for s in holding.pool.stats() {
-                if s.paused && holding.tags.contains_key(&s.tag) {
-                    return Err(format!(
-                        "the engine's tensors are in memory tag `{}` of cuda:{}, which is paused: resume it first",
-                        s.tag,
-                        holding.pool.ordinal()
-                    ));
-                }
+            if let Some(tag) = holding.tags.keys().find(|tag| holding.pool.is_paused(tag)) {
+                return Err(format!(
+                    "the engine's tensors are in memory tag `{tag}` of cuda:{}, which is paused: resume it first",
+                    holding.pool.ordinal()
+                ));
             }
         }
         Ok(())

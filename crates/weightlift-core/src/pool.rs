@@ -82,6 +82,18 @@ pub struct TagOptions {
     pub keep_physical: bool,
 }
 
+impl TagOptions {
+    /// Whether a pause copies the tag's bytes to the host (keeping the pages needs no copy).
+    pub fn backs_up(&self) -> bool {
+        self.cpu_backup && !self.keep_physical
+    }
+
+    /// Whether the tag's bytes survive a pause (backed up, or on pages kept).
+    pub fn keeps_bytes(&self) -> bool {
+        self.cpu_backup || self.keep_physical
+    }
+}
+
 /// A tag's state and sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagStats {
@@ -408,11 +420,10 @@ impl<B: Backend> TaggedPool<B> {
         let device = |action, source| PoolError::Device { tag: tag.to_string(), action, source };
         // Whatever the memory's users queued (an engine's last kernels) must finish first.
         self.backend.wait().map_err(|e| device("waiting for the device", e))?;
-        let backing_up = options.cpu_backup && !options.keep_physical;
+        let backing_up = options.backs_up();
         if backing_up {
             // Persistent staging: allocated once (grown when needed), reused every cycle.
-            let needed: u64 = self.allocations.values().filter(|a| a.tag == tag).map(|a| a.bytes).sum();
-            self.ensure_staging(tag, needed)?;
+            self.ensure_staging(tag, self.allocated_bytes(tag))?;
         }
         // Copies are queued chunk by chunk, each followed by a mark; a chunk is unmapped as
         // soon as its own copies are done, while the later chunks' copies still run.
@@ -557,12 +568,11 @@ impl<B: Backend> TaggedPool<B> {
     /// on first touch). Does nothing for a tag without a backup, or whose staging is large
     /// enough; returns the staging's size.
     pub fn prepare_staging(&mut self, tag: &str) -> Result<u64, PoolError<B::Error>> {
-        let needed: u64 = self.allocations.values().filter(|a| a.tag == tag).map(|a| a.bytes).sum();
         let state = self.tags.get(tag).ok_or_else(|| PoolError::UnknownTag(tag.to_string()))?;
-        if !state.options.cpu_backup || state.options.keep_physical {
+        if !state.options.backs_up() {
             return Ok(0);
         }
-        self.ensure_staging(tag, needed)
+        self.ensure_staging(tag, self.allocated_bytes(tag))
     }
 
     /// Makes `tag`'s staging at least `needed` bytes (replaced, not grown in place, when too
@@ -601,6 +611,16 @@ impl<B: Backend> TaggedPool<B> {
         self.allocations.get(&address).map(|a| a.tag.as_str())
     }
 
+    /// Bytes of `tag`'s live allocations.
+    fn allocated_bytes(&self, tag: &str) -> u64 {
+        self.allocations.values().filter(|a| a.tag == tag).map(|a| a.bytes).sum()
+    }
+
+    /// How `tag` is paused (None for an unknown tag).
+    pub fn options(&self, tag: &str) -> Option<TagOptions> {
+        self.tags.get(tag).map(|t| t.options)
+    }
+
     /// The tag of the live allocation holding `address` (its first byte or any other).
     pub fn tag_containing(&self, address: u64) -> Option<&str> {
         let (&start, allocation) = self.allocations.range(..=address).next_back()?;
@@ -630,7 +650,7 @@ impl<B: Backend> TaggedPool<B> {
                     reserved_bytes: t.chunks.iter().map(|c| c.bytes).sum(),
                     mapped_bytes: t.chunks.iter().filter(|c| c.mapped).map(|c| c.bytes).sum(),
                     paused_bytes: if t.paused { released } else { 0 },
-                    allocated_bytes: self.allocations.values().filter(|a| &a.tag == name).map(|a| a.bytes).sum(),
+                    allocated_bytes: self.allocated_bytes(name),
                     backed_up_bytes: t.backup.iter().map(|&(_, _, bytes)| bytes).sum(),
                     staging_bytes: t.staging.as_ref().map_or(0, |&(_, size)| size),
                 }

@@ -59,6 +59,22 @@ pub(crate) fn pinned_prop(ordinal: usize, handle_types: CUmemAllocationHandleTyp
     }
 }
 
+/// The granularity (`flag`: minimum or recommended) of allocations with `prop`, never 0; the
+/// caller has bound the context.
+pub(crate) fn allocation_granularity(
+    prop: &CUmemAllocationProp,
+    flag: CUmemAllocationGranularity_flags,
+) -> Result<usize, CudaError> {
+    let mut granularity: usize = 0;
+    // SAFETY: both pointers are valid for the duration of the call.
+    let result = unsafe { sys::cuMemGetAllocationGranularity(&mut granularity, prop, flag) };
+    check(result, "cuMemGetAllocationGranularity")?;
+    if granularity == 0 {
+        return Err(CudaError::Invalid("cuMemGetAllocationGranularity returned 0".into()));
+    }
+    Ok(granularity)
+}
+
 /// A pinned device allocation on device `ordinal`, exportable as a POSIX fd.
 fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
     pinned_prop(ordinal, POSIX_FD)
@@ -240,21 +256,10 @@ impl Gpu {
     /// for pinned device memory with POSIX-fd handles).
     pub fn shareable_granularity(&self) -> Result<usize, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let prop = shareable_prop(self.ordinal());
-        let mut granularity: usize = 0;
-        // SAFETY: both pointers are valid for the duration of the call.
-        let result = unsafe {
-            sys::cuMemGetAllocationGranularity(
-                &mut granularity,
-                &prop,
-                CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-            )
-        };
-        check(result, "cuMemGetAllocationGranularity")?;
-        if granularity == 0 {
-            return Err(CudaError::Invalid("cuMemGetAllocationGranularity returned 0".into()));
-        }
-        Ok(granularity)
+        allocation_granularity(
+            &shareable_prop(self.ordinal()),
+            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
     }
 
     /// `bytes` of device memory on this GPU (rounded up to the granularity; 0 bytes take one

@@ -17,7 +17,7 @@ use weightlift_core::pool::{Backend, TaggedPool};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::Gpu;
-use crate::vmm::{check, device_location, pinned_prop};
+use crate::vmm::{allocation_granularity, check, device_location, pinned_prop};
 
 /// Pinned device memory on `ordinal`, not shared with other processes.
 fn private_prop(ordinal: usize) -> CUmemAllocationProp {
@@ -60,6 +60,15 @@ impl Drop for PinnedHost {
 }
 
 impl PinnedHost {
+    /// The address of `staging[at..at + bytes]`, checked to lie inside.
+    fn at(&self, at: u64, bytes: u64) -> Result<*mut u8, CudaError> {
+        if at.checked_add(bytes).is_none_or(|end| end > self.len as u64) {
+            return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", self.len)));
+        }
+        // SAFETY: `at` lies inside the allocation (checked just above).
+        Ok(unsafe { self.ptr.cast::<u8>().add(at as usize) })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -88,23 +97,16 @@ impl Gpu {
     /// allocation granularity). Pools are independent: a process may hold several.
     pub fn tagged_pool(&self, chunk_bytes: u64) -> Result<GpuPool, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let prop = private_prop(self.ordinal());
-        let mut granularity: usize = 0;
-        // SAFETY: both pointers are valid for the duration of the call.
-        let result = unsafe {
-            sys::cuMemGetAllocationGranularity(
-                &mut granularity,
-                &prop,
-                CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
-            )
-        };
-        check(result, "cuMemGetAllocationGranularity")?;
+        let granularity = allocation_granularity(
+            &private_prop(self.ordinal()),
+            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+        )?;
         let stream = self.context().new_stream().call("cuStreamCreate")?;
         let device = VmmDevice {
             ctx: self.context().clone(),
             stream,
             ordinal: self.ordinal(),
-            granularity: granularity.max(1) as u64,
+            granularity: granularity as u64,
             times: BTreeMap::new(),
         };
         Ok(TaggedPool::new(device, chunk_bytes))
@@ -230,43 +232,26 @@ impl Backend for VmmDevice {
     }
 
     fn to_host(&mut self, from: u64, staging: &mut PinnedHost, at: u64, bytes: u64) -> Result<(), CudaError> {
-        if at + bytes > staging.len as u64 {
-            return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
-        }
+        let host = staging.at(at, bytes)?;
         self.bind()?;
         let started = Instant::now();
-        // SAFETY: the destination lies inside the pinned allocation (checked above), which
+        // SAFETY: the destination lies inside the pinned allocation (checked by `at`), which
         // outlives the copy (the pool waits before dropping or reusing it); the source is a
         // live mapped allocation of the pool.
-        let result = unsafe {
-            sys::cuMemcpyDtoHAsync_v2(
-                staging.ptr.cast::<u8>().add(at as usize).cast(),
-                from,
-                bytes as usize,
-                self.stream.cu_stream(),
-            )
-        };
+        let result = unsafe { sys::cuMemcpyDtoHAsync_v2(host.cast(), from, bytes as usize, self.stream.cu_stream()) };
         self.note("cuMemcpyDtoHAsync", started);
         check(result, "cuMemcpyDtoHAsync")
     }
 
     fn to_device(&mut self, staging: &PinnedHost, at: u64, to: u64, bytes: u64) -> Result<(), CudaError> {
-        if at + bytes > staging.len as u64 {
-            return Err(CudaError::Invalid(format!("{bytes} bytes at {at} overrun {} bytes of staging", staging.len)));
-        }
+        let host = staging.at(at, bytes)?;
         self.bind()?;
         let started = Instant::now();
-        // SAFETY: the source lies inside the pinned allocation (checked above), alive until
+        // SAFETY: the source lies inside the pinned allocation (checked by `at`), alive until
         // the copy completes (the pool waits); the destination is mapped (the pool restores
         // only after mapping).
-        let result = unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                to,
-                staging.ptr.cast::<u8>().add(at as usize).cast_const().cast(),
-                bytes as usize,
-                self.stream.cu_stream(),
-            )
-        };
+        let result =
+            unsafe { sys::cuMemcpyHtoDAsync_v2(to, host.cast_const().cast(), bytes as usize, self.stream.cu_stream()) };
         self.note("cuMemcpyHtoDAsync", started);
         check(result, "cuMemcpyHtoDAsync")
     }

@@ -121,6 +121,16 @@ impl MemoryPool {
         self.lock().stats()
     }
 
+    /// Whether `tag` is paused now (false for an unknown tag).
+    pub fn is_paused(&self, tag: &str) -> bool {
+        self.lock().is_paused(tag) == Some(true)
+    }
+
+    /// How `tag` is paused (None for an unknown tag).
+    pub fn options(&self, tag: &str) -> Option<TagOptions> {
+        self.lock().options(tag)
+    }
+
     /// Whether an allocation of this pool holds `address`.
     pub fn owns(&self, address: u64) -> bool {
         self.lock().tag_containing(address).is_some()
@@ -181,6 +191,6 @@ impl MemoryControl for MemoryPool {
     }
 
     fn is_paused(&self, tag: &str) -> bool {
-        self.lock().is_paused(tag) == Some(true)
+        MemoryPool::is_paused(self, tag)
     }
 }

@@ -72,7 +72,6 @@ class Pool:
         self.device_index = _device_index(device)
         self._native = _weightlift.MemoryPool(self.device_index, chunk_bytes)
         self._mem_pools: Dict[str, object] = {}
-        self._options: Dict[str, tuple] = {}
 
     @property
     def device(self):
@@ -95,7 +94,25 @@ class Pool:
         """How ``tag`` is paused: ``cpu_backup`` copies its bytes to pinned host memory and back;
         ``keep_physical`` only unmaps (resume maps the very same pages; frees nothing)."""
         self._native.configure(tag, cpu_backup=cpu_backup, keep_physical=keep_physical)
-        self._options[tag] = (cpu_backup, keep_physical)
+
+    @contextlib.contextmanager
+    def _routed(self, tag: str, cpu_backup: bool, keep_physical: bool):
+        """Configures ``tag`` and routes this thread's allocations through the allocator to it;
+        yields the tag's MemPool. An allocation that fails carries the pool's reason."""
+        import torch
+
+        self.configure(tag, cpu_backup=cpu_backup, keep_physical=keep_physical)
+        mem_pool = self._mem_pool(tag)
+        self._native.enter(tag)
+        try:
+            yield mem_pool
+        except torch.OutOfMemoryError as error:
+            reason = _weightlift.last_allocator_error()
+            if reason:
+                error.add_note(f"weightlift memory pool, tag `{tag}`: {reason}")
+            raise
+        finally:
+            self._native.leave()
 
     @contextlib.contextmanager
     def region(self, tag: str, *, cpu_backup: bool = False, keep_physical: bool = False) -> Iterator[None]:
@@ -105,22 +122,10 @@ class Pool:
         (~0.4 s per GiB, once), so no pause pays for it."""
         import torch
 
-        if self._options.get(tag) != (cpu_backup, keep_physical):
-            self.configure(tag, cpu_backup=cpu_backup, keep_physical=keep_physical)
-        mem_pool = self._mem_pool(tag)
-        self._native.enter(tag)
-        try:
+        with self._routed(tag, cpu_backup, keep_physical) as mem_pool:
             with torch.cuda.use_mem_pool(mem_pool, device=self.device):
                 yield
-        except torch.OutOfMemoryError as error:
-            reason = _weightlift.last_allocator_error()
-            if reason:
-                error.add_note(f"weightlift memory pool, tag `{tag}`: {reason}")
-            raise
-        finally:
-            self._native.leave()
-        if cpu_backup and not keep_physical:
-            self._native.prepare_staging(tag)
+        self._native.prepare_staging(tag)  # nothing for a tag without a backup
 
     @contextlib.contextmanager
     def cuda_graph(self, graph, tag: str, *, cpu_backup: bool = False, stream=None,
@@ -128,15 +133,9 @@ class Pool:
         """``torch.cuda.graph(graph)`` with the graph's private memory in ``tag`` (pausable)."""
         import torch
 
-        if self._options.get(tag) != (cpu_backup, False):
-            self.configure(tag, cpu_backup=cpu_backup)
-        mem_pool = self._mem_pool(tag)
-        self._native.enter(tag)
-        try:
+        with self._routed(tag, cpu_backup, False) as mem_pool:
             with torch.cuda.graph(graph, pool=mem_pool.id, stream=stream, capture_error_mode=capture_error_mode):
                 yield
-        finally:
-            self._native.leave()
 
     def _tags(self, tag: Optional[str]):
         return self._native.tags() if tag is None else [tag]

@@ -7,11 +7,12 @@ For each system, ten pause/resume cycles (with --gap-s seconds between pause and
 trainer's step: the driver scrubs released memory in the background, and resuming at once
 competes with that) of:
   - "weights": 8 GiB in 400 torch tensors (Qwen3-8B-like, ~20 MiB each), with CPU backup;
-  - "kv_cache": 32 GiB in one torch tensor, without backup.
+  - "kv_cache": 32 GiB in 72 torch tensors (a K and a V buffer per layer of a 36-layer model,
+    as SGLang allocates them), without backup.
 Every cycle checks the restored bytes (a digest of the weights, on the GPU) and records device
 free memory and host RSS, so leaks show.
 
-    python3 bench/memory.py [--json out.json] [--weights-gib 8] [--kv-gib 32] [--cycles 10]
+    python3 bench/memory.py [--json out.json] [--weights-gib 8] [--kv-gib 32] [--kv-tensors 72] [--cycles 10]
 """
 
 import argparse
@@ -57,7 +58,8 @@ def weights_shapes(total: int, count: int = 400) -> list:
     return [per] * count
 
 
-def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chunk_bytes: int, gap_s: float) -> dict:
+def run_cycles(system: str, weights_bytes: int, kv_bytes: int, kv_tensors: int, cycles: int, chunk_bytes: int,
+               gap_s: float) -> dict:
     import torch
 
     import weightlift as wl
@@ -77,10 +79,11 @@ def run_cycles(system: str, weights_bytes: int, kv_bytes: int, cycles: int, chun
     with region("weights", True):
         weights = [torch.empty(n, dtype=torch.bfloat16, device="cuda:0") for n in weights_shapes(weights_bytes)]
     with region("kv_cache", False):
-        kv = torch.empty(kv_bytes, dtype=torch.uint8, device="cuda:0")
+        kv = [torch.empty(kv_bytes // kv_tensors, dtype=torch.uint8, device="cuda:0") for _ in range(kv_tensors)]
     for i, w in enumerate(weights):
         w.view(torch.int16).random_(-32768, 32767, generator=None)
-    kv.fill_(1)
+    for buffer in kv:
+        buffer.fill_(1)
     want = [wl.digest(w) for w in weights[:: max(1, len(weights) // 40)]]
     torch.cuda.synchronize()
 
@@ -198,7 +201,8 @@ def worker(args) -> None:
     elif args.worker == "handles":
         result.update(handle_sizes(args.kv_gib * GiB, args.cycles, args.gap_s))
     else:
-        result.update(run_cycles(args.worker, args.weights_gib * GiB, args.kv_gib * GiB, args.cycles, args.chunk_mib << 20, args.gap_s))
+        result.update(run_cycles(args.worker, args.weights_gib * GiB, args.kv_gib * GiB, args.kv_tensors, args.cycles,
+                                 args.chunk_mib << 20, args.gap_s))
     print(json.dumps(result))
 
 
@@ -207,11 +211,12 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--weights-gib", type=int, default=8)
     parser.add_argument("--kv-gib", type=int, default=32)
+    parser.add_argument("--kv-tensors", type=int, default=72, help="tensors the KV cache is allocated as")
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--gap-s", type=float, default=1.0,
                         help="seconds between pause and resume (the trainer's step); 0 resumes at once")
     parser.add_argument("--chunk-mib", type=int, default=256, help="weightlift's chunk size (a worker's)")
-    parser.add_argument("--weightlift-chunks-mib", default="256,1024",
+    parser.add_argument("--weightlift-chunks-mib", default="256",
                         help="chunk sizes to run weightlift with, comma-separated (the first is the default)")
     parser.add_argument("--worker", choices=["ceiling", "handles", "weightlift", "torch_memory_saver"])
     args = parser.parse_args()
@@ -226,7 +231,7 @@ def main() -> None:
     systems = [name for name, _, _ in runs if name not in ("ceiling", "handles")]
     for name, system, chunk_mib in runs:
         cmd = [sys.executable, __file__, "--worker", system, "--weights-gib", str(args.weights_gib),
-               "--kv-gib", str(args.kv_gib), "--cycles", str(args.cycles), "--chunk-mib", str(chunk_mib),
+               "--kv-gib", str(args.kv_gib), "--kv-tensors", str(args.kv_tensors), "--cycles", str(args.cycles), "--chunk-mib", str(chunk_mib),
                "--gap-s", str(args.gap_s)]
         env = dict(os.environ)
         if system == "torch_memory_saver":
@@ -264,8 +269,8 @@ def main() -> None:
         for key, label, nbytes, rate in [
             ("weights_pause", f"pause {args.weights_gib} GiB, backup", wbytes, d2h),
             ("weights_resume", f"resume {args.weights_gib} GiB, backup", wbytes, h2d),
-            ("kv_pause", f"pause {args.kv_gib} GiB, no backup", None, None),
-            ("kv_resume", f"resume {args.kv_gib} GiB, no backup", None, None),
+            ("kv_pause", f"pause {args.kv_gib} GiB in {args.kv_tensors} tensors, no backup", None, None),
+            ("kv_resume", f"resume {args.kv_gib} GiB in {args.kv_tensors} tensors, no backup", None, None),
         ]:
             s = r["seconds"][key]
             first, med = s[0], statistics.median(s[1:] if len(s) > 1 else s)

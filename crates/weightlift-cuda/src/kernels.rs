@@ -17,6 +17,14 @@ const TILE_BYTES: u64 = 64 << 10;
 /// Elements one block of the cast kernel converts per tile.
 const CAST_TILE_ELEMS: u64 = 16 << 10;
 const THREADS: u32 = 256;
+/// Blocks per SM of the fused copy+digest kernel's grid: a grid that is all resident at once
+/// (three blocks of 256 per SM, 24 warps) rather than 32 blocks per SM queued behind each other.
+/// Queued grid-striding blocks start their walks 1 GB apart, so the chunks open at once are
+/// spread over gigabytes; a resident grid keeps them side by side. Measured on H200 in four
+/// runs (bench/results/gpu-h200x2-2026-11-29c/): updates of Qwen3-8B shapes 11.8-12.2 ->
+/// 10.3-10.9 ms, Qwen3-30B-A3B 37.5-37.7 -> 35.4-36.8 ms; 2 blocks per SM about the same, 4
+/// and 5 no better.
+const FUSED_BLOCKS_PER_SM: u32 = 3;
 
 const SOURCE: &str = r#"
 typedef unsigned long long u64;
@@ -156,54 +164,61 @@ template <bool LOCAL> __device__ __forceinline__ u64 ldg64(const u8* p) {
     return v;
 }
 
+// One 4 KiB chunk (global index `g` of the work list) copied and digested by a group of four
+// consecutive threads, one per xxh64 stripe accumulator, so each 32-byte stripe is one
+// coalesced sector. Every thread of the warp calls this (the digest's shuffles need them all);
+// a group whose `g` is past `total` does nothing. A run whose `dst` is 0 is only digested
+// (memory already in place).
+template <bool LOCAL> __device__ __forceinline__ void group_chunk(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g, u64 total, u64* out) {
+    u64 lane = threadIdx.x & 3;
+    u32 group_mask = 0xFu << (threadIdx.x & 28);
+    bool active = g < total;
+    u64 v = 0, len = 0, slot = 0;
+    u8* q = 0;
+    if (active) {
+        u32 i = find(chunk_start, n, g);
+        u64 k = g - chunk_start[i];
+        FusedRun r = runs[i];
+        slot = r.out + k;
+        const u8* p = (const u8*)(r.src + k * 4096);
+        q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
+        len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
+        v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+        u64 s = 0;
+        if (((((u64)p) | ((u64)q)) & 7) == 0) {
+            // Four stripes' loads in flight before their rounds: the loads, not the
+            // arithmetic, are what a chunk waits on.
+            for (; s + 128 <= len; s += 128) {
+                u64 o = s + 8 * lane;
+                u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
+                u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
+                if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
+                v = xround(xround(xround(xround(v, w0), w1), w2), w3);
+            }
+        }
+        for (; s + 32 <= len; s += 32) {
+            u64 o = s + 8 * lane;
+            u64 w = load64(p + o);
+            if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
+            v = xround(v, w);
+        }
+        // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
+        if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
+        if (!q) q = (u8*)p;
+    }
+    u64 h = group_finish(v, group_mask, q, len);
+    if (active && lane == 0) out[slot] = h;
+}
+
 // Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
-// source, written once, and hashed from the registers it passed through. A run whose `dst` is
-// 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
-// per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector.
+// source, written once, and hashed from the registers it passed through, a four-lane group
+// per chunk. The grid is resident (see FUSED_BLOCKS_PER_SM), so the chunks open at once are
+// the groups of the GPU, consecutive ones next to each other.
 template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
-    u64 lane = threadIdx.x & 3;
-    u32 group_mask = 0xFu << (threadIdx.x & 28);
-    for (u64 base = 0; base < total; base += groups) {
-        u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
-        bool active = g < total;
-        u64 v = 0, len = 0, slot = 0;
-        u8* q = 0;
-        if (active) {
-            u32 i = find(chunk_start, n, g);
-            u64 k = g - chunk_start[i];
-            FusedRun r = runs[i];
-            slot = r.out + k;
-            const u8* p = (const u8*)(r.src + k * 4096);
-            q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
-            len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
-            v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-            u64 s = 0;
-            if (((((u64)p) | ((u64)q)) & 7) == 0) {
-                // Four stripes' loads in flight before their rounds: the loads, not the
-                // arithmetic, are what a chunk waits on.
-                for (; s + 128 <= len; s += 128) {
-                    u64 o = s + 8 * lane;
-                    u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
-                    u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
-                    if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
-                    v = xround(xround(xround(xround(v, w0), w1), w2), w3);
-                }
-            }
-            for (; s + 32 <= len; s += 32) {
-                u64 o = s + 8 * lane;
-                u64 w = load64(p + o);
-                if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
-                v = xround(v, w);
-            }
-            // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
-            if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
-            if (!q) q = (u8*)p;
-        }
-        u64 h = group_finish(v, group_mask, q, len);
-        if (active && lane == 0) out[slot] = h;
-    }
+    for (u64 base = 0; base < total; base += groups)
+        group_chunk<LOCAL>(runs, chunk_start, n, base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4, total, out);
 }
 
 // Sources in this GPU's memory, and sources on a peer GPU (read over NVLink).
@@ -224,45 +239,72 @@ extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
 }
 
-// Each listed tensor's digest: xxh64 of its chunk digests, one warp per tensor. The chunk
-// digests of a large tensor (300k for a 1.2 GB embedding) are read 256 bytes at a time,
-// coalesced, one word per lane; lanes 0-3 (one per stripe accumulator) then fold the 8 stripes
-// in order. `which` lists the tensors (indices into chunk_start and out).
+// Each listed tensor's digest: xxh64 of its chunk digests, one one-warp block per tensor
+// (`which` lists the tensors: indices into chunk_start and out). The fold is one dependent
+// chain per stripe accumulator (lanes 0-3), so it should not wait on memory: the chunk
+// digests stream into a ring of shared-memory stages with cp.async, FOLD_STAGES - 1 batches
+// (12 KiB) in flight while the lanes fold the batch that has landed. (The fold before this
+// waited on every 2 KiB load, which under a loaded memory system could leave a large tensor's
+// fold running after the copies it hides behind; on H200 the change measured within run-to-run
+// noise: Qwen3-8B digest 6.1-6.2 ms against 6.5-6.6, Qwen3-30B-A3B 20.1-20.4 against 19.4-20.9.)
+#define FOLD_STAGES 4
+#define FOLD_BATCH 512
+__device__ __forceinline__ void fold_issue(u64* stage, const u64* words, u32 lane) {
+#if __CUDA_ARCH__ >= 800
+    for (u32 i = lane; i < FOLD_BATCH; i += 32) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"((u32)__cvta_generic_to_shared(stage + i)), "l"(words + i) : "memory");
+    }
+#else
+    for (u32 i = lane; i < FOLD_BATCH; i += 32) stage[i] = words[i];
+#endif
+}
+__device__ __forceinline__ void fold_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most FOLD_STAGES - 1 committed batches are still in flight.
+__device__ __forceinline__ void fold_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" :: "n"(FOLD_STAGES - 1) : "memory");
+#endif
+    __syncwarp();
+}
+
 extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, const unsigned int* which, u32 n, u64* out) {
-    u32 warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    __shared__ __align__(16) u64 stage[FOLD_STAGES][FOLD_BATCH];
     u32 lane = threadIdx.x & 31;
-    if (warp >= n) return;
-    u32 t = which[warp];
+    if (blockIdx.x >= n) return;
+    u32 t = which[blockIdx.x];
     const u64* words = chunks + chunk_start[t];
     u64 count = chunk_start[t + 1] - chunk_start[t];
     u64 len = count * 8;
+    u64 batches = count / FOLD_BATCH;
     u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-    u64 s = 0;
-    // Eight 256-byte loads in flight before their rounds: one fold is a single dependent chain,
-    // and waiting on each load in turn made a 1.2 GB tensor's fold take ~7 ms.
-    for (; s + 256 <= count; s += 256) {
-        u64 mine[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mine[j] = words[s + 32 * j + lane];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            for (int k = 0; k < 8; ++k) {
-                u64 w = __shfl_sync(0xffffffffu, mine[j], 4 * k + (lane & 3), 32);
-                if (lane < 4) v = xround(v, w);
-            }
+    for (u64 b = 0; b < FOLD_STAGES - 1; ++b) {
+        if (b < batches) fold_issue(stage[b], words + b * FOLD_BATCH, lane);
+        fold_commit();  // an empty group keeps the count of groups in flight exact
+    }
+    for (u64 b = 0; b < batches; ++b) {
+        // The stage batch b - 1 used is free once every lane has folded it.
+        __syncwarp();
+        u64 next = b + FOLD_STAGES - 1;
+        if (next < batches) fold_issue(stage[next % FOLD_STAGES], words + next * FOLD_BATCH, lane);
+        fold_commit();
+        fold_wait();  // batch b has landed
+        if (lane < 4) {
+            const u64* landed = stage[b % FOLD_STAGES];
+#pragma unroll 16
+            for (u32 i = 0; i < FOLD_BATCH; i += 4) v = xround(v, landed[i + lane]);
         }
     }
-    for (; s + 32 <= count; s += 32) {
-        u64 mine = words[s + lane];
-        for (int k = 0; k < 8; ++k) {
-            u64 w = __shfl_sync(0xffffffffu, mine, 4 * k + (lane & 3), 32);
-            if (lane < 4) v = xround(v, w);
-        }
+    // Whole stripes left (fewer than a batch): one word per accumulator lane each.
+    u64 s = batches * FOLD_BATCH;
+    if (lane < 4) {
+#pragma unroll 8
+        for (; s + 4 <= count; s += 4) v = xround(v, words[s + lane]);
     }
-    // Whole stripes left (fewer than 8): one word per accumulator lane each.
-    for (; s + 4 <= count; s += 4) {
-        if (lane < 4) v = xround(v, words[s + lane]);
-    }
+    s = count & ~3ULL;
     u64 v1 = __shfl_sync(0xffffffffu, v, 0, 32), v2 = __shfl_sync(0xffffffffu, v, 1, 32);
     u64 v3 = __shfl_sync(0xffffffffu, v, 2, 32), v4 = __shfl_sync(0xffffffffu, v, 3, 32);
     if (lane == 0) out[t] = xxh64_finish((const u8*)words, len, s * 8, v1, v2, v3, v4);
@@ -276,6 +318,7 @@ pub(crate) struct Kernels {
     copy_digest: CudaFunction,
     copy_digest_peer: CudaFunction,
     combine: CudaFunction,
+    sms: u32,
     read_all: CudaFunction,
     /// Blocks a grid-striding kernel needs to fill the GPU.
     blocks: u32,
@@ -297,6 +340,7 @@ impl Kernels {
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
             copy_digest_peer: load("copy_digest_peer")?,
+            sms: sms.max(1) as u32,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
             blocks: (sms.max(1) as u32) * 8,
@@ -735,7 +779,7 @@ impl Gpu {
             return Ok(());
         }
         let k = self.kernels();
-        let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.blocks) * 4) as u32;
+        let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.sms * FUSED_BLOCKS_PER_SM)) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
         let (kernel, call) = match sources {
@@ -765,8 +809,8 @@ impl Gpu {
             return Ok(());
         }
         let k = self.kernels();
-        let grid = (which.count * 32).div_ceil(THREADS);
-        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // One one-warp block per tensor (the kernel's shared stages are per block).
+        let config = LaunchConfig { grid_dim: (which.count, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
         let (c, s, w) = (chunks.device_ptr(), chunk_start.device_ptr(), which.items.device_ptr());
         let mut launch = stream.launch_builder(&k.combine);
         launch.arg(&c).arg(&s).arg(&w).arg(&which.count).arg(&out);

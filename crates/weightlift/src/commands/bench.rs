@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Models for the GPU benchmark.
     #[arg(long, value_delimiter = ',', default_value = "qwen3-8b,qwen3-30b-a3b")]
     pub gpu_models: Vec<String>,
+    /// GPU benchmark: only the rows measured in this process (the kernels), no engine process.
+    #[arg(long)]
+    pub same_process: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -84,7 +87,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
         let ordinal = rest.strip_prefix(':').map_or(Ok(0), str::parse).map_err(|_| {
             CommandError::Setup(weightlift::setup::SetupError::Invalid(format!("bad device `{}`", args.device)))
         })?;
-        return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, args.json);
+        return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, args.same_process, args.json);
     }
     let model = args.model.source(Some(super::demo::DEFAULT_MODEL))?;
     let ModelSource::Synthetic(config) = &model else {

@@ -55,7 +55,9 @@ struct SameProcessRow {
 #[derive(Serialize)]
 struct IpcRow {
     model: String,
-    /// colocated: both processes on GPU 0; cross: trainer GPU 0, engine GPU 1.
+    /// colocated: both processes on GPU 0; cross: trainer GPU 0, engine GPU 1; colocated-vmm:
+    /// colocated with the trainer's tensors in VMM memory shared as file descriptors (the
+    /// others share cudaMalloc memory through legacy IPC handles, as torch tensors are).
     mode: &'static str,
     /// The sender digests its own memory for the receiver to compare with (a second read of
     /// the model); else the receiver's digests of what it wrote are recorded.
@@ -137,7 +139,13 @@ fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
     })
 }
 
-pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool) -> Result<(), CommandError> {
+pub fn run(
+    ordinal: usize,
+    models: &[String],
+    model_args: &ModelArgs,
+    same_process_only: bool,
+    json: bool,
+) -> Result<(), CommandError> {
     let gpus = device_count()?;
     let gpu = Gpu::open(ordinal)?;
     let peer_ordinal = (0..gpus).find(|&g| g != ordinal);
@@ -154,14 +162,15 @@ pub fn run(ordinal: usize, models: &[String], model_args: &ModelArgs, json: bool
         }
     }
     let mut ipc = Vec::new();
-    for name in models {
-        for (mode, receiver) in [("colocated", Some(ordinal)), ("cross", peer_ordinal)] {
+    for name in models.iter().filter(|_| !same_process_only) {
+        for (mode, receiver) in
+            [("colocated", Some(ordinal)), ("colocated-vmm", Some(ordinal)), ("cross", peer_ordinal)]
+        {
             let Some(receiver) = receiver else {
                 skipped.push(format!("{name} {mode}: one GPU only"));
                 continue;
             };
-            let ceiling =
-                if mode == "colocated" { ceilings.d2d_copy_gbps } else { ceilings.peer_copy_gbps.unwrap_or(0.0) };
+            let ceiling = if mode == "cross" { ceilings.peer_copy_gbps.unwrap_or(0.0) } else { ceilings.d2d_copy_gbps };
             match ipc_row(&gpu, receiver, peer.as_ref(), name, mode, ceiling, model_args)? {
                 Ok(rows) => ipc.extend(rows),
                 Err(reason) => skipped.push(reason),
@@ -279,7 +288,11 @@ fn ipc_row(
     let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
     let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
     let result = (|| {
-        let mut tensors = GpuTensors::alloc(gpu, &source)?;
+        let mut tensors = if mode == "colocated-vmm" {
+            GpuTensors::alloc_shareable(gpu, &source)?
+        } else {
+            GpuTensors::alloc(gpu, &source)?
+        };
         let mut runs = Vec::new();
         let mut version = 0u64;
         for sender_digests in [true, false] {

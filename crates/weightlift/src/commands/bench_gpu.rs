@@ -2,7 +2,9 @@
 //! same run (copy-engine D2D and peer copies, HBM read):
 //! - in one process on one GPU: a plan's copies alone, digests alone, and the fused update;
 //! - between processes over CUDA IPC, as deployed: `weightlift serve --device cuda:R` as the
-//!   engine and this process as the trainer, colocated (same GPU) and cross-GPU (NVLink).
+//!   engine and this process as the trainer, colocated (same GPU; the trainer's tensors from
+//!   cudaMalloc as torch's are, and again in VMM memory shared as file descriptors) and
+//!   cross-GPU (NVLink).
 
 use std::time::Instant;
 
@@ -162,7 +164,9 @@ pub fn run(
         }
     }
     let mut ipc = Vec::new();
-    for name in models.iter().filter(|_| !same_process_only) {
+    // `--same-process`: the kernels alone, no engine process.
+    let ipc_models = if same_process_only { &[][..] } else { models };
+    for name in ipc_models {
         for (mode, receiver) in
             [("colocated", Some(ordinal)), ("colocated-vmm", Some(ordinal)), ("cross", peer_ordinal)]
         {

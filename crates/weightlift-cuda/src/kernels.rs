@@ -164,61 +164,55 @@ template <bool LOCAL> __device__ __forceinline__ u64 ldg64(const u8* p) {
     return v;
 }
 
-// One 4 KiB chunk (global index `g` of the work list) copied and digested by a group of four
-// consecutive threads, one per xxh64 stripe accumulator, so each 32-byte stripe is one
-// coalesced sector. Every thread of the warp calls this (the digest's shuffles need them all);
-// a group whose `g` is past `total` does nothing. A run whose `dst` is 0 is only digested
-// (memory already in place).
-template <bool LOCAL> __device__ __forceinline__ void group_chunk(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g, u64 total, u64* out) {
-    u64 lane = threadIdx.x & 3;
-    u32 group_mask = 0xFu << (threadIdx.x & 28);
-    bool active = g < total;
-    u64 v = 0, len = 0, slot = 0;
-    u8* q = 0;
-    if (active) {
-        u32 i = find(chunk_start, n, g);
-        u64 k = g - chunk_start[i];
-        FusedRun r = runs[i];
-        slot = r.out + k;
-        const u8* p = (const u8*)(r.src + k * 4096);
-        q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
-        len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
-        v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-        u64 s = 0;
-        if (((((u64)p) | ((u64)q)) & 7) == 0) {
-            // Four stripes' loads in flight before their rounds: the loads, not the
-            // arithmetic, are what a chunk waits on.
-            for (; s + 128 <= len; s += 128) {
-                u64 o = s + 8 * lane;
-                u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
-                u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
-                if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
-                v = xround(xround(xround(xround(v, w0), w1), w2), w3);
-            }
-        }
-        for (; s + 32 <= len; s += 32) {
-            u64 o = s + 8 * lane;
-            u64 w = load64(p + o);
-            if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
-            v = xround(v, w);
-        }
-        // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
-        if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
-        if (!q) q = (u8*)p;
-    }
-    u64 h = group_finish(v, group_mask, q, len);
-    if (active && lane == 0) out[slot] = h;
-}
-
 // Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
-// source, written once, and hashed from the registers it passed through, a four-lane group
-// per chunk. The grid is resident (see FUSED_BLOCKS_PER_SM), so the chunks open at once are
-// the groups of the GPU, consecutive ones next to each other.
+// source, written once, and hashed from the registers it passed through. A run whose `dst` is
+// 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
+// per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector. The grid is
+// resident (see FUSED_BLOCKS_PER_SM), so the chunks open at once lie side by side.
 template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
     u64 total = chunk_start[n];
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
-    for (u64 base = 0; base < total; base += groups)
-        group_chunk<LOCAL>(runs, chunk_start, n, base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4, total, out);
+    u64 lane = threadIdx.x & 3;
+    u32 group_mask = 0xFu << (threadIdx.x & 28);
+    for (u64 base = 0; base < total; base += groups) {
+        u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
+        bool active = g < total;
+        u64 v = 0, len = 0, slot = 0;
+        u8* q = 0;
+        if (active) {
+            u32 i = find(chunk_start, n, g);
+            u64 k = g - chunk_start[i];
+            FusedRun r = runs[i];
+            slot = r.out + k;
+            const u8* p = (const u8*)(r.src + k * 4096);
+            q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
+            len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
+            v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+            u64 s = 0;
+            if (((((u64)p) | ((u64)q)) & 7) == 0) {
+                // Four stripes' loads in flight before their rounds: the loads, not the
+                // arithmetic, are what a chunk waits on.
+                for (; s + 128 <= len; s += 128) {
+                    u64 o = s + 8 * lane;
+                    u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
+                    u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
+                    if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
+                    v = xround(xround(xround(xround(v, w0), w1), w2), w3);
+                }
+            }
+            for (; s + 32 <= len; s += 32) {
+                u64 o = s + 8 * lane;
+                u64 w = load64(p + o);
+                if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
+                v = xround(v, w);
+            }
+            // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
+            if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
+            if (!q) q = (u8*)p;
+        }
+        u64 h = group_finish(v, group_mask, q, len);
+        if (active && lane == 0) out[slot] = h;
+    }
 }
 
 // Sources in this GPU's memory, and sources on a peer GPU (read over NVLink).
@@ -318,10 +312,9 @@ pub(crate) struct Kernels {
     copy_digest: CudaFunction,
     copy_digest_peer: CudaFunction,
     combine: CudaFunction,
-    sms: u32,
     read_all: CudaFunction,
-    /// Blocks a grid-striding kernel needs to fill the GPU.
-    blocks: u32,
+    /// Streaming multiprocessors of the GPU.
+    sms: u32,
 }
 
 impl Kernels {
@@ -340,12 +333,19 @@ impl Kernels {
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
             copy_digest_peer: load("copy_digest_peer")?,
-            sms: sms.max(1) as u32,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
-            blocks: (sms.max(1) as u32) * 8,
+            sms: sms.max(1) as u32,
             _module: module,
         })
+    }
+}
+
+impl Kernels {
+    /// Blocks of a grid-striding copy or read kernel: 32 per SM, more than fit at once, so
+    /// the GPU stays full while blocks finish unevenly.
+    fn grid_stride_blocks(&self) -> u32 {
+        self.sms * 32
     }
 }
 
@@ -599,7 +599,7 @@ impl Gpu {
         if batch.tiles == 0 {
             return Ok(());
         }
-        let grid = (batch.tiles.min(u64::from(self.kernels().blocks) * 4)) as u32;
+        let grid = batch.tiles.min(u64::from(self.kernels().grid_stride_blocks())) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (descs, starts) = (batch.descs.device_ptr(), batch.tile_start.device_ptr());
         let mut launch = self.stream().launch_builder(kernel);
@@ -616,7 +616,7 @@ impl Gpu {
         let k = self.kernels();
         let n16 = (buffer.len() / 16) as u64;
         let sink = self.alloc(8)?;
-        let grid = k.blocks * 4;
+        let grid = k.grid_stride_blocks();
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (ptr, out) = (buffer.device_ptr(), sink.device_ptr());
         let mut launch = self.stream().launch_builder(&k.read_all);

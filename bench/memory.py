@@ -5,14 +5,20 @@ the pinned host copy ceiling measured in the same run. Prints one table; writes 
 
 For each system, ten pause/resume cycles (with --gap-s seconds between pause and resume, the
 trainer's step: the driver scrubs released memory in the background, and resuming at once
-competes with that) of:
+competes with that; and --settle-s seconds between the pause of the weights and the pause of
+the KV cache, so the KV pause is timed on its own and not while the driver still finishes the
+weights' release; 0 pauses them back to back) of:
   - "weights": 8 GiB in 400 torch tensors (Qwen3-8B-like, ~20 MiB each), with CPU backup;
   - "kv_cache": 32 GiB in 72 torch tensors (a K and a V buffer per layer of a 36-layer model,
     as SGLang allocates them), without backup.
 Every cycle checks the restored bytes (a digest of the weights, on the GPU) and records device
-free memory and host RSS, so leaks show.
+free memory and host RSS, so leaks show. A separate worker ("fresh") measures pinned -> device
+copy rates into weightlift pool memory, steady and right after a resume (fresh physical pages).
+Handle sizes are measured with the raw driver by bench/vmm_release.py: the pool merges adjacent
+chunks on resume, so its chunk size is not its handle size after the first cycle.
 
     python3 bench/memory.py [--json out.json] [--weights-gib 8] [--kv-gib 32] [--kv-tensors 72] [--cycles 10]
+                            [--gap-s 1.0] [--settle-s 1.0]
 """
 
 import argparse
@@ -59,7 +65,7 @@ def weights_shapes(total: int, count: int = 400) -> list:
 
 
 def run_cycles(system: str, weights_bytes: int, kv_bytes: int, kv_tensors: int, cycles: int, chunk_bytes: int,
-               gap_s: float) -> dict:
+               gap_s: float, settle_s: float) -> dict:
     import torch
 
     import weightlift as wl
@@ -101,6 +107,7 @@ def run_cycles(system: str, weights_bytes: int, kv_bytes: int, kv_tensors: int, 
     for cycle in range(cycles):
         free_before = torch.cuda.mem_get_info(0)[0]
         rows["weights_pause"].append(timed(pause, "weights"))
+        time.sleep(settle_s)  # lets the driver finish releasing the weights before the KV pause is timed
         rows["kv_pause"].append(timed(pause, "kv_cache"))
         free_released.append(torch.cuda.mem_get_info(0)[0] - free_before)
         time.sleep(gap_s)  # the trainer's step: released memory is scrubbed by the driver meanwhile
@@ -123,37 +130,15 @@ def run_cycles(system: str, weights_bytes: int, kv_bytes: int, kv_tensors: int, 
     }
 
 
-def handle_sizes(kv_bytes: int, cycles: int, gap_s: float) -> dict:
-    """Pause/resume (no backup) of the same bytes mapped as handles of different sizes: what
-    the per-handle and per-byte costs of cuMemCreate/Map/SetAccess/Unmap/Release are."""
+def fresh(nbytes: int) -> dict:
+    """Pinned -> device copy rates into pool memory (fresh_page_copies), and what one
+    cuMemGetInfo costs (run_cycles calls it between timed steps)."""
     import torch
 
-    from weightlift import _weightlift
-
-    out = {}
     t = time.perf_counter()
     for _ in range(100):
         torch.cuda.mem_get_info(0)
-    out["mem_get_info_seconds"] = (time.perf_counter() - t) / 100
-    for handle in (256 << 20, 1 << 30, 4 << 30, kv_bytes):
-        pool = _weightlift.MemoryPool(0, handle)
-        addresses = [pool.alloc("kv", handle) for _ in range(kv_bytes // handle)]
-        pauses, resumes = [], []
-        before = {call: t for call, _, t in pool.driver_times()}
-        for _ in range(cycles):
-            t = time.perf_counter()
-            pool.pause("kv")
-            pauses.append(time.perf_counter() - t)
-            time.sleep(gap_s)
-            t = time.perf_counter()
-            pool.resume("kv")
-            resumes.append(time.perf_counter() - t)
-        per_cycle = {call: (t - before.get(call, 0.0)) / cycles for call, _, t in pool.driver_times()}
-        for a in addresses:
-            pool.free(a)
-        out[str(handle)] = {"pause_s": pauses, "resume_s": resumes, "driver_s_per_cycle": per_cycle}
-    out["h2d"] = fresh_page_copies(min(kv_bytes, 8 * GiB))
-    return out
+    return {"mem_get_info_seconds": (time.perf_counter() - t) / 100, "h2d": fresh_page_copies(nbytes)}
 
 
 def fresh_page_copies(nbytes: int) -> dict:
@@ -198,11 +183,11 @@ def worker(args) -> None:
     result = {"system": args.worker, "device": torch.cuda.get_device_name(0)}
     if args.worker == "ceiling":
         result.update(pinned_ceiling(args.weights_gib * GiB))
-    elif args.worker == "handles":
-        result.update(handle_sizes(args.kv_gib * GiB, args.cycles, args.gap_s))
+    elif args.worker == "fresh":
+        result.update(fresh(min(args.kv_gib * GiB, 8 * GiB)))
     else:
         result.update(run_cycles(args.worker, args.weights_gib * GiB, args.kv_gib * GiB, args.kv_tensors, args.cycles,
-                                 args.chunk_mib << 20, args.gap_s))
+                                 args.chunk_mib << 20, args.gap_s, args.settle_s))
     print(json.dumps(result))
 
 
@@ -215,24 +200,26 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--gap-s", type=float, default=1.0,
                         help="seconds between pause and resume (the trainer's step); 0 resumes at once")
+    parser.add_argument("--settle-s", type=float, default=1.0,
+                        help="seconds between the weights' pause and the KV cache's pause; 0 pauses back to back")
     parser.add_argument("--chunk-mib", type=int, default=256, help="weightlift's chunk size (a worker's)")
     parser.add_argument("--weightlift-chunks-mib", default="256",
                         help="chunk sizes to run weightlift with, comma-separated (the first is the default)")
-    parser.add_argument("--worker", choices=["ceiling", "handles", "weightlift", "torch_memory_saver"])
+    parser.add_argument("--worker", choices=["ceiling", "fresh", "weightlift", "torch_memory_saver"])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
     results = {}
     chunk_sizes = [int(c) for c in args.weightlift_chunks_mib.split(",")]
-    runs = [("ceiling", "ceiling", 256), ("handles", "handles", 256)]
+    runs = [("ceiling", "ceiling", 256), ("fresh", "fresh", 256)]
     runs += [("weightlift" if i == 0 else f"weightlift/{c}MiB", "weightlift", c) for i, c in enumerate(chunk_sizes)]
     runs += [("torch_memory_saver", "torch_memory_saver", 256)]
-    systems = [name for name, _, _ in runs if name not in ("ceiling", "handles")]
+    systems = [name for name, _, _ in runs if name not in ("ceiling", "fresh")]
     for name, system, chunk_mib in runs:
         cmd = [sys.executable, __file__, "--worker", system, "--weights-gib", str(args.weights_gib),
                "--kv-gib", str(args.kv_gib), "--kv-tensors", str(args.kv_tensors), "--cycles", str(args.cycles), "--chunk-mib", str(chunk_mib),
-               "--gap-s", str(args.gap_s)]
+               "--gap-s", str(args.gap_s), "--settle-s", str(args.settle_s)]
         env = dict(os.environ)
         if system == "torch_memory_saver":
             # Its default mode (what SGLang runs): cudaMalloc intercepted through LD_PRELOAD.
@@ -258,6 +245,8 @@ def main() -> None:
         f"pinned copy ceiling: D2H {d2h / 1e9:.1f} GB/s, H2D {h2d / 1e9:.1f} GB/s; "
         f"pinning {args.weights_gib} GiB took {ceiling.get('pinned_alloc_seconds', float('nan')):.2f} s"
         if d2h else "pinned copy ceiling: not measured",
+        f"{args.cycles} cycles each; {args.gap_s:g} s between pause and resume, {args.settle_s:g} s between the "
+        f"weights' pause and the KV cache's pause",
         f"{'system':<20} {'operation':<28} {'first ms':>9} {'median ms':>10} {'GB/s':>7} {'x ceiling':>9}",
     ]
     summary = {}
@@ -294,17 +283,10 @@ def main() -> None:
             f"host RSS {drift['host_rss_drift_bytes'] / 2**20:+.0f} MiB; released per cycle "
             f"{statistics.median(r['released_bytes']) / GiB:.2f} GiB"
         )
-    handles = results.get("handles", {})
-    if "mem_get_info_seconds" in handles:
-        lines.append(f"{args.kv_gib} GiB without backup, by handle size (median of {args.cycles}; "
-                     f"cuMemGetInfo {handles['mem_get_info_seconds'] * 1e6:.0f} us):")
-        for key, value in handles.items():
-            if isinstance(value, dict) and "pause_s" in value:
-                calls = ", ".join(f"{c} {t * 1e3:.2f}" for c, t in sorted(value["driver_s_per_cycle"].items()) if t > 1e-5)
-                lines.append(f"  handles of {int(key) / 2**20:>6.0f} MiB: pause {statistics.median(value['pause_s']) * 1e3:6.2f} ms,"
-                             f" resume {statistics.median(value['resume_s']) * 1e3:6.2f} ms; driver ms per cycle: {calls}")
-        if "h2d" in handles:
-            lines.append("  pinned -> device GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in handles["h2d"].items()))
+    fresh_rates = results.get("fresh", {})
+    if "h2d" in fresh_rates:
+        lines.append("pinned -> device GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in fresh_rates["h2d"].items())
+                     + f"; cuMemGetInfo {fresh_rates['mem_get_info_seconds'] * 1e6:.0f} us")
     table = "\n".join(lines)
     print(table)
     if args.json:

@@ -236,6 +236,7 @@ impl MemoryPool {
             let tag = PyDict::new(py);
             tag.set_item("paused", s.paused)?;
             tag.set_item("chunks", s.chunks)?;
+            tag.set_item("physical_allocations", s.physical_allocations)?;
             tag.set_item("reserved_bytes", s.reserved_bytes)?;
             tag.set_item("mapped_bytes", s.mapped_bytes)?;
             tag.set_item("paused_bytes", s.paused_bytes)?;

@@ -334,13 +334,15 @@ mod tests {
             let (free_after, _) = gpu.memory_info().unwrap();
             assert_eq!(free_after, free_before, "cycle {cycle}: device memory leaked or grew");
         }
-        // The two chunks lie side by side: each resume grants access to both in one call.
-        let grants =
-            |pool: &GpuPool| pool.backend().driver_times().iter().find(|t| t.0 == "cuMemSetAccess").map(|t| t.1);
-        let before = grants(&pool).unwrap();
+        // The two chunks lie side by side: each resume maps them from one physical allocation
+        // and grants access to both in one call.
+        let calls = |pool: &GpuPool, call| pool.backend().driver_times().iter().find(|t| t.0 == call).map(|t| t.1);
+        let before = (calls(&pool, "cuMemSetAccess").unwrap(), calls(&pool, "cuMemCreate").unwrap());
         pool.pause("weights").unwrap();
         pool.resume("weights").unwrap();
-        assert_eq!(grants(&pool), Some(before + 1));
+        assert_eq!(calls(&pool, "cuMemSetAccess"), Some(before.0 + 1));
+        assert_eq!(calls(&pool, "cuMemCreate"), Some(before.1 + 1));
+        assert_eq!(pool.stats()[0].physical_allocations, 1);
         for va in addresses {
             pool.free(va).unwrap();
         }

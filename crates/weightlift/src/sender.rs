@@ -304,9 +304,12 @@ impl Sender {
         }
         let timeout = self.options.timeout;
         let sender_digests = self.options.sender_digests;
+        let started = Instant::now();
         let (sources, fds) =
             self.exporter.describe(gpu, tensors, sender_digests).map_err(|e| SendError::Device(e.to_string()))?;
+        let described = started.elapsed();
         self.begin(version, Vec::new())?;
+        let begun = started.elapsed();
         self.conn.send(&sources)?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         self.conn.send_fds(&borrowed)?;
@@ -326,10 +329,21 @@ impl Sender {
             Vec::new()
         };
         self.conn.send(&Message::End { version, digests })?;
+        let ended = started.elapsed();
         let report = self.path.await_report(&mut self.conn, timeout)?;
         if !report.verified {
             self.exporter.forget_locations();
         }
+        // Where a push's time goes outside the receiver (RUST_LOG=weightlift=debug).
+        tracing::debug!(
+            version = %version,
+            describe_ms = described.as_secs_f64() * 1e3,
+            begin_ms = (begun - described).as_secs_f64() * 1e3,
+            send_ms = (ended - begun).as_secs_f64() * 1e3,
+            report_ms = (started.elapsed() - ended).as_secs_f64() * 1e3,
+            receiver_ms = report.seconds * 1e3,
+            "push_device finished"
+        );
         Ok(report)
     }
 }

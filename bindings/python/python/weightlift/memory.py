@@ -16,7 +16,8 @@ take it back in stages at the same virtual addresses (captured CUDA graphs stay 
     pool.resume("kv_cache")
 
 Memory comes from CUDA virtual memory management in large chunks (256 MiB by default), one
-set of chunks per tag; torch allocates through a ``CUDAPluggableAllocator`` into one
+set of chunks per tag, and a resume maps each run of adjacent chunks from one physical
+allocation (the driver's pause and resume costs are per handle as well as per byte); torch allocates through a ``CUDAPluggableAllocator`` into one
 ``torch.cuda.MemPool`` per tag, so cached blocks never mix tags. Pinned staging for backups is
 allocated once per tag and reused every cycle (``release_staging`` gives it back). Errors are
 raised, never abort the process.
@@ -163,7 +164,8 @@ class Pool:
         return self._native.release_staging(tag)
 
     def stats(self) -> Dict[str, Dict[str, int]]:
-        """Per tag: paused, chunks, reserved/mapped/paused/allocated/backed_up/staging bytes."""
+        """Per tag: paused, chunks, physical_allocations, reserved/mapped/paused/allocated/backed_up/staging
+        bytes."""
         return self._native.stats()
 
     def add_hook(self, hook: Callable[[str, str], None]) -> None:

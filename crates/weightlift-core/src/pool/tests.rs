@@ -351,20 +351,69 @@ fn pause_releases_the_memory_and_resume_restores_every_byte_at_the_same_addresse
 }
 
 #[test]
-fn a_resume_grants_access_once_per_run_of_adjacent_chunks() {
+fn a_resume_maps_one_physical_allocation_and_grants_access_once_per_run_of_adjacent_chunks() {
     let mut pool = pool(1 << 20, 4 * G);
     let chunks: Vec<u64> = (0..5).map(|_| pool.alloc("kv_cache", 4 * G).unwrap()).collect();
     assert!(chunks.windows(2).all(|w| w[1] == w[0] + 4 * G), "side by side in one window");
+    assert_eq!(stats(&pool, "kv_cache").physical_allocations, 5, "one per chunk as they are made");
     pool.free(chunks[2]).unwrap(); // a hole: two runs
     pool.pause("kv_cache").unwrap();
-    let before = pool.backend().grants;
+    assert_eq!(stats(&pool, "kv_cache").physical_allocations, 0);
+    let (grants, creates) = (pool.backend().grants, pool.backend().creates);
     pool.resume("kv_cache").unwrap();
-    assert_eq!(pool.backend().grants - before, 2);
+    assert_eq!((pool.backend().grants - grants, pool.backend().creates - creates), (2, 2));
+    let s = stats(&pool, "kv_cache");
+    assert_eq!((s.chunks, s.physical_allocations, s.mapped_bytes), (4, 2, 16 * G));
+    assert_eq!(pool.backend().mapped.len(), 2, "one mapping per run");
     for &va in [chunks[0], chunks[1], chunks[3], chunks[4]].iter() {
         write(&mut pool, va, &[1; 64]);
     }
-    // The hole is reused by the next chunk, at the same place.
+    // The hole is reused by the next chunk, at the same place, with memory of its own.
     assert_eq!(pool.alloc("kv_cache", 4 * G).unwrap(), chunks[2]);
+    assert_eq!(stats(&pool, "kv_cache").physical_allocations, 3);
+    // The next cycle makes one run of all five.
+    pool.pause("kv_cache").unwrap();
+    pool.resume("kv_cache").unwrap();
+    assert_eq!(stats(&pool, "kv_cache").physical_allocations, 1);
+    assert_eq!(pool.backend().used, 20 * G);
+}
+
+#[test]
+fn a_chunk_emptied_while_sharing_physical_memory_goes_with_its_neighbours_or_at_the_next_pause() {
+    let mut pool = pool(1 << 20, 4 * G);
+    pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
+    let addresses: Vec<u64> = (0..3).map(|_| pool.alloc("weights", 4 * G).unwrap()).collect();
+    write(&mut pool, addresses[2], &pattern(4, 100));
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    assert_eq!(stats(&pool, "weights").physical_allocations, 1);
+    // The middle chunk empties: its memory is part of the run's, so it stays, reusable.
+    pool.free(addresses[1]).unwrap();
+    let s = stats(&pool, "weights");
+    assert_eq!((s.chunks, s.mapped_bytes, pool.backend().used), (3, 12 * G, 12 * G));
+    assert_eq!(pool.alloc("weights", 100).unwrap(), addresses[1], "the emptied chunk is reused");
+    pool.free(addresses[1]).unwrap();
+    // The next pause gives it back; the resume maps the two chunks left, as two runs.
+    pool.pause("weights").unwrap();
+    assert_eq!(pool.backend().used, 0);
+    pool.resume("weights").unwrap();
+    let s = stats(&pool, "weights");
+    assert_eq!((s.chunks, s.physical_allocations, pool.backend().used), (2, 2, 8 * G));
+    assert_eq!(read(&pool, addresses[2], 100).unwrap(), pattern(4, 100));
+    // Chunks that share memory go together once all are empty.
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    let neighbour = pool.alloc("weights", 4 * G).unwrap();
+    assert_eq!(neighbour, addresses[1], "the hole again");
+    pool.pause("weights").unwrap();
+    pool.resume("weights").unwrap();
+    assert_eq!(stats(&pool, "weights").physical_allocations, 1);
+    for va in [addresses[0], neighbour] {
+        pool.free(va).unwrap();
+    }
+    assert_eq!((stats(&pool, "weights").chunks, pool.backend().used), (3, 12 * G), "one still in use");
+    pool.free(addresses[2]).unwrap();
+    assert_eq!((pool.backend().used, pool.backend().reserved.len()), (0, 0));
 }
 
 #[test]
@@ -423,7 +472,11 @@ fn a_resume_that_does_not_fit_fails_cleanly_and_succeeds_once_memory_is_freed() 
 fn a_resume_that_fails_midway_is_rolled_back_and_can_be_retried() {
     let mut pool = pool(1 << 20, 4 * G);
     pool.configure("weights", TagOptions { cpu_backup: true, keep_physical: false });
-    let addresses: Vec<u64> = (0..3).map(|i| pool.alloc("weights", 4 * G - 100 + i).unwrap()).collect();
+    // Five chunks side by side, two of them freed: three runs, three physical allocations.
+    let mut addresses: Vec<u64> = (0..5).map(|i| pool.alloc("weights", 4 * G - 100 + i).unwrap()).collect();
+    for hole in [addresses.remove(3), addresses.remove(1)] {
+        pool.free(hole).unwrap();
+    }
     for (i, &va) in addresses.iter().enumerate() {
         write(&mut pool, va, &pattern(i as u64, 1000));
     }

@@ -75,6 +75,9 @@ struct IpcRow {
     ratio_to_ceiling: f64,
     /// The receiver's pull (copy + digest kernels) alone.
     receiver_pull_median_seconds: f64,
+    /// The receiver's whole update: from accepting it to its report (the trainer's time less
+    /// the Begin round trip, the sender's own work and the report's way back).
+    receiver_update_median_seconds: f64,
     first_update_seconds: f64,
     ipc_opens_first: u64,
     ipc_opens_later: u64,
@@ -339,6 +342,7 @@ fn ipc_row(
                 ceiling_gbps,
                 ratio_to_ceiling: gbps / ceiling_gbps,
                 receiver_pull_median_seconds: median(timed.iter().map(|(_, r)| r.unpack_seconds).collect()),
+                receiver_update_median_seconds: median(timed.iter().map(|(_, r)| r.seconds).collect()),
                 first_update_seconds: reports[0].0,
                 ipc_opens_first: reports[0].1.ipc_opens,
                 ipc_opens_later: timed.iter().map(|(_, r)| r.ipc_opens).sum(),
@@ -382,11 +386,12 @@ fn print_tables(out: &GpuBench) {
         );
     }
     println!(
-        "{:<15} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>9}",
+        "{:<15} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>11} {:>10} {:>9}",
         "cuda-ipc",
         "mode",
         "digests",
         "update ms",
+        "recv ms",
         "pull ms",
         "GB/s",
         "x ceil",
@@ -397,11 +402,12 @@ fn print_tables(out: &GpuBench) {
     );
     for r in &out.ipc {
         println!(
-            "{:<15} {:>9} {:>8} {:>10.2} {:>8.2} {:>8.0} {:>8.2} {:>9.3} {:>11} {:>10.1} {:>9}",
+            "{:<15} {:>9} {:>8} {:>10.2} {:>8.2} {:>8.2} {:>8.0} {:>8.2} {:>9.3} {:>11} {:>10.1} {:>9}",
             r.model,
             r.mode,
             if r.sender_digests { "both" } else { "receiver" },
             r.median_seconds * 1e3,
+            r.receiver_update_median_seconds * 1e3,
             r.receiver_pull_median_seconds * 1e3,
             r.gbps,
             r.ratio_to_ceiling,

@@ -122,6 +122,50 @@ def test_same_gpu_updates_in_place_and_a_reallocated_source_is_not_read_stale():
     checker.compare()
 
 
+EXPANDABLE_TRAINER = """
+import ctypes, json, sys, torch, weightlift as wl
+shapes, endpoint = json.loads(sys.argv[1]), sys.argv[2]
+src = {f"t{i}": torch.empty(s, dtype=torch.bfloat16, device="cuda:0") for i, s in enumerate(shapes)}
+legacy = ctypes.c_uint64(0)  # CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
+ctypes.CDLL("libcuda.so.1").cuPointerGetAttribute(ctypes.byref(legacy), 10, ctypes.c_uint64(src["t1"].data_ptr()))
+sender = wl.Sender(endpoint)
+reports = []
+for version in (1, 2):
+    for i, t in enumerate(src.values()):
+        t.copy_((torch.arange(t.numel(), device="cuda:0") % 251 + version + i).reshape(t.shape))
+    reports.append(sender.push(src, version=version))
+print(json.dumps({"legacy_ipc": legacy.value, "reports": reports}))
+"""
+
+
+@requires_cuda
+def test_a_trainer_on_torch_expandable_segments_pushes_over_cuda_ipc(tmp_path):
+    """torch's expandable segments map 20 MiB VMM handles side by side, with tensors spanning
+    them: each handle travels as a file descriptor, and the engine maps them side by side."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    shapes = [[4096, 4096], [1024, 4096], [3072, 768], [151, 4096]] * 4  # 32, 8, 4.5, 1.2 MiB
+    dst = {f"t{i}": torch.zeros(s, dtype=torch.bfloat16, device="cuda:0") for i, s in enumerate(shapes)}
+    endpoint = f"unix:{tmp_path / 'engine.sock'}"
+    receiver = wl.Receiver(dst, listen=endpoint)
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    out = subprocess.run([sys.executable, "-c", EXPANDABLE_TRAINER, json.dumps(shapes), endpoint], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["legacy_ipc"] == 0, "the trainer's tensors are not in expandable segments"
+    first, second = ([r["ranks"][0] for r in result["reports"]])
+    assert result["reports"][0]["verified"] and result["reports"][1]["verified"], result
+    assert first["ipc_opens"] > 1 and second["ipc_opens"] == 0, (first["ipc_opens"], second["ipc_opens"])
+    assert receiver.version == 2
+    for i, (name, t) in enumerate(dst.items()):
+        want = (torch.arange(t.numel(), device="cuda:0") % 251 + 2 + i).reshape(t.shape).to(torch.bfloat16)
+        assert torch.equal(t, want), name
+
+
 @requires_two_gpus
 def test_cross_gpu_updates_over_nvlink():
     src = {f"t{i}": torch.randn(2048, 1024, device="cuda:0") for i in range(3)}

@@ -109,18 +109,14 @@ impl Gpu {
 
     /// Sets `len` bytes at `ptr` to `value`: memory this process allocated some other way (a
     /// torch tensor), queued on this GPU's stream ([`Gpu::synchronize`] waits for it). The
-    /// range must lie inside one live allocation of this GPU, which is checked, so a bad
+    /// range must lie inside live memory of this GPU (one allocation, or VMM mappings side by side), which is checked, so a bad
     /// address is an error, not a stray write.
     pub fn fill_region(&self, ptr: u64, len: u64, value: u8) -> Result<(), CudaError> {
         if len == 0 {
             return Ok(());
         }
-        let segment = self.segment_of(ptr)?;
-        if ptr + len > segment.base + segment.bytes {
-            let (base, bytes) = (segment.base, segment.bytes);
-            return Err(CudaError::OutsideAllocation { index: 0, ptr, len, base, bytes });
-        }
-        // SAFETY: the range lies inside a live allocation of this context (checked above); the
+        self.locate(&[(ptr, len)])?;
+        // SAFETY: the range lies inside live memory of this context (checked above); the
         // caller owns what it holds, as for any write it asks for.
         unsafe { result::memset_d8_async(ptr, value, len as usize, self.stream.cu_stream()) }.call("cuMemsetD8Async")
     }
@@ -213,6 +209,7 @@ mod sealed {
     impl Sealed for super::DeviceBuffer {}
     impl Sealed for crate::vmm::SharedAllocation {}
     impl Sealed for crate::vmm::ImportedAllocation {}
+    impl Sealed for crate::vmm::SharedPieces {}
 }
 
 /// Device memory this crate allocated and owns: its whole range stays valid while borrowed,

@@ -1,11 +1,15 @@
-//! Same-node sharing of device memory through legacy CUDA IPC handles: the memory of
-//! `cudaMalloc` / `cuMemAlloc` (what torch's caching allocator hands out, one handle per
-//! allocation segment). A sender names the segments its tensors live in; a receiver opens each
-//! segment once and keeps the mapping for as long as the segment is unchanged.
+//! Same-node sharing of device memory another library allocated: the memory of `cudaMalloc` /
+//! `cuMemAlloc` (torch's caching allocator by default, one legacy IPC handle per allocation
+//! segment), and CUDA VMM mappings side by side (torch's `expandable_segments:True`, 20 MiB
+//! handles in one address range, each exported as a file descriptor). A sender names the
+//! segments its tensors live in; a receiver opens each segment once and keeps the mapping for
+//! as long as the segment is unchanged.
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags, CUpointer_attribute};
+use cudarc::driver::sys::{
+    self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags, CUmemAllocationHandleType, CUpointer_attribute,
+};
 use cudarc::driver::CudaContext;
 
 use crate::error::{Call, CudaError};
@@ -14,15 +18,46 @@ use crate::gpu::Gpu;
 /// Bytes of a legacy IPC memory handle.
 pub const IPC_HANDLE_BYTES: usize = 64;
 
-/// One allocation holding some of a sender's tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Device memory holding some of a sender's tensors: one allocation, or adjacent mappings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Segment {
-    /// Start of the allocation (what `cuIpcGetMemHandle` needs).
+    /// Start of the range (for legacy memory, what `cuIpcGetMemHandle` needs).
     pub base: u64,
     pub bytes: u64,
-    /// The driver's process-unique id of the allocation: it changes whenever the memory is
-    /// freed and allocated again, even at the same address.
-    pub buffer_id: u64,
+    pub sharing: Sharing,
+}
+
+/// How another process maps a [`Segment`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Sharing {
+    /// One `cudaMalloc` allocation, through a legacy IPC handle. `buffer_id` is the driver's
+    /// process-unique id of the allocation: it changes whenever the memory is freed and
+    /// allocated again, even at the same address.
+    Legacy { buffer_id: u64 },
+    /// CUDA VMM mappings side by side (a tensor may span several), in address order, each of
+    /// physical memory exportable as a file descriptor.
+    Vmm { pieces: Vec<Piece> },
+}
+
+/// One VMM mapping of a [`Segment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Piece {
+    /// From the segment's base.
+    pub offset: u64,
+    pub bytes: u64,
+    /// The driver's process-unique id of the physical allocation mapped there
+    /// (`MEMORY_BLOCK_ID`): never reused, so a remap shows.
+    pub block_id: u64,
+}
+
+/// What the driver says of the memory at one address (one query for all of it).
+struct Mapped {
+    base: u64,
+    bytes: u64,
+    legacy_ipc: bool,
+    buffer_id: u64,
+    fd_exportable: bool,
+    block_id: u64,
 }
 
 /// Where each tensor lives: segment index and offset from the segment's base.
@@ -64,29 +99,81 @@ impl Gpu {
         )))
     }
 
-    /// The allocation that contains `ptr`.
-    pub fn segment_of(&self, ptr: u64) -> Result<Segment, CudaError> {
+    /// The allocation, or VMM mapping, that contains `ptr`: one driver call.
+    fn mapped_at(&self, ptr: u64) -> Result<Mapped, CudaError> {
+        use CUpointer_attribute::*;
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let (mut base, mut bytes): (CUdeviceptr, usize) = (0, 0);
-        // SAFETY: plain queries about an address; the out-pointers are valid locals.
-        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut bytes, ptr) }.result().call("cuMemGetAddressRange")?;
-        let mut buffer_id: u64 = 0;
-        // SAFETY: BUFFER_ID is an unsigned long long written into `buffer_id`.
-        unsafe {
-            sys::cuPointerGetAttribute(
-                (&mut buffer_id as *mut u64).cast(),
-                CUpointer_attribute::CU_POINTER_ATTRIBUTE_BUFFER_ID,
-                ptr,
-            )
+        let mut attributes = [
+            CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+            CU_POINTER_ATTRIBUTE_BUFFER_ID,
+            CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES,
+            CU_POINTER_ATTRIBUTE_MEMORY_BLOCK_ID,
+            CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR,
+            CU_POINTER_ATTRIBUTE_MAPPING_SIZE,
+        ];
+        // Each attribute is at most 8 bytes (a pointer, size_t, bool, bitmask or id), written
+        // little-endian into a zeroed u64.
+        let mut values = [0u64; 8];
+        let mut data: [*mut std::ffi::c_void; 8] = std::array::from_fn(|i| (&mut values[i] as *mut u64).cast());
+        // SAFETY: `attributes` and `data` both hold 8 entries; each data pointer is a live,
+        // zeroed 8-byte slot, enough for its attribute.
+        unsafe { sys::cuPointerGetAttributes(8, attributes.as_mut_ptr(), data.as_mut_ptr(), ptr) }
+            .result()
+            .call("cuPointerGetAttributes")?;
+        let fd = u64::from(CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR.0);
+        let legacy_ipc = values[2] & 0xff != 0;
+        // For VMM memory the address range may span several mappings side by side (measured
+        // on driver 580): a piece is the one mapping, one physical allocation.
+        let (base, bytes) = if legacy_ipc { (values[0], values[1]) } else { (values[6], values[7]) };
+        Ok(Mapped {
+            base,
+            bytes,
+            legacy_ipc,
+            buffer_id: values[3],
+            fd_exportable: values[4] & fd != 0,
+            block_id: values[5],
+        })
+    }
+
+    /// The segment that contains `ptr`: its allocation, or for VMM memory its mapping (see
+    /// [`Gpu::locate`] for segments of several mappings).
+    pub fn segment_of(&self, ptr: u64) -> Result<Segment, CudaError> {
+        let mapped = self.mapped_at(ptr)?;
+        let sharing = if mapped.legacy_ipc {
+            Sharing::Legacy { buffer_id: mapped.buffer_id }
+        } else if mapped.fd_exportable {
+            Sharing::Vmm { pieces: vec![Piece { offset: 0, bytes: mapped.bytes, block_id: mapped.block_id }] }
+        } else {
+            return Err(CudaError::Invalid(format!(
+                "the memory at {ptr:#x} can be shared neither through a legacy IPC handle nor as a file \
+                 descriptor (stream-ordered or VMM memory made without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)"
+            )));
+        };
+        Ok(Segment { base: mapped.base, bytes: mapped.bytes, sharing })
+    }
+
+    /// Extends a VMM segment by the mappings that follow it until it reaches `end`: they must
+    /// be VMM mappings too, side by side.
+    fn extend_to(&self, segment: &mut Segment, end: u64) -> Result<bool, CudaError> {
+        let Sharing::Vmm { pieces } = &mut segment.sharing else { return Ok(false) };
+        while segment.base + segment.bytes < end {
+            let next = segment.base + segment.bytes;
+            let mapped = match self.mapped_at(next) {
+                Ok(m) if !m.legacy_ipc && m.fd_exportable && m.base == next && m.bytes > 0 => m,
+                _ => return Ok(false),
+            };
+            pieces.push(Piece { offset: segment.bytes, bytes: mapped.bytes, block_id: mapped.block_id });
+            segment.bytes += mapped.bytes;
         }
-        .result()
-        .call("cuPointerGetAttribute(BUFFER_ID)")?;
-        Ok(Segment { base, bytes: bytes as u64, buffer_id })
+        Ok(true)
     }
 
     /// The segments holding `ptrs` (each with `len` bytes) and where each pointer lies in
-    /// them. One driver query per segment, not per pointer: tensors of one allocation are
-    /// found by address once its range is known.
+    /// them. One driver query per allocation or mapping, not per pointer: tensors of one are
+    /// found by address once its range is known. VMM mappings side by side make one segment
+    /// as far as tensors span them.
     pub fn locate(&self, regions: &[(u64, u64)]) -> Result<(Vec<Segment>, Vec<Located>), CudaError> {
         let mut order: Vec<usize> = (0..regions.len()).collect();
         order.sort_by_key(|&i| regions[i].0);
@@ -94,10 +181,18 @@ impl Gpu {
         let mut located = vec![Located { segment: 0, offset: 0 }; regions.len()];
         for i in order {
             let (ptr, len) = regions[i];
-            let inside = |s: &Segment| ptr >= s.base && ptr + len <= s.base + s.bytes;
-            if !segments.last().is_some_and(inside) {
-                let segment = self.segment_of(ptr)?;
-                if !inside(&segment) {
+            let end = ptr + len;
+            let starts_in = |s: &Segment| ptr >= s.base && ptr < s.base + s.bytes.max(1);
+            let fits = |s: &Segment| starts_in(s) && end <= s.base + s.bytes;
+            let last_fits = match segments.last_mut() {
+                // Regions come in address order: one that starts in the last segment and runs
+                // past it extends it (VMM mappings only).
+                Some(last) if starts_in(last) => fits(last) || self.extend_to(last, end)?,
+                _ => false,
+            };
+            if !last_fits {
+                let mut segment = self.segment_of(ptr)?;
+                if !fits(&segment) && !self.extend_to(&mut segment, end)? {
                     let (base, bytes) = (segment.base, segment.bytes);
                     return Err(CudaError::OutsideAllocation { index: i, ptr, len, base, bytes });
                 }

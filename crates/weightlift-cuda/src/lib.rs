@@ -26,12 +26,12 @@ pub mod vmm_pool;
 pub use error::CudaError;
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, OwnedDeviceMemory};
 pub use host_map::{MapError, MappedFile, SharedMemory};
-pub use ipc::{IpcMapping, Located, Segment, IPC_HANDLE_BYTES};
+pub use ipc::{IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
     waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedRun, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES,
     WAVE_CHUNKS,
 };
-pub use vmm::{ImportedAllocation, SharedAllocation};
+pub use vmm::{ImportedAllocation, ImportedHandle, MappedPieces, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PhysicalMemory, PinnedHost, VmmDevice};
 
 #[cfg(test)]

@@ -302,6 +302,236 @@ impl Gpu {
     }
 }
 
+/// Physical memory of another process (or of this one), imported from a file descriptor;
+/// released when dropped (its mappings keep the memory alive until they go too).
+pub struct ImportedHandle {
+    ctx: Arc<CudaContext>,
+    handle: CUmemGenericAllocationHandle,
+}
+
+impl Drop for ImportedHandle {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the handle came from cuMemImportFromShareableHandle and is released once,
+        // here; mappings made from it hold their own reference to the memory.
+        let _ = unsafe { sys::cuMemRelease(self.handle) };
+    }
+}
+
+/// Handles mapped side by side in one reserved range, as the process that exported them maps
+/// them (torch's expandable segments: 20 MiB handles in one range); unmapped and unreserved
+/// when dropped.
+pub struct MappedPieces {
+    ctx: Arc<CudaContext>,
+    ptr: CUdeviceptr,
+    size: usize,
+    /// (address, bytes) of each mapping made.
+    mapped: Vec<(CUdeviceptr, usize)>,
+}
+
+impl Drop for MappedPieces {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        for &(ptr, size) in &self.mapped {
+            // SAFETY: each range was mapped by `Gpu::map_pieces` and is unmapped once, here.
+            let _ = unsafe { sys::cuMemUnmap(ptr, size) };
+        }
+        if self.ptr != 0 {
+            // SAFETY: reserved by `Gpu::map_pieces` with this size, freed once, after the unmaps.
+            let _ = unsafe { sys::cuMemAddressFree(self.ptr, self.size) };
+        }
+    }
+}
+
+impl MappedPieces {
+    /// Where the first piece is mapped in this process.
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+}
+
+/// Physical allocations of this process mapped side by side in one range, each exportable as a
+/// file descriptor: what torch's expandable segments make (for tests and benchmarks of senders
+/// whose tensors span several handles).
+pub struct SharedPieces {
+    mapped: MappedPieces,
+    handles: Vec<CUmemGenericAllocationHandle>,
+}
+
+impl Drop for SharedPieces {
+    fn drop(&mut self) {
+        let _ = self.mapped.ctx.bind_to_thread();
+        for &handle in &self.handles {
+            // SAFETY: created by `Gpu::alloc_shareable_pieces`, released once, here; the
+            // mappings (dropped after this) keep the memory until they are unmapped.
+            let _ = unsafe { sys::cuMemRelease(handle) };
+        }
+    }
+}
+
+impl crate::gpu::OwnedDeviceMemory for SharedPieces {
+    fn range(&self) -> (u64, usize) {
+        (self.mapped.ptr, self.mapped.size)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.mapped.ctx
+    }
+}
+
+impl SharedPieces {
+    pub fn device_ptr(&self) -> u64 {
+        self.mapped.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.mapped.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapped.size == 0
+    }
+}
+
+// SAFETY: device addresses and driver handles, valid from any thread once the owning context is
+// bound (every method binds it first).
+unsafe impl Send for ImportedHandle {}
+// SAFETY: shared references only read the handle.
+unsafe impl Sync for ImportedHandle {}
+// SAFETY: as above: addresses only, used after binding the context.
+unsafe impl Send for MappedPieces {}
+// SAFETY: shared references only read the addresses.
+unsafe impl Sync for MappedPieces {}
+// SAFETY: as above.
+unsafe impl Send for SharedPieces {}
+// SAFETY: shared references only read the addresses.
+unsafe impl Sync for SharedPieces {}
+
+impl Gpu {
+    /// A file descriptor for the physical memory mapped at `ptr`, VMM memory of this process
+    /// made exportable as one (another library's, such as torch's expandable segments).
+    pub fn export_mapping_fd(&self, ptr: u64) -> Result<OwnedFd, CudaError> {
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer; the driver checks that `ptr` is mapped VMM
+        // memory. The reference it takes is released just below, whatever the export does.
+        let retained = unsafe { sys::cuMemRetainAllocationHandle(&mut handle, ptr as *mut c_void) };
+        check(retained, "cuMemRetainAllocationHandle")?;
+        let mut fd: c_int = -1;
+        // SAFETY: for POSIX_FD the out-parameter is an int, `fd` is one; `handle` is live.
+        let exported =
+            unsafe { sys::cuMemExportToShareableHandle((&mut fd as *mut c_int).cast::<c_void>(), handle, POSIX_FD, 0) };
+        // SAFETY: releases the reference cuMemRetainAllocationHandle took (the allocator that
+        // made the memory keeps its own).
+        let _ = unsafe { sys::cuMemRelease(handle) };
+        check(exported, "cuMemExportToShareableHandle")?;
+        if fd < 0 {
+            return Err(CudaError::Invalid(format!("cuMemExportToShareableHandle returned descriptor {fd}")));
+        }
+        // SAFETY: the driver just created this descriptor for us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Physical memory from a descriptor of [`Gpu::export_mapping_fd`] or
+    /// [`SharedAllocation::export_fd`], to map with [`Gpu::map_pieces`].
+    pub fn import_handle(&self, fd: BorrowedFd<'_>) -> Result<ImportedHandle, CudaError> {
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer; for POSIX_FD the driver takes the descriptor
+        // as an integer passed in the pointer argument, and does not take ownership of it.
+        let result = unsafe {
+            sys::cuMemImportFromShareableHandle(&mut handle, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD)
+        };
+        check(result, "cuMemImportFromShareableHandle")?;
+        Ok(ImportedHandle { ctx: self.context().clone(), handle })
+    }
+
+    /// Maps `pieces` ((offset, bytes, handle), each handle's whole size) side by side in one
+    /// new range of `total` bytes, readable and writable by this GPU (over NVLink if the
+    /// memory is another GPU's). The pieces must tile the range exactly, in order.
+    pub fn map_pieces(&self, total: u64, pieces: &[(u64, u64, &ImportedHandle)]) -> Result<MappedPieces, CudaError> {
+        let mut at = 0;
+        for &(offset, bytes, _) in pieces {
+            if offset != at || bytes == 0 {
+                return Err(CudaError::Invalid(format!(
+                    "pieces must tile their range in order: {bytes} bytes at offset {offset}, expected offset {at}"
+                )));
+            }
+            at += bytes;
+        }
+        if at != total || total == 0 {
+            return Err(CudaError::Invalid(format!("pieces of {at} bytes in all for a range of {total}")));
+        }
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut mapped = MappedPieces { ctx: self.context().clone(), ptr: 0, size: total as usize, mapped: Vec::new() };
+        let mut ptr: CUdeviceptr = 0;
+        // SAFETY: `ptr` is a valid out-pointer; sizes that are not a multiple of the
+        // granularity are rejected by the driver. Freed by `mapped`'s Drop.
+        check(unsafe { sys::cuMemAddressReserve(&mut ptr, total as usize, 0, 0, 0) }, "cuMemAddressReserve")?;
+        mapped.ptr = ptr;
+        for &(offset, bytes, handle) in pieces {
+            // SAFETY: [ptr + offset, + bytes) lies in the range reserved above and holds no
+            // mapping yet (the pieces tile it, checked above); the handle is live.
+            let result = unsafe { sys::cuMemMap(ptr + offset, bytes as usize, 0, handle.handle, 0) };
+            check(result, "cuMemMap")?;
+            mapped.mapped.push((ptr + offset, bytes as usize));
+        }
+        let access = CUmemAccessDesc {
+            location: device_location(self.ordinal()),
+            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole range is mapped (above); one access descriptor, count one.
+        check(unsafe { sys::cuMemSetAccess(ptr, total as usize, &access, 1) }, "cuMemSetAccess")?;
+        Ok(mapped)
+    }
+
+    /// `pieces` physical allocations of `piece_bytes` (rounded up to the granularity), each
+    /// exportable as a file descriptor, mapped side by side in one range of this GPU.
+    pub fn alloc_shareable_pieces(&self, piece_bytes: usize, pieces: usize) -> Result<SharedPieces, CudaError> {
+        let granularity = self.shareable_granularity()?;
+        let piece = piece_bytes.max(1).next_multiple_of(granularity);
+        let total = piece
+            .checked_mul(pieces.max(1))
+            .ok_or_else(|| CudaError::Invalid(format!("{pieces} pieces of {piece} bytes overflow")))?;
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let prop = shareable_prop(self.ordinal());
+        let mut shared = SharedPieces {
+            mapped: MappedPieces { ctx: self.context().clone(), ptr: 0, size: total, mapped: Vec::new() },
+            handles: Vec::new(),
+        };
+        let mut ptr: CUdeviceptr = 0;
+        // SAFETY: valid out-pointer, size a multiple of the granularity; freed by Drop.
+        check(unsafe { sys::cuMemAddressReserve(&mut ptr, total, 0, 0, 0) }, "cuMemAddressReserve")?;
+        shared.mapped.ptr = ptr;
+        for k in 0..pieces.max(1) {
+            let mut handle: CUmemGenericAllocationHandle = 0;
+            // SAFETY: valid out-pointer, initialised properties, size a multiple of the
+            // granularity; released by Drop.
+            check(unsafe { sys::cuMemCreate(&mut handle, piece, &prop, 0) }, "cuMemCreate")?;
+            shared.handles.push(handle);
+            let at = ptr + (k * piece) as u64;
+            // SAFETY: [at, at + piece) lies in the reservation and is not mapped yet.
+            check(unsafe { sys::cuMemMap(at, piece, 0, handle, 0) }, "cuMemMap")?;
+            shared.mapped.mapped.push((at, piece));
+        }
+        let access = CUmemAccessDesc {
+            location: device_location(self.ordinal()),
+            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole range is mapped (above); one access descriptor, count one.
+        check(unsafe { sys::cuMemSetAccess(ptr, total, &access, 1) }, "cuMemSetAccess")?;
+        Ok(shared)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
@@ -401,5 +631,73 @@ mod tests {
         // handle and reserved range are released again (no leak, no panic).
         let err = gpu.import_shareable(fd.as_fd(), shared.mapped_len() * 2).err().expect("mapping past the end");
         assert!(matches!(err, CudaError::Driver { .. }), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod pieces_tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+    use crate::ipc::Sharing;
+    use crate::tests_gpu::bytes as pattern;
+    use crate::OwnedDeviceMemory;
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn pieces_side_by_side_are_one_segment_exported_and_mapped_again_bit_for_bit() {
+        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let g = gpu.shareable_granularity().unwrap();
+        let (free_before, _) = gpu.memory_info().unwrap();
+        let mut shared = gpu.alloc_shareable_pieces(2 * g, 3).unwrap();
+        let (base, total) = (shared.device_ptr(), shared.len() as u64);
+        assert_eq!(total, 6 * g as u64);
+        let data = pattern(total as usize, 5);
+        shared.upload(&data).unwrap();
+
+        // A region spanning all three pieces, and one inside the last: one segment of three.
+        let (segments, located) = gpu.locate(&[(base + 4096, total - 8192), (base + total - 100, 50)]).unwrap();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        assert_eq!((segments[0].base, segments[0].bytes), (base, total));
+        let Sharing::Vmm { pieces } = &segments[0].sharing else { panic!("{segments:?}") };
+        assert_eq!(
+            pieces.iter().map(|p| (p.offset, p.bytes)).collect::<Vec<_>>(),
+            [(0, 2 * g as u64), (2 * g as u64, 2 * g as u64), (4 * g as u64, 2 * g as u64)]
+        );
+        let mut ids: Vec<u64> = pieces.iter().map(|p| p.block_id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "one physical allocation each");
+        assert_eq!((located[1].segment, located[1].offset), (0, total - 100));
+        // cudaMalloc memory is a legacy segment, and a region past its end is refused.
+        let plain = gpu.alloc(4096).unwrap();
+        assert!(matches!(gpu.segment_of(plain.device_ptr()).unwrap().sharing, Sharing::Legacy { .. }));
+        let past = gpu.locate(&[(plain.device_ptr(), 1 << 30)]).unwrap_err();
+        assert!(matches!(past, CudaError::OutsideAllocation { .. }), "{past}");
+
+        // Exported piece by piece, imported and mapped side by side: the same bytes, both ways.
+        let fds: Vec<OwnedFd> = pieces.iter().map(|p| gpu.export_mapping_fd(base + p.offset).unwrap()).collect();
+        let handles: Vec<ImportedHandle> = fds.iter().map(|fd| gpu.import_handle(fd.as_fd()).unwrap()).collect();
+        let parts: Vec<(u64, u64, &ImportedHandle)> =
+            pieces.iter().zip(&handles).map(|(p, h)| (p.offset, p.bytes, h)).collect();
+        assert!(gpu.map_pieces(total, &parts[1..]).is_err(), "pieces must tile the range from 0");
+        let mapped = gpu.map_pieces(total, &parts).unwrap();
+        drop(handles); // the mappings keep the memory
+        let mut back = vec![0u8; total as usize];
+        let staging = gpu.alloc(total as usize).unwrap();
+        let copy = |dst: u64, src: u64| {
+            let desc = crate::CopyDesc { src, dst, rows: 1, row_bytes: total, src_stride: 0, dst_stride: 0 };
+            gpu.run_copies(&gpu.prepare_copies(&[desc]).unwrap()).unwrap();
+            gpu.synchronize().unwrap();
+        };
+        copy(staging.device_ptr(), mapped.device_ptr());
+        staging.download(&mut back).unwrap();
+        assert!(back == data, "read through the mapping of the pieces");
+        drop(shared); // the exporter lets go: the importer's mapping still holds the memory
+        copy(staging.device_ptr(), mapped.device_ptr());
+        staging.download(&mut back).unwrap();
+        assert!(back == data, "after the exporter dropped its pieces");
+        drop((mapped, staging, plain, fds)); // an exported descriptor holds the memory too
+        let (free_after, _) = gpu.memory_info().unwrap();
+        assert!(free_after + g >= free_before, "memory not returned: {free_before} before, {free_after} after");
     }
 }

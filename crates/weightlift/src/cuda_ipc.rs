@@ -1,8 +1,9 @@
 //! The CUDA IPC transport: GPU to GPU on one host, with no staging copy.
 //!
 //! The sender names the allocations its source tensors live in (legacy IPC handles for
-//! cudaMalloc memory such as torch's, file descriptors for memory weightlift allocates through
-//! CUDA VMM) and where each tensor lies in them. The receiver opens each allocation once and
+//! cudaMalloc memory such as torch's by default, file descriptors for CUDA VMM memory:
+//! weightlift's own allocations, and the mappings of torch's expandable segments) and where
+//! each tensor lies in them. The receiver opens each allocation once and
 //! keeps the mapping for as long as the sender's allocation is the same one, which it checks
 //! every update (the driver's allocation id, the handle), never assumes. It then pulls: one
 //! pass reads the sources and writes its tensors in place, digesting what it writes, on the
@@ -15,10 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use weightlift_core::{Manifest, Plan};
-use weightlift_cuda::{CudaError, Gpu, ImportedAllocation, IpcMapping, SharedAllocation, SourceGpu, IPC_HANDLE_BYTES};
+use weightlift_cuda::{
+    CudaError, Gpu, ImportedAllocation, ImportedHandle, IpcMapping, MappedPieces, SharedAllocation, Sharing, SourceGpu,
+    IPC_HANDLE_BYTES,
+};
 
 use crate::gpu::{ExpectedDigests, GpuPlan};
-use crate::protocol::{IpcSegment, Message};
+use crate::protocol::{IpcPiece, IpcSegment, Message};
 
 /// Tensors in GPU memory, each at a device address: a sender's sources or a receiver's
 /// destinations.
@@ -92,12 +96,15 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
 pub(crate) struct Exporter {
     /// Shareable allocations whose descriptors this connection's receiver already has.
     sent: HashSet<u64>,
+    /// Physical allocations of VMM pieces (by driver block id) whose descriptors it has.
+    sent_blocks: HashSet<u64>,
     /// Legacy handles already asked of the driver, by allocation id.
     handles: HashMap<u64, String>,
     /// The expected-digest batch, bound to the source addresses it was built for.
     expected: Option<(Vec<u64>, ExpectedDigests)>,
-    /// The tensor locations last sent (the receiver keeps them).
+    /// The tensor locations and segments last sent (the receiver keeps them).
     last_located: Option<Vec<(u32, u64)>>,
+    last_segments: Option<Vec<IpcSegment>>,
 }
 
 impl Exporter {
@@ -151,29 +158,69 @@ impl Exporter {
                 other => other,
             })?;
             let first = segments.len() as u32;
+            let unsent = found
+                .iter()
+                .flat_map(|s| match &s.sharing {
+                    Sharing::Vmm { pieces } => pieces.as_slice(),
+                    Sharing::Legacy { .. } => &[],
+                })
+                .filter(|p| !self.sent_blocks.contains(&p.block_id))
+                .count();
+            if unsent > 0 {
+                crate::fd_pass::make_room_for_descriptors(unsent).map_err(|e| CudaError::Invalid(e.to_string()))?;
+            }
+            let (mut live, mut live_blocks) = (HashSet::new(), HashSet::new());
             for s in &found {
-                let handle = match self.handles.get(&s.buffer_id) {
-                    Some(h) => h.clone(),
-                    None => {
-                        let h = hex(&gpu.ipc_handle(s.base)?);
-                        self.handles.insert(s.buffer_id, h.clone());
-                        h
+                match &s.sharing {
+                    Sharing::Legacy { buffer_id } => {
+                        let handle = match self.handles.get(buffer_id) {
+                            Some(h) => h.clone(),
+                            None => {
+                                let h = hex(&gpu.ipc_handle(s.base)?);
+                                self.handles.insert(*buffer_id, h.clone());
+                                h
+                            }
+                        };
+                        live.insert(*buffer_id);
+                        segments.push(IpcSegment::Legacy {
+                            handle,
+                            buffer_id: *buffer_id,
+                            bytes: s.bytes,
+                            base: s.base,
+                        });
                     }
-                };
-                segments.push(IpcSegment::Legacy { handle, buffer_id: s.buffer_id, bytes: s.bytes, base: s.base });
+                    Sharing::Vmm { pieces } => {
+                        let mut described = Vec::with_capacity(pieces.len());
+                        for p in pieces {
+                            // A block already sent on this connection needs no descriptor; one
+                            // named twice in this message needs one only the first time.
+                            let fd = if self.sent_blocks.contains(&p.block_id) || !live_blocks.insert(p.block_id) {
+                                None
+                            } else {
+                                fds.push(gpu.export_mapping_fd(s.base + p.offset)?);
+                                Some(fds.len() as u32 - 1)
+                            };
+                            live_blocks.insert(p.block_id);
+                            described.push(IpcPiece { offset: p.offset, bytes: p.bytes, block_id: p.block_id, fd });
+                        }
+                        segments.push(IpcSegment::Pieces { base: s.base, bytes: s.bytes, pieces: described });
+                    }
+                }
             }
             for (k, &i) in legacy.iter().enumerate() {
                 located[i] = (first + at[k].segment, at[k].offset);
             }
-            // Handles of allocations no longer used: forget them (their ids never come back).
-            let live: HashSet<u64> = found.iter().map(|s| s.buffer_id).collect();
+            // Handles and blocks no longer used: forget them (their ids never come back).
             self.handles.retain(|id, _| live.contains(id));
+            self.sent_blocks.retain(|id| live_blocks.contains(id));
         }
         let unchanged = self.last_located.as_ref() == Some(&located);
+        // Equal segments name no descriptor (those of the last ones were sent then).
+        let same_segments = self.last_segments.as_ref() == Some(&segments);
         let message = Message::IpcSources {
             pid: std::process::id(),
             device: hex(&gpu.uuid()?),
-            segments,
+            segments: (!same_segments).then_some(segments),
             tensors: (!unchanged).then_some(located),
             fds: fds.len() as u32,
             sender_digests,
@@ -183,21 +230,27 @@ impl Exporter {
 
     /// Call once `message` and its descriptors reached the receiver.
     pub(crate) fn sent(&mut self, message: &Message) {
-        if let Message::IpcSources { segments, tensors, .. } = message {
+        if let Message::IpcSources { segments: Some(segments), .. } = message {
+            self.last_segments = Some(segments.clone());
             for s in segments {
-                if let IpcSegment::Shareable { id, .. } = s {
-                    self.sent.insert(*id);
+                match s {
+                    IpcSegment::Shareable { id, .. } => {
+                        self.sent.insert(*id);
+                    }
+                    IpcSegment::Pieces { pieces, .. } => self.sent_blocks.extend(pieces.iter().map(|p| p.block_id)),
+                    IpcSegment::Legacy { .. } => {}
                 }
             }
-            if let Some(located) = tensors {
-                self.last_located = Some(located.clone());
-            }
+        }
+        if let Message::IpcSources { tensors: Some(located), .. } = message {
+            self.last_located = Some(located.clone());
         }
     }
 
     /// Call when the connection may have lost track (a failed update): send everything again.
     pub(crate) fn forget_locations(&mut self) {
         self.last_located = None;
+        self.last_segments = None;
     }
 
     /// GPU memory held for digesting (descriptors, chunk digests, scratch).
@@ -255,9 +308,14 @@ pub(crate) struct Resolved {
 pub(crate) struct Importer {
     legacy: HashMap<(String, u64), Arc<IpcMapping>>,
     shareable: HashMap<u64, ImportedAllocation>,
+    /// The sender's VMM pieces imported, by block id, and the ranges mapped from them.
+    blocks: HashMap<u64, ImportedHandle>,
+    runs: HashMap<PiecesKey, MappedPieces>,
     bound: Option<(Vec<u64>, GpuPlan)>,
-    /// The tensor locations of the last update (a sender omits them when unchanged).
+    /// The tensor locations and segments of the last update (a sender omits them when
+    /// unchanged).
     located: Option<Vec<(u32, u64)>>,
+    segments: Option<Vec<IpcSegment>>,
 }
 
 impl Importer {
@@ -270,13 +328,17 @@ impl Importer {
         source: &Manifest,
         pid: u32,
         device: &str,
-        segments: &[IpcSegment],
+        segments: Option<Vec<IpcSegment>>,
         tensors: Option<Vec<(u32, u64)>>,
         fds: Vec<OwnedFd>,
     ) -> Result<Resolved, String> {
         if let Some(located) = tensors {
             self.located = Some(located);
         }
+        if let Some(segments) = segments {
+            self.segments = Some(segments);
+        }
+        let segments = self.segments.clone().ok_or("the sender sent no segments")?;
         let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
         if tensors.len() != source.len() {
             return Err(format!("{} source locations for {} source tensors", tensors.len(), source.len()));
@@ -296,27 +358,31 @@ impl Importer {
             .iter()
             .filter_map(|s| match s {
                 IpcSegment::Legacy { handle, buffer_id, .. } => Some((handle.clone(), *buffer_id)),
-                IpcSegment::Shareable { .. } => None,
+                _ => None,
             })
             .collect();
         let shareable_ids: HashSet<u64> = segments
             .iter()
             .filter_map(|s| match s {
                 IpcSegment::Shareable { id, .. } => Some(*id),
-                IpcSegment::Legacy { .. } => None,
+                _ => None,
             })
             .collect();
+        let run_keys: HashSet<PiecesKey> = segments.iter().filter_map(pieces_key).collect();
+        let block_ids: HashSet<u64> = run_keys.iter().flat_map(|k| k.2.iter().map(|p| p.2)).collect();
         // Close what the sender no longer uses before opening anything (an allocation freed and
         // made again may come back under the same handle).
-        let before = (self.legacy.len(), self.shareable.len());
+        let before = (self.legacy.len(), self.shareable.len(), self.runs.len());
         self.legacy.retain(|k, _| legacy_keys.contains(k));
         self.shareable.retain(|id, _| shareable_ids.contains(id));
-        if (self.legacy.len(), self.shareable.len()) != before {
+        self.runs.retain(|k, _| run_keys.contains(k));
+        self.blocks.retain(|id, _| block_ids.contains(id));
+        if (self.legacy.len(), self.shareable.len(), self.runs.len()) != before {
             self.bound = None;
         }
         let mut opens = 0;
         let mut bases = Vec::with_capacity(segments.len());
-        for segment in segments {
+        for segment in &segments {
             let (base, bytes) = match segment {
                 IpcSegment::Legacy { handle, buffer_id, bytes, .. } => {
                     let key = (handle.clone(), *buffer_id);
@@ -341,6 +407,32 @@ impl Importer {
                         .get(id)
                         .ok_or_else(|| format!("shareable allocation {id} was never sent to this connection"))?;
                     (imported.device_ptr(), *mapped_bytes)
+                }
+                IpcSegment::Pieces { bytes, pieces, .. } => {
+                    for piece in pieces {
+                        if let Some(k) = piece.fd {
+                            let fd = fds.get(k as usize).ok_or_else(|| format!("descriptor {k} was not sent"))?;
+                            let handle = gpu
+                                .import_handle(fd.as_fd())
+                                .map_err(|e| format!("importing the sender's memory: {e}"))?;
+                            self.blocks.insert(piece.block_id, handle);
+                            opens += 1;
+                        }
+                    }
+                    let key = pieces_key(segment).expect("a pieces segment");
+                    if !self.runs.contains_key(&key) {
+                        let mut parts = Vec::with_capacity(pieces.len());
+                        for p in pieces {
+                            let handle = self.blocks.get(&p.block_id).ok_or_else(|| {
+                                format!("memory block {} was never sent to this connection", p.block_id)
+                            })?;
+                            parts.push((p.offset, p.bytes, handle));
+                        }
+                        let mapped =
+                            gpu.map_pieces(*bytes, &parts).map_err(|e| format!("mapping the sender's memory: {e}"))?;
+                        self.runs.insert(key.clone(), mapped);
+                    }
+                    (self.runs[&key].device_ptr(), *bytes)
                 }
             };
             bases.push((base, bytes));
@@ -370,8 +462,21 @@ impl Importer {
 /// A segment's start in the sender's process and its length.
 fn segment_extent(segment: &IpcSegment) -> (u64, u64) {
     match segment {
-        IpcSegment::Legacy { base, bytes, .. } => (*base, *bytes),
+        IpcSegment::Legacy { base, bytes, .. } | IpcSegment::Pieces { base, bytes, .. } => (*base, *bytes),
         IpcSegment::Shareable { base, mapped_bytes, .. } => (*base, *mapped_bytes),
+    }
+}
+
+/// What identifies a mapping of VMM pieces: the sender's range and its (offset, bytes, block
+/// id) pieces; any change maps it afresh.
+type PiecesKey = (u64, u64, Vec<(u64, u64, u64)>);
+
+fn pieces_key(segment: &IpcSegment) -> Option<PiecesKey> {
+    match segment {
+        IpcSegment::Pieces { base, bytes, pieces } => {
+            Some((*base, *bytes, pieces.iter().map(|p| (p.offset, p.bytes, p.block_id)).collect()))
+        }
+        _ => None,
     }
 }
 

@@ -7,7 +7,7 @@ use weightlift_core::{Manifest, Plan};
 use weightlift_core::DType;
 use weightlift_cuda::{
     waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedRun, Gpu, OwnedDeviceMemory,
-    SharedAllocation, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+    SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
 };
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
@@ -29,6 +29,9 @@ enum Memory {
     Plain(DeviceBuffer),
     /// CUDA VMM: shared as a file descriptor; `u64` is its process-unique id.
     Shareable(u64, SharedAllocation),
+    /// CUDA VMM in pieces side by side, as torch's expandable segments map memory: shared as
+    /// one file descriptor per piece, found by address like another allocator's memory.
+    Pieces(SharedPieces),
 }
 
 impl Memory {
@@ -36,6 +39,7 @@ impl Memory {
         match self {
             Memory::Plain(b) => b,
             Memory::Shareable(_, a) => a,
+            Memory::Pieces(p) => p,
         }
     }
 
@@ -43,6 +47,7 @@ impl Memory {
         match self {
             Memory::Plain(b) => b,
             Memory::Shareable(_, a) => a,
+            Memory::Pieces(p) => p,
         }
     }
 }
@@ -58,6 +63,15 @@ impl GpuTensors {
     pub fn alloc_shareable(gpu: &Gpu, manifest: &Manifest) -> Result<GpuTensors, CudaError> {
         let (offsets, bytes) = layout(manifest);
         let memory = Memory::Shareable(next_allocation_id(), gpu.alloc_shareable(bytes as usize)?);
+        Ok(GpuTensors { memory, manifest: manifest.clone(), offsets })
+    }
+
+    /// Tensors in VMM memory mapped as pieces of `piece_bytes` side by side (torch's
+    /// expandable segments use 20 MiB), tensors spanning pieces.
+    pub fn alloc_pieces(gpu: &Gpu, manifest: &Manifest, piece_bytes: usize) -> Result<GpuTensors, CudaError> {
+        let (offsets, bytes) = layout(manifest);
+        let piece = piece_bytes.max(1).next_multiple_of(gpu.shareable_granularity()?);
+        let memory = Memory::Pieces(gpu.alloc_shareable_pieces(piece, (bytes as usize).div_ceil(piece))?);
         Ok(GpuTensors { memory, manifest: manifest.clone(), offsets })
     }
 
@@ -123,7 +137,7 @@ impl DeviceTensors for GpuTensors {
     fn shareable(&self) -> Vec<(u64, &SharedAllocation)> {
         match &self.memory {
             Memory::Shareable(id, a) => vec![(*id, a)],
-            Memory::Plain(_) => Vec::new(),
+            Memory::Plain(_) | Memory::Pieces(_) => Vec::new(),
         }
     }
 }

@@ -85,6 +85,23 @@ pub enum IpcSegment {
     /// per allocation of the sender; `fd` is its index among the descriptors that follow the
     /// message when this connection has not seen the segment before.
     Shareable { id: u64, mapped_bytes: u64, fd: Option<u32>, base: u64 },
+    /// CUDA VMM mappings side by side that another allocator made (torch's expandable
+    /// segments, 20 MiB each): `bytes` at `base` in the sender, one physical allocation per
+    /// piece, mapped the same way by the receiver.
+    Pieces { base: u64, bytes: u64, pieces: Vec<IpcPiece> },
+}
+
+/// One mapping of an [`IpcSegment::Pieces`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IpcPiece {
+    /// From the segment's base.
+    pub offset: u64,
+    pub bytes: u64,
+    /// The sender's driver id of the physical allocation (never reused in that process).
+    pub block_id: u64,
+    /// Its index among the descriptors that follow the message, when this connection has not
+    /// been sent `block_id` before.
+    pub fd: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,7 +166,9 @@ pub enum Message {
         pid: u32,
         /// UUID of the GPU the sources live on.
         device: String,
-        segments: Vec<IpcSegment>,
+        /// None when the same as the last update's on this connection (then no descriptors
+        /// follow): torch's expandable segments make ~3,000 pieces for a 60 GB model.
+        segments: Option<Vec<IpcSegment>>,
         /// Per source tensor: (segment index, offset from the segment's start); None when
         /// the same as the last update's on this connection (18,867 entries for a MoE model).
         tensors: Option<Vec<(u32, u64)>>,
@@ -299,6 +318,7 @@ impl Conn {
         match &self.stream {
             _ if count == 0 => Ok(Vec::new()),
             Stream::Unix(socket) => {
+                crate::fd_pass::make_room_for_descriptors(count)?;
                 socket.set_read_timeout(Some(timeout))?;
                 Ok(crate::fd_pass::recv_fds(socket, count)?)
             }

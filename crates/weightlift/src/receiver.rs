@@ -663,7 +663,7 @@ impl Receiver {
                 .recv_fds(fds as usize, timeout)
                 .map_err(|e| format!("receiving the sender's memory descriptors: {e}"))?;
             report.sender_digests = sender_digests;
-            let resolved = importer.resolve(gpu, source, pid, &device, &segments, located, fds)?;
+            let resolved = importer.resolve(gpu, source, pid, &device, segments, located, fds)?;
             report.ipc_opens = resolved.opens;
             report.same_gpu = Some(resolved.same_gpu);
             let bound = importer

@@ -310,9 +310,10 @@ impl Sender {
         let described = started.elapsed();
         self.begin(version, Vec::new())?;
         let begun = started.elapsed();
-        self.conn.send(&sources)?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        self.conn.send_fds(&borrowed)?;
+        if let Err(e) = self.conn.send(&sources).and_then(|()| self.conn.send_fds(&borrowed)) {
+            return self.report_instead_of(e);
+        }
         self.exporter.sent(&sources);
         // Digest while the receiver pulls.
         let digests: Vec<(u32, u64)> = if sender_digests {
@@ -328,7 +329,9 @@ impl Sender {
         } else {
             Vec::new()
         };
-        self.conn.send(&Message::End { version, digests })?;
+        if let Err(e) = self.conn.send(&Message::End { version, digests }) {
+            return self.report_instead_of(e);
+        }
         let ended = started.elapsed();
         let report = self.path.await_report(&mut self.conn, timeout)?;
         if !report.verified {
@@ -349,6 +352,14 @@ impl Sender {
 }
 
 impl Sender {
+    /// After a send failed mid-update: the receiver may have ended the update with a report
+    /// that says why (a mapping it could not make) and closed the connection. That report (not
+    /// verified), else the send's own error.
+    fn report_instead_of(&mut self, error: ProtocolError) -> Result<UpdateReport, SendError> {
+        self.exporter.forget_locations();
+        self.path.await_report(&mut self.conn, Duration::from_secs(1)).map_err(|_| error.into())
+    }
+
     /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
     /// may really be skipped (the receiver names those it no longer holds).
     fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<Vec<u32>, SendError> {

@@ -139,20 +139,22 @@ fn serve_on_gpu(model: &str, device: usize, label: &str) -> (Killed, Endpoint) {
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_stale() {
-    let model = "qwen3-tiny";
-    let config = synthetic(model).unwrap();
-    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
     let gpu = gpu(0);
-    for vmm in [false, true] {
-        let (_server, endpoint) = serve_on_gpu(model, 0, &format!("realloc-{vmm}"));
+    // cudaMalloc memory (legacy IPC), weightlift's VMM allocation, and VMM pieces of 2 MiB side
+    // by side with tensors spanning them (torch's expandable segments, in small: ~570 pieces
+    // for Qwen3-0.6B, so also ~570 descriptors passed).
+    for kind in ["legacy", "vmm", "pieces"] {
+        let model = if kind == "pieces" { "qwen3-0.6b" } else { "qwen3-tiny" };
+        let config = synthetic(model).unwrap();
+        let preset = PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false };
+        let rules = config.preset.rules(preset).unwrap();
+        let (_server, endpoint) = serve_on_gpu(model, 0, &format!("realloc-{kind}"));
         let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).unwrap();
-        let alloc = |gpu: &Gpu| {
-            if vmm {
-                GpuTensors::alloc_shareable(gpu, &config.source_manifest()).unwrap()
-            } else {
-                GpuTensors::alloc(gpu, &config.source_manifest()).unwrap()
-            }
+        let alloc = |gpu: &Gpu| match kind {
+            "legacy" => GpuTensors::alloc(gpu, &config.source_manifest()).unwrap(),
+            "vmm" => GpuTensors::alloc_shareable(gpu, &config.source_manifest()).unwrap(),
+            _ => GpuTensors::alloc_pieces(gpu, &config.source_manifest(), 2 << 20).unwrap(),
         };
         let mut trainer = HostTensors::synthetic(&config, 3);
         let mut tensors = alloc(&gpu);
@@ -169,9 +171,12 @@ fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_sta
         trainer.perturb();
         tensors.upload(&trainer).unwrap();
         let third = sender.push_device(Version(3), &gpu, &tensors).unwrap();
-        assert!(third.verified, "vmm={vmm}: {third:?}");
-        assert!(third.ipc_opens >= 1, "vmm={vmm}: reallocated memory was not re-imported: {third:?}");
-        eprintln!("vmm={vmm}: reallocated at the same address: {}", old == tensors.ptrs()[0]);
+        assert!(third.verified, "{kind}: {third:?}");
+        assert!(third.ipc_opens >= 1, "{kind}: reallocated memory was not re-imported: {third:?}");
+        if kind == "pieces" {
+            assert!(first.ipc_opens > 1 && third.ipc_opens == first.ipc_opens, "one open per piece: {third:?}");
+        }
+        eprintln!("{kind}: reallocated at the same address: {}", old == tensors.ptrs()[0]);
         let fourth = sender.push_device(Version(4), &gpu, &tensors).unwrap();
         assert!(fourth.verified && fourth.ipc_opens == 0, "{fourth:?}");
     }

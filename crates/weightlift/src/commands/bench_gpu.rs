@@ -3,8 +3,8 @@
 //! - in one process on one GPU: a plan's copies alone, digests alone, and the fused update;
 //! - between processes over CUDA IPC, as deployed: `weightlift serve --device cuda:R` as the
 //!   engine and this process as the trainer, colocated (same GPU; the trainer's tensors from
-//!   cudaMalloc as torch's are, and again in VMM memory shared as file descriptors) and
-//!   cross-GPU (NVLink).
+//!   cudaMalloc as torch's are, again in VMM memory shared as file descriptors, and in 20 MiB
+//!   VMM pieces as torch's expandable segments hold them) and cross-GPU (NVLink).
 
 use std::time::Instant;
 
@@ -19,6 +19,8 @@ use weightlift_cuda::{device_count, CudaError, Gpu, SourceGpu};
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
 const CEILING_BYTES: usize = 4 << 30;
+/// The size of the VMM handles torch's expandable segments map side by side (its large pool).
+const EXPANDABLE_SEGMENT_BYTES: usize = 20 << 20;
 const RUNS: usize = 5;
 /// Free memory a run leaves on each GPU.
 const HEADROOM: u64 = 4 << 30;
@@ -59,7 +61,9 @@ struct IpcRow {
     model: String,
     /// colocated: both processes on GPU 0; cross: trainer GPU 0, engine GPU 1; colocated-vmm:
     /// colocated with the trainer's tensors in VMM memory shared as file descriptors (the
-    /// others share cudaMalloc memory through legacy IPC handles, as torch tensors are).
+    /// others share cudaMalloc memory through legacy IPC handles, as torch tensors are);
+    /// colocated-pieces: in 20 MiB VMM handles side by side, one descriptor each, as torch's
+    /// expandable segments hold tensors.
     mode: &'static str,
     /// The sender digests its own memory for the receiver to compare with (a second read of
     /// the model); else the receiver's digests of what it wrote are recorded.
@@ -170,9 +174,12 @@ pub fn run(
     // `--same-process`: the kernels alone, no engine process.
     let ipc_models = if same_process_only { &[][..] } else { models };
     for name in ipc_models {
-        for (mode, receiver) in
-            [("colocated", Some(ordinal)), ("colocated-vmm", Some(ordinal)), ("cross", peer_ordinal)]
-        {
+        for (mode, receiver) in [
+            ("colocated", Some(ordinal)),
+            ("colocated-vmm", Some(ordinal)),
+            ("colocated-pieces", Some(ordinal)),
+            ("cross", peer_ordinal),
+        ] {
             let Some(receiver) = receiver else {
                 skipped.push(format!("{name} {mode}: one GPU only"));
                 continue;
@@ -295,10 +302,10 @@ fn ipc_row(
     let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
     let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
     let result = (|| {
-        let mut tensors = if mode == "colocated-vmm" {
-            GpuTensors::alloc_shareable(gpu, &source)?
-        } else {
-            GpuTensors::alloc(gpu, &source)?
+        let mut tensors = match mode {
+            "colocated-vmm" => GpuTensors::alloc_shareable(gpu, &source)?,
+            "colocated-pieces" => GpuTensors::alloc_pieces(gpu, &source, EXPANDABLE_SEGMENT_BYTES)?,
+            _ => GpuTensors::alloc(gpu, &source)?,
         };
         let mut runs = Vec::new();
         let mut version = 0u64;

@@ -76,7 +76,8 @@ pub fn make_room_for_descriptors(extra: usize) -> io::Result<()> {
             limit.maximum.unwrap_or(0)
         )));
     }
-    setrlimit(Resource::Nofile, Rlimit { current: Some(wanted), maximum: limit.maximum }).map_err(io::Error::from)
+    setrlimit(Resource::Nofile, Rlimit { current: Some(wanted), maximum: limit.maximum })
+        .map_err(|e| io::Error::other(format!("raising the file descriptor limit to {wanted}: {e}")))
 }
 
 /// Receives exactly `count` descriptors sent by [`send_fds`] (`count` must equal the number sent),
@@ -245,6 +246,19 @@ mod tests {
     #[test]
     fn fd_pass_three() {
         round_trip(3);
+    }
+
+    #[test]
+    fn room_for_more_descriptors_raises_the_soft_limit_and_says_when_it_cannot() {
+        let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        make_room_for_descriptors(8).unwrap();
+        if let Some(hard) = getrlimit(Resource::Nofile).maximum.filter(|&h| h > soft + 256) {
+            make_room_for_descriptors(soft as usize + 100).unwrap();
+            let raised = getrlimit(Resource::Nofile).current.unwrap();
+            assert!(raised > soft + 100 && raised <= hard, "{soft} -> {raised} (hard {hard})");
+        }
+        let err = make_room_for_descriptors(usize::MAX / 4).unwrap_err().to_string();
+        assert!(err.contains("descriptors"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use weightlift_core::{Manifest, RuleSet, TpRank, Version};
 use crate::net::Stream;
 use crate::report::UpdateReport;
 
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `IpcSources` names VMM pieces (torch's expandable segments) and may omit unchanged segments.
+pub const PROTOCOL_VERSION: u32 = 4;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -417,6 +418,27 @@ mod tests {
         let (got, data) = server_thread.join().unwrap();
         assert_eq!(got, msg);
         assert_eq!(data, b"hello");
+    }
+
+    #[test]
+    fn ipc_sources_with_pieces_and_omitted_segments_round_trip() {
+        let piece = |offset, fd| IpcPiece { offset, bytes: 20 << 20, block_id: 7 + offset, fd };
+        let pieces = vec![piece(0, Some(0)), piece(20 << 20, None)];
+        for segments in [Some(vec![IpcSegment::Pieces { base: 1 << 34, bytes: 40 << 20, pieces }]), None] {
+            let msg = Message::IpcSources {
+                pid: 1,
+                device: "00".into(),
+                segments,
+                tensors: None,
+                fds: 1,
+                sender_digests: false,
+            };
+            let (a, b) = UnixStream::pair().unwrap();
+            let mut client = Conn::client(Stream::Unix(a)).unwrap();
+            let server = std::thread::spawn(move || Conn::server(Stream::Unix(b), T).unwrap().recv(T).unwrap());
+            client.send(&msg).unwrap();
+            assert_eq!(server.join().unwrap(), msg);
+        }
     }
 
     #[test]

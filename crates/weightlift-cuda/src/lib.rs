@@ -31,8 +31,8 @@ pub use kernels::{
     waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedRun, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES,
     WAVE_CHUNKS,
 };
-pub use vmm::{ImportedAllocation, ImportedHandle, MappedPieces, SharedAllocation, SharedPieces};
-pub use vmm_pool::{GpuPool, PhysicalMemory, PinnedHost, VmmDevice};
+pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
+pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};
 
 #[cfg(test)]
 mod tests_gpu;

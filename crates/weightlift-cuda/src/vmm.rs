@@ -302,18 +302,19 @@ impl Gpu {
     }
 }
 
-/// Physical memory of another process (or of this one), imported from a file descriptor;
-/// released when dropped (its mappings keep the memory alive until they go too).
-pub struct ImportedHandle {
-    ctx: Arc<CudaContext>,
-    handle: CUmemGenericAllocationHandle,
+/// Physical device memory (from `cuMemCreate`, or imported from a file descriptor);
+/// released when dropped. Mappings made from it keep the memory until they are unmapped too.
+pub struct PhysicalMemory {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) handle: CUmemGenericAllocationHandle,
 }
 
-impl Drop for ImportedHandle {
+impl Drop for PhysicalMemory {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: the handle came from cuMemImportFromShareableHandle and is released once,
-        // here; mappings made from it hold their own reference to the memory.
+        // SAFETY: the handle came from cuMemCreate or cuMemImportFromShareableHandle and is
+        // released exactly once, here; what maps it unmaps on its own terms (the driver keeps
+        // mapped memory until the last mapping goes).
         let _ = unsafe { sys::cuMemRelease(self.handle) };
     }
 }
@@ -363,18 +364,8 @@ impl MappedPieces {
 /// whose tensors span several handles).
 pub struct SharedPieces {
     mapped: MappedPieces,
-    handles: Vec<CUmemGenericAllocationHandle>,
-}
-
-impl Drop for SharedPieces {
-    fn drop(&mut self) {
-        let _ = self.mapped.ctx.bind_to_thread();
-        for &handle in &self.handles {
-            // SAFETY: created by `Gpu::alloc_shareable_pieces`, released once, here; the
-            // mappings (dropped after this) keep the memory until they are unmapped.
-            let _ = unsafe { sys::cuMemRelease(handle) };
-        }
-    }
+    /// Released after the mappings go (fields drop in order).
+    _physical: Vec<PhysicalMemory>,
 }
 
 impl crate::gpu::OwnedDeviceMemory for SharedPieces {
@@ -400,20 +391,6 @@ impl SharedPieces {
         self.mapped.size == 0
     }
 }
-
-// SAFETY: device addresses and driver handles, valid from any thread once the owning context is
-// bound (every method binds it first).
-unsafe impl Send for ImportedHandle {}
-// SAFETY: shared references only read the handle.
-unsafe impl Sync for ImportedHandle {}
-// SAFETY: as above: addresses only, used after binding the context.
-unsafe impl Send for MappedPieces {}
-// SAFETY: shared references only read the addresses.
-unsafe impl Sync for MappedPieces {}
-// SAFETY: as above.
-unsafe impl Send for SharedPieces {}
-// SAFETY: shared references only read the addresses.
-unsafe impl Sync for SharedPieces {}
 
 impl Gpu {
     /// A file descriptor for the physical memory mapped at `ptr`, VMM memory of this process
@@ -442,7 +419,7 @@ impl Gpu {
 
     /// Physical memory from a descriptor of [`Gpu::export_mapping_fd`] or
     /// [`SharedAllocation::export_fd`], to map with [`Gpu::map_pieces`].
-    pub fn import_handle(&self, fd: BorrowedFd<'_>) -> Result<ImportedHandle, CudaError> {
+    pub fn import_handle(&self, fd: BorrowedFd<'_>) -> Result<PhysicalMemory, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
         let mut handle: CUmemGenericAllocationHandle = 0;
         // SAFETY: `handle` is a valid out-pointer; for POSIX_FD the driver takes the descriptor
@@ -451,13 +428,13 @@ impl Gpu {
             sys::cuMemImportFromShareableHandle(&mut handle, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD)
         };
         check(result, "cuMemImportFromShareableHandle")?;
-        Ok(ImportedHandle { ctx: self.context().clone(), handle })
+        Ok(PhysicalMemory { ctx: self.context().clone(), handle })
     }
 
     /// Maps `pieces` ((offset, bytes, handle), each handle's whole size) side by side in one
     /// new range of `total` bytes, readable and writable by this GPU (over NVLink if the
     /// memory is another GPU's). The pieces must tile the range exactly, in order.
-    pub fn map_pieces(&self, total: u64, pieces: &[(u64, u64, &ImportedHandle)]) -> Result<MappedPieces, CudaError> {
+    pub fn map_pieces(&self, total: u64, pieces: &[(u64, u64, &PhysicalMemory)]) -> Result<MappedPieces, CudaError> {
         let mut at = 0;
         for &(offset, bytes, _) in pieces {
             if offset != at || bytes == 0 {
@@ -505,7 +482,7 @@ impl Gpu {
         let prop = shareable_prop(self.ordinal());
         let mut shared = SharedPieces {
             mapped: MappedPieces { ctx: self.context().clone(), ptr: 0, size: total, mapped: Vec::new() },
-            handles: Vec::new(),
+            _physical: Vec::new(),
         };
         let mut ptr: CUdeviceptr = 0;
         // SAFETY: valid out-pointer, size a multiple of the granularity; freed by Drop.
@@ -516,7 +493,7 @@ impl Gpu {
             // SAFETY: valid out-pointer, initialised properties, size a multiple of the
             // granularity; released by Drop.
             check(unsafe { sys::cuMemCreate(&mut handle, piece, &prop, 0) }, "cuMemCreate")?;
-            shared.handles.push(handle);
+            shared._physical.push(PhysicalMemory { ctx: self.context().clone(), handle });
             let at = ptr + (k * piece) as u64;
             // SAFETY: [at, at + piece) lies in the reservation and is not mapped yet.
             check(unsafe { sys::cuMemMap(at, piece, 0, handle, 0) }, "cuMemMap")?;
@@ -676,8 +653,8 @@ mod pieces_tests {
 
         // Exported piece by piece, imported and mapped side by side: the same bytes, both ways.
         let fds: Vec<OwnedFd> = pieces.iter().map(|p| gpu.export_mapping_fd(base + p.offset).unwrap()).collect();
-        let handles: Vec<ImportedHandle> = fds.iter().map(|fd| gpu.import_handle(fd.as_fd()).unwrap()).collect();
-        let parts: Vec<(u64, u64, &ImportedHandle)> =
+        let handles: Vec<PhysicalMemory> = fds.iter().map(|fd| gpu.import_handle(fd.as_fd()).unwrap()).collect();
+        let parts: Vec<(u64, u64, &PhysicalMemory)> =
             pieces.iter().zip(&handles).map(|(p, h)| (p.offset, p.bytes, h)).collect();
         assert!(gpu.map_pieces(total, &parts[1..]).is_err(), "pieces must tile the range from 0");
         let mapped = gpu.map_pieces(total, &parts).unwrap();

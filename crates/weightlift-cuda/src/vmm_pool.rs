@@ -17,26 +17,11 @@ use weightlift_core::pool::{Backend, TaggedPool};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::Gpu;
-use crate::vmm::{allocation_granularity, check, device_location, pinned_prop};
+use crate::vmm::{allocation_granularity, check, device_location, pinned_prop, PhysicalMemory};
 
 /// Pinned device memory on `ordinal`, not shared with other processes.
 fn private_prop(ordinal: usize) -> CUmemAllocationProp {
     pinned_prop(ordinal, CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE)
-}
-
-/// Physical device memory from `cuMemCreate`; released when dropped.
-pub struct PhysicalMemory {
-    ctx: Arc<CudaContext>,
-    handle: CUmemGenericAllocationHandle,
-}
-
-impl Drop for PhysicalMemory {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: the handle came from cuMemCreate and is released exactly once, here; the pool
-        // unmaps it before dropping it.
-        let _ = unsafe { sys::cuMemRelease(self.handle) };
-    }
 }
 
 /// Page-locked host memory from `cuMemHostAlloc`; freed when dropped.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use weightlift_core::{Manifest, Plan};
 use weightlift_cuda::{
-    CudaError, Gpu, ImportedAllocation, ImportedHandle, IpcMapping, MappedPieces, SharedAllocation, Sharing, SourceGpu,
+    CudaError, Gpu, ImportedAllocation, IpcMapping, MappedPieces, PhysicalMemory, SharedAllocation, Sharing, SourceGpu,
     IPC_HANDLE_BYTES,
 };
 
@@ -309,7 +309,7 @@ pub(crate) struct Importer {
     legacy: HashMap<(String, u64), Arc<IpcMapping>>,
     shareable: HashMap<u64, ImportedAllocation>,
     /// The sender's VMM pieces imported, by block id, and the ranges mapped from them.
-    blocks: HashMap<u64, ImportedHandle>,
+    blocks: HashMap<u64, PhysicalMemory>,
     runs: HashMap<PiecesKey, MappedPieces>,
     bound: Option<(Vec<u64>, GpuPlan)>,
     /// The tensor locations and segments of the last update (a sender omits them when

@@ -697,9 +697,17 @@ proptest! {
             // chunks but what paused tags released.
             let held: u64 = pool.stats().iter().map(|s| s.reserved_bytes - s.paused_bytes).sum();
             prop_assert_eq!(pool.backend().used, held);
+            // One mapping per physical allocation; at most one allocation per chunk, at least
+            // one while a tag holds chunks, none while it is paused unless it keeps its pages.
+            let mut mappings = 0;
             for s in pool.stats() {
                 prop_assert_eq!(s.mapped_bytes, if s.paused { 0 } else { s.reserved_bytes }, "{:?}", s);
+                prop_assert!(s.physical_allocations <= s.chunks, "{:?}", s);
+                let kept = !s.paused || s.options.keep_physical;
+                prop_assert_eq!(kept && s.chunks > 0, s.physical_allocations > 0, "{:?}", s);
+                mappings += if s.paused { 0 } else { s.physical_allocations };
             }
+            prop_assert_eq!(pool.backend().mapped.len(), mappings);
         }
         for tag in TAGS {
             let _ = pool.resume(tag);

@@ -9,7 +9,9 @@ read too), prints the tables on stdout and writes OUT/summary.json. Python 3 sta
 only. Whatever is missing (a file, a field) is shown as "missing", never an exception.
 
 Main table, models x modes (colocated: trainer and engine on the same GPU; cross: GPU0 -> GPU1):
-one row per baseline and one for weightlift. seconds = the median of the method's timed updates;
+one row per baseline and weightlift's rows: with the sender's and the receiver's digests, with
+the receiver's only, and (colocated) with the trainer's tensors in VMM memory instead of
+cudaMalloc memory (torch's expandable segments; one VMM allocation). seconds = the median of the method's timed updates;
 GB/s = bytes / seconds; x ceiling = GB/s over the mode's ceiling (colocated: D2D copy, cross: peer
 copy; weightlift.json's ceilings, measured in the weightlift run, else the torch ones); weightlift
 speed-up (baseline rows) = baseline seconds / weightlift seconds.
@@ -35,6 +37,14 @@ BASELINE_ORDER = ["ipc", "nccl", "nccl_bucket"]
 WL_METHOD = "weightlift cuda-ipc"
 # The same update with only the receiver's digests (no second read of the model by the sender).
 WL_METHOD_RECEIVER = "weightlift cuda-ipc, receiver digests"
+# Colocated, receiver digests, with the trainer's tensors in VMM memory instead of cudaMalloc
+# memory: torch's expandable segments (20 MiB pieces), and one allocation of weightlift's.
+WL_MEMORY_VARIANTS = {
+    "colocated": [
+        ("colocated-pieces", "weightlift cuda-ipc, torch expandable segments, receiver digests"),
+        ("colocated-vmm", "weightlift cuda-ipc, one VMM allocation, receiver digests"),
+    ]
+}
 CEILING_NAME = {"colocated": "D2D copy", "cross": "peer copy"}
 WL_CEILING_KEY = {"colocated": "d2d_copy_gbps", "cross": "peer_copy_gbps"}
 TORCH_CEILING = {"colocated": "d2d", "cross": "peer"}
@@ -278,6 +288,13 @@ def main(argv=None) -> int:
                 wrst, wrreason = status_of(wr)
                 rows.append(make_row(model, mode, WL_METHOD_RECEIVER, "weightlift", "cuda-ipc", wr, wrst, wrreason, ceiling, None))
                 count += 1
+            # The same colocated update from the other kinds of trainer memory (same ceiling).
+            for variant, label in WL_MEMORY_VARIANTS.get(mode, []):
+                wv = ipc_receiver.get((model, variant))
+                if wv is not None:
+                    wvst, wvreason = status_of(wv)
+                    rows.append(make_row(model, mode, label, "weightlift", "cuda-ipc", wv, wvst, wvreason, ceiling, None))
+                    count += 1
             # bytes moved should be the same for every method of a model
             sizes = {r["bytes"] for r in rows[-count:] if r["bytes"] is not None}
             if len(sizes) > 1:

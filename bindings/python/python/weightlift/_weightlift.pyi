@@ -41,7 +41,9 @@ class Sender:
     `to`: an endpoint ("unix:/path", "tcp://host:port"), a `Receiver` of this process, or a list
     of them (one per tensor-parallel rank, in rank order). `preset`: identity, llama, qwen3,
     qwen3-moe. CPU tensors travel through shared memory (TCP for remote endpoints), CUDA
-    tensors over CUDA IPC. `sender_digests`: the sender also digests what it meant to write
+    tensors over CUDA IPC: legacy IPC handles for torch's default allocator, one file
+    descriptor per 20 MiB mapping under `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
+    (read faster by the engine). `sender_digests`: the sender also digests what it meant to write
     (a second read of the model) for the receiver to compare with.
     """
 

@@ -216,6 +216,15 @@ def test_an_update_into_paused_weights_is_refused_and_later_taken():
     report = sender.push(trainer, version=2)
     assert report["verified"] and receiver.version == 2 and receiver.dirty == []
     assert torch.equal(engine["a"], trainer["a"]) and torch.equal(engine["b"], trainer["b"])
+    # Pool memory can be overwritten in place like any other (located, not shared).
+    receiver.poison(0)
+    assert not engine["b"].any() and sorted(receiver.dirty) == ["a", "b"]
+    # A trainer whose tensors are in the pool cannot share them with another process: refused
+    # by name (the pool's memory is not exportable).
+    with pool.region("weights"):
+        pooled = {"a": torch.randn(1000, device="cuda:0"), "b": torch.randn(MiB, device="cuda:0")}
+    with pytest.raises(wl.WeightliftError, match="`[ab]`: .* neither through a legacy IPC handle nor as a file descriptor"):
+        wl.Sender(wl.Receiver({k: torch.zeros_like(v) for k, v in pooled.items()})).push(pooled, version=1)
 
 
 @requires_cuda

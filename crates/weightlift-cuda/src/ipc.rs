@@ -34,8 +34,7 @@ pub enum Sharing {
     /// process-unique id of the allocation: it changes whenever the memory is freed and
     /// allocated again, even at the same address.
     Legacy { buffer_id: u64 },
-    /// CUDA VMM mappings side by side (a tensor may span several), in address order, each of
-    /// physical memory exportable as a file descriptor.
+    /// CUDA VMM mappings side by side (a tensor may span several), in address order.
     Vmm { pieces: Vec<Piece> },
 }
 
@@ -48,6 +47,9 @@ pub struct Piece {
     /// The driver's process-unique id of the physical allocation mapped there
     /// (`MEMORY_BLOCK_ID`): never reused, so a remap shows.
     pub block_id: u64,
+    /// Whether that physical memory can be exported as a file descriptor (torch's expandable
+    /// segments: yes; a weightlift pool, or stream-ordered memory: no).
+    pub exportable: bool,
 }
 
 /// What the driver says of the memory at one address (one query for all of it).
@@ -58,6 +60,13 @@ struct Mapped {
     buffer_id: u64,
     fd_exportable: bool,
     block_id: u64,
+}
+
+impl Mapped {
+    /// This mapping as the piece of a segment at `offset`.
+    fn piece(&self, offset: u64) -> Piece {
+        Piece { offset, bytes: self.bytes, block_id: self.block_id, exportable: self.fd_exportable }
+    }
 }
 
 /// Where each tensor lives: segment index and offset from the segment's base.
@@ -141,15 +150,14 @@ impl Gpu {
     /// [`Gpu::locate`] for segments of several mappings).
     pub fn segment_of(&self, ptr: u64) -> Result<Segment, CudaError> {
         let mapped = self.mapped_at(ptr)?;
+        if mapped.bytes == 0 {
+            // cuPointerGetAttributes answers zeros, not an error, for an address it does not know.
+            return Err(CudaError::Invalid(format!("{ptr:#x} is not device memory of this process")));
+        }
         let sharing = if mapped.legacy_ipc {
             Sharing::Legacy { buffer_id: mapped.buffer_id }
-        } else if mapped.fd_exportable {
-            Sharing::Vmm { pieces: vec![Piece { offset: 0, bytes: mapped.bytes, block_id: mapped.block_id }] }
         } else {
-            return Err(CudaError::Invalid(format!(
-                "the memory at {ptr:#x} can be shared neither through a legacy IPC handle nor as a file \
-                 descriptor (stream-ordered or VMM memory made without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)"
-            )));
+            Sharing::Vmm { pieces: vec![mapped.piece(0)] }
         };
         Ok(Segment { base: mapped.base, bytes: mapped.bytes, sharing })
     }
@@ -161,10 +169,10 @@ impl Gpu {
         while segment.base + segment.bytes < end {
             let next = segment.base + segment.bytes;
             let mapped = match self.mapped_at(next) {
-                Ok(m) if !m.legacy_ipc && m.fd_exportable && m.base == next && m.bytes > 0 => m,
+                Ok(m) if !m.legacy_ipc && m.base == next && m.bytes > 0 => m,
                 _ => return Ok(false),
             };
-            pieces.push(Piece { offset: segment.bytes, bytes: mapped.bytes, block_id: mapped.block_id });
+            pieces.push(mapped.piece(segment.bytes));
             segment.bytes += mapped.bytes;
         }
         Ok(true)

@@ -335,6 +335,27 @@ mod tests {
 
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn pool_memory_is_located_and_filled_in_place_but_not_exportable() {
+        let gpu = gpu();
+        let mut pool = gpu.tagged_pool(4 << 20).unwrap();
+        // Two chunks side by side after a resume: one physical allocation under both.
+        let a = pool.alloc("weights", 4 << 20).unwrap();
+        let b = pool.alloc("weights", 4 << 20).unwrap();
+        assert_eq!(b, a + (4 << 20));
+        pool.pause("weights").unwrap();
+        pool.resume("weights").unwrap();
+        let (segments, _) = gpu.locate(&[(a + 100, (8 << 20) - 100)]).unwrap_or_else(|e| panic!("{e}"));
+        let crate::Sharing::Vmm { pieces } = &segments[0].sharing else { panic!("{segments:?}") };
+        assert!(pieces.iter().all(|p| !p.exportable), "{pieces:?}");
+        gpu.fill_region(a + 100, (8 << 20) - 100, 7).unwrap();
+        gpu.synchronize().unwrap();
+        assert!(read(&gpu, a + 100, (8 << 20) - 100).iter().all(|&x| x == 7));
+        pool.free(a).unwrap();
+        pool.free(b).unwrap();
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
     fn a_resume_that_cannot_fit_fails_and_succeeds_once_memory_is_freed() {
         let gpu = gpu();
         let mut pool = gpu.tagged_pool(256 << 20).unwrap();

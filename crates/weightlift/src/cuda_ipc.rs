@@ -158,6 +158,21 @@ impl Exporter {
                 other => other,
             })?;
             let first = segments.len() as u32;
+            // Memory that can travel neither way (a weightlift pool's, stream-ordered memory):
+            // refused by the name of a tensor in it.
+            for (index, segment) in found.iter().enumerate() {
+                let Sharing::Vmm { pieces } = &segment.sharing else { continue };
+                if let Some(p) = pieces.iter().find(|p| !p.exportable) {
+                    let k = at.iter().position(|a| a.segment as usize == index).expect("segments hold tensors");
+                    return Err(CudaError::Invalid(format!(
+                        "`{}`: the memory at {:#x} can be shared neither through a legacy IPC handle nor as a file \
+                         descriptor (VMM memory made without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, or \
+                         stream-ordered memory)",
+                        manifest.specs()[legacy[k]].name,
+                        segment.base + p.offset
+                    )));
+                }
+            }
             let unsent = found
                 .iter()
                 .flat_map(|s| match &s.sharing {

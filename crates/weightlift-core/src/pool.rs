@@ -422,8 +422,7 @@ impl<B: Backend> TaggedPool<B> {
             None => (state.chunks[i].va, state.chunks[i].bytes),
             Some(b) => {
                 let backing = &state.backings[b];
-                let shared = state.chunks.iter().filter(|c| backing.holds(c.va));
-                if shared.clone().any(|c| !c.space.is_empty()) {
+                if state.chunks.iter().any(|c| backing.holds(c.va) && !c.space.is_empty()) {
                     return Ok(());
                 }
                 let backing = state.backings.remove(b);

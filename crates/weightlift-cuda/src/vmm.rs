@@ -80,126 +80,55 @@ fn shareable_prop(ordinal: usize) -> CUmemAllocationProp {
     pinned_prop(ordinal, POSIX_FD)
 }
 
-/// A physical allocation handle mapped at an address range of its own. Dropping it undoes, in
-/// reverse order, whatever of reserve / map was done, then releases the handle; so a half-built
-/// mapping cleans up after itself when a later step fails.
-struct Mapping {
-    ctx: Arc<CudaContext>,
-    handle: CUmemGenericAllocationHandle,
-    /// The reserved range's start; 0 until reserved.
-    ptr: CUdeviceptr,
-    /// Whether the handle is mapped at `ptr`.
-    mapped: bool,
-    /// Size of the reservation and the mapping (a multiple of the granularity).
-    size: usize,
+/// Grants device `ordinal` read/write access to `[ptr, ptr + size)`, one or more whole mappings
+/// of one reservation (the context is bound by the caller).
+pub(crate) fn grant_access(ptr: CUdeviceptr, size: usize, ordinal: usize) -> Result<(), CudaError> {
+    let access = CUmemAccessDesc {
+        location: device_location(ordinal),
+        flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: callers pass only ranges they have fully mapped; one access descriptor, count one.
+    check(unsafe { sys::cuMemSetAccess(ptr, size, &access, 1) }, "cuMemSetAccess")
 }
 
-impl Mapping {
-    /// Takes ownership of `handle` (released on drop, also on error), reserves `size` bytes of
-    /// address space, maps the handle there and grants `access_ordinal` read/write access. The
-    /// context must be bound to the thread.
-    fn map(
-        ctx: Arc<CudaContext>,
-        handle: CUmemGenericAllocationHandle,
-        size: usize,
-        access_ordinal: usize,
-    ) -> Result<Mapping, CudaError> {
-        let mut m = Mapping { ctx, handle, ptr: 0, mapped: false, size };
-        let mut ptr: CUdeviceptr = 0;
-        // SAFETY: `ptr` is a valid out-pointer; alignment 0 picks the default (the granularity),
-        // address 0 lets the driver choose, flags must be 0.
-        check(unsafe { sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0) }, "cuMemAddressReserve")?;
-        m.ptr = ptr;
-        // SAFETY: the range was just reserved with exactly `size` bytes and nothing is mapped in
-        // it; `handle` is a live allocation handle of at least `size` bytes (the driver checks the
-        // size and fails otherwise).
-        check(unsafe { sys::cuMemMap(m.ptr, size, 0, m.handle, 0) }, "cuMemMap")?;
-        m.mapped = true;
-        let access = CUmemAccessDesc {
-            location: device_location(access_ordinal),
-            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: the whole range is mapped (just above); `access` is one valid descriptor and
-        // the count says one.
-        check(unsafe { sys::cuMemSetAccess(m.ptr, size, &access, 1) }, "cuMemSetAccess")?;
-        Ok(m)
-    }
+/// Physical device memory (made with `cuMemCreate`, imported from a file descriptor, or a
+/// reference retained to another allocator's); released when dropped. Mappings made from it
+/// keep the memory until they are unmapped too.
+pub struct PhysicalMemory {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) handle: CUmemGenericAllocationHandle,
 }
 
-impl Drop for Mapping {
+impl Drop for PhysicalMemory {
     fn drop(&mut self) {
-        // Tear down even if binding failed: the VMM calls below name everything explicitly.
         let _ = self.ctx.bind_to_thread();
-        if self.mapped {
-            // SAFETY: `handle` is mapped at exactly [ptr, ptr + size) and only here unmapped; no
-            // reference to the range outlives its owner (the pointer is handed out as a plain
-            // integer, and using it after drop is the caller's error on the device, not UB here).
-            let _ = unsafe { sys::cuMemUnmap(self.ptr, self.size) };
-        }
-        if self.ptr != 0 {
-            // SAFETY: the range came from cuMemAddressReserve with this size and is freed once.
-            let _ = unsafe { sys::cuMemAddressFree(self.ptr, self.size) };
-        }
-        // SAFETY: the handle came from cuMemCreate or cuMemImportFromShareableHandle and is
-        // released exactly once, here; the physical memory lives on while other mappings or
-        // importers still hold it.
+        // SAFETY: the handle came from cuMemCreate, cuMemImportFromShareableHandle or
+        // cuMemRetainAllocationHandle and is released exactly once, here; the driver keeps
+        // mapped memory until its last mapping goes.
         let _ = unsafe { sys::cuMemRelease(self.handle) };
     }
 }
 
-/// Device memory of one GPU that other processes and GPUs can map: unmapped, its address range
-/// freed and its handle released when dropped (the memory itself lives on while an importer
-/// still has it mapped).
-pub struct SharedAllocation {
-    mapping: Mapping,
-    len: usize,
-}
-
-impl crate::gpu::OwnedDeviceMemory for SharedAllocation {
-    fn range(&self) -> (u64, usize) {
-        (self.mapping.ptr, self.len)
+impl PhysicalMemory {
+    /// `bytes` (a multiple of the granularity for `prop`) of new physical memory; the context
+    /// is bound by the caller.
+    pub(crate) fn create(ctx: &Arc<CudaContext>, bytes: usize, prop: &CUmemAllocationProp) -> Result<Self, CudaError> {
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: `handle` is a valid out-pointer, `prop` a fully initialised property struct,
+        // flags must be 0; a size that is not a multiple of the granularity is refused.
+        check(unsafe { sys::cuMemCreate(&mut handle, bytes, prop, 0) }, "cuMemCreate")?;
+        Ok(PhysicalMemory { ctx: ctx.clone(), handle })
     }
 
-    fn owner(&self) -> &Arc<CudaContext> {
-        &self.mapping.ctx
-    }
-}
-
-impl SharedAllocation {
-    /// The start of the mapping on the owning GPU.
-    pub fn device_ptr(&self) -> u64 {
-        self.mapping.ptr
-    }
-
-    /// The bytes asked for.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The bytes mapped: [`len`](Self::len) rounded up to the allocation granularity (at least
-    /// one granule). An importer passes this to [`Gpu::import_shareable`].
-    pub fn mapped_len(&self) -> usize {
-        self.mapping.size
-    }
-
-    /// A new POSIX file descriptor for the physical memory, to send to another process (or map
-    /// again in this one). Each call gives a new descriptor; closing it does not free the memory.
+    /// A new POSIX file descriptor for this memory, to send to another process (or map again
+    /// in this one). Each call gives a new descriptor; closing it does not free the memory.
     pub fn export_fd(&self) -> Result<OwnedFd, CudaError> {
-        self.mapping.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         let mut fd: c_int = -1;
         // SAFETY: for POSIX_FD the driver writes one int (the new descriptor) through the
         // pointer, which points at `fd`; the handle is live (owned by `self`).
         let result = unsafe {
-            sys::cuMemExportToShareableHandle(
-                (&mut fd as *mut c_int).cast::<c_void>(),
-                self.mapping.handle,
-                POSIX_FD,
-                0,
-            )
+            sys::cuMemExportToShareableHandle((&mut fd as *mut c_int).cast::<c_void>(), self.handle, POSIX_FD, 0)
         };
         check(result, "cuMemExportToShareableHandle")?;
         if fd < 0 {
@@ -210,118 +139,9 @@ impl SharedAllocation {
     }
 }
 
-/// Another allocation's memory (of this process or another, of this GPU or another) mapped for
-/// this GPU: unmapped, its address range freed and its handle released when dropped.
-pub struct ImportedAllocation {
-    mapping: Mapping,
-}
-
-impl crate::gpu::OwnedDeviceMemory for ImportedAllocation {
-    fn range(&self) -> (u64, usize) {
-        (self.mapping.ptr, self.mapping.size)
-    }
-
-    fn owner(&self) -> &Arc<CudaContext> {
-        &self.mapping.ctx
-    }
-}
-
-impl ImportedAllocation {
-    /// The start of the mapping, valid on the importing GPU.
-    pub fn device_ptr(&self) -> u64 {
-        self.mapping.ptr
-    }
-
-    /// The bytes mapped (the exporter's [`SharedAllocation::mapped_len`]).
-    pub fn len(&self) -> usize {
-        self.mapping.size
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.mapping.size == 0
-    }
-}
-
-// Both types hold only integers and an `Arc<CudaContext>` (Send + Sync), so they are Send and
-// Sync without an `unsafe impl`; this keeps it that way, so a field added later that is neither
-// fails the build here instead of being papered over.
-const _: () = {
-    const fn send_sync<T: Send + Sync>() {}
-    send_sync::<SharedAllocation>();
-    send_sync::<ImportedAllocation>();
-};
-
-impl Gpu {
-    /// The granularity shareable allocations on this GPU are rounded up to (the driver's minimum
-    /// for pinned device memory with POSIX-fd handles).
-    pub fn shareable_granularity(&self) -> Result<usize, CudaError> {
-        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        allocation_granularity(
-            &shareable_prop(self.ordinal()),
-            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
-        )
-    }
-
-    /// `bytes` of device memory on this GPU (rounded up to the granularity; 0 bytes take one
-    /// granule), mapped read/write for this GPU and exportable as a POSIX file descriptor.
-    pub fn alloc_shareable(&self, bytes: usize) -> Result<SharedAllocation, CudaError> {
-        let granularity = self.shareable_granularity()?;
-        let mapped_len = bytes
-            .max(1)
-            .checked_next_multiple_of(granularity)
-            .ok_or_else(|| CudaError::Invalid(format!("{bytes} bytes cannot be rounded up to the granularity")))?;
-        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let prop = shareable_prop(self.ordinal());
-        let mut handle: CUmemGenericAllocationHandle = 0;
-        // SAFETY: `handle` is a valid out-pointer, `prop` a fully initialised property struct,
-        // the size a multiple of the granularity for these properties, flags must be 0.
-        check(unsafe { sys::cuMemCreate(&mut handle, mapped_len, &prop, 0) }, "cuMemCreate")?;
-        let mapping = Mapping::map(self.context().clone(), handle, mapped_len, self.ordinal())?;
-        Ok(SharedAllocation { mapping, len: bytes })
-    }
-
-    /// Maps memory exported by [`SharedAllocation::export_fd`] (in this process or another, on
-    /// this GPU or another GPU of the host) for this GPU, read/write. `mapped_len` is the
-    /// exporter's [`SharedAllocation::mapped_len`]. The descriptor stays the caller's: it may be
-    /// closed as soon as this returns.
-    pub fn import_shareable(&self, fd: BorrowedFd<'_>, mapped_len: usize) -> Result<ImportedAllocation, CudaError> {
-        if mapped_len == 0 {
-            return Err(CudaError::Invalid("cannot import a shareable allocation of 0 bytes".into()));
-        }
-        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let mut handle: CUmemGenericAllocationHandle = 0;
-        // SAFETY: for POSIX_FD the driver takes the descriptor's value in place of the pointer
-        // (`(void *)(uintptr_t)fd`) and only reads it; the descriptor is open for the duration
-        // of the call (borrowed); `handle` is a valid out-pointer.
-        let result = unsafe {
-            sys::cuMemImportFromShareableHandle(&mut handle, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD)
-        };
-        check(result, "cuMemImportFromShareableHandle")?;
-        let mapping = Mapping::map(self.context().clone(), handle, mapped_len, self.ordinal())?;
-        Ok(ImportedAllocation { mapping })
-    }
-}
-
-/// Physical device memory (from `cuMemCreate`, or imported from a file descriptor);
-/// released when dropped. Mappings made from it keep the memory until they are unmapped too.
-pub struct PhysicalMemory {
-    pub(crate) ctx: Arc<CudaContext>,
-    pub(crate) handle: CUmemGenericAllocationHandle,
-}
-
-impl Drop for PhysicalMemory {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: the handle came from cuMemCreate or cuMemImportFromShareableHandle and is
-        // released exactly once, here; what maps it unmaps on its own terms (the driver keeps
-        // mapped memory until the last mapping goes).
-        let _ = unsafe { sys::cuMemRelease(self.handle) };
-    }
-}
-
-/// Handles mapped side by side in one reserved range, as the process that exported them maps
-/// them (torch's expandable segments: 20 MiB handles in one range); unmapped and unreserved
-/// when dropped.
+/// Physical allocations mapped side by side in one reserved range of their own (one, for
+/// weightlift's shareable allocations; 20 MiB handles, as torch's expandable segments map
+/// them); unmapped and unreserved when dropped.
 pub struct MappedPieces {
     ctx: Arc<CudaContext>,
     ptr: CUdeviceptr,
@@ -332,6 +152,7 @@ pub struct MappedPieces {
 
 impl Drop for MappedPieces {
     fn drop(&mut self) {
+        // Tear down even if binding failed: the VMM calls below name everything explicitly.
         let _ = self.ctx.bind_to_thread();
         for &(ptr, size) in &self.mapped {
             // SAFETY: each range was mapped by `Gpu::map_pieces` and is unmapped once, here.
@@ -356,6 +177,99 @@ impl MappedPieces {
 
     pub fn is_empty(&self) -> bool {
         self.size == 0
+    }
+}
+
+/// One physical allocation mapped at an address range of its own. The mapping goes before the
+/// memory is released (fields drop in order), also when a later step of making it failed.
+struct Mapping {
+    range: MappedPieces,
+    physical: PhysicalMemory,
+}
+
+impl Mapping {
+    /// Maps the first `size` bytes of `physical` (all of it; a larger size is refused by the
+    /// driver) for `gpu`, read/write.
+    fn new(gpu: &Gpu, physical: PhysicalMemory, size: usize) -> Result<Mapping, CudaError> {
+        let range = gpu.map_pieces(size as u64, &[(0, size as u64, &physical)])?;
+        Ok(Mapping { range, physical })
+    }
+}
+
+/// Device memory of one GPU that other processes and GPUs can map: unmapped, its address range
+/// freed and its handle released when dropped (the memory itself lives on while an importer
+/// still has it mapped).
+pub struct SharedAllocation {
+    mapping: Mapping,
+    len: usize,
+}
+
+impl crate::gpu::OwnedDeviceMemory for SharedAllocation {
+    fn range(&self) -> (u64, usize) {
+        (self.mapping.range.ptr, self.len)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.mapping.range.ctx
+    }
+}
+
+impl SharedAllocation {
+    /// The start of the mapping on the owning GPU.
+    pub fn device_ptr(&self) -> u64 {
+        self.mapping.range.ptr
+    }
+
+    /// The bytes asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes mapped: [`len`](Self::len) rounded up to the allocation granularity (at least
+    /// one granule). An importer passes this to [`Gpu::import_shareable`].
+    pub fn mapped_len(&self) -> usize {
+        self.mapping.range.size
+    }
+
+    /// A new POSIX file descriptor for the physical memory (see [`PhysicalMemory::export_fd`]).
+    pub fn export_fd(&self) -> Result<OwnedFd, CudaError> {
+        self.mapping.physical.export_fd()
+    }
+}
+
+/// Another allocation's memory (of this process or another, of this GPU or another) mapped for
+/// this GPU: unmapped, its address range freed and its handle released when dropped.
+pub struct ImportedAllocation {
+    mapping: Mapping,
+}
+
+impl crate::gpu::OwnedDeviceMemory for ImportedAllocation {
+    fn range(&self) -> (u64, usize) {
+        (self.mapping.range.ptr, self.mapping.range.size)
+    }
+
+    fn owner(&self) -> &Arc<CudaContext> {
+        &self.mapping.range.ctx
+    }
+}
+
+impl ImportedAllocation {
+    /// The start of the mapping, valid on the importing GPU.
+    pub fn device_ptr(&self) -> u64 {
+        self.mapping.range.ptr
+    }
+
+    /// The bytes mapped (the exporter's [`SharedAllocation::mapped_len`]).
+    pub fn len(&self) -> usize {
+        self.mapping.range.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.range.size == 0
     }
 }
 
@@ -392,38 +306,75 @@ impl SharedPieces {
     }
 }
 
+// These types hold only integers and `Arc<CudaContext>`s (Send + Sync), so they are Send and
+// Sync without an `unsafe impl`; this keeps it that way, so a field added later that is neither
+// fails the build here instead of being papered over.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<SharedAllocation>();
+    send_sync::<ImportedAllocation>();
+    send_sync::<SharedPieces>();
+    send_sync::<PhysicalMemory>();
+};
+
 impl Gpu {
+    /// The granularity shareable allocations on this GPU are rounded up to (the driver's minimum
+    /// for pinned device memory with POSIX-fd handles).
+    pub fn shareable_granularity(&self) -> Result<usize, CudaError> {
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        allocation_granularity(
+            &shareable_prop(self.ordinal()),
+            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    }
+
+    /// `bytes` of device memory on this GPU (rounded up to the granularity; 0 bytes take one
+    /// granule), mapped read/write for this GPU and exportable as a POSIX file descriptor.
+    pub fn alloc_shareable(&self, bytes: usize) -> Result<SharedAllocation, CudaError> {
+        let granularity = self.shareable_granularity()?;
+        let mapped_len = bytes
+            .max(1)
+            .checked_next_multiple_of(granularity)
+            .ok_or_else(|| CudaError::Invalid(format!("{bytes} bytes cannot be rounded up to the granularity")))?;
+        let physical = PhysicalMemory::create(self.context(), mapped_len, &shareable_prop(self.ordinal()))?;
+        Ok(SharedAllocation { mapping: Mapping::new(self, physical, mapped_len)?, len: bytes })
+    }
+
+    /// Maps memory exported by [`SharedAllocation::export_fd`] (in this process or another, on
+    /// this GPU or another GPU of the host) for this GPU, read/write. `mapped_len` is the
+    /// exporter's [`SharedAllocation::mapped_len`]. The descriptor stays the caller's: it may be
+    /// closed as soon as this returns.
+    pub fn import_shareable(&self, fd: BorrowedFd<'_>, mapped_len: usize) -> Result<ImportedAllocation, CudaError> {
+        if mapped_len == 0 {
+            return Err(CudaError::Invalid("cannot import a shareable allocation of 0 bytes".into()));
+        }
+        let physical = self.import_handle(fd)?;
+        Ok(ImportedAllocation { mapping: Mapping::new(self, physical, mapped_len)? })
+    }
+
     /// A file descriptor for the physical memory mapped at `ptr`, VMM memory of this process
     /// made exportable as one (another library's, such as torch's expandable segments).
     pub fn export_mapping_fd(&self, ptr: u64) -> Result<OwnedFd, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
         let mut handle: CUmemGenericAllocationHandle = 0;
         // SAFETY: `handle` is a valid out-pointer; the driver checks that `ptr` is mapped VMM
-        // memory. The reference it takes is released just below, whatever the export does.
-        let retained = unsafe { sys::cuMemRetainAllocationHandle(&mut handle, ptr as *mut c_void) };
-        check(retained, "cuMemRetainAllocationHandle")?;
-        let mut fd: c_int = -1;
-        // SAFETY: for POSIX_FD the out-parameter is an int, `fd` is one; `handle` is live.
-        let exported =
-            unsafe { sys::cuMemExportToShareableHandle((&mut fd as *mut c_int).cast::<c_void>(), handle, POSIX_FD, 0) };
-        // SAFETY: releases the reference cuMemRetainAllocationHandle took (the allocator that
-        // made the memory keeps its own).
-        let _ = unsafe { sys::cuMemRelease(handle) };
-        check(exported, "cuMemExportToShareableHandle")?;
-        if fd < 0 {
-            return Err(CudaError::Invalid(format!("cuMemExportToShareableHandle returned descriptor {fd}")));
-        }
-        // SAFETY: the driver just created this descriptor for us; nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        // memory. The reference it takes is released when `retained` drops, whatever the
+        // export does (the allocator that made the memory keeps its own).
+        let result = unsafe { sys::cuMemRetainAllocationHandle(&mut handle, ptr as *mut c_void) };
+        check(result, "cuMemRetainAllocationHandle")?;
+        let retained = PhysicalMemory { ctx: self.context().clone(), handle };
+        retained.export_fd()
     }
 
     /// Physical memory from a descriptor of [`Gpu::export_mapping_fd`] or
-    /// [`SharedAllocation::export_fd`], to map with [`Gpu::map_pieces`].
+    /// [`SharedAllocation::export_fd`], to map with [`Gpu::map_pieces`]. The descriptor stays
+    /// the caller's.
     pub fn import_handle(&self, fd: BorrowedFd<'_>) -> Result<PhysicalMemory, CudaError> {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
         let mut handle: CUmemGenericAllocationHandle = 0;
-        // SAFETY: `handle` is a valid out-pointer; for POSIX_FD the driver takes the descriptor
-        // as an integer passed in the pointer argument, and does not take ownership of it.
+        // SAFETY: for POSIX_FD the driver takes the descriptor's value in place of the pointer
+        // (`(void *)(uintptr_t)fd`) and only reads it; the descriptor is open for the duration
+        // of the call (borrowed); `handle` is a valid out-pointer.
         let result = unsafe {
             sys::cuMemImportFromShareableHandle(&mut handle, fd.as_raw_fd() as usize as *mut c_void, POSIX_FD)
         };
@@ -433,7 +384,8 @@ impl Gpu {
 
     /// Maps `pieces` ((offset, bytes, handle), each handle's whole size) side by side in one
     /// new range of `total` bytes, readable and writable by this GPU (over NVLink if the
-    /// memory is another GPU's). The pieces must tile the range exactly, in order.
+    /// memory is another GPU's). The pieces must tile the range exactly, in order. On an error
+    /// nothing stays mapped or reserved.
     pub fn map_pieces(&self, total: u64, pieces: &[(u64, u64, &PhysicalMemory)]) -> Result<MappedPieces, CudaError> {
         let mut at = 0;
         for &(offset, bytes, _) in pieces {
@@ -450,23 +402,19 @@ impl Gpu {
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
         let mut mapped = MappedPieces { ctx: self.context().clone(), ptr: 0, size: total as usize, mapped: Vec::new() };
         let mut ptr: CUdeviceptr = 0;
-        // SAFETY: `ptr` is a valid out-pointer; sizes that are not a multiple of the
-        // granularity are rejected by the driver. Freed by `mapped`'s Drop.
+        // SAFETY: `ptr` is a valid out-pointer; alignment 0 picks the default (the granularity),
+        // address 0 lets the driver choose, flags must be 0; sizes that are not a multiple of
+        // the granularity are refused. Freed by `mapped`'s Drop.
         check(unsafe { sys::cuMemAddressReserve(&mut ptr, total as usize, 0, 0, 0) }, "cuMemAddressReserve")?;
         mapped.ptr = ptr;
         for &(offset, bytes, handle) in pieces {
             // SAFETY: [ptr + offset, + bytes) lies in the range reserved above and holds no
-            // mapping yet (the pieces tile it, checked above); the handle is live.
-            let result = unsafe { sys::cuMemMap(ptr + offset, bytes as usize, 0, handle.handle, 0) };
-            check(result, "cuMemMap")?;
+            // mapping yet (the pieces tile it, checked above); the handle is live, and a size
+            // past its end is refused by the driver.
+            check(unsafe { sys::cuMemMap(ptr + offset, bytes as usize, 0, handle.handle, 0) }, "cuMemMap")?;
             mapped.mapped.push((ptr + offset, bytes as usize));
         }
-        let access = CUmemAccessDesc {
-            location: device_location(self.ordinal()),
-            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: the whole range is mapped (above); one access descriptor, count one.
-        check(unsafe { sys::cuMemSetAccess(ptr, total as usize, &access, 1) }, "cuMemSetAccess")?;
+        grant_access(ptr, total as usize, self.ordinal())?;
         Ok(mapped)
     }
 
@@ -475,37 +423,18 @@ impl Gpu {
     pub fn alloc_shareable_pieces(&self, piece_bytes: usize, pieces: usize) -> Result<SharedPieces, CudaError> {
         let granularity = self.shareable_granularity()?;
         let piece = piece_bytes.max(1).next_multiple_of(granularity);
-        let total = piece
+        piece
             .checked_mul(pieces.max(1))
             .ok_or_else(|| CudaError::Invalid(format!("{pieces} pieces of {piece} bytes overflow")))?;
-        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
         let prop = shareable_prop(self.ordinal());
-        let mut shared = SharedPieces {
-            mapped: MappedPieces { ctx: self.context().clone(), ptr: 0, size: total, mapped: Vec::new() },
-            _physical: Vec::new(),
-        };
-        let mut ptr: CUdeviceptr = 0;
-        // SAFETY: valid out-pointer, size a multiple of the granularity; freed by Drop.
-        check(unsafe { sys::cuMemAddressReserve(&mut ptr, total, 0, 0, 0) }, "cuMemAddressReserve")?;
-        shared.mapped.ptr = ptr;
-        for k in 0..pieces.max(1) {
-            let mut handle: CUmemGenericAllocationHandle = 0;
-            // SAFETY: valid out-pointer, initialised properties, size a multiple of the
-            // granularity; released by Drop.
-            check(unsafe { sys::cuMemCreate(&mut handle, piece, &prop, 0) }, "cuMemCreate")?;
-            shared._physical.push(PhysicalMemory { ctx: self.context().clone(), handle });
-            let at = ptr + (k * piece) as u64;
-            // SAFETY: [at, at + piece) lies in the reservation and is not mapped yet.
-            check(unsafe { sys::cuMemMap(at, piece, 0, handle, 0) }, "cuMemMap")?;
-            shared.mapped.mapped.push((at, piece));
-        }
-        let access = CUmemAccessDesc {
-            location: device_location(self.ordinal()),
-            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
-        // SAFETY: the whole range is mapped (above); one access descriptor, count one.
-        check(unsafe { sys::cuMemSetAccess(ptr, total, &access, 1) }, "cuMemSetAccess")?;
-        Ok(shared)
+        let physical: Vec<PhysicalMemory> = (0..pieces.max(1))
+            .map(|_| PhysicalMemory::create(self.context(), piece, &prop))
+            .collect::<Result<_, _>>()?;
+        let step = piece as u64;
+        let parts: Vec<(u64, u64, &PhysicalMemory)> =
+            physical.iter().enumerate().map(|(k, p)| (k as u64 * step, step, p)).collect();
+        let mapped = self.map_pieces(step * physical.len() as u64, &parts)?;
+        Ok(SharedPieces { mapped, _physical: physical })
     }
 }
 
@@ -526,7 +455,7 @@ mod tests {
         out
     }
 
-    fn assert_memory_returned(gpu: &Gpu, free_before: usize) {
+    pub(super) fn assert_memory_returned(gpu: &Gpu, free_before: usize) {
         let granularity = gpu.shareable_granularity().unwrap();
         let (free_after, _) = gpu.memory_info().unwrap();
         assert!(
@@ -674,7 +603,6 @@ mod pieces_tests {
         staging.download(&mut back).unwrap();
         assert!(back == data, "after the exporter dropped its pieces");
         drop((mapped, staging, plain, fds)); // an exported descriptor holds the memory too
-        let (free_after, _) = gpu.memory_info().unwrap();
-        assert!(free_after + g >= free_before, "memory not returned: {free_before} before, {free_after} after");
+        super::tests::assert_memory_returned(&gpu, free_before);
     }
 }

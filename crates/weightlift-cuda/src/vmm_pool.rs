@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{
-    self, CUdeviceptr, CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
-    CUmemAllocationProp, CUmemGenericAllocationHandle,
+    self, CUdeviceptr, CUmemAllocationGranularity_flags, CUmemAllocationHandleType, CUmemAllocationProp,
 };
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use weightlift_core::pool::{Backend, TaggedPool};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::Gpu;
-use crate::vmm::{allocation_granularity, check, device_location, pinned_prop, PhysicalMemory};
+use crate::vmm::{allocation_granularity, check, grant_access, pinned_prop, PhysicalMemory};
 
 /// Pinned device memory on `ordinal`, not shared with other processes.
 fn private_prop(ordinal: usize) -> CUmemAllocationProp {
@@ -145,14 +144,10 @@ impl Backend for VmmDevice {
 
     fn create(&mut self, bytes: u64) -> Result<PhysicalMemory, CudaError> {
         self.bind()?;
-        let prop = private_prop(self.ordinal);
-        let mut handle: CUmemGenericAllocationHandle = 0;
         let started = Instant::now();
-        // SAFETY: `handle` is a valid out-pointer, `prop` fully initialised, the size a multiple
-        // of the granularity, flags 0.
-        let created = check(unsafe { sys::cuMemCreate(&mut handle, bytes as usize, &prop, 0) }, "cuMemCreate");
+        let created = PhysicalMemory::create(&self.ctx, bytes as usize, &private_prop(self.ordinal));
         self.note("cuMemCreate", started);
-        created.map(|()| PhysicalMemory { ctx: self.ctx.clone(), handle })
+        created
     }
 
     fn release(&mut self, physical: PhysicalMemory) {
@@ -173,14 +168,9 @@ impl Backend for VmmDevice {
 
     fn grant(&mut self, va: u64, bytes: u64) -> Result<(), CudaError> {
         self.bind()?;
-        let access = CUmemAccessDesc {
-            location: device_location(self.ordinal),
-            flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
         let started = Instant::now();
-        // SAFETY: the pool grants only ranges it has fully mapped, within one reservation; one
-        // access descriptor, count one.
-        let granted = check(unsafe { sys::cuMemSetAccess(va, bytes as usize, &access, 1) }, "cuMemSetAccess");
+        // The pool grants only ranges it has fully mapped, within one reservation.
+        let granted = grant_access(va, bytes as usize, self.ordinal);
         self.note("cuMemSetAccess", started);
         granted
     }

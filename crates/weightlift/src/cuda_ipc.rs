@@ -327,15 +327,16 @@ pub(crate) struct Importer {
     blocks: HashMap<u64, PhysicalMemory>,
     runs: HashMap<PiecesKey, MappedPieces>,
     bound: Option<(Vec<u64>, GpuPlan)>,
-    /// The tensor locations and segments of the last update (a sender omits them when
-    /// unchanged).
+    /// The tensor locations of the last update, and where its segments are mapped here (a
+    /// sender omits both when unchanged).
     located: Option<Vec<(u32, u64)>>,
-    segments: Option<Vec<IpcSegment>>,
+    bases: Option<Vec<(u64, u64)>>,
 }
 
 impl Importer {
     /// Maps what `IpcSources` names (opening only allocations not mapped yet, closing those
-    /// no longer named) and returns every source tensor's address here.
+    /// no longer named) and returns every source tensor's address here. Segments the sender
+    /// omitted are the last ones: their addresses here are reused as they are.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn resolve(
         &mut self,
@@ -348,27 +349,47 @@ impl Importer {
         fds: Vec<OwnedFd>,
     ) -> Result<Resolved, String> {
         if let Some(located) = tensors {
+            if located.len() != source.len() {
+                return Err(format!("{} source locations for {} source tensors", located.len(), source.len()));
+            }
             self.located = Some(located);
         }
-        if let Some(segments) = segments {
-            self.segments = Some(segments);
-        }
-        let segments = self.segments.clone().ok_or("the sender sent no segments")?;
-        let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
-        if tensors.len() != source.len() {
-            return Err(format!("{} source locations for {} source tensors", tensors.len(), source.len()));
-        }
         let same_gpu = gpu.uuid().map(|u| hex(&u) == device).unwrap_or(false);
-        if pid == std::process::id() {
-            // The sender's addresses are valid here as they are: nothing to open.
-            if !same_gpu {
-                let uuid = unhex::<16>(device).ok_or_else(|| format!("malformed GPU UUID `{device}`"))?;
-                gpu.enable_peer_access_to(&uuid).map_err(|e| format!("reaching the sender's GPU: {e}"))?;
+        let mut opens = 0;
+        match segments {
+            Some(segments) => {
+                self.bases = None;
+                let bases = if pid == std::process::id() {
+                    // The sender's addresses are valid here as they are: nothing to open.
+                    if !same_gpu {
+                        let uuid = unhex::<16>(device).ok_or_else(|| format!("malformed GPU UUID `{device}`"))?;
+                        gpu.enable_peer_access_to(&uuid).map_err(|e| format!("reaching the sender's GPU: {e}"))?;
+                    }
+                    segments.iter().map(segment_extent).collect()
+                } else {
+                    let (bases, opened) = self.import(gpu, &segments, fds)?;
+                    opens = opened;
+                    bases
+                };
+                self.bases = Some(bases);
             }
-            let bases: Vec<(u64, u64)> = segments.iter().map(segment_extent).collect();
-            let ptrs = locate_in(source, tensors, &bases)?;
-            return Ok(Resolved { ptrs, opens: 0, same_gpu });
+            None if !fds.is_empty() => return Err(format!("{} descriptors came without segments", fds.len())),
+            None => {}
         }
+        let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
+        let bases = self.bases.as_deref().ok_or("the sender sent no segments")?;
+        let ptrs = locate_in(source, tensors, bases)?;
+        Ok(Resolved { ptrs, opens, same_gpu })
+    }
+
+    /// Maps `segments` of another process (what is not mapped yet), unmaps what they no
+    /// longer name: each segment's (address here, bytes), and the allocations opened.
+    fn import(
+        &mut self,
+        gpu: &Gpu,
+        segments: &[IpcSegment],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Vec<(u64, u64)>, u64), String> {
         let legacy_keys: HashSet<(String, u64)> = segments
             .iter()
             .filter_map(|s| match s {
@@ -383,7 +404,8 @@ impl Importer {
                 _ => None,
             })
             .collect();
-        let run_keys: HashSet<PiecesKey> = segments.iter().filter_map(pieces_key).collect();
+        let keys: Vec<Option<PiecesKey>> = segments.iter().map(pieces_key).collect();
+        let run_keys: HashSet<&PiecesKey> = keys.iter().flatten().collect();
         let block_ids: HashSet<u64> = run_keys.iter().flat_map(|k| k.2.iter().map(|p| p.2)).collect();
         // Close what the sender no longer uses before opening anything (an allocation freed and
         // made again may come back under the same handle).
@@ -397,7 +419,7 @@ impl Importer {
         }
         let mut opens = 0;
         let mut bases = Vec::with_capacity(segments.len());
-        for segment in &segments {
+        for (segment, key) in segments.iter().zip(&keys) {
             let (base, bytes) = match segment {
                 IpcSegment::Legacy { handle, buffer_id, bytes, .. } => {
                     let key = (handle.clone(), *buffer_id);
@@ -434,8 +456,8 @@ impl Importer {
                             opens += 1;
                         }
                     }
-                    let key = pieces_key(segment).expect("a pieces segment");
-                    if !self.runs.contains_key(&key) {
+                    let key = key.as_ref().expect("a pieces segment has a key");
+                    if !self.runs.contains_key(key) {
                         let mut parts = Vec::with_capacity(pieces.len());
                         for p in pieces {
                             let handle = self.blocks.get(&p.block_id).ok_or_else(|| {
@@ -447,13 +469,12 @@ impl Importer {
                             gpu.map_pieces(*bytes, &parts).map_err(|e| format!("mapping the sender's memory: {e}"))?;
                         self.runs.insert(key.clone(), mapped);
                     }
-                    (self.runs[&key].device_ptr(), *bytes)
+                    (self.runs[key].device_ptr(), *bytes)
                 }
             };
             bases.push((base, bytes));
         }
-        let ptrs = locate_in(source, tensors, &bases)?;
-        Ok(Resolved { ptrs, opens, same_gpu })
+        Ok((bases, opens))
     }
 
     /// The update bound to the resolved sources (bound again only when they moved).

@@ -17,7 +17,7 @@ const TILE_BYTES: u64 = 64 << 10;
 /// Elements one block of the cast kernel converts per tile.
 const CAST_TILE_ELEMS: u64 = 16 << 10;
 const THREADS: u32 = 256;
-/// Blocks per SM of the fused copy+digest kernel's grid: a grid that is all resident at once
+/// Blocks per SM of the direct fused copy+digest kernels' grid: a grid that is all resident at once
 /// (three blocks of 256 per SM, 24 warps) rather than 32 blocks per SM queued behind each other.
 /// Queued grid-striding blocks start their walks 1 GB apart, so the chunks open at once are
 /// spread over gigabytes; a resident grid keeps them side by side. Measured on H200 in four
@@ -25,6 +25,21 @@ const THREADS: u32 = 256;
 /// 10.3-10.9 ms, Qwen3-30B-A3B 37.5-37.7 -> 35.4-36.8 ms; 2 blocks per SM about the same, 4
 /// and 5 no better.
 const FUSED_BLOCKS_PER_SM: u32 = 3;
+/// The staged kernel's shape (see `copy_digest_staged`): blocks of 96 threads (24 chunks a
+/// slab), two per SM (96 KiB of pieces each, the most shared memory allows). On H200
+/// (bench/results/staged-kernel-h200-2026-11-29.md), Qwen3-8B shapes: update 10.6 -> 8.6 ms.
+const STAGED_THREADS: u32 = 96;
+const STAGED_BLOCKS_PER_SM: u32 = 2;
+/// These three mirror the kernel source's #defines (a test checks they agree).
+const STAGED_PIECE_BYTES: u32 = 2048;
+const STAGED_STAGES: u32 = 2;
+const STAGED_HEADER: u32 = 128;
+/// Shared memory of one staged block: the barriers, then the stages of every chunk's piece.
+const STAGED_SHARED_BYTES: u32 = STAGED_HEADER + STAGED_STAGES * (STAGED_THREADS / 4) * (STAGED_PIECE_BYTES + 32);
+// Whole pieces in a chunk, whole warps (eight whole four-lane groups each), and no more
+// shared memory than a block may ask for (227 KiB).
+const _: () = assert!(CHUNK_BYTES % STAGED_PIECE_BYTES as u64 == 0 && STAGED_THREADS % 32 == 0);
+const _: () = assert!(STAGED_SHARED_BYTES <= 227 << 10);
 
 const SOURCE: &str = r#"
 typedef unsigned long long u64;
@@ -223,6 +238,140 @@ extern "C" __global__ void copy_digest_peer(const FusedRun* runs, const u64* chu
     copy_digest_body<false>(runs, chunk_start, n, out);
 }
 
+// The staged copy+digest (Hopper and later): the direct kernels above keep ~25,000 chunks
+// open at once, each read 256 bytes at a time, and DRAM serves that scattered pattern at ~70%
+// of its streaming rate. Here a block owns a slab of blockDim.x / 4 chunks side by side (a four-lane
+// group per chunk, as above) and the bulk-copy engine (TMA) moves each chunk's next
+// STAGED_PIECE_BYTES into shared memory in one request, then from shared memory to the
+// destination in another; the lanes hash the piece from shared memory. One stage is hashed
+// while the next one loads. Chunks whose source or destination is not 16-byte aligned (the
+// bulk copy's rule) are read and written by the lanes directly. Piece size, stage count and
+// block shape were swept on H200 (bench/results/staged-kernel-h200-2026-11-29.md).
+#define STAGED_PIECE_BYTES 2048
+#define STAGED_STAGES 2
+// Bytes between two chunks' pieces in a stage: 32 more than a piece, so the four lanes of
+// eight chunks (one warp) read 32 distinct banks two at a time.
+#define STAGED_STRIDE (STAGED_PIECE_BYTES + 32)
+// Shared memory before the stages: one mbarrier per stage, padded to 128 bytes.
+#define STAGED_HEADER 128
+
+__device__ __forceinline__ u32 shared_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+struct StagedChunk { const u8* src; u8* dst; u64 len; u64 slot; bool bulk; };
+
+__device__ __forceinline__ StagedChunk staged_chunk(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g) {
+    u32 i = find(chunk_start, n, g);
+    u64 k = g - chunk_start[i];
+    FusedRun r = runs[i];
+    StagedChunk c;
+    c.src = (const u8*)(r.src + k * 4096);
+    c.dst = r.dst ? (u8*)(r.dst + k * 4096) : 0;
+    c.len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
+    c.slot = r.out + k;
+    c.bulk = ((((u64)c.src) | ((u64)c.dst)) & 15) == 0;
+    return c;
+}
+
+extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) u8 smem[];
+    const u32 B = STAGED_PIECE_BYTES, S = STAGED_STAGES, PIECES = 4096 / STAGED_PIECE_BYTES;
+    const u32 C = blockDim.x / 4;  // chunks of a slab
+    u64* bars = (u64*)smem;
+    u8* stages = smem + STAGED_HEADER;
+    u64 total = chunk_start[n];
+    u64 slabs = (total + C - 1) / C;
+    u32 group = threadIdx.x / 4, lane = threadIdx.x & 3;
+    bool leader = lane == 0;
+    u32 group_mask = 0xFu << (threadIdx.x & 28);
+    // Step t of this block: piece t % PIECES of the chunks of slab blockIdx.x + t / PIECES * gridDim.x.
+    u64 steps = blockIdx.x < slabs ? (slabs - blockIdx.x + gridDim.x - 1) / gridDim.x * PIECES : 0;
+    if (threadIdx.x == 0) {
+        // Every group's leader arrives once per use of a stage, loading or not.
+        for (u32 s = 0; s < S; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(shared_addr(&bars[s])), "r"(C) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    StagedChunk next = {0, 0, 0, 0, false}, cur = {0, 0, 0, 0, false};
+    u64 next_g = ~0ULL, v = 0;
+    for (u64 t = 0; t < steps + S; ++t) {
+        // Step t - S is hashed first: its stage then takes step t.
+        if (t >= S) {
+            u64 h = t - S;
+            u32 st = h % S, piece = h % PIECES;
+            u64 g = (blockIdx.x + h / PIECES * gridDim.x) * C + group;
+            bool active = g < total;
+            if (piece == 0) {
+                if (active) cur = staged_chunk(runs, chunk_start, n, g);
+                v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+            }
+            u32 done;
+            do {
+                asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                             : "=r"(done) : "r"(shared_addr(&bars[st])), "r"((u32)(h / S) & 1) : "memory");
+            } while (!done);
+            const u8* piece_at = stages + (st * C + group) * STAGED_STRIDE;
+            u64 off = (u64)piece * B;
+            if (active && off < cur.len) {
+                u64 len = cur.len - off < B ? cur.len - off : B;
+                if (cur.bulk) {
+                    u64 bulk = len & ~15ULL;
+                    if (leader && cur.dst && bulk) {
+                        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                                     :: "l"(cur.dst + off), "r"(shared_addr(piece_at)), "r"((u32)bulk) : "memory");
+                        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                    }
+#pragma unroll 8
+                    for (u64 s = 0; s < (len & ~31ULL); s += 32) v = xround(v, *(const u64*)(piece_at + s + 8 * lane));
+                    // The last len % 16 bytes were not in the bulk copies.
+                    if (leader && cur.dst) for (u64 b = bulk; b < len; ++b) cur.dst[off + b] = cur.src[off + b];
+                } else {
+                    for (u64 s = 0; s + 32 <= len; s += 32) {
+                        u64 o = off + s + 8 * lane;
+                        u64 w = load64(cur.src + o);
+                        if (cur.dst) for (int b = 0; b < 8; ++b) cur.dst[o + b] = (u8)(w >> (8 * b));
+                        v = xround(v, w);
+                    }
+                    if (leader && cur.dst) for (u64 b = len & ~31ULL; b < len; ++b) cur.dst[off + b] = cur.src[off + b];
+                }
+            }
+            if (piece == PIECES - 1) {
+                // The tail (len % 32 bytes) is hashed from the source, which no kernel writes.
+                u64 d = group_finish(v, group_mask, active ? cur.src : 0, cur.len);
+                if (active && leader) out[cur.slot] = d;
+            }
+            // The stage is free once the store has read it and every lane has hashed it.
+            if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            __syncthreads();
+        }
+        if (t < steps && leader) {
+            u32 st = t % S;
+            u64 off = (u64)(t % PIECES) * B;
+            u64 g = (blockIdx.x + t / PIECES * gridDim.x) * C + group;
+            u32 bytes = 0;
+            if (g < total) {
+                if (g != next_g) { next = staged_chunk(runs, chunk_start, n, g); next_g = g; }
+                if (next.bulk && off < next.len) bytes = (u32)((next.len - off < B ? next.len - off : B) & ~15ULL);
+            }
+            u32 bar = shared_addr(&bars[st]);
+            // The lanes' reads of this stage (generic proxy) before the bulk copy's writes.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            if (bytes) {
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             :: "r"(shared_addr(stages + (st * C + group) * STAGED_STRIDE)), "l"(next.src + off), "r"(bytes), "r"(bar) : "memory");
+            } else {
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+            }
+        }
+    }
+    // The destination's bulk stores are complete before the kernel is.
+    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#else
+    __trap();  // launched only on compute capability 9.0 and later
+#endif
+}
+
 // Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
 extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     u64 acc = 0;
@@ -311,6 +460,8 @@ pub(crate) struct Kernels {
     cast: CudaFunction,
     copy_digest: CudaFunction,
     copy_digest_peer: CudaFunction,
+    /// On compute capability 9.0 and later (it needs the bulk-copy engine).
+    copy_digest_staged: Option<CudaFunction>,
     combine: CudaFunction,
     read_all: CudaFunction,
     /// Streaming multiprocessors of the GPU.
@@ -328,11 +479,24 @@ impl Kernels {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .call("cuDeviceGetAttribute")?;
+        let copy_digest_staged = if major >= 9 {
+            let f = load("copy_digest_staged")?;
+            // More than the default 48 KiB of dynamic shared memory must be asked for.
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                STAGED_SHARED_BYTES as i32,
+            )
+            .call("cuFuncSetAttribute")?;
+            Some(f)
+        } else {
+            None
+        };
         Ok(Kernels {
             copy: load("batched_copy")?,
             cast: load("batched_cast_f32_bf16")?,
             copy_digest: load("copy_digest")?,
             copy_digest_peer: load("copy_digest_peer")?,
+            copy_digest_staged,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
             sms: sms.max(1) as u32,
@@ -347,6 +511,11 @@ impl Kernels {
     fn grid_stride_blocks(&self) -> u32 {
         self.sms * 32
     }
+}
+
+/// A direct fused kernel's launch: `grid` blocks of THREADS, no dynamic shared memory.
+fn direct(grid: u64) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// One 2-D strided copy between device addresses, in bytes: `rows` rows of `row_bytes` (the
@@ -474,19 +643,32 @@ const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
 /// Where an update's sources live, which decides how the fused kernel reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceGpu {
-    /// This GPU's memory: loads ask L2 for whole 256-byte blocks.
+    /// This GPU's memory: read through shared memory by the bulk-copy engine (compute
+    /// capability 9.0 and later), else by loads asking L2 for whole 256-byte blocks.
     This,
     /// Another GPU's memory, read over NVLink: plain loads (block fetches were slower there).
     Peer,
+}
+
+/// The kernel that copies and digests an update's fused runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FusedKernel {
+    /// Sources in this GPU's memory, on compute capability 9.0 and later: pieces of chunks
+    /// through shared memory by the bulk-copy engine.
+    Staged,
+    /// Sources in this GPU's memory before that: loads ask L2 for 256-byte blocks.
+    BlockLoads,
+    /// Sources on a peer GPU, read over NVLink: plain loads (block fetches were slower there).
+    PlainLoads,
 }
 
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
     waves: Vec<PreparedWave>,
-    /// Where the fused runs' sources are (fallback chunks are always read here, after the
-    /// copies wrote them).
-    sources: SourceGpu,
+    /// How the fused runs are read, from where their sources are (fallback chunks are always
+    /// read on this GPU, after the copies wrote them).
+    pub(crate) kernel: FusedKernel,
     /// Chunk digests: wave k uses buffer k % 2, so one wave's digests are folded while the
     /// next wave is copied.
     chunks: [DeviceBuffer; 2],
@@ -726,7 +908,11 @@ impl Gpu {
         let chunks = [self.alloc(chunk_bytes)?, self.alloc(second)?];
         let out = self.alloc((first_tensor as usize).max(1) * 8)?;
         device_bytes += (chunks[0].len() + chunks[1].len() + out.len()) as u64;
-        Ok(UpdateBatch { waves: prepared, sources, chunks, out, tensor_count: first_tensor, device_bytes })
+        let kernel = match sources {
+            SourceGpu::This => self.local_fused_kernel(),
+            SourceGpu::Peer => FusedKernel::PlainLoads,
+        };
+        Ok(UpdateBatch { waves: prepared, kernel, chunks, out, tensor_count: first_tensor, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs, then the rest (fused
@@ -745,13 +931,13 @@ impl Gpu {
                 main.wait(&folded[w - 2]).call("cuStreamWaitEvent")?;
             }
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            self.launch_runs(main, &wave.early, chunks, batch.sources)?;
+            self.launch_runs(main, &wave.early, chunks, batch.kernel)?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, &wave.tensor_start, &wave.early_tensors, out)?;
-            self.launch_runs(main, &wave.fused, chunks, batch.sources)?;
+            self.launch_runs(main, &wave.fused, chunks, batch.kernel)?;
             self.run_copies(&wave.copies)?;
             self.launch_tiled(&k.cast, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
-            self.launch_runs(main, &wave.after, chunks, SourceGpu::This)?;
+            self.launch_runs(main, &wave.after, chunks, self.local_fused_kernel())?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, &wave.tensor_start, &wave.late_tensors, out)?;
             folded.push(side.record_event(None).call("cuEventRecord")?);
@@ -768,29 +954,53 @@ impl Gpu {
         Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
     }
 
+    /// The fused kernel for sources in this GPU's memory.
+    pub(crate) fn local_fused_kernel(&self) -> FusedKernel {
+        if self.kernels().copy_digest_staged.is_some() {
+            FusedKernel::Staged
+        } else {
+            FusedKernel::BlockLoads
+        }
+    }
+
     fn launch_runs(
         &self,
         stream: &CudaStream,
         list: &RunList,
         chunks: &DeviceBuffer,
-        sources: SourceGpu,
+        kernel: FusedKernel,
     ) -> Result<(), CudaError> {
         if list.chunks == 0 {
             return Ok(());
         }
         let k = self.kernels();
-        let grid = (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.sms * FUSED_BLOCKS_PER_SM)) as u32;
-        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
-        let (kernel, call) = match sources {
-            SourceGpu::This => (&k.copy_digest, "cuLaunchKernel(copy_digest)"),
-            SourceGpu::Peer => (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)"),
+        let direct_grid = || (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.sms * FUSED_BLOCKS_PER_SM));
+        let (function, call, config) = match (kernel, &k.copy_digest_staged) {
+            (FusedKernel::Staged, Some(staged)) => {
+                let slabs = list.chunks.div_ceil(u64::from(STAGED_THREADS / 4));
+                let grid = slabs.min(u64::from(k.sms * STAGED_BLOCKS_PER_SM)) as u32;
+                let config = LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (STAGED_THREADS, 1, 1),
+                    shared_mem_bytes: STAGED_SHARED_BYTES,
+                };
+                (staged, "cuLaunchKernel(copy_digest_staged)", config)
+            }
+            (FusedKernel::Staged, None) => {
+                return Err(CudaError::Invalid("the staged kernel needs compute capability 9.0 or later".into()))
+            }
+            (FusedKernel::BlockLoads, _) => (&k.copy_digest, "cuLaunchKernel(copy_digest)", direct(direct_grid())),
+            (FusedKernel::PlainLoads, _) => {
+                (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)", direct(direct_grid()))
+            }
         };
-        let mut launch = stream.launch_builder(kernel);
+        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
+        let mut launch = stream.launch_builder(function);
         launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
-        // SAFETY: both kernels take (runs, chunk starts, count, out) as passed here; runs
+        // SAFETY: the three kernels take (runs, chunk starts, count, out) as passed here; runs
         // address live memory (the batch's contract) and every out slot lies inside `chunks`
-        // (counted when the batch was prepared).
+        // (counted when the batch was prepared); the staged kernel's shared memory was allowed
+        // when it was loaded.
         unsafe { launch.launch(config) }.call(call)?;
         Ok(())
     }
@@ -818,5 +1028,24 @@ impl Gpu {
         // each with a slot at `out` (inside the batch's result buffer).
         unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staged_kernels_shape_in_rust_matches_its_source() {
+        for (name, value) in [
+            ("STAGED_PIECE_BYTES", STAGED_PIECE_BYTES),
+            ("STAGED_STAGES", STAGED_STAGES),
+            ("STAGED_HEADER", STAGED_HEADER),
+        ] {
+            assert!(
+                SOURCE.contains(&format!("#define {name} {value}\n")),
+                "{name} is not {value} in the kernel source"
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use weightlift_core::digest::digest;
 
+use crate::kernels::FusedKernel;
 use crate::{device_count, driver_present, CopyDesc, CudaError, FusedRun, Gpu, OwnedDeviceMemory, SourceGpu, Wave};
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
@@ -134,16 +135,24 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
         }
     }
     let wave = Wave { fused, tensor_bytes, ..Wave::default() };
-    // Both kernels (loads for this GPU's memory and for a peer's), each batch run twice.
-    for sources in [SourceGpu::This, SourceGpu::Peer] {
-        let batch = gpu.prepare_update(std::slice::from_ref(&wave), sources).unwrap();
+    // Every fused kernel this GPU can run (the staged one from compute capability 9.0, the
+    // direct ones with block and plain loads everywhere), each batch run twice.
+    let local = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap().kernel;
+    let (major, _) = gpu.context().compute_capability().unwrap();
+    assert_eq!(local, if major >= 9 { FusedKernel::Staged } else { FusedKernel::BlockLoads });
+    let peer = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::Peer).unwrap().kernel;
+    assert_eq!(peer, FusedKernel::PlainLoads);
+    let kernels = [FusedKernel::Staged, FusedKernel::BlockLoads, FusedKernel::PlainLoads];
+    for kernel in kernels.into_iter().filter(|&k| k != FusedKernel::Staged || major >= 9) {
+        let mut batch = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap();
+        batch.kernel = kernel;
         for run in 0..2 {
             dst.fill(gpu, 0x5a).unwrap();
-            assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{sources:?} run {run}");
+            assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{kernel:?} run {run}");
             let mut got = vec![0u8; dst_len];
             dst.download(&mut got).unwrap();
             let first_bad = got.iter().zip(&expected_dst).position(|(g, e)| g != e);
-            assert!(first_bad.is_none(), "{sources:?} run {run}: destination byte {first_bad:?} differs");
+            assert!(first_bad.is_none(), "{kernel:?} run {run}: destination byte {first_bad:?} differs");
         }
     }
 }

@@ -400,6 +400,30 @@ def main(argv=None) -> int:
                 sp.append(([model] + [""] * 10, "skipped: " + strip_prefix(skip, model, "same process") if skip else MISSING))
         lines += ["  " + l for l in render(sp_headers, sp, 1)]
 
+    # Each fused kernel on the same plans (outputs from before 2026-11-29 have none).
+    kernel_rows = [k for r in same_process or [] for k in r.get("fused_kernels") or []] + [
+        k for k in wl.get("peer_kernels") or [] if isinstance(k, dict)
+    ] if wl else []
+    if kernel_rows:
+        lines.append("")
+        lines.append("weightlift fused copy+digest kernels on the same plans (x ceiling: D2D copy for this GPU, peer copy for a peer GPU):")
+        k_headers = ["model", "sources", "kernel", "picked", "update ms", "x ceiling", "digest ms", "digest x HBM read", "agrees"]
+        kr = [
+            [
+                str(k.get("model", MISSING)),
+                str(k.get("sources", MISSING)),
+                str(k.get("kernel", MISSING)),
+                "yes" if k.get("default") else "",
+                fmt(k.get("update_ms"), ".2f"),
+                fmt(k.get("update_ratio_to_ceiling"), ".2f"),
+                "-" if k.get("digest_ms") is None else fmt(k.get("digest_ms"), ".2f"),
+                "-" if k.get("digest_ratio_to_read") is None else fmt(k.get("digest_ratio_to_read"), ".2f"),
+                {True: "yes", False: "NO"}.get(k.get("agrees_with_default"), MISSING),
+            ]
+            for k in kernel_rows
+        ]
+        lines += ["  " + l for l in render(k_headers, kr, 1)]
+
     # IPC details.
     lines.append("")
     lines.append("weightlift cuda-ipc updates:")
@@ -430,6 +454,7 @@ def main(argv=None) -> int:
 
     unverified = [f"{r['model']} {r['mode']} {r['method']}" for r in rows if r["status"] == "ok" and r["verified"] is False]
     unverified += [f"same-process {r.get('model')}" for r in same_process or [] if r.get("verified_against_cpu") is False]
+    unverified += [f"kernel {k.get('kernel')} ({k.get('sources')}) {k.get('model')}" for k in kernel_rows if k.get("agrees_with_default") is False]
     unverified += [f"torch ceiling {m}" for m, rec in torch_ceil.items() if rec and status_of(rec)[0] == "ok" and rec.get("verified") is False]
     if unverified:
         print(f"\nNOT VERIFIED: {', '.join(unverified)}")

@@ -650,9 +650,10 @@ pub enum SourceGpu {
     Peer,
 }
 
-/// The kernel that copies and digests an update's fused runs.
+/// The kernel that copies and digests an update's fused runs. [`Gpu::prepare_update`] picks
+/// one from where the sources are; benchmarks may run another ([`UpdateBatch::set_fused_kernel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FusedKernel {
+pub enum FusedKernel {
     /// Sources in this GPU's memory, on compute capability 9.0 and later: pieces of chunks
     /// through shared memory by the bulk-copy engine.
     Staged,
@@ -662,13 +663,23 @@ pub(crate) enum FusedKernel {
     PlainLoads,
 }
 
+impl FusedKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedKernel::Staged => "staged",
+            FusedKernel::BlockLoads => "block-loads",
+            FusedKernel::PlainLoads => "plain-loads",
+        }
+    }
+}
+
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
     waves: Vec<PreparedWave>,
     /// How the fused runs are read, from where their sources are (fallback chunks are always
     /// read on this GPU, after the copies wrote them).
-    pub(crate) kernel: FusedKernel,
+    kernel: FusedKernel,
     /// Chunk digests: wave k uses buffer k % 2, so one wave's digests are folded while the
     /// next wave is copied.
     chunks: [DeviceBuffer; 2],
@@ -681,6 +692,21 @@ impl UpdateBatch {
     /// Device memory the batch holds (descriptors, chunk digests, results).
     pub fn device_bytes(&self) -> u64 {
         self.device_bytes
+    }
+
+    /// The kernel that runs the batch's fused runs.
+    pub fn fused_kernel(&self) -> FusedKernel {
+        self.kernel
+    }
+
+    /// Runs the fused runs with `kernel` instead (to compare kernels on the same batch); one
+    /// this GPU cannot run is an error here, not at launch.
+    pub fn set_fused_kernel(&mut self, gpu: &Gpu, kernel: FusedKernel) -> Result<(), CudaError> {
+        if !gpu.fused_kernels().contains(&kernel) {
+            return Err(CudaError::Invalid(format!("this GPU cannot run the {} kernel", kernel.name())));
+        }
+        self.kernel = kernel;
+        Ok(())
     }
 
     /// Kernel launches one run takes (work lists that are empty launch nothing).
@@ -952,6 +978,12 @@ impl Gpu {
     fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
         let (start, chunks) = prefix(runs.iter().map(|r| r.bytes), CHUNK_BYTES);
         Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
+    }
+
+    /// The fused kernels this GPU can run.
+    pub fn fused_kernels(&self) -> Vec<FusedKernel> {
+        let staged = self.kernels().copy_digest_staged.is_some().then_some(FusedKernel::Staged);
+        staged.into_iter().chain([FusedKernel::BlockLoads, FusedKernel::PlainLoads]).collect()
     }
 
     /// The fused kernel for sources in this GPU's memory.

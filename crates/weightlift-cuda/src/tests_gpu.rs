@@ -3,8 +3,9 @@
 
 use weightlift_core::digest::digest;
 
-use crate::kernels::FusedKernel;
-use crate::{device_count, driver_present, CopyDesc, CudaError, FusedRun, Gpu, OwnedDeviceMemory, SourceGpu, Wave};
+use crate::{
+    device_count, driver_present, CopyDesc, CudaError, FusedKernel, FusedRun, Gpu, OwnedDeviceMemory, SourceGpu, Wave,
+};
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
 
@@ -137,15 +138,15 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
     let wave = Wave { fused, tensor_bytes, ..Wave::default() };
     // Every fused kernel this GPU can run (the staged one from compute capability 9.0, the
     // direct ones with block and plain loads everywhere), each batch run twice.
-    let local = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap().kernel;
+    let local = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap().fused_kernel();
     let (major, _) = gpu.context().compute_capability().unwrap();
     assert_eq!(local, if major >= 9 { FusedKernel::Staged } else { FusedKernel::BlockLoads });
-    let peer = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::Peer).unwrap().kernel;
+    let peer = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::Peer).unwrap().fused_kernel();
     assert_eq!(peer, FusedKernel::PlainLoads);
-    let kernels = [FusedKernel::Staged, FusedKernel::BlockLoads, FusedKernel::PlainLoads];
-    for kernel in kernels.into_iter().filter(|&k| k != FusedKernel::Staged || major >= 9) {
+    assert_eq!(gpu.fused_kernels().contains(&FusedKernel::Staged), major >= 9);
+    for kernel in gpu.fused_kernels() {
         let mut batch = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap();
-        batch.kernel = kernel;
+        batch.set_fused_kernel(gpu, kernel).unwrap();
         for run in 0..2 {
             dst.fill(gpu, 0x5a).unwrap();
             assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{kernel:?} run {run}");

@@ -6,8 +6,8 @@ use weightlift_core::{Manifest, Plan};
 
 use weightlift_core::DType;
 use weightlift_cuda::{
-    waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedRun, Gpu, OwnedDeviceMemory,
-    SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+    waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedKernel, FusedRun, Gpu,
+    OwnedDeviceMemory, SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
 };
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
@@ -219,6 +219,15 @@ impl GpuPlan {
     /// Device memory the prepared update holds.
     pub fn device_bytes(&self) -> u64 {
         self.update.device_bytes()
+    }
+
+    /// Runs the update's fused runs with `kernel` (to compare kernels on one bound plan).
+    pub fn set_fused_kernel(&mut self, gpu: &Gpu, kernel: FusedKernel) -> Result<(), CudaError> {
+        self.update.set_fused_kernel(gpu, kernel)
+    }
+
+    pub fn fused_kernel(&self) -> FusedKernel {
+        self.update.fused_kernel()
     }
 
     pub fn launches(&self) -> usize {

@@ -1,6 +1,8 @@
 //! `weightlift bench --device cuda[:N]`: the GPU data plane against ceilings measured in the
 //! same run (copy-engine D2D and peer copies, HBM read):
-//! - in one process on one GPU: a plan's copies alone, digests alone, and the fused update;
+//! - in one process on one GPU: a plan's copies alone, digests alone, and the fused update,
+//!   then every fused copy+digest kernel the GPU has on the same plan (and, with two GPUs,
+//!   pulling from the other GPU's memory, last), each checked against the plan's own;
 //! - between processes over CUDA IPC, as deployed: `weightlift serve --device cuda:R` as the
 //!   engine and this process as the trainer, colocated (same GPU; the trainer's tensors from
 //!   cudaMalloc as torch's are, again in VMM memory shared as file descriptors, and in 20 MiB
@@ -14,7 +16,7 @@ use weightlift::gpu::{GpuPlan, GpuTensors};
 use weightlift::protocol::TransportKind;
 use weightlift::report::today;
 use weightlift::{Sender, SenderOptions, UpdateReport};
-use weightlift_cuda::{device_count, CudaError, Gpu, SourceGpu};
+use weightlift_cuda::{device_count, CudaError, FusedKernel, Gpu, SourceGpu};
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
@@ -54,6 +56,29 @@ struct SameProcessRow {
     verified_against_cpu: bool,
     launches: usize,
     device_extra_bytes: u64,
+    /// Every fused kernel this GPU has, on the same bound plan.
+    fused_kernels: Vec<KernelRow>,
+}
+
+/// One fused copy+digest kernel run on a bound plan, next to the kernel the plan picks.
+#[derive(Serialize)]
+struct KernelRow {
+    model: String,
+    /// `this GPU`, or `peer GPU`: GPU 0's tensors pulled into GPU 1's over NVLink, in one
+    /// process (what a cross-GPU receiver's pull is, without the IPC).
+    sources: &'static str,
+    kernel: &'static str,
+    /// The kernel the plan picks for these sources.
+    default: bool,
+    update_ms: f64,
+    /// Against the D2D copy rate (this GPU) or the peer copy rate.
+    update_ratio_to_ceiling: f64,
+    /// The digests alone of the tensors in place (this GPU only).
+    digest_ms: Option<f64>,
+    digest_ratio_to_read: Option<f64>,
+    /// The update's digests, the bytes it wrote (digested by the default kernel) and the
+    /// digests alone all equal the default kernel's, on sources of distinct bytes.
+    agrees_with_default: bool,
 }
 
 #[derive(Serialize)]
@@ -100,6 +125,8 @@ struct GpuBench {
     ceilings: Ceilings,
     same_process: Vec<SameProcessRow>,
     ipc: Vec<IpcRow>,
+    /// Every fused kernel pulling from a peer GPU (two GPUs only).
+    peer_kernels: Vec<KernelRow>,
     skipped: Vec<String>,
 }
 
@@ -191,7 +218,18 @@ pub fn run(
             }
         }
     }
-    let out = GpuBench { benchmark: "gpu", device, gpus, date: today(), ceilings, same_process, ipc, skipped };
+    // Last: a kernel that cannot read a peer's memory leaves that GPU's context unusable, and
+    // every row above is already measured.
+    let mut peer_kernels = Vec::new();
+    if let (Some(peer), Some(peer_gbps)) = (&peer, ceilings.peer_copy_gbps) {
+        for name in models {
+            let (rows, why_not_all) = peer_kernel_rows(&gpu, peer, name, model_args, peer_gbps);
+            peer_kernels.extend(rows);
+            skipped.extend(why_not_all);
+        }
+    }
+    let out =
+        GpuBench { benchmark: "gpu", device, gpus, date: today(), ceilings, same_process, ipc, peer_kernels, skipped };
     if json {
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else {
@@ -226,7 +264,7 @@ fn same_process_row(
     let mut dst = GpuTensors::alloc(gpu, &inputs.destination)?;
     src.fill(gpu, 0x3c)?;
     dst.fill(gpu, 0)?;
-    let bound = GpuPlan::new(gpu, &plan, &src.ptrs(), SourceGpu::This, &dst.ptrs())?;
+    let mut bound = GpuPlan::new(gpu, &plan, &src.ptrs(), SourceGpu::This, &dst.ptrs())?;
     let (copy, digest, unfused) = {
         let (copies, digests) = (bound.copy_batch(gpu)?, bound.digest_batch(gpu)?);
         let (copy, _) = time(|| {
@@ -249,6 +287,16 @@ fn same_process_row(
         .iter()
         .zip(&digests)
         .all(|(spec, &d)| d == weightlift::core::digest::digest(&vec![0x3c; spec.byte_len() as usize]));
+    fill_distinct(gpu, &src)?;
+    let mut digest_alone = bound.digest_batch(gpu)?;
+    let fused_kernels = kernel_rows(
+        gpu,
+        &gpu.fused_kernels(),
+        &mut bound,
+        Some((&mut digest_alone, ceilings.hbm_read_gbps)),
+        &mut dst,
+        (name, "this GPU", ceilings.d2d_copy_gbps),
+    )?;
     let b = bytes as f64;
     Ok(Ok(SameProcessRow {
         model: name.to_string(),
@@ -268,7 +316,134 @@ fn same_process_row(
         verified_against_cpu: verified,
         launches: bound.launches(),
         device_extra_bytes: bound.device_bytes(),
+        fused_kernels,
     }))
+}
+
+/// Gives every tensor distinct bytes (a value per tensor, and an odd-sized stripe of another
+/// at an odd offset, across chunk boundaries), so that a kernel that mixed up chunks or
+/// tensors would not agree with another.
+fn fill_distinct(gpu: &Gpu, tensors: &GpuTensors) -> Result<(), CudaError> {
+    for (i, (ptr, len)) in tensors.regions().into_iter().enumerate() {
+        gpu.fill_region(ptr, len, (i * 7 % 251) as u8)?;
+        if len > 64 {
+            gpu.fill_region(ptr + len / 3 + 1, len / 5 + 13, (i * 13 % 253 + 1) as u8)?;
+        }
+    }
+    gpu.synchronize()
+}
+
+/// `kernels` run on `bound` (whose destinations are `dst`, on `gpu`), each checked against the
+/// plan's own kernel; `digest_alone` (with the read ceiling) digests the destinations in place.
+/// `row` is (model, sources, ceiling of the update).
+fn kernel_rows(
+    gpu: &Gpu,
+    kernels: &[FusedKernel],
+    bound: &mut GpuPlan,
+    mut digest_alone: Option<(&mut weightlift_cuda::DigestBatch, f64)>,
+    dst: &mut GpuTensors,
+    row: (&str, &'static str, f64),
+) -> Result<Vec<KernelRow>, CommandError> {
+    let (model, sources, ceiling_gbps) = row;
+    let bytes = dst.manifest().total_bytes() as f64;
+    let default = bound.fused_kernel();
+    // The bytes written are checked by digesting them with this GPU's own kernel.
+    let written = bound.digest_batch(gpu)?;
+    dst.fill(gpu, 0)?;
+    let reference = bound.update(gpu)?;
+    let mut rows = Vec::new();
+    for &kernel in kernels {
+        bound.set_fused_kernel(gpu, kernel)?;
+        let (update, _) = time(|| bound.update(gpu).map(|_| ()))?;
+        dst.fill(gpu, 0)?;
+        let mut agrees = bound.update(gpu)? == reference && gpu.run_digests(&written)? == reference;
+        let (mut digest_ms, mut digest_ratio_to_read) = (None, None);
+        if let Some((batch, read_gbps)) = digest_alone.as_mut() {
+            let own = batch.fused_kernel();
+            batch.set_fused_kernel(gpu, kernel)?;
+            let (digest, _) = time(|| gpu.run_digests(batch).map(|_| ()))?;
+            agrees &= gpu.run_digests(batch)? == reference;
+            batch.set_fused_kernel(gpu, own)?;
+            digest_ms = Some(digest * 1e3);
+            digest_ratio_to_read = Some(bytes / digest / 1e9 / *read_gbps);
+        }
+        rows.push(KernelRow {
+            model: model.to_string(),
+            sources,
+            kernel: kernel.name(),
+            default: kernel == default,
+            update_ms: update * 1e3,
+            update_ratio_to_ceiling: bytes / update / 1e9 / ceiling_gbps,
+            digest_ms,
+            digest_ratio_to_read,
+            agrees_with_default: agrees,
+        });
+    }
+    bound.set_fused_kernel(gpu, default)?;
+    Ok(rows)
+}
+
+/// Every fused kernel of GPU `peer` pulling a model from `gpu`'s memory into its own, in one
+/// process: the plan's own first, the staged kernel (bulk copies from a peer's memory, not
+/// what the plan picks) last. Rows measured, and why the rest were not.
+fn peer_kernel_rows(
+    gpu: &Gpu,
+    peer: &Gpu,
+    name: &str,
+    model_args: &ModelArgs,
+    peer_gbps: f64,
+) -> (Vec<KernelRow>, Option<String>) {
+    let mut rows = Vec::new();
+    let result = (|| {
+        let mut bound = match bind_peer_plan(gpu, peer, name, model_args)? {
+            Ok(bound) => bound,
+            Err(reason) => return Ok(Some(reason)),
+        };
+        let own = bound.plan.fused_kernel();
+        let mut kernels = peer.fused_kernels();
+        kernels.sort_by_key(|&k| (k != own, k == FusedKernel::Staged));
+        for kernel in kernels {
+            let row = (name, "peer GPU", peer_gbps);
+            rows.extend(kernel_rows(peer, &[kernel], &mut bound.plan, None, &mut bound.destinations, row)?);
+        }
+        Ok::<_, CommandError>(None)
+    })();
+    let why = result.unwrap_or_else(|e| Some(format!("{name} peer kernels: {e}")));
+    (rows, why)
+}
+
+/// A plan bound on one GPU to sources in another's memory.
+struct PeerPlan {
+    plan: GpuPlan,
+    destinations: GpuTensors,
+    /// Kept alive while the plan reads them.
+    _sources: GpuTensors,
+}
+
+/// A model's plan bound on `peer` to sources (of distinct bytes) in `gpu`'s memory;
+/// Err(reason) when it does not fit.
+fn bind_peer_plan(
+    gpu: &Gpu,
+    peer: &Gpu,
+    name: &str,
+    model_args: &ModelArgs,
+) -> Result<Result<PeerPlan, String>, CommandError> {
+    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
+    let model = args.source(None)?;
+    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let source = &inputs.source.senders()[0];
+    let ((free, _), (peer_free, _)) = (gpu.memory_info()?, peer.memory_info()?);
+    if source.total_bytes() + HEADROOM > free as u64 || inputs.destination.total_bytes() + HEADROOM > peer_free as u64 {
+        return Ok(Err(format!("{name} peer kernels: does not fit")));
+    }
+    let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, TpRank::SINGLE)
+        .map_err(|e| CommandError::Io(e.to_string()))?;
+    peer.enable_peer_access(gpu)?;
+    let src = GpuTensors::alloc(gpu, source)?;
+    fill_distinct(gpu, &src)?;
+    let dst = GpuTensors::alloc(peer, &inputs.destination)?;
+    let plan = GpuPlan::new(peer, &plan, &src.ptrs(), SourceGpu::Peer, &dst.ptrs())?;
+    Ok(Ok(PeerPlan { plan, destinations: dst, _sources: src }))
 }
 
 /// One model pushed from this process (GPU `gpu`) to a `weightlift serve` on GPU `receiver`.
@@ -390,6 +565,25 @@ fn print_tables(out: &GpuBench) {
             r.update_ratio_to_d2d,
             r.digest_ratio_to_read,
             r.verified_against_cpu
+        );
+    }
+    println!(
+        "{:<15} {:>9} {:>12} {:>8} {:>10} {:>8} {:>10} {:>8} {:>7}",
+        "fused kernel", "sources", "kernel", "default", "update ms", "x ceil", "digest ms", "x read", "agrees"
+    );
+    let optional = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    for r in out.same_process.iter().flat_map(|r| &r.fused_kernels).chain(&out.peer_kernels) {
+        println!(
+            "{:<15} {:>9} {:>12} {:>8} {:>10.2} {:>8.2} {:>10} {:>8} {:>7}",
+            r.model,
+            r.sources,
+            r.kernel,
+            if r.default { "yes" } else { "" },
+            r.update_ms,
+            r.update_ratio_to_ceiling,
+            optional(r.digest_ms, 2),
+            optional(r.digest_ratio_to_read, 2),
+            r.agrees_with_default
         );
     }
     println!(

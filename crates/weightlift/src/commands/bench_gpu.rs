@@ -15,6 +15,7 @@ use weightlift::core::{plan, TpRank, Version};
 use weightlift::gpu::{GpuPlan, GpuTensors};
 use weightlift::protocol::TransportKind;
 use weightlift::report::today;
+use weightlift::setup::PlanInputs;
 use weightlift::{Sender, SenderOptions, UpdateReport};
 use weightlift_cuda::{device_count, CudaError, FusedKernel, Gpu, SourceGpu};
 
@@ -238,6 +239,15 @@ pub fn run(
     Ok(())
 }
 
+/// Synthetic model `name` as `model_args` would map it (for a receiver to be started with),
+/// and its plan inputs for one rank.
+fn synthetic_inputs(name: &str, model_args: &ModelArgs) -> Result<(ModelArgs, PlanInputs), CommandError> {
+    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
+    let model = args.source(None)?;
+    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    Ok((args, inputs))
+}
+
 /// One model's plan run in this process; Err(reason) when it does not fit the GPU.
 fn same_process_row(
     gpu: &Gpu,
@@ -245,9 +255,7 @@ fn same_process_row(
     model_args: &ModelArgs,
     ceilings: &Ceilings,
 ) -> Result<Result<SameProcessRow, String>, CommandError> {
-    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
-    let model = args.source(None)?;
-    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let (_, inputs) = synthetic_inputs(name, model_args)?;
     let bytes = inputs.destination.total_bytes();
     let source_bytes = inputs.source.senders()[0].total_bytes();
     let (free, _) = gpu.memory_info()?;
@@ -428,9 +436,7 @@ fn bind_peer_plan(
     name: &str,
     model_args: &ModelArgs,
 ) -> Result<Result<PeerPlan, String>, CommandError> {
-    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
-    let model = args.source(None)?;
-    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let (_, inputs) = synthetic_inputs(name, model_args)?;
     let source = &inputs.source.senders()[0];
     let ((free, _), (peer_free, _)) = (gpu.memory_info()?, peer.memory_info()?);
     if source.total_bytes() + HEADROOM > free as u64 || inputs.destination.total_bytes() + HEADROOM > peer_free as u64 {
@@ -456,9 +462,7 @@ fn ipc_row(
     ceiling_gbps: f64,
     model_args: &ModelArgs,
 ) -> Result<Result<Vec<IpcRow>, String>, CommandError> {
-    let args = ModelArgs { synthetic: Some(name.to_string()), model: None, ..model_args.clone() };
-    let model = args.source(None)?;
-    let inputs = args.mapping().inputs(&model, TpRank::SINGLE)?;
+    let (args, inputs) = synthetic_inputs(name, model_args)?;
     let source = inputs.source.senders()[0].clone();
     let bytes = inputs.destination.total_bytes();
     let (free, _) = gpu.memory_info()?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use weightlift::memory::MemoryPool as SharedPool;
+use weightlift::memory::{MemoryPool as SharedPool, PoolHolding};
 use weightlift_core::pool::{PoolError, TagOptions, Transition};
 use weightlift_cuda::CudaError as DriverError;
 
@@ -26,16 +26,10 @@ fn registry() -> MutexGuard<'static, Vec<Arc<SharedPool>>> {
     POOLS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A pool holding some of a receiver's tensors: the names of those tensors, by tag.
-pub(crate) struct Holding {
-    pub(crate) pool: Arc<SharedPool>,
-    pub(crate) tags: BTreeMap<String, Vec<String>>,
-}
-
 /// The pools holding any of `tensors` (name, address), with the tensors each holds by tag.
-pub(crate) fn pools_holding<'a>(tensors: impl Iterator<Item = (&'a str, u64)>) -> Vec<Holding> {
+pub(crate) fn pools_holding<'a>(tensors: impl Iterator<Item = (&'a str, u64)>) -> Vec<PoolHolding> {
     let pools = registry().clone();
-    let mut found: Vec<Holding> = Vec::new();
+    let mut found: Vec<PoolHolding> = Vec::new();
     for (name, address) in tensors {
         let Some((pool, tag)) = pools.iter().find_map(|p| p.tag_containing(address).map(|(tag, _)| (p, tag))) else {
             continue;
@@ -43,7 +37,7 @@ pub(crate) fn pools_holding<'a>(tensors: impl Iterator<Item = (&'a str, u64)>) -
         let holding = match found.iter().position(|h| Arc::ptr_eq(&h.pool, pool)) {
             Some(i) => &mut found[i],
             None => {
-                found.push(Holding { pool: pool.clone(), tags: BTreeMap::new() });
+                found.push(PoolHolding { pool: pool.clone(), tags: BTreeMap::new() });
                 found.last_mut().expect("just pushed")
             }
         };

@@ -11,10 +11,9 @@ use weightlift::{Endpoint, ReceiverOptions};
 use weightlift_core::{RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, plan_error, TransferError};
-use crate::memory::{pools_holding, Holding, MemoryPool};
+use crate::memory::{pools_holding, MemoryPool};
 use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
-use weightlift_core::pool::Transition;
 
 /// Receiver(params, *, preset=None, tp_rank=0, tp_size=1, listen=None, initial_version=0,
 ///          head_dim=None, expert_parallel=False, timeout=30.0)
@@ -52,39 +51,6 @@ impl Drop for Receiver {
             Python::attach(|py| py.detach(move || drop(running)));
         }
     }
-}
-
-/// For tensors made in tagged memory: updates, digests and overwrites wait while a tag holding
-/// them is paused (touching released memory would fault the GPU), and a tag paused without a
-/// backup loses its bytes, so its tensors are forgotten (rewritten by the next update).
-fn guard_pooled_tensors(receiver: &weightlift::Receiver, holders: Vec<Holding>) {
-    if holders.is_empty() {
-        return;
-    }
-    for holding in &holders {
-        let weak = receiver.downgrade();
-        let tags = holding.tags.clone();
-        let pool = Arc::downgrade(&holding.pool);
-        holding.pool.add_hook(Arc::new(move |tag: &str, transition: Transition| {
-            let (Some(names), Some(receiver), Some(pool)) = (tags.get(tag), weak.upgrade(), pool.upgrade()) else {
-                return;
-            };
-            if transition == Transition::Pausing && !pool.options(tag).unwrap_or_default().keeps_bytes() {
-                receiver.forget(names);
-            }
-        }));
-    }
-    receiver.set_write_gate(Arc::new(move || {
-        for holding in &holders {
-            if let Some(tag) = holding.tags.keys().find(|tag| holding.pool.is_paused(tag)) {
-                return Err(format!(
-                    "the engine's tensors are in memory tag `{tag}` of cuda:{}, which is paused: resume it first",
-                    holding.pool.ordinal()
-                ));
-            }
-        }
-        Ok(())
-    }));
 }
 
 #[pymethods]
@@ -142,7 +108,7 @@ impl Receiver {
                 .map_err(cuda_error)?,
         };
         let pools: Vec<_> = holders.iter().map(|h| h.pool.clone()).collect();
-        guard_pooled_tensors(&inner, holders);
+        weightlift::memory::guard_receiver(&inner, holders);
         let endpoint = match listen {
             Some(text) => {
                 let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;

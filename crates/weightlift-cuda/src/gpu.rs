@@ -121,6 +121,20 @@ impl Gpu {
         unsafe { result::memset_d8_async(ptr, value, len as usize, self.stream.cu_stream()) }.call("cuMemsetD8Async")
     }
 
+    /// Copies `src` from the host to `ptr` and waits: memory this process allocated some other
+    /// way (a pool's). The range must lie inside live memory of this GPU, which is checked, as
+    /// for [`Gpu::fill_region`].
+    pub fn upload_region(&self, ptr: u64, src: &[u8]) -> Result<(), CudaError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.locate(&[(ptr, src.len() as u64)])?;
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `src` is a valid host slice and the device range lies inside live memory of
+        // this context (checked above); the caller owns what it holds.
+        unsafe { result::memcpy_htod_sync(ptr, src) }.call("cuMemcpyHtoD")
+    }
+
     /// Copies `bytes` from `src` to `dst` on this GPU's stream (the copy-engine ceiling).
     pub fn copy(&self, dst: &mut DeviceBuffer, src: &DeviceBuffer, bytes: usize) -> Result<(), CudaError> {
         fits(0, bytes, src.len)?;

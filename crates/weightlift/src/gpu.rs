@@ -143,7 +143,7 @@ impl DeviceTensors for GpuTensors {
 }
 
 /// Offset of each tensor and the bytes of the whole layout.
-fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
+pub(crate) fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
     let mut offsets = Vec::with_capacity(manifest.len());
     let mut at = 0u64;
     for spec in manifest {

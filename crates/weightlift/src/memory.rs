@@ -5,12 +5,18 @@
 //! Hooks registered here run outside the pool's lock, so a hook may take other locks (the
 //! Python interpreter's) while allocations go on elsewhere.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use weightlift_core::pool::{PoolError, TagOptions, TagStats, Transition};
+use weightlift_core::Manifest;
 use weightlift_cuda::{CudaError, Gpu, GpuPool};
 
 use crate::agent::{MemoryControl, MemoryError};
+use crate::cuda_ipc::DeviceTensors;
+use crate::gpu::layout;
+use crate::tensors::SourceTensors;
+use crate::Receiver;
 
 /// A hook told of every pause (before the memory goes) and resume (after it is back).
 pub type MemoryHook = Arc<dyn Fn(&str, Transition) + Send + Sync>;
@@ -192,5 +198,97 @@ impl MemoryControl for MemoryPool {
 
     fn is_paused(&self, tag: &str) -> bool {
         MemoryPool::is_paused(self, tag)
+    }
+}
+
+/// A pool holding some of a receiver's tensors: the names of those tensors, by tag.
+pub struct PoolHolding {
+    pub pool: Arc<MemoryPool>,
+    pub tags: BTreeMap<String, Vec<String>>,
+}
+
+/// For a receiver's tensors in tagged memory: updates, digests and overwrites are refused
+/// while a tag holding them is paused (touching released memory would fault the GPU), and a
+/// tag paused without a backup loses its bytes, so its tensors are forgotten (marked dirty,
+/// rewritten by the next update).
+pub fn guard_receiver(receiver: &Receiver, holders: Vec<PoolHolding>) {
+    if holders.is_empty() {
+        return;
+    }
+    for holding in &holders {
+        let weak = receiver.downgrade();
+        let tags = holding.tags.clone();
+        let pool = Arc::downgrade(&holding.pool);
+        holding.pool.add_hook(Arc::new(move |tag: &str, transition: Transition| {
+            let (Some(names), Some(receiver), Some(pool)) = (tags.get(tag), weak.upgrade(), pool.upgrade()) else {
+                return;
+            };
+            if transition == Transition::Pausing && !pool.options(tag).unwrap_or_default().keeps_bytes() {
+                receiver.forget(names);
+            }
+        }));
+    }
+    receiver.set_write_gate(Arc::new(move || {
+        for holding in &holders {
+            if let Some(tag) = holding.tags.keys().find(|tag| holding.pool.is_paused(tag)) {
+                return Err(format!(
+                    "the engine's tensors are in memory tag `{tag}` of cuda:{}, which is paused: resume it first",
+                    holding.pool.ordinal()
+                ));
+            }
+        }
+        Ok(())
+    }));
+}
+
+/// The tensors of a manifest in one allocation of a pool's tag (an engine's weights that can
+/// be released and resumed); the allocation goes back to the pool when they are dropped.
+pub struct PooledTensors {
+    pool: Arc<MemoryPool>,
+    manifest: Manifest,
+    address: u64,
+    offsets: Vec<u64>,
+}
+
+impl PooledTensors {
+    pub fn alloc(pool: &Arc<MemoryPool>, tag: &str, manifest: &Manifest) -> MemoryResult<PooledTensors> {
+        let (offsets, bytes) = layout(manifest);
+        let address = pool.alloc(tag, bytes.max(1))?;
+        Ok(PooledTensors { pool: pool.clone(), manifest: manifest.clone(), address, offsets })
+    }
+
+    /// Copies host tensors (same manifest) into place on `gpu`, the pool's GPU.
+    pub fn upload(&self, gpu: &Gpu, host: &dyn SourceTensors) -> Result<(), CudaError> {
+        if host.manifest() != &self.manifest {
+            return Err(CudaError::Invalid("host tensors have a different manifest".into()));
+        }
+        for (i, &offset) in self.offsets.iter().enumerate() {
+            gpu.upload_region(self.address + offset, host.bytes(i))?;
+        }
+        Ok(())
+    }
+
+    /// The tensors by tag, for [`guard_receiver`].
+    pub fn holding(&self, tag: &str) -> PoolHolding {
+        let names = self.manifest.iter().map(|s| s.name.clone()).collect();
+        PoolHolding { pool: self.pool.clone(), tags: BTreeMap::from([(tag.to_string(), names)]) }
+    }
+}
+
+impl DeviceTensors for PooledTensors {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn device_ptrs(&self) -> Vec<u64> {
+        self.offsets.iter().map(|o| self.address + o).collect()
+    }
+}
+
+impl Drop for PooledTensors {
+    fn drop(&mut self) {
+        if let Err(e) = self.pool.free(self.address) {
+            tracing::warn!("freeing pooled tensors at {:#x}: {e}", self.address);
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! its bytes can be read back; the sender is `weightlift push --device cuda:0`, or the other
 //! way round where the test must control the sender's memory.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -134,6 +135,82 @@ fn serve_on_gpu(model: &str, device: usize, label: &str) -> (Killed, Endpoint) {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let endpoint = line.trim().strip_prefix("listening on ").expect("serve says where it listens").parse().unwrap();
     (Killed(child), endpoint)
+}
+
+/// A `weightlift serve --device cuda:N --http 127.0.0.1:0` process: where senders connect, and
+/// the HTTP API's address.
+fn serve_on_gpu_with_http(model: &str, device: usize, label: &str, extra: &[&str]) -> (Killed, Endpoint, String) {
+    let path = socket(label);
+    let mut child = Command::new(exe())
+        .args(["serve", "--synthetic", model, "--device", &format!("cuda:{device}"), "--http", "127.0.0.1:0"])
+        .args(["--listen", &format!("unix:{}", path.display()), "--timeout-s", "10"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("serve says where it listens").unwrap();
+    let endpoint = next().strip_prefix("listening on ").expect("the socket first").parse().unwrap();
+    let http = next().strip_prefix("http on http://").expect("then the HTTP API").to_string();
+    (Killed(child), endpoint, http)
+}
+
+/// POSTs a JSON body; the status and the response body.
+fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes())).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line");
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn serve_on_a_gpu_releases_and_resumes_its_weights_over_http() {
+    let gpu = gpu(0);
+    let model = "qwen3-tiny";
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let trainer = HostTensors::synthetic(&config, 3);
+    let mut tensors = GpuTensors::alloc(&gpu, &config.source_manifest()).unwrap();
+    tensors.upload(&trainer).unwrap();
+    for backup in [false, true] {
+        let extra: &[&str] = if backup { &["--weights-backup"] } else { &[] };
+        let (_server, endpoint, http) = serve_on_gpu_with_http(model, 0, &format!("release-{backup}"), extra);
+        let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
+        let mut sender = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).unwrap();
+        let first = sender.push_device(Version(1), &gpu, &tensors).unwrap();
+        assert!(first.verified, "{first:?}");
+        let (status, body) = post(&http, "/weights_checker", r#"{"action": "snapshot"}"#);
+        assert_eq!(status, 200, "{body}");
+        let (free_before, _) = gpu.memory_info().unwrap();
+        let (status, body) = post(&http, "/release_memory_occupation", r#"{"tags": ["weights"]}"#);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#""weights":"#) && !body.contains(r#""weights":0"#), "weights paused: {body}");
+        // The engine's pool maps 256 MiB chunks: the weights' chunk went back to the driver.
+        let (free_released, _) = gpu.memory_info().unwrap();
+        assert!(free_released >= free_before + (128 << 20), "{free_before} -> {free_released} bytes free");
+        // Updates into released memory are refused by name, over IPC and over HTTP.
+        let refused = sender.push_device(Version(2), &gpu, &tensors).unwrap_err().to_string();
+        assert!(refused.contains("`weights`") && refused.contains("paused"), "{refused}");
+        let (status, body) = post(&http, "/update_weights", r#"{"version": "2", "source": {"disk": "/nonexistent"}}"#);
+        assert!(status == 409 && body.contains("released"), "{status} {body}");
+        let (status, body) = post(&http, "/resume_memory_occupation", r#"{"tags": []}"#);
+        assert_eq!(status, 200, "{body}");
+        // With a backup the bytes came back; without one they are gone until the next update
+        // rewrites them (the same weights again: the engine's copy was lost).
+        let (status, body) = post(&http, "/weights_checker", r#"{"action": "compare"}"#);
+        assert_eq!((status, body.contains(r#""success":true"#)), (200, backup), "{body}");
+        let second = sender.push_device(Version(2), &gpu, &tensors).unwrap();
+        assert!(second.verified && second.ipc_opens == 0, "{second:?}");
+        let (status, body) = post(&http, "/weights_checker", r#"{"action": "compare"}"#);
+        assert!(status == 200 && body.contains(r#""success":true"#), "{body}");
+    }
 }
 
 #[test]

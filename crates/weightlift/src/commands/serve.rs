@@ -1,16 +1,18 @@
 //! `weightlift serve`: a standalone receiver holding a model in host or GPU memory.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use weightlift::agent::{Agent, AgentOptions};
+use weightlift::agent::{Agent, AgentOptions, MemoryControl, WEIGHTS_TAG};
+use weightlift::core::pool::TagOptions;
 use weightlift::core::{exec, plan, Manifest, RuleSet, TpRank};
+use weightlift::cuda_ipc::DeviceTensors;
+use weightlift::memory::{guard_receiver, MemoryPool, PooledTensors};
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
 use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions};
-
-use weightlift::gpu::GpuTensors;
 
 use super::{gb, open_gpu, tp_rank, CommandError, DeviceArg, ModelArgs};
 
@@ -47,7 +49,15 @@ pub struct ServeArgs {
     /// The bearer token the HTTP API requires.
     #[arg(long, env = "WEIGHTLIFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// With --device cuda: when the weights' memory is released (POST
+    /// /release_memory_occupation), keep a copy in pinned host memory that resuming restores.
+    /// Without it their bytes are dropped, as engines do, and the next update rewrites them.
+    #[arg(long)]
+    pub weights_backup: bool,
 }
+
+/// Chunks the GPU receiver's tagged pool maps (the Python package's default).
+const POOL_CHUNK_BYTES: u64 = 256 << 20;
 
 pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
@@ -90,19 +100,25 @@ fn serve(
         threads: args.threads.unwrap_or_else(default_threads),
         ..ReceiverOptions::default()
     };
-    let receiver = match args.device {
-        DeviceArg::Host => Receiver::new(host.unwrap_or_else(|| HostTensors::filled(destination.clone(), 0)), options),
+    let (receiver, memory) = match args.device {
+        DeviceArg::Host => {
+            (Receiver::new(host.unwrap_or_else(|| HostTensors::filled(destination.clone(), 0)), options), None)
+        }
         DeviceArg::Cuda(ordinal) => {
             let gpu = open_gpu(ordinal)?;
-            let mut on_gpu = GpuTensors::alloc(&gpu, &destination)?;
+            // The weights in a tagged pool, so that the HTTP API can release and resume them.
+            let pool = Arc::new(MemoryPool::new(&gpu, POOL_CHUNK_BYTES)?);
+            pool.configure(WEIGHTS_TAG, TagOptions { cpu_backup: args.weights_backup, keep_physical: false });
+            let tensors = PooledTensors::alloc(&pool, WEIGHTS_TAG, &destination)
+                .map_err(|e| CommandError::Io(format!("cannot allocate the weights on cuda:{ordinal}: {e}")))?;
             match host {
-                Some(tensors) => on_gpu.upload(&tensors)?,
-                None => {
-                    on_gpu.fill(&gpu, 0)?;
-                    gpu.synchronize()?;
-                }
+                Some(host) => tensors.upload(&gpu, &host)?,
+                None => tensors.fill_each(&gpu, &|_| 0)?,
             }
-            Receiver::on_gpu(gpu, on_gpu, options)?
+            let holding = tensors.holding(WEIGHTS_TAG);
+            let receiver = Receiver::on_gpu(gpu, tensors, options)?;
+            guard_receiver(&receiver, vec![holding]);
+            (receiver, Some(pool as Arc<dyn MemoryControl>))
         }
     };
     let bytes = destination.total_bytes();
@@ -116,8 +132,12 @@ fn serve(
     // The HTTP API serves from its own thread while this one accepts senders.
     let _http = match &args.http {
         Some(addr) => {
-            let options =
-                AgentOptions { token: args.token.clone(), disk_rules: Some(rules.clone()), ..AgentOptions::default() };
+            let options = AgentOptions {
+                token: args.token.clone(),
+                disk_rules: Some(rules.clone()),
+                memory,
+                ..AgentOptions::default()
+            };
             let running = Agent::new(receiver.clone(), options)
                 .spawn(addr)
                 .map_err(|e| CommandError::Io(format!("cannot serve HTTP on {addr}: {e}")))?;

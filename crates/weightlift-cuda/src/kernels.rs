@@ -160,6 +160,26 @@ __device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, 
 
 struct FusedRun { u64 src, dst, bytes, out; };
 
+// Chunk g of a list of runs (chunk_start: the runs' first chunks, n + 1 entries): where its
+// bytes are read and written (dst 0: only digested), how many, and its digest's slot.
+struct Chunk { const u8* src; u8* dst; u64 len; u64 slot; };
+__device__ __forceinline__ Chunk chunk_at(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g) {
+    u32 i = find(chunk_start, n, g);
+    u64 k = g - chunk_start[i];
+    FusedRun r = runs[i];
+    Chunk c;
+    c.src = (const u8*)(r.src + k * 4096);
+    c.dst = r.dst ? (u8*)(r.dst + k * 4096) : 0;
+    c.len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
+    c.slot = r.out + k;
+    return c;
+}
+
+// xxh64's initial value (seed 0) of the stripe accumulator a lane keeps.
+__device__ __forceinline__ u64 stripe_seed(u32 lane) {
+    return lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+}
+
 // An 8-byte load of memory no kernel writes while this one runs. From this GPU's memory
 // (LOCAL) it asks L2 to fetch the 256-byte block around it from DRAM at once: a four-lane
 // group walks its chunk 128 bytes at a time while tens of thousands of groups walk theirs,
@@ -195,14 +215,12 @@ template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const Fus
         u64 v = 0, len = 0, slot = 0;
         u8* q = 0;
         if (active) {
-            u32 i = find(chunk_start, n, g);
-            u64 k = g - chunk_start[i];
-            FusedRun r = runs[i];
-            slot = r.out + k;
-            const u8* p = (const u8*)(r.src + k * 4096);
-            q = r.dst ? (u8*)(r.dst + k * 4096) : 0;
-            len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
-            v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+            Chunk c = chunk_at(runs, chunk_start, n, g);
+            slot = c.slot;
+            const u8* p = c.src;
+            q = c.dst;
+            len = c.len;
+            v = stripe_seed(lane);
             u64 s = 0;
             if (((((u64)p) | ((u64)q)) & 7) == 0) {
                 // Four stripes' loads in flight before their rounds: the loads, not the
@@ -257,20 +275,8 @@ extern "C" __global__ void copy_digest_peer(const FusedRun* runs, const u64* chu
 
 __device__ __forceinline__ u32 shared_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-struct StagedChunk { const u8* src; u8* dst; u64 len; u64 slot; bool bulk; };
-
-__device__ __forceinline__ StagedChunk staged_chunk(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g) {
-    u32 i = find(chunk_start, n, g);
-    u64 k = g - chunk_start[i];
-    FusedRun r = runs[i];
-    StagedChunk c;
-    c.src = (const u8*)(r.src + k * 4096);
-    c.dst = r.dst ? (u8*)(r.dst + k * 4096) : 0;
-    c.len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
-    c.slot = r.out + k;
-    c.bulk = ((((u64)c.src) | ((u64)c.dst)) & 15) == 0;
-    return c;
-}
+// Whether the bulk-copy engine may move the chunk (16-byte aligned addresses).
+__device__ __forceinline__ bool bulk_copyable(Chunk c) { return ((((u64)c.src) | ((u64)c.dst)) & 15) == 0; }
 
 extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
 #if __CUDA_ARCH__ >= 900
@@ -292,7 +298,7 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    StagedChunk next = {0, 0, 0, 0, false}, cur = {0, 0, 0, 0, false};
+    Chunk next = {0, 0, 0, 0}, cur = {0, 0, 0, 0};
     u64 next_g = ~0ULL, v = 0;
     for (u64 t = 0; t < steps + S; ++t) {
         // Step t - S is hashed first: its stage then takes step t.
@@ -302,8 +308,8 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
             u64 g = (blockIdx.x + h / PIECES * gridDim.x) * C + group;
             bool active = g < total;
             if (piece == 0) {
-                if (active) cur = staged_chunk(runs, chunk_start, n, g);
-                v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+                if (active) cur = chunk_at(runs, chunk_start, n, g);
+                v = stripe_seed(lane);
             }
             u32 done;
             do {
@@ -314,7 +320,7 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
             u64 off = (u64)piece * B;
             if (active && off < cur.len) {
                 u64 len = cur.len - off < B ? cur.len - off : B;
-                if (cur.bulk) {
+                if (bulk_copyable(cur)) {
                     u64 bulk = len & ~15ULL;
                     if (leader && cur.dst && bulk) {
                         asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
@@ -350,8 +356,8 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
             u64 g = (blockIdx.x + t / PIECES * gridDim.x) * C + group;
             u32 bytes = 0;
             if (g < total) {
-                if (g != next_g) { next = staged_chunk(runs, chunk_start, n, g); next_g = g; }
-                if (next.bulk && off < next.len) bytes = (u32)((next.len - off < B ? next.len - off : B) & ~15ULL);
+                if (g != next_g) { next = chunk_at(runs, chunk_start, n, g); next_g = g; }
+                if (bulk_copyable(next) && off < next.len) bytes = (u32)((next.len - off < B ? next.len - off : B) & ~15ULL);
             }
             u32 bar = shared_addr(&bars[st]);
             // The lanes' reads of this stage (generic proxy) before the bulk copy's writes.
@@ -423,7 +429,7 @@ extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_s
     u64 count = chunk_start[t + 1] - chunk_start[t];
     u64 len = count * 8;
     u64 batches = count / FOLD_BATCH;
-    u64 v = lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
+    u64 v = stripe_seed(lane);
     for (u64 b = 0; b < FOLD_STAGES - 1; ++b) {
         if (b < batches) fold_issue(stage[b], words + b * FOLD_BATCH, lane);
         fold_commit();  // an empty group keeps the count of groups in flight exact

@@ -9,7 +9,8 @@ use crate::{
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
 
-fn gpu() -> Gpu {
+/// GPU 0, for the crate's GPU tests.
+pub(crate) fn gpu() -> Gpu {
     match Gpu::open(0) {
         Ok(gpu) => gpu,
         Err(e) => panic!("{NEEDS_GPU}: {e}"),

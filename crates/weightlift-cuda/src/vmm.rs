@@ -444,7 +444,7 @@ mod tests {
 
     use super::*;
     use crate::device_count;
-    use crate::tests_gpu::bytes as pattern;
+    use crate::tests_gpu::{bytes as pattern, gpu};
     use crate::OwnedDeviceMemory;
 
     const SIZES: [usize; 2] = [1, 3 * 1024 * 1024 + 5];
@@ -467,7 +467,7 @@ mod tests {
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
     fn vmm_shareable_round_trip_same_gpu() {
-        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let gpu = gpu();
         let granularity = gpu.shareable_granularity().unwrap();
         let (free_before, _) = gpu.memory_info().unwrap();
         for (i, &size) in SIZES.iter().enumerate() {
@@ -503,7 +503,7 @@ mod tests {
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
     fn vmm_shareable_import_on_peer_gpu() {
-        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let gpu = gpu();
         if device_count().unwrap() < 2 {
             eprintln!("vmm_shareable_import_on_peer_gpu: one GPU only, nothing to check");
             return;
@@ -529,7 +529,7 @@ mod tests {
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
     fn vmm_import_of_a_bad_size_is_an_error() {
-        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let gpu = gpu();
         let shared = gpu.alloc_shareable(1).unwrap();
         let fd = shared.export_fd().unwrap();
         assert!(matches!(gpu.import_shareable(fd.as_fd(), 0), Err(CudaError::Invalid(_))));
@@ -546,13 +546,13 @@ mod pieces_tests {
 
     use super::*;
     use crate::ipc::Sharing;
-    use crate::tests_gpu::bytes as pattern;
+    use crate::tests_gpu::{bytes as pattern, gpu};
     use crate::OwnedDeviceMemory;
 
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
     fn pieces_side_by_side_are_one_segment_exported_and_mapped_again_bit_for_bit() {
-        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        let gpu = gpu();
         let g = gpu.shareable_granularity().unwrap();
         let (free_before, _) = gpu.memory_info().unwrap();
         let mut shared = gpu.alloc_shareable_pieces(2 * g, 3).unwrap();

@@ -256,12 +256,8 @@ mod tests {
     use weightlift_core::pool::{PoolError, TagOptions};
 
     use super::*;
-    use crate::tests_gpu::bytes as pattern;
+    use crate::tests_gpu::{bytes as pattern, gpu};
     use crate::{CopyDesc, OwnedDeviceMemory};
-
-    fn gpu() -> Gpu {
-        Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"))
-    }
 
     /// Copies `len` bytes between device addresses with the batched copy kernel.
     fn copy(gpu: &Gpu, dst: u64, src: u64, len: usize) {

@@ -209,13 +209,13 @@ impl Exporter {
                         for p in pieces {
                             // A block already sent on this connection needs no descriptor; one
                             // named twice in this message needs one only the first time.
-                            let fd = if self.sent_blocks.contains(&p.block_id) || !live_blocks.insert(p.block_id) {
+                            let first_here = live_blocks.insert(p.block_id);
+                            let fd = if self.sent_blocks.contains(&p.block_id) || !first_here {
                                 None
                             } else {
                                 fds.push(gpu.export_mapping_fd(s.base + p.offset)?);
                                 Some(fds.len() as u32 - 1)
                             };
-                            live_blocks.insert(p.block_id);
                             described.push(IpcPiece { offset: p.offset, bytes: p.bytes, block_id: p.block_id, fd });
                         }
                         segments.push(IpcSegment::Pieces { base: s.base, bytes: s.bytes, pieces: described });

@@ -122,28 +122,20 @@ fn ipc_updates_are_bit_exact_for_dense_and_moe_at_tp1_and_tp2_on_the_same_and_an
     }
 }
 
-/// A `weightlift serve --device cuda:N` process.
-fn serve_on_gpu(model: &str, device: usize, label: &str) -> (Killed, Endpoint) {
+/// A `weightlift serve --device cuda:N` process and where senders connect; with `http`, also
+/// serving its HTTP API on a free loopback port, and that address.
+fn serve_on_gpu(
+    model: &str,
+    device: usize,
+    label: &str,
+    http: bool,
+    extra: &[&str],
+) -> (Killed, Endpoint, Option<String>) {
     let path = socket(label);
     let mut child = Command::new(exe())
         .args(["serve", "--synthetic", model, "--device", &format!("cuda:{device}")])
         .args(["--listen", &format!("unix:{}", path.display()), "--timeout-s", "10"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let endpoint = line.trim().strip_prefix("listening on ").expect("serve says where it listens").parse().unwrap();
-    (Killed(child), endpoint)
-}
-
-/// A `weightlift serve --device cuda:N --http 127.0.0.1:0` process: where senders connect, and
-/// the HTTP API's address.
-fn serve_on_gpu_with_http(model: &str, device: usize, label: &str, extra: &[&str]) -> (Killed, Endpoint, String) {
-    let path = socket(label);
-    let mut child = Command::new(exe())
-        .args(["serve", "--synthetic", model, "--device", &format!("cuda:{device}"), "--http", "127.0.0.1:0"])
-        .args(["--listen", &format!("unix:{}", path.display()), "--timeout-s", "10"])
+        .args(if http { &["--http", "127.0.0.1:0"][..] } else { &[] })
         .args(extra)
         .stdout(Stdio::piped())
         .spawn()
@@ -151,7 +143,7 @@ fn serve_on_gpu_with_http(model: &str, device: usize, label: &str, extra: &[&str
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut next = || lines.next().expect("serve says where it listens").unwrap();
     let endpoint = next().strip_prefix("listening on ").expect("the socket first").parse().unwrap();
-    let http = next().strip_prefix("http on http://").expect("then the HTTP API").to_string();
+    let http = http.then(|| next().strip_prefix("http on http://").expect("then the HTTP API").to_string());
     (Killed(child), endpoint, http)
 }
 
@@ -181,7 +173,8 @@ fn serve_on_a_gpu_releases_and_resumes_its_weights_over_http() {
     tensors.upload(&trainer).unwrap();
     for backup in [false, true] {
         let extra: &[&str] = if backup { &["--weights-backup"] } else { &[] };
-        let (_server, endpoint, http) = serve_on_gpu_with_http(model, 0, &format!("release-{backup}"), extra);
+        let (_server, endpoint, http) = serve_on_gpu(model, 0, &format!("release-{backup}"), true, extra);
+        let http = http.expect("serving HTTP");
         let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).unwrap();
         let first = sender.push_device(Version(1), &gpu, &tensors).unwrap();
@@ -225,7 +218,7 @@ fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_sta
         let config = synthetic(model).unwrap();
         let preset = PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false };
         let rules = config.preset.rules(preset).unwrap();
-        let (_server, endpoint) = serve_on_gpu(model, 0, &format!("realloc-{kind}"));
+        let (_server, endpoint, _) = serve_on_gpu(model, 0, &format!("realloc-{kind}"), false, &[]);
         let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).unwrap();
         let alloc = |gpu: &Gpu| match kind {
@@ -265,7 +258,7 @@ fn host_transports_and_gpu_receivers_refuse_each_other_by_name() {
     let model = "qwen3-tiny";
     let config = synthetic(model).unwrap();
     let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-    let (_server, endpoint) = serve_on_gpu(model, 0, "refuse");
+    let (_server, endpoint, _) = serve_on_gpu(model, 0, "refuse", false, &[]);
     let options = SenderOptions { transport: TransportKind::Shm, ..SenderOptions::default() };
     let err = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).err().expect("refused");
     assert!(err.to_string().contains("on a GPU"), "{err}");

@@ -296,15 +296,10 @@ fn same_process_row(
         .zip(&digests)
         .all(|(spec, &d)| d == weightlift::core::digest::digest(&vec![0x3c; spec.byte_len() as usize]));
     fill_distinct(gpu, &src)?;
-    let mut digest_alone = bound.digest_batch(gpu)?;
-    let fused_kernels = kernel_rows(
-        gpu,
-        &gpu.fused_kernels(),
-        &mut bound,
-        Some((&mut digest_alone, ceilings.hbm_read_gbps)),
-        &mut dst,
-        (name, "this GPU", ceilings.d2d_copy_gbps),
-    )?;
+    let mut fused_kernels = Vec::new();
+    let row = (name, "this GPU", ceilings.d2d_copy_gbps);
+    let kernels = gpu.fused_kernels();
+    kernel_rows(gpu, &kernels, &mut bound, Some(ceilings.hbm_read_gbps), &mut dst, row, &mut fused_kernels)?;
     let b = bytes as f64;
     Ok(Ok(SameProcessRow {
         model: name.to_string(),
@@ -342,39 +337,42 @@ fn fill_distinct(gpu: &Gpu, tensors: &GpuTensors) -> Result<(), CudaError> {
 }
 
 /// `kernels` run on `bound` (whose destinations are `dst`, on `gpu`), each checked against the
-/// plan's own kernel; `digest_alone` (with the read ceiling) digests the destinations in place.
+/// plan's own kernel, into `rows` as they are measured (a kernel that fails leaves the rows
+/// before it). With the read ceiling, the destinations are also digested in place by each.
 /// `row` is (model, sources, ceiling of the update).
 fn kernel_rows(
     gpu: &Gpu,
     kernels: &[FusedKernel],
     bound: &mut GpuPlan,
-    mut digest_alone: Option<(&mut weightlift_cuda::DigestBatch, f64)>,
+    read_gbps: Option<f64>,
     dst: &mut GpuTensors,
     row: (&str, &'static str, f64),
-) -> Result<Vec<KernelRow>, CommandError> {
+    rows: &mut Vec<KernelRow>,
+) -> Result<(), CommandError> {
     let (model, sources, ceiling_gbps) = row;
     let bytes = dst.manifest().total_bytes() as f64;
     let default = bound.fused_kernel();
-    // The bytes written are checked by digesting them with this GPU's own kernel.
-    let written = bound.digest_batch(gpu)?;
+    // The destinations digested in place: with this GPU's own kernel, what the bytes each
+    // kernel wrote are checked by; with each kernel in turn, the digest alone.
+    let mut in_place = bound.digest_batch(gpu)?;
+    let own = in_place.fused_kernel();
     dst.fill(gpu, 0)?;
     let reference = bound.update(gpu)?;
-    let mut rows = Vec::new();
     for &kernel in kernels {
         bound.set_fused_kernel(gpu, kernel)?;
         let (update, _) = time(|| bound.update(gpu).map(|_| ()))?;
         dst.fill(gpu, 0)?;
-        let mut agrees = bound.update(gpu)? == reference && gpu.run_digests(&written)? == reference;
-        let (mut digest_ms, mut digest_ratio_to_read) = (None, None);
-        if let Some((batch, read_gbps)) = digest_alone.as_mut() {
-            let own = batch.fused_kernel();
-            batch.set_fused_kernel(gpu, kernel)?;
-            let (digest, _) = time(|| gpu.run_digests(batch).map(|_| ()))?;
-            agrees &= gpu.run_digests(batch)? == reference;
-            batch.set_fused_kernel(gpu, own)?;
-            digest_ms = Some(digest * 1e3);
-            digest_ratio_to_read = Some(bytes / digest / 1e9 / *read_gbps);
-        }
+        let mut agrees = bound.update(gpu)? == reference && gpu.run_digests(&in_place)? == reference;
+        let digest = match read_gbps {
+            Some(read_gbps) => {
+                in_place.set_fused_kernel(gpu, kernel)?;
+                let (digest, _) = time(|| gpu.run_digests(&in_place).map(|_| ()))?;
+                agrees &= gpu.run_digests(&in_place)? == reference;
+                in_place.set_fused_kernel(gpu, own)?;
+                Some((digest * 1e3, bytes / digest / 1e9 / read_gbps))
+            }
+            None => None,
+        };
         rows.push(KernelRow {
             model: model.to_string(),
             sources,
@@ -382,13 +380,13 @@ fn kernel_rows(
             default: kernel == default,
             update_ms: update * 1e3,
             update_ratio_to_ceiling: bytes / update / 1e9 / ceiling_gbps,
-            digest_ms,
-            digest_ratio_to_read,
+            digest_ms: digest.map(|d| d.0),
+            digest_ratio_to_read: digest.map(|d| d.1),
             agrees_with_default: agrees,
         });
     }
     bound.set_fused_kernel(gpu, default)?;
-    Ok(rows)
+    Ok(())
 }
 
 /// Every fused kernel of GPU `peer` pulling a model from `gpu`'s memory into its own, in one
@@ -410,10 +408,8 @@ fn peer_kernel_rows(
         let own = bound.plan.fused_kernel();
         let mut kernels = peer.fused_kernels();
         kernels.sort_by_key(|&k| (k != own, k == FusedKernel::Staged));
-        for kernel in kernels {
-            let row = (name, "peer GPU", peer_gbps);
-            rows.extend(kernel_rows(peer, &[kernel], &mut bound.plan, None, &mut bound.destinations, row)?);
-        }
+        let row = (name, "peer GPU", peer_gbps);
+        kernel_rows(peer, &kernels, &mut bound.plan, None, &mut bound.destinations, row, &mut rows)?;
         Ok::<_, CommandError>(None)
     })();
     let why = result.unwrap_or_else(|e| Some(format!("{name} peer kernels: {e}")));

@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh64::Xxh64;
 
 use crate::dtype::DType;
 
@@ -52,13 +54,20 @@ pub struct Manifest {
     specs: Vec<TensorSpec>,
     #[serde(skip)]
     index: HashMap<String, usize>,
+    /// Computed on first use (see [`Manifest::fingerprint`]).
+    #[serde(skip)]
+    fingerprint: OnceLock<u64>,
 }
 
 /// Equal specs in the same order; the index follows from them (comparing it too would hash
-/// every name: 1.4 ms for Qwen3-30B-A3B's 18,867 tensors, and senders compare every push).
+/// every name: 1.4 ms for Qwen3-30B-A3B's 18,867 tensors). Different fingerprints, where both
+/// are known, answer at once.
 impl PartialEq for Manifest {
     fn eq(&self, other: &Manifest) -> bool {
-        self.specs == other.specs
+        match (self.fingerprint.get(), other.fingerprint.get()) {
+            (Some(a), Some(b)) if a != b => false,
+            _ => self.specs == other.specs,
+        }
     }
 }
 
@@ -90,7 +99,34 @@ impl Manifest {
         if !duplicates.is_empty() {
             return Err(ManifestError::DuplicateNames(duplicates));
         }
-        Ok(Manifest { specs, index })
+        Ok(Manifest { specs, index, fingerprint: OnceLock::new() })
+    }
+
+    /// xxh64 of every spec (name, dtype, shape) in order, computed once, on first use (about
+    /// 1 ms for Qwen3-30B-A3B's 18,867 tensors): equal manifests have equal fingerprints, and
+    /// different ones differ but by a 2^-64 chance.
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| fingerprint(&self.specs))
+    }
+
+    /// Whether `other` holds the same specs in the same order, by fingerprint where both are
+    /// known: a sender checks the tensors of every push so, and comparing every spec took
+    /// 0.7-0.9 ms per push for Qwen3-30B-A3B on an H200 host. Otherwise every spec is compared,
+    /// and when they are equal the fingerprint one of them knows is the other's from then on.
+    pub fn matches(&self, other: &Manifest) -> bool {
+        match (self.fingerprint.get(), other.fingerprint.get()) {
+            (Some(a), Some(b)) => a == b,
+            (known, other_known) => {
+                if self.specs != other.specs {
+                    return false;
+                }
+                if let Some(&fingerprint) = known.or(other_known) {
+                    let _ = self.fingerprint.set(fingerprint);
+                    let _ = other.fingerprint.set(fingerprint);
+                }
+                true
+            }
+        }
     }
 
     pub fn specs(&self) -> &[TensorSpec] {
@@ -134,6 +170,22 @@ impl<'de> Deserialize<'de> for Manifest {
     }
 }
 
+fn fingerprint(specs: &[TensorSpec]) -> u64 {
+    let mut hash = Xxh64::new(0);
+    for spec in specs {
+        // Lengths first, so that no two different lists of specs feed the same bytes.
+        for text in [spec.name.as_str(), spec.dtype.name()] {
+            hash.update(&(text.len() as u64).to_le_bytes());
+            hash.update(text.as_bytes());
+        }
+        hash.update(&(spec.shape.len() as u64).to_le_bytes());
+        for dim in &spec.shape {
+            hash.update(&dim.to_le_bytes());
+        }
+    }
+    hash.digest()
+}
+
 impl<'a> IntoIterator for &'a Manifest {
     type Item = &'a TensorSpec;
     type IntoIter = std::slice::Iter<'a, TensorSpec>;
@@ -145,6 +197,7 @@ impl<'a> IntoIterator for &'a Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn spec(name: &str) -> TensorSpec {
         TensorSpec::new(name, DType::BF16, vec![2, 3])
@@ -165,6 +218,35 @@ mod tests {
         assert_eq!(m.specs()[0].name, "b.weight");
         assert_eq!(m.total_bytes(), 24);
         assert!(m.get("c").is_none());
+    }
+
+    #[test]
+    fn fingerprints_follow_every_name_dtype_shape_and_the_order() {
+        let base = vec![spec("a.weight"), spec("b.weight")];
+        let fp = |specs: Vec<TensorSpec>| Manifest::new(specs).unwrap().fingerprint();
+        let m = Manifest::new(base.clone()).unwrap();
+        assert_eq!(m.fingerprint(), fp(base.clone()));
+        assert_eq!(m.clone().fingerprint(), m.fingerprint());
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap().fingerprint(), m.fingerprint());
+        let changed = [
+            vec![spec("b.weight"), spec("a.weight")],
+            vec![spec("a.weight"), spec("b.weights")],
+            vec![spec("a.weight"), TensorSpec::new("b.weight", DType::F16, vec![2, 3])],
+            vec![spec("a.weight"), TensorSpec::new("b.weight", DType::BF16, vec![3, 2])],
+            vec![spec("a.weight"), TensorSpec::new("b.weight", DType::BF16, vec![2, 3, 1])],
+            vec![spec("a.weight")],
+        ];
+        for specs in changed {
+            let other = Manifest::new(specs.clone()).unwrap();
+            assert!(!other.matches(&m), "spec by spec: {specs:?}");
+            assert_ne!(other.fingerprint(), m.fingerprint(), "{specs:?}");
+            assert!(!other.matches(&m) && other != m, "by fingerprint: {specs:?}");
+        }
+        // Compared equal spec by spec once, a manifest takes the known fingerprint.
+        let fresh = Manifest::new(base).unwrap();
+        assert!(fresh.matches(&m) && fresh.fingerprint.get() == Some(&m.fingerprint()));
+        assert!(m.matches(&fresh));
     }
 
     #[test]
@@ -198,5 +280,38 @@ mod tests {
         assert_eq!(back.position("b"), Some(1));
         let dup = r#"{"specs":[{"name":"a","dtype":"F32","shape":[1]},{"name":"a","dtype":"F32","shape":[1]}]}"#;
         assert!(serde_json::from_str::<Manifest>(dup).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    proptest! {
+        /// Manifests built alike have one fingerprint; any change to one spec (a name grown
+        /// by one character, a dimension off by one or split in two, the dtype) gives another,
+        /// and so does swapping two specs.
+        #[test]
+        fn fingerprints_tell_manifests_apart(
+            dims in prop::collection::vec(prop::collection::vec(1u64..64, 0..4), 2..12),
+            pick in any::<prop::sample::Index>(),
+            change in 0u8..5,
+        ) {
+            let specs: Vec<TensorSpec> = dims.iter().enumerate()
+                .map(|(i, d)| TensorSpec::new(format!("layer.{i}.w"), DType::BF16, d.clone()))
+                .collect();
+            let m = Manifest::new(specs.clone()).unwrap();
+            prop_assert_eq!(m.fingerprint(), Manifest::new(specs.clone()).unwrap().fingerprint());
+            let mut other = specs.clone();
+            let i = pick.index(other.len());
+            match change {
+                0 => other[i].name.push('x'),
+                1 => other[i].dtype = DType::F32,
+                2 => other[i].shape.push(1),
+                3 => other.swap(i, (i + 1) % specs.len()),
+                _ => match other[i].shape.first_mut() {
+                    Some(d) => *d += 1,
+                    None => other[i].shape.push(2),
+                },
+            }
+            let other = Manifest::new(other).unwrap();
+            prop_assert!(!m.matches(&other));
+            prop_assert_ne!(m.fingerprint(), other.fingerprint());
+        }
     }
 }

@@ -545,7 +545,7 @@ mod pieces_tests {
     use std::os::fd::AsFd;
 
     use super::*;
-    use crate::ipc::Sharing;
+    use crate::ipc::{Segment, Sharing};
     use crate::tests_gpu::{bytes as pattern, gpu};
     use crate::OwnedDeviceMemory;
 
@@ -604,5 +604,38 @@ mod pieces_tests {
         assert!(back == data, "after the exporter dropped its pieces");
         drop((mapped, staging, plain, fds)); // an exported descriptor holds the memory too
         super::tests::assert_memory_returned(&gpu, free_before);
+    }
+
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn still_mapped_sees_every_reallocation_of_pieces_and_allocations() {
+        let gpu = gpu();
+        let g = gpu.shareable_granularity().unwrap();
+        let count = 768;
+        let shared = gpu.alloc_shareable_pieces(g, count).unwrap();
+        let plain = gpu.alloc(3 << 20).unwrap();
+        let regions = [(shared.device_ptr(), shared.len() as u64), (plain.device_ptr() + 64, 1 << 20)];
+        let (segments, _) = gpu.locate(&regions).unwrap();
+        assert_eq!(segments.len(), 2, "{segments:?}");
+        assert!(gpu.still_mapped(&segments).unwrap(), "nothing changed");
+        let (pieces, legacy): (Vec<Segment>, Vec<Segment>) =
+            segments.into_iter().partition(|s| matches!(s.sharing, Sharing::Vmm { .. }));
+        // Freed and made again (the driver tends to hand back the same addresses): new
+        // physical memory, a new allocation id.
+        drop(shared);
+        let again = gpu.alloc_shareable_pieces(g, count).unwrap();
+        assert!(
+            !gpu.still_mapped(&pieces).unwrap(),
+            "pieces made again (same addresses: {})",
+            again.device_ptr() == regions[0].0
+        );
+        assert!(gpu.still_mapped(&legacy).unwrap());
+        drop(plain);
+        let plain_again = gpu.alloc(3 << 20).unwrap();
+        assert!(
+            !gpu.still_mapped(&legacy).unwrap(),
+            "allocation made again (same address: {})",
+            plain_again.device_ptr() + 64 == regions[1].0
+        );
     }
 }

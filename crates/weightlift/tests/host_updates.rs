@@ -231,3 +231,34 @@ fn a_closed_write_gate_refuses_updates_and_tensors_the_receiver_lost_are_sent_ag
     assert!(report.verified && report.skipped_tensors == 0, "{report:?}");
     assert_bit_exact(&s, &tx);
 }
+
+#[test]
+fn pushes_of_other_tensors_than_announced_are_refused_by_name_and_change_nothing() {
+    let mut s = setup("qwen3-tiny", TpRank::SINGLE, "wrong-tensors", ReceiverOptions::default());
+    let mut tx = sender(&s, TransportKind::Shm, None);
+    let specs = s.trainer.manifest().specs().to_vec();
+    let first = specs[0].name.clone();
+    let mut renamed = specs.clone();
+    renamed[0].name.push_str("_x");
+    let mut reshaped = specs.clone();
+    reshaped[0].shape.reverse();
+    reshaped[0].shape.push(1);
+    let mut reordered = specs.clone();
+    reordered.swap(0, specs.len() - 1);
+    let cases = [
+        (renamed, format!("`{first}` is missing")),
+        (reshaped, format!("`{first}` is")),
+        (reordered, "same tensors in a different order".to_string()),
+        (specs[1..].to_vec(), format!("`{first}` is missing")),
+    ];
+    for (specs, expected) in cases {
+        let wrong = HostTensors::filled(Manifest::new(specs).unwrap(), 3);
+        let err = tx.push(Version(1), &wrong).unwrap_err().to_string();
+        assert!(err.contains(&expected), "{err}");
+        assert_eq!(s.receiver.committed(), Version(0));
+    }
+    s.trainer.perturb();
+    let report = tx.push(Version(1), &s.trainer).unwrap();
+    assert!(report.verified, "{report:?}");
+    assert_bit_exact(&s, &tx);
+}

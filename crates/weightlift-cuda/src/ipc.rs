@@ -235,19 +235,18 @@ impl Gpu {
             CU_POINTER_ATTRIBUTE_MEMORY_BLOCK_ID,
         ];
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        for s in segments {
-            // (address, bytes, id) as locate found them: ids are never reused, so an equal id
-            // is the same memory.
-            let expected: Vec<([u64; 3], [CUpointer_attribute; 3])> = match &s.sharing {
-                Sharing::Legacy { buffer_id } => vec![([s.base, s.bytes, *buffer_id], ALLOCATION)],
-                Sharing::Vmm { pieces } => {
-                    pieces.iter().map(|p| ([s.base + p.offset, p.bytes, p.block_id], PIECE)).collect()
-                }
+        // (address, bytes, id) as locate found them: ids are never reused, so an equal id is
+        // the same memory.
+        let expected = segments.iter().flat_map(|s| {
+            let (allocation, pieces) = match &s.sharing {
+                Sharing::Legacy { buffer_id } => (Some(([s.base, s.bytes, *buffer_id], ALLOCATION)), &[][..]),
+                Sharing::Vmm { pieces } => (None, pieces.as_slice()),
             };
-            for (values, asked) in expected {
-                if pointer_attributes(values[0], asked)? != values {
-                    return Ok(false);
-                }
+            allocation.into_iter().chain(pieces.iter().map(|p| ([s.base + p.offset, p.bytes, p.block_id], PIECE)))
+        });
+        for (values, asked) in expected {
+            if pointer_attributes(values[0], asked)? != values {
+                return Ok(false);
             }
         }
         Ok(true)

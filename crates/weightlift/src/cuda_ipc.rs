@@ -105,13 +105,16 @@ pub(crate) struct Exporter {
     /// The tensor locations and segments last sent (the receiver keeps them).
     last_located: Option<Vec<(u32, u64)>>,
     last_segments: Option<Vec<IpcSegment>>,
-    /// What the last full description was made from: while the tensors stay at these
-    /// addresses in these allocations, an update needs only the allocations checked.
+    /// What the last full description the receiver got was made from: while the tensors stay
+    /// at these addresses in these allocations, an update needs only the allocations checked.
     last_described: Option<Described>,
+    /// The full description made for the message in flight: the receiver's once it is sent
+    /// (an update refused before that leaves the receiver with the last one).
+    pending: Option<Described>,
 }
 
 /// The tensor addresses, weightlift's own allocations (id, base, bytes), and the other
-/// segments found by the driver, of the last full description.
+/// segments found by the driver, of a full description.
 struct Described {
     ptrs: Vec<u64>,
     own: Vec<(u64, u64, u64)>,
@@ -131,22 +134,17 @@ impl Exporter {
         let own: Vec<(u64, u64, u64)> =
             shareable.iter().map(|(id, a)| (*id, a.device_ptr(), a.mapped_len() as u64)).collect();
         let device = hex(&gpu.uuid()?);
-        // The same tensors in the same memory as last time: tensor locations and segments are
-        // the receiver's already, once every segment is checked (O(segments), not O(tensors)).
-        if let Some(last) = &self.last_described {
-            if self.last_located.is_some()
-                && self.last_segments.is_some()
-                && last.ptrs == ptrs
-                && last.own == own
-                && gpu.still_mapped(&last.found)?
-            {
+        self.pending = None;
+        // The same tensors in the same memory as the receiver last got: their locations and
+        // segments are its already, once every segment is checked (O(segments), not O(tensors)).
+        if let Some(found) = self.described_as_sent(&ptrs, &own) {
+            if gpu.still_mapped(found)? {
                 let pid = std::process::id();
                 let message =
                     Message::IpcSources { pid, device, segments: None, tensors: None, fds: 0, sender_digests };
                 return Ok((message, Vec::new()));
             }
         }
-        self.last_described = None;
         let manifest = tensors.manifest();
         let mut segments = Vec::new();
         let mut located = vec![(0u32, 0u64); ptrs.len()];
@@ -264,7 +262,7 @@ impl Exporter {
         let unchanged = self.last_located.as_ref() == Some(&located);
         // Equal segments name no descriptor (those of the last ones were sent then).
         let same_segments = self.last_segments.as_ref() == Some(&segments);
-        self.last_described = Some(Described { ptrs, own, found: found_here });
+        self.pending = Some(Described { ptrs, own, found: found_here });
         let message = Message::IpcSources {
             pid: std::process::id(),
             device,
@@ -276,8 +274,17 @@ impl Exporter {
         Ok((message, fds))
     }
 
+    /// The segments to check when the tensors at `ptrs`, with weightlift's allocations `own`,
+    /// are where the receiver last got them described; None when they moved or it never did.
+    fn described_as_sent(&self, ptrs: &[u64], own: &[(u64, u64, u64)]) -> Option<&[weightlift_cuda::Segment]> {
+        self.last_described.as_ref().filter(|d| d.ptrs == ptrs && d.own == own).map(|d| d.found.as_slice())
+    }
+
     /// Call once `message` and its descriptors reached the receiver.
     pub(crate) fn sent(&mut self, message: &Message) {
+        if let Some(described) = self.pending.take() {
+            self.last_described = Some(described);
+        }
         if let Message::IpcSources { segments: Some(segments), .. } = message {
             self.last_segments = Some(segments.clone());
             for s in segments {
@@ -300,6 +307,7 @@ impl Exporter {
         self.last_located = None;
         self.last_segments = None;
         self.last_described = None;
+        self.pending = None;
     }
 
     /// GPU memory held for digesting (descriptors, chunk digests, scratch).
@@ -585,6 +593,32 @@ fn locate_in(source: &Manifest, tensors: &[(u32, u64)], bases: &[(u64, u64)]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_description_the_receiver_got_lets_later_updates_skip_it() {
+        let described = |ptr: u64| Described { ptrs: vec![ptr], own: Vec::new(), found: Vec::new() };
+        let message = Message::IpcSources {
+            pid: 1,
+            device: "00".into(),
+            segments: Some(Vec::new()),
+            tensors: Some(vec![(0, 0)]),
+            fds: 0,
+            sender_digests: false,
+        };
+        let mut exporter = Exporter { pending: Some(described(0x1000)), ..Exporter::default() };
+        assert!(exporter.described_as_sent(&[0x1000], &[]).is_none(), "not sent yet");
+        exporter.sent(&message);
+        assert!(exporter.described_as_sent(&[0x1000], &[]).is_some());
+        assert!(exporter.described_as_sent(&[0x2000], &[]).is_none(), "moved");
+        assert!(exporter.described_as_sent(&[0x1000], &[(1, 0x1000, 64)]).is_none(), "other allocations");
+        // The tensors moved and that update was refused before its description went out: the
+        // receiver still has the first one, so the second must not be taken as sent.
+        exporter.pending = Some(described(0x2000));
+        assert!(exporter.described_as_sent(&[0x2000], &[]).is_none());
+        assert!(exporter.described_as_sent(&[0x1000], &[]).is_some());
+        exporter.forget_locations();
+        assert!(exporter.described_as_sent(&[0x1000], &[]).is_none(), "forgotten");
+    }
 
     #[test]
     fn handles_round_trip_through_hex() {

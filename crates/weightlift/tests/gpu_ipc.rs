@@ -13,7 +13,7 @@ use serde_json::Value;
 use weightlift::core::{destination_manifest, exec, plan, synthetic, PresetOptions, SourceSet, TpRank, Version};
 use weightlift::gpu::GpuTensors;
 use weightlift::protocol::TransportKind;
-use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions};
+use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, SendError, Sender, SenderOptions};
 use weightlift_cuda::{device_count, Gpu};
 
 fn exe() -> String {
@@ -240,6 +240,10 @@ fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_sta
         let mut tensors = alloc(&gpu);
         trainer.perturb();
         tensors.upload(&trainer).unwrap();
+        // Refused after the sender described the new memory (version 2 is committed): that
+        // description never reached the receiver, so it must not be taken as known there.
+        let refused = sender.push_device(Version(2), &gpu, &tensors).unwrap_err();
+        assert!(matches!(refused, SendError::Refused { .. }), "{kind}: {refused}");
         let third = sender.push_device(Version(3), &gpu, &tensors).unwrap();
         assert!(third.verified, "{kind}: {third:?}");
         assert!(third.ipc_opens >= 1, "{kind}: reallocated memory was not re-imported: {third:?}");

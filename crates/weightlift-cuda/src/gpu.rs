@@ -31,6 +31,14 @@ pub fn device_count() -> Result<usize, CudaError> {
     Ok(n as usize)
 }
 
+/// What [`Gpu::alloc`] rounds sizes of at least this much up to (torch's caching allocator
+/// rounds large segments to 2 MiB too). Measured on H200 (bench/results/ipc-overheads-h200-2026-11-30.md):
+/// another process pulling from a legacy IPC import of a cuMemAlloc allocation whose size is not
+/// a multiple of 64 KiB is 15% slower (Qwen3-30B-A3B 38.3 ms against 33.2 ms), as if the whole
+/// import were mapped with small pages. Smaller allocations keep their size: the driver packs
+/// them, and an update's descriptor lists would each take 2 MiB.
+pub const ALLOCATION_ROUNDING: usize = 2 << 20;
+
 /// One GPU, ready to run weightlift's kernels on its stream.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -87,13 +95,19 @@ impl Gpu {
         result::mem_get_info().call("cuMemGetInfo")
     }
 
-    /// Device memory from cuMemAlloc (so it can later be shared through CUDA IPC).
+    /// Device memory from cuMemAlloc (so it can later be shared through CUDA IPC); a large
+    /// size is rounded up as torch's caching allocator rounds ([`ALLOCATION_ROUNDING`]).
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, CudaError> {
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        let allocated = match bytes {
+            0 => 1,
+            b if b >= ALLOCATION_ROUNDING => b.next_multiple_of(ALLOCATION_ROUNDING),
+            b => b,
+        };
         // SAFETY: a plain allocation in the current (just bound) context; the pointer is owned
         // by the returned buffer and freed exactly once in its Drop.
-        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.call("cuMemAlloc")?;
-        Ok(DeviceBuffer { ptr, len: bytes, ctx: self.ctx.clone() })
+        let ptr = unsafe { result::malloc_sync(allocated) }.call("cuMemAlloc")?;
+        Ok(DeviceBuffer { ptr, len: bytes, allocated, ctx: self.ctx.clone() })
     }
 
     /// Waits for everything queued on this GPU's stream.
@@ -183,6 +197,8 @@ impl Gpu {
 pub struct DeviceBuffer {
     ptr: CUdeviceptr,
     len: usize,
+    /// What the driver was asked for: `len`, or more (see [`ALLOCATION_ROUNDING`]).
+    allocated: usize,
     ctx: Arc<CudaContext>,
 }
 
@@ -197,6 +213,11 @@ impl DeviceBuffer {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Device memory the buffer takes: its length, rounded up when large.
+    pub fn allocated_bytes(&self) -> usize {
+        self.allocated
     }
 }
 

@@ -200,6 +200,20 @@ fn fused_runs_larger_than_one_wave_of_threads_stride_the_grid() {
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn a_tensor_folded_early_on_its_own_matches_the_host() {
+    // Two tensors folded early, one with more than twice the chunks of the other: it is copied
+    // and folded alone, first (see EARLY_FOLD_CHUNKS), then the other, then a small one.
+    let gpu = gpu();
+    let large: usize = (300 << 20) + 4096 + 7;
+    let early: usize = (130 << 20) + 33;
+    let second = (large + 64).next_multiple_of(256) + 16;
+    let third = (second + early).next_multiple_of(256) + 1;
+    let cases = [(0, Some(0), large), (second, None, early), (third, Some(large.next_multiple_of(256) + 9), 5000)];
+    check_fused(&gpu, &cases, 3);
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn batched_strided_copies_match_a_host_copy() {
     let gpu = gpu();
     let src_host = bytes(1 << 20, 3);
@@ -336,4 +350,27 @@ fn f32_to_bf16_casts_match_torch_bit_for_bit_including_nans() {
         u32::from_le_bytes(input[4 * bad[0]..4 * bad[0] + 4].try_into().unwrap())
     );
     assert_eq!(vec![got_digest], vec![digest(&expected)]);
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn large_allocations_span_whole_large_pages() {
+    // Another process pulls 15% slower from a legacy IPC import whose size is not a multiple of
+    // 64 KiB (see ALLOCATION_ROUNDING): what the driver says of the allocation is what it
+    // exports. Small ones keep their size.
+    use crate::gpu::ALLOCATION_ROUNDING;
+    let gpu = gpu();
+    for len in [1, 4096 + 3, ALLOCATION_ROUNDING, (61 << 20) + 12_345] {
+        let buffer = gpu.alloc(len).unwrap();
+        assert_eq!(buffer.len(), len, "the buffer keeps the size asked for");
+        let (segments, _) = gpu.locate(&[(buffer.device_ptr(), len as u64)]).unwrap();
+        let bytes = segments[0].bytes as usize;
+        if len >= ALLOCATION_ROUNDING {
+            assert_eq!(bytes, len.next_multiple_of(ALLOCATION_ROUNDING), "{len} bytes asked for");
+            assert_eq!(buffer.allocated_bytes(), bytes);
+        } else {
+            assert!(bytes >= len, "{len} bytes asked for, {bytes} allocated");
+            assert_eq!(buffer.allocated_bytes(), len);
+        }
+    }
 }

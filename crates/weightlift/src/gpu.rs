@@ -154,7 +154,7 @@ pub(crate) fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
 }
 
 /// A plan bound to device addresses, prepared once: each update is a handful of launches
-/// (five per wave of up to 16 GiB) however many tensors, and its extra device memory is
+/// (at most nine per wave of up to 8 GiB) however many tensors, and its extra device memory is
 /// bounded (descriptors and one wave's chunk digests), never a staging copy of the model.
 pub struct GpuPlan {
     update: UpdateBatch,
@@ -277,7 +277,7 @@ impl ExpectedDigests {
     }
 
     pub fn device_bytes(&self) -> u64 {
-        self.batch.device_bytes() + self.scratch.len() as u64
+        self.batch.device_bytes() + self.scratch.allocated_bytes() as u64
     }
 }
 

@@ -34,8 +34,12 @@ const STAGED_BLOCKS_PER_SM: u32 = 2;
 const STAGED_PIECE_BYTES: u32 = 2048;
 const STAGED_STAGES: u32 = 2;
 const STAGED_HEADER: u32 = 128;
-/// Shared memory of one staged block: the barriers, then the stages of every chunk's piece.
-const STAGED_SHARED_BYTES: u32 = STAGED_HEADER + STAGED_STAGES * (STAGED_THREADS / 4) * (STAGED_PIECE_BYTES + 32);
+/// Shared memory of one staged block: the barriers, the stages of every chunk's piece, then
+/// where each stage's chunks are.
+const STAGED_SHARED_BYTES: u32 =
+    STAGED_HEADER + STAGED_STAGES * (STAGED_THREADS / 4) * (STAGED_PIECE_BYTES + 32 + STAGED_CHUNK_INFO_BYTES);
+/// The `Chunk` (four 8-byte fields) the kernel keeps per stage and chunk in shared memory.
+const STAGED_CHUNK_INFO_BYTES: u32 = 32;
 // Whole pieces in a chunk, whole warps (eight whole four-lane groups each), and no more
 // shared memory than a block may ask for (227 KiB).
 const _: () = assert!(CHUNK_BYTES % STAGED_PIECE_BYTES as u64 == 0 && STAGED_THREADS % 32 == 0);
@@ -49,6 +53,18 @@ typedef unsigned char u8;
 // Index of the item whose [start[i], start[i+1]) holds `x` (start has n+1 entries).
 __device__ __forceinline__ u32 find(const u64* start, u32 n, u64 x) {
     u32 lo = 0, hi = n;
+    while (hi - lo > 1) { u32 mid = (lo + hi) >> 1; if (start[mid] <= x) lo = mid; else hi = mid; }
+    return lo;
+}
+
+// The same, searched forward from `hint` (x's item or one before it; start holds n + 1
+// entries, start[n] > x): a thread's chunks only move forward, mostly within one run or a few
+// runs on, so this is one or two loads where a search of the whole list is a dependent chain
+// of log2(n) (12 for Qwen3-30B-A3B's 2,700 runs a wave), each an L2 round trip.
+__device__ __forceinline__ u32 find_from(const u64* start, u32 n, u64 x, u32 hint) {
+    if (hint >= n || start[hint] > x) return find(start, n, x);
+    u32 lo = hint, hi = hint + 1, step = 1;
+    while (start[hi] <= x) { lo = hi; step *= 2; hi = lo + step < n ? lo + step : n; }
     while (hi - lo > 1) { u32 mid = (lo + hi) >> 1; if (start[mid] <= x) lo = mid; else hi = mid; }
     return lo;
 }
@@ -163,8 +179,10 @@ struct FusedRun { u64 src, dst, bytes, out; };
 // Chunk g of a list of runs (chunk_start: the runs' first chunks, n + 1 entries): where its
 // bytes are read and written (dst 0: only digested), how many, and its digest's slot.
 struct Chunk { const u8* src; u8* dst; u64 len; u64 slot; };
-__device__ __forceinline__ Chunk chunk_at(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g) {
-    u32 i = find(chunk_start, n, g);
+// `run` is where the search starts (see find_from), and becomes chunk g's run.
+__device__ __forceinline__ Chunk chunk_at(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g, u32& run) {
+    u32 i = find_from(chunk_start, n, g, run);
+    run = i;
     u64 k = g - chunk_start[i];
     FusedRun r = runs[i];
     Chunk c;
@@ -209,13 +227,14 @@ template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const Fus
     u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
     u64 lane = threadIdx.x & 3;
     u32 group_mask = 0xFu << (threadIdx.x & 28);
+    u32 run = 0;
     for (u64 base = 0; base < total; base += groups) {
         u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
         bool active = g < total;
         u64 v = 0, len = 0, slot = 0;
         u8* q = 0;
         if (active) {
-            Chunk c = chunk_at(runs, chunk_start, n, g);
+            Chunk c = chunk_at(runs, chunk_start, n, g, run);
             slot = c.slot;
             const u8* p = c.src;
             q = c.dst;
@@ -285,6 +304,9 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
     const u32 C = blockDim.x / 4;  // chunks of a slab
     u64* bars = (u64*)smem;
     u8* stages = smem + STAGED_HEADER;
+    // Where the chunk of each stage's pieces is, written by the group's leader when it asks
+    // for the piece, read by the group's four lanes once it landed: one search per chunk.
+    Chunk* located = (Chunk*)(stages + S * C * STAGED_STRIDE);
     u64 total = chunk_start[n];
     u64 slabs = (total + C - 1) / C;
     u32 group = threadIdx.x / 4, lane = threadIdx.x & 3;
@@ -300,6 +322,7 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
     __syncthreads();
     Chunk next = {0, 0, 0, 0}, cur = {0, 0, 0, 0};
     u64 next_g = ~0ULL, v = 0;
+    u32 next_run = 0;
     for (u64 t = 0; t < steps + S; ++t) {
         // Step t - S is hashed first: its stage then takes step t.
         if (t >= S) {
@@ -307,15 +330,15 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
             u32 st = h % S, piece = h % PIECES;
             u64 g = (blockIdx.x + h / PIECES * gridDim.x) * C + group;
             bool active = g < total;
-            if (piece == 0) {
-                if (active) cur = chunk_at(runs, chunk_start, n, g);
-                v = stripe_seed(lane);
-            }
             u32 done;
             do {
                 asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
                              : "=r"(done) : "r"(shared_addr(&bars[st])), "r"((u32)(h / S) & 1) : "memory");
             } while (!done);
+            if (piece == 0) {
+                if (active) cur = located[st * C + group];
+                v = stripe_seed(lane);
+            }
             const u8* piece_at = stages + (st * C + group) * STAGED_STRIDE;
             u64 off = (u64)piece * B;
             if (active && off < cur.len) {
@@ -356,7 +379,8 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
             u64 g = (blockIdx.x + t / PIECES * gridDim.x) * C + group;
             u32 bytes = 0;
             if (g < total) {
-                if (g != next_g) { next = chunk_at(runs, chunk_start, n, g); next_g = g; }
+                if (g != next_g) { next = chunk_at(runs, chunk_start, n, g, next_run); next_g = g; }
+                located[st * C + group] = next;
                 if (bulk_copyable(next) && off < next.len) bytes = (u32)((next.len - off < B ? next.len - off : B) & ~15ULL);
             }
             u32 bar = shared_addr(&bars[st]);
@@ -669,7 +693,7 @@ enum Fold {
 /// early. One that has twice the chunks of any other goes alone, first, so that its fold, the
 /// longest, starts after its own runs rather than after all the early tensors' (in Qwen3-8B's
 /// engine layout the early tensors are 4.9 GB of a 7.8 GB wave and the lm_head's fold outlasted
-/// the last wave by ~1 ms; on H200 its digest went 5.34 -> 4.90 ms). Early tensors of like
+/// the last wave by ~1 ms; on H200 its digest went 5.34 -> 4.92 ms). Early tensors of like
 /// sizes stay together: a fold beside each launch slowed Qwen3-30B-A3B's digest 16.4 -> 19.8 ms.
 fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
     let mut fold: Vec<Fold> = tensor_chunks
@@ -1012,7 +1036,7 @@ impl Gpu {
                 main.wait(&folded[w - 2]).call("cuStreamWaitEvent")?;
             }
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            for group in &wave.early {
+            for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
                 self.launch_runs(main, &group.runs, chunks, batch.kernel)?;
                 side.join(main).call("cuStreamWaitEvent")?;
                 self.combine(side, chunks, &wave.tensor_start, &group.tensors, out)?;
@@ -1139,6 +1163,23 @@ mod tests {
         assert_eq!(fold_groups(&[4 * big, big], &[false, true]), [Early, Late]);
         assert_eq!(fold_groups(&[4 * big, 4 * big, big], &[false; 3]), [Early, Early, Early]);
         assert_eq!(fold_groups(&[], &[]), []);
+    }
+
+    #[test]
+    fn the_kernels_compile_for_hopper_where_nvrtc_is_present() {
+        // NVRTC without a GPU (the toolkit's or torch's libnvrtc on LD_LIBRARY_PATH): a kernel
+        // that does not compile shows here, not on the GPU machine.
+        if !crate::gpu::nvrtc_present() {
+            eprintln!("skipped: no NVRTC found (libnvrtc.so could not be loaded)");
+            return;
+        }
+        let options = CompileOptions { options: vec!["--gpu-architecture=sm_90".into()], ..Default::default() };
+        let ptx = compile_ptx_with_opts(SOURCE, options).unwrap_or_else(|e| panic!("{e}"));
+        for kernel in
+            ["copy_digest_staged", "copy_digest", "copy_digest_peer", "combine_digests", "batched_cast_f32_bf16"]
+        {
+            assert!(ptx.to_src().contains(&format!(".entry {kernel}(")), "{kernel} is not in the PTX");
+        }
     }
 
     #[test]

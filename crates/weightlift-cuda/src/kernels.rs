@@ -712,6 +712,20 @@ fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
     fold
 }
 
+/// `items` split by when their tensors are folded: alone, early, late (each in the given order).
+fn by_fold<T>(items: impl Iterator<Item = T>, fold_of: impl Fn(&T) -> Fold) -> [Vec<T>; 3] {
+    let mut split: [Vec<T>; 3] = Default::default();
+    for item in items {
+        let at = match fold_of(&item) {
+            Fold::Alone => 0,
+            Fold::Early => 1,
+            Fold::Late => 2,
+        };
+        split[at].push(item);
+    }
+    split
+}
+
 /// Where an update's sources live, which decides how the fused kernel reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceGpu {
@@ -786,18 +800,15 @@ impl UpdateBatch {
         self.waves
             .iter()
             .map(|w| {
-                let early = w.early.iter().map(|g| usize::from(g.runs.chunks > 0) + usize::from(g.tensors.count > 0));
-                early.sum::<usize>()
-                    + [
-                        w.fused.chunks > 0,
-                        w.copies.tiles > 0,
-                        w.casts.tiles > 0,
-                        w.after.chunks > 0,
-                        w.late_tensors.count > 0,
-                    ]
-                    .iter()
-                    .filter(|&&launched| launched)
-                    .count()
+                let early = w.early.iter().flat_map(|g| [g.runs.chunks > 0, g.tensors.count > 0]);
+                let rest = [
+                    w.fused.chunks > 0,
+                    w.copies.tiles > 0,
+                    w.casts.tiles > 0,
+                    w.after.chunks > 0,
+                    w.late_tensors.count > 0,
+                ];
+                early.chain(rest).filter(|&launched| launched).count()
             })
             .sum()
     }
@@ -947,19 +958,15 @@ impl Gpu {
                 has_fallback[tensor_of(out)] = true;
             }
             let fold = fold_groups(&tensor_chunks, &has_fallback);
+            let [alone_runs, early_runs, late_runs] = by_fold(wave.fused.iter().copied(), |r| fold[tensor_of(r.out)]);
+            let [alone, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
             let mut early_groups = Vec::with_capacity(2);
-            for group in [Fold::Alone, Fold::Early] {
-                let runs: Vec<FusedRun> =
-                    wave.fused.iter().filter(|r| fold[tensor_of(r.out)] == group).copied().collect();
-                let tensors: Vec<u32> = (0..fold.len()).filter(|&t| fold[t] == group).map(|t| t as u32).collect();
+            for (runs, tensors) in [(alone_runs, alone), (early_runs, early)] {
                 early_groups.push(EarlyGroup {
                     runs: self.upload_runs(&runs)?,
                     tensors: IndexList { items: upload(self, &tensors)?, count: count(tensors.len())? },
                 });
             }
-            let late_tensors: Vec<u32> = (0..fold.len()).filter(|&t| fold[t] == Fold::Late).map(|t| t as u32).collect();
-            let late_runs: Vec<FusedRun> =
-                wave.fused.iter().filter(|r| fold[tensor_of(r.out)] == Fold::Late).copied().collect();
             let after: Vec<FusedRun> =
                 wave.after.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
             let (fused, after) = (self.upload_runs(&late_runs)?, self.upload_runs(&after)?);
@@ -1163,6 +1170,9 @@ mod tests {
         assert_eq!(fold_groups(&[4 * big, big], &[false, true]), [Early, Late]);
         assert_eq!(fold_groups(&[4 * big, 4 * big, big], &[false; 3]), [Early, Early, Early]);
         assert_eq!(fold_groups(&[], &[]), []);
+        // Split in order, by each item's fold.
+        let folds = [Late, Alone, Early, Late, Early];
+        assert_eq!(by_fold(0..5, |&t| folds[t]), [vec![1], vec![2, 4], vec![0, 3]]);
     }
 
     #[test]

@@ -25,6 +25,12 @@ const THREADS: u32 = 256;
 /// 10.3-10.9 ms, Qwen3-30B-A3B 37.5-37.7 -> 35.4-36.8 ms; 2 blocks per SM about the same, 4
 /// and 5 no better.
 const FUSED_BLOCKS_PER_SM: u32 = 3;
+/// Blocks per SM of the fused kernel reading a peer GPU's memory over NVLink: two, fewer
+/// reads in flight than three. With three, Qwen3-8B's pull was bimodal from update to update,
+/// 44.3 or 47.6 ms, and four or six blocks were slower still (50.8, 49.2 ms); with two it
+/// is 44.05-44.56 ms in every update, within 1% of the plan's copies alone (43.6 ms), and
+/// Qwen3-30B-A3B's 165.9 -> 164.6 ms (2 x H200, bench/results/peer-reads-h200-2026-11-30.md).
+const PEER_BLOCKS_PER_SM: u32 = 2;
 /// The staged kernel's shape (see `copy_digest_staged`): blocks of 96 threads (24 chunks a
 /// slab), two per SM (96 KiB of pieces each, the most shared memory allows). On H200
 /// (bench/results/staged-kernel-h200-2026-11-29.md), Qwen3-8B shapes: update 10.6 -> 8.6 ms.
@@ -1094,7 +1100,8 @@ impl Gpu {
             return Ok(());
         }
         let k = self.kernels();
-        let direct_grid = || (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.sms * FUSED_BLOCKS_PER_SM));
+        let direct_grid =
+            |blocks_per_sm: u32| (list.chunks * 4).div_ceil(u64::from(THREADS)).min(u64::from(k.sms * blocks_per_sm));
         let (function, call, config) = match (kernel, &k.copy_digest_staged) {
             (FusedKernel::Staged, Some(staged)) => {
                 let slabs = list.chunks.div_ceil(u64::from(STAGED_THREADS / 4));
@@ -1109,9 +1116,11 @@ impl Gpu {
             (FusedKernel::Staged, None) => {
                 return Err(CudaError::Invalid("the staged kernel needs compute capability 9.0 or later".into()))
             }
-            (FusedKernel::BlockLoads, _) => (&k.copy_digest, "cuLaunchKernel(copy_digest)", direct(direct_grid())),
+            (FusedKernel::BlockLoads, _) => {
+                (&k.copy_digest, "cuLaunchKernel(copy_digest)", direct(direct_grid(FUSED_BLOCKS_PER_SM)))
+            }
             (FusedKernel::PlainLoads, _) => {
-                (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)", direct(direct_grid()))
+                (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)", direct(direct_grid(PEER_BLOCKS_PER_SM)))
             }
         };
         let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());

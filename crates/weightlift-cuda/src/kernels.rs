@@ -409,9 +409,20 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
 }
 
 // Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
+// Each thread keeps four loads in flight: with one, the xor that uses it holds back the next.
+#define READ_ALL_LOADS 4
 extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     u64 acc = 0;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += (u64)gridDim.x * blockDim.x) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + (READ_ALL_LOADS - 1) * stride < n16; i += READ_ALL_LOADS * stride) {
+        uint4 v[READ_ALL_LOADS];
+#pragma unroll
+        for (int k = 0; k < READ_ALL_LOADS; ++k) v[k] = p[i + k * stride];
+#pragma unroll
+        for (int k = 0; k < READ_ALL_LOADS; ++k) acc ^= ((u64)v[k].x << 32 | v[k].y) ^ ((u64)v[k].z << 32 | v[k].w);
+    }
+    for (; i < n16; i += stride) {
         uint4 v = p[i];
         acc ^= ((u64)v.x << 32 | v.y) ^ ((u64)v.z << 32 | v.w);
     }
@@ -598,35 +609,48 @@ pub struct FusedRun {
 /// beyond the tensors.
 pub const WAVE_CHUNKS: u64 = 2 << 20;
 
-/// Consecutive tensors grouped into waves of at most [`WAVE_CHUNKS`] chunks (a larger tensor
-/// is a wave of its own).
-pub fn waves(tensor_bytes: &[u64]) -> Vec<std::ops::Range<usize>> {
+/// Tensors (indices into `tensor_bytes`) grouped into waves of at most [`WAVE_CHUNKS`] chunks
+/// (a larger tensor is a wave of its own), largest first: see [`waves_of`].
+pub fn waves(tensor_bytes: &[u64]) -> Vec<Vec<usize>> {
     waves_of(tensor_bytes, WAVE_CHUNKS)
 }
 
 /// [`waves`] with another bound (tests use small ones to get many waves from small models).
-pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64) -> Vec<std::ops::Range<usize>> {
-    let mut waves = Vec::new();
-    let (mut start, mut chunks) = (0, 0u64);
-    for (t, bytes) in tensor_bytes.iter().enumerate() {
-        let c = bytes.div_ceil(CHUNK_BYTES);
-        if t > start && chunks + c > max_chunks {
-            waves.push(start..t);
-            (start, chunks) = (t, 0);
+///
+/// Largest first because a tensor's digest is one dependent fold over its chunk digests (~6 ns
+/// a chunk: six times as long as reading the tensor at HBM speed) that can only start once the
+/// tensor is read. In the models' own order, Qwen3-8B's lm_head (1.2 GB) and Qwen3-30B-A3B's
+/// last stacked experts came in the last wave, and their folds ran on after every byte was read;
+/// largest first, the longest folds have the rest of the update to run beside, and the last wave
+/// holds the smallest tensors, whose folds are short (on H200, digests alone: Qwen3-8B 4.90 ->
+/// 4.07 ms, Qwen3-30B-A3B 15.78 -> 14.79 ms). Equal sizes keep their order.
+pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..tensor_bytes.len()).collect();
+    order.sort_by_key(|&t| std::cmp::Reverse(tensor_bytes[t]));
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    let mut chunks = 0u64;
+    for t in order {
+        let c = tensor_bytes[t].div_ceil(CHUNK_BYTES);
+        match waves.last_mut() {
+            Some(wave) if chunks + c <= max_chunks => wave.push(t),
+            _ => {
+                waves.push(vec![t]);
+                chunks = 0;
+            }
         }
         chunks += c;
-    }
-    if start < tensor_bytes.len() {
-        waves.push(start..tensor_bytes.len());
     }
     waves
 }
 
-/// The work of one wave: consecutive destination tensors, their fused runs, the copies and
-/// casts that cannot be fused, and the chunks those write, to digest after them: (address,
-/// bytes, first out slot). Out slots count from the wave's first chunk.
+/// The work of one wave: destination tensors (`tensors`: each one's index in the update, which
+/// orders the digests [`Gpu::run_update`] returns; `tensor_bytes`: its size), their fused runs,
+/// the copies and casts that cannot be fused, and the chunks those write, to digest after them:
+/// (address, bytes, first out slot). Out slots count from the wave's first chunk, the wave's
+/// tensors' chunks side by side in the order listed.
 #[derive(Debug, Clone, Default)]
 pub struct Wave {
+    pub tensors: Vec<usize>,
     pub fused: Vec<FusedRun>,
     pub copies: Vec<CopyDesc>,
     pub casts: Vec<CastDesc>,
@@ -683,11 +707,40 @@ struct IndexList {
 /// wave is copied (see [`fold_groups`]).
 const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
 
+/// The waves' tensors in turn (each one's index in the update), checked to list every tensor
+/// of the update exactly once.
+fn update_order(waves: &[Wave]) -> Result<Vec<usize>, CudaError> {
+    let order: Vec<usize> = waves.iter().flat_map(|w| w.tensors.iter().copied()).collect();
+    let mut listed = vec![false; order.len()];
+    for (w, wave) in waves.iter().enumerate() {
+        if wave.tensors.len() != wave.tensor_bytes.len() {
+            return Err(CudaError::Invalid(format!(
+                "wave {w} lists {} tensors and {} tensor sizes",
+                wave.tensors.len(),
+                wave.tensor_bytes.len()
+            )));
+        }
+        for &t in &wave.tensors {
+            match listed.get_mut(t) {
+                Some(seen) if !*seen => *seen = true,
+                Some(_) => return Err(CudaError::Invalid(format!("tensor {t} is listed twice (wave {w})"))),
+                None => {
+                    return Err(CudaError::Invalid(format!(
+                        "wave {w} lists tensor {t}, past the {} tensors of the update",
+                        order.len()
+                    )))
+                }
+            }
+        }
+    }
+    Ok(order)
+}
+
 /// When a tensor's digest is folded, within its wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fold {
-    /// Copied first and folded alone, beside the rest of the wave.
-    Alone,
+    /// Copied first, folded beside the rest of the wave.
+    First,
     /// Copied next, folded beside the rest of the wave.
     Early,
     /// Folded once the wave is copied.
@@ -696,11 +749,11 @@ enum Fold {
 
 /// When each tensor of a wave (its chunks; whether some of them are fallback chunks, digested
 /// after the copies) is folded. Tensors of [`EARLY_FOLD_CHUNKS`] or more, all fused, are folded
-/// early. One that has twice the chunks of any other goes alone, first, so that its fold, the
-/// longest, starts after its own runs rather than after all the early tensors' (in Qwen3-8B's
-/// engine layout the early tensors are 4.9 GB of a 7.8 GB wave and the lm_head's fold outlasted
-/// the last wave by ~1 ms; on H200 its digest went 5.34 -> 4.92 ms). Early tensors of like
-/// sizes stay together: a fold beside each launch slowed Qwen3-30B-A3B's digest 16.4 -> 19.8 ms.
+/// early. The largest of them, down to the first that has twice the chunks of the next, go
+/// first, so that their folds, the longest, start after their own runs rather than after all
+/// the early tensors' (Qwen3-8B's embeddings and lm_head, 304k chunks each, among gate_up
+/// projections of 49k). Early tensors of like sizes stay together: a fold beside each launch
+/// slowed Qwen3-30B-A3B's digest 16.4 -> 19.8 ms on H200.
 fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
     let mut fold: Vec<Fold> = tensor_chunks
         .iter()
@@ -708,22 +761,22 @@ fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
         .map(|(&chunks, &fallback)| if chunks >= EARLY_FOLD_CHUNKS && !fallback { Fold::Early } else { Fold::Late })
         .collect();
     let mut early: Vec<usize> = (0..fold.len()).filter(|&t| fold[t] == Fold::Early).collect();
-    // Largest first; the first of equals.
+    // Largest first; equals in their order.
     early.sort_by_key(|&t| std::cmp::Reverse(tensor_chunks[t]));
-    if let [first, second, ..] = early[..] {
-        if tensor_chunks[first] >= 2 * tensor_chunks[second] {
-            fold[first] = Fold::Alone;
+    if let Some(last) = early.windows(2).position(|p| tensor_chunks[p[0]] >= 2 * tensor_chunks[p[1]]) {
+        for &t in &early[..=last] {
+            fold[t] = Fold::First;
         }
     }
     fold
 }
 
-/// `items` split by when their tensors are folded: alone, early, late (each in the given order).
+/// `items` split by when their tensors are folded: first, early, late (each in the given order).
 fn by_fold<T>(items: impl Iterator<Item = T>, fold_of: impl Fn(&T) -> Fold) -> [Vec<T>; 3] {
     let mut split: [Vec<T>; 3] = Default::default();
     for item in items {
         let at = match fold_of(&item) {
-            Fold::Alone => 0,
+            Fold::First => 0,
             Fold::Early => 1,
             Fold::Late => 2,
         };
@@ -776,7 +829,8 @@ pub struct UpdateBatch {
     /// next wave is copied.
     chunks: [DeviceBuffer; 2],
     out: DeviceBuffer,
-    tensor_count: u32,
+    /// The update's index of the tensor of each result slot (the waves' tensors in turn).
+    order: Vec<usize>,
     device_bytes: u64,
 }
 
@@ -908,18 +962,23 @@ impl Gpu {
         Ok(())
     }
 
-    /// Reads all of `buffer` once (16-byte loads), for measuring the read-bandwidth ceiling.
-    pub fn read_all(&self, buffer: &DeviceBuffer) -> Result<(), CudaError> {
+    /// Reads all of `buffer` `times` times over (16-byte loads, one launch each, back to back),
+    /// for measuring the read-bandwidth ceiling: time it and divide by `times`.
+    pub fn read_all(&self, buffer: &DeviceBuffer, times: usize) -> Result<(), CudaError> {
         let k = self.kernels();
         let n16 = (buffer.len() / 16) as u64;
         let sink = self.alloc(8)?;
         let grid = k.grid_stride_blocks();
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let (ptr, out) = (buffer.device_ptr(), sink.device_ptr());
-        let mut launch = self.stream().launch_builder(&k.read_all);
-        launch.arg(&ptr).arg(&n16).arg(&out);
-        // SAFETY: arguments match the kernel; it reads `n16` 16-byte words inside `buffer`.
-        unsafe { launch.launch(config) }.call("cuLaunchKernel(read_all)")?;
+        for _ in 0..times {
+            let mut launch = self.stream().launch_builder(&k.read_all);
+            launch.arg(&ptr).arg(&n16).arg(&out);
+            // SAFETY: arguments match the kernel; it reads `n16` 16-byte words inside `buffer`
+            // and writes at most 8 bytes to `sink`, which outlives the launches (synchronized
+            // below).
+            unsafe { launch.launch(config) }.call("cuLaunchKernel(read_all)")?;
+        }
         self.synchronize()
     }
 
@@ -928,16 +987,17 @@ impl Gpu {
         let lens: Vec<u64> = regions.iter().map(|r| r.1).collect();
         let waves: Vec<Wave> = waves(&lens)
             .into_iter()
-            .map(|range| {
-                let (start, _) = prefix(lens[range.clone()].iter().copied(), CHUNK_BYTES);
+            .map(|tensors| {
+                let (start, _) = prefix(tensors.iter().map(|&t| lens[t]), CHUNK_BYTES);
                 Wave {
-                    fused: regions[range.clone()]
+                    fused: tensors
                         .iter()
                         .zip(&start)
-                        .filter(|(r, _)| r.1 > 0)
-                        .map(|(r, &s)| FusedRun { src: r.0, dst: 0, bytes: r.1, out: s })
+                        .filter(|(&t, _)| lens[t] > 0)
+                        .map(|(&t, &s)| FusedRun { src: regions[t].0, dst: 0, bytes: lens[t], out: s })
                         .collect(),
-                    tensor_bytes: lens[range].to_vec(),
+                    tensor_bytes: tensors.iter().map(|&t| lens[t]).collect(),
+                    tensors,
                     ..Wave::default()
                 }
             })
@@ -953,6 +1013,7 @@ impl Gpu {
     /// Prepares a whole update, wave by wave (see [`Wave`]); [`Gpu::run_update`] returns the
     /// digest of every tensor of every wave, in order.
     pub fn prepare_update(&self, waves: &[Wave], sources: SourceGpu) -> Result<UpdateBatch, CudaError> {
+        let order = update_order(waves)?;
         let mut prepared = Vec::with_capacity(waves.len());
         let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
         for wave in waves {
@@ -964,10 +1025,10 @@ impl Gpu {
                 has_fallback[tensor_of(out)] = true;
             }
             let fold = fold_groups(&tensor_chunks, &has_fallback);
-            let [alone_runs, early_runs, late_runs] = by_fold(wave.fused.iter().copied(), |r| fold[tensor_of(r.out)]);
-            let [alone, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
+            let [first_runs, early_runs, late_runs] = by_fold(wave.fused.iter().copied(), |r| fold[tensor_of(r.out)]);
+            let [first, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
             let mut early_groups = Vec::with_capacity(2);
-            for (runs, tensors) in [(alone_runs, alone), (early_runs, early)] {
+            for (runs, tensors) in [(first_runs, first), (early_runs, early)] {
                 early_groups.push(EarlyGroup {
                     runs: self.upload_runs(&runs)?,
                     tensors: IndexList { items: upload(self, &tensors)?, count: count(tensors.len())? },
@@ -1029,7 +1090,7 @@ impl Gpu {
             SourceGpu::This => self.local_fused_kernel(),
             SourceGpu::Peer => FusedKernel::PlainLoads,
         };
-        Ok(UpdateBatch { waves: prepared, kernel, chunks, out, tensor_count: first_tensor, device_bytes })
+        Ok(UpdateBatch { waves: prepared, kernel, chunks, out, order, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
@@ -1064,9 +1125,13 @@ impl Gpu {
         }
         main.join(side).call("cuStreamWaitEvent")?;
         self.synchronize()?;
-        let mut bytes = vec![0u8; batch.tensor_count as usize * 8];
+        let mut bytes = vec![0u8; batch.order.len() * 8];
         batch.out.download(&mut bytes)?;
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        let mut digests = vec![0u64; batch.order.len()];
+        for (&t, slot) in batch.order.iter().zip(bytes.chunks_exact(8)) {
+            digests[t] = u64::from_le_bytes(slot.try_into().expect("8 bytes"));
+        }
+        Ok(digests)
     }
 
     fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
@@ -1165,23 +1230,71 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tensor_twice_the_size_of_any_other_early_one_is_folded_alone() {
+    fn the_largest_early_tensors_down_to_a_twofold_gap_are_folded_first() {
         use Fold::*;
         let big = EARLY_FOLD_CHUNKS;
         // Qwen3-8B's engine layout: lm_head (304k chunks) among gate_up projections (49k).
-        assert_eq!(fold_groups(&[49_152, 10, 303_872, 49_152], &[false; 4]), [Early, Late, Alone, Early]);
+        assert_eq!(fold_groups(&[49_152, 10, 303_872, 49_152], &[false; 4]), [Early, Late, First, Early]);
+        // Both giants (embeddings and lm_head) first, together.
+        assert_eq!(fold_groups(&[303_872, 303_872, 49_152], &[false; 3]), [First, First, Early]);
+        // The first twofold gap, wherever it is.
+        assert_eq!(fold_groups(&[8 * big, 5 * big, 2 * big], &[false; 3]), [First, First, Early]);
         // Like sizes (Qwen3-30B-A3B's stacked experts and lm_head): together.
         assert_eq!(fold_groups(&[196_608, 151_936, 98_304], &[false; 3]), [Early, Early, Early]);
         assert_eq!(fold_groups(&[2 * big, 2 * big - 1], &[false; 2]), [Early, Early]);
-        assert_eq!(fold_groups(&[2 * big, big], &[false; 2]), [Alone, Early]);
+        assert_eq!(fold_groups(&[2 * big, big], &[false; 2]), [First, Early]);
         // One early tensor needs no second launch; fallback chunks or small tensors fold late.
         assert_eq!(fold_groups(&[4 * big, big - 1], &[false; 2]), [Early, Late]);
         assert_eq!(fold_groups(&[4 * big, big], &[false, true]), [Early, Late]);
-        assert_eq!(fold_groups(&[4 * big, 4 * big, big], &[false; 3]), [Early, Early, Early]);
+        assert_eq!(fold_groups(&[4 * big, 4 * big, 4 * big], &[false; 3]), [Early, Early, Early]);
         assert_eq!(fold_groups(&[], &[]), []);
         // Split in order, by each item's fold.
-        let folds = [Late, Alone, Early, Late, Early];
+        let folds = [Late, First, Early, Late, Early];
         assert_eq!(by_fold(0..5, |&t| folds[t]), [vec![1], vec![2, 4], vec![0, 3]]);
+    }
+
+    #[test]
+    fn waves_take_the_largest_tensors_first() {
+        let c = CHUNK_BYTES;
+        // Sizes in chunks 1, 5, 3, 5, 2 with waves of at most 6 chunks: 5 | 5 | 3 2 1.
+        let bytes = [c, 5 * c, 3 * c - 7, 5 * c, 2 * c];
+        assert_eq!(waves_of(&bytes, 6), [vec![1], vec![3], vec![2, 4, 0]]);
+        // A tensor larger than a wave is a wave of its own; an empty one still has a place.
+        assert_eq!(waves_of(&[9 * c, 0, c], 4), [vec![0], vec![2, 1]]);
+        assert!(waves_of(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn an_update_lists_each_tensor_once() {
+        let wave = |tensors: Vec<usize>| Wave { tensor_bytes: vec![8; tensors.len()], tensors, ..Wave::default() };
+        assert_eq!(update_order(&[wave(vec![2, 0]), wave(vec![1])]).unwrap(), [2, 0, 1]);
+        let twice = update_order(&[wave(vec![0, 1]), wave(vec![1])]).unwrap_err().to_string();
+        assert!(twice.contains("tensor 1 is listed twice (wave 1)"), "{twice}");
+        let past = update_order(&[wave(vec![0, 3])]).unwrap_err().to_string();
+        assert!(past.contains("lists tensor 3, past the 2 tensors"), "{past}");
+        let sizes = Wave { tensors: vec![0], ..Wave::default() };
+        assert!(update_order(&[sizes]).unwrap_err().to_string().contains("1 tensors and 0 tensor sizes"));
+    }
+
+    #[test]
+    fn prop_waves_list_every_tensor_once_within_the_bound() {
+        use proptest::prelude::*;
+        proptest!(|(sizes in proptest::collection::vec(0u64..40_000, 0..60), max_chunks in 1u64..12)| {
+            let waves = waves_of(&sizes, max_chunks);
+            let mut seen: Vec<usize> = waves.iter().flatten().copied().collect();
+            let order = seen.clone();
+            seen.sort_unstable();
+            prop_assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
+            // Largest first, equals in their order.
+            for pair in order.windows(2) {
+                let (a, b) = (sizes[pair[0]], sizes[pair[1]]);
+                prop_assert!(a > b || (a == b && pair[0] < pair[1]));
+            }
+            for wave in &waves {
+                let chunks: u64 = wave.iter().map(|&t| sizes[t].div_ceil(CHUNK_BYTES)).sum();
+                prop_assert!(chunks <= max_chunks || wave.len() == 1);
+            }
+        });
     }
 
     #[test]

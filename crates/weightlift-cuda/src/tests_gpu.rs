@@ -136,7 +136,7 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
             expected_dst[o..o + len].copy_from_slice(&data[so..so + len]);
         }
     }
-    let wave = Wave { fused, tensor_bytes, ..Wave::default() };
+    let wave = Wave { tensors: (0..tensor_bytes.len()).collect(), fused, tensor_bytes, ..Wave::default() };
     // Every fused kernel this GPU can run (the staged one from compute capability 9.0, the
     // direct ones with block and plain loads everywhere), each batch run twice.
     let local = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap().fused_kernel();
@@ -268,6 +268,7 @@ fn cast_on_gpu(
     let d = dst.device_ptr();
     let casts = casts(src.device_ptr(), d);
     let wave = crate::Wave {
+        tensors: vec![0],
         casts,
         after: vec![(d, out_elems * 2, 0)],
         tensor_bytes: vec![out_elems * 2],

@@ -449,7 +449,7 @@ impl Fusion {
     fn scratch_bytes(&self) -> u64 {
         waves_of(&self.tensor_bytes, self.wave_chunks)
             .into_iter()
-            .map(|range| range.flat_map(|t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
+            .map(|tensors| tensors.into_iter().flat_map(|t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
             .max()
             .unwrap_or(0)
     }
@@ -458,10 +458,10 @@ impl Fusion {
     fn waves(&self, target: Target<'_>) -> Vec<Wave> {
         waves_of(&self.tensor_bytes, self.wave_chunks)
             .into_iter()
-            .map(|range| {
+            .map(|tensors| {
                 let mut wave = Wave::default();
                 let (mut first_chunk, mut scratch_at) = (0u64, 0u64);
-                for t in range {
+                for t in tensors {
                     let work = &self.tensors[t];
                     let ranges = self.fallback_ranges(t);
                     // Where each fallback range's bytes are written, and where a byte at
@@ -493,6 +493,7 @@ impl Fusion {
                     for (r, base) in ranges.iter().zip(&bases) {
                         wave.after.push((*base, r.1 - r.0, first_chunk + r.0 / CHUNK_BYTES));
                     }
+                    wave.tensors.push(t);
                     wave.tensor_bytes.push(self.tensor_bytes[t]);
                     first_chunk += self.tensor_bytes[t].div_ceil(CHUNK_BYTES);
                 }

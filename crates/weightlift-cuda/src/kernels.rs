@@ -610,26 +610,51 @@ pub struct FusedRun {
 pub const WAVE_CHUNKS: u64 = 2 << 20;
 
 /// Tensors (indices into `tensor_bytes`) grouped into waves of at most [`WAVE_CHUNKS`] chunks
-/// (a larger tensor is a wave of its own), largest first: see [`waves_of`].
+/// (a larger tensor is a wave of its own), largest first: how digests of memory in place are
+/// run (see [`WaveOrder`]).
 pub fn waves(tensor_bytes: &[u64]) -> Vec<Vec<usize>> {
-    waves_of(tensor_bytes, WAVE_CHUNKS)
+    waves_of(tensor_bytes, WAVE_CHUNKS, WaveOrder::LargestFirst)
 }
 
-/// [`waves`] with another bound (tests use small ones to get many waves from small models).
-///
-/// Largest first because a tensor's digest is one dependent fold over its chunk digests (~6 ns
-/// a chunk: six times as long as reading the tensor at HBM speed) that can only start once the
-/// tensor is read. In the models' own order, Qwen3-8B's lm_head (1.2 GB) and Qwen3-30B-A3B's
-/// last stacked experts came in the last wave, and their folds ran on after every byte was read;
-/// largest first, the longest folds have the rest of the update to run beside, and the last wave
-/// holds the smallest tensors, whose folds are short (on H200, digests alone: Qwen3-8B 4.90 ->
-/// 4.07 ms, Qwen3-30B-A3B 15.78 -> 14.79 ms). Equal sizes keep their order.
-pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..tensor_bytes.len()).collect();
-    order.sort_by_key(|&t| std::cmp::Reverse(tensor_bytes[t]));
+/// In which order an update's tensors go into waves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaveOrder {
+    /// Largest first, for reads at HBM speed. A tensor's digest is one dependent fold over its
+    /// chunk digests (~6 ns a chunk) that starts once the tensor is read, and reading a chunk
+    /// from this GPU's memory takes ~1 ns: in the models' own order Qwen3-8B's lm_head (1.2 GB)
+    /// and Qwen3-30B-A3B's last stacked experts came in the last wave, and their folds ran on
+    /// after every byte was read. Largest first, the longest folds have the rest of the update
+    /// to run beside, and the last wave holds the smallest tensors (on H200, digests alone:
+    /// Qwen3-8B 4.90 -> 4.07 ms, Qwen3-30B-A3B 15.78 -> 14.79 ms; Qwen3-30B-A3B's update
+    /// 32.8 -> 31.7 ms). Equal sizes keep their order.
+    LargestFirst,
+    /// As listed, for reads over NVLink: a chunk takes ~11 ns to arrive there, longer than
+    /// its fold, so no fold outlasts the reads whatever the order. Largest first made
+    /// Qwen3-30B-A3B's pull from a peer GPU vary from update to update (164.3-169.5 ms, against
+    /// 164.7-164.8 ms as listed, on 2 x H200; the cause was not found).
+    AsListed,
+}
+
+impl SourceGpu {
+    /// The order of the waves of an update reading these sources.
+    pub fn wave_order(self) -> WaveOrder {
+        match self {
+            SourceGpu::This => WaveOrder::LargestFirst,
+            SourceGpu::Peer => WaveOrder::AsListed,
+        }
+    }
+}
+
+/// Tensors grouped into waves of at most `max_chunks` chunks (a larger tensor is a wave of its
+/// own), in `order` (tests use small bounds to get many waves from small models).
+pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64, order: WaveOrder) -> Vec<Vec<usize>> {
+    let mut tensors: Vec<usize> = (0..tensor_bytes.len()).collect();
+    if order == WaveOrder::LargestFirst {
+        tensors.sort_by_key(|&t| std::cmp::Reverse(tensor_bytes[t]));
+    }
     let mut waves: Vec<Vec<usize>> = Vec::new();
     let mut chunks = 0u64;
-    for t in order {
+    for t in tensors {
         let c = tensor_bytes[t].div_ceil(CHUNK_BYTES);
         match waves.last_mut() {
             Some(wave) if chunks + c <= max_chunks => wave.push(t),
@@ -658,20 +683,70 @@ pub struct Wave {
     pub tensor_bytes: Vec<u64>,
 }
 
-/// 2-D copies (or casts) uploaded once, run with one launch each time.
+/// 2-D copies uploaded once, run with one launch each time.
 pub struct CopyBatch {
-    descs: DeviceBuffer,
-    tile_start: DeviceBuffer,
+    packed: DeviceBuffer,
+    list: TiledList,
+}
+
+/// The small device arrays of a prepared batch (descriptors, runs, prefix sums, tensor lists)
+/// side by side, to upload with one allocation and one copy: a wave has up to 16 of them, and
+/// an allocation, a copy and a free each took longer than the GPU work of a digest of small
+/// tensors. The lists below hold byte offsets in it.
+#[derive(Default)]
+struct Packing(Vec<u8>);
+
+impl Packing {
+    /// Appends `items`, 16-byte aligned; returns their byte offset.
+    fn push<T: Copy>(&mut self, items: &[T]) -> u64 {
+        let at = self.0.len().next_multiple_of(16);
+        self.0.resize(at, 0);
+        self.0.extend_from_slice(as_bytes(items));
+        at as u64
+    }
+
+    fn runs(&mut self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
+        let (start, chunks) = prefix(runs.iter().map(|r| r.bytes), CHUNK_BYTES);
+        Ok(RunList { runs: self.push(runs), start: self.push(&start), count: count(runs.len())?, chunks })
+    }
+
+    fn indices(&mut self, items: &[u32]) -> Result<IndexList, CudaError> {
+        Ok(IndexList { items: self.push(items), count: count(items.len())? })
+    }
+
+    /// 2-D work items of `rows` rows of `len` units each, cut into tiles of `tile` units.
+    fn tiled<T: Copy>(
+        &mut self,
+        descs: &[T],
+        rows_and_len: impl Iterator<Item = (u64, u64)>,
+        tile: u64,
+    ) -> Result<TiledList, CudaError> {
+        let (tile_start, tiles) = tiles(rows_and_len, tile);
+        Ok(TiledList {
+            descs: self.push(descs),
+            tile_start: self.push(&tile_start),
+            count: count(descs.len())?,
+            tiles,
+            tile,
+        })
+    }
+}
+
+/// 2-D copies (or casts) and the first tile of each, at offsets of a [`Packing`].
+struct TiledList {
+    descs: u64,
+    tile_start: u64,
     count: u32,
     tiles: u64,
     /// Units (bytes, or elements for casts) of one tile.
     tile: u64,
 }
 
-/// Runs uploaded once, with the prefix sum of their chunks (the kernel's work index).
+/// Runs, with the prefix sum of their chunks (the kernel's work index), at offsets of a
+/// [`Packing`].
 struct RunList {
-    runs: DeviceBuffer,
-    start: DeviceBuffer,
+    runs: u64,
+    start: u64,
     count: u32,
     chunks: u64,
 }
@@ -681,10 +756,11 @@ struct PreparedWave {
     /// they are copied.
     early: Vec<EarlyGroup>,
     fused: RunList,
-    copies: CopyBatch,
-    casts: CopyBatch,
+    copies: TiledList,
+    casts: TiledList,
     after: RunList,
-    tensor_start: DeviceBuffer,
+    /// Offset of the prefix sum of the wave's tensors' chunks.
+    tensor_start: u64,
     /// The tensors folded once the wave is copied.
     late_tensors: IndexList,
     first_tensor: u32,
@@ -697,7 +773,7 @@ struct EarlyGroup {
 }
 
 struct IndexList {
-    items: DeviceBuffer,
+    items: u64,
     count: u32,
 }
 
@@ -821,6 +897,8 @@ impl FusedKernel {
 /// A whole update prepared once (see [`Gpu::prepare_update`]); also what a batch of digests
 /// of memory in place is (see [`Gpu::prepare_digests`]).
 pub struct UpdateBatch {
+    /// The waves' lists, side by side (see [`Packing`]).
+    packed: DeviceBuffer,
     waves: Vec<PreparedWave>,
     /// How the fused runs are read, from where their sources are (fallback chunks are always
     /// read on this GPU, after the copies wrote them).
@@ -882,8 +960,7 @@ fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(items.as_ptr().cast::<u8>(), std::mem::size_of_val(items)) }
 }
 
-fn upload<T: Copy>(gpu: &Gpu, items: &[T]) -> Result<DeviceBuffer, CudaError> {
-    let bytes = as_bytes(items);
+fn upload(gpu: &Gpu, bytes: &[u8]) -> Result<DeviceBuffer, CudaError> {
     let mut buf = gpu.alloc(bytes.len())?;
     buf.upload(bytes)?;
     Ok(buf)
@@ -921,43 +998,37 @@ impl Gpu {
     /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
     /// is used; weightlift builds batches from buffers it holds or has mapped.
     pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
-        self.prepare_tiled(descs, descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)
-    }
-
-    fn prepare_tiled<T: Copy>(
-        &self,
-        descs: &[T],
-        rows_and_len: impl Iterator<Item = (u64, u64)>,
-        tile: u64,
-    ) -> Result<CopyBatch, CudaError> {
-        let (tile_start, tiles) = tiles(rows_and_len, tile);
-        Ok(CopyBatch {
-            descs: upload(self, descs)?,
-            tile_start: upload(self, &tile_start)?,
-            count: count(descs.len())?,
-            tiles,
-            tile,
-        })
+        let mut packing = Packing::default();
+        let list = packing.tiled(descs, descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)?;
+        Ok(CopyBatch { packed: upload(self, &packing.0)?, list })
     }
 
     /// Queues every copy of the batch on this GPU's stream: one launch.
     pub fn run_copies(&self, batch: &CopyBatch) -> Result<(), CudaError> {
-        self.launch_tiled(&self.kernels().copy, batch, "cuLaunchKernel(batched_copy)")
+        let base = batch.packed.device_ptr();
+        self.launch_tiled(&self.kernels().copy, base, &batch.list, "cuLaunchKernel(batched_copy)")
     }
 
-    /// One launch of a tiled kernel (batched_copy or batched_cast_f32_bf16) over `batch`.
-    fn launch_tiled(&self, kernel: &CudaFunction, batch: &CopyBatch, call: &'static str) -> Result<(), CudaError> {
-        if batch.tiles == 0 {
+    /// One launch of a tiled kernel (batched_copy or batched_cast_f32_bf16) over `list`,
+    /// packed at `base`.
+    fn launch_tiled(
+        &self,
+        kernel: &CudaFunction,
+        base: u64,
+        list: &TiledList,
+        call: &'static str,
+    ) -> Result<(), CudaError> {
+        if list.tiles == 0 {
             return Ok(());
         }
-        let grid = batch.tiles.min(u64::from(self.kernels().grid_stride_blocks())) as u32;
+        let grid = list.tiles.min(u64::from(self.kernels().grid_stride_blocks())) as u32;
         let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (descs, starts) = (batch.descs.device_ptr(), batch.tile_start.device_ptr());
+        let (descs, starts) = (base + list.descs, base + list.tile_start);
         let mut launch = self.stream().launch_builder(kernel);
-        launch.arg(&descs).arg(&starts).arg(&batch.count).arg(&batch.tile);
+        launch.arg(&descs).arg(&starts).arg(&list.count).arg(&list.tile);
         // SAFETY: both tiled kernels take (descriptors, tile starts, count, tile size); every
-        // descriptor addresses live device memory (the batch's contract), and the arrays hold
-        // `count` (+1) entries.
+        // descriptor addresses live device memory (the batch's contract), and the arrays at
+        // `base` (the batch's packed arrays, alive while it is) hold `count` (+1) entries.
         unsafe { launch.launch(config) }.call(call)?;
         Ok(())
     }
@@ -1015,7 +1086,8 @@ impl Gpu {
     pub fn prepare_update(&self, waves: &[Wave], sources: SourceGpu) -> Result<UpdateBatch, CudaError> {
         let order = update_order(waves)?;
         let mut prepared = Vec::with_capacity(waves.len());
-        let (mut max_chunks, mut first_tensor, mut device_bytes) = (0u64, 0u32, 0u64);
+        let mut packing = Packing::default();
+        let (mut max_chunks, mut first_tensor) = (0u64, 0u32);
         for wave in waves {
             let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
             let tensor_of = |slot: u64| tensor_start.partition_point(|&c| c <= slot) - 1;
@@ -1029,14 +1101,11 @@ impl Gpu {
             let [first, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
             let mut early_groups = Vec::with_capacity(2);
             for (runs, tensors) in [(first_runs, first), (early_runs, early)] {
-                early_groups.push(EarlyGroup {
-                    runs: self.upload_runs(&runs)?,
-                    tensors: IndexList { items: upload(self, &tensors)?, count: count(tensors.len())? },
-                });
+                early_groups.push(EarlyGroup { runs: packing.runs(&runs)?, tensors: packing.indices(&tensors)? });
             }
             let after: Vec<FusedRun> =
                 wave.after.iter().map(|&(src, bytes, out)| FusedRun { src, dst: 0, bytes, out }).collect();
-            let (fused, after) = (self.upload_runs(&late_runs)?, self.upload_runs(&after)?);
+            let (fused, after) = (packing.runs(&late_runs)?, packing.runs(&after)?);
             let early_chunks: u64 = early_groups.iter().map(|g| g.runs.chunks).sum();
             if early_chunks + fused.chunks + after.chunks != chunks {
                 return Err(CudaError::Invalid(format!(
@@ -1049,48 +1118,28 @@ impl Gpu {
             let wave = PreparedWave {
                 early: early_groups,
                 fused,
-                copies: self.prepare_copies(&wave.copies)?,
-                casts: self.prepare_tiled(
-                    &wave.casts,
-                    wave.casts.iter().map(|c| (c.rows, c.row_elems)),
-                    CAST_TILE_ELEMS,
-                )?,
+                copies: packing.tiled(&wave.copies, wave.copies.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)?,
+                casts: packing.tiled(&wave.casts, wave.casts.iter().map(|c| (c.rows, c.row_elems)), CAST_TILE_ELEMS)?,
                 after,
-                tensor_start: upload(self, &tensor_start)?,
-                late_tensors: IndexList { items: upload(self, &late_tensors)?, count: count(late_tensors.len())? },
+                tensor_start: packing.push(&tensor_start),
+                late_tensors: packing.indices(&late_tensors)?,
                 first_tensor,
             };
             first_tensor += wave.early.iter().map(|g| g.tensors.count).sum::<u32>() + wave.late_tensors.count;
-            let early_buffers = wave.early.iter().flat_map(|g| [&g.runs.runs, &g.runs.start, &g.tensors.items]);
-            device_bytes += [
-                &wave.fused.runs,
-                &wave.fused.start,
-                &wave.copies.descs,
-                &wave.copies.tile_start,
-                &wave.casts.descs,
-                &wave.casts.tile_start,
-                &wave.after.runs,
-                &wave.after.start,
-                &wave.tensor_start,
-                &wave.late_tensors.items,
-            ]
-            .into_iter()
-            .chain(early_buffers)
-            .map(|b| b.allocated_bytes() as u64)
-            .sum::<u64>();
             prepared.push(wave);
         }
         let chunk_bytes = (max_chunks as usize).max(1) * 8;
         // One wave needs one buffer; the second is a token allocation then.
         let second = if prepared.len() > 1 { chunk_bytes } else { 8 };
+        let packed = upload(self, &packing.0)?;
         let chunks = [self.alloc(chunk_bytes)?, self.alloc(second)?];
         let out = self.alloc((first_tensor as usize).max(1) * 8)?;
-        device_bytes += (chunks[0].allocated_bytes() + chunks[1].allocated_bytes() + out.allocated_bytes()) as u64;
+        let device_bytes = [&packed, &chunks[0], &chunks[1], &out].iter().map(|b| b.allocated_bytes() as u64).sum();
         let kernel = match sources {
             SourceGpu::This => self.local_fused_kernel(),
             SourceGpu::Peer => FusedKernel::PlainLoads,
         };
-        Ok(UpdateBatch { waves: prepared, kernel, chunks, out, order, device_bytes })
+        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, order, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
@@ -1103,6 +1152,7 @@ impl Gpu {
         let k = self.kernels();
         let (main, side) = (self.stream(), self.side_stream());
         let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
+        let base = batch.packed.device_ptr();
         for (w, wave) in batch.waves.iter().enumerate() {
             let chunks = &batch.chunks[w % 2];
             if w >= 2 {
@@ -1111,16 +1161,16 @@ impl Gpu {
             }
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
             for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
-                self.launch_runs(main, &group.runs, chunks, batch.kernel)?;
+                self.launch_runs(main, base, &group.runs, chunks, batch.kernel)?;
                 side.join(main).call("cuStreamWaitEvent")?;
-                self.combine(side, chunks, &wave.tensor_start, &group.tensors, out)?;
+                self.combine(side, chunks, base, wave.tensor_start, &group.tensors, out)?;
             }
-            self.launch_runs(main, &wave.fused, chunks, batch.kernel)?;
-            self.run_copies(&wave.copies)?;
-            self.launch_tiled(&k.cast, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
-            self.launch_runs(main, &wave.after, chunks, self.local_fused_kernel())?;
+            self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
+            self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
+            self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
+            self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
             side.join(main).call("cuStreamWaitEvent")?;
-            self.combine(side, chunks, &wave.tensor_start, &wave.late_tensors, out)?;
+            self.combine(side, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
             folded.push(side.record_event(None).call("cuEventRecord")?);
         }
         main.join(side).call("cuStreamWaitEvent")?;
@@ -1132,11 +1182,6 @@ impl Gpu {
             digests[t] = u64::from_le_bytes(slot.try_into().expect("8 bytes"));
         }
         Ok(digests)
-    }
-
-    fn upload_runs(&self, runs: &[FusedRun]) -> Result<RunList, CudaError> {
-        let (start, chunks) = prefix(runs.iter().map(|r| r.bytes), CHUNK_BYTES);
-        Ok(RunList { runs: upload(self, runs)?, start: upload(self, &start)?, count: count(runs.len())?, chunks })
     }
 
     /// The fused kernels this GPU can run.
@@ -1154,9 +1199,11 @@ impl Gpu {
         }
     }
 
+    /// One launch of the fused kernel over `list`, packed at `base`.
     fn launch_runs(
         &self,
         stream: &CudaStream,
+        base: u64,
         list: &RunList,
         chunks: &DeviceBuffer,
         kernel: FusedKernel,
@@ -1188,10 +1235,11 @@ impl Gpu {
                 (&k.copy_digest_peer, "cuLaunchKernel(copy_digest_peer)", direct(direct_grid(PEER_BLOCKS_PER_SM)))
             }
         };
-        let (runs, starts, out) = (list.runs.device_ptr(), list.start.device_ptr(), chunks.device_ptr());
+        let (runs, starts, out) = (base + list.runs, base + list.start, chunks.device_ptr());
         let mut launch = stream.launch_builder(function);
         launch.arg(&runs).arg(&starts).arg(&list.count).arg(&out);
-        // SAFETY: the three kernels take (runs, chunk starts, count, out) as passed here; runs
+        // SAFETY: the three kernels take (runs, chunk starts, count, out) as passed here; the
+        // lists lie in the batch's packed arrays at `base` (alive while the batch is), runs
         // address live memory (the batch's contract) and every out slot lies inside `chunks`
         // (counted when the batch was prepared); the staged kernel's shared memory was allowed
         // when it was loaded.
@@ -1200,12 +1248,13 @@ impl Gpu {
     }
 
     /// Folds the listed tensors' chunk digests into their digests at `out` (a slot per tensor
-    /// of the wave), one warp per tensor.
+    /// of the wave), one warp per tensor; `chunk_start` and `which` are packed at `base`.
     fn combine(
         &self,
         stream: &CudaStream,
         chunks: &DeviceBuffer,
-        chunk_start: &DeviceBuffer,
+        base: u64,
+        chunk_start: u64,
         which: &IndexList,
         out: u64,
     ) -> Result<(), CudaError> {
@@ -1215,11 +1264,12 @@ impl Gpu {
         let k = self.kernels();
         // One one-warp block per tensor (the kernel's shared stages are per block).
         let config = LaunchConfig { grid_dim: (which.count, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-        let (c, s, w) = (chunks.device_ptr(), chunk_start.device_ptr(), which.items.device_ptr());
+        let (c, s, w) = (chunks.device_ptr(), base + chunk_start, base + which.items);
         let mut launch = stream.launch_builder(&k.combine);
         launch.arg(&c).arg(&s).arg(&w).arg(&which.count).arg(&out);
-        // SAFETY: arguments match the kernel; `which` holds `count` tensor indices of the wave,
-        // each with a slot at `out` (inside the batch's result buffer).
+        // SAFETY: arguments match the kernel; `which` holds `count` tensor indices of the wave
+        // (in the batch's packed arrays, alive while it is), each with a slot at `out` (inside
+        // the batch's result buffer).
         unsafe { launch.launch(config) }.call("cuLaunchKernel(combine_digests)")?;
         Ok(())
     }
@@ -1254,14 +1304,34 @@ mod tests {
     }
 
     #[test]
-    fn waves_take_the_largest_tensors_first() {
+    fn packed_lists_sit_at_16_byte_aligned_offsets_with_their_bytes() {
+        let mut packing = Packing::default();
+        assert_eq!(packing.push(&[1u32, 2, 3]), 0);
+        assert_eq!(packing.push(&[7u64]), 16);
+        let runs = [FusedRun { src: 1, dst: 2, bytes: CHUNK_BYTES + 1, out: 0 }];
+        let list = packing.runs(&runs).unwrap();
+        assert_eq!((list.runs, list.start, list.count, list.chunks), (32, 64, 1, 2));
+        assert_eq!(packing.0.len(), 64 + 16);
+        let u64_at = |at: usize| u64::from_le_bytes(packing.0[at..at + 8].try_into().unwrap());
+        assert_eq!(&packing.0[0..12], as_bytes(&[1u32, 2, 3]));
+        assert_eq!((u64_at(16), u64_at(32 + 16), u64_at(64), u64_at(72)), (7, CHUNK_BYTES + 1, 0, 2));
+        let empty = packing.indices(&[]).unwrap();
+        assert_eq!((empty.items, empty.count), (80, 0));
+    }
+
+    #[test]
+    fn waves_take_the_largest_tensors_first_where_reads_are_local() {
         let c = CHUNK_BYTES;
         // Sizes in chunks 1, 5, 3, 5, 2 with waves of at most 6 chunks: 5 | 5 | 3 2 1.
         let bytes = [c, 5 * c, 3 * c - 7, 5 * c, 2 * c];
-        assert_eq!(waves_of(&bytes, 6), [vec![1], vec![3], vec![2, 4, 0]]);
+        assert_eq!(waves_of(&bytes, 6, WaveOrder::LargestFirst), [vec![1], vec![3], vec![2, 4, 0]]);
+        assert_eq!(waves_of(&bytes, 6, WaveOrder::AsListed), [vec![0, 1], vec![2], vec![3], vec![4]]);
         // A tensor larger than a wave is a wave of its own; an empty one still has a place.
-        assert_eq!(waves_of(&[9 * c, 0, c], 4), [vec![0], vec![2, 1]]);
-        assert!(waves_of(&[], 4).is_empty());
+        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::LargestFirst), [vec![0], vec![2, 1]]);
+        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::AsListed), [vec![0], vec![1, 2]]);
+        assert!(waves_of(&[], 4, WaveOrder::AsListed).is_empty());
+        assert_eq!(SourceGpu::This.wave_order(), WaveOrder::LargestFirst);
+        assert_eq!(SourceGpu::Peer.wave_order(), WaveOrder::AsListed);
     }
 
     #[test]
@@ -1279,16 +1349,18 @@ mod tests {
     #[test]
     fn prop_waves_list_every_tensor_once_within_the_bound() {
         use proptest::prelude::*;
-        proptest!(|(sizes in proptest::collection::vec(0u64..40_000, 0..60), max_chunks in 1u64..12)| {
-            let waves = waves_of(&sizes, max_chunks);
-            let mut seen: Vec<usize> = waves.iter().flatten().copied().collect();
-            let order = seen.clone();
+        proptest!(|(sizes in proptest::collection::vec(0u64..40_000, 0..60), max_chunks in 1u64..12, largest_first: bool)| {
+            let order = if largest_first { WaveOrder::LargestFirst } else { WaveOrder::AsListed };
+            let waves = waves_of(&sizes, max_chunks, order);
+            let listed: Vec<usize> = waves.iter().flatten().copied().collect();
+            let mut seen = listed.clone();
             seen.sort_unstable();
             prop_assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
-            // Largest first, equals in their order.
-            for pair in order.windows(2) {
+            for pair in listed.windows(2) {
                 let (a, b) = (sizes[pair[0]], sizes[pair[1]]);
-                prop_assert!(a > b || (a == b && pair[0] < pair[1]));
+                // Largest first, equals in their order; or simply in their order.
+                let in_order = if largest_first { a > b || (a == b && pair[0] < pair[1]) } else { pair[0] < pair[1] };
+                prop_assert!(in_order, "{:?} of sizes {:?}", listed, sizes);
             }
             for wave in &waves {
                 let chunks: u64 = wave.iter().map(|&t| sizes[t].div_ceil(CHUNK_BYTES)).sum();

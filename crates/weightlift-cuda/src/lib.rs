@@ -29,7 +29,7 @@ pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
     waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu, UpdateBatch, Wave,
-    CHUNK_BYTES, WAVE_CHUNKS,
+    WaveOrder, CHUNK_BYTES, WAVE_CHUNKS,
 };
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};

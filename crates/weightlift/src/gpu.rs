@@ -7,7 +7,8 @@ use weightlift_core::{Manifest, Plan};
 use weightlift_core::DType;
 use weightlift_cuda::{
     waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedKernel, FusedRun, Gpu,
-    OwnedDeviceMemory, SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES, WAVE_CHUNKS,
+    OwnedDeviceMemory, SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, WaveOrder, CHUNK_BYTES,
+    WAVE_CHUNKS,
 };
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
@@ -199,7 +200,7 @@ impl GpuPlan {
         wave_chunks: u64,
     ) -> Result<GpuPlan, CudaError> {
         check_counts(plan, sources, Some(destinations))?;
-        let work = Fusion::of(plan, sources, wave_chunks)?;
+        let work = Fusion::of(plan, sources, wave_chunks, source_gpu.wave_order())?;
         let waves = work.waves(Target::Tensors(destinations));
         let descs = work.all_copies(destinations);
         Ok(GpuPlan {
@@ -264,10 +265,10 @@ impl ExpectedDigests {
         wave_chunks: u64,
     ) -> Result<ExpectedDigests, CudaError> {
         check_counts(plan, sources, None)?;
-        let work = Fusion::of(plan, sources, wave_chunks)?;
+        // A sender digests its own tensors, on its own GPU.
+        let work = Fusion::of(plan, sources, wave_chunks, SourceGpu::This.wave_order())?;
         let scratch = gpu.alloc(work.scratch_bytes() as usize)?;
         let waves = work.waves(Target::DigestOnly { scratch: scratch.device_ptr() });
-        // A sender digests its own tensors, on its own GPU.
         Ok(ExpectedDigests { batch: gpu.prepare_update(&waves, SourceGpu::This)?, scratch })
     }
 
@@ -313,13 +314,15 @@ struct Fusion {
     tensors: Vec<TensorWork>,
     /// Bound on the chunks of one wave.
     wave_chunks: u64,
+    /// Which tensors go into which wave (from where the sources are read).
+    order: WaveOrder,
 }
 
 impl Fusion {
-    fn of(plan: &Plan, sources: &[u64], wave_chunks: u64) -> Result<Fusion, CudaError> {
+    fn of(plan: &Plan, sources: &[u64], wave_chunks: u64, order: WaveOrder) -> Result<Fusion, CudaError> {
         let tensor_bytes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
         let tensors = (0..tensor_bytes.len()).map(|_| TensorWork::default()).collect();
-        let mut fusion = Fusion { tensors, tensor_bytes, wave_chunks };
+        let mut fusion = Fusion { tensors, tensor_bytes, wave_chunks, order };
         for op in &plan.ops {
             let t = op.dst as usize;
             let dst_elt = plan.destinations[t].dtype.size();
@@ -447,7 +450,7 @@ impl Fusion {
 
     /// Scratch a digest-only run needs: the largest wave's fallback bytes.
     fn scratch_bytes(&self) -> u64 {
-        waves_of(&self.tensor_bytes, self.wave_chunks)
+        waves_of(&self.tensor_bytes, self.wave_chunks, self.order)
             .into_iter()
             .map(|tensors| tensors.into_iter().flat_map(|t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
             .max()
@@ -456,7 +459,7 @@ impl Fusion {
 
     /// The work placed at real addresses, in waves.
     fn waves(&self, target: Target<'_>) -> Vec<Wave> {
-        waves_of(&self.tensor_bytes, self.wave_chunks)
+        waves_of(&self.tensor_bytes, self.wave_chunks, self.order)
             .into_iter()
             .map(|tensors| {
                 let mut wave = Wave::default();

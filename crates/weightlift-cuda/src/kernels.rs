@@ -411,6 +411,7 @@ extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* c
 // Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
 // Each thread keeps four loads in flight: with one, the xor that uses it holds back the next.
 #define READ_ALL_LOADS 4
+__device__ __forceinline__ u64 xor_halves(uint4 v) { return ((u64)v.x << 32 | v.y) ^ ((u64)v.z << 32 | v.w); }
 extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
     u64 acc = 0;
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -420,12 +421,9 @@ extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
 #pragma unroll
         for (int k = 0; k < READ_ALL_LOADS; ++k) v[k] = p[i + k * stride];
 #pragma unroll
-        for (int k = 0; k < READ_ALL_LOADS; ++k) acc ^= ((u64)v[k].x << 32 | v[k].y) ^ ((u64)v[k].z << 32 | v[k].w);
+        for (int k = 0; k < READ_ALL_LOADS; ++k) acc ^= xor_halves(v[k]);
     }
-    for (; i < n16; i += stride) {
-        uint4 v = p[i];
-        acc ^= ((u64)v.x << 32 | v.y) ^ ((u64)v.z << 32 | v.w);
-    }
+    for (; i < n16; i += stride) acc ^= xor_halves(p[i]);
     if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
 }
 
@@ -714,6 +712,14 @@ impl Packing {
         Ok(IndexList { items: self.push(items), count: count(items.len())? })
     }
 
+    fn copies(&mut self, descs: &[CopyDesc]) -> Result<TiledList, CudaError> {
+        self.tiled(descs, descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)
+    }
+
+    fn casts(&mut self, descs: &[CastDesc]) -> Result<TiledList, CudaError> {
+        self.tiled(descs, descs.iter().map(|c| (c.rows, c.row_elems)), CAST_TILE_ELEMS)
+    }
+
     /// 2-D work items of `rows` rows of `len` units each, cut into tiles of `tile` units.
     fn tiled<T: Copy>(
         &mut self,
@@ -999,7 +1005,7 @@ impl Gpu {
     /// is used; weightlift builds batches from buffers it holds or has mapped.
     pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
         let mut packing = Packing::default();
-        let list = packing.tiled(descs, descs.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)?;
+        let list = packing.copies(descs)?;
         Ok(CopyBatch { packed: upload(self, &packing.0)?, list })
     }
 
@@ -1118,8 +1124,8 @@ impl Gpu {
             let wave = PreparedWave {
                 early: early_groups,
                 fused,
-                copies: packing.tiled(&wave.copies, wave.copies.iter().map(|d| (d.rows, d.row_bytes)), TILE_BYTES)?,
-                casts: packing.tiled(&wave.casts, wave.casts.iter().map(|c| (c.rows, c.row_elems)), CAST_TILE_ELEMS)?,
+                copies: packing.copies(&wave.copies)?,
+                casts: packing.casts(&wave.casts)?,
                 after,
                 tensor_start: packing.push(&tensor_start),
                 late_tensors: packing.indices(&late_tensors)?,

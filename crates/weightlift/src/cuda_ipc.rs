@@ -351,8 +351,9 @@ fn open_shared(gpu: &Gpu, handle: &str, buffer_id: u64) -> Result<(Arc<IpcMappin
 
 /// What resolving an update's sources did.
 pub(crate) struct Resolved {
-    /// Device address (in this process) of every source tensor.
-    pub ptrs: Vec<u64>,
+    /// Device address (in this process) of every source tensor: the importer's own list,
+    /// shared, the same one from update to update while the sources stay put.
+    pub ptrs: Arc<[u64]>,
     /// Allocations opened for this update (0 once the mappings are warm).
     pub opens: u64,
     /// Whether the sources live on the receiver's own GPU.
@@ -368,14 +369,14 @@ pub(crate) struct Importer {
     /// The sender's VMM pieces imported, by block id, and the ranges mapped from them.
     blocks: HashMap<u64, PhysicalMemory>,
     runs: HashMap<PiecesKey, MappedPieces>,
-    bound: Option<(Vec<u64>, GpuPlan)>,
+    bound: Option<(Arc<[u64]>, GpuPlan)>,
     /// The tensor locations of the last update, and where its segments are mapped here (a
     /// sender omits both when unchanged).
     located: Option<Vec<(u32, u64)>>,
     bases: Option<Vec<(u64, u64)>>,
     /// Every source tensor's address here, from `located` and `bases` (dropped when either
     /// changes).
-    ptrs: Option<Vec<u64>>,
+    ptrs: Option<Arc<[u64]>>,
 }
 
 impl Importer {
@@ -428,9 +429,7 @@ impl Importer {
             None => {
                 let tensors = self.located.as_deref().ok_or("the sender sent no tensor locations")?;
                 let bases = self.bases.as_deref().ok_or("the sender sent no segments")?;
-                let ptrs = locate_in(source, tensors, bases)?;
-                self.ptrs = Some(ptrs.clone());
-                ptrs
+                self.ptrs.insert(locate_in(source, tensors, bases)?.into()).clone()
             }
         };
         Ok(Resolved { ptrs, opens, same_gpu })
@@ -539,7 +538,9 @@ impl Importer {
         sources: &Resolved,
         destinations: &[u64],
     ) -> Result<&GpuPlan, CudaError> {
-        if self.bound.as_ref().is_none_or(|(bound, _)| bound != &sources.ptrs) {
+        // The same list as last time (the sources did not move) needs no comparison.
+        let unmoved = |bound: &Arc<[u64]>| Arc::ptr_eq(bound, &sources.ptrs) || bound == &sources.ptrs;
+        if !self.bound.as_ref().is_some_and(|(bound, _)| unmoved(bound)) {
             self.bound = None;
             let source_gpu = if sources.same_gpu { SourceGpu::This } else { SourceGpu::Peer };
             let bound = GpuPlan::new(gpu, plan, &sources.ptrs, source_gpu, destinations)?;

@@ -312,17 +312,16 @@ struct TensorWork {
 struct Fusion {
     tensor_bytes: Vec<u64>,
     tensors: Vec<TensorWork>,
-    /// Bound on the chunks of one wave.
-    wave_chunks: u64,
-    /// Which tensors go into which wave (from where the sources are read).
-    order: WaveOrder,
+    /// The tensors of each wave (see [`waves_of`]).
+    waves: Vec<Vec<usize>>,
 }
 
 impl Fusion {
     fn of(plan: &Plan, sources: &[u64], wave_chunks: u64, order: WaveOrder) -> Result<Fusion, CudaError> {
         let tensor_bytes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
         let tensors = (0..tensor_bytes.len()).map(|_| TensorWork::default()).collect();
-        let mut fusion = Fusion { tensors, tensor_bytes, wave_chunks, order };
+        let waves = waves_of(&tensor_bytes, wave_chunks, order);
+        let mut fusion = Fusion { tensors, tensor_bytes, waves };
         for op in &plan.ops {
             let t = op.dst as usize;
             let dst_elt = plan.destinations[t].dtype.size();
@@ -450,21 +449,21 @@ impl Fusion {
 
     /// Scratch a digest-only run needs: the largest wave's fallback bytes.
     fn scratch_bytes(&self) -> u64 {
-        waves_of(&self.tensor_bytes, self.wave_chunks, self.order)
-            .into_iter()
-            .map(|tensors| tensors.into_iter().flat_map(|t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
+        self.waves
+            .iter()
+            .map(|tensors| tensors.iter().flat_map(|&t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
             .max()
             .unwrap_or(0)
     }
 
     /// The work placed at real addresses, in waves.
     fn waves(&self, target: Target<'_>) -> Vec<Wave> {
-        waves_of(&self.tensor_bytes, self.wave_chunks, self.order)
-            .into_iter()
+        self.waves
+            .iter()
             .map(|tensors| {
                 let mut wave = Wave::default();
                 let (mut first_chunk, mut scratch_at) = (0u64, 0u64);
-                for t in tensors {
+                for &t in tensors {
                     let work = &self.tensors[t];
                     let ranges = self.fallback_ranges(t);
                     // Where each fallback range's bytes are written, and where a byte at

@@ -30,7 +30,7 @@ pub use pattern::Pattern;
 pub use plan::{
     destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet, StoredPlanError,
 };
-pub use presets::{Preset, PresetOptions};
+pub use presets::{HeadCounts, Preset, PresetOptions};
 pub use rules::{Rule, RuleError, RuleSet};
 pub use spec::{Manifest, ManifestError, TensorSpec};
 pub use version::{Phase, Version, VersionError, VersionState};

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::presets::Preset;
+use crate::presets::{HeadCounts, Preset};
 use crate::spec::{Manifest, TensorSpec};
 
 /// The shape facts of a decoder-only transformer that planning needs.
@@ -122,6 +122,11 @@ impl ModelConfig {
             moe_intermediate: int("moe_intermediate_size").unwrap_or(0),
             dtype,
         })
+    }
+
+    /// The head counts that fix the lengths of q, k and v in the presets' rules.
+    pub fn head_counts(&self) -> HeadCounts {
+        HeadCounts { heads: self.heads, kv_heads: self.kv_heads }
     }
 
     /// The tensors a trainer holds for this model, with Hugging Face names, in module order;

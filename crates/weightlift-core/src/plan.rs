@@ -147,6 +147,23 @@ pub enum Problem {
         from: DType,
         to: DType,
     },
+    /// A part of a fused or stacked destination whose source does not have the shape the
+    /// layout gives it. `shape` is what the part takes from `source` (its segment's, for a
+    /// segment part).
+    PartShape {
+        destination: String,
+        source: String,
+        shape: Vec<u64>,
+        expected: Vec<u64>,
+        by: PartRule,
+    },
+    /// Parts that a rule declares equal (`equal_parts`, such as gate and up) but are not: each
+    /// part's source tensor and shape, in order.
+    UnequalParts {
+        destination: String,
+        dim: usize,
+        parts: Vec<(String, Vec<u64>)>,
+    },
     /// Parts that cannot be concatenated or stacked, or a split that does not apply.
     BadParts {
         destination: String,
@@ -168,13 +185,25 @@ pub enum Problem {
     },
 }
 
+/// What gives a part of a fused or stacked destination its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartRule {
+    /// The rule's `len` for the part, along the rule's `dim`.
+    Len { dim: usize, len: u64 },
+    /// The experts of a stack are alike: most have the expected shape, `like` among them.
+    Experts { like: String },
+}
+
 impl Problem {
     /// The tensor names this problem is about.
     pub fn names(&self) -> Vec<&str> {
         match self {
             Problem::Unmapped { source } | Problem::BadPieces { source, .. } => vec![source],
-            Problem::MissingSource { destination, source } | Problem::DtypeMismatch { destination, source, .. } => {
-                vec![destination, source]
+            Problem::MissingSource { destination, source }
+            | Problem::DtypeMismatch { destination, source, .. }
+            | Problem::PartShape { destination, source, .. } => vec![destination, source],
+            Problem::UnequalParts { destination, parts, .. } => {
+                std::iter::once(destination.as_str()).chain(parts.iter().map(|(name, _)| name.as_str())).collect()
             }
             Problem::NoDestination { destination, sources } => {
                 std::iter::once(destination.as_str()).chain(sources.iter().map(String::as_str)).collect()
@@ -216,6 +245,23 @@ impl fmt::Display for Problem {
             Problem::DtypeMismatch { destination, source, from, to } => {
                 write!(f, "dtype mismatch: `{source}` is {from}, which cannot be cast to {to} for `{destination}`")
             }
+            Problem::PartShape { destination, source, shape, expected, by } => {
+                write!(f, "part shape: `{source}` is {shape:?}, but ")?;
+                match by {
+                    PartRule::Len { dim, len } => write!(
+                        f,
+                        "`{destination}` needs it to be {expected:?} (its rule gives the part {len} along dim {dim})"
+                    ),
+                    PartRule::Experts { like } => {
+                        write!(f, "the other experts of `{destination}` are {expected:?} (as `{like}` is)")
+                    }
+                }
+            }
+            Problem::UnequalParts { destination, dim, parts } => write!(
+                f,
+                "unequal parts: `{destination}` is made of equal parts along dim {dim}, but {}",
+                parts.iter().map(|(name, shape)| format!("`{name}` is {shape:?}")).collect::<Vec<_>>().join(", ")
+            ),
             Problem::BadParts { destination, detail } => write!(f, "bad parts for `{destination}`: {detail}"),
             Problem::Layout { tensor, error } => write!(f, "layout: `{tensor}`: {error}"),
             Problem::BadPieces { source, detail } => write!(f, "bad dim-0 pieces of `{source}`: {detail}"),
@@ -309,17 +355,19 @@ struct Template<'a> {
     parts: Vec<Part>,
     dim: usize,
     stack: Option<&'a Stack>,
+    equal_parts: bool,
 }
 
 fn template(rule: &Rule) -> Option<Template<'_>> {
     match rule {
-        Rule::Map { parts, dim, stack, .. } => {
-            Some(Template { parts: parts.clone(), dim: *dim, stack: stack.as_ref() })
+        Rule::Map { parts, dim, stack, equal_parts, .. } => {
+            Some(Template { parts: parts.clone(), dim: *dim, stack: stack.as_ref(), equal_parts: *equal_parts })
         }
         Rule::Tie { from, split, .. } => Some(Template {
-            parts: vec![Part { from: from.clone(), split: *split, segment: None }],
+            parts: vec![Part { from: from.clone(), split: *split, segment: None, len: None }],
             dim: 0,
             stack: None,
+            equal_parts: false,
         }),
         Rule::Ignore { .. } => None,
     }
@@ -332,6 +380,13 @@ struct Target {
     bindings: Bindings,
     /// `sources[expert][part]`: logical tensor index (one "expert" when not stacked).
     sources: Vec<Vec<Option<usize>>>,
+}
+
+/// What a part takes from its source: the shape of its segment (the whole source when not
+/// segmented) and, for a segment, the dim and index where it starts.
+struct PartSource {
+    shape: Vec<u64>,
+    segment_start: Option<(usize, u64)>,
 }
 
 /// A target with its local shape and the blocks that fill it.
@@ -468,67 +523,33 @@ impl<'a> Planner<'a> {
     /// Computes a target's local shape and copies; records problems and returns None if any.
     fn resolve(&mut self, target: &Target) -> Option<Resolved> {
         let t = self.templates[target.rule].as_ref().expect("targets come from map and tie rules");
-        let mut missing = false;
-        for (expert, slots) in target.sources.iter().enumerate() {
-            for (pi, slot) in slots.iter().enumerate() {
-                if slot.is_none() {
-                    let mut bindings = target.bindings.clone();
-                    if let Some(stack) = t.stack {
-                        bindings = bindings.with(&stack.var, expert.to_string());
-                    }
-                    let source = fill(&t.parts[pi].from, &bindings);
-                    self.problems.push(Problem::MissingSource { destination: target.name.clone(), source });
-                    missing = true;
-                }
+        let checked = self
+            .sources_present(target, t)
+            .and_then(|()| self.part_sources(target, t))
+            .and_then(|parts| self.check_part_sizes(target, t, parts));
+        let parts = match checked {
+            Ok(parts) => parts,
+            Err(problems) => {
+                self.problems.extend(problems);
+                return None;
             }
-        }
-        if missing {
-            return None;
-        }
+        };
         let experts = target.sources.len();
         let bad = |detail: String| Problem::BadParts { destination: target.name.clone(), detail };
 
-        // Each part's shape must be the same for every expert; then its split for this rank.
+        // Each part's split for this rank, found at its segment's offset.
         let mut part_blocks: Vec<Block> = Vec::with_capacity(t.parts.len());
-        for (pi, part) in t.parts.iter().enumerate() {
-            let first = &self.logical[target.sources[0][pi].expect("checked above")];
-            for slots in &target.sources[1..] {
-                let other = &self.logical[slots[pi].expect("checked above")];
-                if other.shape != first.shape {
-                    self.problems.push(bad(format!(
-                        "experts differ in shape: `{}` is {:?}, `{}` is {:?}",
-                        first.name, first.shape, other.name, other.shape
-                    )));
-                    return None;
-                }
-            }
-            // A segment part splits its segment, then finds it at the segment's offset.
-            let mut shape = first.shape.clone();
-            let mut segment_start = None;
-            if let Some(Segment { dim, index, count }) = part.segment {
-                match shape.get(dim) {
-                    Some(&len) if len % count == 0 => {
-                        shape[dim] = len / count;
-                        segment_start = Some((dim, index * (len / count)));
-                    }
-                    _ => {
-                        self.problems.push(bad(format!(
-                            "`{}` ({:?}) has no dim {dim} of {count} equal segments",
-                            first.name, first.shape
-                        )));
-                        return None;
-                    }
-                }
-            }
-            match part.split.slice(&shape, self.tp) {
+        for (pi, (part, source)) in t.parts.iter().zip(&parts).enumerate() {
+            match part.split.slice(&source.shape, self.tp) {
                 Ok(mut block) => {
-                    if let Some((dim, start)) = segment_start {
+                    if let Some((dim, start)) = source.segment_start {
                         block.start[dim] += start;
                     }
                     part_blocks.push(block)
                 }
                 Err(error) => {
-                    self.problems.push(Problem::Layout { tensor: first.name.clone(), error });
+                    let tensor = self.part_tensor(target, pi).name.clone();
+                    self.problems.push(Problem::Layout { tensor, error });
                     return None;
                 }
             }
@@ -593,6 +614,134 @@ impl<'a> Planner<'a> {
         }
         let dtype = self.logical[target.sources[0][0].expect("checked above")].dtype;
         Some(Resolved { name: target.name.clone(), dtype, shape, copies })
+    }
+
+    /// Fails naming every part of `target` whose source tensor is absent.
+    fn sources_present(&self, target: &Target, t: &Template) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        for (expert, slots) in target.sources.iter().enumerate() {
+            for (pi, _) in slots.iter().enumerate().filter(|(_, slot)| slot.is_none()) {
+                let mut bindings = target.bindings.clone();
+                if let Some(stack) = t.stack {
+                    bindings = bindings.with(&stack.var, expert.to_string());
+                }
+                let source = fill(&t.parts[pi].from, &bindings);
+                problems.push(Problem::MissingSource { destination: target.name.clone(), source });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The source tensor of part `pi` of the first expert (the only one when not stacked).
+    fn part_tensor(&self, target: &Target, pi: usize) -> &Logical {
+        &self.logical[target.sources[0][pi].expect("sources checked present")]
+    }
+
+    /// What each part takes from its source. Every expert's tensor for a part must have one
+    /// shape; the segments of a segment part must divide its source.
+    fn part_sources(&self, target: &Target, t: &Template) -> Result<Vec<PartSource>, Vec<Problem>> {
+        let unlike: Vec<Problem> = (0..t.parts.len()).flat_map(|pi| self.unlike_experts(target, pi)).collect();
+        if !unlike.is_empty() {
+            return Err(unlike);
+        }
+        let mut parts = Vec::with_capacity(t.parts.len());
+        for (pi, part) in t.parts.iter().enumerate() {
+            let tensor = self.part_tensor(target, pi);
+            let mut shape = tensor.shape.clone();
+            let mut segment_start = None;
+            if let Some(Segment { dim, index, count }) = part.segment {
+                match shape.get(dim) {
+                    Some(&len) if len % count == 0 => {
+                        shape[dim] = len / count;
+                        segment_start = Some((dim, index * (len / count)));
+                    }
+                    _ => {
+                        return Err(vec![Problem::BadParts {
+                            destination: target.name.clone(),
+                            detail: format!(
+                                "`{}` ({:?}) has no dim {dim} of {count} equal segments",
+                                tensor.name, tensor.shape
+                            ),
+                        }]);
+                    }
+                }
+            }
+            parts.push(PartSource { shape, segment_start });
+        }
+        Ok(parts)
+    }
+
+    /// The experts whose tensor for part `pi` differs in shape from most experts' (from the
+    /// first expert's, when no shape is the most common).
+    fn unlike_experts(&self, target: &Target, pi: usize) -> Vec<Problem> {
+        let tensors: Vec<&Logical> =
+            target.sources.iter().map(|slots| &self.logical[slots[pi].expect("sources checked present")]).collect();
+        if tensors.iter().all(|t| t.shape == tensors[0].shape) {
+            return Vec::new();
+        }
+        let count = |shape: &[u64]| tensors.iter().filter(|t| t.shape == shape).count();
+        let mut common = tensors[0];
+        for tensor in &tensors[1..] {
+            if count(&tensor.shape) > count(&common.shape) {
+                common = tensor;
+            }
+        }
+        tensors
+            .iter()
+            .filter(|t| t.shape != common.shape)
+            .map(|t| Problem::PartShape {
+                destination: target.name.clone(),
+                source: t.name.clone(),
+                shape: t.shape.clone(),
+                expected: common.shape.clone(),
+                by: PartRule::Experts { like: common.name.clone() },
+            })
+            .collect()
+    }
+
+    /// The parts, unless some length along the rule's dim is not the part's `len` or the rule
+    /// declares the parts equal and they are not: then the parts at fault are named.
+    fn check_part_sizes(
+        &self,
+        target: &Target,
+        t: &Template,
+        parts: Vec<PartSource>,
+    ) -> Result<Vec<PartSource>, Vec<Problem>> {
+        let mut problems = Vec::new();
+        for (pi, (part, source)) in t.parts.iter().zip(&parts).enumerate() {
+            let (Some(len), Some(&got)) = (part.len, source.shape.get(t.dim)) else { continue };
+            if got != len {
+                let mut expected = source.shape.clone();
+                expected[t.dim] = len;
+                problems.push(Problem::PartShape {
+                    destination: target.name.clone(),
+                    source: self.part_tensor(target, pi).name.clone(),
+                    shape: source.shape.clone(),
+                    expected,
+                    by: PartRule::Len { dim: t.dim, len },
+                });
+            }
+        }
+        if t.equal_parts && parts.iter().any(|p| p.shape != parts[0].shape) {
+            problems.push(Problem::UnequalParts {
+                destination: target.name.clone(),
+                dim: t.dim,
+                parts: parts
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| (self.part_tensor(target, pi).name.clone(), p.shape.clone()))
+                    .collect(),
+            });
+        }
+        if problems.is_empty() {
+            Ok(parts)
+        } else {
+            Err(problems)
+        }
     }
 
     /// Splits a copy of a whole logical tensor's block into ops on its dim-0 pieces.

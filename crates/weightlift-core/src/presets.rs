@@ -35,6 +35,15 @@ pub struct PresetOptions {
     pub expert_parallel: bool,
 }
 
+/// Attention head counts, from a model's config. With them (and a head dim) the presets give q
+/// exactly `heads * head_dim` rows and k and v `kv_heads * head_dim`, so a q with a head too
+/// many beside a k with one too few is refused, not fused into a `qkv_proj` of the right size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadCounts {
+    pub heads: u64,
+    pub kv_heads: u64,
+}
+
 impl Preset {
     pub const ALL: [Preset; 4] = [Preset::Identity, Preset::Llama, Preset::Qwen3, Preset::Qwen3Moe];
 
@@ -59,13 +68,34 @@ impl Preset {
 
     /// The rule set. Without `head_dim`, q/k/v are split by rows: right at TP 1 only, since
     /// nothing then keeps heads whole or replicates KV heads; callers planning TP > 1 pass it.
+    /// Gate and up are always equal parts; q, k and v have fixed lengths only with
+    /// [`Preset::rules_with_heads`].
     pub fn rules(self, options: PresetOptions) -> Result<RuleSet, RuleError> {
+        self.rules_with_heads(options, None)
+    }
+
+    /// [`Preset::rules`] where the head counts are known too (a config.json): with a head dim,
+    /// each of q, k and v (weight and bias) must be exactly its heads' rows.
+    pub fn rules_with_heads(self, options: PresetOptions, counts: Option<HeadCounts>) -> Result<RuleSet, RuleError> {
         let head_dim = options.head_dim.unwrap_or(1);
         let (heads, kv_heads) = (Split::heads(head_dim), Split::kv_heads(head_dim));
         let (cols, rows, rep) = (Split::columns(), Split::rows(), Split::Replicated);
         let layer = "model.layers.{layer}";
         let attn = format!("{layer}.self_attn");
         let mlp = format!("{layer}.mlp");
+        // Saturating: absurd counts from a config.json give a length no source has, not a panic.
+        let lens = options.head_dim.zip(counts).map(|(d, c)| (c.heads.saturating_mul(d), c.kv_heads.saturating_mul(d)));
+        let qkv = |kind: &str| -> Result<Rule, RuleError> {
+            let part = |proj: &str, split, len| -> Result<Part, RuleError> {
+                Ok(Part { len, ..Part::new(&format!("{attn}.{proj}.{kind}"), split)? })
+            };
+            let parts = vec![
+                part("q_proj", heads, lens.map(|(q, _)| q))?,
+                part("k_proj", kv_heads, lens.map(|(_, kv)| kv))?,
+                part("v_proj", kv_heads, lens.map(|(_, kv)| kv))?,
+            ];
+            Ok(Rule::map(&format!("{attn}.qkv_proj.{kind}"), 0, parts)?)
+        };
         let mut rules = match self {
             Preset::Identity => return RuleSet::new(vec![Rule::rename("{name*}", "{name*}", rep)?]),
             Preset::Llama | Preset::Qwen3 | Preset::Qwen3Moe => vec![
@@ -82,30 +112,15 @@ impl Preset {
                     &format!("{layer}.post_attention_layernorm.weight"),
                     rep,
                 )?,
-                Rule::fuse(
-                    &format!("{attn}.qkv_proj.weight"),
-                    0,
-                    &[
-                        (&format!("{attn}.q_proj.weight"), heads),
-                        (&format!("{attn}.k_proj.weight"), kv_heads),
-                        (&format!("{attn}.v_proj.weight"), kv_heads),
-                    ],
-                )?,
-                Rule::fuse(
-                    &format!("{attn}.qkv_proj.bias"),
-                    0,
-                    &[
-                        (&format!("{attn}.q_proj.bias"), heads),
-                        (&format!("{attn}.k_proj.bias"), kv_heads),
-                        (&format!("{attn}.v_proj.bias"), kv_heads),
-                    ],
-                )?,
+                qkv("weight")?,
+                qkv("bias")?,
                 Rule::rename(&format!("{attn}.o_proj.weight"), &format!("{attn}.o_proj.weight"), rows)?,
                 Rule::fuse(
                     &format!("{mlp}.gate_up_proj.weight"),
                     0,
                     &[(&format!("{mlp}.gate_proj.weight"), cols), (&format!("{mlp}.up_proj.weight"), cols)],
-                )?,
+                )?
+                .with_equal_parts(),
                 Rule::rename(&format!("{mlp}.down_proj.weight"), &format!("{mlp}.down_proj.weight"), rows)?,
                 Rule::ignore(&format!("{attn}.rotary_emb.inv_freq"))?,
                 Rule::tie("model.embed_tokens.weight", "lm_head.weight", cols)?,
@@ -119,16 +134,19 @@ impl Preset {
             let ep = options.expert_parallel;
             let (expert_cols, expert_rows) = if ep { (rep, rep) } else { (cols, rows) };
             rules.push(Rule::rename(&format!("{mlp}.gate.weight"), &format!("{mlp}.gate.weight"), rep)?);
-            rules.push(Rule::stack(
-                &format!("{mlp}.experts.w13_weight"),
-                "expert",
-                ep,
-                0,
-                &[
-                    (&format!("{mlp}.experts.{{expert}}.gate_proj.weight"), expert_cols),
-                    (&format!("{mlp}.experts.{{expert}}.up_proj.weight"), expert_cols),
-                ],
-            )?);
+            rules.push(
+                Rule::stack(
+                    &format!("{mlp}.experts.w13_weight"),
+                    "expert",
+                    ep,
+                    0,
+                    &[
+                        (&format!("{mlp}.experts.{{expert}}.gate_proj.weight"), expert_cols),
+                        (&format!("{mlp}.experts.{{expert}}.up_proj.weight"), expert_cols),
+                    ],
+                )?
+                .with_equal_parts(),
+            );
             rules.push(Rule::stack(
                 &format!("{mlp}.experts.w2_weight"),
                 "expert",

@@ -20,6 +20,11 @@ pub struct Part {
     /// the same source tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segment: Option<Segment>,
+    /// The length along the rule's `dim` that the layout gives this part (of its segment, before
+    /// the split): `heads * head_dim` rows of q. A source of any other length is refused, even
+    /// where the fused total would still fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
 }
 
 /// Segment `index` of `count` equal segments of a source along `dim`.
@@ -32,12 +37,12 @@ pub struct Segment {
 
 impl Part {
     pub fn new(from: &str, split: Split) -> Result<Part, PatternError> {
-        Ok(Part { from: from.parse()?, split, segment: None })
+        Ok(Part { from: from.parse()?, split, segment: None, len: None })
     }
 
     /// Segment `index` of `count` along `dim` of the source `from`, then split.
     pub fn segment(from: &str, dim: usize, index: u64, count: u64, split: Split) -> Result<Part, PatternError> {
-        Ok(Part { from: from.parse()?, split, segment: Some(Segment { dim, index, count }) })
+        Ok(Part { from: from.parse()?, split, segment: Some(Segment { dim, index, count }), len: None })
     }
 }
 
@@ -65,6 +70,10 @@ pub enum Rule {
         dim: usize,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stack: Option<Stack>,
+        /// The parts are equal halves (thirds, ...) of the destination, such as gate and up:
+        /// sources of different shapes are refused rather than concatenated off-centre.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        equal_parts: bool,
     },
     /// Source tensors that are deliberately not sent (e.g. rotary `inv_freq` buffers).
     Ignore { from: Pattern },
@@ -75,16 +84,16 @@ pub enum Rule {
 
 impl Rule {
     pub fn rename(from: &str, to: &str, split: Split) -> Result<Rule, PatternError> {
-        Ok(Rule::Map { to: to.parse()?, parts: vec![Part::new(from, split)?], dim: 0, stack: None })
+        Ok(Rule::Map { to: to.parse()?, parts: vec![Part::new(from, split)?], dim: 0, stack: None, equal_parts: false })
     }
 
     pub fn fuse(to: &str, dim: usize, parts: &[(&str, Split)]) -> Result<Rule, PatternError> {
-        Ok(Rule::Map { to: to.parse()?, parts: parse_parts(parts)?, dim, stack: None })
+        Ok(Rule::Map { to: to.parse()?, parts: parse_parts(parts)?, dim, stack: None, equal_parts: false })
     }
 
     /// A map from parts built with [`Part::new`] or [`Part::segment`].
     pub fn map(to: &str, dim: usize, parts: Vec<Part>) -> Result<Rule, PatternError> {
-        Ok(Rule::Map { to: to.parse()?, parts, dim, stack: None })
+        Ok(Rule::Map { to: to.parse()?, parts, dim, stack: None, equal_parts: false })
     }
 
     pub fn stack(
@@ -99,7 +108,17 @@ impl Rule {
             parts: parse_parts(parts)?,
             dim,
             stack: Some(Stack { var: var.to_string(), expert_parallel }),
+            equal_parts: false,
         })
+    }
+
+    /// The same rule with its parts declared equal (`equal_parts`); only maps have parts, so
+    /// other rules come back unchanged.
+    pub fn with_equal_parts(self) -> Rule {
+        match self {
+            Rule::Map { to, parts, dim, stack, .. } => Rule::Map { to, parts, dim, stack, equal_parts: true },
+            other => other,
+        }
     }
 
     pub fn ignore(from: &str) -> Result<Rule, PatternError> {
@@ -153,6 +172,9 @@ impl Rule {
                         if index >= count {
                             return Err(format!("part `{}`: segment {index} of {count} does not exist", part.from));
                         }
+                    }
+                    if part.len == Some(0) {
+                        return Err(format!("part `{}`: a len of 0 leaves nothing to copy", part.from));
                     }
                     let mut got = part.from.variables();
                     got.sort_unstable();

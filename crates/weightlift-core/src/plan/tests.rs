@@ -9,8 +9,10 @@ use crate::layout::Split;
 use crate::models::{synthetic, ModelConfig};
 use crate::presets::{Preset, PresetOptions};
 
+/// The preset's rules as a config gives them: head dim and head counts known.
 fn rules_for(config: &ModelConfig, expert_parallel: bool) -> RuleSet {
-    config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel }).unwrap()
+    let options = PresetOptions { head_dim: Some(config.head_dim), expert_parallel };
+    config.preset.rules_with_heads(options, Some(config.head_counts())).unwrap()
 }
 
 fn spec(name: &str, dtype: DType, shape: &[u64]) -> TensorSpec {
@@ -625,4 +627,204 @@ fn a_segment_that_does_not_divide_its_dim_is_named() {
     assert!(err.contains("`gu`") && err.contains("2 equal segments"), "{err}");
     let bad = Rule::map("w", 0, vec![Part::segment("gu", 0, 2, 2, Split::Replicated).unwrap()]).unwrap();
     assert!(RuleSet::new(vec![bad]).unwrap_err().to_string().contains("segment 2 of 2"));
+}
+
+/// `model`'s source tensors with the shapes of `changes` (name, new shape) instead.
+fn reshaped(model: &Manifest, changes: &[(&str, &[u64])]) -> SourceSet {
+    let specs = model
+        .iter()
+        .map(|s| match changes.iter().find(|(name, _)| *name == s.name) {
+            Some((_, shape)) => TensorSpec::new(s.name.clone(), s.dtype, shape.to_vec()),
+            None => s.clone(),
+        })
+        .collect();
+    SourceSet::single(manifest(specs))
+}
+
+/// Plans `source` for every rank of `tp_size` against the manifests the valid `model` gives
+/// the engine, and derives the engine manifest from `source` alone: all must fail.
+fn refusals(model: &Manifest, source: &SourceSet, rules: &RuleSet, tp_size: u32) -> Vec<PlanError> {
+    let valid = SourceSet::single(model.clone());
+    let mut errors = Vec::new();
+    for tp in TpRank::all(tp_size) {
+        let engine = destination_manifest(&valid, rules, tp, None, false).unwrap();
+        errors.push(plan(source, &engine, rules, tp).expect_err("plans against the engine"));
+        errors.push(destination_manifest(source, rules, tp, None, false).expect_err("derives a manifest"));
+    }
+    errors
+}
+
+#[test]
+fn gate_and_up_of_unequal_sizes_are_refused_naming_both() {
+    // gate [I+2, H] beside up [I-2, H] fuses into a gate_up_proj of the right size, with two
+    // gate rows in the up half: the parts are declared equal, so this is refused.
+    let config = synthetic("llama-tiny").unwrap();
+    let (i, h) = (config.intermediate, config.hidden);
+    let model = config.source_manifest();
+    let (gate, up) = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight");
+    let source = reshaped(&model, &[(gate, &[i + 2, h]), (up, &[i - 2, h])]);
+    for tp_size in [1, 2] {
+        for err in refusals(&model, &source, &rules_for(&config, false), tp_size) {
+            let want = Problem::UnequalParts {
+                destination: "model.layers.0.mlp.gate_up_proj.weight".into(),
+                dim: 0,
+                parts: vec![(gate.into(), vec![i + 2, h]), (up.into(), vec![i - 2, h])],
+            };
+            assert_eq!(err.problems, vec![want], "tp {tp_size}: {err}");
+            assert!(err.to_string().contains(&format!("`{gate}` is [130, 64], `{up}` is [126, 64]")), "{err}");
+        }
+    }
+}
+
+#[test]
+fn q_with_a_head_too_many_and_k_with_one_too_few_are_refused_at_tp1_and_tp2() {
+    // 4 query heads and 2 KV heads of 16: q [80, H] and k [16, H] make a qkv_proj of the right
+    // total at TP 1; at TP 2 k's single head would be replicated to both ranks.
+    let config = synthetic("llama-tiny").unwrap();
+    let (hd, h) = (config.head_dim, config.hidden);
+    let model = config.source_manifest();
+    let (q, k) = ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight");
+    let source = reshaped(&model, &[(q, &[5 * hd, h]), (k, &[hd, h])]);
+    let qkv = "model.layers.1.self_attn.qkv_proj.weight";
+    let wrong = |source: &str, heads: u64, want: u64| Problem::PartShape {
+        destination: qkv.into(),
+        source: source.into(),
+        shape: vec![heads * hd, h],
+        expected: vec![want * hd, h],
+        by: PartRule::Len { dim: 0, len: want * hd },
+    };
+    for tp_size in [1, 2] {
+        for err in refusals(&model, &source, &rules_for(&config, false), tp_size) {
+            assert_eq!(err.problems, vec![wrong(q, 5, 4), wrong(k, 1, 2)], "tp {tp_size}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(&format!("part shape: `{q}` is [80, 64], but `{qkv}` needs it to be [64, 64]")));
+            assert!(text.contains(&format!("part shape: `{k}` is [16, 64], but `{qkv}` needs it to be [32, 64]")));
+        }
+    }
+}
+
+#[test]
+fn an_expert_unlike_the_others_is_named_itself_and_expert_gate_and_up_must_be_equal() {
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let (i, h) = (config.moe_intermediate, config.hidden);
+    let model = config.source_manifest();
+    let expert = |e: u64, proj: &str| format!("model.layers.1.mlp.experts.{e}.{proj}.weight");
+    let w13 = "model.layers.1.mlp.experts.w13_weight";
+    // Expert 0 is the odd one out: it is named, not the first expert that differs from it.
+    let odd = expert(0, "gate_proj");
+    let source = reshaped(&model, &[(&odd, &[i + 1, h])]);
+    for (ep, tp_size) in [(false, 1), (false, 2), (true, 2)] {
+        for err in refusals(&model, &source, &rules_for(&config, ep), tp_size) {
+            let want = Problem::PartShape {
+                destination: w13.into(),
+                source: odd.clone(),
+                shape: vec![i + 1, h],
+                expected: vec![i, h],
+                by: PartRule::Experts { like: expert(1, "gate_proj") },
+            };
+            assert_eq!(err.problems, vec![want], "ep {ep} tp {tp_size}: {err}");
+        }
+    }
+    // Every expert with gate [I+2, H] and up [I-2, H]: alike, but not equal halves.
+    let mut changes: Vec<(String, Vec<u64>)> = Vec::new();
+    for e in 0..config.experts {
+        changes.push((expert(e, "gate_proj"), vec![i + 2, h]));
+        changes.push((expert(e, "up_proj"), vec![i - 2, h]));
+    }
+    let changes: Vec<(&str, &[u64])> = changes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let source = reshaped(&model, &changes);
+    for err in refusals(&model, &source, &rules_for(&config, false), 2) {
+        let want = Problem::UnequalParts {
+            destination: w13.into(),
+            dim: 0,
+            parts: vec![(expert(0, "gate_proj"), vec![i + 2, h]), (expert(0, "up_proj"), vec![i - 2, h])],
+        };
+        assert_eq!(err.problems, vec![want], "{err}");
+    }
+}
+
+#[test]
+fn json_rules_declare_part_lengths_and_equal_parts() {
+    let text = r#"[
+        {"kind": "map", "to": "l.qkv", "parts": [
+            {"from": "l.q", "split": "replicated", "len": 4},
+            {"from": "l.k", "split": "replicated", "len": 2}]},
+        {"kind": "map", "to": "l.gate_up", "equal_parts": true, "parts": [
+            {"from": "l.gate", "split": "replicated"},
+            {"from": "l.up", "split": "replicated"}]}
+    ]"#;
+    let rules = RuleSet::from_json(text).unwrap();
+    let back = serde_json::to_string(&rules).unwrap();
+    assert_eq!(RuleSet::from_json(&back).unwrap(), rules);
+    let shapes = |q: u64, gate: u64| {
+        let src = manifest(vec![
+            spec("l.q", DType::F32, &[q, 3]),
+            spec("l.k", DType::F32, &[6 - q, 3]),
+            spec("l.gate", DType::F32, &[gate, 3]),
+            spec("l.up", DType::F32, &[8 - gate, 3]),
+        ]);
+        let engine = manifest(vec![spec("l.qkv", DType::F32, &[6, 3]), spec("l.gate_up", DType::F32, &[8, 3])]);
+        plan(&SourceSet::single(src), &engine, &rules, TpRank::SINGLE)
+    };
+    assert!(shapes(4, 4).is_ok());
+    let err = shapes(5, 3).unwrap_err();
+    let named: BTreeSet<&str> = err.problems.iter().flat_map(Problem::names).collect();
+    let want: BTreeSet<&str> = ["l.qkv", "l.q", "l.k", "l.gate_up", "l.gate", "l.up"].into();
+    assert_eq!(named, want, "{err}");
+    assert_eq!(err.problems.len(), 3, "q, k and gate/up: {err}");
+    // Rules that say neither serialise as they always did.
+    let plain = RuleSet::new(vec![Rule::fuse("ab", 0, &[("a", Split::Replicated), ("b", Split::Replicated)]).unwrap()]);
+    let json = serde_json::to_string(&plain.unwrap()).unwrap();
+    assert!(!json.contains("len") && !json.contains("equal_parts"), "{json}");
+    assert!(RuleSet::from_json(
+        r#"[{"kind": "map", "to": "a", "parts": [{"from": "a", "split": "replicated", "len": 0}]}]"#
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("len of 0"));
+}
+
+/// The source tensors that are one part of a fused or stacked destination under the presets
+/// (q, k, v, gate, up and every expert's projections).
+fn fused_parts(model: &Manifest) -> Vec<&TensorSpec> {
+    let fused = [".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.", ".experts."];
+    model.iter().filter(|s| fused.iter().any(|f| s.name.contains(f))).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// In a valid model, one fused or stacked part made longer or shorter (by a row or by a
+    /// head) fails planning and deriving the engine's manifest, with a problem naming that part.
+    #[test]
+    fn one_part_of_the_wrong_size_is_named(
+        (config, tp_size, ep, _, _) in small_config(),
+        pick in any::<prop::sample::Index>(),
+        by_heads in any::<bool>(),
+        grow in any::<bool>(),
+    ) {
+        prop_assume!(config.preset != Preset::Identity);
+        let model = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let tp = TpRank { rank: tp_size - 1, size: tp_size };
+        let engine = destination_manifest(&SourceSet::single(model.clone()), &rules, tp, None, false);
+        prop_assume!(engine.is_ok());
+        let parts = fused_parts(&model);
+        let victim = pick.get(&parts);
+        let step = if by_heads && victim.name.contains(".self_attn.") { config.head_dim } else { 1 };
+        let mut shape = victim.shape.clone();
+        shape[0] = if grow || shape[0] <= step { shape[0] + step } else { shape[0] - step };
+        let source = reshaped(&model, &[(&victim.name, &shape)]);
+        let errors = [
+            plan(&source, &engine.unwrap(), &rules, tp).expect_err("plans against the engine"),
+            destination_manifest(&source, &rules, tp, None, false).expect_err("derives a manifest"),
+        ];
+        for err in errors {
+            let named = err.problems.iter().any(|p| {
+                matches!(p, Problem::PartShape { .. } | Problem::UnequalParts { .. })
+                    && p.names().contains(&victim.name.as_str())
+            });
+            prop_assert!(named, "`{}` {:?} -> {:?} not named as a part:\n{}", victim.name, victim.shape, shape, err);
+        }
+    }
 }

@@ -744,6 +744,18 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// The distinct source tensors a target is made of, in order.
+    fn source_names(&self, target: &Target) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for li in target.sources.iter().flatten().flatten() {
+            let name = &self.logical[*li].name;
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
     /// Splits a copy of a whole logical tensor's block into ops on its dim-0 pieces.
     fn ops_for(&self, li: usize, block: &Block, dst: u32, dst_start: &[u64], out: &mut Vec<CopyOp>) {
         let tensor = &self.logical[li];
@@ -795,18 +807,16 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
     let mut written = vec![false; destination.len()];
     let mut ops = Vec::new();
     for target in &targets {
-        // A parameter whose sources have problems is still accounted for, not "not written".
-        if let Some(dst) = destination.position(&target.name) {
-            written[dst] = true;
-        }
-        let Some(resolved) = planner.resolve(target) else { continue };
-        let Some(dst) = destination.position(&resolved.name) else {
-            let mut sources: Vec<String> =
-                resolved.copies.iter().map(|(li, _, _)| planner.logical[*li].name.clone()).collect();
-            sources.dedup();
-            planner.problems.push(Problem::NoDestination { destination: resolved.name, sources });
+        // Sources for a parameter the engine lacks are reported as themselves, not as the
+        // partners they are missing (an extra layer's up_proj is not a missing gate_proj).
+        let Some(dst) = destination.position(&target.name) else {
+            let sources = planner.source_names(target);
+            planner.problems.push(Problem::NoDestination { destination: target.name.clone(), sources });
             continue;
         };
+        // A parameter whose sources have problems is still accounted for, not "not written".
+        written[dst] = true;
+        let Some(resolved) = planner.resolve(target) else { continue };
         let spec = &destination.specs()[dst];
         if spec.shape != resolved.shape {
             planner.problems.push(Problem::ShapeMismatch {

@@ -744,6 +744,38 @@ fn an_expert_unlike_the_others_is_named_itself_and_expert_gate_and_up_must_be_eq
 }
 
 #[test]
+fn a_tensor_for_a_parameter_the_engine_lacks_is_reported_as_itself() {
+    // A third layer's up_proj (or expert) in a 2-layer engine: no layers.2 gate_up_proj (or
+    // w2_weight) to fill, rather than a gate_proj (or other experts) missing beside it.
+    for (name, extra, destination) in [
+        ("llama-tiny", "model.layers.2.mlp.up_proj.weight", "model.layers.2.mlp.gate_up_proj.weight"),
+        ("qwen3-moe-tiny", "model.layers.2.mlp.experts.3.down_proj.weight", "model.layers.2.mlp.experts.w2_weight"),
+    ] {
+        let config = synthetic(name).unwrap();
+        let model = config.source_manifest();
+        let rules = rules_for(&config, false);
+        let engine =
+            destination_manifest(&SourceSet::single(model.clone()), &rules, TpRank::SINGLE, None, false).unwrap();
+        let mut specs = model.specs().to_vec();
+        specs.push(spec(extra, DType::BF16, &[8, 8]));
+        let err = plan(&SourceSet::single(manifest(specs)), &engine, &rules, TpRank::SINGLE).unwrap_err();
+        let want = Problem::NoDestination { destination: destination.into(), sources: vec![extra.into()] };
+        assert_eq!(err.problems, vec![want], "{err}");
+        assert!(err.to_string().contains(&format!("no destination: `{destination}` (from `{extra}`)")), "{err}");
+    }
+    // Where the engine has the parameter, a partner that is not there is still missing.
+    let config = synthetic("llama-tiny").unwrap();
+    let model = config.source_manifest();
+    let rules = rules_for(&config, false);
+    let engine = destination_manifest(&SourceSet::single(model.clone()), &rules, TpRank::SINGLE, None, false).unwrap();
+    let gate = "model.layers.1.mlp.gate_proj.weight";
+    let specs = model.iter().filter(|s| s.name != gate).cloned().collect();
+    let err = plan(&SourceSet::single(manifest(specs)), &engine, &rules, TpRank::SINGLE).unwrap_err();
+    let destination = "model.layers.1.mlp.gate_up_proj.weight".to_string();
+    assert_eq!(err.problems, vec![Problem::MissingSource { destination, source: gate.into() }], "{err}");
+}
+
+#[test]
 fn json_rules_declare_part_lengths_and_equal_parts() {
     let text = r#"[
         {"kind": "map", "to": "l.qkv", "parts": [

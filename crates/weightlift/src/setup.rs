@@ -110,7 +110,9 @@ impl MappingOptions {
             )));
         }
         let options = PresetOptions { head_dim, expert_parallel: self.expert_parallel };
-        let rules = preset.rules(options).map_err(|e| SetupError::Invalid(e.to_string()))?;
+        // With the config's head counts, q, k and v are checked one by one, not just as a total.
+        let counts = model.config().map(ModelConfig::head_counts);
+        let rules = preset.rules_with_heads(options, counts).map_err(|e| SetupError::Invalid(e.to_string()))?;
         Ok((rules, preset.name().to_string()))
     }
 

@@ -249,6 +249,12 @@ impl MappedFile {
     /// Maps the whole file at `path` read-only.
     pub fn open(path: &Path) -> Result<MappedFile, MapError> {
         let file = File::open(path).map_err(io_error("open", path))?;
+        MappedFile::from_file(file, path)
+    }
+
+    /// Maps the whole of `file`, already open (and checked by the caller: a regular file, opened
+    /// without waiting on a FIFO), read-only; `path` names it in errors.
+    pub fn from_file(file: File, path: &Path) -> Result<MappedFile, MapError> {
         let len = file.metadata().map_err(io_error("metadata", path))?.len();
         let map = if len == 0 {
             None

@@ -1,10 +1,12 @@
 //! A directory of `.safetensors` files (a Hugging Face checkpoint) as a source manifest.
 //! Only headers are read here; tensor data stays on disk until a transfer needs it.
 
-use std::fs::File;
+use std::fs::{File, FileType, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::OFlags;
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::Dtype;
 use weightlift_core::{DType, Manifest, ManifestError, ModelConfig, TensorSpec};
@@ -22,12 +24,18 @@ pub enum SourceError {
     UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
     #[error("tensor `{tensor}` appears in both {} and {}", first.display(), second.display())]
     DuplicateTensor { tensor: String, first: PathBuf, second: PathBuf },
+    /// A directory, FIFO, socket or device where a file is read: refused before anything
+    /// waits on it (a FIFO blocks its reader until a writer comes).
+    #[error("{} is a {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("{} holds no .safetensors files", dir.display())]
     NoFiles { dir: PathBuf },
     #[error("{}: {reason}", path.display())]
     Config { path: PathBuf, reason: String },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Map(#[from] weightlift_cuda::MapError),
 }
 
 /// Where one tensor's bytes are: file and byte range within it.
@@ -53,13 +61,16 @@ pub struct SafetensorsDir {
 impl SafetensorsDir {
     /// Reads the headers of every `*.safetensors` file in `dir` (sorted by name) and its
     /// `config.json` if present. Every tensor is listed in file order, then offset order.
+    /// Only regular files (or links to them) are read; anything else is refused by name.
     pub fn open(dir: &Path) -> Result<SafetensorsDir, SourceError> {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SourceError::Io { path, source }
-        };
+        SafetensorsDir::open_files(dir).map(|(dir, _)| dir)
+    }
+
+    /// As [`open`](SafetensorsDir::open), with each file as it was opened and checked, and its
+    /// length then (parallel to `files`), so a caller maps the very files whose headers were read.
+    pub(crate) fn open_files(dir: &Path) -> Result<(SafetensorsDir, Vec<(File, u64)>), SourceError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io_err(dir))?
+            .map_err(|source| SourceError::Io { path: dir.to_path_buf(), source })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
@@ -68,11 +79,14 @@ impl SafetensorsDir {
             return Err(SourceError::NoFiles { dir: dir.to_path_buf() });
         }
 
+        let mut opened = Vec::with_capacity(files.len());
         let mut specs = Vec::new();
         let mut locations = Vec::new();
         let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for (file_index, path) in files.iter().enumerate() {
-            let (header_len, metadata) = read_header(path)?;
+            let (mut file, file_len) = open_regular(path)?;
+            let (header_len, metadata) = read_header(path, &mut file, file_len)?;
+            opened.push((file, file_len));
             for name in metadata.offset_keys() {
                 let info: &TensorInfo = metadata.info(&name).expect("offset_keys lists known names");
                 if let Some(&first) = seen.get(&name) {
@@ -100,36 +114,88 @@ impl SafetensorsDir {
         let manifest = Manifest::new(specs)?;
 
         let config_path = dir.join("config.json");
-        let config = match std::fs::read_to_string(&config_path) {
+        let config = match read_text(&config_path) {
             Ok(text) => {
                 let name = dir.file_name().map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned());
                 let config = ModelConfig::from_hf_json(&name, &text)
                     .map_err(|e| SourceError::Config { path: config_path.clone(), reason: e.to_string() })?;
                 Some(config)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => return Err(SourceError::Io { path: config_path, source }),
+            Err(SourceError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
         };
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), files, manifest, locations, config })
+        let dir = SafetensorsDir { dir: dir.to_path_buf(), files, manifest, locations, config };
+        Ok((dir, opened))
     }
+}
+
+/// Opens `path` to read if it is a regular file (links are followed), with its length.
+///
+/// The path's type is checked before opening, so nothing else is ever opened (opening a device
+/// can do things of its own; a socket cannot be opened at all), and again on the opened
+/// descriptor, which is what is read, in case the name changed in between. The open is
+/// non-blocking, so a FIFO swapped in does not wait for a writer; reads are blocking again
+/// once the file is known to be regular.
+fn open_regular(path: &Path) -> Result<(File, u64), SourceError> {
+    let io_err = |source: io::Error| SourceError::Io { path: path.to_path_buf(), source };
+    refuse_unless_regular(path, std::fs::metadata(path).map_err(io_err)?.file_type())?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)
+        .map_err(io_err)?;
+    let metadata = file.metadata().map_err(io_err)?;
+    refuse_unless_regular(path, metadata.file_type())?;
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| io_err(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK).map_err(|e| io_err(e.into()))?;
+    Ok((file, metadata.len()))
+}
+
+/// A whole regular file as text (config.json and other small JSON files).
+fn read_text(path: &Path) -> Result<String, SourceError> {
+    let (mut file, _) = open_regular(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?;
+    Ok(text)
+}
+
+fn refuse_unless_regular(path: &Path, file_type: FileType) -> Result<(), SourceError> {
+    let kind = if file_type.is_file() {
+        return Ok(());
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    };
+    Err(SourceError::NotRegular { path: path.to_path_buf(), kind })
 }
 
 /// Reads and validates one file's header without reading its data: the header's offsets
 /// must tile the data section, and the data section must end exactly at the end of the file.
-fn read_header(path: &Path) -> Result<(u64, Metadata), SourceError> {
+fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<(u64, Metadata), SourceError> {
     let malformed = |reason: String| SourceError::Malformed { path: path.to_path_buf(), reason };
-    let io_err = |source| SourceError::Io { path: path.to_path_buf(), source };
-    let mut file = File::open(path).map_err(io_err)?;
-    let file_len = file.metadata().map_err(io_err)?.len();
+    let read_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::UnexpectedEof => malformed(format!("{file_len} bytes is too short for a header")),
+        _ => SourceError::Io { path: path.to_path_buf(), source },
+    };
     let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix).map_err(|_| malformed(format!("{file_len} bytes is too short for a header")))?;
+    file.read_exact(&mut prefix).map_err(read_err)?;
     let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+    if header_len > MAX_HEADER_BYTES || header_len > file_len.saturating_sub(8) {
         return Err(malformed(format!("header length {header_len} does not fit in a {file_len}-byte file")));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(io_err)?;
-    let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| malformed(format!("bad header: {e}")))?;
+    file.read_exact(&mut header).map_err(read_err)?;
+    let bad = |e: serde_json::Error| malformed(format!("bad header: {e}"));
+    let metadata: Metadata = serde_json::from_slice(&header).map_err(bad)?;
     let expected = 8 + header_len + metadata.data_len() as u64;
     if expected != file_len {
         return Err(malformed(format!("the header describes {expected} bytes but the file has {file_len}")));
@@ -271,6 +337,51 @@ mod tests {
         let dir = temp_dir("empty");
         assert!(matches!(SafetensorsDir::open(&dir).unwrap_err(), SourceError::NoFiles { .. }));
         assert!(matches!(SafetensorsDir::open(&dir.join("absent")).unwrap_err(), SourceError::Io { .. }));
+    }
+
+    /// Opens `dir` on another thread, failing (not hanging) if that takes more than 10 s: a
+    /// FIFO opened the blocking way waits for a writer. Such a FIFO is then opened for writing
+    /// and closed, so the stuck reader returns.
+    fn open_within_seconds(dir: &Path, fifo: Option<&Path>) -> Result<SafetensorsDir, SourceError> {
+        let (done, result) = std::sync::mpsc::channel();
+        let path = dir.to_path_buf();
+        std::thread::spawn(move || drop(done.send(SafetensorsDir::open(&path))));
+        let answer = result.recv_timeout(std::time::Duration::from_secs(10));
+        if let (Err(_), Some(fifo)) = (&answer, fifo) {
+            let _ = rustix::fs::open(fifo, OFlags::WRONLY | OFlags::NONBLOCK, rustix::fs::Mode::empty());
+        }
+        answer.unwrap_or_else(|_| panic!("opening {} did not return within 10 s", dir.display()))
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_others_are_named() {
+        let mkfifo = |path: &Path| rustix::fs::mkfifoat(rustix::fs::CWD, path, rustix::fs::Mode::RUSR).unwrap();
+        let dir = temp_dir("fifo");
+        let fifo = dir.join("model.safetensors");
+        mkfifo(&fifo);
+        let err = open_within_seconds(&dir, Some(&fifo)).unwrap_err();
+        assert!(matches!(err, SourceError::NotRegular { kind: "FIFO", .. }), "{err}");
+        assert_eq!(err.to_string(), format!("{} is a FIFO, not a regular file", fifo.display()));
+
+        let dir = temp_dir("dir");
+        std::fs::create_dir(dir.join("model.safetensors")).unwrap();
+        let err = SafetensorsDir::open(&dir).unwrap_err().to_string();
+        assert!(err.ends_with("model.safetensors is a directory, not a regular file"), "{err}");
+
+        let dir = temp_dir("socket");
+        let _socket = std::os::unix::net::UnixListener::bind(dir.join("model.safetensors")).unwrap();
+        let err = SafetensorsDir::open(&dir).unwrap_err().to_string();
+        assert!(err.ends_with("model.safetensors is a socket, not a regular file"), "{err}");
+
+        // A link to a regular file is read; a config.json that is a FIFO is refused too.
+        let dir = temp_dir("linked");
+        write_zeros(&dir.join("weights.bin"), &specs());
+        std::os::unix::fs::symlink(dir.join("weights.bin"), dir.join("model.safetensors")).unwrap();
+        assert_eq!(SafetensorsDir::open(&dir).unwrap().manifest.len(), 3);
+        let config = dir.join("config.json");
+        mkfifo(&config);
+        let err = open_within_seconds(&dir, Some(&config)).unwrap_err().to_string();
+        assert!(err.ends_with("config.json is a FIFO, not a regular file"), "{err}");
     }
 
     #[test]

@@ -169,14 +169,25 @@ pub struct CheckpointTensors {
 }
 
 impl CheckpointTensors {
+    /// Reads the headers of the checkpoint at `path` and maps its files: the very files whose
+    /// headers were read and checked (regular files only).
     pub fn open(path: &Path) -> Result<CheckpointTensors, SourceError> {
-        let dir = SafetensorsDir::open(path)?;
+        let (dir, opened) = SafetensorsDir::open_files(path)?;
         let files = dir
             .files
             .iter()
-            .map(|f| {
-                MappedFile::open(f)
-                    .map_err(|e| SourceError::Io { path: f.clone(), source: std::io::Error::other(e.to_string()) })
+            .zip(opened)
+            .map(|(path, (file, len))| {
+                let mapped = MappedFile::from_file(file, path)?;
+                // The header's ranges were checked against `len`; a file that changed since
+                // would have tensors past the end of its map.
+                if mapped.len() as u64 != len {
+                    return Err(SourceError::Malformed {
+                        path: path.clone(),
+                        reason: format!("it changed while read: {len} bytes at its header, {} mapped", mapped.len()),
+                    });
+                }
+                Ok(mapped)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CheckpointTensors { dir, files })

@@ -1,13 +1,35 @@
 //! `weightlift plan` end to end, through the built binary.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use weightlift::core::{synthetic, DType, TensorSpec};
 use weightlift::safetensors_dir::write_file;
 
 fn weightlift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weightlift")).args(args).output().expect("runs the binary")
+}
+
+/// Runs the binary, killing it (and failing) if it takes more than 20 s: a regression that
+/// waits on a FIFO must not hang the suite.
+fn weightlift_within_20s(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weightlift"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs the binary");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("`weightlift {}` did not finish within 20 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
@@ -136,6 +158,28 @@ fn malformed_safetensors_is_a_clear_error_not_a_panic() {
     let err = stderr(&out);
     assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn plan_and_push_refuse_what_is_not_a_regular_file_alike() {
+    let fifo = temp_dir("fifo");
+    let path = fifo.join("model.safetensors");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &path, rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR).unwrap();
+    let fifo_message = format!("{} is a FIFO, not a regular file", path.display());
+    let directory = temp_dir("directory");
+    std::fs::create_dir(directory.join("model.safetensors")).unwrap();
+    let directory_message =
+        format!("{} is a directory, not a regular file", directory.join("model.safetensors").display());
+    let nobody = format!("unix:{}", temp_dir("nobody").join("r.sock").display());
+    for (dir, message) in [(fifo, fifo_message), (directory, directory_message)] {
+        let dir = dir.to_str().unwrap();
+        let plan = weightlift_within_20s(&["plan", "--model", dir, "--preset", "qwen3"]);
+        let push = weightlift_within_20s(&["push", "--model", dir, "--preset", "qwen3", "--to", &nobody]);
+        for out in [&plan, &push] {
+            assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+            assert_eq!(stderr(out), format!("error: {message}\n"));
+        }
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! A directory of `.safetensors` files (a Hugging Face checkpoint) as a source manifest.
 //! Only headers are read here; tensor data stays on disk until a transfer needs it.
 
+use std::collections::HashSet;
 use std::fs::{File, FileType, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::OFlags;
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::Dtype;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use weightlift_core::{DType, Manifest, ManifestError, ModelConfig, TensorSpec};
 
 /// safetensors' own bound on header size; a larger length prefix is garbage, not a header.
@@ -24,6 +26,8 @@ pub enum SourceError {
     UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
     #[error("tensor `{tensor}` appears in both {} and {}", first.display(), second.display())]
     DuplicateTensor { tensor: String, first: PathBuf, second: PathBuf },
+    #[error("duplicate tensor name `{tensor}` in the header of {}", path.display())]
+    RepeatedTensor { tensor: String, path: PathBuf },
     /// A directory, FIFO, socket or device where a file is read: refused before anything
     /// waits on it (a FIFO blocks its reader until a writer comes).
     #[error("{} is a {kind}, not a regular file", path.display())]
@@ -195,12 +199,51 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<(u64, Meta
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header).map_err(read_err)?;
     let bad = |e: serde_json::Error| malformed(format!("bad header: {e}"));
+    // safetensors keeps the last of a repeated name and then reports "invalid offset".
+    if let Some(tensor) = serde_json::from_slice::<RepeatedKey>(&header).map_err(bad)?.0 {
+        return Err(SourceError::RepeatedTensor { tensor, path: path.to_path_buf() });
+    }
     let metadata: Metadata = serde_json::from_slice(&header).map_err(bad)?;
     let expected = 8 + header_len + metadata.data_len() as u64;
     if expected != file_len {
         return Err(malformed(format!("the header describes {expected} bytes but the file has {file_len}")));
     }
     Ok((header_len, metadata))
+}
+
+/// The first tensor name a header's JSON object repeats, if any (its values are skipped).
+struct RepeatedKey(Option<String>);
+
+impl<'de> Deserialize<'de> for RepeatedKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RepeatedKey, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = RepeatedKey;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RepeatedKey, A::Error> {
+                let mut seen = HashSet::new();
+                let mut repeated = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<IgnoredAny>()?;
+                    // `__metadata__` is free-form text, not a tensor.
+                    if repeated.is_some() || key == "__metadata__" {
+                        continue;
+                    }
+                    if seen.contains(&key) {
+                        repeated = Some(key);
+                    } else {
+                        seen.insert(key);
+                    }
+                }
+                Ok(RepeatedKey(repeated))
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
 }
 
 /// Writes tensors (spec and bytes each) as one safetensors file.
@@ -382,6 +425,21 @@ mod tests {
         mkfifo(&config);
         let err = open_within_seconds(&dir, Some(&config)).unwrap_err().to_string();
         assert!(err.ends_with("config.json is a FIFO, not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn a_name_repeated_in_one_header_is_named() {
+        let dir = temp_dir("repeated");
+        let h = concat!(
+            r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+            r#""w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#
+        )
+        .as_bytes();
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, [(h.len() as u64).to_le_bytes().to_vec(), h.to_vec(), vec![0; 8]].concat()).unwrap();
+        let err = SafetensorsDir::open(&dir).unwrap_err();
+        assert!(matches!(&err, SourceError::RepeatedTensor { tensor, .. } if tensor == "w"), "{err}");
+        assert_eq!(err.to_string(), format!("duplicate tensor name `w` in the header of {}", path.display()));
     }
 
     #[test]

@@ -161,7 +161,7 @@ fn malformed_safetensors_is_a_clear_error_not_a_panic() {
 }
 
 #[test]
-fn plan_and_push_refuse_what_is_not_a_regular_file_alike() {
+fn plan_and_push_refuse_what_is_not_a_regular_file_or_repeats_a_name_alike() {
     let fifo = temp_dir("fifo");
     let path = fifo.join("model.safetensors");
     rustix::fs::mkfifoat(rustix::fs::CWD, &path, rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR).unwrap();
@@ -170,8 +170,17 @@ fn plan_and_push_refuse_what_is_not_a_regular_file_alike() {
     std::fs::create_dir(directory.join("model.safetensors")).unwrap();
     let directory_message =
         format!("{} is a directory, not a regular file", directory.join("model.safetensors").display());
+    let repeated = temp_dir("repeated");
+    let h = concat!(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+        r#""w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#
+    )
+    .as_bytes();
+    let path = repeated.join("model.safetensors");
+    std::fs::write(&path, [(h.len() as u64).to_le_bytes().to_vec(), h.to_vec(), vec![0; 8]].concat()).unwrap();
+    let repeated_message = format!("duplicate tensor name `w` in the header of {}", path.display());
     let nobody = format!("unix:{}", temp_dir("nobody").join("r.sock").display());
-    for (dir, message) in [(fifo, fifo_message), (directory, directory_message)] {
+    for (dir, message) in [(fifo, fifo_message), (directory, directory_message), (repeated, repeated_message)] {
         let dir = dir.to_str().unwrap();
         let plan = weightlift_within_20s(&["plan", "--model", dir, "--preset", "qwen3"]);
         let push = weightlift_within_20s(&["push", "--model", dir, "--preset", "qwen3", "--to", &nobody]);

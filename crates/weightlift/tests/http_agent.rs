@@ -91,6 +91,63 @@ fn publisher(e: &Engine, tensors: HostTensors, version: u64, receivers: usize, d
     endpoint.to_string()
 }
 
+/// A fresh directory, removed with what it holds when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        let dir = temp_path(label);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `tensors` as a checkpoint directory of two files, as Hugging Face shards are.
+fn write_checkpoint(tensors: &HostTensors) -> TempDir {
+    let checkpoint = TempDir::new("ckpt");
+    let dir = &checkpoint.0;
+    let specs = tensors.manifest().specs().to_vec();
+    let data: Vec<_> =
+        specs.iter().enumerate().map(|(i, s)| (s, weightlift::SourceTensors::bytes(tensors, i))).collect();
+    let (a, b) = data.split_at(data.len() / 2);
+    write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
+    write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
+    checkpoint
+}
+
+/// Holds every update at the receiver's write gate (before the receiver begins it) until the
+/// returned sender is dropped; the channel hears each update that waits there.
+fn hold_updates(receiver: &Receiver) -> (tokio::sync::mpsc::UnboundedReceiver<()>, std::sync::mpsc::Sender<()>) {
+    let (waiting, heard) = tokio::sync::mpsc::unbounded_channel();
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    receiver.set_write_gate(Arc::new(move || {
+        let _ = waiting.send(());
+        // Returns at once when `go` is dropped; a bound, so a failing test does not hang.
+        let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(30));
+        Ok(())
+    }));
+    (heard, go)
+}
+
+/// Polls `/version` until `done` holds of it (at most 10 s).
+async fn version_when(client: &Client, url: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, version) = get(client, &format!("{url}/version")).await;
+        if done(&version) || started.elapsed() > Duration::from_secs(10) {
+            return version;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Pushes `tensors` as `version` from this process (straight to the receiver).
 fn push_in_process(e: &Engine, tensors: &HostTensors, version: u64) {
     let mut sender = e.receiver.connect_in_process(tensors.manifest(), &e.rules, SenderOptions::default()).unwrap();
@@ -151,6 +208,127 @@ async fn a_token_guards_everything_but_health() {
     assert_eq!(right.status(), StatusCode::OK);
 }
 
+/// Opens a FIFO for writing and closes it when dropped, so a reader stuck opening it (the
+/// agent, if it regresses) returns and the test ends instead of hanging.
+struct Unwedge(PathBuf);
+
+impl Drop for Unwedge {
+    fn drop(&mut self) {
+        use rustix::fs::{Mode, OFlags};
+        let _ = rustix::fs::open(&self.0, OFlags::WRONLY | OFlags::NONBLOCK, Mode::empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_other_than_regular_files_is_refused_at_once_and_the_agent_stays_free() {
+    let e = engine();
+    let client = Client::new();
+    let update = format!("{}/update_weights", e.url);
+    let made: Vec<TempDir> = (0..3).map(|i| TempDir::new(&format!("bad{i}"))).collect();
+    let dirs: Vec<&PathBuf> = made.iter().map(|d| &d.0).collect();
+    let fifo = dirs[0].join("model.safetensors");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR).unwrap();
+    let _unwedge = Unwedge(fifo.clone());
+    std::fs::create_dir(dirs[1].join("model.safetensors")).unwrap();
+    let repeated = dirs[2].join("model.safetensors");
+    let h = concat!(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"#,
+        r#""w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#
+    )
+    .as_bytes();
+    std::fs::write(&repeated, [(h.len() as u64).to_le_bytes().to_vec(), h.to_vec(), vec![0; 8]].concat()).unwrap();
+    let expected = [
+        format!("{} is a FIFO, not a regular file", fifo.display()),
+        format!("{} is a directory, not a regular file", dirs[1].join("model.safetensors").display()),
+        format!("duplicate tensor name `w` in the header of {}", repeated.display()),
+    ];
+    for (dir, message) in dirs.iter().zip(expected) {
+        let body = json!({"version": "1", "source": {"disk": dir.display().to_string()}});
+        let answer = tokio::time::timeout(Duration::from_secs(10), post(&client, &update, body)).await;
+        let (status, body) = answer.unwrap_or_else(|_| panic!("no answer within 10 s for {}", dir.display()));
+        assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "bad_checkpoint"), "{body}");
+        assert_eq!(body["error"]["message"], message.as_str());
+        let (_, version) = get(&client, &format!("{}/version", e.url)).await;
+        assert_eq!(version, json!({"version": 0, "dirty": false, "dirty_tensors": [], "in_flight": null}));
+    }
+    let good = write_checkpoint(&e.trainer);
+    let (status, report) = post(&client, &update, json!({"version": "1", "source": {"disk": good.0}})).await;
+    assert_eq!((status, report["committed"].as_u64()), (StatusCode::OK, Some(1)), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_update_is_in_flight_from_the_moment_the_agent_takes_it() {
+    let e = engine();
+    let client = Client::new();
+    let update = format!("{}/update_weights", e.url);
+    let checkpoint = write_checkpoint(&e.trainer);
+    let disk = |version: &str| json!({"version": version, "source": {"disk": checkpoint.0}});
+    let (mut waiting, go) = hold_updates(&e.receiver);
+    let first = tokio::spawn({
+        let (client, update, body) = (client.clone(), update.clone(), disk("1"));
+        async move { post(&client, &update, body).await }
+    });
+    // Read, planned and connected, and held before the receiver begins it.
+    tokio::time::timeout(Duration::from_secs(10), waiting.recv()).await.expect("the update reached the receiver");
+    let (_, version) = get(&client, &format!("{}/version", e.url)).await;
+    assert_eq!((version["version"].as_u64(), version["in_flight"].as_u64()), (Some(0), Some(1)), "{version}");
+    let (status, body) = post(&client, &update, disk("2")).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "busy"));
+    assert_eq!(body["error"]["message"], "version 1 is being updated; version 2 not started");
+    drop(go);
+    let (status, report) = first.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (_, version) = get(&client, &format!("{}/version", e.url)).await;
+    assert_eq!(version, json!({"version": 1, "dirty": false, "dirty_tensors": [], "in_flight": null}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_update_not_read_by_its_deadline_is_given_up_and_writes_nothing() {
+    // A deadline of zero passes before any worker has read a byte.
+    let e = engine_with(AgentOptions { disk_deadline: Some(Duration::ZERO), ..AgentOptions::default() });
+    let client = Client::new();
+    let update = format!("{}/update_weights", e.url);
+    let checkpoint = write_checkpoint(&e.trainer);
+    let body = json!({"version": "1", "source": {"disk": checkpoint.0}});
+    let (status, body) = post(&client, &update, body).await;
+    assert_eq!((status, code(&body)), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("version 1 given up") && message.ends_with("nothing was written"), "{message}");
+    // The agent is free at once; the given-up worker, done by now, wrote nothing.
+    let (_, version) = get(&client, &format!("{}/version", e.url)).await;
+    assert_eq!(version["in_flight"], Value::Null);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(e.receiver.status().committed, Version(0));
+    assert!(e.receiver.last_report().is_none(), "no update reached the receiver");
+    let at = publisher(&e, e.trainer.clone(), 2, 1, Duration::ZERO);
+    let (status, report) = post(&client, &update, json!({"version": "2", "source": {"sender": at}})).await;
+    assert_eq!((status, report["committed"].as_u64()), (StatusCode::OK, Some(2)), "{report}");
+    let text = client.get(format!("{}/metrics", e.url)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("weightlift_update_failures_total{reason=\"deadline\"} 1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_update_writing_at_its_deadline_stays_in_flight_until_it_settles() {
+    let e = engine_with(AgentOptions { disk_deadline: Some(Duration::from_secs(2)), ..AgentOptions::default() });
+    let client = Client::new();
+    let update = format!("{}/update_weights", e.url);
+    let checkpoint = write_checkpoint(&e.trainer);
+    let disk = |version: &str| json!({"version": version, "source": {"disk": checkpoint.0}});
+    let (mut waiting, go) = hold_updates(&e.receiver);
+    let (status, body) = post(&client, &update, disk("1")).await;
+    assert_eq!((status, code(&body)), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("it is being written and settles by itself"));
+    assert!(waiting.try_recv().is_ok(), "the update was held at the receiver");
+    let (_, version) = get(&client, &format!("{}/version", e.url)).await;
+    assert_eq!((version["version"].as_u64(), version["in_flight"].as_u64()), (Some(0), Some(1)), "{version}");
+    let (status, body) = post(&client, &update, disk("2")).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "busy"));
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("version 1 is being updated"), "{body}");
+    drop(go);
+    let version = version_when(&client, &e.url, |v| v["in_flight"].is_null()).await;
+    assert_eq!(version, json!({"version": 1, "dirty": false, "dirty_tensors": [], "in_flight": null}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_json_errors_with_fitting_statuses() {
     let e = engine();
@@ -207,16 +385,9 @@ async fn updates_from_disk_and_from_a_waiting_sender_refuse_stale_versions() {
     let e = engine();
     let client = Client::new();
     let update = format!("{}/update_weights", e.url);
-    // From a checkpoint directory (two files, as Hugging Face shards are).
-    let dir = temp_path("ckpt");
-    std::fs::create_dir_all(&dir).unwrap();
-    let specs = e.trainer.manifest().specs().to_vec();
-    let tensors: Vec<_> =
-        specs.iter().enumerate().map(|(i, s)| (s, weightlift::SourceTensors::bytes(&e.trainer, i))).collect();
-    let (a, b) = tensors.split_at(tensors.len() / 2);
-    write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
-    write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
-    let disk = json!({"version": "4", "source": {"disk": dir.display().to_string()}});
+    // From a checkpoint directory.
+    let dir = write_checkpoint(&e.trainer);
+    let disk = json!({"version": "4", "source": {"disk": dir.0}});
     let (status, report) = post(&client, &update, disk.clone()).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!((report["version"].as_u64(), report["verified"].as_bool()), (Some(4), Some(true)));
@@ -244,7 +415,6 @@ async fn updates_from_disk_and_from_a_waiting_sender_refuse_stale_versions() {
     ] {
         assert!(text.contains(line), "no `{line}` in:\n{text}");
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

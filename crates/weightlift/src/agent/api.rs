@@ -16,8 +16,9 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// A stable, machine-readable reason: `malformed_json`, `invalid_request`, `unauthorized`,
-    /// `payload_too_large`, `busy`, `stale_version`, `paused`, `not_found`, `plan_error`,
-    /// `update_failed`, `fetch_failed`, `no_snapshot`, `not_implemented`, ...
+    /// `payload_too_large`, `busy`, `stale_version`, `paused`, `not_found`, `bad_checkpoint`,
+    /// `plan_error`, `update_failed`, `fetch_failed`, `deadline_exceeded`, `no_snapshot`,
+    /// `not_implemented`, ...
     pub code: String,
     /// What went wrong, naming the tensors, versions, paths or tags involved.
     pub message: String,
@@ -126,6 +127,7 @@ pub struct VersionResponse {
     /// or a checker reset).
     pub dirty: bool,
     pub dirty_tensors: Vec<String>,
-    /// The version being received right now, if any.
+    /// The version being updated right now, if any: from the moment the agent takes an
+    /// update (before it reads the source) or the receiver begins one, until it settles.
     pub in_flight: Option<u64>,
 }

@@ -51,6 +51,8 @@ pub enum FailureReason {
     DigestMismatch,
     /// The transfer broke off.
     Transfer,
+    /// An update from disk was given up at its deadline, before it wrote anything.
+    Deadline,
 }
 
 impl FailureReason {
@@ -63,6 +65,7 @@ impl FailureReason {
             FailureReason::Fetch => "fetch",
             FailureReason::DigestMismatch => "digest_mismatch",
             FailureReason::Transfer => "transfer",
+            FailureReason::Deadline => "deadline",
         }
     }
 }

@@ -5,7 +5,9 @@
 //! Bound to loopback unless told otherwise, with an optional bearer token and a request body
 //! limit; every error is `{"error": {"code", "message"}}` with a fitting status. One update
 //! at a time: a second one, a stale version, or an update while the weights' memory is
-//! released is refused with 409 and the reason. The API describes itself at `/openapi.json`.
+//! released is refused with 409 and the reason; `/version` names the update in flight from the
+//! moment the agent takes it. An update from disk reads regular files only and has a deadline.
+//! The API describes itself at `/openapi.json`.
 
 pub mod api;
 pub mod memory;
@@ -14,7 +16,8 @@ pub mod metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -48,15 +51,21 @@ pub struct AgentOptions {
     pub disk_rules: Option<RuleSet>,
     /// The engine's tagged memory; without it, the memory endpoints answer 501.
     pub memory: Option<Arc<dyn MemoryControl>>,
+    /// Longest an update from disk may take, from the request to its settling (default 10
+    /// minutes). Past it the request is answered 504: an update still reading its checkpoint
+    /// is given up (it will write nothing), one already writing settles by itself.
+    pub disk_deadline: Option<Duration>,
 }
 
 const DEFAULT_BODY_LIMIT: usize = 64 << 10;
+const DEFAULT_DISK_DEADLINE: Duration = Duration::from_secs(600);
 
 struct AgentState {
     receiver: Receiver,
     options: AgentOptions,
-    /// Held while an HTTP-started update runs (a second is refused, not queued).
-    updating: Arc<tokio::sync::Mutex<()>>,
+    /// The version of the HTTP-started update the agent is working on, if any (a second is
+    /// refused, not queued); held through a [`Claim`].
+    claimed: Arc<Mutex<Option<Version>>>,
     /// Each tensor's digest at the last `snapshot`.
     snapshot: Mutex<Option<Vec<u64>>>,
     metrics: Arc<Metrics>,
@@ -146,6 +155,85 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| internal("a worker thread failed", e))
 }
 
+impl AgentState {
+    /// The version being updated now: the receiver's (from whatever connection), else the
+    /// one the agent has taken and not yet handed to the receiver.
+    fn in_flight(&self, receiving: Option<Version>) -> Option<Version> {
+        receiving.or(*lock(&self.claimed))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's hold on the update it took: from the request to the moment the update settles,
+/// or to its deadline if by then it has not begun to write. Shared by the request, which may
+/// give it up at the deadline, and the worker, which gives it back when it returns.
+struct Claim {
+    claimed: Arc<Mutex<Option<Version>>>,
+    stage: Mutex<Stage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Reading the source; nothing written yet.
+    Reading,
+    /// Handed to the receiver, which settles it (committed or failed) by itself.
+    Writing,
+    /// Given up at its deadline before it wrote anything; the slot is free again.
+    Abandoned,
+}
+
+impl Claim {
+    /// Takes the one update slot `claimed` for `version`; the version holding it otherwise.
+    fn take(claimed: &Arc<Mutex<Option<Version>>>, version: Version) -> Result<Arc<Claim>, Version> {
+        let mut slot = lock(claimed);
+        if let Some(busy) = *slot {
+            return Err(busy);
+        }
+        *slot = Some(version);
+        Ok(Arc::new(Claim { claimed: claimed.clone(), stage: Mutex::new(Stage::Reading) }))
+    }
+
+    /// Whether the update may begin to write: not once given up, nor past `deadline` (it is
+    /// given up then, here: the request's own timer may not have fired yet).
+    fn begin_writing(&self, deadline: Instant) -> bool {
+        let mut stage = lock(&self.stage);
+        if *stage == Stage::Reading && Instant::now() >= deadline {
+            self.give_up(&mut stage);
+        }
+        if *stage == Stage::Abandoned {
+            return false;
+        }
+        *stage = Stage::Writing;
+        true
+    }
+
+    /// Gives the update up unless it has begun to write, freeing the slot at once (the worker
+    /// may stay stuck in a read the kernel does not let go of); true if it is given up.
+    fn abandon(&self) -> bool {
+        let mut stage = lock(&self.stage);
+        if *stage == Stage::Reading {
+            self.give_up(&mut stage);
+        }
+        *stage == Stage::Abandoned
+    }
+
+    fn give_up(&self, stage: &mut Stage) {
+        *stage = Stage::Abandoned;
+        *lock(&self.claimed) = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if *lock(&self.stage) != Stage::Abandoned {
+            *lock(&self.claimed) = None;
+        }
+    }
+}
+
 impl Agent {
     /// The API of `receiver`; its metrics count every update the receiver settles from now
     /// on, also those pushed straight to its transport listener.
@@ -153,13 +241,8 @@ impl Agent {
         let metrics = Arc::new(Metrics::default());
         let observed = metrics.clone();
         receiver.observe(Arc::new(move |report: &UpdateReport| observed.settled(report)));
-        let state = AgentState {
-            receiver,
-            options,
-            updating: Arc::new(tokio::sync::Mutex::new(())),
-            snapshot: Mutex::new(None),
-            metrics,
-        };
+        let state =
+            AgentState { receiver, options, claimed: Arc::new(Mutex::new(None)), snapshot: Mutex::new(None), metrics };
         Agent { state: Arc::new(state) }
     }
 
@@ -326,7 +409,7 @@ async fn version(State(state): State<Arc<AgentState>>) -> Json<VersionResponse> 
         version: status.committed.0,
         dirty: !status.dirty.is_empty(),
         dirty_tensors: status.dirty,
-        in_flight: status.in_flight.map(|v| v.0),
+        in_flight: state.in_flight(status.in_flight).map(|v| v.0),
     })
 }
 
@@ -354,7 +437,7 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 /// the update's report once it is committed.
 #[utoipa::path(post, path = "/update_weights", security((), ("bearer" = [])), request_body = UpdateWeightsRequest, responses(
     (status = 200, description = "Committed: the update's report", body = UpdateReport),
-    (status = 400, description = "Malformed body, bad version, endpoint or transfer mode, or a source that cannot be mapped onto this engine", body = ErrorBody),
+    (status = 400, description = "Malformed body, bad version, endpoint or transfer mode, a checkpoint that is not regular safetensors files, or a source that cannot be mapped onto this engine", body = ErrorBody),
     (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
     (status = 404, description = "The checkpoint directory does not exist", body = ErrorBody),
     (status = 409, description = "Another update is running, the version is not above the committed one, or the weights' memory is released", body = ErrorBody),
@@ -362,6 +445,7 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     (status = 415, description = "The body is not application/json", body = ErrorBody),
     (status = 422, description = "The update was attempted and not committed (transfer broke, digests differed, the sender could not be reached or offered another version); the receiver keeps its last version", body = ErrorBody),
     (status = 501, description = "This receiver cannot take updates from that source", body = ErrorBody),
+    (status = 504, description = "An update from disk did not settle within the agent's disk deadline: given up if it had not begun to write (nothing written), else it settles by itself", body = ErrorBody),
 ))]
 async fn update_weights(
     State(state): State<Arc<AgentState>>,
@@ -387,13 +471,9 @@ async fn update_weights(
             ));
         }
     }
-    let Ok(guard) = state.updating.clone().try_lock_owned() else {
-        return Err(refuse(
-            FailureReason::Busy,
-            "busy",
-            format!("another update is running; version {version} not started"),
-        ));
-    };
+    let claim = Claim::take(&state.claimed, version).map_err(|busy| {
+        refuse(FailureReason::Busy, "busy", format!("version {busy} is being updated; version {version} not started"))
+    })?;
     let status = state.receiver.status();
     if let Some(in_flight) = status.in_flight {
         return Err(refuse(
@@ -409,16 +489,26 @@ async fn update_weights(
             format!("version {version} is not above the committed version {}", status.committed),
         ));
     }
-    let worker = state.clone();
-    let result = blocking(move || {
-        let _held = guard;
-        match request.source {
-            UpdateSource::Disk(path) => update_from_disk(&worker, Path::new(&path), version, request.transfer_mode),
-            UpdateSource::Sender(addr) => update_from_sender(&worker, &addr, version, request.transfer_mode),
+    // A sender's update is bounded by the transfer's own timeouts; a read from disk is not.
+    let deadline = Deadline::after(state.options.disk_deadline.unwrap_or(DEFAULT_DISK_DEADLINE));
+    let from_disk = matches!(request.source, UpdateSource::Disk(_));
+    let (worker, held) = (state.clone(), claim.clone());
+    // The worker holds the claim until it returns, also when this request is gone.
+    let task = tokio::task::spawn_blocking(move || match request.source {
+        UpdateSource::Disk(path) => {
+            update_from_disk(&worker, &held, deadline, Path::new(&path), version, request.transfer_mode)
         }
-    })
-    .await?;
-    match result {
+        UpdateSource::Sender(addr) => update_from_sender(&worker, &addr, version, request.transfer_mode),
+    });
+    let joined = if from_disk {
+        match tokio::time::timeout_at(deadline.due.into(), task).await {
+            Ok(joined) => joined,
+            Err(_) => return Err(past_deadline(&state, &claim, version, deadline)),
+        }
+    } else {
+        task.await
+    };
+    match joined.map_err(|e| internal("a worker thread failed", e))? {
         Ok(report) if report.verified => Ok(Json(report)),
         Ok(report) => {
             let reason = report.error.clone().unwrap_or_else(|| "digests differ".into());
@@ -433,6 +523,7 @@ async fn update_weights(
             let reason = match e.code {
                 "fetch_failed" => FailureReason::Fetch,
                 "busy" => FailureReason::Busy,
+                DEADLINE_EXCEEDED => FailureReason::Deadline,
                 _ => FailureReason::BadSource,
             };
             state.metrics.failed(reason);
@@ -441,9 +532,52 @@ async fn update_weights(
     }
 }
 
-/// Reads the checkpoint at `dir` and applies it as `version`, in this process.
+/// When an update from disk is due: `limit` after its request.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    limit: Duration,
+    due: Instant,
+}
+
+impl Deadline {
+    fn after(limit: Duration) -> Deadline {
+        Deadline { limit, due: Instant::now() + limit }
+    }
+}
+
+const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+
+/// The answer to an update from disk whose deadline passed as its request waited for it.
+fn past_deadline(state: &AgentState, claim: &Claim, version: Version, deadline: Deadline) -> ApiError {
+    if claim.abandon() {
+        state.metrics.failed(FailureReason::Deadline);
+        return given_up(version, deadline);
+    }
+    let message = format!(
+        "version {version} did not settle within the disk deadline of {:?}: it is being written and settles by \
+         itself (/version shows it in flight until then)",
+        deadline.limit
+    );
+    tracing::warn!("{message}");
+    ApiError::new(StatusCode::GATEWAY_TIMEOUT, DEADLINE_EXCEEDED, message)
+}
+
+fn given_up(version: Version, deadline: Deadline) -> ApiError {
+    let message = format!(
+        "version {version} given up: its checkpoint was not read within the disk deadline of {:?}; nothing was \
+         written",
+        deadline.limit
+    );
+    tracing::warn!("{message}");
+    ApiError::new(StatusCode::GATEWAY_TIMEOUT, DEADLINE_EXCEEDED, message)
+}
+
+/// Reads the checkpoint at `dir` and applies it as `version`, in this process, unless its
+/// claim is given up (at its deadline) before the checkpoint is read.
 fn update_from_disk(
     state: &AgentState,
+    claim: &Claim,
+    deadline: Deadline,
     dir: &Path,
     version: Version,
     mode: TransferMode,
@@ -482,6 +616,9 @@ fn update_from_disk(
         .receiver
         .connect_in_process(checkpoint.manifest(), rules, SenderOptions::default())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string()))?;
+    if !claim.begin_writing(deadline.due) {
+        return Err(given_up(version, deadline));
+    }
     sender.push(version, &checkpoint).map_err(|e| match e {
         SendError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "busy", e.to_string()),
         other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "update_failed", other.to_string()),
@@ -593,13 +730,11 @@ async fn release_memory(
     // Memory an update is writing must not go: refuse while one is in flight (started here, or
     // by a sender of its own).
     if state.options.memory.is_some() {
-        let in_flight = state.receiver.status().in_flight;
-        if in_flight.is_some() || state.updating.clone().try_lock_owned().is_err() {
-            let what = in_flight.map_or("an update".to_string(), |v| format!("version {v}"));
+        if let Some(version) = state.in_flight(state.receiver.status().in_flight) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "busy",
-                format!("{what} is being written: release the memory once it settles"),
+                format!("version {version} is being updated: release the memory once it settles"),
             ));
         }
     }
@@ -678,4 +813,44 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_holds_its_version_until_it_settles_or_is_given_up_unwritten() {
+        let slot = Arc::new(Mutex::new(None));
+        // Settled: the slot is free once the request and the worker both let go.
+        let claim = Claim::take(&slot, Version(1)).unwrap();
+        assert_eq!(Claim::take(&slot, Version(2)).err(), Some(Version(1)));
+        let worker = claim.clone();
+        drop(claim);
+        assert_eq!(*lock(&slot), Some(Version(1)), "the worker still holds it");
+        drop(worker);
+        assert_eq!(*lock(&slot), None);
+        // Given up while reading: free at once, and the worker may not write.
+        let claim = Claim::take(&slot, Version(3)).unwrap();
+        let worker = claim.clone();
+        assert!(claim.abandon());
+        assert_eq!(*lock(&slot), None);
+        let next = Claim::take(&slot, Version(4)).unwrap();
+        let later = Instant::now() + Duration::from_secs(600);
+        assert!(!worker.begin_writing(later));
+        drop(worker);
+        assert_eq!(*lock(&slot), Some(Version(4)), "the abandoned worker leaves the next claim alone");
+        // Past its deadline while writing: held until the worker returns.
+        assert!(next.begin_writing(later));
+        assert!(!next.abandon());
+        assert_eq!(*lock(&slot), Some(Version(4)));
+        drop(next);
+        assert_eq!(*lock(&slot), None);
+        // A worker that finds its deadline passed gives the update up itself, and the
+        // request's timer then finds it given up.
+        let claim = Claim::take(&slot, Version(5)).unwrap();
+        assert!(!claim.begin_writing(Instant::now()));
+        assert_eq!(*lock(&slot), None);
+        assert!(claim.abandon());
+    }
 }

@@ -208,6 +208,19 @@ async fn a_token_guards_everything_but_health() {
     assert_eq!(right.status(), StatusCode::OK);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_matched_in_any_case_and_the_token_exactly() {
+    let e = engine_with(AgentOptions { token: Some("s3cret".into()), ..AgentOptions::default() });
+    let client = Client::new();
+    let with = |value: &'static str| client.get(format!("{}/version", e.url)).header("authorization", value).send();
+    for value in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "bEaReR  s3cret"] {
+        assert_eq!(with(value).await.unwrap().status(), StatusCode::OK, "{value}");
+    }
+    for value in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "bearer"] {
+        assert_eq!(with(value).await.unwrap().status(), StatusCode::UNAUTHORIZED, "{value}");
+    }
+}
+
 /// Opens a FIFO for writing and closes it when dropped, so a reader stuck opening it (the
 /// agent, if it regresses) returns and the test ends instead of hanging.
 struct Unwedge(PathBuf);

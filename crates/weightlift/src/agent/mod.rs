@@ -349,19 +349,30 @@ async fn authenticate(State(state): State<Arc<AgentState>>, request: Request, ne
     if request.uri().path() == "/health" {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
     match given {
-        Some(given) if given == token => next.run(request).await,
+        Some(given) if same_token(given, token.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
         None => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this agent needs `Authorization: Bearer <token>`")
                 .into_response()
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is matched
+/// case-insensitively (RFC 7235: `bearer`, `BEARER` alike).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start())
+}
+
+/// Compares tokens in time that depends on their lengths alone, so response times do not
+/// tell how much of a guess was right.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let differ = given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    given.len() == expected.len() && std::hint::black_box(differ) == 0
 }
 
 /// Refuses a body whose declared length is over `limit` before reading any of it (a body
@@ -852,5 +863,19 @@ mod tests {
         assert!(!claim.begin_writing(Instant::now()));
         assert_eq!(*lock(&slot), None);
         assert!(claim.abandon());
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_the_token_exactly() {
+        for value in ["Bearer t0ken", "bearer t0ken", "BEARER t0ken", "bEaReR   t0ken"] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"t0ken"[..]), "{value}");
+        }
+        for value in ["Basic t0ken", "Bearert0ken", "t0ken", "Bearer"] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
+        }
+        assert!(same_token(b"t0ken", b"t0ken"));
+        for wrong in [&b"t0kem"[..], b"t0ke", b"t0ken!", b""] {
+            assert!(!same_token(wrong, b"t0ken"), "{wrong:?}");
+        }
     }
 }

@@ -236,6 +236,21 @@ impl RuleSet {
         &self.rules
     }
 
+    /// Whether both map the same names onto the same layouts, whatever part lengths either
+    /// declares: lengths come from a config one side may not have, and only add checks.
+    pub fn same_layout(&self, other: &RuleSet) -> bool {
+        let lengthless = |rules: &RuleSet| -> Vec<Rule> {
+            let mut rules = rules.rules.clone();
+            for rule in &mut rules {
+                if let Rule::Map { parts, .. } = rule {
+                    parts.iter_mut().for_each(|p| p.len = None);
+                }
+            }
+            rules
+        };
+        lengthless(self) == lengthless(other)
+    }
+
     /// Reads a JSON array of rules, validated.
     pub fn from_json(text: &str) -> Result<RuleSet, RuleError> {
         let rules: Vec<Rule> = serde_json::from_str(text).map_err(|e| RuleError::Json(e.to_string()))?;
@@ -259,6 +274,21 @@ mod tests {
         let bad = Rule::fuse("l.{layer}.qkv", 0, &[("l.{layer}.q", Split::Replicated), ("l.k", Split::Replicated)]);
         let err = RuleSet::new(vec![bad.unwrap()]).unwrap_err().to_string();
         assert!(err.contains("`l.k`"), "{err}");
+    }
+
+    #[test]
+    fn part_lengths_do_not_change_the_layout() {
+        let fused = |len| {
+            let mut rule = Rule::fuse("l.qkv", 0, &[("l.q", Split::Replicated), ("l.k", Split::Replicated)]).unwrap();
+            if let Rule::Map { parts, .. } = &mut rule {
+                parts[0].len = len;
+            }
+            RuleSet::new(vec![rule]).unwrap()
+        };
+        assert!(fused(Some(8)).same_layout(&fused(None)));
+        assert_ne!(fused(Some(8)), fused(None));
+        let other = RuleSet::new(vec![Rule::rename("l.q", "l.qkv", Split::Replicated).unwrap()]).unwrap();
+        assert!(!other.same_layout(&fused(None)));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 # Every test weightlift has, as CI runs them: formatting, lints, the Rust test suites (unit,
 # property, CLI and multi-process tests), then the Python package, installed the way the
 # README says (`pip install ./bindings/python`) into a fresh virtual environment, and its
-# pytest suite (numpy; torch and GPU tests skip here with the reason); last, schemathesis
+# pytest suite (numpy, and torch and transformers on the CPU: the torch tests and the Hugging Face
+# logits proof run; GPU tests skip here with the reason); last, schemathesis
 # against the HTTP API of a `weightlift serve --http`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,8 @@ cargo test --workspace --locked
 venv=target/python-tests
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q numpy pytest
+# torch (with its CUDA libraries, unused here) and transformers: ~2 minutes on a fresh machine.
+"$venv/bin/python" -m pip install -q numpy pytest "torch==2.15.0" "transformers==5.24.0"
 "$venv/bin/python" -m pip install -q ./bindings/python
 (cd bindings/python/tests && "../../../$venv/bin/python" -m pytest -q -rs -p no:cacheprovider .)
 

@@ -52,12 +52,16 @@ pub(crate) fn cuda_error(error: DriverError) -> PyErr {
 pub(crate) fn send_error(error: SendError) -> PyErr {
     let message = error.to_string();
     match error {
-        SendError::Connect { .. } | SendError::Protocol(_) | SendError::Transfer(_) | SendError::Injected(_) => {
-            TransferError::new_err(message)
-        }
-        SendError::Rejected(_) | SendError::Plan(_) | SendError::PlanMismatch { .. } | SendError::WrongTensors(_) => {
-            PlanError::new_err(message)
-        }
+        SendError::Connect { .. }
+        | SendError::Protocol(_)
+        | SendError::Session(_)
+        | SendError::Transfer(_)
+        | SendError::Injected(_) => TransferError::new_err(message),
+        SendError::Rejected(_)
+        | SendError::Plan(_)
+        | SendError::Schedule(_)
+        | SendError::PlanMismatch { .. }
+        | SendError::WrongTensors(_) => PlanError::new_err(message),
         SendError::Refused { .. } => VersionError::new_err(message),
         SendError::Device(_) => CudaError::new_err(message),
     }

@@ -7,7 +7,8 @@ use pyo3::prelude::*;
 use weightlift::agent::{Agent, AgentOptions, MemoryControl, RunningAgent};
 use weightlift::cuda_ipc::DeviceTensors;
 use weightlift::net::Listener;
-use weightlift::{Endpoint, ReceiverOptions};
+use weightlift::session::check_exposure;
+use weightlift::{Endpoint, ReceiverOptions, Token};
 use weightlift_core::{RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, plan_error, TransferError};
@@ -16,7 +17,7 @@ use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
 
 /// Receiver(params, *, preset=None, tp_rank=0, tp_size=1, listen=None, initial_version=0,
-///          head_dim=None, expert_parallel=False, timeout=30.0)
+///          head_dim=None, expert_parallel=False, timeout=30.0, token=None, insecure=False)
 ///
 /// Takes updates into `params` (the engine's named parameters: a dict or iterable of
 /// (name, tensor) pairs, all on the CPU or all on one GPU), in place. With `listen`
@@ -24,6 +25,9 @@ use crate::{gpu, preset_rules, seconds, to_python};
 /// `Sender(to=receiver)` pushes from this process. `preset`, when given, is the layout these
 /// parameters follow: a sender offering other rules is refused. Every update is verified by
 /// digest; one that fails leaves the committed version and marks the tensors it touched dirty.
+/// `token` (default: the WEIGHTLIFT_TOKEN environment variable): senders must prove they hold
+/// it before anything else is read; listening on an address other hosts can reach needs one,
+/// unless `insecure`.
 #[pyclass(module = "weightlift._weightlift", subclass)]
 pub(crate) struct Receiver {
     inner: weightlift::Receiver,
@@ -34,6 +38,9 @@ pub(crate) struct Receiver {
     http: Mutex<Option<RunningAgent>>,
     /// The tagged memory pools holding the tensors (none unless made in `Pool.region`).
     pools: Vec<Arc<weightlift::memory::MemoryPool>>,
+    /// What senders must prove; also the HTTP API's bearer token unless given another.
+    token: Option<Token>,
+    insecure: bool,
 }
 
 impl Receiver {
@@ -57,7 +64,7 @@ impl Drop for Receiver {
 impl Receiver {
     #[new]
     #[pyo3(signature = (params, *, preset = None, tp_rank = 0, tp_size = 1, listen = None, initial_version = 0,
-                        head_dim = None, expert_parallel = false, timeout = 30.0))]
+                        head_dim = None, expert_parallel = false, timeout = 30.0, token = None, insecure = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -70,7 +77,10 @@ impl Receiver {
         head_dim: Option<u64>,
         expert_parallel: bool,
         timeout: f64,
+        token: Option<&str>,
+        insecure: bool,
     ) -> PyResult<Self> {
+        let token = token.map_or_else(Token::from_env, Token::new);
         let tensors = TensorSet::import(params, "engine")?;
         tensors.check_disjoint()?;
         let manifest = weightlift::SourceTensors::manifest(&tensors).clone();
@@ -88,6 +98,7 @@ impl Receiver {
             initial_version: Version(initial_version),
             timeout: seconds("timeout", timeout, false)?,
             expected_rules,
+            token: token.clone(),
             ..ReceiverOptions::default()
         };
         let holders = match tensors.place() {
@@ -112,6 +123,8 @@ impl Receiver {
         let endpoint = match listen {
             Some(text) => {
                 let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;
+                check_exposure(&endpoint, token.as_ref(), insecure, "push weights into this engine")
+                    .map_err(|e| TransferError::new_err(e.to_string()))?;
                 let listener: Listener =
                     endpoint.bind().map_err(|e| TransferError::new_err(format!("cannot listen on {endpoint}: {e}")))?;
                 let bound = listener.endpoint().map(|e| e.to_string()).unwrap_or_else(|_| text.to_string());
@@ -126,7 +139,7 @@ impl Receiver {
             None => None,
         };
         let rules = options_rules;
-        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools })
+        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools, token, insecure })
     }
 
     /// The committed version.
@@ -183,7 +196,8 @@ impl Receiver {
     ///
     /// Starts this receiver's HTTP API (update_weights, weights_checker, version, metrics,
     /// release/resume_memory_occupation, openapi.json) on a background thread of this process
-    /// and returns its URL. `token`: requests must carry `Authorization: Bearer <token>`. Updates
+    /// and returns its URL. `token` (default: the receiver's): requests must carry
+    /// `Authorization: Bearer <token>`; an address other hosts can reach needs one. Updates
     /// from a checkpoint on disk need the receiver to have been made with a `preset`.
     /// `memory`: the `weightlift.memory.Pool` the memory endpoints release and resume (by
     /// default the pool holding this receiver's tensors, if they were made in one). Runs until
@@ -211,6 +225,14 @@ impl Receiver {
             }
             None => self.pools.first().filter(|_| self.pools.len() == 1).map(|p| p.clone() as Arc<dyn MemoryControl>),
         };
+        let token = token.or_else(|| self.token.as_ref().map(Token::expose));
+        check_exposure(
+            &Endpoint::Tcp(format!("{host}:{port}")),
+            token.as_deref().and_then(Token::new).as_ref(),
+            self.insecure,
+            "drive this engine's HTTP API",
+        )
+        .map_err(|e| TransferError::new_err(e.to_string()))?;
         let options = AgentOptions { token, disk_rules: self.rules.clone(), memory, ..AgentOptions::default() };
         let running = Agent::new(self.inner.clone(), options)
             .spawn(&format!("{host}:{port}"))

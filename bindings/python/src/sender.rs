@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
-use weightlift::{Endpoint, Fault, SendError, SenderOptions, StepReport, Trainer, TransportKind};
+use weightlift::{Endpoint, Fault, SendError, SenderOptions, StepReport, Token, Trainer, TransportKind, UpdateOutcome};
 use weightlift_core::{Manifest, RuleSet, Version};
 
-use crate::errors::{cuda_error, send_error, TransferError, VerificationError};
+use crate::errors::{cuda_error, send_error, TransferError, VerificationError, VersionError};
 use crate::receiver::Receiver;
 use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
@@ -34,13 +34,17 @@ struct State {
 }
 
 /// Sender(to, *, preset="identity", head_dim=None, expert_parallel=False, transport=None,
-///        sender_digests=True, timeout=60.0, _fault=None)
+///        sender_digests=True, timeout=60.0, token=None, _fault=None)
 ///
 /// Pushes a trainer's tensors to one receiver per engine rank (`to`: endpoints such as
 /// "unix:/tmp/wl.sock" or "tcp://host:port", or `Receiver` objects of this process). `preset`
 /// names the rules mapping trainer names and layouts onto the engine's (identity, llama,
 /// qwen3, qwen3-moe). It connects on the first push and again when the set of tensors
 /// changes. CPU tensors travel through shared memory (or TCP), CUDA tensors over CUDA IPC.
+/// With several receivers a version commits on all of them or on none (two-phase). `token`
+/// (default: the WEIGHTLIFT_TOKEN environment variable) is the receivers'. `sender_digests=False`
+/// (CUDA IPC) skips digesting on this side: the update commits on the receivers' digests alone
+/// and is reported `verified: False`.
 /// `_fault` ("flip:N", "hangup:N", "abort:N": bucket N) misbehaves on purpose, for tests that
 /// show a receiver survives a bad sender.
 #[pyclass(module = "weightlift._weightlift")]
@@ -100,7 +104,7 @@ impl Sender {
 impl Sender {
     #[new]
     #[pyo3(signature = (to, *, preset = "identity", head_dim = None, expert_parallel = false, transport = None,
-                        sender_digests = true, timeout = 60.0, _fault = None))]
+                        sender_digests = true, timeout = 60.0, token = None, _fault = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         to: &Bound<'_, PyAny>,
@@ -110,6 +114,7 @@ impl Sender {
         transport: Option<&str>,
         sender_digests: bool,
         timeout: f64,
+        token: Option<&str>,
         _fault: Option<&str>,
     ) -> PyResult<Self> {
         let targets = targets(to)?;
@@ -124,6 +129,7 @@ impl Sender {
         let options = SenderOptions {
             sender_digests,
             timeout: seconds("timeout", timeout, false)?,
+            token: token.map_or_else(Token::from_env, Token::new),
             fault,
             ..SenderOptions::default()
         };
@@ -195,20 +201,18 @@ impl Sender {
         value["tensors_reused"] = serde_json::json!(reused);
         let report = to_python(py, &value)?;
         state.last_report = Some(report.clone_ref(py));
-        if !step.verified {
-            let mismatched: Vec<&str> =
-                step.ranks.iter().flat_map(|r| r.mismatched.iter().map(String::as_str)).take(8).collect();
-            let errors: Vec<String> = step
-                .ranks
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| r.error.as_ref().map(|e| format!("rank {i}: {e}")))
-                .collect();
-            let message = format!("version {version} was not committed: {}", errors.join("; "));
-            let error = if mismatched.is_empty() {
-                TransferError::new_err(message)
-            } else {
+        if let Some(message) = step.failure() {
+            // A receiver that broke off may have closed its connection: reconnect next time.
+            state.connected = None;
+            let outcomes = || step.ranks.iter().map(|r| r.outcome);
+            let error = if step.ranks.iter().any(|r| !r.mismatched.is_empty()) {
                 VerificationError::new_err(message)
+            } else if outcomes().any(|o| o == UpdateOutcome::Refused)
+                && outcomes().all(|o| matches!(o, UpdateOutcome::Refused | UpdateOutcome::Aborted))
+            {
+                VersionError::new_err(message)
+            } else {
+                TransferError::new_err(message)
             };
             error.value(py).setattr("report", report.clone_ref(py))?;
             return Err(error);

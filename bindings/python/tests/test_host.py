@@ -265,3 +265,41 @@ def test_a_sender_in_another_process_updates_a_listening_receiver(tmp_path, tran
         assert receiver.wait_for_version(version - 1, timeout=10) == version
         for i in range(5):
             assert (dst[f"t{i}"] == version * 10 + i).all()
+
+
+def test_a_version_commits_on_every_rank_or_on_none():
+    trainer = trainer_tensors(seed=4)
+    engines = [zeros_like(engine_view(trainer, r, 2)) for r in range(2)]
+    r0 = wl.Receiver(engines[0], preset="qwen3", tp_rank=0, tp_size=2, head_dim=HD, initial_version=5)
+    r1 = wl.Receiver(engines[1], preset="qwen3", tp_rank=1, tp_size=2, head_dim=HD)
+    sender = wl.Sender([r0, r1], preset="qwen3", head_dim=HD)
+    # Rank 0 is ahead: it refuses version 3, and rank 1 is called off before a byte moves.
+    with pytest.raises(wl.VersionError, match="version 3 is stale") as refused:
+        sender.push(trainer, version=3)
+    ranks = refused.value.report["ranks"]
+    assert [r["outcome"] for r in ranks] == ["refused", "aborted"]
+    assert "rank 0 at in-process: refused it" in str(refused.value)
+    assert (r1.version, r1.dirty) == (0, [])
+    assert all(not a.any() for a in engines[1].values()), "rank 1 was not written"
+    # A byte flipped on both ranks: neither commits, both name their tensors.
+    with pytest.raises(wl.VerificationError):
+        wl.Sender([r0, r1], preset="qwen3", head_dim=HD, _fault="flip:0").push(trainer, version=6)
+    assert (r0.version, r1.version) == (5, 0) and r0.dirty and r1.dirty
+    report = sender.push(trainer, version=7)
+    assert report["committed"] and report["verified"]
+    assert (r0.version, r0.dirty, r1.version, r1.dirty) == (7, [], 7, [])
+
+
+def test_a_receiver_with_a_token_takes_only_senders_holding_it(tmp_path):
+    src = {"w": np.arange(1000, dtype=np.float32)}
+    dst = zeros_like(src)
+    receiver = wl.Receiver(dst, listen=f"unix:{tmp_path}/r.sock", token="s3cret")
+    with pytest.raises(wl.TransferError, match="requires a token"):
+        wl.Sender(receiver.endpoint, token="").push(src, version=1)
+    with pytest.raises(wl.TransferError, match="does not match"):
+        wl.Sender(receiver.endpoint, token="guess").push(src, version=1)
+    assert receiver.version == 0
+    assert wl.Sender(receiver.endpoint, token="s3cret").push(src, version=1)["verified"]
+    np.testing.assert_array_equal(dst["w"], src["w"])
+    with pytest.raises(wl.TransferError, match="without a token"):
+        wl.Receiver(zeros_like(src), listen="tcp://0.0.0.0:0", token="")

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -63,15 +64,32 @@ impl Endpoint {
         }
     }
 
-    /// Binds a listener. A stale Unix socket file left by a dead receiver is replaced.
+    /// Binds a listener. A Unix socket is its owner's alone (mode 0600); a stale socket file
+    /// left by a dead process is replaced, a live one is an error.
     pub fn bind(&self) -> io::Result<Listener> {
         match self {
             Endpoint::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr.as_str())?)),
             Endpoint::Unix(path) => {
-                if path.exists() && UnixStream::connect(path).is_err() {
+                if path.exists() {
+                    if UnixStream::connect(path).is_ok() {
+                        let message = format!("another process is listening on {}", path.display());
+                        return Err(io::Error::new(io::ErrorKind::AddrInUse, message));
+                    }
                     std::fs::remove_file(path)?;
                 }
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+                // Bound under a private name, made the owner's, then moved into place: the
+                // socket is never reachable at `path` with the umask's permissions.
+                let name = path.file_name().map_or_else(|| "socket".into(), |n| n.to_string_lossy().into_owned());
+                let staging = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+                let _ = std::fs::remove_file(&staging);
+                let listener = UnixListener::bind(&staging)?;
+                let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+                    .and_then(|()| std::fs::rename(&staging, path));
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
+                Ok(Listener::Unix(listener, path.clone()))
             }
         }
     }
@@ -200,5 +218,19 @@ mod tests {
         assert!("nonsense".parse::<Endpoint>().unwrap_err().contains("nonsense"));
         assert!("host:99999".parse::<Endpoint>().is_err());
         assert!("127.0.0.1:1".parse::<Endpoint>().unwrap().is_local());
+    }
+
+    #[test]
+    fn unix_sockets_are_the_owners_alone_and_a_live_one_is_not_taken_over() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("wl-net-{}.sock", std::process::id()));
+        let endpoint = Endpoint::Unix(path.clone());
+        let listener = endpoint.bind().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(endpoint.connect(Duration::from_secs(1)).is_ok(), "reachable at its name once moved");
+        let err = endpoint.bind().err().expect("a live socket is not replaced");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+        assert!(!path.exists());
     }
 }

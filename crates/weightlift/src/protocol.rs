@@ -1,17 +1,22 @@
 //! The control protocol between a sender (trainer side) and a receiver (engine side).
 //!
-//! A connection opens with an 8-byte preamble (`WLFT` and the protocol version), then carries
-//! frames: `[u32 LE length][u8 kind][body]`. Kind 1 is a JSON [`Message`]; kind 2 is raw
-//! bucket bytes (the socket transport). Every frame is bounded before anything is allocated,
-//! and every read has a deadline, so a peer that sends garbage, an oversized frame or nothing
-//! at all is dropped with a reason, never crashes the receiver or grows it without bound.
+//! A connection opens with an 8-byte preamble from the sender (`WLFT` and the protocol
+//! version), then carries frames: `[u32 LE length][u8 kind][body]`. Kind 1 is a JSON
+//! [`Message`]; kind 2 is raw bucket bytes (the socket transport). Every frame is bounded before
+//! anything is allocated, a body's memory grows only as its bytes arrive, and every read has a
+//! deadline, so a peer that sends garbage, an oversized frame, a trickle or nothing at all is
+//! dropped with a reason, never crashes the receiver or grows it without bound.
 //!
-//! One update: `Begin` -> buckets (through the transport) -> `End` with the sender's digests
-//! -> `Report`. Before the first update: `Hello` (the sender's source manifest and rules) ->
-//! `Welcome` (the receiver's parameters, its plan's hash, its committed version) or `Reject`.
+//! A session: `Challenge` -> `Proof` -> `Authenticated` (see [`crate::session`]; frames stay
+//! under [`MAX_HANDSHAKE_BYTES`] until then), `Hello` (the sender's source manifest and rules)
+//! -> `Welcome` (the receiver's parameters, its plan's hash, its committed version) or
+//! `Reject`. One update: `Begin` -> `Accepted` | `Refused`, buckets (through the transport),
+//! `End` with the sender's digests; then, for an update of one receiver, `Report`; for an
+//! update of several (two-phase), `Verified` (or a failed `Report`), the sender's `Commit` or
+//! `Abort`, and `Report`.
 
 use std::io::{self, Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use weightlift_core::{Manifest, RuleSet, TpRank, Version};
@@ -19,11 +24,16 @@ use weightlift_core::{Manifest, RuleSet, TpRank, Version};
 use crate::net::Stream;
 use crate::report::UpdateReport;
 
-/// 4: `IpcSources` names VMM pieces (torch's expandable segments) and may omit unchanged segments.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: authentication (`Challenge`, `Proof`, `Authenticated`) and the two-phase commit of an
+/// update to several receivers (`End::two_phase`, `Verified`, `Commit`).
+pub const PROTOCOL_VERSION: u32 = 5;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
+/// Bound on every frame before the session is authenticated: a challenge or a proof is ~200 B.
+pub const MAX_HANDSHAKE_BYTES: u32 = 4 << 10;
+/// A body's buffer grows by at most this much ahead of the bytes that arrived.
+const BODY_STEP_BYTES: usize = 1 << 20;
 const KIND_MESSAGE: u8 = 1;
 const KIND_DATA: u8 = 2;
 
@@ -108,6 +118,21 @@ pub struct IpcPiece {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
+    /// The receiver's fresh nonce (hex), and whether it holds a token the sender must prove.
+    Challenge {
+        nonce: String,
+        token: bool,
+    },
+    /// The sender's answer: its own fresh nonce, and (when either side holds a token) the MAC of
+    /// both nonces under the token.
+    Proof {
+        nonce: String,
+        mac: Option<String>,
+    },
+    /// The receiver accepted the proof; with a token, it proves it holds the token too.
+    Authenticated {
+        mac: Option<String>,
+    },
     Hello {
         source: Manifest,
         rules: RuleSet,
@@ -178,12 +203,24 @@ pub enum Message {
         /// not, the receiver's digests of what it wrote are what it records.
         sender_digests: bool,
     },
-    /// All buckets sent; the sender's digest of every destination tensor it wrote.
+    /// All buckets sent; the sender's digest of every destination tensor it wrote. With
+    /// `two_phase` (an update of several receivers) the receiver answers `Verified` and waits
+    /// for `Commit` or `Abort`; without, it commits as soon as every digest matched.
     End {
         version: Version,
         digests: Vec<(u32, u64)>,
+        two_phase: bool,
     },
-    /// The sender gives up on the update in flight.
+    /// Two-phase: every tensor of `version` matched; the receiver waits for the sender's decision.
+    Verified {
+        version: Version,
+    },
+    /// Two-phase: every receiver verified `version`; commit it.
+    Commit {
+        version: Version,
+    },
+    /// The sender gives up on the update in flight (before any byte moved, or, two-phase, after
+    /// another receiver refused or failed it).
     Abort {
         reason: String,
     },
@@ -195,6 +232,9 @@ pub enum Message {
 impl Message {
     pub fn name(&self) -> &'static str {
         match self {
+            Message::Challenge { .. } => "challenge",
+            Message::Proof { .. } => "proof",
+            Message::Authenticated { .. } => "authenticated",
             Message::Hello { .. } => "hello",
             Message::Welcome { .. } => "welcome",
             Message::RingMapped => "ring_mapped",
@@ -207,6 +247,8 @@ impl Message {
             Message::Data { .. } => "data",
             Message::IpcSources { .. } => "ipc_sources",
             Message::End { .. } => "end",
+            Message::Verified { .. } => "verified",
+            Message::Commit { .. } => "commit",
             Message::Abort { .. } => "abort",
             Message::Report { .. } => "report",
         }
@@ -217,7 +259,7 @@ impl Message {
 pub enum ProtocolError {
     #[error("connection closed by the peer")]
     Closed,
-    #[error("no message from the peer within {0:?}")]
+    #[error("no message from the peer within {0:.1?}")]
     Timeout(Duration),
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -247,16 +289,21 @@ impl Conn {
         let mut preamble = [0u8; 8];
         preamble[..4].copy_from_slice(MAGIC);
         preamble[4..].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        stream.write_all(&preamble)?;
+        match stream.write_all(&preamble) {
+            // A peer that refused us before reading (at its connection limit) said why first:
+            // the next read finds its reason.
+            Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {}
+            other => other?,
+        }
         let peer = stream.peer();
         Ok(Conn { stream, peer })
     }
 
-    /// Server side: checks the preamble within `timeout`.
-    pub fn server(mut stream: Stream, timeout: Duration) -> Result<Conn, ProtocolError> {
-        stream.set_read_timeout(Some(timeout))?;
+    /// Server side: checks the preamble, which must arrive before `deadline`.
+    pub fn server(mut stream: Stream, deadline: Instant) -> Result<Conn, ProtocolError> {
+        let started = Instant::now();
         let mut preamble = [0u8; 8];
-        read_exact(&mut stream, &mut preamble, timeout)?;
+        read_exact(&mut stream, &mut preamble, deadline).map_err(|e| waited(e, started))?;
         if &preamble[..4] != MAGIC {
             return Err(ProtocolError::BadPreamble(preamble));
         }
@@ -266,6 +313,14 @@ impl Conn {
         }
         let peer = stream.peer();
         Ok(Conn { stream, peer })
+    }
+
+    /// Tells a peer why it is not served (before reading anything from it) and closes.
+    pub fn refuse(stream: Stream, reason: String) -> Result<(), ProtocolError> {
+        let mut conn = Conn { peer: stream.peer(), stream };
+        conn.send(&Message::Reject { reason })?;
+        conn.shutdown();
+        Ok(())
     }
 
     pub fn peer(&self) -> &str {
@@ -279,12 +334,29 @@ impl Conn {
 
     /// Receives one message within `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Message, ProtocolError> {
-        let (kind, len) = self.read_header(timeout, u64::from(MAX_MESSAGE_BYTES))?;
+        self.recv_before(Instant::now() + timeout, MAX_MESSAGE_BYTES)
+    }
+
+    /// Receives one message of at most `max` bytes, all of it before `deadline` (a peer that
+    /// trickles bytes cannot stretch it). Memory grows with the bytes that arrive, not with the
+    /// length the peer announced.
+    pub fn recv_before(&mut self, deadline: Instant, max: u32) -> Result<Message, ProtocolError> {
+        let started = Instant::now();
+        self.recv_body(deadline, max).map_err(|e| waited(e, started))
+    }
+
+    fn recv_body(&mut self, deadline: Instant, max: u32) -> Result<Message, ProtocolError> {
+        let (kind, len) = self.read_header(deadline, u64::from(max))?;
         if kind != KIND_MESSAGE {
             return Err(ProtocolError::UnknownKind(kind));
         }
-        let mut body = vec![0u8; len as usize];
-        read_exact(&mut self.stream, &mut body, timeout)?;
+        let len = len as usize;
+        let mut body = Vec::new();
+        while body.len() < len {
+            let filled = body.len();
+            body.resize(len.min(filled + BODY_STEP_BYTES), 0);
+            read_exact(&mut self.stream, &mut body[filled..], deadline)?;
+        }
         serde_json::from_slice(&body).map_err(|e| ProtocolError::Malformed(e.to_string()))
     }
 
@@ -295,14 +367,16 @@ impl Conn {
 
     /// Receives one data frame of exactly `into.len()` bytes into `into`.
     pub fn recv_data(&mut self, into: &mut [u8], timeout: Duration) -> Result<(), ProtocolError> {
-        let (kind, len) = self.read_header(timeout, into.len() as u64)?;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let (kind, len) = self.read_header(deadline, into.len() as u64).map_err(|e| waited(e, started))?;
         if kind != KIND_DATA {
             return Err(ProtocolError::UnknownKind(kind));
         }
         if len != into.len() as u64 {
             return Err(ProtocolError::Malformed(format!("data frame of {len} bytes, expected {}", into.len())));
         }
-        read_exact(&mut self.stream, into, timeout)
+        read_exact(&mut self.stream, into, deadline).map_err(|e| waited(e, started))
     }
 
     /// Sends file descriptors right after the last frame (Unix sockets only).
@@ -342,9 +416,9 @@ impl Conn {
         Ok(())
     }
 
-    fn read_header(&mut self, timeout: Duration, max: u64) -> Result<(u8, u64), ProtocolError> {
+    fn read_header(&mut self, deadline: Instant, max: u64) -> Result<(u8, u64), ProtocolError> {
         let mut header = [0u8; 5];
-        read_exact(&mut self.stream, &mut header, timeout)?;
+        read_exact(&mut self.stream, &mut header, deadline)?;
         let len = u64::from(u32::from_le_bytes(header[..4].try_into().expect("4 bytes")));
         if len > max {
             return Err(ProtocolError::TooLarge { len, max });
@@ -371,17 +445,28 @@ fn write_all_vectored(stream: &mut Stream, header: &[u8], body: &[u8]) -> io::Re
     Ok(())
 }
 
-fn read_exact(stream: &mut Stream, buf: &mut [u8], timeout: Duration) -> Result<(), ProtocolError> {
-    stream.set_read_timeout(Some(timeout))?;
+/// A timeout says how long the caller waited in all.
+fn waited(error: ProtocolError, started: Instant) -> ProtocolError {
+    match error {
+        ProtocolError::Timeout(_) => ProtocolError::Timeout(started.elapsed()),
+        other => other,
+    }
+}
+
+/// Fills `buf`, all of it before `deadline`: each read waits only for the time left.
+fn read_exact(stream: &mut Stream, buf: &mut [u8], deadline: Instant) -> Result<(), ProtocolError> {
     let mut filled = 0;
     while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProtocolError::Timeout(Duration::ZERO));
+        }
+        stream.set_read_timeout(Some(left))?;
         match stream.read(&mut buf[filled..]) {
             Ok(0) => return Err(ProtocolError::Closed),
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(ProtocolError::Timeout(timeout));
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ProtocolError::Closed),
             Err(e) => return Err(e.into()),
         }
@@ -406,7 +491,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let mut client = Conn::client(Stream::Unix(a)).unwrap();
         let server_thread = std::thread::spawn(move || {
-            let mut server = Conn::server(Stream::Unix(b), T).unwrap();
+            let mut server = Conn::server(Stream::Unix(b), Instant::now() + T).unwrap();
             let m = server.recv(T).unwrap();
             let mut data = vec![0u8; 5];
             server.recv_data(&mut data, T).unwrap();
@@ -435,7 +520,8 @@ mod tests {
             };
             let (a, b) = UnixStream::pair().unwrap();
             let mut client = Conn::client(Stream::Unix(a)).unwrap();
-            let server = std::thread::spawn(move || Conn::server(Stream::Unix(b), T).unwrap().recv(T).unwrap());
+            let server =
+                std::thread::spawn(move || Conn::server(Stream::Unix(b), Instant::now() + T).unwrap().recv(T).unwrap());
             client.send(&msg).unwrap();
             assert_eq!(server.join().unwrap(), msg);
         }
@@ -446,11 +532,11 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let mut raw = Stream::Unix(a);
         raw.write_all(b"GET / HTTP/1.1\r\n").unwrap();
-        assert!(matches!(Conn::server(Stream::Unix(b), T), Err(ProtocolError::BadPreamble(_))));
+        assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::BadPreamble(_))));
         let (a, b) = UnixStream::pair().unwrap();
         let mut raw = Stream::Unix(a);
         raw.write_all(b"WLFT\x09\x00\x00\x00").unwrap();
-        assert!(matches!(Conn::server(Stream::Unix(b), T), Err(ProtocolError::VersionSkew(9))));
+        assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::VersionSkew(9))));
     }
 
     #[test]
@@ -475,6 +561,27 @@ mod tests {
         raw.write_all(&[9, 0, 0, 0, 2]).unwrap();
         let mut small = [0u8; 4];
         assert!(matches!(conn.recv_data(&mut small, T), Err(ProtocolError::TooLarge { len: 9, max: 4 })));
+    }
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_the_deadline() {
+        let (mut conn, mut raw) = pair();
+        let writer = std::thread::spawn(move || {
+            let _ = raw.write_all(&[100, 0, 0, 0, 1]);
+            // One byte every 50 ms: each read sees data well within any per-read timeout.
+            for _ in 0..40 {
+                if raw.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let err = conn.recv_before(started + Duration::from_millis(300), MAX_MESSAGE_BYTES).unwrap_err();
+        assert!(matches!(err, ProtocolError::Timeout(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+        drop(conn);
+        writer.join().unwrap();
     }
 
     #[test]

@@ -16,9 +16,10 @@ use weightlift_core::RuleSet;
 
 use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::net::{Listener, Stream};
-use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
-use crate::report::{peak_rss_bytes, UpdateReport};
+use crate::protocol::{Conn, Message, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES};
+use crate::report::{peak_rss_bytes, UpdateOutcome, UpdateReport};
 use crate::sender::{SendError, Sender, SenderOptions};
+use crate::session::{self, ConnectionLimit, SessionError, Token};
 use crate::tensors::DestinationTensors;
 use crate::transport::{LocalRing, RecvPath, TransferError};
 use crate::update::{default_threads, receiver_digests, unpack, Schedule};
@@ -33,8 +34,13 @@ pub struct ReceiverOptions {
     pub max_bucket_bytes: u64,
     /// Longest wait for the next message while an update is in flight.
     pub timeout: Duration,
-    /// Longest wait for a new connection's preamble and hello.
+    /// Longest a new connection may take from its first byte to its hello (one deadline for
+    /// the whole handshake).
     pub handshake_timeout: Duration,
+    /// Senders must prove they hold this token before anything else is read.
+    pub token: Option<Token>,
+    /// Connections served at once; more are refused with the reason.
+    pub max_connections: usize,
     pub initial_version: Version,
     /// Threads that unpack and digest.
     pub threads: usize,
@@ -51,6 +57,8 @@ impl Default for ReceiverOptions {
             max_bucket_bytes: 1 << 30,
             timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            token: None,
+            max_connections: 64,
             initial_version: Version(0),
             threads: default_threads(),
             expected_rules: None,
@@ -151,6 +159,8 @@ pub struct Receiver {
 enum ConnectionError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error(transparent)]
     Transfer(#[from] TransferError),
     #[error("{0}")]
@@ -278,12 +288,25 @@ impl Receiver {
         }
     }
 
-    /// Accepts connections until the listener fails; one thread per connection.
+    /// Accepts connections until the listener fails; one thread per connection, at most
+    /// `max_connections` at once (one more is told so and closed).
     pub fn serve(&self, listener: &Listener) -> std::io::Result<()> {
+        let limit = ConnectionLimit::new(self.shared.options.max_connections);
         loop {
             let stream = listener.accept()?;
+            let Some(slot) = limit.try_take() else {
+                let reason = format!("this receiver serves at most {} connections at once", limit.max());
+                tracing::warn!(peer = stream.peer(), "{reason}");
+                // Best effort, without waiting on the peer: the frame fits any socket buffer.
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = Conn::refuse(stream, reason);
+                continue;
+            };
             let receiver = self.clone();
-            std::thread::spawn(move || receiver.handle(stream));
+            std::thread::spawn(move || {
+                let _slot = slot;
+                receiver.handle(stream)
+            });
         }
     }
 
@@ -303,10 +326,12 @@ impl Receiver {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| SendError::Connect { endpoint: "in-process".into(), source: e })?;
         let receiver = self.clone();
+        // The same process holds the token on both sides.
+        let options = SenderOptions { token: self.shared.options.token.clone(), ..options };
         if self.is_on_gpu() {
             std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
             let options = SenderOptions { transport: TransportKind::CudaIpc, ..options };
-            return Sender::connect_stream(Stream::Unix(ours), source, rules, options, None);
+            return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None);
         }
         if options.bucket_bytes > self.shared.options.max_bucket_bytes {
             return Err(SendError::Rejected(format!(
@@ -318,7 +343,7 @@ impl Receiver {
         let receiver_ring = ring.clone();
         std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
         let options = SenderOptions { transport: TransportKind::InProcess, ..options };
-        Sender::connect_stream(Stream::Unix(ours), source, rules, options, Some(ring))
+        Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring))
     }
 
     /// Whether the tensors live on a GPU (updates then arrive over CUDA IPC).
@@ -408,8 +433,12 @@ impl Receiver {
         expect: Option<Expect>,
     ) -> Result<Option<UpdateReport>, ConnectionError> {
         let options = &self.shared.options;
-        let mut conn = Conn::server(stream, options.handshake_timeout)?;
-        let (source, rules, bucket_bytes, transport) = match conn.recv(options.handshake_timeout)? {
+        // The whole handshake, authentication to welcome, has one deadline: a peer that
+        // trickles bytes cannot hold a connection open longer.
+        let deadline = Instant::now() + options.handshake_timeout;
+        let mut conn = Conn::server(stream, deadline)?;
+        session::authenticate_sender(&mut conn, options.token.as_ref(), deadline)?;
+        let (source, rules, bucket_bytes, transport) = match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
             Message::Hello { source, rules, bucket_bytes, transport } => (source, rules, bucket_bytes, transport),
             other => {
                 return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
@@ -430,7 +459,7 @@ impl Receiver {
             ));
         }
         if let Some((name, expected)) = &options.expected_rules {
-            if *expected != rules {
+            if !expected.same_layout(&rules) {
                 return Err(refuse(
                     &mut conn,
                     format!("this receiver's layout follows {name}, and the sender offered other rules"),
@@ -486,7 +515,7 @@ impl Receiver {
             ring,
         })?;
         if matches!(transport, TransportKind::Shm | TransportKind::InProcess) {
-            match conn.recv(options.handshake_timeout)? {
+            match conn.recv_before(deadline, MAX_HANDSHAKE_BYTES)? {
                 Message::RingMapped => path.unlink(),
                 other => {
                     return Err(ProtocolError::Unexpected { expected: "ring_mapped", got: other.name().into() }.into())
@@ -497,8 +526,10 @@ impl Receiver {
         let mut importer = Importer::default();
 
         loop {
-            // Between updates a sender may stay idle for as long as training takes.
-            let (version, skip) = match conn.recv(Duration::from_secs(24 * 3600))? {
+            // Between updates a sender may stay idle for as long as training takes; a sender
+            // this receiver dialled brings its update now.
+            let idle = if expect.is_some() { options.timeout } else { Duration::from_secs(24 * 3600) };
+            let (version, skip) = match conn.recv(idle)? {
                 Message::Begin { version, skip } => (version, skip),
                 other => return Err(ProtocolError::Unexpected { expected: "begin", got: other.name().into() }.into()),
             };
@@ -536,12 +567,22 @@ impl Receiver {
                 skip.iter().copied().filter(|&d| state.digests[d as usize].is_none()).collect()
             };
             let skip: Vec<u32> = skip.into_iter().filter(|d| !stale.contains(d)).collect();
-            conn.send(&Message::Accepted { version, stale })?;
-            let (report, in_sync) = if transport == TransportKind::CudaIpc {
-                self.update_ipc(&mut conn, &mut importer, &plan, &source, version)
-            } else {
-                self.update(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes)
+            let started = Instant::now();
+            let mut touched = vec![false; plan.destinations.len()];
+            let (outcome, report) = match conn.send(&Message::Accepted { version, stale }) {
+                Err(e) => (Outcome::Broken(format!("accepting the update: {e}")), UpdateReport::default()),
+                Ok(()) if transport == TransportKind::CudaIpc => {
+                    self.transfer_ipc(&mut conn, &mut importer, &plan, &source, version, &mut touched)
+                }
+                Ok(()) => {
+                    self.transfer_host(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes, &mut touched)
+                }
             };
+            let outcome = match outcome {
+                Outcome::Verified { two_phase: true, .. } => self.await_decision(&mut conn, version, outcome),
+                other => other,
+            };
+            let (report, in_sync) = self.settle(&plan, version, outcome, &touched, report, started);
             log_report(&report);
             self.state().last_report = Some(report.clone());
             let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -559,10 +600,10 @@ impl Receiver {
         }
     }
 
-    /// Takes one update; always ends with the version state settled (committed or failed).
-    /// Also says whether the connection is still in step (false after a broken transfer).
+    /// Takes one update's buckets from a host transport into the tensors, digesting them, and
+    /// compares with the sender's digests. Marks in `touched` each tensor written.
     #[allow(clippy::too_many_arguments)]
-    fn update(
+    fn transfer_host(
         &self,
         conn: &mut Conn,
         path: &mut RecvPath,
@@ -571,8 +612,8 @@ impl Receiver {
         version: Version,
         skip: &[u32],
         bucket_bytes: u64,
-    ) -> (UpdateReport, bool) {
-        let started = Instant::now();
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
         let timeout = self.shared.options.timeout;
         let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
         let mut digests = schedule.digests(plan);
@@ -581,35 +622,44 @@ impl Receiver {
         let Store::Host(tensors) = &mut *store else {
             unreachable!("host transports are refused at hello for tensors on a GPU");
         };
-        let mut touched = vec![false; plan.destinations.len()];
         let mut unpack_seconds = 0.0;
 
         let mut outcome = None;
         for (k, bucket) in schedule.buckets.iter().enumerate() {
-            for entry in &bucket.entries {
-                touched[entry.op.dst as usize] = true;
-            }
             let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
+                for entry in &bucket.entries {
+                    touched[entry.op.dst as usize] = true;
+                }
                 let t = Instant::now();
                 unpack(plan, &schedule, k, payload, tensors.as_mut(), &mut digests, threads);
                 unpack_seconds += t.elapsed().as_secs_f64();
             });
-            if let Err(e) = received {
-                outcome = Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())));
-                break;
+            match received {
+                Ok(()) => {}
+                Err(TransferError::SenderAborted(reason)) => {
+                    outcome = Some(Outcome::Aborted(format!("the sender called the update off: {reason}")));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())));
+                    break;
+                }
             }
         }
         let outcome = outcome.unwrap_or_else(|| {
             let _ = self.state().versions.verify(version);
             let ours = receiver_digests(&schedule, tensors.as_ref(), &digests);
             match conn.recv(timeout) {
-                Ok(Message::End { version: v, digests }) if v == version => {
+                Ok(Message::End { version: v, digests, two_phase }) if v == version => {
                     let mismatched = compare(plan, &schedule.written, &ours, &digests);
                     if mismatched.is_empty() {
-                        Outcome::Verified(ours)
+                        Outcome::Verified { digests: ours, compared: true, two_phase }
                     } else {
                         Outcome::Mismatch(mismatched)
                     }
+                }
+                Ok(Message::Abort { reason }) => {
+                    Outcome::Aborted(format!("the sender called the update off: {reason}"))
                 }
                 Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
                 Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
@@ -618,46 +668,49 @@ impl Receiver {
         drop(store);
 
         let report = UpdateReport {
-            version,
             bytes: schedule.bytes,
             tensors: schedule.written.iter().filter(|&&w| w).count(),
             buckets: schedule.buckets.len(),
             skipped_tensors: skip.len(),
             bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
             unpack_seconds,
+            sender_digests: true,
             ..UpdateReport::default()
         };
-        self.settle(plan, version, outcome, &touched, report, started)
+        (outcome, report)
     }
 
     /// Takes one update over CUDA IPC: maps the sender's memory (what is not mapped yet), pulls
     /// every destination in one pass with its digests, and compares with the sender's.
-    fn update_ipc(
+    fn transfer_ipc(
         &self,
         conn: &mut Conn,
         importer: &mut Importer,
         plan: &Plan,
         source: &Manifest,
         version: Version,
-    ) -> (UpdateReport, bool) {
-        let started = Instant::now();
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
         let timeout = self.shared.options.timeout;
         let store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let Store::Device { gpu, tensors } = &*store else {
             unreachable!("cuda-ipc is refused at hello for tensors in host memory");
         };
         let mut report = UpdateReport {
-            version,
             bytes: plan.destinations.iter().map(|d| d.byte_len()).sum(),
             tensors: plan.destinations.len(),
             ..UpdateReport::default()
         };
-        let mut touched = vec![false; plan.destinations.len()];
+        let aborted = |reason: String| Outcome::Aborted(format!("the sender called the update off: {reason}"));
         // Any error here means the transfer broke off (Outcome::Broken, with the reason).
         let outcome = (|| -> Result<Outcome, String> {
             let message = conn.recv(timeout).map_err(|e| format!("waiting for the sender's memory: {e}"))?;
-            let Message::IpcSources { pid, device, segments, tensors: located, fds, sender_digests } = message else {
-                return Err(format!("expected ipc_sources, got {}", message.name()));
+            let (pid, device, segments, located, fds, sender_digests) = match message {
+                Message::IpcSources { pid, device, segments, tensors, fds, sender_digests } => {
+                    (pid, device, segments, tensors, fds, sender_digests)
+                }
+                Message::Abort { reason } => return Ok(aborted(reason)),
+                other => return Err(format!("expected ipc_sources, got {}", other.name())),
             };
             let fds = conn
                 .recv_fds(fds as usize, timeout)
@@ -678,22 +731,50 @@ impl Receiver {
             let _ = self.state().versions.verify(version);
             let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
             match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
-                Message::End { version: v, .. } if v == version && !sender_digests => Ok(Outcome::Verified(ours)),
-                Message::End { version: v, digests } if v == version => {
-                    let mismatched = compare(plan, &touched, &ours, &digests);
-                    Ok(if mismatched.is_empty() { Outcome::Verified(ours) } else { Outcome::Mismatch(mismatched) })
+                // Nothing to compare with: the receiver's digests are recorded as pulled, and
+                // the update is committed but not verified.
+                Message::End { version: v, two_phase, .. } if v == version && !sender_digests => {
+                    Ok(Outcome::Verified { digests: ours, compared: false, two_phase })
                 }
-                Message::Abort { reason } => Err(format!("the sender gave up: {reason}")),
+                Message::End { version: v, digests, two_phase } if v == version => {
+                    let mismatched = compare(plan, touched, &ours, &digests);
+                    Ok(if mismatched.is_empty() {
+                        Outcome::Verified { digests: ours, compared: true, two_phase }
+                    } else {
+                        Outcome::Mismatch(mismatched)
+                    })
+                }
+                Message::Abort { reason } => Ok(aborted(reason)),
                 other => Err(format!("expected the end of version {version}, got {}", other.name())),
             }
         })()
         .unwrap_or_else(Outcome::Broken);
         drop(store);
-        self.settle(plan, version, outcome, &touched, report, started)
+        (outcome, report)
+    }
+
+    /// Two-phase: tells the sender every tensor verified and waits, up to the update timeout,
+    /// for its decision. Without a commit the update fails (the bytes written are dirty).
+    fn await_decision(&self, conn: &mut Conn, version: Version, verified: Outcome) -> Outcome {
+        if let Err(e) = conn.send(&Message::Verified { version }) {
+            return Outcome::Broken(format!("telling the sender version {version} verified: {e}"));
+        }
+        match conn.recv(self.shared.options.timeout) {
+            Ok(Message::Commit { version: v }) if v == version => verified,
+            Ok(Message::Abort { reason }) => Outcome::Aborted(format!("the sender called the update off: {reason}")),
+            Ok(other) => {
+                Outcome::Broken(format!("expected the sender's decision on version {version}, got {}", other.name()))
+            }
+            Err(ProtocolError::Timeout(waited)) => {
+                Outcome::Broken(format!("no commit of version {version} from the sender within {waited:.1?}"))
+            }
+            Err(e) => Outcome::Broken(format!("waiting for the sender's decision on version {version}: {e}")),
+        }
     }
 
     /// Settles the version state after an update (commit, or fail marking what it touched
-    /// dirty) and completes its report.
+    /// dirty) and completes its report. Also says whether the connection is still in step
+    /// (false after a broken transfer).
     fn settle(
         &self,
         plan: &Plan,
@@ -703,27 +784,30 @@ impl Receiver {
         mut report: UpdateReport,
         started: Instant,
     ) -> (UpdateReport, bool) {
+        report.version = version;
         let mut state = self.state();
         let in_sync = !matches!(outcome, Outcome::Broken(_));
-        let reason = match outcome {
-            Outcome::Verified(ours) => {
+        let (outcome, reason) = match outcome {
+            Outcome::Verified { digests, compared, .. } => {
                 state.versions.commit(version).expect("this connection holds the update in flight");
-                for (d, value) in ours.into_iter().enumerate() {
+                for (d, value) in digests.into_iter().enumerate() {
                     if value.is_some() {
                         state.digests[d] = value;
                     }
                 }
-                report.verified = true;
+                report.verified = compared;
                 self.shared.committed.notify_all();
-                None
+                (UpdateOutcome::Committed, None)
             }
             Outcome::Mismatch(names) => {
                 let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
                 report.mismatched = names;
-                Some(format!("digest mismatch: {}", quoted.join(", ")))
+                (UpdateOutcome::Failed, Some(format!("digest mismatch: {}", quoted.join(", "))))
             }
-            Outcome::Broken(reason) => Some(reason),
+            Outcome::Aborted(reason) => (UpdateOutcome::Aborted, Some(reason)),
+            Outcome::Broken(reason) => (UpdateOutcome::Failed, Some(reason)),
         };
+        report.outcome = outcome;
         if let Some(reason) = reason {
             // Every tensor this update touched may now hold neither version's bytes.
             let dirty: Vec<String> = (0..touched.len())
@@ -745,13 +829,16 @@ impl Receiver {
     }
 }
 
-/// Every tensor's digest, computed on the GPU that holds them.
 /// How an update ended.
 enum Outcome {
-    /// Every written tensor matched; the receiver's digest of each.
-    Verified(Vec<Option<u64>>),
+    /// Every written tensor matched the sender's digest (`compared`), or, with nothing to
+    /// compare with, was recorded as written; the receiver's digest of each. `two_phase`: the
+    /// sender decides whether it commits.
+    Verified { digests: Vec<Option<u64>>, compared: bool, two_phase: bool },
     /// The transfer completed but these tensors' digests differ from the sender's.
     Mismatch(Vec<String>),
+    /// The sender called the update off, in step with this side.
+    Aborted(String),
     /// The transfer broke off (sender gone, stalled, or out of protocol).
     Broken(String),
 }
@@ -772,7 +859,7 @@ fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, 
 }
 
 fn log_report(report: &UpdateReport) {
-    if report.verified {
+    if report.is_committed() {
         tracing::info!(
             version = %report.version,
             bytes = report.bytes,

@@ -3,6 +3,23 @@
 use serde::{Deserialize, Serialize};
 use weightlift_core::Version;
 
+/// How one receiver's part of an update ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOutcome {
+    /// The receiver committed the version.
+    Committed,
+    /// The receiver refused the version before anything was written (not newer than its
+    /// committed one, another in flight, its memory released).
+    Refused,
+    /// The sender called the update off: before any byte moved, or (an update of several
+    /// receivers) after another receiver refused or failed it; what was written is dirty.
+    Aborted,
+    /// The transfer broke off, or digests differed.
+    #[default]
+    Failed,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpdateReport {
     /// The version the update carried.
@@ -16,7 +33,12 @@ pub struct UpdateReport {
     /// From `Begin` accepted to the report, on the receiver.
     pub seconds: f64,
     pub gbps: f64,
-    /// Every tensor written matched the sender's digest and the version was committed.
+    /// How it ended; `committed` for an update the receiver now holds.
+    #[serde(default)]
+    pub outcome: UpdateOutcome,
+    /// The version was committed and every tensor written was compared with the sender's digest
+    /// and matched. False for an update committed on the receiver's digests alone (CUDA IPC
+    /// without sender digests: `sender_digests` false), which is committed but not verified.
     pub verified: bool,
     pub tensors: usize,
     pub buckets: usize,
@@ -48,6 +70,13 @@ pub struct UpdateReport {
     /// Kernel launches of the update.
     #[serde(default)]
     pub launches: usize,
+}
+
+impl UpdateReport {
+    /// Whether the receiver holds this update now (verified or not).
+    pub fn is_committed(&self) -> bool {
+        self.outcome == UpdateOutcome::Committed
+    }
 }
 
 /// The calling process's peak resident set size, from /proc (Linux).

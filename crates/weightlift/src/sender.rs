@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use weightlift_core::{plan, Manifest, Plan, RuleSet, SourceSet, Version};
+use weightlift_core::{plan, Manifest, Plan, PlanError, RuleSet, SourceSet, Version};
 
 use std::sync::Arc;
 
@@ -13,7 +13,8 @@ use weightlift_cuda::Gpu;
 use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
-use crate::report::UpdateReport;
+use crate::report::{UpdateOutcome, UpdateReport};
+use crate::session::{self, SessionError, Token};
 use crate::tensors::SourceTensors;
 use crate::transport::{LocalRing, SendPath, TransferError};
 use crate::update::{default_threads, expected_digests, pack, sender_digests, Schedule};
@@ -35,6 +36,8 @@ pub struct SenderOptions {
     /// second read of the model, on the trainer's GPU). Off, the receiver's digests of what it
     /// wrote are recorded, and the sender's memory is identified by allocation id and handle.
     pub sender_digests: bool,
+    /// The receivers' token (see [`crate::session`]).
+    pub token: Option<Token>,
     /// For fault tests only: misbehave on purpose.
     pub fault: Option<Fault>,
 }
@@ -48,6 +51,7 @@ impl Default for SenderOptions {
             timeout: Duration::from_secs(60),
             threads: default_threads(),
             sender_digests: true,
+            token: None,
             fault: None,
         }
     }
@@ -62,20 +66,32 @@ pub enum Fault {
     HangUpAfterBuckets(u32),
     /// Send `n` buckets, then kill this process on the spot.
     AbortAfterBuckets(u32),
+    /// Send `n` buckets, then stop for [`Fault::STALL`] (longer than a test receiver waits).
+    StallAfterBuckets(u32),
+    /// Two-phase: never send the receiver the commit it waits for (nor anything else).
+    WithholdCommit,
+}
+
+impl Fault {
+    pub const STALL: Duration = Duration::from_secs(3);
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
 
-    /// `flip:N`, `hangup:N` or `abort:N` (bucket N).
+    /// `flip:N`, `hangup:N`, `abort:N`, `stall:N` (bucket N), or `withhold-commit`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, n) = s.split_once(':').ok_or("expected KIND:BUCKET")?;
+        if s == "withhold-commit" {
+            return Ok(Fault::WithholdCommit);
+        }
+        let (kind, n) = s.split_once(':').ok_or("expected KIND:BUCKET or withhold-commit")?;
         let n: u32 = n.parse().map_err(|_| format!("bad bucket number in `{s}`"))?;
         Ok(match kind {
             "flip" => Fault::FlipByteInBucket(n),
             "hangup" => Fault::HangUpAfterBuckets(n),
             "abort" => Fault::AbortAfterBuckets(n),
-            _ => return Err(format!("unknown fault `{kind}` (flip, hangup or abort)")),
+            "stall" => Fault::StallAfterBuckets(n),
+            _ => return Err(format!("unknown fault `{kind}` (flip, hangup, abort, stall or withhold-commit)")),
         })
     }
 }
@@ -90,10 +106,14 @@ pub enum SendError {
     Transfer(#[from] TransferError),
     #[error("the receiver rejected this sender: {0}")]
     Rejected(String),
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error("the receiver refused version {version}: {reason}")]
     Refused { version: Version, reason: String },
     #[error("this sender cannot plan for the receiver: {0}")]
-    Plan(String),
+    Plan(#[from] PlanError),
+    #[error("this sender cannot schedule the update: {0}")]
+    Schedule(#[from] weightlift_core::BucketError),
     #[error("plans differ: the receiver's hash is {receiver}, this sender's is {sender} (mismatched versions?)")]
     PlanMismatch { receiver: String, sender: String },
     #[error("the tensors pushed do not match the manifest this sender connected with: {0}")]
@@ -114,6 +134,8 @@ pub struct ReceiverState {
 
 pub struct Sender {
     conn: Conn,
+    /// Whom this sender talks to (an endpoint, or the peer that connected), for messages.
+    name: String,
     source: Manifest,
     plan: Plan,
     /// The schedule of an update that skips nothing, built once.
@@ -122,9 +144,24 @@ pub struct Sender {
     /// The receiver's committed digest per destination, as last known.
     receiver_digests: Vec<Option<u64>>,
     receiver: ReceiverState,
+    /// The receiver's committed version and dirty tensors as of its last report.
+    last_known: ReceiverState,
     options: SenderOptions,
     /// What the receiver has of this sender's GPU memory (CUDA IPC).
     exporter: Exporter,
+    /// The update begun and not settled yet.
+    in_flight: Option<Version>,
+    /// The digests of the update in flight, recorded as the receiver's once it commits.
+    sent_digests: Vec<(u32, u64)>,
+}
+
+/// How a receiver answered the end of a transfer.
+#[derive(Debug)]
+pub enum Vote {
+    /// Two-phase: every tensor verified; the receiver waits for [`Sender::send_decision`].
+    Verified,
+    /// The receiver settled the update on its own (committed, or failed and said why).
+    Settled(UpdateReport),
 }
 
 impl Sender {
@@ -138,7 +175,7 @@ impl Sender {
         let stream = endpoint
             .connect(options.timeout)
             .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
-        Sender::connect_stream(stream, source, rules, options, None)
+        Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None)
     }
 
     /// A sender for a receiver that connected to us (one asked to fetch a version from this
@@ -149,18 +186,21 @@ impl Sender {
         rules: &RuleSet,
         options: SenderOptions,
     ) -> Result<Sender, SendError> {
-        Sender::connect_stream(stream, source, rules, options, None)
+        let name = stream.peer();
+        Sender::connect_stream(stream, name, source, rules, options, None)
     }
 
     /// The same over a connected stream; `local_ring` is the ring of an in-process receiver.
     pub(crate) fn connect_stream(
         stream: Stream,
+        name: String,
         source: &Manifest,
         rules: &RuleSet,
         options: SenderOptions,
         local_ring: Option<Arc<LocalRing>>,
     ) -> Result<Sender, SendError> {
         let mut conn = Conn::client(stream)?;
+        session::authenticate_receiver(&mut conn, options.token.as_ref(), Instant::now() + options.timeout)?;
         conn.send(&Message::Hello {
             source: source.clone(),
             rules: rules.clone(),
@@ -174,8 +214,7 @@ impl Sender {
             Message::Reject { reason } => return Err(SendError::Rejected(reason)),
             other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
         };
-        let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)
-            .map_err(|e| SendError::Plan(e.to_string()))?;
+        let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)?;
         let ours = plan.hash_hex();
         if ours != plan_hash {
             return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
@@ -198,22 +237,35 @@ impl Sender {
             // Nothing travels through the connection but control messages.
             (TransportKind::CudaIpc, _) => SendPath::socket(0),
         };
-        let schedule = Schedule::new(&plan, &[], options.bucket_bytes).map_err(|e| SendError::Plan(e.to_string()))?;
+        let schedule = Schedule::new(&plan, &[], options.bucket_bytes)?;
         Ok(Sender {
             conn,
+            name,
             source: source.clone(),
             plan,
             schedule,
             path,
             receiver_digests: digests,
+            last_known: receiver.clone(),
             receiver,
             options,
             exporter: Exporter::default(),
+            in_flight: None,
+            sent_digests: Vec::new(),
         })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Whom this sender talks to: the receiver's rank and endpoint (or the peer that connected).
+    pub fn name(&self) -> String {
+        format!("rank {} at {}", self.receiver.tp.rank, self.name)
+    }
+
+    pub fn transport(&self) -> TransportKind {
+        self.options.transport
     }
 
     /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends).
@@ -226,29 +278,137 @@ impl Sender {
         &self.receiver
     }
 
+    /// The receiver as of its last report (or the connect).
+    pub fn receiver_last_known(&self) -> &ReceiverState {
+        &self.last_known
+    }
+
     /// Pushes `tensors` as `version`; returns the receiver's report. A report whose
-    /// `verified` is false means the receiver kept its previous version.
+    /// `outcome` is not `committed` means the receiver kept its previous version.
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<UpdateReport, SendError> {
+        let skip = self.delta_skip(tensors)?;
+        let skip = self.begin(version, skip)?;
+        match self.transfer(version, &skip, tensors, false)? {
+            Vote::Settled(report) => Ok(report),
+            Vote::Verified => Err(unexpected_vote()),
+        }
+    }
+
+    /// Pushes GPU tensors (on `gpu`) as `version` over CUDA IPC: the receiver maps the memory
+    /// (once per allocation) and pulls; this side digests what it sends from its own memory
+    /// meanwhile. Returns the receiver's report.
+    pub fn push_device(
+        &mut self,
+        version: Version,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+    ) -> Result<UpdateReport, SendError> {
+        let started = Instant::now();
+        self.check_device_tensors(tensors)?;
+        let checked = started.elapsed();
+        self.begin(version, Vec::new())?;
+        let begun = started.elapsed();
+        let vote = self.transfer_device(version, gpu, tensors, false)?;
+        // Where a push's time goes outside the receiver (RUST_LOG=weightlift=debug).
+        tracing::debug!(
+            version = %version,
+            check_ms = checked.as_secs_f64() * 1e3,
+            begin_ms = (begun - checked).as_secs_f64() * 1e3,
+            transfer_ms = (started.elapsed() - begun).as_secs_f64() * 1e3,
+            "push_device finished"
+        );
+        match vote {
+            Vote::Settled(report) => Ok(report),
+            Vote::Verified => Err(unexpected_vote()),
+        }
+    }
+
+    /// The destinations a delta update may skip: those whose digest the receiver holds
+    /// already (none unless `delta`). Checks the tensors first.
+    pub fn delta_skip(&self, tensors: &dyn SourceTensors) -> Result<Vec<u32>, SendError> {
         self.check_tensors(tensors.manifest())?;
         if self.options.transport == TransportKind::CudaIpc {
             return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: use push_device".into()));
         }
-        let started = Instant::now();
-        let skip: Vec<u32> = if self.options.delta {
-            let expected = expected_digests(&self.plan, &self.schedule, tensors);
-            (0..expected.len() as u32)
-                .filter(|&d| self.receiver_digests[d as usize] == Some(expected[d as usize]))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let timeout = self.options.timeout;
-        let skip = self.begin(version, skip)?;
+        if !self.options.delta {
+            return Ok(Vec::new());
+        }
+        let expected = expected_digests(&self.plan, &self.schedule, tensors);
+        Ok((0..expected.len() as u32)
+            .filter(|&d| self.receiver_digests[d as usize] == Some(expected[d as usize]))
+            .collect())
+    }
 
-        let schedule = self
-            .schedule
-            .for_skip(&self.plan, &skip, self.options.bucket_bytes)
-            .map_err(|e| SendError::Plan(e.to_string()))?;
+    /// The GPU tensors of a push must be those announced at connect, and travel over CUDA IPC.
+    pub fn check_device_tensors(&self, tensors: &dyn DeviceTensors) -> Result<(), SendError> {
+        self.check_tensors(tensors.manifest())?;
+        if self.options.transport != TransportKind::CudaIpc {
+            return Err(SendError::WrongTensors(format!(
+                "GPU tensors travel over cuda-ipc, not {} (stage them in host memory for that)",
+                self.options.transport
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
+    /// may really be skipped (the receiver names those it no longer holds).
+    pub fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<Vec<u32>, SendError> {
+        self.send_begin(version, &skip)?;
+        self.accepted(version, skip)
+    }
+
+    /// The first half of [`Sender::begin`], so that a group asks every receiver at once.
+    pub fn send_begin(&mut self, version: Version, skip: &[u32]) -> Result<(), SendError> {
+        self.conn.send(&Message::Begin { version, skip: skip.to_vec() })?;
+        self.in_flight = Some(version);
+        Ok(())
+    }
+
+    /// The second half of [`Sender::begin`].
+    pub fn accepted(&mut self, version: Version, skip: Vec<u32>) -> Result<Vec<u32>, SendError> {
+        match self.conn.recv(self.options.timeout)? {
+            Message::Accepted { version: v, stale } if v == version => {
+                for &d in &stale {
+                    if let Some(known) = self.receiver_digests.get_mut(d as usize) {
+                        *known = None;
+                    }
+                }
+                Ok(skip.into_iter().filter(|d| !stale.contains(d)).collect())
+            }
+            Message::Refused { reason } => {
+                self.in_flight = None;
+                Err(SendError::Refused { version, reason })
+            }
+            other => Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
+        }
+    }
+
+    /// Moves an accepted update's buckets (less `skip`) and its digests; `two_phase` leaves the
+    /// commit to [`Sender::send_decision`]. A receiver that ended the update early (it timed out, or a
+    /// mapping failed) answers with its report, which says why.
+    pub fn transfer(
+        &mut self,
+        version: Version,
+        skip: &[u32],
+        tensors: &dyn SourceTensors,
+        two_phase: bool,
+    ) -> Result<Vote, SendError> {
+        match self.send_buckets(version, skip, tensors, two_phase) {
+            Ok(()) => self.vote(),
+            Err(e) => self.report_instead_of(e),
+        }
+    }
+
+    fn send_buckets(
+        &mut self,
+        version: Version,
+        skip: &[u32],
+        tensors: &dyn SourceTensors,
+        two_phase: bool,
+    ) -> Result<(), SendError> {
+        let timeout = self.options.timeout;
+        let schedule = self.schedule.for_skip(&self.plan, skip, self.options.bucket_bytes)?;
         let mut digests = schedule.digests(&self.plan);
         for (k, bucket) in schedule.buckets.iter().enumerate() {
             let k = k as u32;
@@ -258,6 +418,7 @@ impl Sender {
                     return Err(SendError::Injected(format!("hung up after {n} bucket(s)")));
                 }
                 Some(Fault::AbortAfterBuckets(n)) if n == k => std::process::abort(),
+                Some(Fault::StallAfterBuckets(n)) if n == k => std::thread::sleep(Fault::STALL),
                 _ => {}
             }
             let flip = self.options.fault == Some(Fault::FlipByteInBucket(k));
@@ -271,45 +432,31 @@ impl Sender {
             })?;
         }
         let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
-        self.conn.send(&Message::End { version, digests: digests.clone() })?;
-        let report = self.path.await_report(&mut self.conn, timeout)?;
-        for (d, value) in digests {
-            self.receiver_digests[d as usize] = report.verified.then_some(value);
-        }
-        tracing::debug!(version = %version, seconds = started.elapsed().as_secs_f64(), "push finished");
-        Ok(report)
+        self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
+        self.sent_digests = digests;
+        Ok(())
     }
-}
 
-impl Sender {
-    /// Pushes GPU tensors (on `gpu`) as `version` over CUDA IPC: the receiver maps the memory
-    /// (once per allocation) and pulls; this side digests what it sends from its own memory
-    /// meanwhile. Returns the receiver's report.
-    pub fn push_device(
+    /// The CUDA IPC transfer of an accepted update: where the tensors live, and (with
+    /// `sender_digests`) their digests, computed while the receiver pulls.
+    pub fn transfer_device(
         &mut self,
         version: Version,
         gpu: &Gpu,
         tensors: &dyn DeviceTensors,
-    ) -> Result<UpdateReport, SendError> {
-        let started = Instant::now();
-        self.check_tensors(tensors.manifest())?;
-        let checked = started.elapsed();
-        if self.options.transport != TransportKind::CudaIpc {
-            return Err(SendError::WrongTensors(format!(
-                "GPU tensors travel over cuda-ipc, not {} (stage them in host memory for that)",
-                self.options.transport
-            )));
-        }
-        let timeout = self.options.timeout;
+        two_phase: bool,
+    ) -> Result<Vote, SendError> {
         let sender_digests = self.options.sender_digests;
-        let (sources, fds) =
-            self.exporter.describe(gpu, tensors, sender_digests).map_err(|e| SendError::Device(e.to_string()))?;
-        let described = started.elapsed();
-        self.begin(version, Vec::new())?;
-        let begun = started.elapsed();
+        let (sources, fds) = match self.exporter.describe(gpu, tensors, sender_digests) {
+            Ok(described) => described,
+            Err(e) => {
+                let reason = format!("the sender could not describe its GPU memory: {e}");
+                return self.abort(&reason).map(Vote::Settled);
+            }
+        };
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         if let Err(e) = self.conn.send(&sources).and_then(|()| self.conn.send_fds(&borrowed)) {
-            return self.report_instead_of(e);
+            return self.report_instead_of(e.into());
         }
         self.exporter.sent(&sources);
         // Digest while the receiver pulls.
@@ -319,37 +466,93 @@ impl Sender {
                 Ok(d) => d.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect(),
                 Err(e) => {
                     let reason = format!("the sender could not digest its tensors: {e}");
-                    let _ = self.conn.send(&Message::Abort { reason: reason.clone() });
-                    return Err(SendError::Device(reason));
+                    return self.abort(&reason).map(Vote::Settled);
                 }
             }
         } else {
             Vec::new()
         };
-        if let Err(e) = self.conn.send(&Message::End { version, digests }) {
-            return self.report_instead_of(e);
+        if let Err(e) = self.conn.send(&Message::End { version, digests, two_phase }) {
+            return self.report_instead_of(e.into());
         }
-        let ended = started.elapsed();
-        let report = self.path.await_report(&mut self.conn, timeout)?;
-        if !report.verified {
+        self.vote()
+    }
+
+    /// Two-phase: tells a receiver that voted [`Vote::Verified`] to commit (`Ok`) or to call
+    /// the update off (`Err(reason)`); [`Sender::await_settled`] then takes its report.
+    pub fn send_decision(&mut self, decision: Result<(), &str>) -> Result<(), SendError> {
+        let Some(version) = self.in_flight else {
+            return Err(ProtocolError::Unexpected { expected: "an update in flight", got: "none".into() }.into());
+        };
+        match decision {
+            Ok(()) if self.options.fault == Some(Fault::WithholdCommit) => Ok(()),
+            Ok(()) => Ok(self.conn.send(&Message::Commit { version })?),
+            Err(reason) => Ok(self.conn.send(&Message::Abort { reason: reason.to_string() })?),
+        }
+    }
+
+    /// The report that settles the update in flight.
+    pub fn await_settled(&mut self) -> Result<UpdateReport, SendError> {
+        // A receiver that hears no decision gives up after its own timeout and reports.
+        let report = self.path.await_report(&mut self.conn, self.options.timeout * 2)?;
+        Ok(self.settled(report))
+    }
+
+    /// Calls off an accepted update before its transfer (another receiver refused it);
+    /// returns the receiver's report (nothing written).
+    pub fn abort(&mut self, reason: &str) -> Result<UpdateReport, SendError> {
+        self.sent_digests.clear();
+        self.conn.send(&Message::Abort { reason: reason.to_string() })?;
+        self.await_settled()
+    }
+
+    /// The receiver's answer to `End`.
+    fn vote(&mut self) -> Result<Vote, SendError> {
+        loop {
+            match self.conn.recv(self.options.timeout)? {
+                Message::Verified { .. } => return Ok(Vote::Verified),
+                Message::Report { report } => return Ok(Vote::Settled(self.settled(report))),
+                Message::SlotFree { slot } => self.path.give_back(slot),
+                other => {
+                    return Err(
+                        ProtocolError::Unexpected { expected: "verified or report", got: other.name().into() }.into()
+                    )
+                }
+            }
+        }
+    }
+
+    /// After a send or receive failed mid-update: the receiver may have ended the update with a
+    /// report that says why (it timed out, a mapping failed) and closed the connection. That
+    /// report, else the error itself.
+    fn report_instead_of(&mut self, error: SendError) -> Result<Vote, SendError> {
+        self.exporter.forget_locations();
+        if let SendError::Transfer(TransferError::ReceiverFailed(report)) = error {
+            return Ok(Vote::Settled(self.settled(*report)));
+        }
+        match self.path.await_report(&mut self.conn, Duration::from_secs(1)) {
+            Ok(report) => Ok(Vote::Settled(self.settled(report))),
+            Err(_) => Err(error),
+        }
+    }
+
+    /// Records what a report says of the receiver.
+    fn settled(&mut self, report: UpdateReport) -> UpdateReport {
+        self.in_flight = None;
+        let committed = report.is_committed();
+        for (d, value) in std::mem::take(&mut self.sent_digests) {
+            if let Some(known) = self.receiver_digests.get_mut(d as usize) {
+                *known = committed.then_some(value);
+            }
+        }
+        if !committed {
             self.exporter.forget_locations();
         }
-        // Where a push's time goes outside the receiver (RUST_LOG=weightlift=debug).
-        tracing::debug!(
-            version = %version,
-            check_ms = checked.as_secs_f64() * 1e3,
-            describe_ms = (described - checked).as_secs_f64() * 1e3,
-            begin_ms = (begun - described).as_secs_f64() * 1e3,
-            send_ms = (ended - begun).as_secs_f64() * 1e3,
-            report_ms = (started.elapsed() - ended).as_secs_f64() * 1e3,
-            receiver_ms = report.seconds * 1e3,
-            "push_device finished"
-        );
-        Ok(report)
+        self.last_known.committed = report.committed;
+        self.last_known.dirty = report.dirty.clone();
+        report
     }
-}
 
-impl Sender {
     /// The tensors of a push must be those announced at connect: same names, dtypes and shapes
     /// in the same order (by fingerprint once the tensors were checked: O(1) per push).
     fn check_tensors(&self, manifest: &Manifest) -> Result<(), SendError> {
@@ -361,31 +564,22 @@ impl Sender {
         Err(SendError::WrongTensors(describe_difference(&self.source, manifest)))
     }
 
-    /// After a send failed mid-update: the receiver may have ended the update with a report
-    /// that says why (a mapping it could not make) and closed the connection. That report (not
-    /// verified), else the send's own error.
-    fn report_instead_of(&mut self, error: ProtocolError) -> Result<UpdateReport, SendError> {
-        self.exporter.forget_locations();
-        self.path.await_report(&mut self.conn, Duration::from_secs(1)).map_err(|_| error.into())
-    }
-
-    /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
-    /// may really be skipped (the receiver names those it no longer holds).
-    fn begin(&mut self, version: Version, skip: Vec<u32>) -> Result<Vec<u32>, SendError> {
-        self.conn.send(&Message::Begin { version, skip: skip.clone() })?;
-        match self.conn.recv(self.options.timeout)? {
-            Message::Accepted { version: v, stale } if v == version => {
-                for &d in &stale {
-                    if let Some(known) = self.receiver_digests.get_mut(d as usize) {
-                        *known = None;
-                    }
-                }
-                Ok(skip.into_iter().filter(|d| !stale.contains(d)).collect())
-            }
-            Message::Refused { reason } => Err(SendError::Refused { version, reason }),
-            other => Err(ProtocolError::Unexpected { expected: "accepted", got: other.name().into() }.into()),
+    /// A report for a receiver that refused `version` or could not be reached, made on this
+    /// side from what it last said of itself.
+    pub fn report_for(&self, version: Version, outcome: UpdateOutcome, error: String) -> UpdateReport {
+        UpdateReport {
+            version,
+            committed: self.last_known.committed,
+            dirty: self.last_known.dirty.clone(),
+            outcome,
+            error: Some(error),
+            ..UpdateReport::default()
         }
     }
+}
+
+fn unexpected_vote() -> SendError {
+    ProtocolError::Unexpected { expected: "report", got: "verified".into() }.into()
 }
 
 /// The first few names whose specs differ, for an error message.

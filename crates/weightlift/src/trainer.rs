@@ -1,4 +1,15 @@
-//! The trainer side of a tensor-parallel engine: one sender per engine rank, pushed together.
+//! The trainer side of a tensor-parallel engine: one sender per engine rank, and the
+//! two-phase commit that makes one version land on every rank or on none.
+//!
+//! 1. Every receiver is asked to accept the version before any byte moves; if one refuses (or
+//!    cannot be reached), the others are told to call it off, and nothing is written anywhere.
+//! 2. The transfers run in parallel; each receiver verifies its digests and votes.
+//! 3. Only when every receiver verified is every one told to commit; otherwise the ones that
+//!    verified are told to call it off (their written tensors marked dirty).
+//!
+//! A receiver that never hears the decision settles as failed, dirty, on its old version, when
+//! its timeout passes; the report names it. An update of one receiver needs no vote: it
+//! commits as soon as its digests match.
 
 use std::time::Instant;
 
@@ -9,8 +20,8 @@ use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::DeviceTensors;
 use crate::net::Endpoint;
-use crate::report::UpdateReport;
-use crate::sender::{ReceiverState, SendError, Sender, SenderOptions};
+use crate::report::{UpdateOutcome, UpdateReport};
+use crate::sender::{ReceiverState, SendError, Sender, SenderOptions, Vote};
 use crate::tensors::SourceTensors;
 
 /// One version pushed to every rank.
@@ -22,9 +33,40 @@ pub struct StepReport {
     /// Wall time of the push as the trainer sees it, all ranks in parallel.
     pub seconds: f64,
     pub gbps: f64,
-    /// Every rank verified and committed the version.
+    /// Every rank committed the version with digests compared.
     pub verified: bool,
+    /// Every rank committed the version.
+    pub committed: bool,
+    /// Each rank's report, in the order the receivers were given.
     pub ranks: Vec<UpdateReport>,
+    /// Whom each report is from: the endpoint, or the peer that connected.
+    pub receivers: Vec<String>,
+}
+
+impl StepReport {
+    /// None when every rank committed; else what each rank did, naming every one.
+    pub fn failure(&self) -> Option<String> {
+        if self.committed {
+            return None;
+        }
+        let ranks: Vec<String> = self.ranks.iter().zip(&self.receivers).map(|(r, who)| describe(r, who)).collect();
+        Some(format!("version {} was not committed on every receiver: {}", self.version, ranks.join("; ")))
+    }
+}
+
+fn describe(report: &UpdateReport, who: &str) -> String {
+    let outcome = match report.outcome {
+        UpdateOutcome::Committed => return format!("{who}: committed version {}", report.version),
+        UpdateOutcome::Refused => "refused it",
+        UpdateOutcome::Aborted => "called off",
+        UpdateOutcome::Failed => "failed",
+    };
+    let dirty = match report.dirty.len() {
+        0 => String::new(),
+        n => format!(", {n} tensor(s) dirty"),
+    };
+    let error = report.error.as_deref().unwrap_or("no reason given");
+    format!("{who}: {outcome}, still on version {}{dirty}: {error}", report.committed)
 }
 
 /// Senders to every rank of one engine.
@@ -61,42 +103,248 @@ impl Trainer {
         self.senders.iter().map(|s| s.receiver_at_connect().clone()).collect()
     }
 
-    /// Pushes `version` to every rank at once.
+    /// Pushes `version` to every rank, committed on all of them or on none. Errs only for
+    /// tensors that do not match the manifest connected with (before anything is sent); every
+    /// other failure is in the report (`committed` false, [`StepReport::failure`]).
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<StepReport, SendError> {
-        self.push_each(version, |s| s.push(version, tensors))
+        let skips = self.senders.iter().map(|s| s.delta_skip(tensors)).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.run(version, skips, |sender, skip, two_phase| sender.transfer(version, skip, tensors, two_phase)))
     }
 
-    /// Pushes GPU tensors (on `gpu`) as `version` to every rank at once, over CUDA IPC.
+    /// Pushes GPU tensors (on `gpu`) as `version` to every rank over CUDA IPC, as [`Trainer::push`].
     pub fn push_device(
         &mut self,
         version: Version,
         gpu: &Gpu,
         tensors: &dyn DeviceTensors,
     ) -> Result<StepReport, SendError> {
-        self.push_each(version, |s| s.push_device(version, gpu, tensors))
+        for sender in &self.senders {
+            sender.check_device_tensors(tensors)?;
+        }
+        let skips = vec![Vec::new(); self.senders.len()];
+        Ok(self.run(version, skips, |sender, _, two_phase| sender.transfer_device(version, gpu, tensors, two_phase)))
     }
 
-    fn push_each(
+    fn run(
         &mut self,
         version: Version,
-        push: impl Fn(&mut Sender) -> Result<UpdateReport, SendError> + Sync,
-    ) -> Result<StepReport, SendError> {
+        skips: Vec<Vec<u32>>,
+        transfer: impl Fn(&mut Sender, &[u32], bool) -> Result<Vote, SendError> + Sync,
+    ) -> StepReport {
         let started = Instant::now();
-        let push = &push;
-        let results: Vec<Result<UpdateReport, SendError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self.senders.iter_mut().map(|s| scope.spawn(move || push(s))).collect();
+        let two_phase = self.senders.len() > 1;
+        let failed = |sender: &Sender, e: SendError| match e {
+            SendError::Refused { reason, .. } => sender.report_for(version, UpdateOutcome::Refused, reason),
+            other => sender.report_for(version, UpdateOutcome::Failed, other.to_string()),
+        };
+
+        // 1. Every receiver accepts before any byte moves.
+        let asked: Vec<Result<(), SendError>> =
+            self.senders.iter_mut().zip(&skips).map(|(s, skip)| s.send_begin(version, skip)).collect();
+        let begun: Vec<Result<Vec<u32>, SendError>> = self
+            .senders
+            .iter_mut()
+            .zip(asked)
+            .zip(skips)
+            .map(|((s, asked), skip)| asked.and_then(|()| s.accepted(version, skip)))
+            .collect();
+        if let Some(reason) = self.first_failure(version, begun.iter().map(|b| b.as_ref().err())) {
+            let ranks = self
+                .senders
+                .iter_mut()
+                .zip(begun)
+                .map(|(s, begun)| match begun {
+                    Ok(_) => s.abort(&reason).unwrap_or_else(|e| failed(s, e)),
+                    Err(e) => failed(s, e),
+                })
+                .collect();
+            return self.step(version, started, ranks);
+        }
+
+        // 2. The transfers, in parallel; each receiver verifies and votes.
+        let transfer = &transfer;
+        let votes: Vec<Result<Vote, SendError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .senders
+                .iter_mut()
+                .zip(&begun)
+                .map(|(s, skip)| {
+                    let skip = skip.as_deref().unwrap_or_default();
+                    scope.spawn(move || transfer(s, skip, two_phase))
+                })
+                .collect();
             handles.into_iter().map(|h| h.join().expect("a push thread panicked")).collect()
         });
+
+        // 3. Commit where every receiver verified, else call it off where one did.
+        let problem = votes.iter().enumerate().find_map(|(i, vote)| match vote {
+            Ok(Vote::Verified) => None,
+            Ok(Vote::Settled(report)) if report.is_committed() => None,
+            Ok(Vote::Settled(report)) => Some(describe(report, &self.senders[i].name())),
+            Err(e) => Some(format!("{}: {e}", self.senders[i].name())),
+        });
+        let decision = match &problem {
+            None => Ok(()),
+            Some(problem) => Err(format!("version {version} failed on another receiver: {problem}")),
+        };
+        let decided: Vec<Result<(), SendError>> = self
+            .senders
+            .iter_mut()
+            .zip(&votes)
+            .map(|(s, vote)| match vote {
+                Ok(Vote::Verified) => s.send_decision(decision.as_ref().map(|_| ()).map_err(String::as_str)),
+                _ => Ok(()),
+            })
+            .collect();
+        let ranks = self
+            .senders
+            .iter_mut()
+            .zip(votes)
+            .zip(decided)
+            .map(|((s, vote), decided)| match vote {
+                Ok(Vote::Verified) => decided.and_then(|()| s.await_settled()).unwrap_or_else(|e| failed(s, e)),
+                Ok(Vote::Settled(report)) => report,
+                Err(e) => failed(s, e),
+            })
+            .collect();
+        self.step(version, started, ranks)
+    }
+
+    /// Why the update cannot go on, naming the first receiver that refused or failed it.
+    fn first_failure<'a>(
+        &self,
+        version: Version,
+        errors: impl Iterator<Item = Option<&'a SendError>>,
+    ) -> Option<String> {
+        errors.zip(&self.senders).find_map(|(error, sender)| {
+            error.map(|e| match e {
+                SendError::Refused { reason, .. } => format!("{} refused version {version}: {reason}", sender.name()),
+                other => format!("{} could not begin version {version}: {other}", sender.name()),
+            })
+        })
+    }
+
+    fn step(&self, version: Version, started: Instant, ranks: Vec<UpdateReport>) -> StepReport {
         let seconds = started.elapsed().as_secs_f64();
-        let ranks = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         let bytes = ranks.iter().map(|r| r.bytes).sum();
-        Ok(StepReport {
+        StepReport {
             version,
             bytes,
             seconds,
             gbps: bytes as f64 / seconds.max(1e-9) / 1e9,
-            verified: ranks.iter().all(|r| r.verified),
+            verified: ranks.iter().all(|r| r.is_committed() && r.verified),
+            committed: ranks.iter().all(UpdateReport::is_committed),
             ranks,
-        })
+            receivers: self.senders.iter().map(Sender::name).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use weightlift_core::{destination_manifest, synthetic, PresetOptions, SourceSet, TpRank};
+
+    use super::*;
+    use crate::{Fault, HostTensors, Receiver, ReceiverOptions};
+
+    /// What one rank does wrong in a group update.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Misstep {
+        None,
+        /// Its receiver is ahead: it refuses the version at begin.
+        Ahead,
+        /// Its sender hangs up after this many buckets (mid transfer).
+        HangUp(u32),
+        /// A byte of this bucket is flipped (fails at verification).
+        Flip(u32),
+        /// Its sender never sends it the commit.
+        WithholdCommit,
+    }
+
+    fn misstep() -> impl Strategy<Value = Misstep> {
+        prop_oneof![
+            4 => Just(Misstep::None),
+            1 => Just(Misstep::Ahead),
+            1 => (0u32..4).prop_map(Misstep::HangUp),
+            1 => (0u32..4).prop_map(Misstep::Flip),
+            1 => Just(Misstep::WithholdCommit),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// After a group update every rank is on the new version, clean, or on its old one,
+        /// dirty exactly where it was written; no rank commits unless every rank verified, and
+        /// the only ranks left behind then are those that never heard the commit.
+        #[test]
+        fn a_group_update_commits_on_every_rank_or_on_none(missteps in prop_oneof![
+            proptest::collection::vec(misstep(), 2), proptest::collection::vec(misstep(), 4)
+        ]) {
+            let config = synthetic("qwen3-tiny").unwrap();
+            let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+            let source = config.source_manifest();
+            let n = missteps.len() as u32;
+            let mut receivers = Vec::new();
+            let mut senders = Vec::new();
+            for (rank, misstep) in missteps.iter().enumerate() {
+                let tp = TpRank::new(rank as u32, n).unwrap();
+                let dest = destination_manifest(&SourceSet::single(source.clone()), &rules, tp, None, false).unwrap();
+                let initial = if *misstep == Misstep::Ahead { Version(10) } else { Version(0) };
+                let options = ReceiverOptions { tp, initial_version: initial, timeout: Duration::from_millis(300), ..ReceiverOptions::default() };
+                let receiver = Receiver::new(HostTensors::filled(dest, 0), options);
+                let fault = match *misstep {
+                    Misstep::HangUp(k) => Some(Fault::HangUpAfterBuckets(k)),
+                    Misstep::Flip(k) => Some(Fault::FlipByteInBucket(k)),
+                    Misstep::WithholdCommit => Some(Fault::WithholdCommit),
+                    Misstep::None | Misstep::Ahead => None,
+                };
+                let options = SenderOptions { bucket_bytes: 4096, fault, timeout: Duration::from_secs(5), ..SenderOptions::default() };
+                senders.push(receiver.connect_in_process(&source, &rules, options).unwrap());
+                receivers.push((receiver, initial));
+            }
+            let mut trainer = Trainer::from_senders(senders);
+            let tensors = HostTensors::synthetic(&config, 3);
+            let step = trainer.push(Version(1), &tensors).unwrap();
+
+            let refused = missteps.contains(&Misstep::Ahead);
+            let failed = missteps.iter().any(|m| matches!(m, Misstep::HangUp(_) | Misstep::Flip(_)));
+            for ((receiver, initial), (misstep, report)) in receivers.iter().zip(missteps.iter().zip(&step.ranks)) {
+                let status = receiver.status();
+                prop_assert_eq!(status.in_flight, None, "every rank settled");
+                let on_new = status.committed == Version(1);
+                prop_assert!(on_new || status.committed == *initial);
+                prop_assert_eq!(on_new, report.is_committed());
+                if on_new {
+                    prop_assert!(status.dirty.is_empty(), "committed and dirty: {:?}", report);
+                }
+                if refused || failed {
+                    prop_assert!(!on_new, "a rank committed although another refused or failed: {:?}", step);
+                }
+                // Nothing is written before every rank accepted, or by a sender that hung up
+                // before its first bucket.
+                let written = !refused && *misstep != Misstep::HangUp(0);
+                prop_assert_eq!(!status.dirty.is_empty(), written && !on_new, "{:?}: {:?}", misstep, report);
+                let expected = match misstep {
+                    Misstep::Ahead => UpdateOutcome::Refused,
+                    _ if refused => UpdateOutcome::Aborted,
+                    Misstep::HangUp(_) | Misstep::Flip(_) => UpdateOutcome::Failed,
+                    _ if failed => UpdateOutcome::Aborted,
+                    Misstep::WithholdCommit => UpdateOutcome::Failed,
+                    Misstep::None => UpdateOutcome::Committed,
+                };
+                prop_assert_eq!(report.outcome, expected, "{:?}: {:?}", misstep, report);
+            }
+            prop_assert_eq!(step.committed, missteps.iter().all(|m| *m == Misstep::None));
+            // The failure names every rank.
+            if let Some(failure) = step.failure() {
+                for rank in 0..n {
+                    prop_assert!(failure.contains(&format!("rank {rank} at in-process")), "{}", failure);
+                }
+            }
+        }
     }
 }

@@ -132,7 +132,8 @@ impl SendPath {
         }
     }
 
-    fn give_back(&mut self, slot: u32) {
+    /// A ring slot the receiver is done with.
+    pub fn give_back(&mut self, slot: u32) {
         if let SendPath::Ring { free, .. } = self {
             if !free.contains(&slot) {
                 free.push_back(slot);

@@ -267,3 +267,45 @@ fn host_transports_and_gpu_receivers_refuse_each_other_by_name() {
     let err = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).err().expect("refused");
     assert!(err.to_string().contains("on a GPU"), "{err}");
 }
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn gpu_ranks_commit_a_version_all_or_none_and_an_update_without_sender_digests_is_not_verified() {
+    use weightlift::{Trainer, UpdateOutcome};
+    let gpu = gpu(0);
+    let model = "qwen3-tiny";
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let trainer = HostTensors::synthetic(&config, 3);
+    let mut tensors = GpuTensors::alloc(&gpu, &config.source_manifest()).unwrap();
+    tensors.upload(&trainer).unwrap();
+    let ranks: Vec<(Killed, Endpoint)> = (0..2)
+        .map(|rank| {
+            let tp = ["--tp-size", "2", "--tp-rank", if rank == 0 { "0" } else { "1" }];
+            let (server, endpoint, _) = serve_on_gpu(model, 0, &format!("group-{rank}"), false, &tp);
+            (server, endpoint)
+        })
+        .collect();
+    let connect = |digests: bool| {
+        let options =
+            SenderOptions { transport: TransportKind::CudaIpc, sender_digests: digests, ..SenderOptions::default() };
+        let endpoints: Vec<Endpoint> = ranks.iter().map(|(_, e)| e.clone()).collect();
+        Trainer::connect(&endpoints, &config.source_manifest(), &rules, &options).unwrap()
+    };
+    // Rank 0 alone goes ahead to version 5.
+    let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
+    let mut alone = Sender::connect(&ranks[0].1, &config.source_manifest(), &rules, options).unwrap();
+    assert!(alone.push_device(Version(5), &gpu, &tensors).unwrap().is_committed());
+    let step = connect(true).push_device(Version(3), &gpu, &tensors).unwrap();
+    assert!(!step.committed, "{step:?}");
+    let outcomes: Vec<UpdateOutcome> = step.ranks.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, [UpdateOutcome::Refused, UpdateOutcome::Aborted], "{:?}", step.failure());
+    let states = connect(true).receivers_at_connect();
+    assert_eq!((states[1].committed, states[1].dirty.len()), (Version(0), 0), "rank 1 was not written");
+    // Without the sender's digests: committed on both, reported not verified.
+    let step = connect(false).push_device(Version(6), &gpu, &tensors).unwrap();
+    assert!(step.committed && !step.verified, "{step:?}");
+    assert!(step.ranks.iter().all(|r| r.is_committed() && !r.verified && !r.sender_digests), "{step:?}");
+    let step = connect(true).push_device(Version(7), &gpu, &tensors).unwrap();
+    assert!(step.committed && step.verified, "{step:?}");
+}

@@ -713,7 +713,8 @@ async fn serve_http_fetches_a_version_from_push_listen() {
     assert!(lines.next().unwrap().unwrap().starts_with("listening on unix:"));
     let url = lines.next().unwrap().unwrap().strip_prefix("http on ").unwrap().to_string();
     let mut push = Command::new(exe)
-        .args(["push", "--synthetic", "qwen3-tiny", "--version", "9", "--receivers", "1"])
+        // The same token guards the agent's API and the transport it fetches over.
+        .args(["push", "--synthetic", "qwen3-tiny", "--version", "9", "--receivers", "1", "--token", "t0ken"])
         .args(["--listen", &format!("unix:{}", trainer_sock.display())])
         .stdout(Stdio::piped())
         .spawn()

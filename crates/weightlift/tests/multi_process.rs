@@ -1,55 +1,16 @@
 //! Updates between processes on loopback, through the real binary: `weightlift serve` as the
 //! engine side, `weightlift push` as the trainer side, and faults a real deployment sees.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 use weightlift::core::{synthetic, DType, TensorSpec};
 use weightlift::safetensors_dir::write_file;
 
-const EXE: &str = env!("CARGO_BIN_EXE_weightlift");
-
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wl-mp-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A `weightlift serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Serve {
-    fn start(model: &str, listen: &str, tp_size: u32, rank: u32) -> Serve {
-        let mut child = Command::new(EXE)
-            .args(["serve", "--synthetic", model, "--listen", listen, "--timeout-s", "5"])
-            .args(["--tp-size", &tp_size.to_string(), "--tp-rank", &rank.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let endpoint = line.trim().strip_prefix("listening on ").expect("serve says where it listens").to_string();
-        Serve { child, endpoint }
-    }
-
-    fn is_alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
+mod common;
+use common::{stderr, temp_dir, Serve, EXE};
 
 fn push(to: &[&Serve], args: &[&str]) -> Output {
     let mut cmd = Command::new(EXE);
@@ -65,10 +26,6 @@ fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn dense_and_moe_at_tp1_and_tp2_over_shm_and_tcp() {
     let dir = temp_dir("matrix");
@@ -81,7 +38,7 @@ fn dense_and_moe_at_tp1_and_tp2_over_shm_and_tcp() {
                             "shm" => format!("unix:{}", dir.join(format!("{model}-{tp}-{rank}.sock")).display()),
                             _ => "tcp://127.0.0.1:0".to_string(),
                         };
-                        Serve::start(model, &listen, tp, rank)
+                        Serve::rank(model, &listen, tp, rank, &["--timeout-s", "5"])
                     })
                     .collect();
                 let refs: Vec<&Serve> = servers.iter().collect();
@@ -132,7 +89,8 @@ fn write_bad_checkpoint(dir: &Path) {
 #[test]
 fn every_fault_leaves_the_receiver_on_its_last_version_and_the_next_update_succeeds() {
     let dir = temp_dir("faults");
-    let mut serve = Serve::start("qwen3-tiny", &format!("unix:{}", dir.join("r.sock").display()), 1, 0);
+    let mut serve =
+        Serve::rank("qwen3-tiny", &format!("unix:{}", dir.join("r.sock").display()), 1, 0, &["--timeout-s", "5"]);
     let to = |serve: &Serve| -> Vec<String> { vec!["--to".into(), serve.endpoint.clone()] };
     let base = ["--synthetic", "qwen3-tiny", "--bucket-bytes", "4096"];
     let run = |serve: &Serve, extra: &[&str]| -> Output {

@@ -44,7 +44,10 @@ class Sender:
     tensors over CUDA IPC: legacy IPC handles for torch's default allocator, one file
     descriptor per 20 MiB mapping under `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`
     (read faster by the engine). `sender_digests`: the sender also digests what it meant to write
-    (a second read of the model) for the receiver to compare with.
+    (a second read of the model) for the receiver to compare with; without it an update over
+    CUDA IPC commits on the receivers' digests alone and is reported `verified: False`. With
+    several receivers a version commits on all of them or on none (two-phase); a failure raises
+    naming every rank and what it did. `token` (default: $WEIGHTLIFT_TOKEN): the receivers'.
     """
 
     def __init__(
@@ -57,16 +60,20 @@ class Sender:
         transport: Optional[str] = None,
         sender_digests: bool = True,
         timeout: float = 60.0,
+        token: Optional[str] = None,
     ) -> None: ...
     def push(self, named_tensors: NamedTensors, version: int) -> dict[str, Any]:
         """Pushes every tensor as `version` to every receiver; returns the report (version,
-        bytes, seconds, gbps, verified, stages, ranks). One call into Rust, GIL released."""
+        bytes, seconds, gbps, verified, committed, stages, ranks, receivers). One call into Rust,
+        GIL released."""
     @property
     def last_report(self) -> Optional[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 class Receiver:
-    """Takes updates into the engine's own tensors (`params`), in place."""
+    """Takes updates into the engine's own tensors (`params`), in place. `token` (default:
+    $WEIGHTLIFT_TOKEN): senders must prove they hold it; listening on an address other hosts
+    can reach needs one unless `insecure`."""
 
     def __init__(
         self,
@@ -80,6 +87,8 @@ class Receiver:
         head_dim: Optional[int] = None,
         expert_parallel: bool = False,
         timeout: float = 30.0,
+        token: Optional[str] = None,
+        insecure: bool = False,
     ) -> None: ...
     @property
     def version(self) -> int:

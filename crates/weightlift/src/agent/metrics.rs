@@ -92,10 +92,10 @@ impl Default for Metrics {
 impl Metrics {
     /// An update a receiver settled (from any connection).
     pub fn settled(&self, report: &UpdateReport) {
-        let outcome = if report.verified { "committed" } else { "failed" };
+        let outcome = if report.is_committed() { "committed" } else { "failed" };
         self.updates.get_or_create(&Outcome { outcome }).inc();
         self.seconds.observe(report.seconds);
-        if report.verified {
+        if report.is_committed() {
             self.bytes.inc_by(report.bytes);
         } else {
             let reason =

@@ -34,6 +34,7 @@ use crate::protocol::TransportKind;
 use crate::receiver::{Expect, FetchError, Receiver};
 use crate::report::UpdateReport;
 use crate::sender::{SendError, SenderOptions};
+use crate::session::Token;
 use crate::tensors::{CheckpointTensors, SourceTensors};
 use api::*;
 pub use memory::{MemoryControl, MemoryError, WEIGHTS_TAG};
@@ -351,7 +352,7 @@ async fn authenticate(State(state): State<Arc<AgentState>>, request: Request, ne
     }
     let given = request.headers().get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
     match given {
-        Some(given) if same_token(given, token.as_bytes()) => next.run(request).await,
+        Some(given) if Token::new(token).is_some_and(|t| t.matches(given)) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
         None => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this agent needs `Authorization: Bearer <token>`")
@@ -366,13 +367,6 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let space = value.iter().position(|&b| b == b' ')?;
     let (scheme, rest) = value.split_at(space);
     scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start())
-}
-
-/// Compares tokens in time that depends on their lengths alone, so response times do not
-/// tell how much of a guess was right.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    let differ = given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    given.len() == expected.len() && std::hint::black_box(differ) == 0
 }
 
 /// Refuses a body whose declared length is over `limit` before reading any of it (a body
@@ -520,7 +514,7 @@ async fn update_weights(
         task.await
     };
     match joined.map_err(|e| internal("a worker thread failed", e))? {
-        Ok(report) if report.verified => Ok(Json(report)),
+        Ok(report) if report.is_committed() => Ok(Json(report)),
         Ok(report) => {
             let reason = report.error.clone().unwrap_or_else(|| "digests differ".into());
             Err(ApiError::new(
@@ -873,9 +867,10 @@ mod tests {
         for value in ["Basic t0ken", "Bearert0ken", "t0ken", "Bearer"] {
             assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
         }
-        assert!(same_token(b"t0ken", b"t0ken"));
+        let token = Token::new("t0ken").unwrap();
+        assert!(token.matches(b"t0ken"));
         for wrong in [&b"t0kem"[..], b"t0ke", b"t0ken!", b""] {
-            assert!(!same_token(wrong, b"t0ken"), "{wrong:?}");
+            assert!(!token.matches(wrong), "{wrong:?}");
         }
     }
 }

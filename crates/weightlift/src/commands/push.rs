@@ -8,11 +8,12 @@ use serde::Serialize;
 use weightlift::core::{Manifest, RuleSet};
 use weightlift::core::{TpRank, Version};
 use weightlift::protocol::TransportKind;
+use weightlift::session::check_exposure;
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
 use weightlift::{
     CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, Sender, SenderOptions, SourceTensors, StepReport,
-    Trainer,
+    Token, Trainer,
 };
 
 use weightlift::gpu::GpuTensors;
@@ -29,9 +30,17 @@ pub struct PushArgs {
     /// API (`update_weights` with `{"sender": ADDR}`). Prints `listening on ADDR` first.
     #[arg(long, conflicts_with = "to", value_name = "ENDPOINT")]
     pub listen: Option<Endpoint>,
-    /// With --listen: stop after this many receivers (default: until interrupted).
+    /// With --listen: wait for this many receivers (the ranks of one engine) and push the
+    /// version to all of them at once, committed on all or none; without it, each receiver
+    /// that connects is pushed to on its own, until interrupted.
     #[arg(long, requires = "listen")]
     pub receivers: Option<u64>,
+    /// The receivers' token (challenge-response before anything is sent).
+    #[arg(long, env = "WEIGHTLIFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// With --listen on an address other hosts can reach: serve it without a token.
+    #[arg(long, requires = "listen")]
+    pub insecure: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     /// The version to push (the first of several with --steps).
@@ -99,6 +108,7 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         delta: args.delta,
         fault: args.fault,
         threads: args.threads.unwrap_or_else(default_threads),
+        token: args.token.as_deref().and_then(Token::new),
         ..SenderOptions::default()
     };
     if let Some(listen) = &args.listen {
@@ -118,12 +128,9 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     } else if !args.progress_jsonl {
         print_table(&steps);
     }
-    match steps.iter().find(|s| !s.verified) {
+    match steps.iter().find_map(StepReport::failure) {
         None => Ok(()),
-        Some(step) => {
-            let reasons: Vec<&str> = step.ranks.iter().filter_map(|r| r.error.as_deref()).collect();
-            Err(CommandError::Unverified(format!("version {} was not committed: {}", step.version, reasons.join("; "))))
-        }
+        Some(failure) => Err(CommandError::Unverified(failure)),
     }
 }
 
@@ -141,6 +148,9 @@ fn push_from_host(
             for step in 0..args.steps {
                 tensors.perturb();
                 steps.push(push_one(trainer, Version(args.version + step), &tensors, args)?);
+                if !steps.last().is_some_and(|s| s.committed) {
+                    break;
+                }
             }
         }
         ModelSource::Dir(dir) => {
@@ -155,6 +165,9 @@ fn push_from_host(
                 for step in 0..args.steps {
                     tensors.perturb();
                     steps.push(push_one(trainer, Version(args.version + step), &tensors, args)?);
+                    if !steps.last().is_some_and(|s| s.committed) {
+                        break;
+                    }
                 }
             }
         }
@@ -202,12 +215,18 @@ fn push_from_gpu(
         }
         let step = trainer.push_device(version, &gpu, &on_gpu)?;
         report_progress(&step, args);
+        let committed = step.committed;
         steps.push(step);
+        if !committed {
+            break;
+        }
     }
     Ok(steps)
 }
 
-/// Waits for receivers at `listen` and pushes one version, the same weights, to each.
+/// Waits for receivers at `listen` and pushes one version, the same weights, to them: with
+/// `--receivers N`, to all N at once (two-phase: committed on all or none), else to each on
+/// its own as it comes.
 fn publish(
     listen: &Endpoint,
     model: &ModelSource,
@@ -219,6 +238,8 @@ fn publish(
     if args.steps != 1 {
         return Err(SetupError::Invalid("--listen pushes one version (--steps 1)".into()).into());
     }
+    check_exposure(listen, options.token.as_ref(), args.insecure, "fetch the weights")
+        .map_err(|e| SetupError::Invalid(e.to_string()))?;
     let version = Version(args.version);
     // The weights, ready before the first receiver comes.
     let host: Box<dyn SourceTensors> = match model {
@@ -238,25 +259,48 @@ fn publish(
     let endpoint = listener.endpoint().map_err(|e| CommandError::Io(e.to_string()))?;
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening on {endpoint}").and_then(|()| stdout.flush());
-    let mut served = 0u64;
-    while args.receivers.is_none_or(|n| served < n) {
-        let stream = listener.accept().map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))?;
-        served += 1;
-        let peer = stream.peer();
-        let pushed = Sender::accept(stream, manifest, rules, options.clone()).and_then(|mut sender| match &device {
-            Some((gpu, tensors)) => sender.push_device(version, gpu, tensors),
-            None => sender.push(version, host.as_ref()),
-        });
-        // One line per receiver: its report, or why it got nothing (the next may fare better).
-        match pushed {
-            Ok(report) => {
-                let _ = writeln!(stdout, "{}", serde_json::to_string(&report).expect("serialises"))
-                    .and_then(|()| stdout.flush());
-            }
-            Err(e) => tracing::warn!(%peer, "version {version} not delivered: {e}"),
+    let push = |trainer: &mut Trainer| -> Result<StepReport, weightlift::SendError> {
+        match &device {
+            Some((gpu, tensors)) => trainer.push_device(version, gpu, tensors),
+            None => trainer.push(version, host.as_ref()),
         }
+    };
+    let accept = || -> Result<Option<Sender>, CommandError> {
+        let stream = listener.accept().map_err(|e| CommandError::Io(format!("accepting on {endpoint}: {e}")))?;
+        let peer = stream.peer();
+        match Sender::accept(stream, manifest, rules, options.clone()) {
+            Ok(sender) => Ok(Some(sender)),
+            Err(e) => {
+                tracing::warn!(%peer, "version {version} not delivered: {e}");
+                Ok(None)
+            }
+        }
+    };
+    let print = |step: &StepReport| {
+        // One line per receiver: its report (committed or not, with the reason).
+        let mut stdout = std::io::stdout();
+        for report in &step.ranks {
+            let _ = writeln!(stdout, "{}", serde_json::to_string(report).expect("serialises"))
+                .and_then(|()| stdout.flush());
+        }
+    };
+    if let Some(n) = args.receivers {
+        let mut senders = Vec::new();
+        while (senders.len() as u64) < n {
+            senders.extend(accept()?);
+        }
+        let step = push(&mut Trainer::from_senders(senders))?;
+        print(&step);
+        return step.failure().map_or(Ok(()), |failure| Err(CommandError::Unverified(failure)));
     }
-    Ok(())
+    loop {
+        let Some(sender) = accept()? else { continue };
+        let step = push(&mut Trainer::from_senders(vec![sender]))?;
+        if let Some(failure) = step.failure() {
+            tracing::warn!("{failure}");
+        }
+        print(&step);
+    }
 }
 
 fn push_one(
@@ -278,6 +322,7 @@ fn report_progress(step: &StepReport, args: &PushArgs) {
     }
 }
 
+/// `no*`: committed on the receivers' digests alone (CUDA IPC without sender digests).
 pub fn print_table(steps: &[StepReport]) {
     println!("{:>8} {:>12} {:>9} {:>8} {:>9}", "version", "bytes", "seconds", "GB/s", "verified");
     for s in steps {
@@ -287,7 +332,11 @@ pub fn print_table(steps: &[StepReport]) {
             gb(s.bytes),
             s.seconds,
             s.gbps,
-            if s.verified { "yes" } else { "NO" }
+            match (s.committed, s.verified) {
+                (true, true) => "yes",
+                (true, false) => "no*",
+                (false, _) => "NOT COMMITTED",
+            }
         );
     }
 }

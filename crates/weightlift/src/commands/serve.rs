@@ -10,9 +10,10 @@ use weightlift::core::pool::TagOptions;
 use weightlift::core::{exec, plan, Manifest, RuleSet, TpRank};
 use weightlift::cuda_ipc::DeviceTensors;
 use weightlift::memory::{guard_receiver, MemoryPool, PooledTensors};
+use weightlift::session::check_exposure;
 use weightlift::setup::{ModelSource, SetupError};
 use weightlift::update::default_threads;
-use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions};
+use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions, Token};
 
 use super::{gb, open_gpu, tp_rank, CommandError, DeviceArg, ModelArgs};
 
@@ -46,9 +47,19 @@ pub struct ServeArgs {
     /// address, e.g. 127.0.0.1:8000 (port 0 picks one); printed on the second line of stdout.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
-    /// The bearer token the HTTP API requires.
+    /// The token senders must prove they hold (challenge-response), and the bearer token the
+    /// HTTP API requires.
     #[arg(long, env = "WEIGHTLIFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Listen on an address other hosts can reach without a token.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Connections served at once (senders and the agent's fetches); more are refused.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Seconds a new connection has, from its first byte to its hello.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout_s: u64,
     /// With --device cuda: when the weights' memory is released (POST
     /// /release_memory_occupation), keep a copy in pinned host memory that resuming restores.
     /// Without it their bytes are dropped, as engines do, and the next update rewrites them.
@@ -92,11 +103,22 @@ fn serve(
     tp: TpRank,
     rules: &RuleSet,
 ) -> Result<(), CommandError> {
+    let token = args.token.as_deref().and_then(Token::new);
+    check_exposure(&args.listen, token.as_ref(), args.insecure, "push weights into this engine")
+        .map_err(|e| SetupError::Invalid(e.to_string()))?;
+    if let Some(addr) = &args.http {
+        let http = Endpoint::Tcp(addr.clone());
+        check_exposure(&http, token.as_ref(), args.insecure, "drive this engine's HTTP API")
+            .map_err(|e| SetupError::Invalid(e.to_string()))?;
+    }
     let options = ReceiverOptions {
         tp,
         ring_slots: args.ring_slots,
         max_bucket_bytes: args.max_bucket_mib << 20,
         timeout: Duration::from_secs(args.timeout_s),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_s),
+        token,
+        max_connections: args.max_connections,
         threads: args.threads.unwrap_or_else(default_threads),
         ..ReceiverOptions::default()
     };

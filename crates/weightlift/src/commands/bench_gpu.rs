@@ -117,7 +117,10 @@ struct IpcRow {
     device_extra_bytes: u64,
     sender_device_extra_bytes: u64,
     launches: usize,
+    /// Every update compared the receiver's digests with the sender's (false with receiver
+    /// digests only: committed, not verified).
     verified: bool,
+    committed: bool,
 }
 
 #[derive(Serialize)]
@@ -535,6 +538,7 @@ fn ipc_row(
                 sender_device_extra_bytes: sender_extra,
                 launches: reports[0].1.launches,
                 verified: reports.iter().all(|(_, r)| r.verified),
+                committed: reports.iter().all(|(_, r)| r.is_committed()),
             }
         })
         .collect();
@@ -618,9 +622,14 @@ fn print_tables(out: &GpuBench) {
             r.first_update_seconds,
             format!("{}/{}", r.ipc_opens_first, r.ipc_opens_later),
             r.device_extra_bytes as f64 / (1 << 20) as f64,
-            r.verified
+            match (r.committed, r.verified) {
+                (true, true) => "yes",
+                (true, false) => "no*",
+                (false, _) => "FAILED",
+            }
         );
     }
+    println!("no*: committed on the receiver's digests alone (nothing compared with the sender's)");
     for s in &out.skipped {
         println!("skipped {s}");
     }

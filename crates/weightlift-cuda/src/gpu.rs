@@ -193,6 +193,57 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Page-locks `memory` for this GPU's copies (cuMemHostRegister) until the returned value
+    /// is dropped: copies from it then run at the pinned rate, not through the driver's
+    /// bounce buffers. Only a hint: copies from `memory` are correct without it, and memory
+    /// freed while registered stays locked by the driver, never reached through the
+    /// registration.
+    pub fn register_host(&self, memory: &[u8]) -> Result<HostRegistration, CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        let ptr = memory.as_ptr().cast_mut().cast::<std::ffi::c_void>();
+        // SAFETY: `memory` is a live host range of the given length; the flags (0) ask for no
+        // device mapping. The registration only locks pages; nothing is read or written
+        // through it.
+        unsafe { cudarc::driver::sys::cuMemHostRegister_v2(ptr, memory.len(), 0) }
+            .result()
+            .call("cuMemHostRegister")?;
+        Ok(HostRegistration { ctx: self.ctx.clone(), ptr: ptr as usize })
+    }
+
+    /// Copies `src` from host memory to `dst` at byte `at`, queued on this GPU's stream after
+    /// what is there already, and waits for this copy only: `src` may be reused on return
+    /// while the work queued before it (and after it) still runs.
+    pub fn copy_from_host(&self, dst: &DeviceBuffer, at: usize, src: &[u8]) -> Result<(), CudaError> {
+        fits(at, src.len(), dst.len)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: the destination lies inside a live allocation of this context (checked above)
+        // and `src` is a live host slice, borrowed until the event below completes.
+        unsafe { result::memcpy_htod_async(dst.ptr + at as u64, src, self.stream.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")?;
+        let copied = self.stream.record_event(None).call("cuEventRecord")?;
+        copied.synchronize().call("cuEventSynchronize")
+    }
+}
+
+/// Host memory page-locked by [`Gpu::register_host`]; unlocked when dropped.
+pub struct HostRegistration {
+    ctx: Arc<CudaContext>,
+    ptr: usize,
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` was registered by cuMemHostRegister in this context and is unregistered
+        // exactly once, here.
+        let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr as *mut std::ffi::c_void) };
+    }
+}
+
 /// Device memory owned by weightlift; freed when dropped.
 pub struct DeviceBuffer {
     ptr: CUdeviceptr,

@@ -24,7 +24,7 @@ pub mod vmm;
 pub mod vmm_pool;
 
 pub use error::CudaError;
-pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, OwnedDeviceMemory};
+pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, OwnedDeviceMemory};
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{

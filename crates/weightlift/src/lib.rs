@@ -20,6 +20,7 @@ pub mod safetensors_dir;
 pub mod sender;
 pub mod session;
 pub mod setup;
+pub mod staged;
 pub mod tensors;
 pub mod trainer;
 pub mod transport;

@@ -20,9 +20,11 @@ use crate::protocol::{Conn, Message, ProtocolError, TransportKind, MAX_HANDSHAKE
 use crate::report::{peak_rss_bytes, UpdateOutcome, UpdateReport};
 use crate::sender::{SendError, Sender, SenderOptions};
 use crate::session::{self, ConnectionLimit, SessionError, Token};
+use crate::staged::{StagedUpdate, Staging};
 use crate::tensors::DestinationTensors;
 use crate::transport::{LocalRing, RecvPath, TransferError};
 use crate::update::{default_threads, receiver_digests, unpack, Schedule};
+use weightlift_core::digest::ChunkDigests;
 use weightlift_cuda::{CudaError, Gpu};
 
 #[derive(Debug, Clone)]
@@ -315,8 +317,10 @@ impl Receiver {
         self.handle_with(stream, None);
     }
 
-    /// A sender in this process: buckets move through a ring in this process's memory, or, for
-    /// tensors on a GPU, the receiver pulls straight from the sender's GPU memory.
+    /// A sender in this process: with `options.transport` cuda-ipc (GPU sources), the receiver
+    /// pulls straight from the sender's GPU memory; otherwise (host sources) buckets move
+    /// through a ring in this process's memory, into host tensors or through device staging
+    /// into GPU ones.
     pub fn connect_in_process(
         &self,
         source: &Manifest,
@@ -328,9 +332,8 @@ impl Receiver {
         let receiver = self.clone();
         // The same process holds the token on both sides.
         let options = SenderOptions { token: self.shared.options.token.clone(), ..options };
-        if self.is_on_gpu() {
+        if options.transport == TransportKind::CudaIpc {
             std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
-            let options = SenderOptions { transport: TransportKind::CudaIpc, ..options };
             return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None);
         }
         if options.bucket_bytes > self.shared.options.max_bucket_bytes {
@@ -472,13 +475,8 @@ impl Receiver {
         };
         // The schedule of an update that skips nothing: built once for this connection.
         let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
-        let on_gpu = self.is_on_gpu();
-        if on_gpu != (transport == TransportKind::CudaIpc) {
-            let reason = if on_gpu {
-                format!("this receiver's tensors are on a GPU: send them over cuda-ipc, not {transport}")
-            } else {
-                "this receiver's tensors are in host memory: cuda-ipc needs them on a GPU".to_string()
-            };
+        if transport == TransportKind::CudaIpc && !self.is_on_gpu() {
+            let reason = "this receiver's tensors are in host memory: cuda-ipc needs them on a GPU".to_string();
             return Err(refuse(&mut conn, reason));
         }
         let (mut path, ring) = match transport {
@@ -500,6 +498,19 @@ impl Receiver {
                     ))
                 }
             },
+        };
+        // Host buckets into a GPU's tensors go through device staging.
+        let staging = match (transport, &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner())) {
+            (TransportKind::CudaIpc, _) | (_, Store::Host(_)) => None,
+            (_, Store::Device { gpu, tensors }) => {
+                match Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes) {
+                    Ok(mut staging) => {
+                        path.each_memory(|memory| staging.pin(memory));
+                        Some(staging)
+                    }
+                    Err(e) => return Err(refuse(&mut conn, format!("cannot stage updates on the GPU: {e}"))),
+                }
+            }
         };
         let (committed, dirty, digests) = {
             let state = self.state();
@@ -575,7 +586,18 @@ impl Receiver {
                     self.transfer_ipc(&mut conn, &mut importer, &plan, &source, version, &mut touched)
                 }
                 Ok(()) => {
-                    self.transfer_host(&mut conn, &mut path, &plan, &full, version, &skip, bucket_bytes, &mut touched)
+                    let staging = staging.as_ref();
+                    self.transfer_host(
+                        &mut conn,
+                        &mut path,
+                        &plan,
+                        &full,
+                        staging,
+                        version,
+                        &skip,
+                        bucket_bytes,
+                        &mut touched,
+                    )
                 }
             };
             let outcome = match outcome {
@@ -600,8 +622,9 @@ impl Receiver {
         }
     }
 
-    /// Takes one update's buckets from a host transport into the tensors, digesting them, and
-    /// compares with the sender's digests. Marks in `touched` each tensor written.
+    /// Takes one update's buckets from a host transport into the tensors (in host memory, or
+    /// on a GPU through `staging`), digesting them, and compares with the sender's digests.
+    /// Marks in `touched` each tensor written.
     #[allow(clippy::too_many_arguments)]
     fn transfer_host(
         &self,
@@ -609,6 +632,7 @@ impl Receiver {
         path: &mut RecvPath,
         plan: &Plan,
         full: &Schedule,
+        staging: Option<&Staging>,
         version: Version,
         skip: &[u32],
         bucket_bytes: u64,
@@ -616,14 +640,30 @@ impl Receiver {
     ) -> (Outcome, UpdateReport) {
         let timeout = self.shared.options.timeout;
         let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
-        let mut digests = schedule.digests(plan);
         let threads = self.shared.options.threads;
         let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
-        let Store::Host(tensors) = &mut *store else {
-            unreachable!("host transports are refused at hello for tensors on a GPU");
+        let mut report = UpdateReport {
+            bytes: schedule.bytes,
+            tensors: schedule.written.iter().filter(|&&w| w).count(),
+            buckets: schedule.buckets.len(),
+            skipped_tensors: skip.len(),
+            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
+            sender_digests: true,
+            device_extra_bytes: staging.map_or(0, Staging::device_bytes),
+            ..UpdateReport::default()
+        };
+        let sink = match (&mut *store, staging) {
+            (Store::Host(tensors), _) => Ok(Sink::Host { tensors: tensors.as_mut(), digests: schedule.digests(plan) }),
+            (Store::Device { .. }, Some(staging)) => {
+                staging.update(plan, &schedule, !skip.is_empty()).map(Sink::Device).map_err(|e| e.to_string())
+            }
+            (Store::Device { .. }, None) => Err("no staging for a GPU receiver".to_string()),
+        };
+        let mut sink = match sink {
+            Ok(sink) => sink,
+            Err(e) => return (Outcome::Broken(format!("preparing the update: {e}")), report),
         };
         let mut unpack_seconds = 0.0;
-
         let mut outcome = None;
         for (k, bucket) in schedule.buckets.iter().enumerate() {
             let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
@@ -631,11 +671,16 @@ impl Receiver {
                     touched[entry.op.dst as usize] = true;
                 }
                 let t = Instant::now();
-                unpack(plan, &schedule, k, payload, tensors.as_mut(), &mut digests, threads);
+                let written = sink.write(plan, &schedule, k, payload, threads);
                 unpack_seconds += t.elapsed().as_secs_f64();
+                written
             });
             match received {
-                Ok(()) => {}
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    outcome = Some(Outcome::Broken(format!("writing bucket {k}: {e}")));
+                    break;
+                }
                 Err(TransferError::SenderAborted(reason)) => {
                     outcome = Some(Outcome::Aborted(format!("the sender called the update off: {reason}")));
                     break;
@@ -648,7 +693,12 @@ impl Receiver {
         }
         let outcome = outcome.unwrap_or_else(|| {
             let _ = self.state().versions.verify(version);
-            let ours = receiver_digests(&schedule, tensors.as_ref(), &digests);
+            let t = Instant::now();
+            let ours = match sink.digests(&schedule) {
+                Ok(ours) => ours,
+                Err(e) => return Outcome::Broken(format!("digesting the update: {e}")),
+            };
+            unpack_seconds += t.elapsed().as_secs_f64();
             match conn.recv(timeout) {
                 Ok(Message::End { version: v, digests, two_phase }) if v == version => {
                     let mismatched = compare(plan, &schedule.written, &ours, &digests);
@@ -665,18 +715,9 @@ impl Receiver {
                 Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
             }
         });
+        drop(sink);
         drop(store);
-
-        let report = UpdateReport {
-            bytes: schedule.bytes,
-            tensors: schedule.written.iter().filter(|&&w| w).count(),
-            buckets: schedule.buckets.len(),
-            skipped_tensors: skip.len(),
-            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
-            unpack_seconds,
-            sender_digests: true,
-            ..UpdateReport::default()
-        };
+        report.unpack_seconds = unpack_seconds;
         (outcome, report)
     }
 
@@ -841,6 +882,44 @@ enum Outcome {
     Aborted(String),
     /// The transfer broke off (sender gone, stalled, or out of protocol).
     Broken(String),
+}
+
+/// Where a host transport's buckets are written.
+enum Sink<'a> {
+    /// Tensors in host memory, digested piece by piece as they are written.
+    Host { tensors: &'a mut dyn DestinationTensors, digests: Vec<ChunkDigests> },
+    /// Tensors on a GPU, through device staging; digested there once all is written.
+    Device(StagedUpdate<'a>),
+}
+
+impl Sink<'_> {
+    fn write(
+        &mut self,
+        plan: &Plan,
+        schedule: &Schedule,
+        k: usize,
+        payload: &[u8],
+        threads: usize,
+    ) -> Result<(), String> {
+        match self {
+            Sink::Host { tensors, digests } => {
+                unpack(plan, schedule, k, payload, &mut **tensors, digests, threads);
+                Ok(())
+            }
+            Sink::Device(update) => update.bucket(k, payload).map_err(|e| format!("copying to the GPU: {e}")),
+        }
+    }
+
+    /// The receiver's digest of each written destination (None for the others).
+    fn digests(&mut self, schedule: &Schedule) -> Result<Vec<Option<u64>>, String> {
+        match self {
+            Sink::Host { tensors, digests } => Ok(receiver_digests(schedule, &**tensors, digests)),
+            Sink::Device(update) => {
+                let all = update.digests().map_err(|e| format!("on the GPU: {e}"))?;
+                Ok(all.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect())
+            }
+        }
+    }
 }
 
 /// Names of written tensors whose digest differs from the sender's, that the sender sent no

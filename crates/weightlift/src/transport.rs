@@ -181,6 +181,17 @@ impl RecvPath {
         RecvPath::Socket { buffer: vec![0u8; bucket_bytes as usize] }
     }
 
+    /// Calls `f` with each range of host memory buckets arrive in (to page-lock it for a GPU).
+    pub fn each_memory(&self, mut f: impl FnMut(&[u8])) {
+        match self {
+            RecvPath::Ring { memory: RingMemory::Shared(memory), .. } => f(memory.as_slice()),
+            RecvPath::Ring { memory: RingMemory::Local(ring), .. } => {
+                ring.slots.iter().for_each(|slot| f(&slot.lock().unwrap_or_else(|e| e.into_inner())))
+            }
+            RecvPath::Socket { buffer } => f(buffer),
+        }
+    }
+
     /// Once the sender has mapped the ring, its name can go: nothing leaks if either dies.
     pub fn unlink(&self) {
         if let RecvPath::Ring { memory: RingMemory::Shared(memory), .. } = self {

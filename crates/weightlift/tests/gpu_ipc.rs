@@ -1,5 +1,6 @@
-//! GPU updates between processes over CUDA IPC (ignored without a GPU: run
-//! `scripts/gpu-tests.sh` on a GPU machine). The receiver side runs in this test process so
+//! GPU updates between processes over CUDA IPC, and from host memory and disk into GPU
+//! receivers through device staging (ignored without a GPU: run `scripts/gpu-tests.sh` on a
+//! GPU machine). The receiver side runs in this test process so
 //! its bytes can be read back; the sender is `weightlift push --device cuda:0`, or the other
 //! way round where the test must control the sender's memory.
 
@@ -258,18 +259,6 @@ fn a_sender_that_reallocates_its_tensors_is_detected_and_reimported_not_read_sta
 
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
-fn host_transports_and_gpu_receivers_refuse_each_other_by_name() {
-    let model = "qwen3-tiny";
-    let config = synthetic(model).unwrap();
-    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-    let (_server, endpoint, _) = serve_on_gpu(model, 0, "refuse", false, &[]);
-    let options = SenderOptions { transport: TransportKind::Shm, ..SenderOptions::default() };
-    let err = Sender::connect(&endpoint, &config.source_manifest(), &rules, options).err().expect("refused");
-    assert!(err.to_string().contains("on a GPU"), "{err}");
-}
-
-#[test]
-#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn gpu_ranks_commit_a_version_all_or_none_and_an_update_without_sender_digests_is_not_verified() {
     use weightlift::{Trainer, UpdateOutcome};
     let gpu = gpu(0);
@@ -308,4 +297,157 @@ fn gpu_ranks_commit_a_version_all_or_none_and_an_update_without_sender_digests_i
     assert!(step.ranks.iter().all(|r| r.is_committed() && !r.verified && !r.sender_digests), "{step:?}");
     let step = connect(true).push_device(Version(7), &gpu, &tensors).unwrap();
     assert!(step.committed && step.verified, "{step:?}");
+}
+
+/// Receivers on GPU 0 for every rank of `model` at `tp_size`, serving from this process, with
+/// what each holds and where it listens.
+struct GpuRanks {
+    config: weightlift::core::ModelConfig,
+    rules: weightlift::core::RuleSet,
+    ranks: Vec<(TpRank, weightlift::core::Manifest, Arc<GpuTensors>, Receiver)>,
+    endpoints: Vec<String>,
+}
+
+fn gpu_ranks(model: &str, tp_size: u32, label: &str, options: ReceiverOptions) -> GpuRanks {
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let source = SourceSet::single(config.source_manifest());
+    let gpu = gpu(0);
+    let (mut ranks, mut endpoints) = (Vec::new(), Vec::new());
+    for tp in TpRank::all(tp_size) {
+        let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+        let mut tensors = GpuTensors::alloc(&gpu, &dest).unwrap();
+        tensors.fill(&gpu, 0).unwrap();
+        let tensors = Arc::new(tensors);
+        let receiver =
+            Receiver::on_gpu(gpu.clone(), tensors.clone(), ReceiverOptions { tp, ..options.clone() }).unwrap();
+        let path = socket(&format!("{label}-{}", tp.rank));
+        let listener = Endpoint::Unix(path.clone()).bind().unwrap();
+        let serving = receiver.clone();
+        std::thread::spawn(move || serving.serve(&listener));
+        endpoints.push(format!("unix:{}", path.display()));
+        ranks.push((tp, dest, tensors, receiver));
+    }
+    GpuRanks { config, rules, ranks, endpoints }
+}
+
+impl GpuRanks {
+    /// Every rank holds exactly what the plan makes of `trainer`, and says so by digest.
+    fn assert_hold(&self, trainer: &HostTensors, version: u64) {
+        let source = SourceSet::single(self.config.source_manifest());
+        let (_, data) = trainer.clone().into_parts();
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        for (tp, dest, tensors, receiver) in &self.ranks {
+            let plan = plan(&source, dest, &self.rules, *tp).unwrap();
+            let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+            exec::execute(&plan, &refs, &mut expected).unwrap();
+            let (_, got) = tensors.download().unwrap().into_parts();
+            for (i, want) in expected.iter().enumerate() {
+                assert!(&got[i] == want, "{tp}: `{}` differs", dest.specs()[i].name);
+            }
+            assert_eq!(receiver.committed(), Version(version), "{tp}");
+            assert!(receiver.dirty().is_empty(), "{tp}");
+            let digests: Vec<u64> = expected.iter().map(|b| weightlift::core::digest::digest(b)).collect();
+            assert_eq!(receiver.current_digests().unwrap(), digests);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
+    for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2)] {
+        for transport in ["shm", "tcp"] {
+            let ranks = gpu_ranks(model, tp_size, &format!("staged-{model}-{transport}"), ReceiverOptions::default());
+            let mut push = Command::new(exe());
+            push.args(["push", "--synthetic", model, "--device", "host", "--transport", transport]);
+            push.args(["--steps", "3", "--bucket-bytes", "65536", "--json"]);
+            for e in &ranks.endpoints {
+                push.args(["--to", e]);
+            }
+            let out = push.output().unwrap();
+            assert!(out.status.success(), "{model} {transport}: {}", String::from_utf8_lossy(&out.stderr));
+            let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+            for step in json["steps"].as_array().unwrap() {
+                assert_eq!(step["verified"], true, "{model} {transport}: {step}");
+                for rank in step["ranks"].as_array().unwrap() {
+                    assert!(rank["buckets"].as_u64().unwrap() > 1, "{rank}");
+                    assert!(rank["device_extra_bytes"].as_u64().unwrap() <= 2 << 20, "one bucket, rounded: {rank}");
+                }
+            }
+            let mut trainer = HostTensors::synthetic(&ranks.config, 7);
+            (0..3).for_each(|_| trainer.perturb());
+            ranks.assert_hold(&trainer, 3);
+        }
+    }
+    // In one process, with a delta update that skips what did not change.
+    let ranks = gpu_ranks("qwen3-tiny", 1, "staged-inproc", ReceiverOptions::default());
+    let receiver = &ranks.ranks[0].3;
+    let options = SenderOptions { bucket_bytes: 8192, delta: true, ..SenderOptions::default() };
+    let mut sender = receiver.connect_in_process(&ranks.config.source_manifest(), &ranks.rules, options).unwrap();
+    let mut trainer = HostTensors::synthetic(&ranks.config, 5);
+    assert!(sender.push(Version(1), &trainer).unwrap().verified);
+    ranks.assert_hold(&trainer, 1);
+    let same = sender.push(Version(2), &trainer).unwrap();
+    assert!(same.verified && same.tensors == 0 && same.skipped_tensors > 0, "{same:?}");
+    trainer.perturb();
+    assert!(sender.push(Version(3), &trainer).unwrap().verified);
+    ranks.assert_hold(&trainer, 3);
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it() {
+    let options = ReceiverOptions { timeout: std::time::Duration::from_secs(2), ..ReceiverOptions::default() };
+    let ranks = gpu_ranks("qwen3-tiny", 1, "staged-faults", options);
+    let push = |extra: &[&str]| {
+        Command::new(exe())
+            .args(["push", "--synthetic", "qwen3-tiny", "--to", &ranks.endpoints[0], "--bucket-bytes", "8192"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(push(&["--version", "1"]).status.success());
+    let receiver = &ranks.ranks[0].3;
+    for fault in ["flip:2", "abort:3", "hangup:1", "stall:2"] {
+        let out = push(&["--version", "2", "--fault", fault]);
+        assert!(!out.status.success(), "{fault}");
+        let status = receiver.status();
+        assert_eq!((status.committed, status.in_flight), (Version(1), None), "{fault}");
+        assert!(!status.dirty.is_empty(), "{fault}: what was written is dirty");
+    }
+    let out = push(&["--version", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut trainer = HostTensors::synthetic(&ranks.config, 7);
+    trainer.perturb();
+    ranks.assert_hold(&trainer, 2);
+
+    // A checkpoint on disk into a GPU engine, through its HTTP API.
+    let dir = std::env::temp_dir().join(format!("wl-gpu-{}-ckpt", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    trainer.perturb();
+    let (manifest, data) = trainer.clone().into_parts();
+    let tensors: Vec<_> = manifest.iter().zip(data.iter().map(Vec::as_slice)).collect();
+    weightlift::safetensors_dir::write_file(&dir.join("model.safetensors"), &tensors).unwrap();
+    let (_server, _endpoint, http) = serve_on_gpu("qwen3-tiny", 0, "staged-disk", true, &[]);
+    let http = http.unwrap();
+    let body = format!(r#"{{"version": "4", "source": {{"disk": "{}"}}}}"#, dir.display());
+    let (status, body) = post(&http, "/update_weights", &body);
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((report["verified"].as_bool(), report["committed"].as_u64()), (Some(true), Some(4)), "{body}");
+    let (status, body) = post(&http, "/weights_checker", r#"{"action": "checksum"}"#);
+    assert_eq!(status, 200, "{body}");
+    let source = SourceSet::single(ranks.config.source_manifest());
+    let dest = &ranks.ranks[0].1;
+    let plan = plan(&source, dest, &ranks.rules, TpRank::SINGLE).unwrap();
+    let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+    let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    exec::execute(&plan, &refs, &mut expected).unwrap();
+    let checksums: Value = serde_json::from_str(&body).unwrap();
+    for (spec, bytes) in dest.iter().zip(&expected) {
+        let want = format!("{:016x}", weightlift::core::digest::digest(bytes));
+        assert_eq!(checksums["checksums"][&spec.name], want, "`{}`", spec.name);
+    }
 }

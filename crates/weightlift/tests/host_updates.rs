@@ -262,3 +262,11 @@ fn pushes_of_other_tensors_than_announced_are_refused_by_name_and_change_nothing
     assert!(report.verified, "{report:?}");
     assert_bit_exact(&s, &tx);
 }
+
+#[test]
+fn a_receiver_in_host_memory_refuses_cuda_ipc_by_name() {
+    let s = setup("qwen3-tiny", TpRank::SINGLE, "no-ipc", ReceiverOptions::default());
+    let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
+    let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).err().expect("refused");
+    assert!(err.to_string().contains("in host memory"), "{err}");
+}

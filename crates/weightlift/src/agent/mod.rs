@@ -594,13 +594,6 @@ fn update_from_disk(
             "a checkpoint on disk is read in place: transfer_mode must be auto",
         ));
     }
-    if state.receiver.is_on_gpu() {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            "this receiver's weights are on a GPU: updates from disk are not supported there yet (push from a sender)",
-        ));
-    }
     let Some(rules) = &state.options.disk_rules else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,

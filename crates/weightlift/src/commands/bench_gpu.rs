@@ -6,7 +6,9 @@
 //! - between processes over CUDA IPC, as deployed: `weightlift serve --device cuda:R` as the
 //!   engine and this process as the trainer, colocated (same GPU; the trainer's tensors from
 //!   cudaMalloc as torch's are, again in VMM memory shared as file descriptors, and in 20 MiB
-//!   VMM pieces as torch's expandable segments hold them) and cross-GPU (NVLink).
+//!   VMM pieces as torch's expandable segments hold them) and cross-GPU (NVLink);
+//! - host memory into a GPU engine (`staged` rows): this process's host tensors pushed over shm
+//!   and tcp to `weightlift serve --device cuda:N`, against the pinned host-to-device copy.
 
 use std::time::Instant;
 
@@ -37,6 +39,26 @@ struct Ceilings {
     hbm_read_gbps: f64,
     /// GPU0 -> GPU1 with the copy engines and peer access enabled; None with one GPU.
     peer_copy_gbps: Option<f64>,
+    /// Page-locked host memory -> this GPU, one 4 GiB copy.
+    pinned_h2d_gbps: f64,
+}
+
+/// Host tensors of this process pushed to a GPU engine process (device staging).
+#[derive(Serialize)]
+struct StagedRow {
+    model: String,
+    transport: TransportKind,
+    bytes: u64,
+    tensors: usize,
+    updates: usize,
+    median_seconds: f64,
+    best_seconds: f64,
+    gbps: f64,
+    /// Against the pinned host-to-device copy of the same run.
+    ratio_to_pinned: f64,
+    receiver_update_median_seconds: f64,
+    device_extra_bytes: u64,
+    verified: bool,
 }
 
 #[derive(Serialize)]
@@ -132,6 +154,7 @@ struct GpuBench {
     ceilings: Ceilings,
     same_process: Vec<SameProcessRow>,
     ipc: Vec<IpcRow>,
+    staged: Vec<StagedRow>,
     /// Every fused kernel pulling from a peer GPU (two GPUs only).
     peer_kernels: Vec<KernelRow>,
     skipped: Vec<String>,
@@ -175,10 +198,14 @@ fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
         }
         None => None,
     };
+    let host = vec![0x5au8; CEILING_BYTES];
+    let _pinned = gpu.register_host(&host)?;
+    let (_, h2d_best) = time(|| gpu.copy_from_host(&dst, 0, &host))?;
     Ok(Ceilings {
         d2d_copy_gbps: CEILING_BYTES as f64 / copy_best / 1e9,
         hbm_read_gbps: (CEILING_BYTES * READ_LAUNCHES) as f64 / read_best / 1e9,
         peer_copy_gbps,
+        pinned_h2d_gbps: CEILING_BYTES as f64 / h2d_best / 1e9,
     })
 }
 
@@ -225,6 +252,15 @@ pub fn run(
             }
         }
     }
+    let mut staged = Vec::new();
+    for name in ipc_models {
+        for transport in [TransportKind::Shm, TransportKind::Tcp] {
+            match staged_row(ordinal, name, transport, model_args, ceilings.pinned_h2d_gbps)? {
+                Ok(row) => staged.push(row),
+                Err(reason) => skipped.push(reason),
+            }
+        }
+    }
     // Last: a kernel that cannot read a peer's memory leaves that GPU's context unusable, and
     // every row above is already measured.
     let mut peer_kernels = Vec::new();
@@ -235,8 +271,18 @@ pub fn run(
             skipped.extend(why_not_all);
         }
     }
-    let out =
-        GpuBench { benchmark: "gpu", device, gpus, date: today(), ceilings, same_process, ipc, peer_kernels, skipped };
+    let out = GpuBench {
+        benchmark: "gpu",
+        device,
+        gpus,
+        date: today(),
+        ceilings,
+        same_process,
+        ipc,
+        staged,
+        peer_kernels,
+        skipped,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else {
@@ -545,15 +591,73 @@ fn ipc_row(
     Ok(Ok(rows))
 }
 
+/// One model's host tensors (in this process) pushed to `weightlift serve --device cuda:N`.
+/// The same bytes every version: nothing is skipped (no delta), so every update moves them all.
+fn staged_row(
+    receiver: usize,
+    name: &str,
+    transport: TransportKind,
+    model_args: &ModelArgs,
+    pinned_gbps: f64,
+) -> Result<Result<StagedRow, String>, CommandError> {
+    let (args, inputs) = synthetic_inputs(name, model_args)?;
+    let bytes = inputs.destination.total_bytes();
+    let exe = std::env::current_exe().map_err(|e| CommandError::Io(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("weightlift-gpu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(e.to_string()))?;
+    let listen = match transport {
+        TransportKind::Tcp => "tcp://127.0.0.1:0".to_string(),
+        _ => format!("unix:{}", dir.join(format!("{name}-staged.sock")).display()),
+    };
+    let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
+    let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
+    let config =
+        weightlift::core::synthetic(name).ok_or_else(|| CommandError::Io(format!("no synthetic model {name}")))?;
+    let result = (|| {
+        let tensors = weightlift::HostTensors::synthetic(&config, 7);
+        let options = SenderOptions { transport, ..SenderOptions::default() };
+        let mut sender = Sender::connect(&endpoint, tensors.manifest(), &inputs.rules, options)?;
+        let mut reports: Vec<(f64, UpdateReport)> = Vec::new();
+        for version in 1..=RUNS as u64 + 1 {
+            let started = Instant::now();
+            let report = sender.push(Version(version), &tensors)?;
+            reports.push((started.elapsed().as_secs_f64(), report));
+        }
+        Ok::<_, CommandError>(reports)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let reports = result?;
+    let timed = &reports[1..];
+    let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
+    let median_seconds = median(seconds.clone());
+    let gbps = bytes as f64 / median_seconds / 1e9;
+    Ok(Ok(StagedRow {
+        model: name.to_string(),
+        transport,
+        bytes,
+        tensors: inputs.destination.len(),
+        updates: timed.len(),
+        median_seconds,
+        best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        gbps,
+        ratio_to_pinned: gbps / pinned_gbps,
+        receiver_update_median_seconds: median(timed.iter().map(|(_, r)| r.seconds).collect()),
+        device_extra_bytes: reports.iter().map(|(_, r)| r.device_extra_bytes).max().unwrap_or(0),
+        verified: reports.iter().all(|(_, r)| r.verified),
+    }))
+}
+
 fn print_tables(out: &GpuBench) {
     let c = &out.ceilings;
     println!(
-        "{} x{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s, peer copy {}",
+        "{} x{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s, pinned H2D {:.1} GB/s, peer copy {}",
         out.device,
         out.gpus,
         out.date,
         c.d2d_copy_gbps,
         c.hbm_read_gbps,
+        c.pinned_h2d_gbps,
         c.peer_copy_gbps.map_or("n/a".into(), |p| format!("{p:.0} GB/s"))
     );
     println!(
@@ -630,6 +734,24 @@ fn print_tables(out: &GpuBench) {
         );
     }
     println!("no*: committed on the receiver's digests alone (nothing compared with the sender's)");
+    println!(
+        "{:<15} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>9}",
+        "staged", "transport", "bytes", "update ms", "recv ms", "GB/s", "x pinned", "extra MiB", "verified"
+    );
+    for r in &out.staged {
+        println!(
+            "{:<15} {:>9} {:>10} {:>10.1} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>9}",
+            r.model,
+            r.transport.to_string(),
+            gb(r.bytes),
+            r.median_seconds * 1e3,
+            r.receiver_update_median_seconds * 1e3,
+            r.gbps,
+            r.ratio_to_pinned,
+            r.device_extra_bytes as f64 / (1 << 20) as f64,
+            if r.verified { "yes" } else { "NO" }
+        );
+    }
     for s in &out.skipped {
         println!("skipped {s}");
     }

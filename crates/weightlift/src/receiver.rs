@@ -682,7 +682,7 @@ impl Receiver {
                     break;
                 }
                 Err(TransferError::SenderAborted(reason)) => {
-                    outcome = Some(Outcome::Aborted(format!("the sender called the update off: {reason}")));
+                    outcome = Some(Outcome::called_off(reason));
                     break;
                 }
                 Err(e) => {
@@ -708,9 +708,7 @@ impl Receiver {
                         Outcome::Mismatch(mismatched)
                     }
                 }
-                Ok(Message::Abort { reason }) => {
-                    Outcome::Aborted(format!("the sender called the update off: {reason}"))
-                }
+                Ok(Message::Abort { reason }) => Outcome::called_off(reason),
                 Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
                 Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
             }
@@ -742,7 +740,6 @@ impl Receiver {
             tensors: plan.destinations.len(),
             ..UpdateReport::default()
         };
-        let aborted = |reason: String| Outcome::Aborted(format!("the sender called the update off: {reason}"));
         // Any error here means the transfer broke off (Outcome::Broken, with the reason).
         let outcome = (|| -> Result<Outcome, String> {
             let message = conn.recv(timeout).map_err(|e| format!("waiting for the sender's memory: {e}"))?;
@@ -750,7 +747,7 @@ impl Receiver {
                 Message::IpcSources { pid, device, segments, tensors, fds, sender_digests } => {
                     (pid, device, segments, tensors, fds, sender_digests)
                 }
-                Message::Abort { reason } => return Ok(aborted(reason)),
+                Message::Abort { reason } => return Ok(Outcome::called_off(reason)),
                 other => return Err(format!("expected ipc_sources, got {}", other.name())),
             };
             let fds = conn
@@ -785,7 +782,7 @@ impl Receiver {
                         Outcome::Mismatch(mismatched)
                     })
                 }
-                Message::Abort { reason } => Ok(aborted(reason)),
+                Message::Abort { reason } => Ok(Outcome::called_off(reason)),
                 other => Err(format!("expected the end of version {version}, got {}", other.name())),
             }
         })()
@@ -802,7 +799,7 @@ impl Receiver {
         }
         match conn.recv(self.shared.options.timeout) {
             Ok(Message::Commit { version: v }) if v == version => verified,
-            Ok(Message::Abort { reason }) => Outcome::Aborted(format!("the sender called the update off: {reason}")),
+            Ok(Message::Abort { reason }) => Outcome::called_off(reason),
             Ok(other) => {
                 Outcome::Broken(format!("expected the sender's decision on version {version}, got {}", other.name()))
             }
@@ -882,6 +879,13 @@ enum Outcome {
     Aborted(String),
     /// The transfer broke off (sender gone, stalled, or out of protocol).
     Broken(String),
+}
+
+impl Outcome {
+    /// The sender's `Abort`, with its reason.
+    fn called_off(reason: String) -> Outcome {
+        Outcome::Aborted(format!("the sender called the update off: {reason}"))
+    }
 }
 
 /// Where a host transport's buckets are written.

@@ -264,10 +264,6 @@ impl Sender {
         format!("rank {} at {}", self.receiver.tp.rank, self.name)
     }
 
-    pub fn transport(&self) -> TransportKind {
-        self.options.transport
-    }
-
     /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends).
     pub fn device_extra_bytes(&self) -> u64 {
         self.exporter.device_bytes()
@@ -276,11 +272,6 @@ impl Sender {
     /// The receiver as it was when this sender connected.
     pub fn receiver_at_connect(&self) -> &ReceiverState {
         &self.receiver
-    }
-
-    /// The receiver as of its last report (or the connect).
-    pub fn receiver_last_known(&self) -> &ReceiverState {
-        &self.last_known
     }
 
     /// Pushes `tensors` as `version`; returns the receiver's report. A report whose

@@ -47,34 +47,14 @@ fn ipc_updates_are_bit_exact_for_dense_and_moe_at_tp1_and_tp2_on_the_same_and_an
     let receiver_devices: Vec<usize> = if gpus >= 2 { vec![0, 1] } else { vec![0] };
     for (model, tp_size, vmm) in [("qwen3-tiny", 1, false), ("qwen3-moe-tiny", 2, true), ("qwen2-tiny", 2, false)] {
         for &device in &receiver_devices {
-            let config = synthetic(model).unwrap();
-            let rules =
-                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-            let source = SourceSet::single(config.source_manifest());
-            let receiver_gpu = gpu(device);
-            let mut receivers = Vec::new();
-            let mut endpoints = Vec::new();
-            for tp in TpRank::all(tp_size) {
-                let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
-                let mut tensors = GpuTensors::alloc(&receiver_gpu, &dest).unwrap();
-                tensors.fill(&receiver_gpu, 0).unwrap();
-                let tensors = Arc::new(tensors);
-                let options = ReceiverOptions { tp, ..ReceiverOptions::default() };
-                let receiver = Receiver::on_gpu(receiver_gpu.clone(), tensors.clone(), options).unwrap();
-                let path = socket(&format!("{model}-{device}-{}", tp.rank));
-                let listener = Endpoint::Unix(path.clone()).bind().unwrap();
-                let serving = receiver.clone();
-                std::thread::spawn(move || serving.serve(&listener));
-                endpoints.push(format!("unix:{}", path.display()));
-                receivers.push((tp, dest, tensors, receiver));
-            }
+            let ranks = gpu_ranks(model, tp_size, device, &format!("{model}-{device}"), ReceiverOptions::default());
             // The sender: another process, 5 versions, each with every weight changed.
             let mut push = Command::new(exe());
             push.args(["push", "--synthetic", model, "--device", "cuda:0", "--steps", "5", "--json"]);
             if vmm {
                 push.arg("--vmm");
             }
-            for e in &endpoints {
+            for e in &ranks.endpoints {
                 push.args(["--to", e]);
             }
             let out = push.output().unwrap();
@@ -100,25 +80,11 @@ fn ipc_updates_are_bit_exact_for_dense_and_moe_at_tp1_and_tp2_on_the_same_and_an
                 }
             }
             // Byte compare with the host reference of the last version.
-            let mut trainer = HostTensors::synthetic(&config, 7);
+            let mut trainer = HostTensors::synthetic(&ranks.config, 7);
             for _ in 0..5 {
                 trainer.perturb();
             }
-            let (_, data) = trainer.into_parts();
-            let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-            for (tp, dest, tensors, receiver) in &receivers {
-                let plan = plan(&source, dest, &rules, *tp).unwrap();
-                let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
-                exec::execute(&plan, &refs, &mut expected).unwrap();
-                let (_, got) = tensors.download().unwrap().into_parts();
-                for (i, want) in expected.iter().enumerate() {
-                    assert!(&got[i] == want, "{model} {tp} on cuda:{device}: `{}` differs", dest.specs()[i].name);
-                }
-                assert_eq!(receiver.committed(), Version(5));
-                assert!(receiver.dirty().is_empty());
-                let digests: Vec<u64> = expected.iter().map(|b| weightlift::core::digest::digest(b)).collect();
-                assert_eq!(receiver.current_digests().unwrap(), digests);
-            }
+            ranks.assert_hold(&trainer, 5);
         }
     }
 }
@@ -299,8 +265,8 @@ fn gpu_ranks_commit_a_version_all_or_none_and_an_update_without_sender_digests_i
     assert!(step.committed && step.verified, "{step:?}");
 }
 
-/// Receivers on GPU 0 for every rank of `model` at `tp_size`, serving from this process, with
-/// what each holds and where it listens.
+/// Receivers on GPU `device` for every rank of `model` at `tp_size`, serving from this process,
+/// with what each holds and where it listens.
 struct GpuRanks {
     config: weightlift::core::ModelConfig,
     rules: weightlift::core::RuleSet,
@@ -308,11 +274,11 @@ struct GpuRanks {
     endpoints: Vec<String>,
 }
 
-fn gpu_ranks(model: &str, tp_size: u32, label: &str, options: ReceiverOptions) -> GpuRanks {
+fn gpu_ranks(model: &str, tp_size: u32, device: usize, label: &str, options: ReceiverOptions) -> GpuRanks {
     let config = synthetic(model).unwrap();
     let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
     let source = SourceSet::single(config.source_manifest());
-    let gpu = gpu(0);
+    let gpu = gpu(device);
     let (mut ranks, mut endpoints) = (Vec::new(), Vec::new());
     for tp in TpRank::all(tp_size) {
         let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
@@ -358,7 +324,8 @@ impl GpuRanks {
 fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
     for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2)] {
         for transport in ["shm", "tcp"] {
-            let ranks = gpu_ranks(model, tp_size, &format!("staged-{model}-{transport}"), ReceiverOptions::default());
+            let ranks =
+                gpu_ranks(model, tp_size, 0, &format!("staged-{model}-{transport}"), ReceiverOptions::default());
             let mut push = Command::new(exe());
             push.args(["push", "--synthetic", model, "--device", "host", "--transport", transport]);
             push.args(["--steps", "3", "--bucket-bytes", "65536", "--json"]);
@@ -381,7 +348,7 @@ fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
         }
     }
     // In one process, with a delta update that skips what did not change.
-    let ranks = gpu_ranks("qwen3-tiny", 1, "staged-inproc", ReceiverOptions::default());
+    let ranks = gpu_ranks("qwen3-tiny", 1, 0, "staged-inproc", ReceiverOptions::default());
     let receiver = &ranks.ranks[0].3;
     let options = SenderOptions { bucket_bytes: 8192, delta: true, ..SenderOptions::default() };
     let mut sender = receiver.connect_in_process(&ranks.config.source_manifest(), &ranks.rules, options).unwrap();
@@ -399,7 +366,7 @@ fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it() {
     let options = ReceiverOptions { timeout: std::time::Duration::from_secs(2), ..ReceiverOptions::default() };
-    let ranks = gpu_ranks("qwen3-tiny", 1, "staged-faults", options);
+    let ranks = gpu_ranks("qwen3-tiny", 1, 0, "staged-faults", options);
     let push = |extra: &[&str]| {
         Command::new(exe())
             .args(["push", "--synthetic", "qwen3-tiny", "--to", &ranks.endpoints[0], "--bucket-bytes", "8192"])

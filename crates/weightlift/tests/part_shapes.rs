@@ -5,23 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use weightlift::core::{synthetic, DType, TensorSpec};
-use weightlift::safetensors_dir::write_file;
+
+mod common;
+use common::{stderr, temp_dir, write_checkpoint};
 
 /// The binary under test (WEIGHTLIFT_BIN runs these checks against another build).
 fn weightlift(args: &[&str]) -> Output {
     let exe = std::env::var("WEIGHTLIFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_weightlift").to_string());
     Command::new(exe).args(args).output().expect("runs the binary")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weightlift-parts-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// qwen3-tiny's config.json: 4 query heads and 2 KV heads of 16, hidden 64, intermediate 128.
@@ -45,15 +36,6 @@ fn checkpoint(label: &str, changes: &[(&str, &[u64])], extra: &[TensorSpec], con
         std::fs::write(dir.join("config.json"), QWEN3_TINY_CONFIG).unwrap();
     }
     dir
-}
-
-/// Writes `specs` as a two-file checkpoint, split in the middle as HF shards are.
-fn write_checkpoint(dir: &Path, specs: &[TensorSpec]) {
-    let data: Vec<Vec<u8>> = specs.iter().map(|s| vec![0u8; s.byte_len() as usize]).collect();
-    let tensors: Vec<(&TensorSpec, &[u8])> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
-    let (a, b) = tensors.split_at(tensors.len() / 2);
-    write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
-    write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
 }
 
 /// `weightlift plan --model DIR` with `args`, which must fail with exit 2; its stderr.

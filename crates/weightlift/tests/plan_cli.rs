@@ -1,11 +1,12 @@
 //! `weightlift plan` end to end, through the built binary.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use weightlift::core::{synthetic, DType, TensorSpec};
-use weightlift::safetensors_dir::write_file;
+
+mod common;
+use common::{stderr, temp_dir, write_checkpoint};
 
 fn weightlift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weightlift")).args(args).output().expect("runs the binary")
@@ -35,26 +36,6 @@ fn weightlift_within_20s(args: &[&str]) -> Output {
 fn json_of(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("weightlift-cli-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Writes `specs` (zero-filled) as a two-file checkpoint, split in the middle as HF shards are.
-fn write_checkpoint(dir: &Path, specs: &[TensorSpec]) {
-    let data: Vec<Vec<u8>> = specs.iter().map(|s| vec![0u8; s.byte_len() as usize]).collect();
-    let tensors: Vec<(&TensorSpec, &[u8])> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
-    let (a, b) = tensors.split_at(tensors.len() / 2);
-    write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
-    write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
 }
 
 fn tiny_specs() -> Vec<TensorSpec> {

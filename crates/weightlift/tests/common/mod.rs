@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_weightlift");
@@ -15,6 +15,15 @@ pub fn temp_dir(label: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Writes `specs` (zero-filled) as a two-file checkpoint, split in the middle as HF shards are.
+pub fn write_checkpoint(dir: &Path, specs: &[weightlift::core::TensorSpec]) {
+    let data: Vec<Vec<u8>> = specs.iter().map(|s| vec![0u8; s.byte_len() as usize]).collect();
+    let tensors: Vec<_> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    weightlift::safetensors_dir::write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
+    weightlift::safetensors_dir::write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
 }
 
 pub fn stderr(out: &Output) -> String {

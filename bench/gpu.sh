@@ -15,7 +15,12 @@
 #   REPEATS           timed updates per baseline, after one warm-up (default 3)
 #   BASELINE_TIMEOUT  seconds any single wait inside a baseline may last (default 300)
 #   PYTHON            the Python with torch (default python3)
+#   CE_WHEELS         checkpoint-engine's wheels (default bench/baselines/wheels, fetched by
+#                     bench/baselines/fetch_checkpoint_engine.sh); when the folder holds wheels,
+#                     bench/baselines/checkpoint_engine.py runs too (unless SKIP_BASELINES=1)
 # Writes $OUT/plans/<model>.json, $OUT/weightlift.json, $OUT/baselines/<method>-<mode>[-<model>].json,
+# $OUT/checkpoint_engine.json (one JSON line per model; not in the table, whose ceilings are
+# device copies: its ceiling is the pinned host-to-device copy it measures itself),
 # $OUT/logs/*.log, $OUT/table.txt and $OUT/summary.json. The table is printed on stdout, one
 # progress line per step on stderr. Exit status 1 if any step failed (a skipped baseline, e.g.
 # one that does not fit in GPU memory, is not a failure); the other steps still run.
@@ -43,6 +48,7 @@ SKIP_BASELINES=${SKIP_BASELINES:-0}
 REPEATS=${REPEATS:-3}
 BASELINE_TIMEOUT=${BASELINE_TIMEOUT:-300}
 PY=${PYTHON:-python3}
+if [ -n "${CE_WHEELS:-}" ]; then CE_WHEELS=$(abs "$CE_WHEELS"); else CE_WHEELS=$root/bench/baselines/wheels; fi
 
 # NVLink multicast must stay off on the shared machines (torch_baselines.py forces it too).
 export NCCL_NVLS_ENABLE=0
@@ -68,7 +74,7 @@ fi
 mkdir -p "$OUT/plans" "$OUT/logs" "$OUT/baselines"
 rm -f "$OUT/weightlift.json" "$OUT/summary.json" "$OUT/table.txt"
 if [ "$SKIP_BASELINES" != 1 ]; then
-    rm -f "$OUT"/baselines/*.json
+    rm -f "$OUT"/baselines/*.json "$OUT/checkpoint_engine.json"
 fi
 
 # record FILE METHOD MODE MODEL KEY REASON: a baseline result that was not run by the script
@@ -193,6 +199,36 @@ if [ "$SKIP_BASELINES" != 1 ]; then
             fi
         done
     done
+    # checkpoint-engine's own update, host buckets -> this GPU (bench/baselines/README.md).
+    if compgen -G "$CE_WHEELS/*.whl" >/dev/null; then
+        t0=$SECONDS
+        rc=0
+        "$PY" bench/baselines/checkpoint_engine.py --wheels "$CE_WHEELS" --timeout "$BASELINE_TIMEOUT" \
+            --json "$OUT/checkpoint_engine.json" >"$OUT/logs/checkpoint_engine.log" 2>&1 || rc=$?
+        if [ "$rc" -ne 0 ]; then
+            failures+=("checkpoint_engine (exit $rc)")
+        fi
+        summary=$("$PY" - "$OUT/checkpoint_engine.json" <<'PY' 2>/dev/null || echo "no result; see logs/checkpoint_engine.log"
+import json, sys
+out = []
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("skipped"):
+        out.append(f"{r['model']}: skipped: {r['skipped']}")
+    elif r.get("error"):
+        lines = str(r["error"]).strip().splitlines()
+        out.append(f"{r.get('model')}: FAILED: {lines[-1] if lines else 'error'}")
+    else:
+        ok = "verified" if r.get("verified") else "NOT VERIFIED"
+        out.append(f"{r['model']}: median {r['median_seconds']:.3f} s, {r['gbps']:.1f} GB/s, "
+                   f"{r['ratio']:.2f} of pinned H2D {r['pinned_h2d_gbps']:.1f} GB/s, {ok}")
+print("; ".join(out) or "no result")
+PY
+)
+        note "checkpoint_engine: $summary ($((SECONDS - t0)) s)"
+    else
+        note "checkpoint_engine: not run (no wheels in $CE_WHEELS: bench/baselines/fetch_checkpoint_engine.sh fetches them)"
+    fi
 else
     note "baselines: skipped (SKIP_BASELINES=1)"
 fi

@@ -63,6 +63,6 @@ pub(crate) fn send_error(error: SendError) -> PyErr {
         | SendError::PlanMismatch { .. }
         | SendError::WrongTensors(_) => PlanError::new_err(message),
         SendError::Refused { .. } => VersionError::new_err(message),
-        SendError::Device(_) => CudaError::new_err(message),
+        SendError::Device(_) | SendError::Cuda { .. } => CudaError::new_err(message),
     }
 }

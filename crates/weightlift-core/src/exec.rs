@@ -58,6 +58,25 @@ pub fn pack(plan: &Plan, op: &CopyOp, src: &[u8], payload: &mut [u8]) -> Result<
     Ok(())
 }
 
+/// The bytes of its source that [`pack`] writes unchanged for `op`, when they are one
+/// contiguous range (no cast, a block contiguous in the source): a copy engine can then move
+/// them to the payload's place straight from the source, with no packing on the host.
+pub fn verbatim_source(plan: &Plan, op: &CopyOp) -> Option<std::ops::Range<usize>> {
+    if plan.cast(op).is_some() {
+        return None;
+    }
+    let s = &plan.sources[op.src as usize].spec;
+    let zeros = vec![0; op.extent.len()];
+    match strided_copies(&s.shape, &op.src_start, &op.extent, &zeros, &op.extent).as_slice() {
+        [one] if one.is_contiguous() => {
+            let elt = s.dtype.size();
+            let start = (one.src_offset * elt) as usize;
+            Some(start..start + (one.numel() * elt) as usize)
+        }
+        _ => None,
+    }
+}
+
 /// Writes a packed block from `payload` into `op`'s place in the destination's bytes.
 pub fn unpack(plan: &Plan, op: &CopyOp, payload: &[u8], dst: &mut [u8]) -> Result<(), SizeError> {
     let d = &plan.destinations[op.dst as usize];

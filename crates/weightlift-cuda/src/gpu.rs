@@ -214,15 +214,16 @@ impl Gpu {
     /// Copies `src` from host memory to `dst` at byte `at`, queued on this GPU's stream after
     /// what is there already, and waits for this copy only: `src` may be reused on return
     /// while the work queued before it (and after it) still runs.
-    pub fn copy_from_host(&self, dst: &DeviceBuffer, at: usize, src: &[u8]) -> Result<(), CudaError> {
-        fits(at, src.len(), dst.len)?;
+    pub fn copy_from_host(&self, dst: &impl OwnedDeviceMemory, at: usize, src: &[u8]) -> Result<(), CudaError> {
+        let (ptr, len) = dst.range();
+        fits(at, src.len(), len)?;
         if src.is_empty() {
             return Ok(());
         }
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
-        // SAFETY: the destination lies inside a live allocation of this context (checked above)
-        // and `src` is a live host slice, borrowed until the event below completes.
-        unsafe { result::memcpy_htod_async(dst.ptr + at as u64, src, self.stream.cu_stream()) }
+        // SAFETY: the destination lies inside live memory this crate owns (checked above) and
+        // `src` is a live host slice, borrowed until the event below completes.
+        unsafe { result::memcpy_htod_async(ptr + at as u64, src, self.stream.cu_stream()) }
             .call("cuMemcpyHtoDAsync")?;
         let copied = self.stream.record_event(None).call("cuEventRecord")?;
         copied.synchronize().call("cuEventSynchronize")
@@ -233,6 +234,13 @@ impl Gpu {
 pub struct HostRegistration {
     ctx: Arc<CudaContext>,
     ptr: usize,
+}
+
+impl HostRegistration {
+    /// Takes ownership of a registration made at `ptr` in `ctx` (unregistered when dropped).
+    pub(crate) fn adopt(ctx: Arc<CudaContext>, ptr: usize) -> HostRegistration {
+        HostRegistration { ctx, ptr }
+    }
 }
 
 impl Drop for HostRegistration {

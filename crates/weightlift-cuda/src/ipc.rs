@@ -90,6 +90,17 @@ fn pointer_attributes<const N: usize>(ptr: u64, mut asked: [CUpointer_attribute;
     Ok(values)
 }
 
+/// The ordinal (in this process's numbering) of the GPU whose UUID is `uuid`.
+pub fn ordinal_with_uuid(uuid: &[u8; 16]) -> Result<usize, CudaError> {
+    for ordinal in 0..crate::device_count()? {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+        if ctx.uuid().call("cuDeviceGetUuid")?.bytes.map(|b| b as u8) == *uuid {
+            return Ok(ordinal);
+        }
+    }
+    Err(CudaError::Invalid(format!("no GPU of this process has UUID {}", uuid.map(|b| format!("{b:02x}")).concat())))
+}
+
 impl Gpu {
     /// The 16-byte UUID of this GPU: the same in every process, whatever `CUDA_VISIBLE_DEVICES`.
     pub fn uuid(&self) -> Result<[u8; 16], CudaError> {

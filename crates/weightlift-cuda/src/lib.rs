@@ -17,6 +17,7 @@
 
 pub mod error;
 pub mod gpu;
+pub mod host_copy;
 pub mod host_map;
 pub mod ipc;
 pub mod kernels;
@@ -25,8 +26,9 @@ pub mod vmm_pool;
 
 pub use error::CudaError;
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, OwnedDeviceMemory};
+pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};
-pub use ipc::{IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
+pub use ipc::{ordinal_with_uuid, IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
     waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu, UpdateBatch, Wave,
     WaveOrder, CHUNK_BYTES, WAVE_CHUNKS,

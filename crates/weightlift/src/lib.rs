@@ -9,6 +9,8 @@ pub use weightlift_core as core;
 
 pub mod agent;
 pub mod cuda_ipc;
+pub mod device_sources;
+pub mod device_writes;
 pub mod fd_pass;
 pub mod gpu;
 pub mod memory;

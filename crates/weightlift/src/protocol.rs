@@ -26,7 +26,7 @@ use crate::report::UpdateReport;
 
 /// 5: authentication (`Challenge`, `Proof`, `Authenticated`) and the two-phase commit of an
 /// update to several receivers (`End::two_phase`, `Verified`, `Commit`).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -84,6 +84,18 @@ pub struct RingInfo {
     pub slot_bytes: u64,
 }
 
+/// Buffers of a GPU receiver's device memory that a sender on its host copies buckets into
+/// (host to device, with the copy engines): `count` descriptors of shareable allocations of
+/// `mapped_bytes` each follow the welcome, and each holds one bucket of up to `slot_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSlots {
+    /// UUID (hex) of the receiver's GPU.
+    pub device: String,
+    pub count: u32,
+    pub slot_bytes: u64,
+    pub mapped_bytes: u64,
+}
+
 /// One allocation of a sender's GPU memory, as a receiver opens it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -138,6 +150,9 @@ pub enum Message {
         rules: RuleSet,
         bucket_bytes: u64,
         transport: TransportKind,
+        /// The sender can copy buckets into a GPU receiver's device memory itself (it has the
+        /// CUDA driver): a receiver on a GPU then offers [`DeviceSlots`] beside the ring.
+        device_writes: bool,
     },
     Welcome {
         destination: Manifest,
@@ -150,9 +165,14 @@ pub enum Message {
         /// or dirty (so delta mode never skips a tensor whose bytes may be wrong).
         digests: Vec<Option<u64>>,
         ring: Option<RingInfo>,
+        /// Device memory the sender may copy buckets into; its descriptors follow (SCM_RIGHTS).
+        slots: Option<DeviceSlots>,
     },
     /// The sender mapped the ring; the receiver may unlink its name.
     RingMapped,
+    /// The sender mapped the ring and the device slots, and sends buckets through the slots:
+    /// `BucketReady` then names a device slot.
+    SlotsMapped,
     Reject {
         reason: String,
     },
@@ -238,6 +258,7 @@ impl Message {
             Message::Hello { .. } => "hello",
             Message::Welcome { .. } => "welcome",
             Message::RingMapped => "ring_mapped",
+            Message::SlotsMapped => "slots_mapped",
             Message::Reject { .. } => "reject",
             Message::Begin { .. } => "begin",
             Message::Accepted { .. } => "accepted",

@@ -5,6 +5,7 @@
 //! message) leaves the receiver on its last committed version, marked dirty with the tensors
 //! the failed update touched, and ready for the next attempt.
 
+use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::sender::{SendError, Sender, SenderOptions};
 use crate::session::{self, ConnectionLimit, SessionError, Token};
 use crate::staged::{StagedUpdate, Staging};
 use crate::tensors::DestinationTensors;
-use crate::transport::{LocalRing, RecvPath, TransferError};
+use crate::transport::{Arrived, LocalRing, RecvPath, TransferError};
 use crate::update::{default_threads, receiver_digests, unpack, Schedule};
 use weightlift_core::digest::ChunkDigests;
 use weightlift_cuda::{CudaError, Gpu};
@@ -441,12 +442,15 @@ impl Receiver {
         let deadline = Instant::now() + options.handshake_timeout;
         let mut conn = Conn::server(stream, deadline)?;
         session::authenticate_sender(&mut conn, options.token.as_ref(), deadline)?;
-        let (source, rules, bucket_bytes, transport) = match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
-            Message::Hello { source, rules, bucket_bytes, transport } => (source, rules, bucket_bytes, transport),
-            other => {
-                return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
-            }
-        };
+        let (source, rules, bucket_bytes, transport, device_writes) =
+            match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
+                Message::Hello { source, rules, bucket_bytes, transport, device_writes } => {
+                    (source, rules, bucket_bytes, transport, device_writes)
+                }
+                other => {
+                    return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
+                }
+            };
         let refuse = |conn: &mut Conn, reason: String| {
             let _ = conn.send(&Message::Reject { reason: reason.clone() });
             ConnectionError::Refused(reason)
@@ -503,7 +507,10 @@ impl Receiver {
         let staging = match (transport, &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner())) {
             (TransportKind::CudaIpc, _) | (_, Store::Host(_)) => None,
             (_, Store::Device { gpu, tensors }) => {
-                match Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes) {
+                // A sender on this host that can copy to the GPU itself gets device slots; one
+                // across a socket cannot map them.
+                let slots = device_writes && matches!(transport, TransportKind::Shm | TransportKind::InProcess);
+                match Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, slots) {
                     Ok(mut staging) => {
                         path.each_memory(|memory| staging.pin(memory));
                         Some(staging)
@@ -516,6 +523,11 @@ impl Receiver {
             let state = self.state();
             (state.versions.committed(), state.versions.dirty().iter().cloned().collect(), state.digests.clone())
         };
+        let offer = match staging.as_ref().map(|s| s.offer(bucket_bytes)).transpose() {
+            Ok(offer) => offer.flatten(),
+            Err(e) => return Err(refuse(&mut conn, format!("cannot share device slots: {e}"))),
+        };
+        let (slots, slot_fds) = offer.map_or((None, Vec::new()), |(info, fds)| (Some(info), fds));
         conn.send(&Message::Welcome {
             destination: self.shared.manifest.clone(),
             tp: options.tp,
@@ -524,11 +536,20 @@ impl Receiver {
             dirty,
             digests,
             ring,
+            slots: slots.clone(),
         })?;
+        if !slot_fds.is_empty() {
+            conn.send_fds(&slot_fds.iter().map(|fd| fd.as_fd()).collect::<Vec<_>>())?;
+        }
+        drop(slot_fds);
         if matches!(transport, TransportKind::Shm | TransportKind::InProcess) {
-            match conn.recv_before(deadline, MAX_HANDSHAKE_BYTES)? {
-                Message::RingMapped => path.unlink(),
-                other => {
+            match (conn.recv_before(deadline, MAX_HANDSHAKE_BYTES)?, &slots) {
+                (Message::RingMapped, _) => path.unlink(),
+                (Message::SlotsMapped, Some(slots)) => {
+                    path.unlink();
+                    path.use_device_slots(slots.count);
+                }
+                (other, _) => {
                     return Err(ProtocolError::Unexpected { expected: "ring_mapped", got: other.name().into() }.into())
                 }
             }
@@ -666,12 +687,12 @@ impl Receiver {
         let mut unpack_seconds = 0.0;
         let mut outcome = None;
         for (k, bucket) in schedule.buckets.iter().enumerate() {
-            let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |payload| {
+            let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |arrived| {
                 for entry in &bucket.entries {
                     touched[entry.op.dst as usize] = true;
                 }
                 let t = Instant::now();
-                let written = sink.write(plan, &schedule, k, payload, threads);
+                let written = sink.write(plan, &schedule, k, arrived, threads);
                 unpack_seconds += t.elapsed().as_secs_f64();
                 written
             });
@@ -902,15 +923,23 @@ impl Sink<'_> {
         plan: &Plan,
         schedule: &Schedule,
         k: usize,
-        payload: &[u8],
+        arrived: Arrived<'_>,
         threads: usize,
     ) -> Result<(), String> {
-        match self {
-            Sink::Host { tensors, digests } => {
+        match (self, arrived) {
+            (Sink::Host { tensors, digests }, Arrived::Host(payload)) => {
                 unpack(plan, schedule, k, payload, &mut **tensors, digests, threads);
                 Ok(())
             }
-            Sink::Device(update) => update.bucket(k, payload).map_err(|e| format!("copying to the GPU: {e}")),
+            (Sink::Host { .. }, Arrived::DeviceSlot(slot)) => {
+                Err(format!("bucket {k} came in device slot {slot}, and this receiver's tensors are in host memory"))
+            }
+            (Sink::Device(update), Arrived::Host(payload)) => {
+                update.bucket(k, payload).map_err(|e| format!("copying to the GPU: {e}"))
+            }
+            (Sink::Device(update), Arrived::DeviceSlot(slot)) => {
+                update.bucket_in_slot(k, slot).map_err(|e| format!("writing from device slot {slot}: {e}"))
+            }
         }
     }
 

@@ -11,13 +11,15 @@ use std::os::fd::AsFd;
 use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::{DeviceTensors, Exporter};
+use crate::device_sources::{fill_from_device, Downloads};
+use crate::device_writes::SlotWriter;
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
 use crate::session::{self, SessionError, Token};
 use crate::tensors::SourceTensors;
 use crate::transport::{LocalRing, SendPath, TransferError};
-use crate::update::{default_threads, expected_digests, pack, sender_digests, Schedule};
+use crate::update::{all_cores, default_threads, digest_verbatim, expected_digests, pack, sender_digests, Schedule};
 
 /// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
 pub const DEFAULT_HOST_BUCKET_BYTES: u64 = 64 << 20;
@@ -38,6 +40,17 @@ pub struct SenderOptions {
     pub sender_digests: bool,
     /// The receivers' token (see [`crate::session`]).
     pub token: Option<Token>,
+    /// Host tensors into a GPU receiver on this host: copy buckets into its device slots with
+    /// this process's copy engines (when the CUDA driver loads and the GPU is visible here),
+    /// rather than through the ring. Off, or where that cannot be, the ring carries them.
+    pub device_writes: bool,
+    /// With device slots: page-lock the sources' memory (cuMemHostRegister, once while they
+    /// stay where they are) so the copies run at the pinned rate. Only for memory this
+    /// process keeps allocated and copies no other way meanwhile: while registered, a CUDA
+    /// copy of a range that reaches past a registered one fails (torch's, say). Off, pageable
+    /// sources are copied at the driver's pageable rate; pinned ones (torch's
+    /// `pin_memory()`) at the pinned rate either way.
+    pub pin_sources: bool,
     /// For fault tests only: misbehave on purpose.
     pub fault: Option<Fault>,
 }
@@ -52,6 +65,8 @@ impl Default for SenderOptions {
             threads: default_threads(),
             sender_digests: true,
             token: None,
+            device_writes: true,
+            pin_sources: false,
             fault: None,
         }
     }
@@ -120,6 +135,8 @@ pub enum SendError {
     WrongTensors(String),
     #[error("GPU: {0}")]
     Device(String),
+    #[error("GPU, {doing}: {source}")]
+    Cuda { doing: String, source: weightlift_cuda::CudaError },
     #[error("fault injected: {0}")]
     Injected(String),
 }
@@ -153,6 +170,9 @@ pub struct Sender {
     in_flight: Option<Version>,
     /// The digests of the update in flight, recorded as the receiver's once it commits.
     sent_digests: Vec<(u32, u64)>,
+    /// The payload memory page-locked for copies down from a GPU (GPU tensors over a host
+    /// transport), once.
+    payload_pins: Option<Vec<weightlift_cuda::PinnedRanges>>,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -206,10 +226,13 @@ impl Sender {
             rules: rules.clone(),
             bucket_bytes: options.bucket_bytes,
             transport: options.transport,
+            device_writes: options.device_writes
+                && matches!(options.transport, TransportKind::Shm | TransportKind::InProcess)
+                && weightlift_cuda::driver_present(),
         })?;
-        let (destination, tp, plan_hash, digests, ring, receiver) = match conn.recv(options.timeout)? {
-            Message::Welcome { destination, tp, plan_hash, digests, ring, committed, dirty } => {
-                (destination, tp, plan_hash, digests, ring, ReceiverState { tp, committed, dirty })
+        let (destination, tp, plan_hash, digests, ring, slots, receiver) = match conn.recv(options.timeout)? {
+            Message::Welcome { destination, tp, plan_hash, digests, ring, slots, committed, dirty } => {
+                (destination, tp, plan_hash, digests, ring, slots, ReceiverState { tp, committed, dirty })
             }
             Message::Reject { reason } => return Err(SendError::Rejected(reason)),
             other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
@@ -219,23 +242,40 @@ impl Sender {
         if ours != plan_hash {
             return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
         }
-        let path = match (options.transport, ring) {
-            (TransportKind::Shm, Some(info)) => {
+        let slot_fds = match &slots {
+            Some(info) => conn.recv_fds(info.count as usize, options.timeout)?,
+            None => Vec::new(),
+        };
+        // Device slots where this process can map them; the ring where it cannot.
+        let writer = slots.as_ref().and_then(|info| match SlotWriter::map(info, &slot_fds) {
+            Ok(writer) => Some(writer),
+            Err(e) => {
+                tracing::info!("the receiver's device slots stay unused, buckets go through the ring: {e}");
+                None
+            }
+        });
+        drop(slot_fds);
+        let path = match (options.transport, ring, writer) {
+            (TransportKind::Shm | TransportKind::InProcess, Some(_), Some(writer)) => {
+                conn.send(&Message::SlotsMapped)?;
+                SendPath::Device(Box::new(writer))
+            }
+            (TransportKind::Shm, Some(info), None) => {
                 let path = SendPath::ring(&info)?;
                 conn.send(&Message::RingMapped)?;
                 path
             }
-            (TransportKind::InProcess, Some(info)) => {
+            (TransportKind::InProcess, Some(info), None) => {
                 let ring = local_ring.ok_or_else(|| SendError::Rejected("no in-process ring to use".into()))?;
                 conn.send(&Message::RingMapped)?;
                 SendPath::local(ring, &info)
             }
-            (TransportKind::Shm | TransportKind::InProcess, None) => {
+            (TransportKind::Shm | TransportKind::InProcess, None, _) => {
                 return Err(SendError::Rejected("the receiver offered no ring".into()))
             }
-            (TransportKind::Tcp, _) => SendPath::socket(options.bucket_bytes),
+            (TransportKind::Tcp, _, _) => SendPath::socket(options.bucket_bytes),
             // Nothing travels through the connection but control messages.
-            (TransportKind::CudaIpc, _) => SendPath::socket(0),
+            (TransportKind::CudaIpc, _, _) => SendPath::socket(0),
         };
         let schedule = Schedule::new(&plan, &[], options.bucket_bytes)?;
         Ok(Sender {
@@ -252,6 +292,7 @@ impl Sender {
             exporter: Exporter::default(),
             in_flight: None,
             sent_digests: Vec::new(),
+            payload_pins: None,
         })
     }
 
@@ -260,6 +301,11 @@ impl Sender {
     }
 
     /// Whom this sender talks to: the receiver's rank and endpoint (or the peer that connected).
+    /// Whether buckets go into the receiver's device slots, copied by this process.
+    pub fn writes_device_slots(&self) -> bool {
+        matches!(self.path, SendPath::Device(_))
+    }
+
     pub fn name(&self) -> String {
         format!("rank {} at {}", self.receiver.tp.rank, self.name)
     }
@@ -330,16 +376,9 @@ impl Sender {
             .collect())
     }
 
-    /// The GPU tensors of a push must be those announced at connect, and travel over CUDA IPC.
+    /// The GPU tensors of a push must be those announced at connect.
     pub fn check_device_tensors(&self, tensors: &dyn DeviceTensors) -> Result<(), SendError> {
-        self.check_tensors(tensors.manifest())?;
-        if self.options.transport != TransportKind::CudaIpc {
-            return Err(SendError::WrongTensors(format!(
-                "GPU tensors travel over cuda-ipc, not {} (stage them in host memory for that)",
-                self.options.transport
-            )));
-        }
-        Ok(())
+        self.check_tensors(tensors.manifest())
     }
 
     /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
@@ -401,28 +440,74 @@ impl Sender {
         let timeout = self.options.timeout;
         let schedule = self.schedule.for_skip(&self.plan, skip, self.options.bucket_bytes)?;
         let mut digests = schedule.digests(&self.plan);
-        for (k, bucket) in schedule.buckets.iter().enumerate() {
-            let k = k as u32;
-            match self.options.fault {
-                Some(Fault::HangUpAfterBuckets(n)) if n == k => {
-                    self.conn.shutdown();
-                    return Err(SendError::Injected(format!("hung up after {n} bucket(s)")));
-                }
-                Some(Fault::AbortAfterBuckets(n)) if n == k => std::process::abort(),
-                Some(Fault::StallAfterBuckets(n)) if n == k => std::thread::sleep(Fault::STALL),
-                _ => {}
+        let plan = &self.plan;
+        let threads = self.options.threads;
+        let fault = self.options.fault;
+        let flips = |k: u32| fault == Some(Fault::FlipByteInBucket(k));
+        if let SendPath::Device(writer) = &mut self.path {
+            let conn = &mut self.conn;
+            // The copy engines go bucket by bucket; the digest of what they copy goes beside,
+            // over the whole update, on threads of its own: every core, as the receiver spends
+            // none on device slots and the digest is what bounds the update.
+            let digest_threads = all_cores().max(threads);
+            let pin = self.options.pin_sources;
+            let (sent, verbatim, digest_seconds) = std::thread::scope(|scope| {
+                let job = scope.spawn(|| {
+                    let started = Instant::now();
+                    (digest_verbatim(plan, &schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
+                });
+                let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {
+                    inject(fault, k, conn)?;
+                    let flip = flips(k);
+                    writer.send_bucket(
+                        conn,
+                        plan,
+                        &schedule,
+                        k as usize,
+                        tensors,
+                        &mut digests,
+                        threads,
+                        flip,
+                        pin,
+                        timeout,
+                    )?;
+                    Ok::<(), SendError>(())
+                });
+                let (verbatim, seconds) = job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (sent, verbatim, seconds)
+            });
+            sent?;
+            writer.phases.digest = digest_seconds;
+            for (d, piece) in verbatim {
+                digests[d as usize].add(piece);
             }
-            let flip = self.options.fault == Some(Fault::FlipByteInBucket(k));
-            let plan = &self.plan;
-            let threads = self.options.threads;
-            self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
-                pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
-                if flip {
-                    payload[payload.len() / 2] ^= 0x40;
-                }
-            })?;
+        } else {
+            for (k, bucket) in schedule.buckets.iter().enumerate() {
+                let k = k as u32;
+                inject(fault, k, &self.conn)?;
+                let flip = flips(k);
+                self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
+                    pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
+                    if flip {
+                        payload[payload.len() / 2] ^= 0x40;
+                    }
+                })?;
+            }
         }
         let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
+        if let SendPath::Device(writer) = &self.path {
+            let p = writer.phases;
+            tracing::info!(
+                %version,
+                pin_s = p.pin,
+                slot_wait_s = p.slot_wait,
+                pack_s = p.pack,
+                copy_s = p.copy,
+                digest_s = p.digest,
+                unpinned_bytes = writer.unpinned_source_bytes(),
+                "device slots written"
+            );
+        }
         self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
         self.sent_digests = digests;
         Ok(())
@@ -437,6 +522,12 @@ impl Sender {
         tensors: &dyn DeviceTensors,
         two_phase: bool,
     ) -> Result<Vote, SendError> {
+        if self.options.transport != TransportKind::CudaIpc {
+            return match self.send_device_buckets(version, gpu, tensors, two_phase) {
+                Ok(()) => self.vote(),
+                Err(e) => self.report_instead_of(e),
+            };
+        }
         let sender_digests = self.options.sender_digests;
         let (sources, fds) = match self.exporter.describe(gpu, tensors, sender_digests) {
             Ok(described) => described,
@@ -467,6 +558,49 @@ impl Sender {
             return self.report_instead_of(e.into());
         }
         self.vote()
+    }
+
+    /// GPU tensors over a host transport (a socket to another host, say): each bucket copied
+    /// down from the GPU into the payload (page-locked), then sent; the digests to compare
+    /// with are taken on the GPU, where the tensors live.
+    fn send_device_buckets(
+        &mut self,
+        version: Version,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+        two_phase: bool,
+    ) -> Result<(), SendError> {
+        let timeout = self.options.timeout;
+        let ptrs = tensors.device_ptrs();
+        if self.payload_pins.is_none() {
+            // Only a hint: copies into pageable memory are slower, not wrong.
+            let mut pins = Vec::new();
+            self.path.each_memory(|memory| pins.extend(gpu.pin_ranges(&[memory]).ok()));
+            self.payload_pins = Some(pins);
+        }
+        let mut downloads = Downloads::default();
+        let fault = self.options.fault;
+        for (k, bucket) in self.schedule.buckets.iter().enumerate() {
+            let k = k as u32;
+            inject(fault, k, &self.conn)?;
+            let mut filled = Ok(());
+            let (plan, schedule) = (&self.plan, &self.schedule);
+            self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
+                filled = fill_from_device(plan, schedule, k as usize, gpu, &ptrs, payload, &mut downloads);
+                if fault == Some(Fault::FlipByteInBucket(k)) {
+                    payload[payload.len() / 2] ^= 0x40;
+                }
+            })?;
+            filled.map_err(|source| SendError::Cuda { doing: format!("copying bucket {k} down"), source })?;
+        }
+        let digests = self
+            .exporter
+            .expected_digests(gpu, &self.plan, &ptrs)
+            .map_err(|source| SendError::Cuda { doing: "digesting the tensors".into(), source })?;
+        let digests: Vec<(u32, u64)> = digests.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect();
+        self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
+        self.sent_digests = digests;
+        Ok(())
     }
 
     /// Two-phase: tells a receiver that voted [`Vote::Verified`] to commit (`Ok`) or to call
@@ -566,6 +700,22 @@ impl Sender {
             error: Some(error),
             ..UpdateReport::default()
         }
+    }
+}
+
+/// The faults that strike before bucket `k` is sent (see [`Fault`]).
+fn inject(fault: Option<Fault>, k: u32, conn: &Conn) -> Result<(), SendError> {
+    match fault {
+        Some(Fault::HangUpAfterBuckets(n)) if n == k => {
+            conn.shutdown();
+            Err(SendError::Injected(format!("hung up after {n} bucket(s)")))
+        }
+        Some(Fault::AbortAfterBuckets(n)) if n == k => std::process::abort(),
+        Some(Fault::StallAfterBuckets(n)) if n == k => {
+            std::thread::sleep(Fault::STALL);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

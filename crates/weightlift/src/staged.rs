@@ -3,25 +3,61 @@
 //! written into the engine's tensors there by the batched copy kernel, one launch per bucket;
 //! once every bucket landed, the tensors are digested where they live, in one pass.
 //!
-//! Device memory held: one staging buffer of one bucket, the copy descriptors and the digest
-//! batch. Everything runs on the GPU's one stream, so a bucket's payload lands only after the
-//! last bucket's copies ran: those copies move device memory at ~40 times the host link's rate,
-//! so a second buffer to overlap them would save a few percent, not more.
+//! A sender on the same host with the CUDA driver skips the host ring: the receiver offers two
+//! device slots (shareable allocations of one bucket each), the sender copies each bucket
+//! into one straight from its own memory with the copy engines, and the receiver writes it
+//! into the tensors from there while the sender fills the other.
+//!
+//! Device memory held: one staging buffer of one bucket (two with device slots), the copy
+//! descriptors and the digest batch. Everything runs on the GPU's one stream, so a bucket's
+//! payload lands only after the last bucket's copies ran: those copies move device memory at
+//! ~40 times the host link's rate, so overlapping them would save a few percent, not more.
 
 use std::sync::Arc;
 
 use weightlift_core::region::strided_copies;
 use weightlift_core::Plan;
-use weightlift_cuda::{CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, Gpu, HostRegistration};
+use weightlift_cuda::{
+    CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, Gpu, HostRegistration, SharedAllocation,
+};
 
+use crate::protocol::DeviceSlots;
 use crate::update::Schedule;
+
+/// Device slots a receiver offers a sender that can copy into them.
+pub const DEVICE_SLOTS: u32 = 2;
+
+/// Where a bucket is written to on the device before its copies into the tensors.
+enum Buffer {
+    Plain(DeviceBuffer),
+    /// A device slot: shareable with the sender's process.
+    Slot(SharedAllocation),
+}
+
+impl Buffer {
+    fn device_ptr(&self) -> u64 {
+        match self {
+            Buffer::Plain(b) => b.device_ptr(),
+            Buffer::Slot(s) => s.device_ptr(),
+        }
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        match self {
+            Buffer::Plain(b) => b.allocated_bytes() as u64,
+            Buffer::Slot(s) => s.mapped_len() as u64,
+        }
+    }
+}
 
 /// What one connection keeps to write a host transport's buckets into tensors on a GPU.
 pub struct Staging {
     gpu: Arc<Gpu>,
-    buffer: DeviceBuffer,
-    /// The copy batches of an update that skips nothing, built once per connection.
-    full: Vec<CopyBatch>,
+    /// One buffer, or [`DEVICE_SLOTS`] device slots (the first doubles as the buffer host
+    /// copies land in, should the sender not map them).
+    buffers: Vec<Buffer>,
+    /// Per buffer, the copy batches of an update that skips nothing, built once per connection.
+    full: Vec<Vec<CopyBatch>>,
     /// Every destination, digested after the last bucket.
     digests: DigestBatch,
     destinations: Vec<u64>,
@@ -30,21 +66,50 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Staging for `plan` into tensors at `destinations` (device addresses, in plan order).
+    /// Staging for `plan` into tensors at `destinations` (device addresses, in plan order);
+    /// with `slots`, in device slots a sender's process can map.
     pub fn new(
         gpu: Arc<Gpu>,
         plan: &Plan,
         full: &Schedule,
         destinations: Vec<u64>,
         bucket_bytes: u64,
+        slots: bool,
     ) -> Result<Staging, CudaError> {
-        let buffer = gpu.alloc(bucket_bytes as usize)?;
+        let buffers = match slots {
+            false => vec![Buffer::Plain(gpu.alloc(bucket_bytes as usize)?)],
+            true => (0..DEVICE_SLOTS)
+                .map(|_| gpu.alloc_shareable(bucket_bytes as usize).map(Buffer::Slot))
+                .collect::<Result<_, _>>()?,
+        };
         let regions: Vec<(u64, u64)> =
             destinations.iter().zip(&plan.destinations).map(|(&ptr, spec)| (ptr, spec.byte_len())).collect();
         let digests = gpu.prepare_digests(&regions)?;
-        let mut staging = Staging { gpu, buffer, full: Vec::new(), digests, destinations, _pinned: Vec::new() };
+        let mut staging = Staging { gpu, buffers, full: Vec::new(), digests, destinations, _pinned: Vec::new() };
         staging.full = staging.batches(plan, full)?;
         Ok(staging)
+    }
+
+    /// The device slots to offer a sender, and their descriptors (none without slots).
+    pub fn offer(&self, bucket_bytes: u64) -> Result<Option<(DeviceSlots, Vec<std::os::fd::OwnedFd>)>, CudaError> {
+        let slots: Vec<&SharedAllocation> = self
+            .buffers
+            .iter()
+            .filter_map(|b| match b {
+                Buffer::Slot(s) => Some(s),
+                Buffer::Plain(_) => None,
+            })
+            .collect();
+        let Some(first) = slots.first() else { return Ok(None) };
+        let fds = slots.iter().map(|s| s.export_fd()).collect::<Result<Vec<_>, _>>()?;
+        let device = self.gpu.uuid()?.iter().map(|b| format!("{b:02x}")).collect();
+        let info = DeviceSlots {
+            device,
+            count: slots.len() as u32,
+            slot_bytes: bucket_bytes,
+            mapped_bytes: first.mapped_len() as u64,
+        };
+        Ok(Some((info, fds)))
     }
 
     /// Page-locks host memory that buckets arrive in, so their copies run at the pinned rate.
@@ -58,7 +123,7 @@ impl Staging {
 
     /// Device memory this staging holds.
     pub fn device_bytes(&self) -> u64 {
-        self.buffer.allocated_bytes() as u64
+        self.buffers.iter().map(Buffer::allocated_bytes).sum()
     }
 
     /// The writer of one update following `schedule` (`skips`: it leaves some tensors alone,
@@ -68,14 +133,17 @@ impl Staging {
         Ok(StagedUpdate { staging: self, batches })
     }
 
-    /// One copy batch per bucket: from the staging buffer to the bucket's destinations, as
+    /// Per buffer, one copy batch per bucket: from the buffer to the bucket's destinations, as
     /// `exec::unpack` writes them on the host.
-    fn batches(&self, plan: &Plan, schedule: &Schedule) -> Result<Vec<CopyBatch>, CudaError> {
+    fn batches(&self, plan: &Plan, schedule: &Schedule) -> Result<Vec<Vec<CopyBatch>>, CudaError> {
+        self.buffers.iter().map(|buffer| self.batches_from(buffer.device_ptr(), plan, schedule)).collect()
+    }
+
+    fn batches_from(&self, staged: u64, plan: &Plan, schedule: &Schedule) -> Result<Vec<CopyBatch>, CudaError> {
         schedule
             .buckets
             .iter()
             .map(|bucket| {
-                let staged = self.buffer.device_ptr();
                 let mut descs = Vec::new();
                 for entry in &bucket.entries {
                     let op = &entry.op;
@@ -106,24 +174,46 @@ pub struct StagedUpdate<'a> {
     batches: Batches,
 }
 
-/// The copy batches of an update: the connection's full ones, or its own (a delta update).
+/// The copy batches of an update (per buffer, per bucket): the connection's full ones, or its
+/// own (a delta update).
 enum Batches {
     Full,
-    Own(Vec<CopyBatch>),
+    Own(Vec<Vec<CopyBatch>>),
 }
 
 impl StagedUpdate<'_> {
-    /// Copies bucket `k`'s payload to the GPU and queues its copies into the tensors; returns
-    /// once the payload was read (its host memory may be reused), the copies still running.
-    pub fn bucket(&self, k: usize, payload: &[u8]) -> Result<(), CudaError> {
+    fn batch(&self, buffer: usize, k: usize) -> Result<&CopyBatch, CudaError> {
         let batches = match &self.batches {
             Batches::Full => &self.staging.full,
             Batches::Own(own) => own,
         };
-        let batch = batches.get(k).ok_or_else(|| CudaError::Invalid(format!("no bucket {k} in this update")))?;
+        batches
+            .get(buffer)
+            .and_then(|b| b.get(k))
+            .ok_or_else(|| CudaError::Invalid(format!("no bucket {k} in buffer {buffer} of this update")))
+    }
+
+    /// Copies bucket `k`'s payload to the GPU and queues its copies into the tensors; returns
+    /// once the payload was read (its host memory may be reused), the copies still running.
+    pub fn bucket(&self, k: usize, payload: &[u8]) -> Result<(), CudaError> {
+        let batch = self.batch(0, k)?;
         let gpu = &self.staging.gpu;
-        gpu.copy_from_host(&self.staging.buffer, 0, payload)?;
+        match &self.staging.buffers[0] {
+            Buffer::Plain(b) => gpu.copy_from_host(b, 0, payload)?,
+            Buffer::Slot(s) => gpu.copy_from_host(s, 0, payload)?,
+        }
         gpu.run_copies(batch)
+    }
+
+    /// Writes bucket `k`, which the sender copied into device slot `slot`, into the tensors;
+    /// returns once the slot was read (the sender may fill it again).
+    pub fn bucket_in_slot(&self, k: usize, slot: u32) -> Result<(), CudaError> {
+        if !matches!(self.staging.buffers.get(slot as usize), Some(Buffer::Slot(_))) {
+            return Err(CudaError::Invalid(format!("no device slot {slot}")));
+        }
+        let gpu = &self.staging.gpu;
+        gpu.run_copies(self.batch(slot as usize, k)?)?;
+        gpu.synchronize()
     }
 
     /// Waits for the last copies and digests every destination where it lives.

@@ -69,8 +69,16 @@ impl RingMemory {
 
 /// The sender's half.
 pub enum SendPath {
-    Ring { memory: RingMemory, slot_bytes: u64, free: VecDeque<u32> },
-    Socket { buffer: Vec<u8> },
+    Ring {
+        memory: RingMemory,
+        slot_bytes: u64,
+        free: VecDeque<u32>,
+    },
+    Socket {
+        buffer: Vec<u8>,
+    },
+    /// Buckets copied into the receiver's device slots by this process.
+    Device(Box<crate::device_writes::SlotWriter>),
 }
 
 impl SendPath {
@@ -117,8 +125,26 @@ impl SendPath {
                 conn.send(&Message::Data { index, bytes })?;
                 conn.send_data(&buffer[..bytes as usize])?;
             }
+            SendPath::Device(writer) => {
+                let slot = writer.free_slot(conn, timeout)?;
+                writer.fill_slot(slot, bytes, fill)?;
+                conn.send(&Message::BucketReady { index, slot, bytes })?;
+            }
         }
         Ok(())
+    }
+
+    /// Calls `f` with each range of host memory buckets are filled in (to page-lock it for
+    /// copies down from a GPU); none for device slots, which have their own.
+    pub fn each_memory(&self, mut f: impl FnMut(&[u8])) {
+        match self {
+            SendPath::Ring { memory: RingMemory::Shared(memory), .. } => f(memory.as_slice()),
+            SendPath::Ring { memory: RingMemory::Local(ring), .. } => {
+                ring.slots.iter().for_each(|slot| f(&slot.lock().unwrap_or_else(|e| e.into_inner())))
+            }
+            SendPath::Socket { buffer } => f(buffer),
+            SendPath::Device(_) => {}
+        }
     }
 
     /// After `End`: waits for the report, taking back ring slots returned meanwhile.
@@ -134,15 +160,18 @@ impl SendPath {
 
     /// A ring slot the receiver is done with.
     pub fn give_back(&mut self, slot: u32) {
-        if let SendPath::Ring { free, .. } = self {
-            if !free.contains(&slot) {
-                free.push_back(slot);
-            }
+        let free = match self {
+            SendPath::Ring { free, .. } => free,
+            SendPath::Device(writer) => &mut writer.free,
+            SendPath::Socket { .. } => return,
+        };
+        if !free.contains(&slot) {
+            free.push_back(slot);
         }
     }
 }
 
-fn wait_for_free_slot(conn: &mut Conn, timeout: Duration) -> Result<u32, TransferError> {
+pub(crate) fn wait_for_free_slot(conn: &mut Conn, timeout: Duration) -> Result<u32, TransferError> {
     match conn.recv(timeout)? {
         Message::SlotFree { slot } => Ok(slot),
         Message::Report { report } => Err(TransferError::ReceiverFailed(Box::new(report))),
@@ -154,10 +183,26 @@ fn unexpected(expected: &str, got: &Message) -> TransferError {
     TransferError::Unexpected(format!("expected {expected}, got {}", got.name()))
 }
 
+/// Where a bucket arrived.
+pub enum Arrived<'a> {
+    Host(&'a [u8]),
+    /// In this device slot (the sender copied it there).
+    DeviceSlot(u32),
+}
+
 /// The receiver's half.
 pub enum RecvPath {
-    Ring { memory: RingMemory, slot_bytes: u64, slots: u32 },
-    Socket { buffer: Vec<u8> },
+    /// `device_slots`: how many device slots the sender copies buckets into instead (none:
+    /// they come through the ring).
+    Ring {
+        memory: RingMemory,
+        slot_bytes: u64,
+        slots: u32,
+        device_slots: u32,
+    },
+    Socket {
+        buffer: Vec<u8>,
+    },
 }
 
 impl RecvPath {
@@ -166,7 +211,7 @@ impl RecvPath {
         let memory = SharedMemory::create("weightlift-ring", (u64::from(slots) * slot_bytes) as usize)
             .map_err(|e| TransferError::Memory(e.to_string()))?;
         let info = RingInfo { path: memory.path().display().to_string(), slots, slot_bytes };
-        Ok((RecvPath::Ring { memory: RingMemory::Shared(memory), slot_bytes, slots }, info))
+        Ok((RecvPath::Ring { memory: RingMemory::Shared(memory), slot_bytes, slots, device_slots: 0 }, info))
     }
 
     /// A ring in this process's memory for an in-process sender.
@@ -174,7 +219,7 @@ impl RecvPath {
         let slots = ring.slots.len() as u32;
         let slot_bytes = ring.slots.first().map_or(0, |s| s.lock().unwrap_or_else(|e| e.into_inner()).len() as u64);
         let info = RingInfo { path: "in-process".into(), slots, slot_bytes };
-        (RecvPath::Ring { memory: RingMemory::Local(ring), slot_bytes, slots }, info)
+        (RecvPath::Ring { memory: RingMemory::Local(ring), slot_bytes, slots, device_slots: 0 }, info)
     }
 
     pub fn socket(bucket_bytes: u64) -> RecvPath {
@@ -192,6 +237,13 @@ impl RecvPath {
         }
     }
 
+    /// From now on buckets arrive in `count` device slots (the sender mapped them).
+    pub fn use_device_slots(&mut self, count: u32) {
+        if let RecvPath::Ring { device_slots, .. } = self {
+            *device_slots = count;
+        }
+    }
+
     /// Once the sender has mapped the ring, its name can go: nothing leaks if either dies.
     pub fn unlink(&self) {
         if let RecvPath::Ring { memory: RingMemory::Shared(memory), .. } = self {
@@ -206,17 +258,24 @@ impl RecvPath {
         index: u32,
         bytes: u64,
         timeout: Duration,
-        consume: impl FnOnce(&[u8]) -> R,
+        consume: impl FnOnce(Arrived<'_>) -> R,
     ) -> Result<R, TransferError> {
         let message = conn.recv(timeout)?;
         match (self, message) {
-            (RecvPath::Ring { memory, slot_bytes, slots }, Message::BucketReady { index: i, slot, bytes: b }) => {
-                if i != index || b != bytes || slot >= *slots {
+            (
+                RecvPath::Ring { memory, slot_bytes, slots, device_slots },
+                Message::BucketReady { index: i, slot, bytes: b },
+            ) => {
+                let (held, place) = if *device_slots > 0 { (*device_slots, "device slots") } else { (*slots, "slots") };
+                if i != index || b != bytes || slot >= held || b > *slot_bytes {
                     return Err(TransferError::Unexpected(format!(
-                        "bucket {i} of {b} bytes in slot {slot}; expected bucket {index} of {bytes} bytes in one of {slots} slots"
+                        "bucket {i} of {b} bytes in slot {slot}; expected bucket {index} of {bytes} bytes in one of {held} {place}"
                     )));
                 }
-                let result = memory.with_slot(slot, *slot_bytes, |buf| consume(&buf[..bytes as usize]));
+                let result = match *device_slots {
+                    0 => memory.with_slot(slot, *slot_bytes, |buf| consume(Arrived::Host(&buf[..bytes as usize]))),
+                    _ => consume(Arrived::DeviceSlot(slot)),
+                };
                 conn.send(&Message::SlotFree { slot })?;
                 Ok(result)
             }
@@ -227,7 +286,7 @@ impl RecvPath {
                     )));
                 }
                 conn.recv_data(&mut buffer[..bytes as usize], timeout)?;
-                Ok(consume(&buffer[..bytes as usize]))
+                Ok(consume(Arrived::Host(&buffer[..bytes as usize])))
             }
             (_, Message::Abort { reason }) => Err(TransferError::SenderAborted(reason)),
             (_, other) => Err(unexpected("a bucket", &other)),

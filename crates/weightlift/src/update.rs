@@ -13,6 +13,11 @@ use crate::tensors::{DestinationTensors, SourceTensors};
 /// enough that per-piece bookkeeping stays small (256 KiB pieces measured 20% slower).
 const PIECE_BYTES: u64 = 1 << 20;
 
+/// Every core of this machine.
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Threads per side when none is asked for: half the cores (the other side may share the
 /// host), at most 8 (beyond that memory bandwidth, not hashing, is the limit).
 pub fn default_threads() -> usize {
@@ -71,13 +76,15 @@ impl Schedule {
     }
 }
 
-/// One piece of a bucket: what to copy, where its bytes sit in the payload, and (for a
-/// sequential destination) where they land in the destination, in bytes.
+/// One piece of a bucket: what to copy, where its bytes sit in the payload, (for a
+/// sequential destination) where they land in the destination, and (when packing would copy
+/// them unchanged) where they sit in the source, in bytes.
 #[derive(Debug, Clone)]
 struct Piece {
     op: CopyOp,
     payload: Range<usize>,
     dst_bytes: Option<Range<usize>>,
+    verbatim: Option<Range<usize>>,
 }
 
 fn bucket_pieces(plan: &Plan, sequential: &[bool], bucket: &Bucket) -> Vec<Piece> {
@@ -92,7 +99,8 @@ fn bucket_pieces(plan: &Plan, sequential: &[bool], bucket: &Bucket) -> Vec<Piece
                 let start = plan.strided(&op)[0].dst_offset as usize * elt;
                 start..start + len
             });
-            out.push(Piece { op, payload: at..at + len, dst_bytes });
+            let verbatim = exec::verbatim_source(plan, &op);
+            out.push(Piece { op, payload: at..at + len, dst_bytes, verbatim });
             at += len;
         }
     }
@@ -167,6 +175,116 @@ pub fn pack(
     for (d, piece) in results.into_iter().flatten() {
         digests[d as usize].add(piece);
     }
+}
+
+/// Sender, before the copy engines write bucket `bucket` into device memory: packs into
+/// `scratch` (at the pieces' payload offsets) the pieces that need packing (a cast, a block
+/// strided in its source), digesting them, and returns what the engines copy to each payload
+/// offset: the sources' own bytes where packing would copy them unchanged, `scratch`
+/// otherwise, with ranges that continue each other on both sides merged. The pieces copied
+/// from the sources are digested by [`digest_verbatim`].
+pub fn stage_for_copies<'a>(
+    plan: &Plan,
+    schedule: &Schedule,
+    bucket: usize,
+    sources: &'a dyn SourceTensors,
+    scratch: &'a mut [u8],
+    digests: &mut [ChunkDigests],
+    threads: usize,
+) -> Vec<(usize, &'a [u8])> {
+    let pieces = &schedule.pieces[bucket];
+    // Carve the scratch into the disjoint places of the pieces to pack (in payload order).
+    let mut work: Vec<(&Piece, &mut [u8])> = Vec::new();
+    let mut rest: &mut [u8] = &mut *scratch;
+    let mut consumed = 0;
+    for piece in pieces.iter().filter(|p| p.verbatim.is_none()) {
+        let (_, from_start) = std::mem::take(&mut rest).split_at_mut(piece.payload.start - consumed);
+        let (mine, tail) = from_start.split_at_mut(piece.payload.len());
+        work.push((piece, mine));
+        rest = tail;
+        consumed = piece.payload.end;
+    }
+    let runs = split_runs(work, threads, |(p, _)| p.payload.len());
+    let results = in_parallel(runs, |run| {
+        let mut found = Vec::new();
+        for (piece, bytes) in run {
+            exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes)
+                .expect("plans match their sources' sizes");
+            if let Some(dst) = &piece.dst_bytes {
+                let len = plan.destinations[piece.op.dst as usize].byte_len();
+                found.push((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)));
+            }
+        }
+        found
+    });
+    for (d, piece) in results.into_iter().flatten() {
+        digests[d as usize].add(piece);
+    }
+
+    #[derive(PartialEq)]
+    enum Origin {
+        Source(u32),
+        Scratch,
+    }
+    let mut runs: Vec<(usize, Origin, Range<usize>)> = Vec::new();
+    for piece in pieces {
+        let (origin, range) = match &piece.verbatim {
+            Some(r) => (Origin::Source(piece.op.src), r.clone()),
+            None => (Origin::Scratch, piece.payload.clone()),
+        };
+        if let Some((at, last_origin, last)) = runs.last_mut() {
+            if *last_origin == origin && last.end == range.start && *at + last.len() == piece.payload.start {
+                last.end = range.end;
+                continue;
+            }
+        }
+        runs.push((piece.payload.start, origin, range));
+    }
+    let scratch: &'a [u8] = scratch;
+    runs.into_iter()
+        .map(|(at, origin, range)| match origin {
+            Origin::Source(i) => (at, &sources.bytes(i as usize)[range]),
+            Origin::Scratch => (at, &scratch[range]),
+        })
+        .collect()
+}
+
+/// Where each piece of bucket `bucket` sits in the payload (in payload order, side by side),
+/// its op, and where packing would copy it from the source unchanged, if it would.
+pub fn bucket_pieces_of(
+    schedule: &Schedule,
+    bucket: usize,
+) -> impl Iterator<Item = (&CopyOp, Range<usize>, Option<Range<usize>>)> {
+    schedule.pieces[bucket].iter().map(|p| (&p.op, p.payload.clone(), p.verbatim.clone()))
+}
+
+/// Sender: digests every piece of the update that [`stage_for_copies`] has the copy engines
+/// move straight from the sources, reading them where they are, spread over `threads`
+/// threads; each thread takes a run of the update in order. Runs beside the copies, for the
+/// whole update: a digest is needed only by the end, not before each bucket is handed over.
+pub fn digest_verbatim(
+    plan: &Plan,
+    schedule: &Schedule,
+    sources: &dyn SourceTensors,
+    threads: usize,
+) -> Vec<(u32, PieceDigests)> {
+    let pieces: Vec<&Piece> =
+        schedule.pieces.iter().flatten().filter(|p| p.verbatim.is_some() && p.dst_bytes.is_some()).collect();
+    let runs = split_runs(pieces, threads, |p| p.payload.len());
+    in_parallel(runs, |run| {
+        run.into_iter()
+            .map(|piece| {
+                let range = piece.verbatim.clone().expect("verbatim pieces only");
+                let dst = piece.dst_bytes.as_ref().expect("sequential pieces only");
+                let len = plan.destinations[piece.op.dst as usize].byte_len();
+                let bytes = &sources.bytes(piece.op.src as usize)[range];
+                (piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes))
+            })
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Receiver: writes `bucket` from `payload` into the destinations in place, digesting the

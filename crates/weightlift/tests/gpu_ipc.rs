@@ -323,23 +323,34 @@ impl GpuRanks {
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
     for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2)] {
-        for transport in ["shm", "tcp"] {
-            let ranks =
-                gpu_ranks(model, tp_size, 0, &format!("staged-{model}-{transport}"), ReceiverOptions::default());
+        // shm: buckets copied into the receivers' device slots by the trainer's process; through
+        // the ring when asked; tcp cannot map them.
+        for (transport, ring) in [("shm", false), ("shm", true), ("tcp", false)] {
+            let label = format!("staged-{model}-{transport}-{ring}");
+            let ranks = gpu_ranks(model, tp_size, 0, &label, ReceiverOptions::default());
             let mut push = Command::new(exe());
             push.args(["push", "--synthetic", model, "--device", "host", "--transport", transport]);
             push.args(["--steps", "3", "--bucket-bytes", "65536", "--json"]);
+            if ring {
+                push.arg("--no-device-writes");
+            }
             for e in &ranks.endpoints {
                 push.args(["--to", e]);
             }
             let out = push.output().unwrap();
             assert!(out.status.success(), "{model} {transport}: {}", String::from_utf8_lossy(&out.stderr));
             let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let slots = transport == "shm" && !ring;
+            for writes in json["device_writes"].as_array().unwrap() {
+                assert_eq!(writes.as_bool(), Some(slots), "{model} {transport} ring {ring}: {json}");
+            }
+            // One staging buffer, or two device slots, of one bucket each, rounded to 2 MiB.
+            let most = if slots { 2 * (2 << 20) } else { 2 << 20 };
             for step in json["steps"].as_array().unwrap() {
                 assert_eq!(step["verified"], true, "{model} {transport}: {step}");
                 for rank in step["ranks"].as_array().unwrap() {
                     assert!(rank["buckets"].as_u64().unwrap() > 1, "{rank}");
-                    assert!(rank["device_extra_bytes"].as_u64().unwrap() <= 2 << 20, "one bucket, rounded: {rank}");
+                    assert!(rank["device_extra_bytes"].as_u64().unwrap() <= most, "{rank}");
                 }
             }
             let mut trainer = HostTensors::synthetic(&ranks.config, 7);
@@ -347,6 +358,31 @@ fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
             ranks.assert_hold(&trainer, 3);
         }
     }
+    // A GPU trainer over a socket (the path between hosts without NCCL): copied down from its
+    // GPU bucket by bucket, digested there; a corrupted bucket is caught, nothing committed.
+    let ranks = gpu_ranks("qwen3-moe-tiny", 2, 0, "gpu-over-tcp", ReceiverOptions::default());
+    let push = |extra: &[&str]| {
+        let mut push = Command::new(exe());
+        push.args(["push", "--synthetic", "qwen3-moe-tiny", "--device", "cuda:0", "--transport", "tcp"]);
+        push.args(["--bucket-bytes", "65536", "--json"]).args(extra);
+        for e in &ranks.endpoints {
+            push.args(["--to", e]);
+        }
+        push.output().unwrap()
+    };
+    let out = push(&["--steps", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{json}");
+    let mut trainer = HostTensors::synthetic(&ranks.config, 7);
+    (0..2).for_each(|_| trainer.perturb());
+    ranks.assert_hold(&trainer, 2);
+    let out = push(&["--version", "3", "--fault", "flip:1"]);
+    assert!(!out.status.success());
+    for (_, _, _, receiver) in &ranks.ranks {
+        assert_eq!(receiver.committed(), Version(2));
+    }
+
     // In one process, with a delta update that skips what did not change.
     let ranks = gpu_ranks("qwen3-tiny", 1, 0, "staged-inproc", ReceiverOptions::default());
     let receiver = &ranks.ranks[0].3;
@@ -355,6 +391,7 @@ fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
     let mut trainer = HostTensors::synthetic(&ranks.config, 5);
     assert!(sender.push(Version(1), &trainer).unwrap().verified);
     ranks.assert_hold(&trainer, 1);
+    assert!(sender.writes_device_slots(), "an in-process sender copies into the device slots");
     let same = sender.push(Version(2), &trainer).unwrap();
     assert!(same.verified && same.tensors == 0 && same.skipped_tensors > 0, "{same:?}");
     trainer.perturb();
@@ -376,12 +413,17 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     };
     assert!(push(&["--version", "1"]).status.success());
     let receiver = &ranks.ranks[0].3;
-    for fault in ["flip:2", "abort:3", "hangup:1", "stall:2"] {
-        let out = push(&["--version", "2", "--fault", fault]);
-        assert!(!out.status.success(), "{fault}");
-        let status = receiver.status();
-        assert_eq!((status.committed, status.in_flight), (Version(1), None), "{fault}");
-        assert!(!status.dirty.is_empty(), "{fault}: what was written is dirty");
+    // Through the device slots (the default on one host) and through the ring.
+    for path in [None, Some("--no-device-writes")] {
+        for fault in ["flip:2", "abort:3", "hangup:1", "stall:2"] {
+            let mut args = vec!["--version", "2", "--fault", fault];
+            args.extend(path);
+            let out = push(&args);
+            assert!(!out.status.success(), "{fault} {path:?}");
+            let status = receiver.status();
+            assert_eq!((status.committed, status.in_flight), (Version(1), None), "{fault} {path:?}");
+            assert!(!status.dirty.is_empty(), "{fault} {path:?}: what was written is dirty");
+        }
     }
     let out = push(&["--version", "2", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -824,7 +824,38 @@ fn fused_parts(model: &Manifest) -> Vec<&TensorSpec> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Where `verbatim_source` names a range of the source, packing the op writes exactly those
+    /// bytes; and every op of a same-dtype plan that slices only the first dimension has one.
+    #[test]
+    fn verbatim_sources_are_what_packing_writes((config, tp_size, ep, bucket, _) in small_config()) {
+        let model = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let tp = TpRank { rank: tp_size - 1, size: tp_size };
+        let engine = destination_manifest(&SourceSet::single(model.clone()), &rules, tp, None, false);
+        prop_assume!(engine.is_ok());
+        let plan = plan(&SourceSet::single(model), &engine.unwrap(), &rules, tp).unwrap();
+        let sources = source_bytes(&plan);
+        let mut verbatim = 0;
+        for op in crate::bucket::buckets(&plan, bucket).unwrap().iter().flat_map(|b| &b.entries).map(|e| &e.op) {
+            let mut packed = vec![0u8; plan.op_bytes(op) as usize];
+            exec::pack(&plan, op, &sources[op.src as usize], &mut packed).unwrap();
+            if let Some(range) = exec::verbatim_source(&plan, op) {
+                prop_assert_eq!(&sources[op.src as usize][range], &packed[..]);
+                verbatim += 1;
+            }
+            let src = &plan.sources[op.src as usize].spec;
+            // Every dimension of the source but its first is whole (the extent may have more
+            // dimensions, for a stack: compared from the last).
+            let inner = src.shape.len().saturating_sub(1);
+            let rows_only = op.extent.iter().rev().zip(src.shape.iter().rev()).take(inner).all(|(e, s)| e == s);
+            if plan.cast(op).is_none() && rows_only {
+                prop_assert!(exec::verbatim_source(&plan, op).is_some(), "op {:?} of {} has none", op, src.name);
+            }
+        }
+        prop_assert!(verbatim > 0);
+    }
 
     /// In a valid model, one fused or stacked part made longer or shorter (by a row or by a
     /// head) fails planning and deriving the engine's manifest, with a problem naming that part.

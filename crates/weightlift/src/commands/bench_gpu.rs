@@ -41,6 +41,9 @@ struct Ceilings {
     peer_copy_gbps: Option<f64>,
     /// Page-locked host memory -> this GPU, one 4 GiB copy.
     pinned_h2d_gbps: f64,
+    /// One TCP connection over loopback: 4 GiB written in 64 MiB writes, read by another
+    /// thread into one buffer (what the tcp rows are a ratio of).
+    tcp_loopback_gbps: f64,
 }
 
 /// Host tensors of this process pushed to a GPU engine process (device staging).
@@ -48,14 +51,21 @@ struct Ceilings {
 struct StagedRow {
     model: String,
     transport: TransportKind,
+    /// `device slots` (the sender's copy engines write them), `ring` or `socket`.
+    path: &'static str,
     bytes: u64,
     tensors: usize,
     updates: usize,
     median_seconds: f64,
     best_seconds: f64,
+    /// The first update (untimed otherwise): it also page-locks the sender's tensors.
+    first_seconds: f64,
     gbps: f64,
     /// Against the pinned host-to-device copy of the same run.
     ratio_to_pinned: f64,
+    /// What bounds this path: `pinned H2D`, or for tcp the plain socket (`tcp loopback`).
+    ceiling: &'static str,
+    ratio_to_ceiling: f64,
     receiver_update_median_seconds: f64,
     device_extra_bytes: u64,
     verified: bool,
@@ -206,7 +216,37 @@ fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
         hbm_read_gbps: (CEILING_BYTES * READ_LAUNCHES) as f64 / read_best / 1e9,
         peer_copy_gbps,
         pinned_h2d_gbps: CEILING_BYTES as f64 / h2d_best / 1e9,
+        tcp_loopback_gbps: tcp_loopback_gbps()?,
     })
+}
+
+/// A plain socket's throughput over loopback, one connection, best of [`RUNS`].
+fn tcp_loopback_gbps() -> Result<f64, CommandError> {
+    use std::io::{Read, Write};
+    let io = |e: std::io::Error| CommandError::Io(format!("tcp loopback ceiling: {e}"));
+    const WRITE: usize = 64 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let addr = listener.local_addr().map_err(io)?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; WRITE];
+        while stream.read(&mut buffer)? > 0 {}
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(addr).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    let chunk = vec![0x5au8; WRITE];
+    let mut best = f64::INFINITY;
+    for _ in 0..=RUNS {
+        let started = Instant::now();
+        for _ in 0..CEILING_BYTES / WRITE {
+            stream.write_all(&chunk).map_err(io)?;
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    drop(stream);
+    reader.join().map_err(|_| CommandError::Io("the loopback reader panicked".into()))?.map_err(io)?;
+    Ok(CEILING_BYTES as f64 / best / 1e9)
 }
 
 pub fn run(
@@ -253,9 +293,15 @@ pub fn run(
         }
     }
     let mut staged = Vec::new();
-    for name in ipc_models {
-        for transport in [TransportKind::Shm, TransportKind::Tcp] {
-            match staged_row(ordinal, name, transport, model_args, ceilings.pinned_h2d_gbps)? {
+    for (m, name) in ipc_models.iter().enumerate() {
+        // The socket row of the first model only: over loopback it is the socket's rate, and a
+        // MoE model's 61 GB would take minutes an update.
+        let paths: &[(TransportKind, bool)] = match m {
+            0 => &[(TransportKind::Shm, true), (TransportKind::Shm, false), (TransportKind::Tcp, false)],
+            _ => &[(TransportKind::Shm, true), (TransportKind::Shm, false)],
+        };
+        for &(transport, device_writes) in paths {
+            match staged_row(ordinal, name, transport, device_writes, model_args, &ceilings)? {
                 Ok(row) => staged.push(row),
                 Err(reason) => skipped.push(reason),
             }
@@ -597,8 +643,9 @@ fn staged_row(
     receiver: usize,
     name: &str,
     transport: TransportKind,
+    device_writes: bool,
     model_args: &ModelArgs,
-    pinned_gbps: f64,
+    ceilings: &Ceilings,
 ) -> Result<Result<StagedRow, String>, CommandError> {
     let (args, inputs) = synthetic_inputs(name, model_args)?;
     let bytes = inputs.destination.total_bytes();
@@ -615,33 +662,46 @@ fn staged_row(
         weightlift::core::synthetic(name).ok_or_else(|| CommandError::Io(format!("no synthetic model {name}")))?;
     let result = (|| {
         let tensors = weightlift::HostTensors::synthetic(&config, 7);
-        let options = SenderOptions { transport, ..SenderOptions::default() };
+        let options = SenderOptions { transport, device_writes, pin_sources: true, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, tensors.manifest(), &inputs.rules, options)?;
+        let path = match (transport, sender.writes_device_slots()) {
+            (_, true) => "device slots",
+            (TransportKind::Tcp, _) => "socket",
+            _ => "ring",
+        };
         let mut reports: Vec<(f64, UpdateReport)> = Vec::new();
         for version in 1..=RUNS as u64 + 1 {
             let started = Instant::now();
             let report = sender.push(Version(version), &tensors)?;
             reports.push((started.elapsed().as_secs_f64(), report));
         }
-        Ok::<_, CommandError>(reports)
+        Ok::<_, CommandError>((path, reports))
     })();
     let _ = child.kill();
     let _ = child.wait();
-    let reports = result?;
+    let (path, reports) = result?;
     let timed = &reports[1..];
     let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
     let median_seconds = median(seconds.clone());
     let gbps = bytes as f64 / median_seconds / 1e9;
+    let (ceiling, ceiling_gbps) = match transport {
+        TransportKind::Tcp => ("tcp loopback", ceilings.tcp_loopback_gbps),
+        _ => ("pinned H2D", ceilings.pinned_h2d_gbps),
+    };
     Ok(Ok(StagedRow {
         model: name.to_string(),
         transport,
+        path,
         bytes,
         tensors: inputs.destination.len(),
         updates: timed.len(),
         median_seconds,
         best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        first_seconds: reports[0].0,
         gbps,
-        ratio_to_pinned: gbps / pinned_gbps,
+        ratio_to_pinned: gbps / ceilings.pinned_h2d_gbps,
+        ceiling,
+        ratio_to_ceiling: gbps / ceiling_gbps,
         receiver_update_median_seconds: median(timed.iter().map(|(_, r)| r.seconds).collect()),
         device_extra_bytes: reports.iter().map(|(_, r)| r.device_extra_bytes).max().unwrap_or(0),
         verified: reports.iter().all(|(_, r)| r.verified),
@@ -651,13 +711,14 @@ fn staged_row(
 fn print_tables(out: &GpuBench) {
     let c = &out.ceilings;
     println!(
-        "{} x{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s, pinned H2D {:.1} GB/s, peer copy {}",
+        "{} x{} ({}): D2D copy {:.0} GB/s, HBM read {:.0} GB/s, pinned H2D {:.1} GB/s, tcp loopback {:.1} GB/s, peer copy {}",
         out.device,
         out.gpus,
         out.date,
         c.d2d_copy_gbps,
         c.hbm_read_gbps,
         c.pinned_h2d_gbps,
+        c.tcp_loopback_gbps,
         c.peer_copy_gbps.map_or("n/a".into(), |p| format!("{p:.0} GB/s"))
     );
     println!(
@@ -734,20 +795,33 @@ fn print_tables(out: &GpuBench) {
         );
     }
     println!("no*: committed on the receiver's digests alone (nothing compared with the sender's)");
+    println!("staged x ceil: of the pinned H2D copy over shm, of the plain socket over tcp");
     println!(
-        "{:<15} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>9}",
-        "staged", "transport", "bytes", "update ms", "recv ms", "GB/s", "x pinned", "extra MiB", "verified"
+        "{:<15} {:>9} {:>13} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9}",
+        "staged",
+        "transport",
+        "path",
+        "bytes",
+        "update ms",
+        "recv ms",
+        "first s",
+        "GB/s",
+        "x ceil",
+        "extra MiB",
+        "verified"
     );
     for r in &out.staged {
         println!(
-            "{:<15} {:>9} {:>10} {:>10.1} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>9}",
+            "{:<15} {:>9} {:>13} {:>10} {:>10.1} {:>8.1} {:>8.2} {:>8.1} {:>8.2} {:>10.1} {:>9}",
             r.model,
             r.transport.to_string(),
+            r.path,
             gb(r.bytes),
             r.median_seconds * 1e3,
             r.receiver_update_median_seconds * 1e3,
+            r.first_seconds,
             r.gbps,
-            r.ratio_to_pinned,
+            r.ratio_to_ceiling,
             r.device_extra_bytes as f64 / (1 << 20) as f64,
             if r.verified { "yes" } else { "NO" }
         );

@@ -188,6 +188,10 @@ pub struct TrainerArgs {
     /// Where the trainer's tensors live: host, or cuda:N.
     #[arg(long, default_value = "host")]
     pub device: DeviceArg,
+    /// Host tensors into GPU receivers on this host: send buckets through the shared-memory
+    /// ring rather than copying them into the receivers' device slots from this process.
+    #[arg(long)]
+    pub no_device_writes: bool,
 }
 
 impl TrainerArgs {

@@ -85,6 +85,8 @@ pub struct PushArgs {
 struct PushOutput<'a> {
     model: String,
     transport: TransportKind,
+    /// Per rank: whether buckets went into its device slots, copied by this process.
+    device_writes: Vec<bool>,
     /// Each rank's receiver as it was before this push.
     receivers: Vec<ReceiverState>,
     steps: &'a [StepReport],
@@ -109,6 +111,9 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         fault: args.fault,
         threads: args.threads.unwrap_or_else(default_threads),
         token: args.token.as_deref().and_then(Token::new),
+        device_writes: !args.trainer.no_device_writes,
+        // This process owns its tensors and copies them no other way.
+        pin_sources: true,
         ..SenderOptions::default()
     };
     if let Some(listen) = &args.listen {
@@ -122,8 +127,13 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     };
 
     if args.json {
-        let out =
-            PushOutput { model: model.name(), transport, receivers: trainer.receivers_at_connect(), steps: &steps };
+        let out = PushOutput {
+            model: model.name(),
+            transport,
+            device_writes: trainer.senders().iter().map(Sender::writes_device_slots).collect(),
+            receivers: trainer.receivers_at_connect(),
+            steps: &steps,
+        };
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else if !args.progress_jsonl {
         print_table(&steps);

@@ -1,0 +1,235 @@
+//! The sender's side of device slots (see [`crate::staged`]): a sender on the receiver's host
+//! with host tensors copies each bucket into one of the receiver's device slots with its own
+//! copy engines, straight from where its tensors are (page-locked once), and digests them on
+//! the CPU meanwhile. No byte goes through the ring: the host memory is read once by the copy
+//! engines and once by the digest, where the ring costs a packing pass, its writes, and the
+//! receiver's copy on top.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use weightlift_core::digest::ChunkDigests;
+use weightlift_core::Plan;
+use weightlift_cuda::{ordinal_with_uuid, CudaError, Gpu, ImportedAllocation, PinnedRanges};
+
+use crate::protocol::{Conn, DeviceSlots, Message};
+use crate::tensors::SourceTensors;
+use crate::transport::{wait_for_free_slot, TransferError};
+use crate::update::{stage_for_copies, Schedule};
+
+const PAGE: usize = 4096;
+
+/// The GPUs this process opened to copy into device slots, one per ordinal: opening one
+/// compiles weightlift's kernels, which a sender of many connections does once.
+type OpenGpus = Mutex<Vec<(usize, Arc<Gpu>)>>;
+
+fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>, CudaError> {
+    static GPUS: OnceLock<OpenGpus> = OnceLock::new();
+    let mut gpus = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, gpu)) = gpus.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(gpu.clone());
+    }
+    let gpu = Arc::new(Gpu::open(ordinal)?);
+    gpus.push((ordinal, gpu.clone()));
+    Ok(gpu)
+}
+
+/// Host memory of whole pages, page-locked: what the copy engines read packed pieces from.
+struct Scratch {
+    memory: Vec<u8>,
+    start: usize,
+    len: usize,
+    _pinned: Option<PinnedRanges>,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, len: usize) -> Scratch {
+        let memory = vec![0u8; len + 2 * PAGE];
+        let start = (memory.as_ptr() as usize).next_multiple_of(PAGE) - memory.as_ptr() as usize;
+        let len = len.next_multiple_of(PAGE).min(memory.len() - start);
+        let mut scratch = Scratch { memory, start, len, _pinned: None };
+        // Only a hint: copies from pageable memory are slower, not wrong.
+        scratch._pinned = gpu.pin_ranges(&[scratch.as_slice()]).ok();
+        scratch
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.memory[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.memory[self.start..self.start + self.len]
+    }
+}
+
+/// This process's mapping of a receiver's device slots, and what it copies from.
+pub struct SlotWriter {
+    gpu: Arc<Gpu>,
+    slots: Vec<ImportedAllocation>,
+    slot_bytes: u64,
+    pub(crate) free: VecDeque<u32>,
+    scratch: Scratch,
+    /// The last sources' memory, page-locked (kept while they stay where they are).
+    sources: Option<PinnedRanges>,
+    /// Where the current update's time goes.
+    pub(crate) phases: SlotPhases,
+}
+
+/// Seconds one update spent, on this process's side, in each step of writing device slots.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotPhases {
+    /// Page-locking the sources (the first update, or one whose tensors moved).
+    pub pin: f64,
+    /// Waiting for the receiver to hand a slot back.
+    pub slot_wait: f64,
+    /// Packing what cannot be copied as it is (casts, strided blocks).
+    pub pack: f64,
+    /// Queueing the copies and waiting for them.
+    pub copy: f64,
+    /// Digesting the sources, beside the copies (the whole update, on its own threads).
+    pub digest: f64,
+}
+
+impl SlotWriter {
+    /// Maps the slots a receiver offered (`fds`, one per slot) on its GPU, found by UUID.
+    pub fn map(info: &DeviceSlots, fds: &[OwnedFd]) -> Result<SlotWriter, CudaError> {
+        let uuid = unhex_uuid(&info.device)
+            .ok_or_else(|| CudaError::Invalid(format!("malformed GPU UUID `{}`", info.device)))?;
+        if fds.len() != info.count as usize {
+            return Err(CudaError::Invalid(format!("{} descriptors for {} device slots", fds.len(), info.count)));
+        }
+        let gpu = shared_gpu(ordinal_with_uuid(&uuid)?)?;
+        let slots = fds
+            .iter()
+            .map(|fd| gpu.import_shareable(fd.as_fd(), info.mapped_bytes as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        if slots.iter().any(|s| (s.len() as u64) < info.slot_bytes) {
+            return Err(CudaError::Invalid(format!("device slots smaller than {} bytes", info.slot_bytes)));
+        }
+        let scratch = Scratch::new(&gpu, info.slot_bytes as usize);
+        Ok(SlotWriter {
+            gpu,
+            slots,
+            slot_bytes: info.slot_bytes,
+            free: (0..info.count).collect(),
+            scratch,
+            sources: None,
+            phases: SlotPhases::default(),
+        })
+    }
+
+    /// A slot the receiver is done with, waiting for one to come back when none is.
+    pub(crate) fn free_slot(&mut self, conn: &mut Conn, timeout: Duration) -> Result<u32, TransferError> {
+        while self.free.is_empty() {
+            let slot = wait_for_free_slot(conn, timeout)?;
+            self.free.push_back(slot);
+        }
+        Ok(self.free.pop_front().expect("a free slot"))
+    }
+
+    /// Fills `bytes` of the scratch with `fill` and copies them into `slot`.
+    pub(crate) fn fill_slot(
+        &mut self,
+        slot: u32,
+        bytes: u64,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), TransferError> {
+        if bytes > self.slot_bytes {
+            return Err(TransferError::Memory(format!(
+                "a bucket of {bytes} bytes exceeds the {}-byte slots",
+                self.slot_bytes
+            )));
+        }
+        fill(&mut self.scratch.as_mut_slice()[..bytes as usize]);
+        let copies = [(0, &self.scratch.as_slice()[..bytes as usize])];
+        self.gpu.copy_ranges_from_host(&self.slots[slot as usize], &copies, || ()).map_err(gpu_error)
+    }
+
+    /// Page-locks the sources' memory, unless the last sources were these at the same places.
+    fn pin_sources(&mut self, sources: &dyn SourceTensors) {
+        let ranges: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
+        if self.sources.as_ref().is_some_and(|p| p.covers_same(&ranges)) {
+            return;
+        }
+        // The old registration goes first: the new one may cover the same pages.
+        self.sources = None;
+        self.sources = match self.gpu.pin_ranges(&ranges) {
+            Ok(pinned) => Some(pinned),
+            Err(e) => {
+                tracing::debug!("sources stay pageable: {e}");
+                None
+            }
+        };
+    }
+
+    /// Sends bucket `k` of `schedule` through a free slot: packs what needs packing into the
+    /// scratch (digesting it), has the copy engines move everything into the slot, and tells
+    /// the receiver once it is there. What is copied from the sources as it is, is digested by
+    /// [`crate::update::digest_verbatim`] beside. `flip` (a fault test) corrupts one byte on the way; `pin` page-locks the sources first (see
+    /// [`crate::SenderOptions::pin_sources`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn send_bucket(
+        &mut self,
+        conn: &mut Conn,
+        plan: &Plan,
+        schedule: &Schedule,
+        k: usize,
+        sources: &dyn SourceTensors,
+        digests: &mut [ChunkDigests],
+        threads: usize,
+        flip: bool,
+        pin: bool,
+        timeout: Duration,
+    ) -> Result<(), TransferError> {
+        let mut t = Instant::now();
+        let mut lap = |phase: &mut f64| {
+            *phase += t.elapsed().as_secs_f64();
+            t = Instant::now();
+        };
+        if k == 0 {
+            self.phases = SlotPhases::default();
+            if pin {
+                self.pin_sources(sources);
+            }
+            lap(&mut self.phases.pin);
+        }
+        let slot = self.free_slot(conn, timeout)?;
+        lap(&mut self.phases.slot_wait);
+        let bytes = schedule.buckets[k].bytes;
+        let mut copies = stage_for_copies(plan, schedule, k, sources, self.scratch.as_mut_slice(), digests, threads);
+        lap(&mut self.phases.pack);
+        // Queued after the bucket's own copies, on the same stream: it lands on top of them.
+        let middle = bytes as usize / 2;
+        let flipped =
+            copies.iter().find(|(at, b)| (*at..*at + b.len()).contains(&middle)).map(|(at, b)| [b[middle - at] ^ 0x40]);
+        if let (true, Some(byte)) = (flip, &flipped) {
+            copies.push((middle, byte));
+        }
+        self.gpu.copy_ranges_from_host(&self.slots[slot as usize], &copies, || ()).map_err(gpu_error)?;
+        lap(&mut self.phases.copy);
+        conn.send(&Message::BucketReady { index: k as u32, slot, bytes })?;
+        Ok(())
+    }
+
+    /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).
+    pub fn unpinned_source_bytes(&self) -> u64 {
+        self.sources.as_ref().map_or(0, |p| p.unpinned_bytes)
+    }
+}
+
+fn gpu_error(e: CudaError) -> TransferError {
+    TransferError::Memory(format!("copying to the receiver's device slot: {e}"))
+}
+
+fn unhex_uuid(s: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if s.len() != 32 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

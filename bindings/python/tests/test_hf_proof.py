@@ -212,3 +212,55 @@ def test_engine_logits_equal_the_trainers_after_every_step(kind, trainer_dtype, 
         if previous is not None:
             assert not torch.equal(previous, want_logits), f"step {step}: the optimizer changed nothing"
         previous = want_logits
+
+
+ENGINES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda:0", id="gpu", marks=pytest.mark.skipif(cuda_devices() < 1, reason="needs a CUDA GPU")),
+]
+
+
+@pytest.mark.parametrize("engine_device", ENGINES)
+@pytest.mark.parametrize("kind,trainer_dtype,size", [("tied", "f32", 2), ("moe", "bf16", 2)], ids=["tied-f32-tp2", "moe-bf16-tp2"])
+def test_engine_logits_equal_the_trainers_from_a_saved_checkpoint(tmp_path, kind, trainer_dtype, size, engine_device):
+    """The trainer saves each step's weights as a safetensors checkpoint (its own names and
+    dtype, as `save_pretrained` writes them: a tied lm_head left out); every engine rank loads
+    it through its HTTP API (`POST /update_weights {"source": {"disk": DIR}}`) into its fused,
+    sharded tensors, and its logits equal the trainer's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    cfg = config(kind)
+    cls = model_class(kind)
+    trainer = cls(cfg).to(dtype={"f32": torch.float32, "bf16": torch.bfloat16}[trainer_dtype])
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-3)
+    batch = torch.randint(0, VOCAB, (2, 24))
+    bf16 = {k: v.to(torch.bfloat16) for k, v in trainer.state_dict().items()}
+    engine_ranks = [
+        {k: torch.zeros_like(v, device=engine_device) for k, v in engine_layout(bf16, kind, r, size).items()}
+        for r in range(size)
+    ]
+    preset = "qwen3-moe" if kind == "moe" else "qwen3"
+    receivers = [wl.Receiver(engine_ranks[r], preset=preset, tp_rank=r, tp_size=size) for r in range(size)]
+    clients = [wl.Client(r.serve_http()) for r in receivers]
+    engine_model = cls(cfg).to(device=engine_device, dtype=torch.bfloat16).eval()
+    reference = cls(cfg).to(device=engine_device, dtype=torch.bfloat16).eval()
+    for step in (1, 2):
+        loss = torch.nn.functional.cross_entropy(
+            trainer(input_ids=batch).logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        checkpoint = tmp_path / f"step-{step}"
+        checkpoint.mkdir()
+        save_file({n: p.detach().contiguous() for n, p in trainer.named_parameters()}, str(checkpoint / "model.safetensors"))
+        for client in clients:
+            report = client.update_weights(step, disk=str(checkpoint))
+            assert report["verified"] and report["committed"] == step, report
+        reference.load_state_dict({k: v.detach().to(torch.bfloat16) for k, v in trainer.state_dict().items()})
+        engine_model.load_state_dict(reassemble(engine_ranks, kind, tied=(kind == "tied")), strict=True)
+        batch_here = batch.to(engine_device)
+        assert torch.equal(logits(engine_model, batch_here), logits(reference, batch_here)), f"step {step}: logits differ"
+    for receiver in receivers:
+        receiver.stop_http()

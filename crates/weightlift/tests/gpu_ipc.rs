@@ -460,3 +460,18 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
         assert_eq!(checksums["checksums"][&spec.name], want, "`{}`", spec.name);
     }
 }
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn demo_runs_every_source_into_a_gpu_engine() {
+    for source in ["host", "disk", "tcp", "gpu"] {
+        let out = Command::new(exe())
+            .args(["demo", "--synthetic", "qwen3-tiny", "--device", "cuda", "--source", source])
+            .args(["--tp-size", "2", "--steps", "2", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{source}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{source}: {v}");
+    }
+}

@@ -230,3 +230,26 @@ fn demo_from_a_checkpoint_directory() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{v}");
 }
+
+#[test]
+fn demo_runs_each_source_into_host_engines_and_refuses_mixed_flags() {
+    // The same paths as `--device cuda --source ...` (the GPU tests run those), into engines
+    // in host memory: a checkpoint the demo saves to disk, host memory over tcp, and over shm.
+    for source in ["disk", "tcp", "host"] {
+        let out = Command::new(EXE)
+            .args(["demo", "--synthetic", "qwen3-tiny", "--source", source, "--device", "host"])
+            .args(["--tp-size", "2", "--steps", "2", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{source}: {}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["source"], source, "{v}");
+        assert_eq!(v["transport"], if source == "tcp" { "tcp" } else { "shm" }, "{v}");
+        assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{source}: {v}");
+    }
+    let out = Command::new(EXE).args(["demo", "--source", "host", "--transport", "tcp"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--source picks the path"), "{}", stderr(&out));
+    let out = Command::new(EXE).args(["demo", "--source", "gpu", "--device", "host"]).output().unwrap();
+    assert!(stderr(&out).contains("--source gpu needs --device cuda"), "{}", stderr(&out));
+}

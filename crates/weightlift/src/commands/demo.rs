@@ -11,6 +11,12 @@ use serde::Serialize;
 use weightlift::protocol::TransportKind;
 use weightlift::StepReport;
 
+use std::path::Path;
+
+use weightlift::core::ModelConfig;
+use weightlift::setup::ModelSource;
+use weightlift::HostTensors;
+
 use super::push::print_table;
 use super::{spawn_receiver, CommandError, DeviceArg, ModelArgs, TrainerArgs};
 
@@ -31,9 +37,27 @@ pub struct DemoArgs {
     pub tp_size: u32,
     #[arg(long, default_value_t = 64)]
     pub bucket_mib: u64,
+    /// Where the trainer's weights come from; --device then says where the engine's live
+    /// (`--device cuda --source host|disk|tcp` runs each path into a GPU engine).
+    #[arg(long, value_enum)]
+    pub source: Option<DemoSource>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A trainer's weights, for `demo --source`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DemoSource {
+    /// Host memory on the engine's host, over shared memory (device slots into a GPU engine).
+    Host,
+    /// A checkpoint the demo saves to disk first, then pushed from its mapped files.
+    Disk,
+    /// Host memory over TCP (loopback here), the way a trainer on another host sends.
+    Tcp,
+    /// A GPU trainer on the engine's GPU, over CUDA IPC.
+    Gpu,
 }
 
 #[derive(Serialize)]
@@ -48,6 +72,7 @@ struct DemoStep {
 #[derive(Serialize)]
 struct DemoOutput {
     model: String,
+    source: Option<DemoSource>,
     transport: TransportKind,
     tp_size: u32,
     steps: Vec<DemoStep>,
@@ -73,14 +98,33 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if model_args.synthetic.is_none() && model_args.model.is_none() {
         model_args.synthetic = Some(DEFAULT_MODEL.into());
     }
-    let transport = args.trainer.transport(true);
+    let (trainer_device, receiver_device, transport) = match args.source {
+        None => {
+            (args.trainer.device, args.receiver_device.unwrap_or(args.trainer.device), args.trainer.transport(true))
+        }
+        Some(_) if args.receiver_device.is_some() || args.trainer.transport.is_some() => {
+            return Err(CommandError::Io(
+                "--source picks the path: give the engine's device with --device, not --receiver-device or --transport"
+                    .into(),
+            ))
+        }
+        Some(DemoSource::Host | DemoSource::Disk) => (DeviceArg::Host, args.trainer.device, TransportKind::Shm),
+        Some(DemoSource::Tcp) => (DeviceArg::Host, args.trainer.device, TransportKind::Tcp),
+        Some(DemoSource::Gpu) => match args.trainer.device {
+            DeviceArg::Cuda(_) => (args.trainer.device, args.trainer.device, TransportKind::CudaIpc),
+            DeviceArg::Host => return Err(CommandError::Io("--source gpu needs --device cuda[:N]".into())),
+        },
+    };
     if transport == TransportKind::InProcess {
         return Err(CommandError::Io("the demo runs the two sides as processes: use --transport shm or tcp".into()));
     }
-    let receiver_device = args.receiver_device.unwrap_or(args.trainer.device);
     let exe = std::env::current_exe().map_err(|e| CommandError::Io(format!("cannot find this program: {e}")))?;
     let dir = std::env::temp_dir().join(format!("weightlift-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
+    if let (Some(DemoSource::Disk), ModelSource::Synthetic(config)) = (args.source, &model) {
+        // Both sides then read the checkpoint: the engines its layout, the trainer its bytes.
+        model_args = save_checkpoint(config, &dir.join("checkpoint"), &model_args)?;
+    }
 
     let mut children = Children(Vec::new());
     let mut endpoints = Vec::new();
@@ -115,7 +159,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         "--transport",
         &transport.to_string(),
         "--device",
-        &args.trainer.device.to_string(),
+        &trainer_device.to_string(),
         "--bucket-mib",
         &args.bucket_mib.to_string(),
         "--progress-jsonl",
@@ -144,6 +188,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     if args.json {
         let out = DemoOutput {
             model: model.name(),
+            source: args.source,
             transport,
             tp_size: args.tp_size,
             steps: steps
@@ -162,7 +207,10 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         println!(
             "{} over {transport} ({} -> {receiver_device}), {} receiver(s)",
             model.name(),
-            args.trainer.device,
+            match args.source {
+                Some(DemoSource::Disk) => "disk".to_string(),
+                _ => trainer_device.to_string(),
+            },
             args.tp_size
         );
         print_table(&steps);
@@ -175,4 +223,21 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         )));
     }
     Ok(())
+}
+
+/// Saves `config`'s synthetic weights as one safetensors file in `dir`; the model arguments
+/// that name it (with the preset and head size the synthetic model implies).
+fn save_checkpoint(config: &ModelConfig, dir: &Path, args: &ModelArgs) -> Result<ModelArgs, CommandError> {
+    std::fs::create_dir_all(dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
+    let (manifest, data) = HostTensors::synthetic(config, 7).into_parts();
+    let tensors: Vec<_> = manifest.iter().zip(data.iter().map(Vec::as_slice)).collect();
+    weightlift::safetensors_dir::write_file(&dir.join("model.safetensors"), &tensors)
+        .map_err(|e| CommandError::Io(format!("saving the checkpoint in {}: {e}", dir.display())))?;
+    Ok(ModelArgs {
+        synthetic: None,
+        model: Some(dir.to_path_buf()),
+        preset: Some(args.preset.unwrap_or(config.preset)),
+        head_dim: Some(args.head_dim.unwrap_or(config.head_dim)),
+        ..args.clone()
+    })
 }

@@ -1,0 +1,252 @@
+//! Writing one update's bytes into the destination tensors: over a host transport, bucket by
+//! bucket into host memory or through device staging into a GPU (the [`Sink`]); over CUDA IPC,
+//! pulled straight from the sender's GPU memory. Either way the receiver digests what it wrote
+//! and compares with the sender's digests, which gives the update's [`Outcome`].
+
+use std::time::Instant;
+
+use weightlift_core::digest::ChunkDigests;
+use weightlift_core::{Manifest, Plan, Version};
+
+use crate::cuda_ipc::Importer;
+use crate::protocol::{Conn, Message};
+use crate::report::UpdateReport;
+use crate::staged::{StagedUpdate, Staging};
+use crate::tensors::DestinationTensors;
+use crate::transport::{Arrived, RecvPath, TransferError};
+use crate::update::{receiver_digests, unpack, Schedule};
+
+use super::settle::Outcome;
+use super::{Receiver, Store};
+
+impl Receiver {
+    /// Takes one update's buckets from a host transport into the tensors (in host memory, or
+    /// on a GPU through `staging`), digesting them, and compares with the sender's digests.
+    /// Marks in `touched` each tensor written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn transfer_host(
+        &self,
+        conn: &mut Conn,
+        path: &mut RecvPath,
+        plan: &Plan,
+        full: &Schedule,
+        staging: Option<&Staging>,
+        version: Version,
+        skip: &[u32],
+        bucket_bytes: u64,
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
+        let timeout = self.shared.options.timeout;
+        let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
+        let threads = self.shared.options.threads;
+        let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = UpdateReport {
+            bytes: schedule.bytes,
+            tensors: schedule.written.iter().filter(|&&w| w).count(),
+            buckets: schedule.buckets.len(),
+            skipped_tensors: skip.len(),
+            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
+            sender_digests: true,
+            device_extra_bytes: staging.map_or(0, Staging::device_bytes),
+            ..UpdateReport::default()
+        };
+        let sink = match (&mut *store, staging) {
+            (Store::Host(tensors), _) => Ok(Sink::Host { tensors: tensors.as_mut(), digests: schedule.digests(plan) }),
+            (Store::Device { .. }, Some(staging)) => {
+                staging.update(plan, &schedule, !skip.is_empty()).map(Sink::Device).map_err(|e| e.to_string())
+            }
+            (Store::Device { .. }, None) => Err("no staging for a GPU receiver".to_string()),
+        };
+        let mut sink = match sink {
+            Ok(sink) => sink,
+            Err(e) => return (Outcome::Broken(format!("preparing the update: {e}")), report),
+        };
+        let mut unpack_seconds = 0.0;
+        let mut outcome = None;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |arrived| {
+                for entry in &bucket.entries {
+                    touched[entry.op.dst as usize] = true;
+                }
+                let t = Instant::now();
+                let written = sink.write(plan, &schedule, k, arrived, threads);
+                unpack_seconds += t.elapsed().as_secs_f64();
+                written
+            });
+            match received {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    outcome = Some(Outcome::Broken(format!("writing bucket {k}: {e}")));
+                    break;
+                }
+                Err(TransferError::SenderAborted(reason)) => {
+                    outcome = Some(Outcome::called_off(reason));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())));
+                    break;
+                }
+            }
+        }
+        let outcome = outcome.unwrap_or_else(|| {
+            let _ = self.state().versions.verify(version);
+            let t = Instant::now();
+            let ours = match sink.digests(&schedule) {
+                Ok(ours) => ours,
+                Err(e) => return Outcome::Broken(format!("digesting the update: {e}")),
+            };
+            unpack_seconds += t.elapsed().as_secs_f64();
+            match conn.recv(timeout) {
+                Ok(Message::End { version: v, digests, two_phase }) if v == version => {
+                    let mismatched = compare(plan, &schedule.written, &ours, &digests);
+                    if mismatched.is_empty() {
+                        Outcome::Verified { digests: ours, compared: true, two_phase }
+                    } else {
+                        Outcome::Mismatch(mismatched)
+                    }
+                }
+                Ok(Message::Abort { reason }) => Outcome::called_off(reason),
+                Ok(other) => Outcome::Broken(format!("expected the end of version {version}, got {}", other.name())),
+                Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
+            }
+        });
+        drop(sink);
+        drop(store);
+        report.unpack_seconds = unpack_seconds;
+        (outcome, report)
+    }
+
+    /// Takes one update over CUDA IPC: maps the sender's memory (what is not mapped yet), pulls
+    /// every destination in one pass with its digests, and compares with the sender's.
+    pub(super) fn transfer_ipc(
+        &self,
+        conn: &mut Conn,
+        importer: &mut Importer,
+        plan: &Plan,
+        source: &Manifest,
+        version: Version,
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
+        let timeout = self.shared.options.timeout;
+        let store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let Store::Device { gpu, tensors } = &*store else {
+            unreachable!("cuda-ipc is refused at hello for tensors in host memory");
+        };
+        let mut report = UpdateReport {
+            bytes: plan.destinations.iter().map(|d| d.byte_len()).sum(),
+            tensors: plan.destinations.len(),
+            ..UpdateReport::default()
+        };
+        // Any error here means the transfer broke off (Outcome::Broken, with the reason).
+        let outcome = (|| -> Result<Outcome, String> {
+            let message = conn.recv(timeout).map_err(|e| format!("waiting for the sender's memory: {e}"))?;
+            let (pid, device, segments, located, fds, sender_digests) = match message {
+                Message::IpcSources { pid, device, segments, tensors, fds, sender_digests } => {
+                    (pid, device, segments, tensors, fds, sender_digests)
+                }
+                Message::Abort { reason } => return Ok(Outcome::called_off(reason)),
+                other => return Err(format!("expected ipc_sources, got {}", other.name())),
+            };
+            let fds = conn
+                .recv_fds(fds as usize, timeout)
+                .map_err(|e| format!("receiving the sender's memory descriptors: {e}"))?;
+            report.sender_digests = sender_digests;
+            let resolved = importer.resolve(gpu, source, pid, &device, segments, located, fds)?;
+            report.ipc_opens = resolved.opens;
+            report.same_gpu = Some(resolved.same_gpu);
+            let bound = importer
+                .plan(gpu, plan, &resolved, &tensors.device_ptrs())
+                .map_err(|e| format!("binding the update to the sender's memory: {e}"))?;
+            report.device_extra_bytes = bound.device_bytes();
+            report.launches = bound.launches();
+            touched.fill(true);
+            let pulled = Instant::now();
+            let ours = bound.update(gpu).map_err(|e| format!("pulling the update: {e}"))?;
+            report.unpack_seconds = pulled.elapsed().as_secs_f64();
+            let _ = self.state().versions.verify(version);
+            let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
+            match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
+                // Nothing to compare with: the receiver's digests are recorded as pulled, and
+                // the update is committed but not verified.
+                Message::End { version: v, two_phase, .. } if v == version && !sender_digests => {
+                    Ok(Outcome::Verified { digests: ours, compared: false, two_phase })
+                }
+                Message::End { version: v, digests, two_phase } if v == version => {
+                    let mismatched = compare(plan, touched, &ours, &digests);
+                    Ok(if mismatched.is_empty() {
+                        Outcome::Verified { digests: ours, compared: true, two_phase }
+                    } else {
+                        Outcome::Mismatch(mismatched)
+                    })
+                }
+                Message::Abort { reason } => Ok(Outcome::called_off(reason)),
+                other => Err(format!("expected the end of version {version}, got {}", other.name())),
+            }
+        })()
+        .unwrap_or_else(Outcome::Broken);
+        drop(store);
+        (outcome, report)
+    }
+}
+
+/// Where a host transport's buckets are written.
+enum Sink<'a> {
+    /// Tensors in host memory, digested piece by piece as they are written.
+    Host { tensors: &'a mut dyn DestinationTensors, digests: Vec<ChunkDigests> },
+    /// Tensors on a GPU, through device staging; digested there once all is written.
+    Device(StagedUpdate<'a>),
+}
+
+impl Sink<'_> {
+    fn write(
+        &mut self,
+        plan: &Plan,
+        schedule: &Schedule,
+        k: usize,
+        arrived: Arrived<'_>,
+        threads: usize,
+    ) -> Result<(), String> {
+        match (self, arrived) {
+            (Sink::Host { tensors, digests }, Arrived::Host(payload)) => {
+                unpack(plan, schedule, k, payload, &mut **tensors, digests, threads);
+                Ok(())
+            }
+            (Sink::Host { .. }, Arrived::DeviceSlot(slot)) => {
+                Err(format!("bucket {k} came in device slot {slot}, and this receiver's tensors are in host memory"))
+            }
+            (Sink::Device(update), Arrived::Host(payload)) => {
+                update.bucket(k, payload).map_err(|e| format!("copying to the GPU: {e}"))
+            }
+            (Sink::Device(update), Arrived::DeviceSlot(slot)) => {
+                update.bucket_in_slot(k, slot).map_err(|e| format!("writing from device slot {slot}: {e}"))
+            }
+        }
+    }
+
+    /// The receiver's digest of each written destination (None for the others).
+    fn digests(&mut self, schedule: &Schedule) -> Result<Vec<Option<u64>>, String> {
+        match self {
+            Sink::Host { tensors, digests } => Ok(receiver_digests(schedule, &**tensors, digests)),
+            Sink::Device(update) => {
+                let all = update.digests().map_err(|e| format!("on the GPU: {e}"))?;
+                Ok(all.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect())
+            }
+        }
+    }
+}
+
+/// Names of written tensors whose digest differs from the sender's, that the sender sent no
+/// digest for, or whose bytes did not all arrive.
+fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
+    let mut sent: Vec<Option<u64>> = vec![None; ours.len()];
+    for &(d, value) in theirs {
+        if let Some(slot) = sent.get_mut(d as usize) {
+            *slot = Some(value);
+        }
+    }
+    (0..ours.len())
+        .filter(|&d| written[d] && (ours[d].is_none() || ours[d] != sent[d]))
+        .map(|d| plan.destinations[d].name.clone())
+        .collect()
+}

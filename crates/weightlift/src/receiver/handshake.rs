@@ -1,0 +1,167 @@
+//! A connection's setup, up to the receiver's welcome: authenticates the sender, checks its
+//! hello (bucket size, transport, rules) and plans its source onto the destination, opens the
+//! receive path (socket, shared-memory ring, or none for CUDA IPC) and, for tensors on a GPU,
+//! the device staging with any device slots it offers, then waits for the sender to map them.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use weightlift_core::{plan, Manifest, Plan, SourceSet};
+
+use crate::net::Stream;
+use crate::protocol::{Conn, Message, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES};
+use crate::session;
+use crate::staged::Staging;
+use crate::transport::{LocalRing, RecvPath};
+use crate::update::Schedule;
+
+use super::connection::ConnectionError;
+use super::{Expect, Receiver, Store};
+
+/// A connection past its handshake: what its updates need.
+pub(super) struct Established {
+    pub(super) conn: Conn,
+    pub(super) source: Manifest,
+    pub(super) plan: Plan,
+    /// The schedule of an update that skips nothing.
+    pub(super) full: Schedule,
+    pub(super) path: RecvPath,
+    /// Device staging, for host buckets into a GPU's tensors.
+    pub(super) staging: Option<Staging>,
+    pub(super) transport: TransportKind,
+    pub(super) bucket_bytes: u64,
+}
+
+impl Receiver {
+    /// Runs the handshake of a new connection, authentication to welcome (and the sender's
+    /// mapping of the ring or device slots), under one deadline; refuses the sender, with the
+    /// reason, when this receiver cannot take its updates.
+    pub(super) fn handshake(
+        &self,
+        stream: Stream,
+        local_ring: Option<Arc<LocalRing>>,
+        expect: Option<Expect>,
+    ) -> Result<Established, ConnectionError> {
+        let options = &self.shared.options;
+        // The whole handshake, authentication to welcome, has one deadline: a peer that
+        // trickles bytes cannot hold a connection open longer.
+        let deadline = Instant::now() + options.handshake_timeout;
+        let mut conn = Conn::server(stream, deadline)?;
+        session::authenticate_sender(&mut conn, options.token.as_ref(), deadline)?;
+        let (source, rules, bucket_bytes, transport, device_writes) =
+            match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
+                Message::Hello { source, rules, bucket_bytes, transport, device_writes } => {
+                    (source, rules, bucket_bytes, transport, device_writes)
+                }
+                other => {
+                    return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
+                }
+            };
+        let refuse = |conn: &mut Conn, reason: String| {
+            let _ = conn.send(&Message::Reject { reason: reason.clone() });
+            ConnectionError::Refused(reason)
+        };
+        if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
+            let max = options.max_bucket_bytes;
+            return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
+        }
+        if let Some(wanted) = expect.and_then(|e| e.transport).filter(|&t| t != transport) {
+            return Err(refuse(
+                &mut conn,
+                format!("this receiver asked for {wanted}, and the sender offers {transport}"),
+            ));
+        }
+        if let Some((name, expected)) = &options.expected_rules {
+            if !expected.same_layout(&rules) {
+                return Err(refuse(
+                    &mut conn,
+                    format!("this receiver's layout follows {name}, and the sender offered other rules"),
+                ));
+            }
+        }
+        let plan = match plan(&SourceSet::single(source.clone()), &self.shared.manifest, &rules, options.tp) {
+            Ok(plan) => plan,
+            Err(e) => return Err(refuse(&mut conn, e.to_string())),
+        };
+        // The schedule of an update that skips nothing: built once for this connection.
+        let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
+        if transport == TransportKind::CudaIpc && !self.is_on_gpu() {
+            let reason = "this receiver's tensors are in host memory: cuda-ipc needs them on a GPU".to_string();
+            return Err(refuse(&mut conn, reason));
+        }
+        let (mut path, ring) = match transport {
+            TransportKind::CudaIpc => (RecvPath::socket(0), None),
+            TransportKind::Shm => {
+                let (path, info) = RecvPath::ring(options.ring_slots, bucket_bytes)?;
+                (path, Some(info))
+            }
+            TransportKind::Tcp => (RecvPath::socket(bucket_bytes), None),
+            TransportKind::InProcess => match local_ring {
+                Some(ring) => {
+                    let (path, info) = RecvPath::local(ring);
+                    (path, Some(info))
+                }
+                None => {
+                    return Err(refuse(
+                        &mut conn,
+                        "the in-process transport is for Receiver::connect_in_process".into(),
+                    ))
+                }
+            },
+        };
+        // Host buckets into a GPU's tensors go through device staging.
+        let staging = match (transport, &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner())) {
+            (TransportKind::CudaIpc, _) | (_, Store::Host(_)) => None,
+            (_, Store::Device { gpu, tensors }) => {
+                // A sender on this host that can copy to the GPU itself gets device slots; one
+                // across a socket cannot map them.
+                let slots = device_writes && matches!(transport, TransportKind::Shm | TransportKind::InProcess);
+                match Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, slots) {
+                    Ok(mut staging) => {
+                        path.each_memory(|memory| staging.pin(memory));
+                        Some(staging)
+                    }
+                    Err(e) => return Err(refuse(&mut conn, format!("cannot stage updates on the GPU: {e}"))),
+                }
+            }
+        };
+        let (committed, dirty, digests) = {
+            let state = self.state();
+            (state.versions.committed(), state.versions.dirty().iter().cloned().collect(), state.digests.clone())
+        };
+        let offer = match staging.as_ref().map(|s| s.offer(bucket_bytes)).transpose() {
+            Ok(offer) => offer.flatten(),
+            Err(e) => return Err(refuse(&mut conn, format!("cannot share device slots: {e}"))),
+        };
+        let (slots, slot_fds) = offer.map_or((None, Vec::new()), |(info, fds)| (Some(info), fds));
+        conn.send(&Message::Welcome {
+            destination: self.shared.manifest.clone(),
+            tp: options.tp,
+            plan_hash: plan.hash_hex(),
+            committed,
+            dirty,
+            digests,
+            ring,
+            slots: slots.clone(),
+        })?;
+        if !slot_fds.is_empty() {
+            conn.send_fds(&slot_fds.iter().map(|fd| fd.as_fd()).collect::<Vec<_>>())?;
+        }
+        drop(slot_fds);
+        if matches!(transport, TransportKind::Shm | TransportKind::InProcess) {
+            match (conn.recv_before(deadline, MAX_HANDSHAKE_BYTES)?, &slots) {
+                (Message::RingMapped, _) => path.unlink(),
+                (Message::SlotsMapped, Some(slots)) => {
+                    path.unlink();
+                    path.use_device_slots(slots.count);
+                }
+                (other, _) => {
+                    return Err(ProtocolError::Unexpected { expected: "ring_mapped", got: other.name().into() }.into())
+                }
+            }
+        }
+        tracing::info!(peer = conn.peer(), %transport, ops = plan.ops.len(), "sender connected");
+        Ok(Established { conn, source, plan, full, path, staging, transport, bucket_bytes })
+    }
+}

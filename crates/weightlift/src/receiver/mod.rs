@@ -1,0 +1,373 @@
+//! The engine side: holds the destination tensors, takes updates into them in place, verifies
+//! every byte against the sender's digests, and commits versions.
+//!
+//! Any failure (a sender that dies or stalls, a corrupted bucket, a digest mismatch, a bad
+//! message) leaves the receiver on its last committed version, marked dirty with the tensors
+//! the failed update touched, and ready for the next attempt.
+
+mod apply;
+mod checker;
+mod connection;
+mod handshake;
+mod settle;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use weightlift_core::{digest, Manifest, TpRank, Version, VersionError, VersionState};
+
+use std::os::unix::net::UnixStream;
+
+use weightlift_core::RuleSet;
+
+use crate::cuda_ipc::DeviceTensors;
+use crate::net::{Listener, Stream};
+use crate::protocol::{Conn, ProtocolError, TransportKind};
+use crate::report::UpdateReport;
+use crate::sender::{SendError, Sender, SenderOptions};
+use crate::session::{ConnectionLimit, Token};
+use crate::tensors::DestinationTensors;
+use crate::transport::LocalRing;
+use crate::update::default_threads;
+use weightlift_cuda::{CudaError, Gpu};
+
+use connection::ConnectionError;
+
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    pub tp: TpRank,
+    /// Slots in each sender's shared-memory ring (2: pack one while the other unpacks).
+    pub ring_slots: u32,
+    /// The largest bucket a sender may ask for; bounds the memory a connection holds.
+    pub max_bucket_bytes: u64,
+    /// Longest wait for the next message while an update is in flight.
+    pub timeout: Duration,
+    /// Longest a new connection may take from its first byte to its hello (one deadline for
+    /// the whole handshake).
+    pub handshake_timeout: Duration,
+    /// Senders must prove they hold this token before anything else is read.
+    pub token: Option<Token>,
+    /// Connections served at once; more are refused with the reason.
+    pub max_connections: usize,
+    pub initial_version: Version,
+    /// Threads that unpack and digest.
+    pub threads: usize,
+    /// The rules this engine's layout needs (named, e.g. by preset): a sender offering other
+    /// rules is refused at hello. None accepts the sender's.
+    pub expected_rules: Option<(String, RuleSet)>,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            tp: TpRank::SINGLE,
+            ring_slots: 2,
+            max_bucket_bytes: 1 << 30,
+            timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            token: None,
+            max_connections: 64,
+            initial_version: Version(0),
+            threads: default_threads(),
+            expected_rules: None,
+        }
+    }
+}
+
+struct State {
+    versions: VersionState,
+    /// Digest of each tensor at the committed version; None while unknown or dirty.
+    digests: Vec<Option<u64>>,
+    last_report: Option<UpdateReport>,
+}
+
+struct Shared {
+    options: ReceiverOptions,
+    manifest: Manifest,
+    state: Mutex<State>,
+    /// Signalled whenever a version is committed.
+    committed: Condvar,
+    /// Written only by the connection whose update is in flight (the version state admits
+    /// one at a time), read by checkers between updates.
+    tensors: Mutex<Store>,
+    /// Called with the report of every settled update (metrics, logs).
+    observers: Mutex<Vec<UpdateObserver>>,
+    /// Asked before the tensors are touched; see [`Receiver::set_write_gate`].
+    gate: Mutex<Option<WriteGate>>,
+}
+
+/// Says whether the destination tensors may be touched now; `Err(reason)` when not (their
+/// memory is released, say). See [`Receiver::set_write_gate`].
+pub type WriteGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Something told of every settled update, committed or not.
+pub type UpdateObserver = Arc<dyn Fn(&UpdateReport) + Send + Sync>;
+
+/// The receiver's version state at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverStatus {
+    pub committed: Version,
+    /// The version being received or verified now, if any.
+    pub in_flight: Option<Version>,
+    /// Tensors that may not hold the committed version's bytes.
+    pub dirty: Vec<String>,
+}
+
+/// What a connection this receiver dialled must bring: one update, of exactly this version,
+/// over this transport when given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    pub version: Version,
+    pub transport: Option<TransportKind>,
+}
+
+/// Why a fetch from a sender gave no update.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the sender at {endpoint}: {source}")]
+    Connect { endpoint: String, source: std::io::Error },
+    #[error("the sender at {endpoint}: {reason}")]
+    Sender { endpoint: String, reason: String },
+    #[error("the sender at {endpoint} closed the connection without an update")]
+    NoUpdate { endpoint: String },
+    /// This receiver's version state refused the sender's version (another update in flight,
+    /// or not newer than the committed one).
+    #[error("version refused: {0}")]
+    Version(VersionError),
+}
+
+/// Where the receiver's tensors live.
+enum Store {
+    Host(Box<dyn DestinationTensors>),
+    /// On a GPU: updates arrive over CUDA IPC.
+    Device {
+        gpu: Arc<Gpu>,
+        tensors: Box<dyn DeviceTensors>,
+    },
+}
+
+/// A [`Receiver`] that may have been dropped (for hooks that must not keep it alive).
+#[derive(Clone)]
+pub struct WeakReceiver(std::sync::Weak<Shared>);
+
+impl WeakReceiver {
+    pub fn upgrade(&self) -> Option<Receiver> {
+        self.0.upgrade().map(|shared| Receiver { shared })
+    }
+}
+
+/// A receiver; cheap to clone (all clones share the tensors and the state).
+#[derive(Clone)]
+pub struct Receiver {
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    /// A receiver holding `tensors` at `options.initial_version`.
+    pub fn new(tensors: impl DestinationTensors + 'static, options: ReceiverOptions) -> Receiver {
+        let manifest = tensors.manifest().clone();
+        let digests = (0..manifest.len()).map(|i| Some(digest::digest(tensors.bytes(i)))).collect();
+        Receiver::with_store(manifest, digests, Store::Host(Box::new(tensors)), options)
+    }
+
+    /// A receiver whose tensors live on `gpu` (written in place by updates over CUDA IPC).
+    pub fn on_gpu(
+        gpu: Arc<Gpu>,
+        tensors: impl DeviceTensors + 'static,
+        options: ReceiverOptions,
+    ) -> Result<Receiver, CudaError> {
+        let manifest = tensors.manifest().clone();
+        let digests = tensors.digests(&gpu)?.into_iter().map(Some).collect();
+        let store = Store::Device { gpu, tensors: Box::new(tensors) };
+        Ok(Receiver::with_store(manifest, digests, store, options))
+    }
+
+    fn with_store(manifest: Manifest, digests: Vec<Option<u64>>, store: Store, options: ReceiverOptions) -> Receiver {
+        let state = State { versions: VersionState::new(options.initial_version), digests, last_report: None };
+        Receiver {
+            shared: Arc::new(Shared {
+                options,
+                manifest,
+                state: Mutex::new(state),
+                committed: Condvar::new(),
+                tensors: Mutex::new(store),
+                observers: Mutex::new(Vec::new()),
+                gate: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.shared.manifest
+    }
+
+    pub fn committed(&self) -> Version {
+        self.state().versions.committed()
+    }
+
+    /// Tensors whose bytes may not match the committed version (empty when clean).
+    pub fn dirty(&self) -> Vec<String> {
+        self.state().versions.dirty().iter().cloned().collect()
+    }
+
+    pub fn last_report(&self) -> Option<UpdateReport> {
+        self.state().last_report.clone()
+    }
+
+    pub fn status(&self) -> ReceiverStatus {
+        let state = self.state();
+        ReceiverStatus {
+            committed: state.versions.committed(),
+            in_flight: state.versions.in_flight(),
+            dirty: state.versions.dirty().iter().cloned().collect(),
+        }
+    }
+
+    /// Calls `observer` with the report of every update settled from now on (committed or
+    /// failed), from whatever connection brought it.
+    pub fn observe(&self, observer: UpdateObserver) {
+        self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).push(observer);
+    }
+
+    /// Dials a sender waiting at `endpoint` (one that accepts receivers, such as `weightlift
+    /// push --listen`) and takes the one update it brings, which must be `expect`'s version
+    /// (and transport). Returns that update's report, committed or not; a sender that offers
+    /// another version or transport, or brings nothing, is an error and changes nothing.
+    pub fn fetch(&self, endpoint: &crate::net::Endpoint, expect: Expect) -> Result<UpdateReport, FetchError> {
+        let name = endpoint.to_string();
+        let stream = endpoint
+            .connect(self.shared.options.handshake_timeout)
+            .map_err(|source| FetchError::Connect { endpoint: name.clone(), source })?;
+        match self.run_connection(stream, None, Some(expect)) {
+            Ok(Some(report)) => Ok(report),
+            Ok(None) | Err(ConnectionError::Protocol(ProtocolError::Closed)) => {
+                Err(FetchError::NoUpdate { endpoint: name })
+            }
+            Err(ConnectionError::Version(e)) => Err(FetchError::Version(e)),
+            Err(e) => Err(FetchError::Sender { endpoint: name, reason: e.to_string() }),
+        }
+    }
+
+    /// Runs `f` on the tensors if they are in host memory (waits while an update is writing
+    /// them); None for tensors on a GPU.
+    pub fn with_host_tensors<R>(&self, f: impl FnOnce(&dyn DestinationTensors) -> R) -> Option<R> {
+        match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Store::Host(tensors) => Some(f(tensors.as_ref())),
+            Store::Device { .. } => None,
+        }
+    }
+
+    /// Installs `gate`, asked before every update, digest and overwrite: an update is refused
+    /// (at its begin, nothing written) and a digest or overwrite fails with its reason while
+    /// the gate says no. For tensors in tagged memory that may be paused, where touching them
+    /// would fault the GPU.
+    pub fn set_write_gate(&self, gate: WriteGate) {
+        *self.shared.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate);
+    }
+
+    fn gate(&self) -> Result<(), String> {
+        let gate = self.shared.gate.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        gate.map_or(Ok(()), |gate| gate())
+    }
+
+    /// Accepts connections until the listener fails; one thread per connection, at most
+    /// `max_connections` at once (one more is told so and closed).
+    pub fn serve(&self, listener: &Listener) -> std::io::Result<()> {
+        let limit = ConnectionLimit::new(self.shared.options.max_connections);
+        loop {
+            let stream = listener.accept()?;
+            let Some(slot) = limit.try_take() else {
+                let reason = format!("this receiver serves at most {} connections at once", limit.max());
+                tracing::warn!(peer = stream.peer(), "{reason}");
+                // Best effort, without waiting on the peer: the frame fits any socket buffer.
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = Conn::refuse(stream, reason);
+                continue;
+            };
+            let receiver = self.clone();
+            std::thread::spawn(move || {
+                let _slot = slot;
+                receiver.handle(stream)
+            });
+        }
+    }
+
+    /// Serves one connection to its end; problems are logged, never propagated.
+    pub fn handle(&self, stream: Stream) {
+        self.handle_with(stream, None);
+    }
+
+    /// A sender in this process: with `options.transport` cuda-ipc (GPU sources), the receiver
+    /// pulls straight from the sender's GPU memory; otherwise (host sources) buckets move
+    /// through a ring in this process's memory, into host tensors or through device staging
+    /// into GPU ones.
+    pub fn connect_in_process(
+        &self,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+    ) -> Result<Sender, SendError> {
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| SendError::Connect { endpoint: "in-process".into(), source: e })?;
+        let receiver = self.clone();
+        // The same process holds the token on both sides.
+        let options = SenderOptions { token: self.shared.options.token.clone(), ..options };
+        if options.transport == TransportKind::CudaIpc {
+            std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
+            return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None);
+        }
+        if options.bucket_bytes > self.shared.options.max_bucket_bytes {
+            return Err(SendError::Rejected(format!(
+                "bucket size {} exceeds the receiver's limit of {}",
+                options.bucket_bytes, self.shared.options.max_bucket_bytes
+            )));
+        }
+        let ring = Arc::new(LocalRing::new(self.shared.options.ring_slots, options.bucket_bytes));
+        let receiver_ring = ring.clone();
+        std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
+        let options = SenderOptions { transport: TransportKind::InProcess, ..options };
+        Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring))
+    }
+
+    /// Whether the tensors live on a GPU (updates then arrive over CUDA IPC).
+    pub fn is_on_gpu(&self) -> bool {
+        matches!(*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()), Store::Device { .. })
+    }
+
+    /// Waits until the committed version is above `version`, up to `timeout`; returns the
+    /// committed version either way.
+    pub fn wait_for_version_after(&self, version: Version, timeout: Duration) -> Version {
+        let mut state = self.state();
+        let deadline = Instant::now() + timeout;
+        while state.versions.committed() <= version {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self.shared.committed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        state.versions.committed()
+    }
+
+    /// Forgets the bytes of the tensors named (their memory was released without a backup):
+    /// their digests become unknown and they are marked dirty, so the next update rewrites
+    /// them whatever the sender's digests say.
+    pub fn forget(&self, names: &[String]) {
+        let mut state = self.state();
+        for (i, spec) in self.shared.manifest.iter().enumerate() {
+            if names.contains(&spec.name) {
+                state.digests[i] = None;
+            }
+        }
+        state.versions.mark_dirty(names.to_vec());
+    }
+
+    /// A handle that does not keep the receiver (and its tensors) alive.
+    pub fn downgrade(&self) -> WeakReceiver {
+        WeakReceiver(Arc::downgrade(&self.shared))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -276,7 +276,14 @@ impl RecvPath {
                     0 => memory.with_slot(slot, *slot_bytes, |buf| consume(Arrived::Host(&buf[..bytes as usize]))),
                     _ => consume(Arrived::DeviceSlot(slot)),
                 };
-                conn.send(&Message::SlotFree { slot })?;
+                match conn.send(&Message::SlotFree { slot }) {
+                    // This bucket landed. A sender that hung up (or died) after sending more
+                    // left those readable: the next read takes them and then finds the close,
+                    // which names where the sender stopped; failing here would blame this
+                    // bucket, and leave the ones it sent after unread.
+                    Err(ProtocolError::Io(e)) if peer_gone(&e) => {}
+                    sent => sent?,
+                }
                 Ok(result)
             }
             (RecvPath::Socket { buffer }, Message::Data { index: i, bytes: b }) => {
@@ -292,4 +299,9 @@ impl RecvPath {
             (_, other) => Err(unexpected("a bucket", &other)),
         }
     }
+}
+
+/// A write failed because the peer closed its end (what it sent before may still be readable).
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
 }

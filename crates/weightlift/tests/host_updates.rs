@@ -1,58 +1,17 @@
 //! Updates between a sender and a receiver on loopback (receiver on a thread of this process),
 //! with the receiver's bytes compared against the reference executor.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use weightlift::core::{
-    destination_manifest, exec, synthetic, Manifest, PresetOptions, RuleSet, SourceSet, TpRank, Version,
-};
-use weightlift::{Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, TransportKind};
+use weightlift::core::{Manifest, TpRank, Version};
+use weightlift::{Fault, HostTensors, ReceiverOptions, Sender, SenderOptions, TransportKind};
 
-fn socket_path(label: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wl-host-{}-{label}.sock", std::process::id()))
-}
-
-struct Setup {
-    rules: RuleSet,
-    receiver: Receiver,
-    endpoint: Endpoint,
-    trainer: HostTensors,
-}
-
-fn setup(model: &str, tp: TpRank, label: &str, options: ReceiverOptions) -> Setup {
-    let config = synthetic(model).unwrap();
-    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-    let source = SourceSet::single(config.source_manifest());
-    let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
-    let receiver = Receiver::new(HostTensors::filled(dest, 0), ReceiverOptions { tp, ..options });
-    let endpoint = Endpoint::Unix(socket_path(label));
-    let listener = endpoint.bind().unwrap();
-    let serving = receiver.clone();
-    std::thread::spawn(move || serving.serve(&listener));
-    Setup { rules, receiver, endpoint, trainer: HostTensors::synthetic(&config, 7) }
-}
+mod common;
+use common::{assert_bit_exact, setup, Setup};
 
 fn sender(s: &Setup, transport: TransportKind, fault: Option<Fault>) -> Sender {
     let options = SenderOptions { transport, bucket_bytes: 4096, fault, ..SenderOptions::default() };
     Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).unwrap()
-}
-
-/// The receiver holds exactly what the plan makes from the trainer's tensors.
-fn assert_bit_exact(s: &Setup, sender: &Sender) {
-    let plan = sender.plan();
-    let (manifest, data) = s.trainer.clone().into_parts();
-    let sources: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
-    let mut expected: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
-    exec::execute(plan, &sources, &mut expected).unwrap();
-    assert_eq!(manifest.len(), sources.len());
-    s.receiver
-        .with_host_tensors(|t| {
-            for (i, want) in expected.iter().enumerate() {
-                assert!(t.bytes(i) == want.as_slice(), "`{}` differs", plan.destinations[i].name);
-            }
-        })
-        .expect("the receiver holds host tensors");
 }
 
 #[test]

@@ -1,11 +1,15 @@
-//! What the multi-process tests share: the binary, scratch directories, and `weightlift serve`
-//! processes that are killed when dropped.
+//! What the integration tests share: the binary, scratch directories, `weightlift serve`
+//! processes that are killed when dropped, and receivers on a thread of the test process with
+//! a check of their bytes against the reference executor.
 
 #![allow(dead_code)] // each test file uses its own part
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+use weightlift::core::{destination_manifest, exec, synthetic, PresetOptions, RuleSet, SourceSet, TpRank};
+use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, Sender};
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_weightlift");
 
@@ -93,5 +97,61 @@ impl Serve {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+}
+
+/// A receiver serving on a thread of this process, and a trainer's tensors of its model.
+pub struct Setup {
+    pub rules: RuleSet,
+    pub receiver: Receiver,
+    /// Where it listens (for tcp port 0, the port it got).
+    pub endpoint: Endpoint,
+    pub trainer: HostTensors,
+}
+
+pub fn socket_path(label: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("wl-host-{}-{label}.sock", std::process::id()))
+}
+
+/// `model`'s receiver for rank `tp`, zero-filled, on a Unix socket named after `label`.
+pub fn setup(model: &str, tp: TpRank, label: &str, options: ReceiverOptions) -> Setup {
+    setup_at(model, tp, Endpoint::Unix(socket_path(label)), options)
+}
+
+/// The same, listening at `endpoint`.
+pub fn setup_at(model: &str, tp: TpRank, endpoint: Endpoint, options: ReceiverOptions) -> Setup {
+    let config = synthetic(model).unwrap();
+    let rules = config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+    let source = SourceSet::single(config.source_manifest());
+    let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+    let receiver = Receiver::new(HostTensors::filled(dest, 0), ReceiverOptions { tp, ..options });
+    let listener = endpoint.bind().unwrap();
+    let endpoint = listener.endpoint().unwrap();
+    let serving = receiver.clone();
+    std::thread::spawn(move || serving.serve(&listener));
+    Setup { rules, receiver, endpoint, trainer: HostTensors::synthetic(&config, 7) }
+}
+
+/// The first destination whose bytes on the receiver differ from what `sender`'s plan makes
+/// of the trainer's tensors; None when the receiver holds exactly those.
+pub fn first_difference(s: &Setup, sender: &Sender) -> Option<String> {
+    let plan = sender.plan();
+    let (manifest, data) = s.trainer.clone().into_parts();
+    let sources: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let mut expected: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+    exec::execute(plan, &sources, &mut expected).unwrap();
+    assert_eq!(manifest.len(), sources.len());
+    s.receiver
+        .with_host_tensors(|t| {
+            let differs = |&(i, want): &(usize, &Vec<u8>)| t.bytes(i) != want.as_slice();
+            expected.iter().enumerate().find(differs).map(|(i, _)| plan.destinations[i].name.clone())
+        })
+        .expect("the receiver holds host tensors")
+}
+
+/// The receiver holds exactly what the plan makes from the trainer's tensors.
+pub fn assert_bit_exact(s: &Setup, sender: &Sender) {
+    if let Some(name) = first_difference(s, sender) {
+        panic!("`{name}` differs");
     }
 }

@@ -76,11 +76,13 @@ pub fn next_allocation_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (GPU UUIDs and IPC handles on the wire).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+/// The `N` bytes [`hex`] wrote, or None for anything else.
+pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != 2 * N || !s.is_ascii() {
         return None;
     }

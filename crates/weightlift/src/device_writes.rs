@@ -14,6 +14,7 @@ use weightlift_core::digest::ChunkDigests;
 use weightlift_core::Plan;
 use weightlift_cuda::{ordinal_with_uuid, CudaError, Gpu, ImportedAllocation, PinnedRanges};
 
+use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
@@ -95,7 +96,7 @@ pub struct SlotPhases {
 impl SlotWriter {
     /// Maps the slots a receiver offered (`fds`, one per slot) on its GPU, found by UUID.
     pub fn map(info: &DeviceSlots, fds: &[OwnedFd]) -> Result<SlotWriter, CudaError> {
-        let uuid = unhex_uuid(&info.device)
+        let uuid = unhex::<16>(&info.device)
             .ok_or_else(|| CudaError::Invalid(format!("malformed GPU UUID `{}`", info.device)))?;
         if fds.len() != info.count as usize {
             return Err(CudaError::Invalid(format!("{} descriptors for {} device slots", fds.len(), info.count)));
@@ -221,15 +222,4 @@ impl SlotWriter {
 
 fn gpu_error(e: CudaError) -> TransferError {
     TransferError::Memory(format!("copying to the receiver's device slot: {e}"))
-}
-
-fn unhex_uuid(s: &str) -> Option<[u8; 16]> {
-    let mut out = [0u8; 16];
-    if s.len() != 32 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }

@@ -102,7 +102,7 @@ impl Staging {
             .collect();
         let Some(first) = slots.first() else { return Ok(None) };
         let fds = slots.iter().map(|s| s.export_fd()).collect::<Result<Vec<_>, _>>()?;
-        let device = self.gpu.uuid()?.iter().map(|b| format!("{b:02x}")).collect();
+        let device = crate::cuda_ipc::hex(&self.gpu.uuid()?);
         let info = DeviceSlots {
             device,
             count: slots.len() as u32,

@@ -135,6 +135,26 @@ fn in_parallel<T: Send, R: Send>(runs: Vec<T>, work: impl Fn(T) -> R + Sync) -> 
     })
 }
 
+/// Packs one piece into `bytes` (its place in a payload), and its digests when its destination
+/// is digested piece by piece.
+fn pack_piece(
+    plan: &Plan,
+    piece: &Piece,
+    sources: &dyn SourceTensors,
+    bytes: &mut [u8],
+) -> Option<(u32, PieceDigests)> {
+    exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes).expect("plans match their sources' sizes");
+    piece_digests(plan, piece, bytes)
+}
+
+/// The digests of a piece's bytes as its destination will hold them (None for a destination
+/// digested once complete).
+fn piece_digests(plan: &Plan, piece: &Piece, bytes: &[u8]) -> Option<(u32, PieceDigests)> {
+    let dst = piece.dst_bytes.as_ref()?;
+    let len = plan.destinations[piece.op.dst as usize].byte_len();
+    Some((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)))
+}
+
 /// Sender: packs `bucket` into `payload` (cast to the destination dtypes), digesting what it
 /// means the receiver to hold.
 pub fn pack(
@@ -163,12 +183,7 @@ pub fn pack(
         let mut found = Vec::new();
         for piece in run {
             let bytes = &mut out[piece.payload.start - base..piece.payload.end - base];
-            exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes)
-                .expect("plans match their sources' sizes");
-            if let Some(dst) = &piece.dst_bytes {
-                let len = plan.destinations[piece.op.dst as usize].byte_len();
-                found.push((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)));
-            }
+            found.extend(pack_piece(plan, piece, sources, bytes));
         }
         found
     });
@@ -208,12 +223,7 @@ pub fn stage_for_copies<'a>(
     let results = in_parallel(runs, |run| {
         let mut found = Vec::new();
         for (piece, bytes) in run {
-            exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes)
-                .expect("plans match their sources' sizes");
-            if let Some(dst) = &piece.dst_bytes {
-                let len = plan.destinations[piece.op.dst as usize].byte_len();
-                found.push((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)));
-            }
+            found.extend(pack_piece(plan, piece, sources, bytes));
         }
         found
     });
@@ -273,12 +283,9 @@ pub fn digest_verbatim(
     let runs = split_runs(pieces, threads, |p| p.payload.len());
     in_parallel(runs, |run| {
         run.into_iter()
-            .map(|piece| {
+            .filter_map(|piece| {
                 let range = piece.verbatim.clone().expect("verbatim pieces only");
-                let dst = piece.dst_bytes.as_ref().expect("sequential pieces only");
-                let len = plan.destinations[piece.op.dst as usize].byte_len();
-                let bytes = &sources.bytes(piece.op.src as usize)[range];
-                (piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes))
+                piece_digests(plan, piece, &sources.bytes(piece.op.src as usize)[range])
             })
             .collect::<Vec<_>>()
     })

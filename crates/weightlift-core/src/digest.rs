@@ -128,35 +128,75 @@ pub struct PieceDigests {
     fragments: Vec<(u64, Vec<u8>)>,
 }
 
-impl PieceDigests {
-    pub fn new(tensor_len: u64, offset: u64, bytes: &[u8]) -> PieceDigests {
+/// Where a piece's whole chunks and partial edges lie, in bytes of its tensor: the split
+/// [`PieceDigests::new`] makes, for a digester elsewhere (a GPU) to hash the whole chunks and
+/// hand the edges back to [`PieceDigests::from_chunks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceLayout {
+    /// Index of the first whole chunk.
+    pub first_chunk: u64,
+    /// Bytes of the tensor the whole chunks cover (empty when there are none): chunk-aligned
+    /// at the start; at the end aligned, or the tensor's end.
+    pub whole: std::ops::Range<u64>,
+    /// Bytes of the tensor outside whole chunks (at most two ranges, in order).
+    pub fragments: Vec<std::ops::Range<u64>>,
+}
+
+impl PieceLayout {
+    /// The layout of bytes `offset..offset + len` of a tensor of `tensor_len` bytes.
+    pub fn new(tensor_len: u64, offset: u64, len: u64) -> PieceLayout {
         let chunk = CHUNK_BYTES as u64;
-        let end = offset + bytes.len() as u64;
+        let end = offset + len;
         // Whole chunks: those starting inside the piece that also end inside it (the last
         // chunk of the tensor may be short).
         let first_chunk = offset.div_ceil(chunk);
-        let mut digests = Vec::new();
         let mut c = first_chunk;
         while c * chunk < end && (c * chunk + chunk).min(tensor_len) <= end {
-            let start = (c * chunk - offset) as usize;
-            let stop = ((c * chunk + chunk).min(tensor_len) - offset) as usize;
-            digests.push(chunk_digest(&bytes[start..stop]));
             c += 1;
         }
+        let whole = if c == first_chunk { offset..offset } else { first_chunk * chunk..(c * chunk).min(tensor_len) };
         let mut fragments = Vec::new();
-        let whole_start = first_chunk * chunk;
-        let whole_end = c * chunk;
-        if digests.is_empty() {
-            fragments.push((offset, bytes.to_vec()));
-        } else {
-            if offset < whole_start {
-                fragments.push((offset, bytes[..(whole_start - offset) as usize].to_vec()));
+        if whole.is_empty() {
+            if len > 0 {
+                fragments.push(offset..end);
             }
-            if whole_end < end {
-                fragments.push((whole_end, bytes[(whole_end - offset) as usize..].to_vec()));
+        } else {
+            if offset < whole.start {
+                fragments.push(offset..whole.start);
+            }
+            if whole.end < end {
+                fragments.push(whole.end..end);
             }
         }
-        PieceDigests { first_chunk, digests, fragments }
+        PieceLayout { first_chunk, whole, fragments }
+    }
+
+    /// How many whole chunks the piece holds.
+    pub fn chunks(&self) -> u64 {
+        (self.whole.end - self.whole.start).div_ceil(CHUNK_BYTES as u64)
+    }
+}
+
+impl PieceDigests {
+    pub fn new(tensor_len: u64, offset: u64, bytes: &[u8]) -> PieceDigests {
+        let layout = PieceLayout::new(tensor_len, offset, bytes.len() as u64);
+        let at = |r: &std::ops::Range<u64>| &bytes[(r.start - offset) as usize..(r.end - offset) as usize];
+        let digests = at(&layout.whole).chunks(CHUNK_BYTES).map(chunk_digest).collect();
+        let fragments = layout.fragments.iter().map(|r| (r.start, at(r).to_vec())).collect();
+        PieceDigests { first_chunk: layout.first_chunk, digests, fragments }
+    }
+
+    /// A piece whose whole chunks were digested elsewhere: `digests` are the chunk digests of
+    /// `layout.whole` (one per chunk, in order) and `fragments` the bytes of
+    /// `layout.fragments`, in order. None when the counts or lengths disagree with the layout.
+    pub fn from_chunks(layout: &PieceLayout, digests: Vec<u64>, fragments: Vec<Vec<u8>>) -> Option<PieceDigests> {
+        let lengths_agree = fragments.len() == layout.fragments.len()
+            && fragments.iter().zip(&layout.fragments).all(|(b, r)| b.len() as u64 == r.end - r.start);
+        (digests.len() as u64 == layout.chunks() && lengths_agree).then(|| PieceDigests {
+            first_chunk: layout.first_chunk,
+            digests,
+            fragments: layout.fragments.iter().map(|r| r.start).zip(fragments).collect(),
+        })
     }
 }
 
@@ -399,6 +439,39 @@ mod tests {
             }
             prop_assert_eq!(acc.finish(), Some(digest(&bytes)));
         }
+    }
+
+    proptest! {
+        /// A piece digested elsewhere from its layout equals the piece digested here.
+        #[test]
+        fn pieces_from_chunks_equal_pieces_digested_here(
+            len in 0u64..20_000,
+            a in 0u64..20_001,
+            b in 0u64..20_001,
+        ) {
+            let (start, end) = (a.min(b) % (len + 1), a.max(b) % (len + 1));
+            let (start, end) = (start.min(end), start.max(end));
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 131 + i / 4093) as u8).collect();
+            let layout = PieceLayout::new(len, start, end - start);
+            let whole = &bytes[layout.whole.start as usize..layout.whole.end as usize];
+            let fragments = layout.fragments.iter().map(|r| bytes[r.start as usize..r.end as usize].to_vec()).collect();
+            let built = PieceDigests::from_chunks(&layout, chunk_digests(whole), fragments);
+            prop_assert_eq!(built, Some(PieceDigests::new(len, start, &bytes[start as usize..end as usize])));
+            let covered = (layout.whole.end - layout.whole.start)
+                + layout.fragments.iter().map(|r| r.end - r.start).sum::<u64>();
+            prop_assert_eq!(covered, end - start);
+        }
+    }
+
+    #[test]
+    fn from_chunks_refuses_a_layout_it_does_not_match() {
+        let layout = PieceLayout::new(10_000, 100, 9_000);
+        assert_eq!((layout.whole.clone(), layout.chunks()), (4096..8192, 1));
+        assert_eq!(layout.fragments, vec![100..4096, 8192..9100]);
+        assert_eq!(PieceDigests::from_chunks(&layout, vec![1, 2], vec![vec![0; 3996], vec![0; 908]]), None);
+        assert_eq!(PieceDigests::from_chunks(&layout, vec![1], vec![vec![0; 3996]]), None);
+        assert_eq!(PieceDigests::from_chunks(&layout, vec![1], vec![vec![0; 3996], vec![0; 907]]), None);
+        assert!(PieceDigests::from_chunks(&layout, vec![1], vec![vec![0; 3996], vec![0; 908]]).is_some());
     }
 
     #[test]

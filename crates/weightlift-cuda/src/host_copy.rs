@@ -55,7 +55,7 @@ fn page_runs(ranges: &[&[u8]]) -> Vec<(usize, usize)> {
 
 /// Waits for a stream when dropped: the copies queued on it read host memory borrowed only
 /// until then, also when a later step returned early or panicked.
-struct WaitOnDrop<'a>(&'a Gpu);
+pub(crate) struct WaitOnDrop<'a>(pub(crate) &'a Gpu);
 
 impl Drop for WaitOnDrop<'_> {
     fn drop(&mut self) {

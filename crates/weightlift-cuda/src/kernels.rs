@@ -1281,6 +1281,140 @@ impl Gpu {
     }
 }
 
+/// Raw chunk digests of device regions, not folded into one digest per region: what a sender
+/// hands [`weightlift_core::digest::PieceDigests::from_chunks`] for pieces of tensors that
+/// arrive a bucket at a time. Its buffers are kept from call to call (an allocation costs
+/// more than digesting a bucket) and grow when a call needs more; its host side is
+/// page-locked, so the runs go up and the digests come down queued behind other work.
+#[derive(Default)]
+pub struct ChunkDigester {
+    packed: Option<DeviceBuffer>,
+    chunks: Option<DeviceBuffer>,
+    /// The page-locking of `host`: declared first, so dropped before it (and dropped before
+    /// `host` reallocates).
+    pinned: Option<crate::gpu::HostRegistration>,
+    /// The runs going up, then (from `down`) the chunk digests coming down.
+    host: Vec<u8>,
+    down: usize,
+}
+
+impl ChunkDigester {
+    /// Device memory held now.
+    pub fn device_bytes(&self) -> u64 {
+        [&self.packed, &self.chunks].iter().filter_map(|b| b.as_ref()).map(|b| b.allocated_bytes() as u64).sum()
+    }
+
+    /// The chunk digests the last call brought down.
+    fn results(&self, total: usize) -> Vec<u64> {
+        let bytes = &self.host[self.down..self.down + total * 8];
+        bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()
+    }
+}
+
+/// A buffer of at least `bytes`, the one held if it is large enough.
+fn at_least<'a>(
+    gpu: &Gpu,
+    held: &'a mut Option<DeviceBuffer>,
+    bytes: usize,
+) -> Result<&'a mut DeviceBuffer, CudaError> {
+    if held.as_ref().is_none_or(|b| b.len() < bytes) {
+        *held = None; // free the small one first
+        *held = Some(gpu.alloc(bytes.max(1))?);
+    }
+    Ok(held.as_mut().expect("just allocated"))
+}
+
+impl Gpu {
+    /// Digests each region `(device address, bytes)` of this GPU chunk by chunk from its start,
+    /// after the work already queued on this GPU's stream, and returns every region's chunk
+    /// digests, concatenated in order (a region of `n` bytes has `n.div_ceil(4096)`). The
+    /// regions must be live memory of this GPU's context while the call runs.
+    pub fn chunk_digests(&self, digester: &mut ChunkDigester, regions: &[(u64, u64)]) -> Result<Vec<u64>, CudaError> {
+        let wait = crate::host_copy::WaitOnDrop(self);
+        // SAFETY: the stream is synchronized before `digester` is given back, on every path
+        // (`wait` on an early return).
+        let total = unsafe { self.queue_chunk_digests(digester, regions) }?;
+        self.synchronize()?;
+        drop(wait);
+        Ok(digester.results(total))
+    }
+
+    /// Copies `copies` from host memory into `dst` as [`Gpu::copy_ranges_from_host`] does,
+    /// then digests `regions` as [`Gpu::chunk_digests`] does, behind the copies on the same
+    /// stream, running `meanwhile` on this thread while all of it runs: the digest of a
+    /// bucket costs the copy engines no gap beyond the kernel's own few microseconds.
+    pub fn copy_from_host_then_digest<M: OwnedDeviceMemory, R>(
+        &self,
+        dst: &M,
+        copies: &[(usize, &[u8])],
+        digester: &mut ChunkDigester,
+        regions: &[(u64, u64)],
+        meanwhile: impl FnOnce() -> R,
+    ) -> Result<(Vec<u64>, R), CudaError> {
+        let mut total = 0;
+        let value = self.copy_ranges_from_host(dst, copies, || {
+            // SAFETY: `copy_ranges_from_host` synchronizes the stream before it returns, on
+            // every path, and `digester` stays borrowed until then.
+            total = unsafe { self.queue_chunk_digests(digester, regions) }?;
+            Ok::<R, CudaError>(meanwhile())
+        })??;
+        Ok((digester.results(total), value))
+    }
+
+    /// Queues, on this GPU's stream: the runs of `regions` up into `digester`'s device buffer,
+    /// the digest kernel, and the chunk digests down into `digester`'s host buffer. Returns
+    /// how many chunk digests will be there.
+    ///
+    /// # Safety
+    ///
+    /// The caller synchronizes this GPU's stream before `digester` is used again or dropped:
+    /// the copies read and write its host buffer until then.
+    unsafe fn queue_chunk_digests(
+        &self,
+        digester: &mut ChunkDigester,
+        regions: &[(u64, u64)],
+    ) -> Result<usize, CudaError> {
+        let (start, total) = prefix(regions.iter().map(|r| r.1), CHUNK_BYTES);
+        if total == 0 {
+            return Ok(0);
+        }
+        let runs: Vec<FusedRun> = regions
+            .iter()
+            .zip(&start)
+            .filter(|(r, _)| r.1 > 0)
+            .map(|(&(src, bytes), &out)| FusedRun { src, dst: 0, bytes, out })
+            .collect();
+        let mut packing = Packing::default();
+        let list = packing.runs(&runs)?;
+        let up = packing.0.len();
+        let down = up.next_multiple_of(16);
+        let needed = down + total as usize * 8;
+        if digester.host.len() < needed {
+            digester.pinned = None; // unregister before the memory moves
+            digester.host = vec![0u8; needed.next_power_of_two()];
+            // Only a hint: copies to and from pageable memory are slower, not wrong.
+            digester.pinned = self.register_host(&digester.host).ok();
+        }
+        digester.down = down;
+        digester.host[..up].copy_from_slice(&packing.0);
+        let packed = at_least(self, &mut digester.packed, up)?.device_ptr();
+        let chunks = at_least(self, &mut digester.chunks, total as usize * 8)?;
+        let stream = self.stream();
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `packed` holds at least `up` bytes; the host bytes stay live and untouched
+        // until the caller synchronizes the stream (this function's contract).
+        unsafe { cudarc::driver::result::memcpy_htod_async(packed, &digester.host[..up], stream.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")?;
+        self.launch_runs(stream, packed, &list, chunks, self.local_fused_kernel())?;
+        let out = &mut digester.host[down..needed];
+        // SAFETY: `chunks` holds the `total` digests the kernel writes; `out` is as long and
+        // stays live and untouched until the caller synchronizes the stream.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, chunks.device_ptr(), stream.cu_stream()) }
+            .call("cuMemcpyDtoHAsync")?;
+        Ok(total as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,8 +30,8 @@ pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{ordinal_with_uuid, IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
-    waves, waves_of, CastDesc, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu, UpdateBatch, Wave,
-    WaveOrder, CHUNK_BYTES, WAVE_CHUNKS,
+    waves, waves_of, CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu,
+    UpdateBatch, Wave, WaveOrder, CHUNK_BYTES, WAVE_CHUNKS,
 };
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};

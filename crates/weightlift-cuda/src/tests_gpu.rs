@@ -96,6 +96,28 @@ fn gpu_digest_equals_cpu_digest_for_many_sizes_and_alignments() {
     assert_eq!(gpu.run_digests(&batch).unwrap(), expected);
 }
 
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn raw_chunk_digests_equal_the_hosts_and_the_digester_grows() {
+    let gpu = gpu();
+    let data = bytes((6 << 20) + 64, 11);
+    let mut buf = gpu.alloc(data.len()).unwrap();
+    buf.upload(&data).unwrap();
+    let mut digester = crate::ChunkDigester::default();
+    // One region first (small buffers), then many at odd offsets (the buffers grow).
+    let mut cases: Vec<Vec<(usize, usize)>> = vec![vec![(0, 4096)]];
+    cases.push(SIZES.iter().enumerate().map(|(i, &len)| ([0usize, 8, 3, 256, 4, 12, 1, 16, 2][i % 9], len)).collect());
+    cases.push(vec![(0, 0)]);
+    for regions in cases {
+        let expected: Vec<u64> =
+            regions.iter().flat_map(|&(at, len)| weightlift_core::digest::chunk_digests(&data[at..at + len])).collect();
+        let device: Vec<(u64, u64)> =
+            regions.iter().map(|&(at, len)| (buf.device_ptr() + at as u64, len as u64)).collect();
+        assert_eq!(gpu.chunk_digests(&mut digester, &device).unwrap(), expected);
+    }
+    assert!(digester.device_bytes() > 0);
+}
+
 /// The runs of one destination tensor: split at a chunk in the middle (with an empty run
 /// between) when it has two chunks or more, so runs start at chunks other than 0.
 fn runs_of(src: u64, dst: u64, len: u64, out: u64) -> Vec<FusedRun> {

@@ -1,24 +1,26 @@
 //! The sender's side of device slots (see [`crate::staged`]): a sender on the receiver's host
 //! with host tensors copies each bucket into one of the receiver's device slots with its own
-//! copy engines, straight from where its tensors are (page-locked once), and digests them on
-//! the CPU meanwhile. No byte goes through the ring: the host memory is read once by the copy
-//! engines and once by the digest, where the ring costs a packing pass, its writes, and the
-//! receiver's copy on top.
+//! copy engines, straight from where its tensors are (page-locked once). No byte goes through
+//! the ring, where the ring costs a packing pass, its writes, and the receiver's copy on top.
+//! What it sends is digested by this process on the GPU, from the slot the copies filled,
+//! before the receiver is told it is there: the host memory is read once, by the copy engines
+//! (or, with [`crate::SenderOptions::host_digests`], digested from the sources on the CPU too,
+//! a second read of host memory beside the copies).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use weightlift_core::digest::ChunkDigests;
+use weightlift_core::digest::{ChunkDigests, PieceDigests};
 use weightlift_core::Plan;
-use weightlift_cuda::{ordinal_with_uuid, CudaError, Gpu, ImportedAllocation, PinnedRanges};
+use weightlift_cuda::{ordinal_with_uuid, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges};
 
 use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
-use crate::update::{stage_for_copies, Schedule};
+use crate::update::{landed_pieces, stage_for_copies, LandedPiece, Schedule};
 
 const PAGE: usize = 4096;
 
@@ -76,6 +78,36 @@ pub struct SlotWriter {
     sources: Option<PinnedRanges>,
     /// Where the current update's time goes.
     pub(crate) phases: SlotPhases,
+    /// Digests what lands in the slots.
+    digester: ChunkDigester,
+    /// The chunk digests of the last bucket sent, to fold while the next one is copied.
+    pending: Option<Landed>,
+}
+
+/// A bucket's verbatim pieces, with the chunk digests of what landed in its slot.
+struct Landed {
+    k: usize,
+    pieces: Vec<LandedPiece>,
+    chunks: Vec<u64>,
+}
+
+impl Landed {
+    /// Completes each piece's digests with its edges, read from the sources, into `digests`.
+    fn fold(self, sources: &dyn SourceTensors, digests: &mut [ChunkDigests]) -> Result<(), TransferError> {
+        let mut rest = &self.chunks[..];
+        for p in self.pieces {
+            let n = (p.layout.chunks() as usize).min(rest.len());
+            let (mine, tail) = rest.split_at(n);
+            rest = tail;
+            let source = sources.bytes(p.src as usize);
+            let fragments = p.fragments.iter().map(|r| source[r.clone()].to_vec()).collect();
+            let piece = PieceDigests::from_chunks(&p.layout, mine.to_vec(), fragments).ok_or_else(|| {
+                TransferError::Unexpected(format!("bucket {}: a piece's chunk digests do not fit its layout", self.k))
+            })?;
+            digests[p.dst as usize].add(piece);
+        }
+        Ok(())
+    }
 }
 
 /// Seconds one update spent, on this process's side, in each step of writing device slots.
@@ -89,7 +121,8 @@ pub struct SlotPhases {
     pub pack: f64,
     /// Queueing the copies and waiting for them.
     pub copy: f64,
-    /// Digesting the sources, beside the copies (the whole update, on its own threads).
+    /// Digesting what the copies landed, on the GPU; or the sources on the CPU, beside the
+    /// copies (the whole update, on threads of its own).
     pub digest: f64,
 }
 
@@ -118,6 +151,8 @@ impl SlotWriter {
             scratch,
             sources: None,
             phases: SlotPhases::default(),
+            digester: ChunkDigester::default(),
+            pending: None,
         })
     }
 
@@ -167,9 +202,11 @@ impl SlotWriter {
 
     /// Sends bucket `k` of `schedule` through a free slot: packs what needs packing into the
     /// scratch (digesting it), has the copy engines move everything into the slot, and tells
-    /// the receiver once it is there. What is copied from the sources as it is, is digested by
-    /// [`crate::update::digest_verbatim`] beside. `flip` (a fault test) corrupts one byte on the way; `pin` page-locks the sources first (see
-    /// [`crate::SenderOptions::pin_sources`]).
+    /// the receiver once it is there. What is copied from the sources as it is, is digested
+    /// (with `landed`) on the GPU from the slot, where it landed, before the receiver is told;
+    /// otherwise by [`crate::update::digest_verbatim`] beside, from the sources. `flip` (a
+    /// fault test) corrupts one byte of the slot after it was digested; `pin` page-locks the
+    /// sources first (see [`crate::SenderOptions::pin_sources`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_bucket(
         &mut self,
@@ -182,6 +219,7 @@ impl SlotWriter {
         threads: usize,
         flip: bool,
         pin: bool,
+        landed: bool,
         timeout: Duration,
     ) -> Result<(), TransferError> {
         let mut t = Instant::now();
@@ -191,6 +229,8 @@ impl SlotWriter {
         };
         if k == 0 {
             self.phases = SlotPhases::default();
+            self.pending = None; // what a failed update left
+
             if pin {
                 self.pin_sources(sources);
             }
@@ -199,19 +239,49 @@ impl SlotWriter {
         let slot = self.free_slot(conn, timeout)?;
         lap(&mut self.phases.slot_wait);
         let bytes = schedule.buckets[k].bytes;
-        let mut copies = stage_for_copies(plan, schedule, k, sources, self.scratch.as_mut_slice(), digests, threads);
-        lap(&mut self.phases.pack);
-        // Queued after the bucket's own copies, on the same stream: it lands on top of them.
+        let SlotWriter { gpu, slots, scratch, digester, pending, phases, .. } = self;
+        let copies = stage_for_copies(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads);
+        lap(&mut phases.pack);
         let middle = bytes as usize / 2;
         let flipped =
             copies.iter().find(|(at, b)| (*at..*at + b.len()).contains(&middle)).map(|(at, b)| [b[middle - at] ^ 0x40]);
-        if let (true, Some(byte)) = (flip, &flipped) {
-            copies.push((middle, byte));
+        let dst = &slots[slot as usize];
+        if landed {
+            let pieces = landed_pieces(plan, schedule, k);
+            let base = dst.device_ptr();
+            let regions: Vec<(u64, u64)> =
+                pieces.iter().map(|p| (base + p.whole_at.start as u64, p.whole_at.len() as u64)).collect();
+            // The last bucket's digests are folded while this one's copies run.
+            let (chunks, folded) = gpu
+                .copy_from_host_then_digest(dst, &copies, digester, &regions, || {
+                    let started = Instant::now();
+                    let folded = pending.take().map_or(Ok(()), |last| last.fold(sources, digests));
+                    phases.digest += started.elapsed().as_secs_f64();
+                    folded
+                })
+                .map_err(gpu_error)?;
+            folded?;
+            *pending = Some(Landed { k, pieces, chunks });
+        } else {
+            gpu.copy_ranges_from_host(dst, &copies, || ()).map_err(gpu_error)?;
         }
-        self.gpu.copy_ranges_from_host(&self.slots[slot as usize], &copies, || ()).map_err(gpu_error)?;
-        lap(&mut self.phases.copy);
+        lap(&mut phases.copy);
+        if let (true, Some(byte)) = (flip, &flipped) {
+            let corrupt = [(middle, &byte[..])];
+            gpu.copy_ranges_from_host(dst, &corrupt, || ()).map_err(gpu_error)?;
+        }
         conn.send(&Message::BucketReady { index: k as u32, slot, bytes })?;
         Ok(())
+    }
+
+    /// Folds the digests of the last bucket sent into `digests` (after the last bucket of an
+    /// update, with `landed`).
+    pub(crate) fn finish_digests(
+        &mut self,
+        sources: &dyn SourceTensors,
+        digests: &mut [ChunkDigests],
+    ) -> Result<(), TransferError> {
+        self.pending.take().map_or(Ok(()), |last| last.fold(sources, digests))
     }
 
     /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).

@@ -51,6 +51,12 @@ pub struct SenderOptions {
     /// sources are copied at the driver's pageable rate; pinned ones (torch's
     /// `pin_memory()`) at the pinned rate either way.
     pub pin_sources: bool,
+    /// With device slots: digest what is copied from the sources as it is on this process's
+    /// CPUs, from the sources' host memory (a second read of it, beside the copy engines'),
+    /// rather than on the GPU from the slot it landed in (the default). Either way the
+    /// receiver compares them with its digests of what its tensors then hold; host digests
+    /// also catch a source changed while it was copied, at the host memory's read rate.
+    pub host_digests: bool,
     /// For fault tests only: misbehave on purpose.
     pub fault: Option<Fault>,
 }
@@ -67,6 +73,7 @@ impl Default for SenderOptions {
             token: None,
             device_writes: true,
             pin_sources: false,
+            host_digests: false,
             fault: None,
         }
     }
@@ -446,15 +453,17 @@ impl Sender {
         let flips = |k: u32| fault == Some(Fault::FlipByteInBucket(k));
         if let SendPath::Device(writer) = &mut self.path {
             let conn = &mut self.conn;
-            // The copy engines go bucket by bucket; the digest of what they copy goes beside,
-            // over the whole update, on threads of its own: every core, as the receiver spends
-            // none on device slots and the digest is what bounds the update.
+            let (pin, landed) = (self.options.pin_sources, !self.options.host_digests);
+            // Host digests go beside the copy engines, over the whole update, on threads of
+            // their own: every core, as the receiver spends none on device slots and that
+            // digest is what bounds the update.
             let digest_threads = all_cores().max(threads);
-            let pin = self.options.pin_sources;
             let (sent, verbatim, digest_seconds) = std::thread::scope(|scope| {
-                let job = scope.spawn(|| {
-                    let started = Instant::now();
-                    (digest_verbatim(plan, &schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
+                let job = (!landed).then(|| {
+                    scope.spawn(|| {
+                        let started = Instant::now();
+                        (digest_verbatim(plan, &schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
+                    })
                 });
                 let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {
                     inject(fault, k, conn)?;
@@ -469,15 +478,20 @@ impl Sender {
                         threads,
                         flip,
                         pin,
+                        landed,
                         timeout,
                     )?;
                     Ok::<(), SendError>(())
                 });
-                let (verbatim, seconds) = job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                let sent = sent.and_then(|()| Ok(writer.finish_digests(tensors, &mut digests)?));
+                let joined = job.map(|job| job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                let (verbatim, seconds) = joined.unwrap_or_default();
                 (sent, verbatim, seconds)
             });
             sent?;
-            writer.phases.digest = digest_seconds;
+            if !landed {
+                writer.phases.digest = digest_seconds;
+            }
             for (d, piece) in verbatim {
                 digests[d as usize].add(piece);
             }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use weightlift_core::digest::{self, ChunkDigests, PieceDigests};
+use weightlift_core::digest::{self, ChunkDigests, PieceDigests, PieceLayout};
 use weightlift_core::{buckets, exec, pieces, Bucket, BucketError, CopyOp, Plan};
 
 use crate::tensors::{DestinationTensors, SourceTensors};
@@ -294,6 +294,41 @@ pub fn digest_verbatim(
     .collect()
 }
 
+/// A piece of a bucket copied from its source as it is, to be digested where the copies put
+/// it: its whole chunks at `whole_at` bytes of the bucket (by a GPU, say), its partial chunks
+/// from `fragments` bytes of source tensor `src` (by the CPU; under a chunk at either end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LandedPiece {
+    pub dst: u32,
+    pub layout: PieceLayout,
+    pub whole_at: Range<usize>,
+    pub src: u32,
+    pub fragments: Vec<Range<usize>>,
+}
+
+/// The pieces of `bucket` that [`digest_verbatim`] would digest from the sources, laid out to
+/// be digested from the bucket instead.
+pub fn landed_pieces(plan: &Plan, schedule: &Schedule, bucket: usize) -> Vec<LandedPiece> {
+    schedule.pieces[bucket]
+        .iter()
+        .filter_map(|piece| {
+            let (verbatim, dst) = (piece.verbatim.as_ref()?, piece.dst_bytes.as_ref()?);
+            let len = plan.destinations[piece.op.dst as usize].byte_len();
+            let layout = PieceLayout::new(len, dst.start as u64, dst.len() as u64);
+            // Bytes of the destination map one to one onto the payload and the source.
+            let payload_of = |at: u64| piece.payload.start + (at as usize - dst.start);
+            let source_of = |at: u64| verbatim.start + (at as usize - dst.start);
+            Some(LandedPiece {
+                dst: piece.op.dst,
+                whole_at: payload_of(layout.whole.start)..payload_of(layout.whole.end),
+                src: piece.op.src,
+                fragments: layout.fragments.iter().map(|r| source_of(r.start)..source_of(r.end)).collect(),
+                layout,
+            })
+        })
+        .collect()
+}
+
 /// Receiver: writes `bucket` from `payload` into the destinations in place, digesting the
 /// bytes it now holds (read back from the destination, not taken from the payload).
 pub fn unpack(
@@ -410,4 +445,52 @@ pub fn receiver_digests(
             (true, false) => Some(digest::digest(destinations.bytes(d))),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use weightlift_core::digest::chunk_digests;
+    use weightlift_core::{plan, TpRank};
+
+    use super::*;
+    use crate::setup::{MappingOptions, ModelSource};
+    use crate::tensors::HostTensors;
+
+    /// Digesting verbatim pieces from where the bytes landed (whole chunks from the packed
+    /// bucket, edges from the source) gives the digests of digesting them from the source.
+    #[test]
+    fn landed_pieces_digest_like_the_sources() {
+        for (model, tp, bucket_bytes) in
+            [("qwen3-tiny", 2, 8 << 10), ("qwen3-moe-tiny", 1, 5000), ("qwen2-tiny", 1, 1 << 20)]
+        {
+            let source = ModelSource::synthetic(model).unwrap();
+            let tp = TpRank::new(tp - 1, tp).unwrap();
+            let inputs = MappingOptions::default().inputs(&source, tp).unwrap();
+            let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).unwrap();
+            let schedule = Schedule::new(&plan, &[], bucket_bytes).unwrap();
+            let tensors = HostTensors::synthetic(source.config().unwrap(), 3);
+            let mut want: Vec<(u32, PieceDigests)> = digest_verbatim(&plan, &schedule, &tensors, 3);
+            let mut got = Vec::new();
+            let mut scratch = vec![0u8; bucket_bytes as usize];
+            for k in 0..schedule.buckets.len() {
+                let mut payload = vec![0u8; schedule.buckets[k].bytes as usize];
+                let mut ignored = schedule.digests(&plan);
+                for (at, bytes) in stage_for_copies(&plan, &schedule, k, &tensors, &mut scratch, &mut ignored, 2) {
+                    payload[at..at + bytes.len()].copy_from_slice(bytes);
+                }
+                for p in landed_pieces(&plan, &schedule, k) {
+                    let source = SourceTensors::bytes(&tensors, p.src as usize);
+                    let fragments = p.fragments.iter().map(|r| source[r.clone()].to_vec()).collect();
+                    let piece =
+                        PieceDigests::from_chunks(&p.layout, chunk_digests(&payload[p.whole_at.clone()]), fragments);
+                    got.push((p.dst, piece.expect("the layout's own counts")));
+                }
+            }
+            assert!(!want.is_empty(), "{model}: no verbatim pieces to compare");
+            let key = |(d, p): &(u32, PieceDigests)| (*d, format!("{p:?}"));
+            want.sort_by_key(key);
+            got.sort_by_key(key);
+            assert_eq!(got, want, "{model}");
+        }
+    }
 }

@@ -323,16 +323,22 @@ impl GpuRanks {
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn host_tensors_reach_gpu_receivers_over_shm_tcp_and_in_process_bit_exact() {
     for (model, tp_size) in [("qwen3-tiny", 1), ("qwen3-moe-tiny", 2)] {
-        // shm: buckets copied into the receivers' device slots by the trainer's process; through
-        // the ring when asked; tcp cannot map them.
-        for (transport, ring) in [("shm", false), ("shm", true), ("tcp", false)] {
-            let label = format!("staged-{model}-{transport}-{ring}");
+        // shm: buckets copied into the receivers' device slots by the trainer's process (digested
+        // there on the GPU, or from the sources on the CPU); through the ring when asked; tcp
+        // cannot map them.
+        for (transport, ring, host_digests) in
+            [("shm", false, false), ("shm", false, true), ("shm", true, false), ("tcp", false, false)]
+        {
+            let label = format!("staged-{model}-{transport}-{ring}-{host_digests}");
             let ranks = gpu_ranks(model, tp_size, 0, &label, ReceiverOptions::default());
             let mut push = Command::new(exe());
             push.args(["push", "--synthetic", model, "--device", "host", "--transport", transport]);
             push.args(["--steps", "3", "--bucket-bytes", "65536", "--json"]);
             if ring {
                 push.arg("--no-device-writes");
+            }
+            if host_digests {
+                push.arg("--host-digests");
             }
             for e in &ranks.endpoints {
                 push.args(["--to", e]);
@@ -413,8 +419,9 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     };
     assert!(push(&["--version", "1"]).status.success());
     let receiver = &ranks.ranks[0].3;
-    // Through the device slots (the default on one host) and through the ring.
-    for path in [None, Some("--no-device-writes")] {
+    // Through the device slots (the default on one host; digested on the GPU or from host
+    // memory) and through the ring.
+    for path in [None, Some("--host-digests"), Some("--no-device-writes")] {
         for fault in ["flip:2", "abort:3", "hangup:1", "stall:2"] {
             let mut args = vec!["--version", "2", "--fault", fault];
             args.extend(path);

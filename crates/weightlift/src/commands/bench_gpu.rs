@@ -296,12 +296,13 @@ pub fn run(
     for (m, name) in ipc_models.iter().enumerate() {
         // The socket row of the first model only: over loopback it is the socket's rate, and a
         // MoE model's 61 GB would take minutes an update.
-        let paths: &[(TransportKind, bool)] = match m {
-            0 => &[(TransportKind::Shm, true), (TransportKind::Shm, false), (TransportKind::Tcp, false)],
-            _ => &[(TransportKind::Shm, true), (TransportKind::Shm, false)],
-        };
-        for &(transport, device_writes) in paths {
-            match staged_row(ordinal, name, transport, device_writes, model_args, &ceilings)? {
+        // Device slots digested where they land (the default), and from the sources on the CPU.
+        let shm =
+            [(TransportKind::Shm, true, false), (TransportKind::Shm, true, true), (TransportKind::Shm, false, false)];
+        let tcp = (m == 0).then_some((TransportKind::Tcp, false, false));
+        for (transport, device_writes, host_digests) in shm.into_iter().chain(tcp) {
+            let path = StagedPath { transport, device_writes, host_digests };
+            match staged_row(ordinal, name, path, model_args, &ceilings)? {
                 Ok(row) => staged.push(row),
                 Err(reason) => skipped.push(reason),
             }
@@ -639,15 +640,24 @@ fn ipc_row(
 
 /// One model's host tensors (in this process) pushed to `weightlift serve --device cuda:N`.
 /// The same bytes every version: nothing is skipped (no delta), so every update moves them all.
+/// How a staged row's bytes travel.
+#[derive(Debug, Clone, Copy)]
+struct StagedPath {
+    transport: TransportKind,
+    device_writes: bool,
+    /// Device slots: digest the sources on the CPU rather than what landed on the GPU.
+    host_digests: bool,
+}
+
 fn staged_row(
     receiver: usize,
     name: &str,
-    transport: TransportKind,
-    device_writes: bool,
+    how: StagedPath,
     model_args: &ModelArgs,
     ceilings: &Ceilings,
 ) -> Result<Result<StagedRow, String>, CommandError> {
     let (args, inputs) = synthetic_inputs(name, model_args)?;
+    let transport = how.transport;
     let bytes = inputs.destination.total_bytes();
     let exe = std::env::current_exe().map_err(|e| CommandError::Io(e.to_string()))?;
     let dir = std::env::temp_dir().join(format!("weightlift-gpu-bench-{}", std::process::id()));
@@ -662,9 +672,12 @@ fn staged_row(
         weightlift::core::synthetic(name).ok_or_else(|| CommandError::Io(format!("no synthetic model {name}")))?;
     let result = (|| {
         let tensors = weightlift::HostTensors::synthetic(&config, 7);
-        let options = SenderOptions { transport, device_writes, pin_sources: true, ..SenderOptions::default() };
+        let StagedPath { device_writes, host_digests, .. } = how;
+        let options =
+            SenderOptions { transport, device_writes, pin_sources: true, host_digests, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, tensors.manifest(), &inputs.rules, options)?;
         let path = match (transport, sender.writes_device_slots()) {
+            (_, true) if host_digests => "slots, cpu digest",
             (_, true) => "device slots",
             (TransportKind::Tcp, _) => "socket",
             _ => "ring",

@@ -192,6 +192,10 @@ pub struct TrainerArgs {
     /// ring rather than copying them into the receivers' device slots from this process.
     #[arg(long)]
     pub no_device_writes: bool,
+    /// Device slots: digest the tensors where they are in host memory, on the CPU (a second
+    /// read of it), rather than what the copies landed on the GPU.
+    #[arg(long)]
+    pub host_digests: bool,
 }
 
 impl TrainerArgs {

@@ -112,6 +112,7 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         threads: args.threads.unwrap_or_else(default_threads),
         token: args.token.as_deref().and_then(Token::new),
         device_writes: !args.trainer.no_device_writes,
+        host_digests: args.trainer.host_digests,
         // This process owns its tensors and copies them no other way.
         pin_sources: true,
         ..SenderOptions::default()

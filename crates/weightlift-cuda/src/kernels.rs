@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use weightlift_core::{prefix, update_order, waves, ScheduleError, WaveFolds, WaveOrder};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::{DeviceBuffer, Gpu, OwnedDeviceMemory};
@@ -51,6 +52,8 @@ const STAGED_CHUNK_INFO_BYTES: u32 = 32;
 // shared memory than a block may ask for (227 KiB).
 const _: () = assert!(CHUNK_BYTES % STAGED_PIECE_BYTES as u64 == 0 && STAGED_THREADS % 32 == 0);
 const _: () = assert!(STAGED_SHARED_BYTES <= 227 << 10);
+// The chunks the kernels digest are the ones weightlift-core schedules and defines digests by.
+const _: () = assert!(CHUNK_BYTES == weightlift_core::digest::CHUNK_BYTES as u64);
 
 /// The kernels' CUDA C, one program for NVRTC: the files of `kernels/` in this order, each
 /// after a blank line (the layout of the source when it was inline here). Later files use what
@@ -176,37 +179,6 @@ pub struct FusedRun {
     pub out: u64,
 }
 
-/// Chunk digests one wave of an update holds at most (16 MiB of them, for 8 GiB of tensors);
-/// two waves' worth (one being copied, one being folded) bound the GPU memory an update needs
-/// beyond the tensors.
-pub const WAVE_CHUNKS: u64 = 2 << 20;
-
-/// Tensors (indices into `tensor_bytes`) grouped into waves of at most [`WAVE_CHUNKS`] chunks
-/// (a larger tensor is a wave of its own), largest first: how digests of memory in place are
-/// run (see [`WaveOrder`]).
-pub fn waves(tensor_bytes: &[u64]) -> Vec<Vec<usize>> {
-    waves_of(tensor_bytes, WAVE_CHUNKS, WaveOrder::LargestFirst)
-}
-
-/// In which order an update's tensors go into waves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaveOrder {
-    /// Largest first, for reads at HBM speed. A tensor's digest is one dependent fold over its
-    /// chunk digests (~6 ns a chunk) that starts once the tensor is read, and reading a chunk
-    /// from this GPU's memory takes ~1 ns: in the models' own order Qwen3-8B's lm_head (1.2 GB)
-    /// and Qwen3-30B-A3B's last stacked experts came in the last wave, and their folds ran on
-    /// after every byte was read. Largest first, the longest folds have the rest of the update
-    /// to run beside, and the last wave holds the smallest tensors (on H200, digests alone:
-    /// Qwen3-8B 4.90 -> 4.07 ms, Qwen3-30B-A3B 15.78 -> 14.79 ms; Qwen3-30B-A3B's update
-    /// 32.8 -> 31.7 ms). Equal sizes keep their order.
-    LargestFirst,
-    /// As listed, for reads over NVLink: a chunk takes ~11 ns to arrive there, longer than
-    /// its fold, so no fold outlasts the reads whatever the order. Largest first made
-    /// Qwen3-30B-A3B's pull from a peer GPU vary from update to update (164.3-169.5 ms, against
-    /// 164.7-164.8 ms as listed, on 2 x H200; the cause was not found).
-    AsListed,
-}
-
 impl SourceGpu {
     /// The order of the waves of an update reading these sources.
     pub fn wave_order(self) -> WaveOrder {
@@ -215,29 +187,6 @@ impl SourceGpu {
             SourceGpu::Peer => WaveOrder::AsListed,
         }
     }
-}
-
-/// Tensors grouped into waves of at most `max_chunks` chunks (a larger tensor is a wave of its
-/// own), in `order` (tests use small bounds to get many waves from small models).
-pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64, order: WaveOrder) -> Vec<Vec<usize>> {
-    let mut tensors: Vec<usize> = (0..tensor_bytes.len()).collect();
-    if order == WaveOrder::LargestFirst {
-        tensors.sort_by_key(|&t| std::cmp::Reverse(tensor_bytes[t]));
-    }
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    let mut chunks = 0u64;
-    for t in tensors {
-        let c = tensor_bytes[t].div_ceil(CHUNK_BYTES);
-        match waves.last_mut() {
-            Some(wave) if chunks + c <= max_chunks => wave.push(t),
-            _ => {
-                waves.push(vec![t]);
-                chunks = 0;
-            }
-        }
-        chunks += c;
-    }
-    waves
 }
 
 /// The work of one wave: destination tensors (`tensors`: each one's index in the update, which
@@ -332,7 +281,8 @@ struct RunList {
 }
 
 struct PreparedWave {
-    /// The tensors whose digests are folded early (see [`EARLY_FOLD_CHUNKS`]), in the order
+    /// The tensors whose digests are folded early (see
+    /// [`EARLY_FOLD_CHUNKS`](weightlift_core::EARLY_FOLD_CHUNKS)), in the order
     /// they are copied.
     early: Vec<EarlyGroup>,
     fused: RunList,
@@ -355,90 +305,6 @@ struct EarlyGroup {
 struct IndexList {
     items: u64,
     count: u32,
-}
-
-/// A tensor of at least this many chunks (128 MiB) whose chunks are all fused has its digest
-/// folded early: its runs go first, then its fold (one dependent chain per tensor, ~6 ns a
-/// chunk: 1.8 ms for Qwen3-8B's 1.2 GB lm_head) runs on a second stream while the rest of the
-/// wave is copied (see [`fold_groups`]).
-const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
-
-/// The waves' tensors in turn (each one's index in the update), checked to list every tensor
-/// of the update exactly once.
-fn update_order(waves: &[Wave]) -> Result<Vec<usize>, CudaError> {
-    let order: Vec<usize> = waves.iter().flat_map(|w| w.tensors.iter().copied()).collect();
-    let mut listed = vec![false; order.len()];
-    for (w, wave) in waves.iter().enumerate() {
-        if wave.tensors.len() != wave.tensor_bytes.len() {
-            return Err(CudaError::Invalid(format!(
-                "wave {w} lists {} tensors and {} tensor sizes",
-                wave.tensors.len(),
-                wave.tensor_bytes.len()
-            )));
-        }
-        for &t in &wave.tensors {
-            match listed.get_mut(t) {
-                Some(seen) if !*seen => *seen = true,
-                Some(_) => return Err(CudaError::Invalid(format!("tensor {t} is listed twice (wave {w})"))),
-                None => {
-                    return Err(CudaError::Invalid(format!(
-                        "wave {w} lists tensor {t}, past the {} tensors of the update",
-                        order.len()
-                    )))
-                }
-            }
-        }
-    }
-    Ok(order)
-}
-
-/// When a tensor's digest is folded, within its wave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fold {
-    /// Copied first, folded beside the rest of the wave.
-    First,
-    /// Copied next, folded beside the rest of the wave.
-    Early,
-    /// Folded once the wave is copied.
-    Late,
-}
-
-/// When each tensor of a wave (its chunks; whether some of them are fallback chunks, digested
-/// after the copies) is folded. Tensors of [`EARLY_FOLD_CHUNKS`] or more, all fused, are folded
-/// early. The largest of them, down to the first that has twice the chunks of the next, go
-/// first, so that their folds, the longest, start after their own runs rather than after all
-/// the early tensors' (Qwen3-8B's embeddings and lm_head, 304k chunks each, among gate_up
-/// projections of 49k). Early tensors of like sizes stay together: a fold beside each launch
-/// slowed Qwen3-30B-A3B's digest 16.4 -> 19.8 ms on H200.
-fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
-    let mut fold: Vec<Fold> = tensor_chunks
-        .iter()
-        .zip(has_fallback)
-        .map(|(&chunks, &fallback)| if chunks >= EARLY_FOLD_CHUNKS && !fallback { Fold::Early } else { Fold::Late })
-        .collect();
-    let mut early: Vec<usize> = (0..fold.len()).filter(|&t| fold[t] == Fold::Early).collect();
-    // Largest first; equals in their order.
-    early.sort_by_key(|&t| std::cmp::Reverse(tensor_chunks[t]));
-    if let Some(last) = early.windows(2).position(|p| tensor_chunks[p[0]] >= 2 * tensor_chunks[p[1]]) {
-        for &t in &early[..=last] {
-            fold[t] = Fold::First;
-        }
-    }
-    fold
-}
-
-/// `items` split by when their tensors are folded: first, early, late (each in the given order).
-fn by_fold<T>(items: impl Iterator<Item = T>, fold_of: impl Fn(&T) -> Fold) -> [Vec<T>; 3] {
-    let mut split: [Vec<T>; 3] = Default::default();
-    for item in items {
-        let at = match fold_of(&item) {
-            Fold::First => 0,
-            Fold::Early => 1,
-            Fold::Late => 2,
-        };
-        split[at].push(item);
-    }
-    split
 }
 
 /// Where an update's sources live, which decides how the fused kernel reads them.
@@ -544,18 +410,6 @@ fn upload(gpu: &Gpu, bytes: &[u8]) -> Result<DeviceBuffer, CudaError> {
     let mut buf = gpu.alloc(bytes.len())?;
     buf.upload(bytes)?;
     Ok(buf)
-}
-
-/// Start of each item's share of a total (plus the total at the end), in units of `unit`.
-fn prefix(lens: impl Iterator<Item = u64>, unit: u64) -> (Vec<u64>, u64) {
-    let mut start = Vec::new();
-    let mut total = 0u64;
-    for len in lens {
-        start.push(total);
-        total += len.div_ceil(unit);
-    }
-    start.push(total);
-    (start, total)
 }
 
 fn count(n: usize) -> Result<u32, CudaError> {
@@ -664,21 +518,15 @@ impl Gpu {
     /// Prepares a whole update, wave by wave (see [`Wave`]); [`Gpu::run_update`] returns the
     /// digest of every tensor of every wave, in order.
     pub fn prepare_update(&self, waves: &[Wave], sources: SourceGpu) -> Result<UpdateBatch, CudaError> {
-        let order = update_order(waves)?;
+        let order = update_order(waves.iter().map(|w| (w.tensors.as_slice(), w.tensor_bytes.as_slice())))?;
         let mut prepared = Vec::with_capacity(waves.len());
         let mut packing = Packing::default();
         let (mut max_chunks, mut first_tensor) = (0u64, 0u32);
         for wave in waves {
-            let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
-            let tensor_of = |slot: u64| tensor_start.partition_point(|&c| c <= slot) - 1;
-            let tensor_chunks: Vec<u64> = tensor_start.windows(2).map(|w| w[1] - w[0]).collect();
-            let mut has_fallback = vec![false; tensor_chunks.len()];
-            for &(_, _, out) in &wave.after {
-                has_fallback[tensor_of(out)] = true;
-            }
-            let fold = fold_groups(&tensor_chunks, &has_fallback);
-            let [first_runs, early_runs, late_runs] = by_fold(wave.fused.iter().copied(), |r| fold[tensor_of(r.out)]);
-            let [first, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
+            let folds = WaveFolds::new(&wave.tensor_bytes, wave.after.iter().map(|&(_, _, out)| out))?;
+            let chunks = folds.chunks();
+            let [first_runs, early_runs, late_runs] = folds.split(wave.fused.iter().copied(), |r| r.out)?;
+            let [first, early, late_tensors] = folds.tensors();
             let mut early_groups = Vec::with_capacity(2);
             for (runs, tensors) in [(first_runs, first), (early_runs, early)] {
                 early_groups.push(EarlyGroup { runs: packing.runs(&runs)?, tensors: packing.indices(&tensors)? });
@@ -688,11 +536,8 @@ impl Gpu {
             let (fused, after) = (packing.runs(&late_runs)?, packing.runs(&after)?);
             let early_chunks: u64 = early_groups.iter().map(|g| g.runs.chunks).sum();
             if early_chunks + fused.chunks + after.chunks != chunks {
-                return Err(CudaError::Invalid(format!(
-                    "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
-                    early_chunks + fused.chunks,
-                    after.chunks
-                )));
+                let (fused, fallback) = (early_chunks + fused.chunks, after.chunks);
+                return Err(ScheduleError::ChunksMismatch { fused, fallback, chunks }.into());
             }
             max_chunks = max_chunks.max(chunks);
             let wave = PreparedWave {
@@ -701,7 +546,7 @@ impl Gpu {
                 copies: packing.copies(&wave.copies)?,
                 casts: packing.casts(&wave.casts)?,
                 after,
-                tensor_start: packing.push(&tensor_start),
+                tensor_start: packing.push(folds.tensor_start()),
                 late_tensors: packing.indices(&late_tensors)?,
                 first_tensor,
             };
@@ -860,30 +705,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_largest_early_tensors_down_to_a_twofold_gap_are_folded_first() {
-        use Fold::*;
-        let big = EARLY_FOLD_CHUNKS;
-        // Qwen3-8B's engine layout: lm_head (304k chunks) among gate_up projections (49k).
-        assert_eq!(fold_groups(&[49_152, 10, 303_872, 49_152], &[false; 4]), [Early, Late, First, Early]);
-        // Both giants (embeddings and lm_head) first, together.
-        assert_eq!(fold_groups(&[303_872, 303_872, 49_152], &[false; 3]), [First, First, Early]);
-        // The first twofold gap, wherever it is.
-        assert_eq!(fold_groups(&[8 * big, 5 * big, 2 * big], &[false; 3]), [First, First, Early]);
-        // Like sizes (Qwen3-30B-A3B's stacked experts and lm_head): together.
-        assert_eq!(fold_groups(&[196_608, 151_936, 98_304], &[false; 3]), [Early, Early, Early]);
-        assert_eq!(fold_groups(&[2 * big, 2 * big - 1], &[false; 2]), [Early, Early]);
-        assert_eq!(fold_groups(&[2 * big, big], &[false; 2]), [First, Early]);
-        // One early tensor needs no second launch; fallback chunks or small tensors fold late.
-        assert_eq!(fold_groups(&[4 * big, big - 1], &[false; 2]), [Early, Late]);
-        assert_eq!(fold_groups(&[4 * big, big], &[false, true]), [Early, Late]);
-        assert_eq!(fold_groups(&[4 * big, 4 * big, 4 * big], &[false; 3]), [Early, Early, Early]);
-        assert_eq!(fold_groups(&[], &[]), []);
-        // Split in order, by each item's fold.
-        let folds = [Late, First, Early, Late, Early];
-        assert_eq!(by_fold(0..5, |&t| folds[t]), [vec![1], vec![2, 4], vec![0, 3]]);
-    }
-
-    #[test]
     fn packed_lists_sit_at_16_byte_aligned_offsets_with_their_bytes() {
         let mut packing = Packing::default();
         assert_eq!(packing.push(&[1u32, 2, 3]), 0);
@@ -901,52 +722,9 @@ mod tests {
 
     #[test]
     fn waves_take_the_largest_tensors_first_where_reads_are_local() {
-        let c = CHUNK_BYTES;
-        // Sizes in chunks 1, 5, 3, 5, 2 with waves of at most 6 chunks: 5 | 5 | 3 2 1.
-        let bytes = [c, 5 * c, 3 * c - 7, 5 * c, 2 * c];
-        assert_eq!(waves_of(&bytes, 6, WaveOrder::LargestFirst), [vec![1], vec![3], vec![2, 4, 0]]);
-        assert_eq!(waves_of(&bytes, 6, WaveOrder::AsListed), [vec![0, 1], vec![2], vec![3], vec![4]]);
-        // A tensor larger than a wave is a wave of its own; an empty one still has a place.
-        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::LargestFirst), [vec![0], vec![2, 1]]);
-        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::AsListed), [vec![0], vec![1, 2]]);
-        assert!(waves_of(&[], 4, WaveOrder::AsListed).is_empty());
+        // The waves themselves are weightlift-core's (schedule.rs); here, which order each source takes.
         assert_eq!(SourceGpu::This.wave_order(), WaveOrder::LargestFirst);
         assert_eq!(SourceGpu::Peer.wave_order(), WaveOrder::AsListed);
-    }
-
-    #[test]
-    fn an_update_lists_each_tensor_once() {
-        let wave = |tensors: Vec<usize>| Wave { tensor_bytes: vec![8; tensors.len()], tensors, ..Wave::default() };
-        assert_eq!(update_order(&[wave(vec![2, 0]), wave(vec![1])]).unwrap(), [2, 0, 1]);
-        let twice = update_order(&[wave(vec![0, 1]), wave(vec![1])]).unwrap_err().to_string();
-        assert!(twice.contains("tensor 1 is listed twice (wave 1)"), "{twice}");
-        let past = update_order(&[wave(vec![0, 3])]).unwrap_err().to_string();
-        assert!(past.contains("lists tensor 3, past the 2 tensors"), "{past}");
-        let sizes = Wave { tensors: vec![0], ..Wave::default() };
-        assert!(update_order(&[sizes]).unwrap_err().to_string().contains("1 tensors and 0 tensor sizes"));
-    }
-
-    #[test]
-    fn prop_waves_list_every_tensor_once_within_the_bound() {
-        use proptest::prelude::*;
-        proptest!(|(sizes in proptest::collection::vec(0u64..40_000, 0..60), max_chunks in 1u64..12, largest_first: bool)| {
-            let order = if largest_first { WaveOrder::LargestFirst } else { WaveOrder::AsListed };
-            let waves = waves_of(&sizes, max_chunks, order);
-            let listed: Vec<usize> = waves.iter().flatten().copied().collect();
-            let mut seen = listed.clone();
-            seen.sort_unstable();
-            prop_assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
-            for pair in listed.windows(2) {
-                let (a, b) = (sizes[pair[0]], sizes[pair[1]]);
-                // Largest first, equals in their order; or simply in their order.
-                let in_order = if largest_first { a > b || (a == b && pair[0] < pair[1]) } else { pair[0] < pair[1] };
-                prop_assert!(in_order, "{:?} of sizes {:?}", listed, sizes);
-            }
-            for wave in &waves {
-                let chunks: u64 = wave.iter().map(|&t| sizes[t].div_ceil(CHUNK_BYTES)).sum();
-                prop_assert!(chunks <= max_chunks || wave.len() == 1);
-            }
-        });
     }
 
     #[test]

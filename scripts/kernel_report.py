@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Compiles weightlift's CUDA kernels (the NVRTC source in crates/weightlift-cuda/src/kernels.rs)
-for a GPU architecture on a machine without a GPU, and prints what ptxas reports per kernel:
-registers, spills, stack and shared memory. What a kernel costs an SM, at no device time.
+"""Compiles weightlift's CUDA kernels (crates/weightlift-cuda/src/kernels/*.cu, one NVRTC program
+as kernels.rs puts them together) for a GPU architecture on a machine without a GPU, and prints
+what ptxas reports per kernel: registers, spills, stack and shared memory. What a kernel costs
+an SM, at no device time.
 
 Needs NVRTC and ptxas, e.g. from the pip wheels nvidia-cuda-nvrtc and nvidia-cuda-nvcc
 (unpacked anywhere; `pip download --no-deps nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88`):
@@ -10,6 +11,7 @@ Needs NVRTC and ptxas, e.g. from the pip wheels nvidia-cuda-nvrtc and nvidia-cud
 
 import argparse
 import ctypes
+import json
 import pathlib
 import re
 import subprocess
@@ -21,11 +23,15 @@ KERNELS = ROOT / "crates/weightlift-cuda/src/kernels.rs"
 
 
 def cuda_source() -> str:
+    """SOURCE as kernels.rs builds it: a concat! of string literals and include_str!("kernels/*.cu")."""
     text = KERNELS.read_text()
-    match = re.search(r'const SOURCE: &str = r#"(.*?)"#;', text, re.S)
+    match = re.search(r"const SOURCE: &str = concat!\((.*?)\);", text, re.S)
     if not match:
-        sys.exit(f"no `const SOURCE: &str = r#\"...\"#;` in {KERNELS}")
-    return match.group(1)
+        sys.exit(f"no `const SOURCE: &str = concat!(...);` in {KERNELS}")
+    parts = []
+    for path, literal in re.findall(r'include_str!\("([^"]+)"\)|"((?:[^"\\]|\\.)*)"', match.group(1)):
+        parts.append((KERNELS.parent / path).read_text() if path else json.loads(f'"{literal}"'))
+    return "".join(parts)
 
 
 def compile_ptx(nvrtc: ctypes.CDLL, source: str, arch: str) -> str:

@@ -4,8 +4,9 @@
 //! ([`Manifest`]) and declarative name-mapping [`rules`], [`plan()`] produces the copy
 //! operations for that rank and proves they write every destination byte exactly once.
 //! [`buckets`] groups a plan's operations into bounded transfers, [`exec`] runs them on host
-//! buffers, [`digest`] defines the checksum both sides compute, and [`version`] the update
-//! state machine of a receiver.
+//! buffers, [`digest`] defines the checksum both sides compute, [`version`] the update
+//! state machine of a receiver, and [`waves_of`] and [`WaveFolds`] schedule digests and
+//! fused copies on a GPU.
 
 pub mod bucket;
 pub mod digest;
@@ -19,6 +20,7 @@ pub mod pool;
 pub mod presets;
 pub mod region;
 pub mod rules;
+mod schedule;
 pub mod spec;
 pub mod version;
 
@@ -32,5 +34,9 @@ pub use plan::{
 };
 pub use presets::{HeadCounts, Preset, PresetOptions};
 pub use rules::{Rule, RuleError, RuleSet};
+pub use schedule::{
+    by_fold, fold_groups, prefix, tensor_of, update_order, waves, waves_of, Fold, ScheduleError, WaveFolds, WaveOrder,
+    EARLY_FOLD_CHUNKS, WAVE_CHUNKS,
+};
 pub use spec::{Manifest, ManifestError, TensorSpec};
 pub use version::{Phase, Version, VersionError, VersionState};

@@ -17,6 +17,9 @@ pub enum CudaError {
     Compile(String),
     #[error("{0}")]
     Invalid(String),
+    /// An update's waves or a wave's work contradict its tensors.
+    #[error(transparent)]
+    Schedule(#[from] weightlift_core::ScheduleError),
     /// Region `index` of a [`Gpu::locate`](crate::Gpu::locate) call does not fit the
     /// allocation it starts in.
     #[error("region {index} at {ptr:#x} ({len} bytes) runs past the end of its allocation ({base:#x}, {bytes} bytes)")]

@@ -1,11 +1,13 @@
 //! weightlift's kernels, compiled once per GPU with NVRTC, and batches of work prepared for
 //! them. A batch (thousands of copies, or thousands of tensors to digest) is uploaded once
-//! and then runs with one or two launches per update, whatever the number of tensors.
+//! and then runs with one or two launches per update, whatever the number of tensors. The
+//! kernels' CUDA C is in `kernels/*.cu`, one program for NVRTC (see `SOURCE`).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use weightlift_core::{prefix, update_order, waves, ScheduleError, WaveFolds, WaveOrder};
 
 use crate::error::{Call, CudaError};
 use crate::gpu::{DeviceBuffer, Gpu, OwnedDeviceMemory};
@@ -50,454 +52,29 @@ const STAGED_CHUNK_INFO_BYTES: u32 = 32;
 // shared memory than a block may ask for (227 KiB).
 const _: () = assert!(CHUNK_BYTES % STAGED_PIECE_BYTES as u64 == 0 && STAGED_THREADS % 32 == 0);
 const _: () = assert!(STAGED_SHARED_BYTES <= 227 << 10);
+// The chunks the kernels digest are the ones weightlift-core schedules and defines digests by.
+const _: () = assert!(CHUNK_BYTES == weightlift_core::digest::CHUNK_BYTES as u64);
 
-const SOURCE: &str = r#"
-typedef unsigned long long u64;
-typedef unsigned int u32;
-typedef unsigned char u8;
-
-// Index of the item whose [start[i], start[i+1]) holds `x` (start has n+1 entries).
-__device__ __forceinline__ u32 find(const u64* start, u32 n, u64 x) {
-    u32 lo = 0, hi = n;
-    while (hi - lo > 1) { u32 mid = (lo + hi) >> 1; if (start[mid] <= x) lo = mid; else hi = mid; }
-    return lo;
-}
-
-// The same, searched forward from `hint` (x's item or one before it; start holds n + 1
-// entries, start[n] > x): a thread's chunks only move forward, mostly within one run or a few
-// runs on, so this is one or two loads where a search of the whole list is a dependent chain
-// of log2(n) (12 for Qwen3-30B-A3B's 2,700 runs a wave), each an L2 round trip.
-__device__ __forceinline__ u32 find_from(const u64* start, u32 n, u64 x, u32 hint) {
-    if (hint >= n || start[hint] > x) return find(start, n, x);
-    u32 lo = hint, hi = hint + 1, step = 1;
-    while (start[hi] <= x) { lo = hi; step *= 2; hi = lo + step < n ? lo + step : n; }
-    while (hi - lo > 1) { u32 mid = (lo + hi) >> 1; if (start[mid] <= x) lo = mid; else hi = mid; }
-    return lo;
-}
-
-__device__ __forceinline__ void copy_span(u8* dst, const u8* src, u64 n) {
-    u64 t = threadIdx.x;
-    if ((((u64)src | (u64)dst | n) & 15) == 0) {
-        const uint4* s = (const uint4*)src; uint4* d = (uint4*)dst;
-        for (u64 i = t; i < n / 16; i += blockDim.x) d[i] = s[i];
-    } else if ((((u64)src | (u64)dst | n) & 3) == 0) {
-        const u32* s = (const u32*)src; u32* d = (u32*)dst;
-        for (u64 i = t; i < n / 4; i += blockDim.x) d[i] = s[i];
-    } else {
-        for (u64 i = t; i < n; i += blockDim.x) dst[i] = src[i];
-    }
-}
-
-// A strided 2-D region pair: `rows` rows of `row_len` units (bytes for copies, elements for
-// casts); strides in bytes. CopyDesc and CastDesc on the Rust side share this layout.
-struct Rows2D { u64 src, dst, rows, row_len, src_stride, dst_stride; };
-
-// Every descriptor's rows are cut into tiles of `tile_len` units that never cross a row;
-// tile_start is the prefix sum of tiles per descriptor. Gives tile `tile`'s row (its source and
-// destination addresses) and the unit offset and length of the tile in it.
-__device__ __forceinline__ void tile_at(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile, u64 tile_len,
-                                        u64* src, u64* dst, u64* off, u64* len) {
-    u32 i = find(tile_start, n, tile);
-    Rows2D d = descs[i];
-    u64 per_row = (d.row_len + tile_len - 1) / tile_len;
-    u64 k = tile - tile_start[i];
-    u64 row = k / per_row;
-    *off = (k % per_row) * tile_len;
-    *len = d.row_len - *off < tile_len ? d.row_len - *off : tile_len;
-    *src = d.src + row * d.src_stride;
-    *dst = d.dst + row * d.dst_stride;
-}
-
-// Blocks stride over all tiles of all descriptors (lengths in bytes).
-extern "C" __global__ void batched_copy(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile_bytes) {
-    for (u64 tile = blockIdx.x; tile < tile_start[n]; tile += gridDim.x) {
-        u64 src, dst, off, len;
-        tile_at(descs, tile_start, n, tile, tile_bytes, &src, &dst, &off, &len);
-        copy_span((u8*)dst + off, (const u8*)src + off, len);
-    }
-}
-
-// f32 -> bf16, round to nearest even, with the instruction torch's CUDA kernels use (so NaNs,
-// infinities and subnormals come out exactly as `.to(torch.bfloat16)` gives them). Tiles as in
-// batched_copy, counted in elements.
-extern "C" __global__ void batched_cast_f32_bf16(const Rows2D* descs, const u64* tile_start, u32 n, u64 tile_elems) {
-    for (u64 tile = blockIdx.x; tile < tile_start[n]; tile += gridDim.x) {
-        u64 src_row, dst_row, off, len;
-        tile_at(descs, tile_start, n, tile, tile_elems, &src_row, &dst_row, &off, &len);
-        const float* src = (const float*)src_row + off;
-        unsigned short* dst = (unsigned short*)dst_row + off;
-        for (u64 e = threadIdx.x; e < len; e += blockDim.x) {
-            unsigned short h;
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(src[e]));
-            dst[e] = h;
-        }
-    }
-}
-
-#define P1 11400714785074694791ULL
-#define P2 14029467366897019727ULL
-#define P3 1609587929392839161ULL
-#define P4 9650029242287828579ULL
-#define P5 2870177450012600261ULL
-
-__device__ __forceinline__ u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
-__device__ __forceinline__ u64 xround(u64 acc, u64 input) { acc += input * P2; acc = rotl(acc, 31); return acc * P1; }
-__device__ __forceinline__ u64 merge(u64 acc, u64 val) { acc ^= xround(0, val); return acc * P1 + P4; }
-__device__ __forceinline__ u64 load64(const u8* p) {
-    if (((u64)p & 7) == 0) return *(const u64*)p;
-    u64 v = 0; for (int b = 7; b >= 0; --b) v = (v << 8) | p[b]; return v;
-}
-__device__ __forceinline__ u32 load32(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24); }
-
-// xxh64 (seed 0) of `len` bytes at `p`, starting from the four stripe accumulators already
-// folded over the first `done` bytes (a multiple of 32).
-__device__ u64 xxh64_finish(const u8* p, u64 len, u64 done, u64 v1, u64 v2, u64 v3, u64 v4) {
-    u64 h;
-    if (len >= 32) {
-        h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-        h = merge(h, v1); h = merge(h, v2); h = merge(h, v3); h = merge(h, v4);
-    } else {
-        h = P5;
-    }
-    h += len;
-    u64 i = done;
-    for (; i + 8 <= len; i += 8) { h ^= xround(0, load64(p + i)); h = rotl(h, 27) * P1 + P4; }
-    if (i + 4 <= len) { h ^= (u64)load32(p + i) * P1; h = rotl(h, 23) * P2 + P3; i += 4; }
-    for (; i < len; ++i) { h ^= (u64)p[i] * P5; h = rotl(h, 11) * P1; }
-    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P3; h ^= h >> 32;
-    return h;
-}
-
-// The chunk's digest from its four lanes' stripe accumulators (every lane of the group calls
-// this; lane 0's result is the one kept). `p` holds the chunk's `len` bytes, for the tail.
-__device__ __forceinline__ u64 group_finish(u64 v, u32 group_mask, const u8* p, u64 len) {
-    int first = threadIdx.x & ~3u;
-    u64 v1 = __shfl_sync(group_mask, v, first, 32);
-    u64 v2 = __shfl_sync(group_mask, v, first + 1, 32);
-    u64 v3 = __shfl_sync(group_mask, v, first + 2, 32);
-    u64 v4 = __shfl_sync(group_mask, v, first + 3, 32);
-    if ((threadIdx.x & 3) != 0 || p == 0) return 0;
-    return xxh64_finish(p, len, len & ~31ULL, v1, v2, v3, v4);
-}
-
-struct FusedRun { u64 src, dst, bytes, out; };
-
-// Chunk g of a list of runs (chunk_start: the runs' first chunks, n + 1 entries): where its
-// bytes are read and written (dst 0: only digested), how many, and its digest's slot.
-struct Chunk { const u8* src; u8* dst; u64 len; u64 slot; };
-// `run` is where the search starts (see find_from), and becomes chunk g's run.
-__device__ __forceinline__ Chunk chunk_at(const FusedRun* runs, const u64* chunk_start, u32 n, u64 g, u32& run) {
-    u32 i = find_from(chunk_start, n, g, run);
-    run = i;
-    u64 k = g - chunk_start[i];
-    FusedRun r = runs[i];
-    Chunk c;
-    c.src = (const u8*)(r.src + k * 4096);
-    c.dst = r.dst ? (u8*)(r.dst + k * 4096) : 0;
-    c.len = r.bytes - k * 4096 < 4096 ? r.bytes - k * 4096 : 4096;
-    c.slot = r.out + k;
-    return c;
-}
-
-// xxh64's initial value (seed 0) of the stripe accumulator a lane keeps.
-__device__ __forceinline__ u64 stripe_seed(u32 lane) {
-    return lane == 0 ? P1 + P2 : lane == 1 ? P2 : lane == 2 ? 0 : 0 - P1;
-}
-
-// An 8-byte load of memory no kernel writes while this one runs. From this GPU's memory
-// (LOCAL) it asks L2 to fetch the 256-byte block around it from DRAM at once: a four-lane
-// group walks its chunk 128 bytes at a time while tens of thousands of groups walk theirs,
-// and DRAM serves whole blocks better than the scattered 32-byte sectors a plain load asks
-// for (7% faster on H200: bench/results/digest-kernels-h200-2026-11-29.md). On a peer GPU's
-// memory, read over NVLink, the hint made updates ~20% slower (2 x H200: 0.76 of the peer
-// copy rate, against 0.91 with plain loads a week earlier): there the plain load is used.
-template <bool LOCAL> __device__ __forceinline__ u64 ldg64(const u8* p) {
-    u64 v;
-#if __CUDA_ARCH__ >= 800
-    if (LOCAL) {
-        asm("ld.global.nc.L2::256B.u64 %0, [%1];" : "=l"(v) : "l"(p));
-        return v;
-    }
-#endif
-    v = *(const u64*)p;
-    return v;
-}
-
-// Copy and digest in one pass: every 4 KiB destination chunk of a run is read once from the
-// source, written once, and hashed from the registers it passed through. A run whose `dst` is
-// 0 is only digested (memory already in place). Four consecutive threads share a chunk, one
-// per xxh64 stripe accumulator, so each 32-byte stripe is one coalesced sector. The grid is
-// resident (see FUSED_BLOCKS_PER_SM), so the chunks open at once lie side by side.
-template <bool LOCAL> __device__ __forceinline__ void copy_digest_body(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
-    u64 total = chunk_start[n];
-    u64 groups = ((u64)gridDim.x * blockDim.x) / 4;
-    u64 lane = threadIdx.x & 3;
-    u32 group_mask = 0xFu << (threadIdx.x & 28);
-    u32 run = 0;
-    for (u64 base = 0; base < total; base += groups) {
-        u64 g = base + ((u64)blockIdx.x * blockDim.x + threadIdx.x) / 4;
-        bool active = g < total;
-        u64 v = 0, len = 0, slot = 0;
-        u8* q = 0;
-        if (active) {
-            Chunk c = chunk_at(runs, chunk_start, n, g, run);
-            slot = c.slot;
-            const u8* p = c.src;
-            q = c.dst;
-            len = c.len;
-            v = stripe_seed(lane);
-            u64 s = 0;
-            if (((((u64)p) | ((u64)q)) & 7) == 0) {
-                // Four stripes' loads in flight before their rounds: the loads, not the
-                // arithmetic, are what a chunk waits on.
-                for (; s + 128 <= len; s += 128) {
-                    u64 o = s + 8 * lane;
-                    u64 w0 = ldg64<LOCAL>(p + o), w1 = ldg64<LOCAL>(p + o + 32);
-                    u64 w2 = ldg64<LOCAL>(p + o + 64), w3 = ldg64<LOCAL>(p + o + 96);
-                    if (q) { *(u64*)(q + o) = w0; *(u64*)(q + o + 32) = w1; *(u64*)(q + o + 64) = w2; *(u64*)(q + o + 96) = w3; }
-                    v = xround(xround(xround(xround(v, w0), w1), w2), w3);
-                }
-            }
-            for (; s + 32 <= len; s += 32) {
-                u64 o = s + 8 * lane;
-                u64 w = load64(p + o);
-                if (q) for (int b = 0; b < 8; ++b) q[o + b] = (u8)(w >> (8 * b));
-                v = xround(v, w);
-            }
-            // The last len % 32 bytes: lane 0 copies them; the hash below reads them back.
-            if (q && lane == 0) for (u64 b = len & ~31ULL; b < len; ++b) q[b] = p[b];
-            if (!q) q = (u8*)p;
-        }
-        u64 h = group_finish(v, group_mask, q, len);
-        if (active && lane == 0) out[slot] = h;
-    }
-}
-
-// Sources in this GPU's memory, and sources on a peer GPU (read over NVLink).
-extern "C" __global__ void copy_digest(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
-    copy_digest_body<true>(runs, chunk_start, n, out);
-}
-extern "C" __global__ void copy_digest_peer(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
-    copy_digest_body<false>(runs, chunk_start, n, out);
-}
-
-// The staged copy+digest (Hopper and later): the direct kernels above keep ~25,000 chunks
-// open at once, each read 256 bytes at a time, and DRAM serves that scattered pattern at ~70%
-// of its streaming rate. Here a block owns a slab of blockDim.x / 4 chunks side by side (a four-lane
-// group per chunk, as above) and the bulk-copy engine (TMA) moves each chunk's next
-// STAGED_PIECE_BYTES into shared memory in one request, then from shared memory to the
-// destination in another; the lanes hash the piece from shared memory. One stage is hashed
-// while the next one loads. Chunks whose source or destination is not 16-byte aligned (the
-// bulk copy's rule) are read and written by the lanes directly. Piece size, stage count and
-// block shape were swept on H200 (bench/results/staged-kernel-h200-2026-11-29.md).
-#define STAGED_PIECE_BYTES 2048
-#define STAGED_STAGES 2
-// Bytes between two chunks' pieces in a stage: 32 more than a piece, so the four lanes of
-// eight chunks (one warp) read 32 distinct banks two at a time.
-#define STAGED_STRIDE (STAGED_PIECE_BYTES + 32)
-// Shared memory before the stages: one mbarrier per stage, padded to 128 bytes.
-#define STAGED_HEADER 128
-
-__device__ __forceinline__ u32 shared_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// Whether the bulk-copy engine may move the chunk (16-byte aligned addresses).
-__device__ __forceinline__ bool bulk_copyable(Chunk c) { return ((((u64)c.src) | ((u64)c.dst)) & 15) == 0; }
-
-extern "C" __global__ void copy_digest_staged(const FusedRun* runs, const u64* chunk_start, u32 n, u64* out) {
-#if __CUDA_ARCH__ >= 900
-    extern __shared__ __align__(128) u8 smem[];
-    const u32 B = STAGED_PIECE_BYTES, S = STAGED_STAGES, PIECES = 4096 / STAGED_PIECE_BYTES;
-    const u32 C = blockDim.x / 4;  // chunks of a slab
-    u64* bars = (u64*)smem;
-    u8* stages = smem + STAGED_HEADER;
-    // Where the chunk of each stage's pieces is, written by the group's leader when it asks
-    // for the piece, read by the group's four lanes once it landed: one search per chunk.
-    Chunk* located = (Chunk*)(stages + S * C * STAGED_STRIDE);
-    u64 total = chunk_start[n];
-    u64 slabs = (total + C - 1) / C;
-    u32 group = threadIdx.x / 4, lane = threadIdx.x & 3;
-    bool leader = lane == 0;
-    u32 group_mask = 0xFu << (threadIdx.x & 28);
-    // Step t of this block: piece t % PIECES of the chunks of slab blockIdx.x + t / PIECES * gridDim.x.
-    u64 steps = blockIdx.x < slabs ? (slabs - blockIdx.x + gridDim.x - 1) / gridDim.x * PIECES : 0;
-    if (threadIdx.x == 0) {
-        // Every group's leader arrives once per use of a stage, loading or not.
-        for (u32 s = 0; s < S; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(shared_addr(&bars[s])), "r"(C) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    Chunk next = {0, 0, 0, 0}, cur = {0, 0, 0, 0};
-    u64 next_g = ~0ULL, v = 0;
-    u32 next_run = 0;
-    for (u64 t = 0; t < steps + S; ++t) {
-        // Step t - S is hashed first: its stage then takes step t.
-        if (t >= S) {
-            u64 h = t - S;
-            u32 st = h % S, piece = h % PIECES;
-            u64 g = (blockIdx.x + h / PIECES * gridDim.x) * C + group;
-            bool active = g < total;
-            u32 done;
-            do {
-                asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-                             : "=r"(done) : "r"(shared_addr(&bars[st])), "r"((u32)(h / S) & 1) : "memory");
-            } while (!done);
-            if (piece == 0) {
-                if (active) cur = located[st * C + group];
-                v = stripe_seed(lane);
-            }
-            const u8* piece_at = stages + (st * C + group) * STAGED_STRIDE;
-            u64 off = (u64)piece * B;
-            if (active && off < cur.len) {
-                u64 len = cur.len - off < B ? cur.len - off : B;
-                if (bulk_copyable(cur)) {
-                    u64 bulk = len & ~15ULL;
-                    if (leader && cur.dst && bulk) {
-                        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                                     :: "l"(cur.dst + off), "r"(shared_addr(piece_at)), "r"((u32)bulk) : "memory");
-                        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-                    }
-#pragma unroll 8
-                    for (u64 s = 0; s < (len & ~31ULL); s += 32) v = xround(v, *(const u64*)(piece_at + s + 8 * lane));
-                    // The last len % 16 bytes were not in the bulk copies.
-                    if (leader && cur.dst) for (u64 b = bulk; b < len; ++b) cur.dst[off + b] = cur.src[off + b];
-                } else {
-                    for (u64 s = 0; s + 32 <= len; s += 32) {
-                        u64 o = off + s + 8 * lane;
-                        u64 w = load64(cur.src + o);
-                        if (cur.dst) for (int b = 0; b < 8; ++b) cur.dst[o + b] = (u8)(w >> (8 * b));
-                        v = xround(v, w);
-                    }
-                    if (leader && cur.dst) for (u64 b = len & ~31ULL; b < len; ++b) cur.dst[off + b] = cur.src[off + b];
-                }
-            }
-            if (piece == PIECES - 1) {
-                // The tail (len % 32 bytes) is hashed from the source, which no kernel writes.
-                u64 d = group_finish(v, group_mask, active ? cur.src : 0, cur.len);
-                if (active && leader) out[cur.slot] = d;
-            }
-            // The stage is free once the store has read it and every lane has hashed it.
-            if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-            __syncthreads();
-        }
-        if (t < steps && leader) {
-            u32 st = t % S;
-            u64 off = (u64)(t % PIECES) * B;
-            u64 g = (blockIdx.x + t / PIECES * gridDim.x) * C + group;
-            u32 bytes = 0;
-            if (g < total) {
-                if (g != next_g) { next = chunk_at(runs, chunk_start, n, g, next_run); next_g = g; }
-                located[st * C + group] = next;
-                if (bulk_copyable(next) && off < next.len) bytes = (u32)((next.len - off < B ? next.len - off : B) & ~15ULL);
-            }
-            u32 bar = shared_addr(&bars[st]);
-            // The lanes' reads of this stage (generic proxy) before the bulk copy's writes.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            if (bytes) {
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             :: "r"(shared_addr(stages + (st * C + group) * STAGED_STRIDE)), "l"(next.src + off), "r"(bytes), "r"(bar) : "memory");
-            } else {
-                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-            }
-        }
-    }
-    // The destination's bulk stores are complete before the kernel is.
-    if (leader) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-#else
-    __trap();  // launched only on compute capability 9.0 and later
-#endif
-}
-
-// Reads `n16` 16-byte words and folds them into one value: the HBM read-bandwidth ceiling.
-// Each thread keeps four loads in flight: with one, the xor that uses it holds back the next.
-#define READ_ALL_LOADS 4
-__device__ __forceinline__ u64 xor_halves(uint4 v) { return ((u64)v.x << 32 | v.y) ^ ((u64)v.z << 32 | v.w); }
-extern "C" __global__ void read_all(const uint4* p, u64 n16, u64* out) {
-    u64 acc = 0;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + (READ_ALL_LOADS - 1) * stride < n16; i += READ_ALL_LOADS * stride) {
-        uint4 v[READ_ALL_LOADS];
-#pragma unroll
-        for (int k = 0; k < READ_ALL_LOADS; ++k) v[k] = p[i + k * stride];
-#pragma unroll
-        for (int k = 0; k < READ_ALL_LOADS; ++k) acc ^= xor_halves(v[k]);
-    }
-    for (; i < n16; i += stride) acc ^= xor_halves(p[i]);
-    if (acc == 0x5eed) atomicXor(out, acc);  // never true in practice; keeps the loads alive
-}
-
-// Each listed tensor's digest: xxh64 of its chunk digests, one one-warp block per tensor
-// (`which` lists the tensors: indices into chunk_start and out). The fold is one dependent
-// chain per stripe accumulator (lanes 0-3), so it should not wait on memory: the chunk
-// digests stream into a ring of shared-memory stages with cp.async, FOLD_STAGES - 1 batches
-// (12 KiB) in flight while the lanes fold the batch that has landed. (The fold before this
-// waited on every 2 KiB load, which under a loaded memory system could leave a large tensor's
-// fold running after the copies it hides behind; on H200 the change measured within run-to-run
-// noise: Qwen3-8B digest 6.1-6.2 ms against 6.5-6.6, Qwen3-30B-A3B 20.1-20.4 against 19.4-20.9.)
-#define FOLD_STAGES 4
-#define FOLD_BATCH 512
-__device__ __forceinline__ void fold_issue(u64* stage, const u64* words, u32 lane) {
-#if __CUDA_ARCH__ >= 800
-    for (u32 i = lane; i < FOLD_BATCH; i += 32) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"((u32)__cvta_generic_to_shared(stage + i)), "l"(words + i) : "memory");
-    }
-#else
-    for (u32 i = lane; i < FOLD_BATCH; i += 32) stage[i] = words[i];
-#endif
-}
-__device__ __forceinline__ void fold_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most FOLD_STAGES - 1 committed batches are still in flight.
-__device__ __forceinline__ void fold_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" :: "n"(FOLD_STAGES - 1) : "memory");
-#endif
-    __syncwarp();
-}
-
-extern "C" __global__ void combine_digests(const u64* chunks, const u64* chunk_start, const unsigned int* which, u32 n, u64* out) {
-    __shared__ __align__(16) u64 stage[FOLD_STAGES][FOLD_BATCH];
-    u32 lane = threadIdx.x & 31;
-    if (blockIdx.x >= n) return;
-    u32 t = which[blockIdx.x];
-    const u64* words = chunks + chunk_start[t];
-    u64 count = chunk_start[t + 1] - chunk_start[t];
-    u64 len = count * 8;
-    u64 batches = count / FOLD_BATCH;
-    u64 v = stripe_seed(lane);
-    for (u64 b = 0; b < FOLD_STAGES - 1; ++b) {
-        if (b < batches) fold_issue(stage[b], words + b * FOLD_BATCH, lane);
-        fold_commit();  // an empty group keeps the count of groups in flight exact
-    }
-    for (u64 b = 0; b < batches; ++b) {
-        // The stage batch b - 1 used is free once every lane has folded it.
-        __syncwarp();
-        u64 next = b + FOLD_STAGES - 1;
-        if (next < batches) fold_issue(stage[next % FOLD_STAGES], words + next * FOLD_BATCH, lane);
-        fold_commit();
-        fold_wait();  // batch b has landed
-        if (lane < 4) {
-            const u64* landed = stage[b % FOLD_STAGES];
-#pragma unroll 16
-            for (u32 i = 0; i < FOLD_BATCH; i += 4) v = xround(v, landed[i + lane]);
-        }
-    }
-    // Whole stripes left (fewer than a batch): one word per accumulator lane each.
-    u64 s = batches * FOLD_BATCH;
-    if (lane < 4) {
-#pragma unroll 8
-        for (; s + 4 <= count; s += 4) v = xround(v, words[s + lane]);
-    }
-    s = count & ~3ULL;
-    u64 v1 = __shfl_sync(0xffffffffu, v, 0, 32), v2 = __shfl_sync(0xffffffffu, v, 1, 32);
-    u64 v3 = __shfl_sync(0xffffffffu, v, 2, 32), v4 = __shfl_sync(0xffffffffu, v, 3, 32);
-    if (lane == 0) out[t] = xxh64_finish((const u8*)words, len, s * 8, v1, v2, v3, v4);
-}
-"#;
+/// The kernels' CUDA C, one program for NVRTC: the files of `kernels/` in this order, each
+/// after a blank line (the layout of the source when it was inline here). Later files use what
+/// earlier ones define: `common.cu` the types and searches, `xxh64.cu` the hash, `fused.cu`
+/// the runs' chunks and the stripe seeds.
+const SOURCE: &str = concat!(
+    "\n",
+    include_str!("kernels/common.cu"),
+    "\n",
+    include_str!("kernels/copy.cu"),
+    "\n",
+    include_str!("kernels/xxh64.cu"),
+    "\n",
+    include_str!("kernels/fused.cu"),
+    "\n",
+    include_str!("kernels/fused_staged.cu"),
+    "\n",
+    include_str!("kernels/read_all.cu"),
+    "\n",
+    include_str!("kernels/combine.cu"),
+);
 
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
@@ -602,37 +179,6 @@ pub struct FusedRun {
     pub out: u64,
 }
 
-/// Chunk digests one wave of an update holds at most (16 MiB of them, for 8 GiB of tensors);
-/// two waves' worth (one being copied, one being folded) bound the GPU memory an update needs
-/// beyond the tensors.
-pub const WAVE_CHUNKS: u64 = 2 << 20;
-
-/// Tensors (indices into `tensor_bytes`) grouped into waves of at most [`WAVE_CHUNKS`] chunks
-/// (a larger tensor is a wave of its own), largest first: how digests of memory in place are
-/// run (see [`WaveOrder`]).
-pub fn waves(tensor_bytes: &[u64]) -> Vec<Vec<usize>> {
-    waves_of(tensor_bytes, WAVE_CHUNKS, WaveOrder::LargestFirst)
-}
-
-/// In which order an update's tensors go into waves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaveOrder {
-    /// Largest first, for reads at HBM speed. A tensor's digest is one dependent fold over its
-    /// chunk digests (~6 ns a chunk) that starts once the tensor is read, and reading a chunk
-    /// from this GPU's memory takes ~1 ns: in the models' own order Qwen3-8B's lm_head (1.2 GB)
-    /// and Qwen3-30B-A3B's last stacked experts came in the last wave, and their folds ran on
-    /// after every byte was read. Largest first, the longest folds have the rest of the update
-    /// to run beside, and the last wave holds the smallest tensors (on H200, digests alone:
-    /// Qwen3-8B 4.90 -> 4.07 ms, Qwen3-30B-A3B 15.78 -> 14.79 ms; Qwen3-30B-A3B's update
-    /// 32.8 -> 31.7 ms). Equal sizes keep their order.
-    LargestFirst,
-    /// As listed, for reads over NVLink: a chunk takes ~11 ns to arrive there, longer than
-    /// its fold, so no fold outlasts the reads whatever the order. Largest first made
-    /// Qwen3-30B-A3B's pull from a peer GPU vary from update to update (164.3-169.5 ms, against
-    /// 164.7-164.8 ms as listed, on 2 x H200; the cause was not found).
-    AsListed,
-}
-
 impl SourceGpu {
     /// The order of the waves of an update reading these sources.
     pub fn wave_order(self) -> WaveOrder {
@@ -641,29 +187,6 @@ impl SourceGpu {
             SourceGpu::Peer => WaveOrder::AsListed,
         }
     }
-}
-
-/// Tensors grouped into waves of at most `max_chunks` chunks (a larger tensor is a wave of its
-/// own), in `order` (tests use small bounds to get many waves from small models).
-pub fn waves_of(tensor_bytes: &[u64], max_chunks: u64, order: WaveOrder) -> Vec<Vec<usize>> {
-    let mut tensors: Vec<usize> = (0..tensor_bytes.len()).collect();
-    if order == WaveOrder::LargestFirst {
-        tensors.sort_by_key(|&t| std::cmp::Reverse(tensor_bytes[t]));
-    }
-    let mut waves: Vec<Vec<usize>> = Vec::new();
-    let mut chunks = 0u64;
-    for t in tensors {
-        let c = tensor_bytes[t].div_ceil(CHUNK_BYTES);
-        match waves.last_mut() {
-            Some(wave) if chunks + c <= max_chunks => wave.push(t),
-            _ => {
-                waves.push(vec![t]);
-                chunks = 0;
-            }
-        }
-        chunks += c;
-    }
-    waves
 }
 
 /// The work of one wave: destination tensors (`tensors`: each one's index in the update, which
@@ -758,7 +281,8 @@ struct RunList {
 }
 
 struct PreparedWave {
-    /// The tensors whose digests are folded early (see [`EARLY_FOLD_CHUNKS`]), in the order
+    /// The tensors whose digests are folded early (see
+    /// [`EARLY_FOLD_CHUNKS`](weightlift_core::EARLY_FOLD_CHUNKS)), in the order
     /// they are copied.
     early: Vec<EarlyGroup>,
     fused: RunList,
@@ -781,90 +305,6 @@ struct EarlyGroup {
 struct IndexList {
     items: u64,
     count: u32,
-}
-
-/// A tensor of at least this many chunks (128 MiB) whose chunks are all fused has its digest
-/// folded early: its runs go first, then its fold (one dependent chain per tensor, ~6 ns a
-/// chunk: 1.8 ms for Qwen3-8B's 1.2 GB lm_head) runs on a second stream while the rest of the
-/// wave is copied (see [`fold_groups`]).
-const EARLY_FOLD_CHUNKS: u64 = 32 << 10;
-
-/// The waves' tensors in turn (each one's index in the update), checked to list every tensor
-/// of the update exactly once.
-fn update_order(waves: &[Wave]) -> Result<Vec<usize>, CudaError> {
-    let order: Vec<usize> = waves.iter().flat_map(|w| w.tensors.iter().copied()).collect();
-    let mut listed = vec![false; order.len()];
-    for (w, wave) in waves.iter().enumerate() {
-        if wave.tensors.len() != wave.tensor_bytes.len() {
-            return Err(CudaError::Invalid(format!(
-                "wave {w} lists {} tensors and {} tensor sizes",
-                wave.tensors.len(),
-                wave.tensor_bytes.len()
-            )));
-        }
-        for &t in &wave.tensors {
-            match listed.get_mut(t) {
-                Some(seen) if !*seen => *seen = true,
-                Some(_) => return Err(CudaError::Invalid(format!("tensor {t} is listed twice (wave {w})"))),
-                None => {
-                    return Err(CudaError::Invalid(format!(
-                        "wave {w} lists tensor {t}, past the {} tensors of the update",
-                        order.len()
-                    )))
-                }
-            }
-        }
-    }
-    Ok(order)
-}
-
-/// When a tensor's digest is folded, within its wave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fold {
-    /// Copied first, folded beside the rest of the wave.
-    First,
-    /// Copied next, folded beside the rest of the wave.
-    Early,
-    /// Folded once the wave is copied.
-    Late,
-}
-
-/// When each tensor of a wave (its chunks; whether some of them are fallback chunks, digested
-/// after the copies) is folded. Tensors of [`EARLY_FOLD_CHUNKS`] or more, all fused, are folded
-/// early. The largest of them, down to the first that has twice the chunks of the next, go
-/// first, so that their folds, the longest, start after their own runs rather than after all
-/// the early tensors' (Qwen3-8B's embeddings and lm_head, 304k chunks each, among gate_up
-/// projections of 49k). Early tensors of like sizes stay together: a fold beside each launch
-/// slowed Qwen3-30B-A3B's digest 16.4 -> 19.8 ms on H200.
-fn fold_groups(tensor_chunks: &[u64], has_fallback: &[bool]) -> Vec<Fold> {
-    let mut fold: Vec<Fold> = tensor_chunks
-        .iter()
-        .zip(has_fallback)
-        .map(|(&chunks, &fallback)| if chunks >= EARLY_FOLD_CHUNKS && !fallback { Fold::Early } else { Fold::Late })
-        .collect();
-    let mut early: Vec<usize> = (0..fold.len()).filter(|&t| fold[t] == Fold::Early).collect();
-    // Largest first; equals in their order.
-    early.sort_by_key(|&t| std::cmp::Reverse(tensor_chunks[t]));
-    if let Some(last) = early.windows(2).position(|p| tensor_chunks[p[0]] >= 2 * tensor_chunks[p[1]]) {
-        for &t in &early[..=last] {
-            fold[t] = Fold::First;
-        }
-    }
-    fold
-}
-
-/// `items` split by when their tensors are folded: first, early, late (each in the given order).
-fn by_fold<T>(items: impl Iterator<Item = T>, fold_of: impl Fn(&T) -> Fold) -> [Vec<T>; 3] {
-    let mut split: [Vec<T>; 3] = Default::default();
-    for item in items {
-        let at = match fold_of(&item) {
-            Fold::First => 0,
-            Fold::Early => 1,
-            Fold::Late => 2,
-        };
-        split[at].push(item);
-    }
-    split
 }
 
 /// Where an update's sources live, which decides how the fused kernel reads them.
@@ -970,18 +410,6 @@ fn upload(gpu: &Gpu, bytes: &[u8]) -> Result<DeviceBuffer, CudaError> {
     let mut buf = gpu.alloc(bytes.len())?;
     buf.upload(bytes)?;
     Ok(buf)
-}
-
-/// Start of each item's share of a total (plus the total at the end), in units of `unit`.
-fn prefix(lens: impl Iterator<Item = u64>, unit: u64) -> (Vec<u64>, u64) {
-    let mut start = Vec::new();
-    let mut total = 0u64;
-    for len in lens {
-        start.push(total);
-        total += len.div_ceil(unit);
-    }
-    start.push(total);
-    (start, total)
 }
 
 fn count(n: usize) -> Result<u32, CudaError> {
@@ -1090,21 +518,15 @@ impl Gpu {
     /// Prepares a whole update, wave by wave (see [`Wave`]); [`Gpu::run_update`] returns the
     /// digest of every tensor of every wave, in order.
     pub fn prepare_update(&self, waves: &[Wave], sources: SourceGpu) -> Result<UpdateBatch, CudaError> {
-        let order = update_order(waves)?;
+        let order = update_order(waves.iter().map(|w| (w.tensors.as_slice(), w.tensor_bytes.as_slice())))?;
         let mut prepared = Vec::with_capacity(waves.len());
         let mut packing = Packing::default();
         let (mut max_chunks, mut first_tensor) = (0u64, 0u32);
         for wave in waves {
-            let (tensor_start, chunks) = prefix(wave.tensor_bytes.iter().copied(), CHUNK_BYTES);
-            let tensor_of = |slot: u64| tensor_start.partition_point(|&c| c <= slot) - 1;
-            let tensor_chunks: Vec<u64> = tensor_start.windows(2).map(|w| w[1] - w[0]).collect();
-            let mut has_fallback = vec![false; tensor_chunks.len()];
-            for &(_, _, out) in &wave.after {
-                has_fallback[tensor_of(out)] = true;
-            }
-            let fold = fold_groups(&tensor_chunks, &has_fallback);
-            let [first_runs, early_runs, late_runs] = by_fold(wave.fused.iter().copied(), |r| fold[tensor_of(r.out)]);
-            let [first, early, late_tensors] = by_fold(0..fold.len() as u32, |&t| fold[t as usize]);
+            let folds = WaveFolds::new(&wave.tensor_bytes, wave.after.iter().map(|&(_, _, out)| out))?;
+            let chunks = folds.chunks();
+            let [first_runs, early_runs, late_runs] = folds.split(wave.fused.iter().copied(), |r| r.out)?;
+            let [first, early, late_tensors] = folds.tensors();
             let mut early_groups = Vec::with_capacity(2);
             for (runs, tensors) in [(first_runs, first), (early_runs, early)] {
                 early_groups.push(EarlyGroup { runs: packing.runs(&runs)?, tensors: packing.indices(&tensors)? });
@@ -1114,11 +536,8 @@ impl Gpu {
             let (fused, after) = (packing.runs(&late_runs)?, packing.runs(&after)?);
             let early_chunks: u64 = early_groups.iter().map(|g| g.runs.chunks).sum();
             if early_chunks + fused.chunks + after.chunks != chunks {
-                return Err(CudaError::Invalid(format!(
-                    "{} fused and {} fallback chunks do not make the {chunks} chunks of the tensors",
-                    early_chunks + fused.chunks,
-                    after.chunks
-                )));
+                let (fused, fallback) = (early_chunks + fused.chunks, after.chunks);
+                return Err(ScheduleError::ChunksMismatch { fused, fallback, chunks }.into());
             }
             max_chunks = max_chunks.max(chunks);
             let wave = PreparedWave {
@@ -1127,7 +546,7 @@ impl Gpu {
                 copies: packing.copies(&wave.copies)?,
                 casts: packing.casts(&wave.casts)?,
                 after,
-                tensor_start: packing.push(&tensor_start),
+                tensor_start: packing.push(folds.tensor_start()),
                 late_tensors: packing.indices(&late_tensors)?,
                 first_tensor,
             };
@@ -1420,30 +839,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_largest_early_tensors_down_to_a_twofold_gap_are_folded_first() {
-        use Fold::*;
-        let big = EARLY_FOLD_CHUNKS;
-        // Qwen3-8B's engine layout: lm_head (304k chunks) among gate_up projections (49k).
-        assert_eq!(fold_groups(&[49_152, 10, 303_872, 49_152], &[false; 4]), [Early, Late, First, Early]);
-        // Both giants (embeddings and lm_head) first, together.
-        assert_eq!(fold_groups(&[303_872, 303_872, 49_152], &[false; 3]), [First, First, Early]);
-        // The first twofold gap, wherever it is.
-        assert_eq!(fold_groups(&[8 * big, 5 * big, 2 * big], &[false; 3]), [First, First, Early]);
-        // Like sizes (Qwen3-30B-A3B's stacked experts and lm_head): together.
-        assert_eq!(fold_groups(&[196_608, 151_936, 98_304], &[false; 3]), [Early, Early, Early]);
-        assert_eq!(fold_groups(&[2 * big, 2 * big - 1], &[false; 2]), [Early, Early]);
-        assert_eq!(fold_groups(&[2 * big, big], &[false; 2]), [First, Early]);
-        // One early tensor needs no second launch; fallback chunks or small tensors fold late.
-        assert_eq!(fold_groups(&[4 * big, big - 1], &[false; 2]), [Early, Late]);
-        assert_eq!(fold_groups(&[4 * big, big], &[false, true]), [Early, Late]);
-        assert_eq!(fold_groups(&[4 * big, 4 * big, 4 * big], &[false; 3]), [Early, Early, Early]);
-        assert_eq!(fold_groups(&[], &[]), []);
-        // Split in order, by each item's fold.
-        let folds = [Late, First, Early, Late, Early];
-        assert_eq!(by_fold(0..5, |&t| folds[t]), [vec![1], vec![2, 4], vec![0, 3]]);
-    }
-
-    #[test]
     fn packed_lists_sit_at_16_byte_aligned_offsets_with_their_bytes() {
         let mut packing = Packing::default();
         assert_eq!(packing.push(&[1u32, 2, 3]), 0);
@@ -1461,52 +856,9 @@ mod tests {
 
     #[test]
     fn waves_take_the_largest_tensors_first_where_reads_are_local() {
-        let c = CHUNK_BYTES;
-        // Sizes in chunks 1, 5, 3, 5, 2 with waves of at most 6 chunks: 5 | 5 | 3 2 1.
-        let bytes = [c, 5 * c, 3 * c - 7, 5 * c, 2 * c];
-        assert_eq!(waves_of(&bytes, 6, WaveOrder::LargestFirst), [vec![1], vec![3], vec![2, 4, 0]]);
-        assert_eq!(waves_of(&bytes, 6, WaveOrder::AsListed), [vec![0, 1], vec![2], vec![3], vec![4]]);
-        // A tensor larger than a wave is a wave of its own; an empty one still has a place.
-        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::LargestFirst), [vec![0], vec![2, 1]]);
-        assert_eq!(waves_of(&[9 * c, 0, c], 4, WaveOrder::AsListed), [vec![0], vec![1, 2]]);
-        assert!(waves_of(&[], 4, WaveOrder::AsListed).is_empty());
+        // The waves themselves are weightlift-core's (schedule.rs); here, which order each source takes.
         assert_eq!(SourceGpu::This.wave_order(), WaveOrder::LargestFirst);
         assert_eq!(SourceGpu::Peer.wave_order(), WaveOrder::AsListed);
-    }
-
-    #[test]
-    fn an_update_lists_each_tensor_once() {
-        let wave = |tensors: Vec<usize>| Wave { tensor_bytes: vec![8; tensors.len()], tensors, ..Wave::default() };
-        assert_eq!(update_order(&[wave(vec![2, 0]), wave(vec![1])]).unwrap(), [2, 0, 1]);
-        let twice = update_order(&[wave(vec![0, 1]), wave(vec![1])]).unwrap_err().to_string();
-        assert!(twice.contains("tensor 1 is listed twice (wave 1)"), "{twice}");
-        let past = update_order(&[wave(vec![0, 3])]).unwrap_err().to_string();
-        assert!(past.contains("lists tensor 3, past the 2 tensors"), "{past}");
-        let sizes = Wave { tensors: vec![0], ..Wave::default() };
-        assert!(update_order(&[sizes]).unwrap_err().to_string().contains("1 tensors and 0 tensor sizes"));
-    }
-
-    #[test]
-    fn prop_waves_list_every_tensor_once_within_the_bound() {
-        use proptest::prelude::*;
-        proptest!(|(sizes in proptest::collection::vec(0u64..40_000, 0..60), max_chunks in 1u64..12, largest_first: bool)| {
-            let order = if largest_first { WaveOrder::LargestFirst } else { WaveOrder::AsListed };
-            let waves = waves_of(&sizes, max_chunks, order);
-            let listed: Vec<usize> = waves.iter().flatten().copied().collect();
-            let mut seen = listed.clone();
-            seen.sort_unstable();
-            prop_assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
-            for pair in listed.windows(2) {
-                let (a, b) = (sizes[pair[0]], sizes[pair[1]]);
-                // Largest first, equals in their order; or simply in their order.
-                let in_order = if largest_first { a > b || (a == b && pair[0] < pair[1]) } else { pair[0] < pair[1] };
-                prop_assert!(in_order, "{:?} of sizes {:?}", listed, sizes);
-            }
-            for wave in &waves {
-                let chunks: u64 = wave.iter().map(|&t| sizes[t].div_ceil(CHUNK_BYTES)).sum();
-                prop_assert!(chunks <= max_chunks || wave.len() == 1);
-            }
-        });
     }
 
     #[test]

@@ -30,11 +30,13 @@ pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{ordinal_with_uuid, IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
-    waves, waves_of, CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu,
-    UpdateBatch, Wave, WaveOrder, CHUNK_BYTES, WAVE_CHUNKS,
+    CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, SourceGpu, UpdateBatch, Wave,
+    CHUNK_BYTES,
 };
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};
+// Scheduling lives in weightlift-core; re-exported for the kernels' callers, as before.
+pub use weightlift_core::{waves, waves_of, WaveOrder, WAVE_CHUNKS};
 
 #[cfg(test)]
 mod tests_gpu;

@@ -95,7 +95,7 @@ impl WeightsChecker {
                 .detach(|| {
                     let gpu = gpu(ordinal)?;
                     gpu.synchronize_device()?;
-                    weightlift::cuda_ipc::DeviceTensors::fill_each(tensors, &gpu, &|_| value)
+                    weightlift::DeviceTensors::fill_each(tensors, &gpu, &|_| value)
                 })
                 .map_err(cuda_error),
         }

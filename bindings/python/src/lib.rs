@@ -20,7 +20,7 @@ use pyo3::types::{PyDict, PyList};
 use weightlift_core::{digest as host_digest, synthetic, Manifest, Preset, PresetOptions, RuleSet, SYNTHETIC_MODELS};
 use weightlift_cuda::{CudaError as DriverError, Gpu};
 
-use weightlift::cuda_ipc::DeviceTensors;
+use weightlift::DeviceTensors;
 
 use crate::errors::{cuda_error, plan_error};
 use crate::tensors::{Place, TensorSet};

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use weightlift::memory::{MemoryPool as SharedPool, PoolHolding};
+use weightlift::{MemoryPool as SharedPool, PoolHolding};
 use weightlift_core::pool::{PoolError, TagOptions, Transition};
 use weightlift_cuda::CudaError as DriverError;
 

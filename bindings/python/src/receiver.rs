@@ -4,11 +4,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use weightlift::agent::{Agent, AgentOptions, MemoryControl, RunningAgent};
-use weightlift::cuda_ipc::DeviceTensors;
-use weightlift::net::Listener;
-use weightlift::session::check_exposure;
-use weightlift::{Endpoint, ReceiverOptions, Token};
+use weightlift::{
+    check_exposure, Agent, AgentOptions, DeviceTensors, Endpoint, Listener, MemoryControl, ReceiverOptions,
+    RunningAgent, Token,
+};
 use weightlift_core::{RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, plan_error, TransferError};
@@ -37,7 +36,7 @@ pub(crate) struct Receiver {
     /// The HTTP API, once started (stopped with the receiver).
     http: Mutex<Option<RunningAgent>>,
     /// The tagged memory pools holding the tensors (none unless made in `Pool.region`).
-    pools: Vec<Arc<weightlift::memory::MemoryPool>>,
+    pools: Vec<Arc<weightlift::MemoryPool>>,
     /// What senders must prove; also the HTTP API's bearer token unless given another.
     token: Option<Token>,
     insecure: bool,
@@ -119,7 +118,7 @@ impl Receiver {
                 .map_err(cuda_error)?,
         };
         let pools: Vec<_> = holders.iter().map(|h| h.pool.clone()).collect();
-        weightlift::memory::guard_receiver(&inner, holders);
+        weightlift::guard_receiver(&inner, holders);
         let endpoint = match listen {
             Some(text) => {
                 let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;

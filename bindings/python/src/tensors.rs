@@ -14,8 +14,7 @@ use dlpark::python::from_dlpack;
 use dlpark::AllocationDeleter;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
-use weightlift::cuda_ipc::DeviceTensors;
-use weightlift::{DestinationTensors, SourceTensors};
+use weightlift::{DestinationTensors, DeviceTensors, SourceTensors};
 use weightlift_core::{DType, Manifest, TensorSpec};
 
 use crate::errors::plan_error;

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use weightlift::core::{TpRank, Version};
-use weightlift::update::Schedule;
 use weightlift::{
-    Endpoint, Fault, ReceiverOptions, Sender, SenderOptions, Trainer, TransportKind, UpdateOutcome, UpdateReport,
+    Endpoint, Fault, ReceiverOptions, Schedule, Sender, SenderOptions, Trainer, TransportKind, UpdateOutcome,
+    UpdateReport,
 };
 
 mod common;

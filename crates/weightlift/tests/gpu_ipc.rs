@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use weightlift::core::{destination_manifest, exec, plan, synthetic, PresetOptions, SourceSet, TpRank, Version};
-use weightlift::gpu::GpuTensors;
-use weightlift::protocol::TransportKind;
-use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, SendError, Sender, SenderOptions};
+use weightlift::{
+    Endpoint, GpuTensors, HostTensors, Receiver, ReceiverOptions, SendError, Sender, SenderOptions, TransportKind,
+};
 use weightlift_cuda::{device_count, Gpu};
 
 fn exe() -> String {
@@ -445,7 +445,7 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     trainer.perturb();
     let (manifest, data) = trainer.clone().into_parts();
     let tensors: Vec<_> = manifest.iter().zip(data.iter().map(Vec::as_slice)).collect();
-    weightlift::safetensors_dir::write_file(&dir.join("model.safetensors"), &tensors).unwrap();
+    weightlift::write_file(&dir.join("model.safetensors"), &tensors).unwrap();
     let (_server, _endpoint, http) = serve_on_gpu("qwen3-tiny", 0, "staged-disk", true, &[]);
     let http = http.unwrap();
     let body = format!(r#"{{"version": "4", "source": {{"disk": "{}"}}}}"#, dir.display());

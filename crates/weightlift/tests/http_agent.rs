@@ -1,4 +1,4 @@
-//! The HTTP API of a receiver (`weightlift::agent`) on loopback: every endpoint and every
+//! The HTTP API of a receiver (`weightlift::Agent`) on loopback: every endpoint and every
 //! error status, updates from disk and from a waiting sender, the checker, the memory
 //! endpoints (with a stand-in memory pool), and a bounded load test.
 
@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
-use weightlift::agent::{Agent, AgentOptions, MemoryControl, MemoryError, RunningAgent};
 use weightlift::core::{
     destination_manifest, synthetic, Manifest, PresetOptions, Rule, RuleSet, SourceSet, Split, TpRank, Version,
 };
-use weightlift::safetensors_dir::write_file;
-use weightlift::{Endpoint, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, TransportKind};
+use weightlift::{
+    write_file, Agent, AgentOptions, Endpoint, HostTensors, MemoryControl, MemoryError, Receiver, ReceiverOptions,
+    RunningAgent, Sender, SenderOptions, TransportKind,
+};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -680,9 +681,9 @@ async fn a_thousand_concurrent_requests_while_updates_run() {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let record = json!({
             "benchmark": "http-load",
-            "host": weightlift::report::cpu_name(),
+            "host": weightlift::cpu_name(),
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "date": weightlift::report::today(),
+            "date": weightlift::today(),
             "requests": 1000,
             "version_requests": version_latencies.len(),
             "checksum_requests": 1000 - version_latencies.len(),

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use weightlift::core::{synthetic, DType, TensorSpec};
-use weightlift::safetensors_dir::write_file;
+use weightlift::write_file;
 
 mod common;
 use common::{stderr, temp_dir, Serve, EXE};

@@ -38,7 +38,7 @@ fn read_message(stream: &mut UnixStream) -> Value {
 fn authenticated(serve: &Serve) -> UnixStream {
     let mut stream = UnixStream::connect(serve.path()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.write_all(&[b"WLFT".as_slice(), &weightlift::protocol::PROTOCOL_VERSION.to_le_bytes()].concat()).unwrap();
+    stream.write_all(&[b"WLFT".as_slice(), &weightlift::PROTOCOL_VERSION.to_le_bytes()].concat()).unwrap();
     assert_eq!(read_message(&mut stream)["type"], "challenge");
     stream.write_all(&frame(1, br#"{"type": "proof", "nonce": "00", "mac": null}"#)).unwrap();
     assert_eq!(read_message(&mut stream)["type"], "authenticated");
@@ -102,7 +102,7 @@ fn unauthenticated_frames_stay_small_and_announced_bytes_are_not_held() {
     // Before the proof, a frame announcing 64 MiB is refused at once, unread.
     let mut stream = UnixStream::connect(token.path()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    stream.write_all(&[b"WLFT".as_slice(), &weightlift::protocol::PROTOCOL_VERSION.to_le_bytes()].concat()).unwrap();
+    stream.write_all(&[b"WLFT".as_slice(), &weightlift::PROTOCOL_VERSION.to_le_bytes()].concat()).unwrap();
     assert_eq!(read_message(&mut stream)["type"], "challenge");
     stream.write_all(&[(64u32 << 20).to_le_bytes().as_slice(), &[1]].concat()).unwrap();
     let mut rest = Vec::new();

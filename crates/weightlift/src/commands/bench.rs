@@ -6,11 +6,10 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use weightlift::core::{TpRank, Version};
-use weightlift::protocol::TransportKind;
-use weightlift::report::{cpu_name, today};
-use weightlift::setup::ModelSource;
-use weightlift::update::default_threads;
-use weightlift::{HostTensors, Receiver, ReceiverOptions, SenderOptions, Trainer};
+use weightlift::{
+    cpu_name, default_threads, today, HostTensors, ModelSource, Receiver, ReceiverOptions, SenderOptions, Trainer,
+    TransportKind,
+};
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
@@ -85,7 +84,7 @@ fn memcpy_gbps(bytes: usize) -> f64 {
 pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
     if let Some(rest) = args.device.strip_prefix("cuda") {
         let ordinal = rest.strip_prefix(':').map_or(Ok(0), str::parse).map_err(|_| {
-            CommandError::Setup(weightlift::setup::SetupError::Invalid(format!("bad device `{}`", args.device)))
+            CommandError::Setup(weightlift::SetupError::Invalid(format!("bad device `{}`", args.device)))
         })?;
         return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, args.same_process, args.json);
     }

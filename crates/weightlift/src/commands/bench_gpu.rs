@@ -14,11 +14,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use weightlift::core::{plan, TpRank, Version};
-use weightlift::gpu::{GpuPlan, GpuTensors};
-use weightlift::protocol::TransportKind;
-use weightlift::report::today;
-use weightlift::setup::PlanInputs;
-use weightlift::{Sender, SenderOptions, UpdateReport};
+use weightlift::{today, GpuPlan, GpuTensors, PlanInputs, Sender, SenderOptions, TransportKind, UpdateReport};
 use weightlift_cuda::{device_count, CudaError, FusedKernel, Gpu, SourceGpu};
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};

@@ -8,14 +8,11 @@ use std::process::{Child, Command, Stdio};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use weightlift::protocol::TransportKind;
-use weightlift::StepReport;
+use weightlift::{HostTensors, ModelSource, StepReport, TransportKind};
 
 use std::path::Path;
 
 use weightlift::core::ModelConfig;
-use weightlift::setup::ModelSource;
-use weightlift::HostTensors;
 
 use super::push::print_table;
 use super::{spawn_receiver, CommandError, DeviceArg, ModelArgs, TrainerArgs};
@@ -231,7 +228,7 @@ fn save_checkpoint(config: &ModelConfig, dir: &Path, args: &ModelArgs) -> Result
     std::fs::create_dir_all(dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
     let (manifest, data) = HostTensors::synthetic(config, 7).into_parts();
     let tensors: Vec<_> = manifest.iter().zip(data.iter().map(Vec::as_slice)).collect();
-    weightlift::safetensors_dir::write_file(&dir.join("model.safetensors"), &tensors)
+    weightlift::write_file(&dir.join("model.safetensors"), &tensors)
         .map_err(|e| CommandError::Io(format!("saving the checkpoint in {}: {e}", dir.display())))?;
     Ok(ModelArgs {
         synthetic: None,

@@ -11,9 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use clap::Args;
 use weightlift::core::{DType, Preset, TpRank};
-use weightlift::protocol::TransportKind;
-use weightlift::setup::{MappingOptions, ModelSource, SetupError};
-use weightlift::{Endpoint, SendError};
+use weightlift::{Endpoint, MappingOptions, ModelSource, SendError, SetupError, TransportKind};
 
 /// A command's failure and the exit code it maps to: 2 for a plan that cannot be made or
 /// options that do not fit (like clap's usage errors), 1 for everything else.

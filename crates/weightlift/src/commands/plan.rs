@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use weightlift::core::{buckets, plan, PlanSummary};
-use weightlift::setup::{MappingOptions, SetupError};
+use weightlift::{MappingOptions, SetupError};
 
 use super::{gb, tp_rank, CommandError, ModelArgs};
 

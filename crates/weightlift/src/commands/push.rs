@@ -7,16 +7,10 @@ use clap::Args;
 use serde::Serialize;
 use weightlift::core::{Manifest, RuleSet};
 use weightlift::core::{TpRank, Version};
-use weightlift::protocol::TransportKind;
-use weightlift::session::check_exposure;
-use weightlift::setup::{ModelSource, SetupError};
-use weightlift::update::default_threads;
 use weightlift::{
-    CheckpointTensors, Endpoint, Fault, HostTensors, ReceiverState, Sender, SenderOptions, SourceTensors, StepReport,
-    Token, Trainer,
+    check_exposure, default_threads, CheckpointTensors, Endpoint, Fault, GpuTensors, HostTensors, ModelSource,
+    ReceiverState, Sender, SenderOptions, SetupError, SourceTensors, StepReport, Token, Trainer, TransportKind,
 };
-
-use weightlift::gpu::GpuTensors;
 
 use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs, TrainerArgs};
 

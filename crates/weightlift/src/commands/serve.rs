@@ -5,15 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use weightlift::agent::{Agent, AgentOptions, MemoryControl, WEIGHTS_TAG};
 use weightlift::core::pool::TagOptions;
 use weightlift::core::{exec, plan, Manifest, RuleSet, TpRank};
-use weightlift::cuda_ipc::DeviceTensors;
-use weightlift::memory::{guard_receiver, MemoryPool, PooledTensors};
-use weightlift::session::check_exposure;
-use weightlift::setup::{ModelSource, SetupError};
-use weightlift::update::default_threads;
-use weightlift::{CheckpointTensors, Endpoint, HostTensors, Receiver, ReceiverOptions, Token};
+use weightlift::{
+    check_exposure, default_threads, guard_receiver, Agent, AgentOptions, CheckpointTensors, DeviceTensors, Endpoint,
+    HostTensors, MemoryControl, MemoryPool, ModelSource, PooledTensors, Receiver, ReceiverOptions, SetupError, Token,
+    WEIGHTS_TAG,
+};
 
 use super::{gb, open_gpu, tp_rank, CommandError, DeviceArg, ModelArgs};
 

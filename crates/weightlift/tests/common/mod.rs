@@ -26,8 +26,8 @@ pub fn write_checkpoint(dir: &Path, specs: &[weightlift::core::TensorSpec]) {
     let data: Vec<Vec<u8>> = specs.iter().map(|s| vec![0u8; s.byte_len() as usize]).collect();
     let tensors: Vec<_> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
     let (a, b) = tensors.split_at(tensors.len() / 2);
-    weightlift::safetensors_dir::write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
-    weightlift::safetensors_dir::write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
+    weightlift::write_file(&dir.join("model-00001-of-00002.safetensors"), a).unwrap();
+    weightlift::write_file(&dir.join("model-00002-of-00002.safetensors"), b).unwrap();
 }
 
 pub fn stderr(out: &Output) -> String {

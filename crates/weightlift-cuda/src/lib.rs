@@ -13,9 +13,14 @@
 //!   which weights travel from a trainer to an inference engine.
 //! - [`MappedFile`]: a read-only map of a whole file, so checkpoint tensors are read straight from
 //!   the page cache.
+//! - [`FileReader`]: large positional reads of a file, `O_DIRECT` where the filesystem takes it,
+//!   for cold checkpoints; [`cufile_available`] and [`CuFileReader`]: GPUDirect Storage through
+//!   cuFile, loaded at run time, reading files straight into device memory.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod cufile;
 pub mod error;
+pub mod file_read;
 pub mod gpu;
 pub mod host_copy;
 pub mod host_map;
@@ -24,7 +29,12 @@ pub mod kernels;
 pub mod vmm;
 pub mod vmm_pool;
 
+pub use cufile::{cufile_available, CuFileError, CuFileInfo, CuFileReader};
 pub use error::CudaError;
+pub use file_read::{
+    drop_cached, resident_bytes, sequential_read_rate, AlignedBuffer, FileReader, ReadError, ReadMode, SequentialRead,
+    DIRECT_ALIGN, SEQUENTIAL_CHUNK,
+};
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, OwnedDeviceMemory};
 pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};

@@ -131,6 +131,12 @@ impl SafetensorsDir {
         let dir = SafetensorsDir { dir: dir.to_path_buf(), files, manifest, locations, config };
         Ok((dir, opened))
     }
+
+    /// Each tensor's bytes on disk, parallel to `manifest`: its file, the byte offset in that
+    /// file and the length; what a [`FileReader`](weightlift_cuda::FileReader) reads.
+    pub fn tensor_ranges(&self) -> impl ExactSizeIterator<Item = (&Path, u64, u64)> + '_ {
+        self.locations.iter().map(|loc| (self.files[loc.file].as_path(), loc.offset, loc.len))
+    }
 }
 
 /// Opens `path` to read if it is a regular file (links are followed), with its length.
@@ -332,6 +338,40 @@ mod tests {
             assert_eq!(loc.len, spec.byte_len(), "{}", spec.name);
         }
         assert!(src.config.is_none());
+    }
+
+    #[test]
+    fn tensor_ranges_read_with_a_file_reader_match_the_mapped_tensors() {
+        use crate::tensors::{CheckpointTensors, SourceTensors};
+        use weightlift_cuda::{AlignedBuffer, FileReader, ReadMode};
+        let dir = temp_dir("ranges");
+        let specs = [
+            TensorSpec::new("a.weight", DType::BF16, vec![1000, 3]),
+            TensorSpec::new("b.weight", DType::F32, vec![5]),
+            TensorSpec::new("c.weight", DType::U8, vec![4099]),
+        ];
+        let data: Vec<Vec<u8>> = specs
+            .iter()
+            .enumerate()
+            .map(|(t, s)| (0..s.byte_len()).map(|i| (i as usize * 7 + t * 50) as u8).collect())
+            .collect();
+        let tensors: Vec<(&TensorSpec, &[u8])> = specs.iter().zip(data.iter().map(Vec::as_slice)).collect();
+        write_file(&dir.join("model-00001.safetensors"), &tensors[..2]).unwrap();
+        write_file(&dir.join("model-00002.safetensors"), &tensors[2..]).unwrap();
+        let src = SafetensorsDir::open(&dir).unwrap();
+        let mapped = CheckpointTensors::open(&dir).unwrap();
+        assert_eq!(src.tensor_ranges().len(), src.manifest.len());
+        for (index, (path, offset, len)) in src.tensor_ranges().enumerate() {
+            assert_eq!(path, src.files[src.locations[index].file]);
+            let reader = FileReader::open(path, ReadMode::Direct).unwrap();
+            let mut buffer = AlignedBuffer::new(FileReader::span(offset, len as usize));
+            let read = reader.read_range(offset, len as usize, &mut buffer).unwrap();
+            assert_eq!(read, mapped.bytes(index), "{}", src.manifest.specs()[index].name);
+            let name = &src.manifest.specs()[index].name;
+            let expected = &data[specs.iter().position(|s| &s.name == name).unwrap()];
+            assert_eq!(read, &expected[..], "{name}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -620,7 +620,18 @@ mod tests {
         let bytes = crate::tests_gpu::bytes(3 << 20, 7);
         let path = std::env::temp_dir().join(format!("weightlift-test-cufile-gpu-{}", std::process::id()));
         std::fs::write(&path, &bytes).unwrap();
-        let reader = CuFileReader::open(&path).unwrap();
+        let reader = match CuFileReader::open(&path) {
+            Ok(reader) => reader,
+            // Compatibility mode may still refuse a file system (tmpfs, overlay): the plain
+            // path is the fallback then, and the error names the file and the code.
+            Err(error @ CuFileError::Register { .. }) => {
+                assert!(error.to_string().contains(&path.display().to_string()), "{error}");
+                eprintln!("skipped: cuFile does not take files here: {error}");
+                let _ = std::fs::remove_file(&path);
+                return;
+            }
+            Err(error) => panic!("{error}"),
+        };
         eprintln!("{}: {}", path.display(), reader.mode());
         let mut dst = gpu.alloc(bytes.len()).unwrap();
         for (offset, len, at) in [(0, bytes.len(), 0), (4097, 1 << 20, 13), (5, 4091, 8192), (bytes.len() - 1, 1, 0)] {

@@ -5,7 +5,9 @@
 //! What it sends is digested by this process on the GPU, from the slot the copies filled,
 //! before the receiver is told it is there: the host memory is read once, by the copy engines
 //! (or, with [`crate::SenderOptions::host_digests`], digested from the sources on the CPU too,
-//! a second read of host memory beside the copies).
+//! a second read of host memory beside the copies). Checkpoints mostly out of the page cache
+//! are read from their files into the (page-locked) scratch instead, in large reads that go
+//! around the page cache where the file system allows (O_DIRECT), then copied the same way.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,7 +22,7 @@ use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
-use crate::update::{landed_pieces, stage_for_copies, LandedPiece, Schedule};
+use crate::update::{landed_pieces, stage_for_copies, stage_from_disk, LandedPiece, Schedule};
 
 const PAGE: usize = 4096;
 
@@ -82,7 +84,15 @@ pub struct SlotWriter {
     digester: ChunkDigester,
     /// The chunk digests of the last bucket sent, to fold while the next one is copied.
     pending: Option<Landed>,
+    /// This update reads its sources from their files into the scratch (they were mostly
+    /// not in the page cache when it began), rather than copying from their memory.
+    from_disk: bool,
 }
+
+/// Sources on disk with less than this share of their bytes in the page cache are read from
+/// their files (O_DIRECT where the file system takes it) rather than faulted in page by page
+/// through their maps (and page-locked whole before the first copy).
+const COLD_BELOW: f64 = 0.5;
 
 /// A bucket's verbatim pieces, with the chunk digests of what landed in its slot.
 struct Landed {
@@ -117,7 +127,8 @@ pub struct SlotPhases {
     pub pin: f64,
     /// Waiting for the receiver to hand a slot back.
     pub slot_wait: f64,
-    /// Packing what cannot be copied as it is (casts, strided blocks).
+    /// Packing what cannot be copied as it is (casts, strided blocks), and reading sources
+    /// from disk when they are.
     pub pack: f64,
     /// Queueing the copies and waiting for them.
     pub copy: f64,
@@ -153,6 +164,7 @@ impl SlotWriter {
             phases: SlotPhases::default(),
             digester: ChunkDigester::default(),
             pending: None,
+            from_disk: false,
         })
     }
 
@@ -230,8 +242,8 @@ impl SlotWriter {
         if k == 0 {
             self.phases = SlotPhases::default();
             self.pending = None; // what a failed update left
-
-            if pin {
+            self.from_disk = sources.resident_fraction().is_some_and(|f| f < COLD_BELOW);
+            if pin && !self.from_disk {
                 self.pin_sources(sources);
             }
             lap(&mut self.phases.pin);
@@ -239,8 +251,12 @@ impl SlotWriter {
         let slot = self.free_slot(conn, timeout)?;
         lap(&mut self.phases.slot_wait);
         let bytes = schedule.buckets[k].bytes;
-        let SlotWriter { gpu, slots, scratch, digester, pending, phases, .. } = self;
-        let copies = stage_for_copies(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads);
+        let SlotWriter { gpu, slots, scratch, digester, pending, phases, from_disk, .. } = self;
+        let copies = if *from_disk {
+            stage_from_disk(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads)?
+        } else {
+            stage_for_copies(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads)
+        };
         lap(&mut phases.pack);
         let middle = bytes as usize / 2;
         let flipped =
@@ -282,6 +298,11 @@ impl SlotWriter {
         digests: &mut [ChunkDigests],
     ) -> Result<(), TransferError> {
         self.pending.take().map_or(Ok(()), |last| last.fold(sources, digests))
+    }
+
+    /// Whether the last update read its sources from their files (see [`COLD_BELOW`]).
+    pub fn read_from_disk(&self) -> bool {
+        self.from_disk
     }
 
     /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).

@@ -40,6 +40,8 @@ pub enum SourceError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Map(#[from] weightlift_cuda::MapError),
+    #[error(transparent)]
+    Read(Box<weightlift_cuda::ReadError>),
 }
 
 /// Where one tensor's bytes are: file and byte range within it.

@@ -313,6 +313,12 @@ impl Sender {
         matches!(self.path, SendPath::Device(_))
     }
 
+    /// Whether the last update into device slots read its sources from their files (a
+    /// checkpoint mostly out of the page cache) rather than from their memory.
+    pub fn reads_from_disk(&self) -> bool {
+        matches!(&self.path, SendPath::Device(writer) if writer.read_from_disk())
+    }
+
     pub fn name(&self) -> String {
         format!("rank {} at {}", self.receiver.tp.rank, self.name)
     }
@@ -519,6 +525,7 @@ impl Sender {
                 copy_s = p.copy,
                 digest_s = p.digest,
                 unpinned_bytes = writer.unpinned_source_bytes(),
+                from_disk = writer.read_from_disk(),
                 "device slots written"
             );
         }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use weightlift_core::{digest, Manifest, ModelConfig};
-use weightlift_cuda::MappedFile;
+use weightlift_cuda::{resident_bytes, FileReader, MappedFile, ReadMode};
 
 use crate::safetensors_dir::{SafetensorsDir, SourceError};
 
@@ -11,6 +11,15 @@ use crate::safetensors_dir::{SafetensorsDir, SourceError};
 pub trait SourceTensors: Sync {
     fn manifest(&self) -> &Manifest;
     fn bytes(&self, index: usize) -> &[u8];
+    /// For tensors in files: the reader of tensor `index`'s file and where the tensor starts
+    /// in it, so a bulk read can go around the page cache; None for tensors in memory.
+    fn on_disk(&self, _index: usize) -> Option<(&FileReader, u64)> {
+        None
+    }
+    /// For tensors in files: the share of the files' bytes in the page cache now (0 to 1).
+    fn resident_fraction(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// The receiver's parameters, written in place, indexed like its destination manifest.
@@ -166,6 +175,8 @@ impl DestinationTensors for HostTensors {
 pub struct CheckpointTensors {
     dir: SafetensorsDir,
     files: Vec<MappedFile>,
+    /// The same files, for large reads that bypass the page cache where it is cold.
+    readers: Vec<FileReader>,
 }
 
 impl CheckpointTensors {
@@ -178,6 +189,9 @@ impl CheckpointTensors {
             .iter()
             .zip(opened)
             .map(|(path, (file, len))| {
+                let io = |source| SourceError::Io { path: path.clone(), source };
+                let reader = FileReader::from_file(file.try_clone().map_err(io)?, path, ReadMode::Direct)
+                    .map_err(|e| SourceError::Read(Box::new(e)))?;
                 let mapped = MappedFile::from_file(file, path)?;
                 // The header's ranges were checked against `len`; a file that changed since
                 // would have tensors past the end of its map.
@@ -187,10 +201,11 @@ impl CheckpointTensors {
                         reason: format!("it changed while read: {len} bytes at its header, {} mapped", mapped.len()),
                     });
                 }
-                Ok(mapped)
+                Ok((mapped, reader))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(CheckpointTensors { dir, files })
+        let (files, readers) = files.into_iter().unzip();
+        Ok(CheckpointTensors { dir, files, readers })
     }
 
     pub fn dir(&self) -> &SafetensorsDir {
@@ -205,5 +220,17 @@ impl SourceTensors for CheckpointTensors {
     fn bytes(&self, index: usize) -> &[u8] {
         let loc = &self.dir.locations[index];
         &self.files[loc.file].as_slice()[loc.offset as usize..(loc.offset + loc.len) as usize]
+    }
+    fn on_disk(&self, index: usize) -> Option<(&FileReader, u64)> {
+        let loc = &self.dir.locations[index];
+        Some((&self.readers[loc.file], loc.offset))
+    }
+    fn resident_fraction(&self) -> Option<f64> {
+        let total: u64 = self.readers.iter().map(FileReader::len).sum();
+        // A file whose residency cannot be read counts as resident: the page cache path is
+        // right either way, only slower when it is not.
+        let resident: u64 =
+            self.dir.files.iter().zip(&self.readers).map(|(p, r)| resident_bytes(p).unwrap_or(r.len())).sum();
+        Some(if total == 0 { 1.0 } else { resident as f64 / total as f64 })
     }
 }

@@ -16,6 +16,9 @@ use crate::report::UpdateReport;
 pub enum TransferError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// Reading a source from disk failed (the error names the file and range).
+    #[error(transparent)]
+    Disk(#[from] weightlift_cuda::ReadError),
     #[error("shared memory: {0}")]
     Memory(String),
     /// The receiver ended the update early and said why.

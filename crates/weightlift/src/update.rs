@@ -7,6 +7,8 @@ use std::ops::Range;
 use weightlift_core::digest::{self, ChunkDigests, PieceDigests, PieceLayout};
 use weightlift_core::{buckets, exec, pieces, Bucket, BucketError, CopyOp, Plan};
 
+use weightlift_cuda::{AlignedBuffer, FileReader, ReadError};
+
 use crate::tensors::{DestinationTensors, SourceTensors};
 
 /// Bytes moved per step: small enough to still be in a core's L2 cache when digested, large
@@ -207,10 +209,87 @@ pub fn stage_for_copies<'a>(
     digests: &mut [ChunkDigests],
     threads: usize,
 ) -> Vec<(usize, &'a [u8])> {
+    pack_changed(plan, schedule, bucket, sources, scratch, digests, threads);
+    let scratch: &'a [u8] = scratch;
+    copy_runs(&schedule.pieces[bucket])
+        .into_iter()
+        .map(|(at, origin, range)| match origin {
+            Origin::Source(i) => (at, &sources.bytes(i as usize)[range]),
+            Origin::Scratch => (at, &scratch[range]),
+        })
+        .collect()
+}
+
+/// Sender, for sources on disk: stages `bucket` whole in `scratch`, the pieces that need
+/// packing as [`stage_for_copies`] does, the others read from their files (around the page
+/// cache where the files' readers do, see [`SourceTensors::on_disk`]) on `threads` threads,
+/// and returns the one copy of it. Pieces whose source is not on disk come from memory.
+pub fn stage_from_disk<'a>(
+    plan: &Plan,
+    schedule: &Schedule,
+    bucket: usize,
+    sources: &dyn SourceTensors,
+    scratch: &'a mut [u8],
+    digests: &mut [ChunkDigests],
+    threads: usize,
+) -> Result<Vec<(usize, &'a [u8])>, ReadError> {
+    pack_changed(plan, schedule, bucket, sources, scratch, digests, threads);
+    let bytes = schedule.buckets[bucket].bytes as usize;
+    // Carve the scratch into the disjoint places of the runs to read (in payload order).
+    let mut work: Vec<(u32, Range<usize>, &mut [u8])> = Vec::new();
+    let mut rest: &mut [u8] = &mut scratch[..bytes];
+    let mut consumed = 0;
+    for (at, origin, range) in copy_runs(&schedule.pieces[bucket]) {
+        let Origin::Source(src) = origin else { continue };
+        let (_, from_start) = std::mem::take(&mut rest).split_at_mut(at - consumed);
+        let (mine, tail) = from_start.split_at_mut(range.len());
+        consumed = at + range.len();
+        work.push((src, range, mine));
+        rest = tail;
+    }
+    let runs = split_runs(work, threads, |(_, r, _)| r.len());
+    let read = in_parallel(runs, |run| {
+        let mut buffer: Option<AlignedBuffer> = None;
+        for (src, range, dst) in run {
+            let Some((reader, offset)) = sources.on_disk(src as usize) else {
+                dst.copy_from_slice(&sources.bytes(src as usize)[range]);
+                continue;
+            };
+            let at = offset + range.start as u64;
+            for (i, piece) in dst.chunks_mut(READ_BYTES).enumerate() {
+                let at = at + (i * READ_BYTES) as u64;
+                let needed = FileReader::span(at, piece.len());
+                if buffer.as_ref().is_none_or(|b| b.len() < needed) {
+                    buffer = Some(AlignedBuffer::new(FileReader::span(0, READ_BYTES).max(needed)));
+                }
+                let buffer = buffer.as_mut().expect("made just above");
+                piece.copy_from_slice(reader.read_range(at, piece.len(), buffer)?);
+            }
+        }
+        Ok(())
+    });
+    read.into_iter().collect::<Result<(), ReadError>>()?;
+    Ok(vec![(0, &scratch[..bytes])])
+}
+
+/// Reads from disk go in pieces of this many bytes (through one aligned buffer per thread).
+const READ_BYTES: usize = 8 << 20;
+
+/// Packs into `scratch` (at the pieces' payload offsets) the pieces of `bucket` that need
+/// packing (a cast, a block strided in its source), digesting them.
+fn pack_changed(
+    plan: &Plan,
+    schedule: &Schedule,
+    bucket: usize,
+    sources: &dyn SourceTensors,
+    scratch: &mut [u8],
+    digests: &mut [ChunkDigests],
+    threads: usize,
+) {
     let pieces = &schedule.pieces[bucket];
     // Carve the scratch into the disjoint places of the pieces to pack (in payload order).
     let mut work: Vec<(&Piece, &mut [u8])> = Vec::new();
-    let mut rest: &mut [u8] = &mut *scratch;
+    let mut rest: &mut [u8] = scratch;
     let mut consumed = 0;
     for piece in pieces.iter().filter(|p| p.verbatim.is_none()) {
         let (_, from_start) = std::mem::take(&mut rest).split_at_mut(piece.payload.start - consumed);
@@ -230,12 +309,19 @@ pub fn stage_for_copies<'a>(
     for (d, piece) in results.into_iter().flatten() {
         digests[d as usize].add(piece);
     }
+}
 
-    #[derive(PartialEq)]
-    enum Origin {
-        Source(u32),
-        Scratch,
-    }
+/// Where a run of a bucket's bytes comes from.
+#[derive(PartialEq)]
+enum Origin {
+    Source(u32),
+    Scratch,
+}
+
+/// The bucket's payload as runs `(payload offset, origin, range in the origin)`: a source's
+/// own bytes where packing would copy them unchanged, the scratch otherwise, with ranges
+/// that continue each other on both sides merged.
+fn copy_runs(pieces: &[Piece]) -> Vec<(usize, Origin, Range<usize>)> {
     let mut runs: Vec<(usize, Origin, Range<usize>)> = Vec::new();
     for piece in pieces {
         let (origin, range) = match &piece.verbatim {
@@ -250,13 +336,7 @@ pub fn stage_for_copies<'a>(
         }
         runs.push((piece.payload.start, origin, range));
     }
-    let scratch: &'a [u8] = scratch;
-    runs.into_iter()
-        .map(|(at, origin, range)| match origin {
-            Origin::Source(i) => (at, &sources.bytes(i as usize)[range]),
-            Origin::Scratch => (at, &scratch[range]),
-        })
-        .collect()
+    runs
 }
 
 /// Where each piece of bucket `bucket` sits in the payload (in payload order, side by side),
@@ -455,6 +535,45 @@ mod tests {
     use super::*;
     use crate::setup::{MappingOptions, ModelSource};
     use crate::tensors::HostTensors;
+
+    /// A bucket staged from the checkpoint's files holds what staging it from the checkpoint's
+    /// memory copies, byte for byte, with the same digests of what was packed.
+    #[test]
+    fn buckets_staged_from_disk_equal_buckets_staged_from_memory() {
+        let source = ModelSource::synthetic("qwen3-moe-tiny").unwrap();
+        let inputs = MappingOptions::default().inputs(&source, TpRank::SINGLE).unwrap();
+        let tensors = HostTensors::synthetic(source.config().unwrap(), 9);
+        let dir = std::env::temp_dir().join(format!("wl-stage-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let list: Vec<_> = tensors.manifest().iter().zip(tensors.data().iter().map(Vec::as_slice)).collect();
+        crate::safetensors_dir::write_file(&dir.join("model.safetensors"), &list).unwrap();
+        let checkpoint = crate::tensors::CheckpointTensors::open(&dir).unwrap();
+        assert!(checkpoint.on_disk(0).is_some() && checkpoint.resident_fraction().is_some());
+        // The file's own order of tensors, which need not be the trainer's.
+        let on_disk = weightlift_core::SourceSet::single(checkpoint.manifest().clone());
+        let plan = plan(&on_disk, &inputs.destination, &inputs.rules, TpRank::SINGLE).unwrap();
+        // Odd bucket sizes: runs start and end at every alignment of the file's blocks.
+        for bucket_bytes in [5000, 70_001, 1 << 20] {
+            let schedule = Schedule::new(&plan, &[], bucket_bytes).unwrap();
+            let (mut from_memory, mut from_disk) = (schedule.digests(&plan), schedule.digests(&plan));
+            let mut scratch = vec![0u8; bucket_bytes as usize];
+            let mut disk_scratch = vec![0u8; bucket_bytes as usize];
+            for k in 0..schedule.buckets.len() {
+                let mut want = vec![0u8; schedule.buckets[k].bytes as usize];
+                for (at, bytes) in stage_for_copies(&plan, &schedule, k, &checkpoint, &mut scratch, &mut from_memory, 2)
+                {
+                    want[at..at + bytes.len()].copy_from_slice(bytes);
+                }
+                let got =
+                    stage_from_disk(&plan, &schedule, k, &checkpoint, &mut disk_scratch, &mut from_disk, 3).unwrap();
+                assert_eq!(got.len(), 1);
+                assert!(got[0].1 == want.as_slice(), "bucket {k} of {bucket_bytes}-byte buckets differs");
+            }
+            let finished = |d: &[ChunkDigests]| d.iter().map(ChunkDigests::finish).collect::<Vec<_>>();
+            assert_eq!(finished(&from_disk), finished(&from_memory));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Digesting verbatim pieces from where the bytes landed (whole chunks from the packed
     /// bucket, edges from the source) gives the digests of digesting them from the source.

@@ -8,14 +8,24 @@
 //!   cudaMalloc as torch's are, again in VMM memory shared as file descriptors, and in 20 MiB
 //!   VMM pieces as torch's expandable segments hold them) and cross-GPU (NVLink);
 //! - host memory into a GPU engine (`staged` rows): this process's host tensors pushed over shm
-//!   and tcp to `weightlift serve --device cuda:N`, against the pinned host-to-device copy.
+//!   and tcp to `weightlift serve --device cuda:N`, against the pinned host-to-device copy;
+//! - a checkpoint on disk into a GPU engine (`disk` rows, the first model): written under
+//!   `$WEIGHTLIFT_BENCH_DIR` (default the temporary directory), pushed with the page cache warm
+//!   (against the pinned copy) and cold (evicted before every update, against a sequential read
+//!   of the same file, O_DIRECT where the file system takes it, in the same run).
 
 use std::time::Instant;
 
 use serde::Serialize;
 use weightlift::core::{plan, TpRank, Version};
-use weightlift::{today, GpuPlan, GpuTensors, PlanInputs, Sender, SenderOptions, TransportKind, UpdateReport};
-use weightlift_cuda::{device_count, CudaError, FusedKernel, Gpu, SourceGpu};
+use weightlift::{
+    today, write_file, CheckpointTensors, GpuPlan, GpuTensors, HostTensors, PlanInputs, Sender, SenderOptions,
+    SourceTensors, TransportKind, UpdateReport,
+};
+use weightlift_cuda::{
+    cufile_available, device_count, drop_cached, sequential_read_rate, CudaError, FusedKernel, Gpu, ReadMode,
+    SourceGpu, SEQUENTIAL_CHUNK,
+};
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
 
@@ -65,6 +75,39 @@ struct StagedRow {
     receiver_update_median_seconds: f64,
     device_extra_bytes: u64,
     verified: bool,
+}
+
+/// A checkpoint on disk pushed to a GPU engine over shm (device slots), warm or cold.
+#[derive(Serialize)]
+struct DiskRow {
+    model: String,
+    /// `warm` (the file in the page cache) or `cold` (evicted before every update).
+    cache: &'static str,
+    bytes: u64,
+    updates: usize,
+    median_seconds: f64,
+    best_seconds: f64,
+    gbps: f64,
+    /// `pinned H2D` (warm) or `sequential read` (cold, the same file, same run).
+    ceiling: &'static str,
+    ceiling_gbps: f64,
+    ratio_to_ceiling: f64,
+    /// Share of the file in the page cache as each timed update began (the median).
+    resident_before: f64,
+    /// Whether the sender read the file (cold) rather than its map.
+    read_from_disk: bool,
+    verified: bool,
+}
+
+/// What the disk rows ran on.
+#[derive(Serialize)]
+struct DiskSetup {
+    dir: String,
+    /// The cold ceiling: the file read front to back in 64 MiB reads after eviction.
+    sequential_read_gbps: f64,
+    read_mode: String,
+    /// What cuFile (GPUDirect Storage) offers here, or why it does not load.
+    cufile: String,
 }
 
 #[derive(Serialize)]
@@ -161,6 +204,8 @@ struct GpuBench {
     same_process: Vec<SameProcessRow>,
     ipc: Vec<IpcRow>,
     staged: Vec<StagedRow>,
+    disk: Vec<DiskRow>,
+    disk_setup: Option<DiskSetup>,
     /// Every fused kernel pulling from a peer GPU (two GPUs only).
     peer_kernels: Vec<KernelRow>,
     skipped: Vec<String>,
@@ -304,6 +349,13 @@ pub fn run(
             }
         }
     }
+    let (mut disk, mut disk_setup) = (Vec::new(), None);
+    if let Some(name) = ipc_models.first() {
+        match disk_rows(ordinal, name, model_args, &ceilings)? {
+            Ok((rows, setup)) => (disk, disk_setup) = (rows, Some(setup)),
+            Err(reason) => skipped.push(reason),
+        }
+    }
     // Last: a kernel that cannot read a peer's memory leaves that GPU's context unusable, and
     // every row above is already measured.
     let mut peer_kernels = Vec::new();
@@ -323,6 +375,8 @@ pub fn run(
         same_process,
         ipc,
         staged,
+        disk,
+        disk_setup,
         peer_kernels,
         skipped,
     };
@@ -717,6 +771,110 @@ fn staged_row(
     }))
 }
 
+/// Cold updates timed (after one untimed): each reads the whole checkpoint from disk.
+const COLD_RUNS: usize = 2;
+
+/// Each update's seconds, report and share of the file in the page cache as it began; and
+/// whether the last read the file rather than its map.
+type DiskUpdates = (Vec<(f64, UpdateReport, f64)>, bool);
+
+/// One model written as a checkpoint and pushed from it to `weightlift serve --device cuda:N`:
+/// warm (as written, then page-locked by the first update), then cold (evicted before each).
+fn disk_rows(
+    receiver: usize,
+    name: &str,
+    model_args: &ModelArgs,
+    ceilings: &Ceilings,
+) -> Result<Result<(Vec<DiskRow>, DiskSetup), String>, CommandError> {
+    let (args, inputs) = synthetic_inputs(name, model_args)?;
+    let bytes = inputs.destination.total_bytes();
+    let config =
+        weightlift::core::synthetic(name).ok_or_else(|| CommandError::Io(format!("no synthetic model {name}")))?;
+    let root = std::env::var_os("WEIGHTLIFT_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    let dir = root.join(format!("weightlift-disk-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| CommandError::Io(format!("{}: {e}", dir.display())))?;
+    let file = dir.join("model.safetensors");
+    let written = {
+        let tensors = HostTensors::synthetic(&config, 7);
+        let list: Vec<_> = tensors.manifest().iter().zip(tensors.data().iter().map(Vec::as_slice)).collect();
+        write_file(&file, &list)
+    };
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(Err(format!("{name} disk: could not write the checkpoint: {e}")));
+    }
+    let exe = std::env::current_exe().map_err(|e| CommandError::Io(e.to_string()))?;
+    let listen = format!("unix:{}", dir.join("disk.sock").display());
+    let extra = ["--device".to_string(), format!("cuda:{receiver}"), "--timeout-s".into(), "120".into()];
+    let (mut child, endpoint) = spawn_receiver(&exe, &args, &listen, &extra)?;
+    let options = SenderOptions { transport: TransportKind::Shm, pin_sources: true, ..SenderOptions::default() };
+    let open = || CheckpointTensors::open(&dir).map_err(|e| CommandError::Io(e.to_string()));
+    let mut version = 0u64;
+    let mut push_all = |runs: usize, evict: bool| -> Result<DiskUpdates, CommandError> {
+        let checkpoint = open()?;
+        let mut sender = Sender::connect(&endpoint, checkpoint.manifest(), &inputs.rules, options.clone())?;
+        let mut out = Vec::new();
+        for _ in 0..=runs {
+            if evict {
+                drop_cached(&file).map_err(|e| CommandError::Io(e.to_string()))?;
+            }
+            let resident = checkpoint.resident_fraction().unwrap_or(1.0);
+            version += 1;
+            let started = Instant::now();
+            let report = sender.push(Version(version), &checkpoint)?;
+            out.push((started.elapsed().as_secs_f64(), report, resident));
+        }
+        Ok((out, sender.reads_from_disk()))
+    };
+    let result = (|| {
+        // Warm first; the sender and the map go before eviction (pages mapped or page-locked
+        // are not evicted).
+        let warm = push_all(RUNS, false)?;
+        drop_cached(&file).map_err(|e| CommandError::Io(e.to_string()))?;
+        let read = sequential_read_rate(&[&file], SEQUENTIAL_CHUNK, ReadMode::Direct)
+            .map_err(|e| CommandError::Io(e.to_string()))?;
+        let cold = push_all(COLD_RUNS, true)?;
+        Ok::<_, CommandError>((warm, read, cold))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (warm, read, cold) = result?;
+    let read_gbps = read.bytes as f64 / read.seconds / 1e9;
+    let row = |cache, (reports, from_disk): DiskUpdates, ceiling, ceiling_gbps: f64| {
+        let timed = &reports[1..];
+        let seconds: Vec<f64> = timed.iter().map(|(s, _, _)| *s).collect();
+        let median_seconds = median(seconds.clone());
+        let gbps = bytes as f64 / median_seconds / 1e9;
+        DiskRow {
+            model: name.to_string(),
+            cache,
+            bytes,
+            updates: timed.len(),
+            median_seconds,
+            best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+            gbps,
+            ceiling,
+            ceiling_gbps,
+            ratio_to_ceiling: gbps / ceiling_gbps,
+            resident_before: median(timed.iter().map(|(_, _, r)| *r).collect()),
+            read_from_disk: from_disk,
+            verified: reports.iter().all(|(_, r, _)| r.verified),
+        }
+    };
+    let rows = vec![
+        row("warm", warm, "pinned H2D", ceilings.pinned_h2d_gbps),
+        row("cold", cold, "sequential read", read_gbps),
+    ];
+    let setup = DiskSetup {
+        dir: root.display().to_string(),
+        sequential_read_gbps: read_gbps,
+        read_mode: read.mode.to_string(),
+        cufile: cufile_available().map_or_else(|e| e.to_string(), |info| info.to_string()),
+    };
+    Ok(Ok((rows, setup)))
+}
+
 fn print_tables(out: &GpuBench) {
     let c = &out.ceilings;
     println!(
@@ -834,6 +992,31 @@ fn print_tables(out: &GpuBench) {
             r.device_extra_bytes as f64 / (1 << 20) as f64,
             if r.verified { "yes" } else { "NO" }
         );
+    }
+    if let Some(setup) = &out.disk_setup {
+        println!(
+            "disk under {}: sequential read {:.2} GB/s ({}); {}",
+            setup.dir, setup.sequential_read_gbps, setup.read_mode, setup.cufile
+        );
+        println!(
+            "{:<15} {:>6} {:>10} {:>10} {:>8} {:>8} {:>16} {:>9} {:>10} {:>9}",
+            "disk", "cache", "bytes", "update ms", "GB/s", "x ceil", "ceiling", "resident", "from disk", "verified"
+        );
+        for r in &out.disk {
+            println!(
+                "{:<15} {:>6} {:>10} {:>10.1} {:>8.2} {:>8.2} {:>16} {:>9.2} {:>10} {:>9}",
+                r.model,
+                r.cache,
+                gb(r.bytes),
+                r.median_seconds * 1e3,
+                r.gbps,
+                r.ratio_to_ceiling,
+                r.ceiling,
+                r.resident_before,
+                r.read_from_disk,
+                if r.verified { "yes" } else { "NO" }
+            );
+        }
     }
     for s in &out.skipped {
         println!("skipped {s}");

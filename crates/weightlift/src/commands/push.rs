@@ -81,6 +81,9 @@ struct PushOutput<'a> {
     transport: TransportKind,
     /// Per rank: whether buckets went into its device slots, copied by this process.
     device_writes: Vec<bool>,
+    /// Per rank: whether the last update into its device slots read the checkpoint from its
+    /// files (it was mostly out of the page cache) rather than from their maps.
+    reads_from_disk: Vec<bool>,
     /// Each rank's receiver as it was before this push.
     receivers: Vec<ReceiverState>,
     steps: &'a [StepReport],
@@ -126,6 +129,7 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
             model: model.name(),
             transport,
             device_writes: trainer.senders().iter().map(Sender::writes_device_slots).collect(),
+            reads_from_disk: trainer.senders().iter().map(Sender::reads_from_disk).collect(),
             receivers: trainer.receivers_at_connect(),
             steps: &steps,
         };

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::CHUNK_BYTES;
 use crate::plan::{CopyOp, Plan};
 
 pub const DEFAULT_BUCKET_BYTES: u64 = 256 << 20;
@@ -96,7 +97,12 @@ fn split_front(op: &CopyOp, budget: u64, elt: u64, lead: usize) -> (Option<CopyO
         return (None, vec![op.clone()]);
     };
     let slice_bytes = op.extent[d + 1..].iter().product::<u64>() * elt;
+    // Whole digest chunks where the budget allows (a multiple of `align` slices ends on a
+    // chunk boundary): a piece that ends mid-chunk leaves a fragment for the digest to
+    // reassemble, and a MoE model's down projections (1536-byte rows) had one at every piece.
+    let align = CHUNK_BYTES as u64 / gcd(slice_bytes, CHUNK_BYTES as u64);
     let take = budget / slice_bytes;
+    let take = if take >= align { take - take % align } else { take };
     let (head, tail) = cut(op, d, take.max(1), lead);
     if take >= 1 {
         return (Some(head), vec![tail]);
@@ -105,6 +111,14 @@ fn split_front(op: &CopyOp, budget: u64, elt: u64, lead: usize) -> (Option<CopyO
     let (inner_head, mut inner_rest) = split_front(&head, budget, elt, lead);
     inner_rest.push(tail);
     (inner_head, inner_rest)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The first `n` indices of `op` along dim `d`, and the rest.
@@ -204,6 +218,21 @@ mod tests {
         // [10, 3] bf16 rows are 6 bytes: one row per piece, in order.
         assert_eq!(parts.len(), 10);
         assert!(parts.iter().enumerate().all(|(i, p)| p.dst_start == vec![i as u64, 0] && p.extent == vec![1, 3]));
+        let mut rebuilt = plan.clone();
+        rebuilt.ops = parts;
+        rebuilt.verify().unwrap();
+    }
+
+    #[test]
+    fn pieces_end_on_digest_chunks_where_the_budget_allows() {
+        // A MoE down projection: rows of 768 bf16 (1536 bytes) cut into 1 MiB pieces. 682 rows
+        // would fit, but 680 end on a 4096-byte chunk.
+        let plan = single_tensor_plan(&[2048, 768], Split::Replicated, TpRank::SINGLE);
+        let parts = pieces(&plan, &plan.ops[0], 1 << 20);
+        assert_eq!(parts[0].extent, vec![680, 768]);
+        for p in &parts {
+            assert_eq!(p.dst_start[0] * 1536 % CHUNK_BYTES as u64, 0, "{p:?}");
+        }
         let mut rebuilt = plan.clone();
         rebuilt.ops = parts;
         rebuilt.verify().unwrap();

@@ -211,8 +211,10 @@ pub struct ChunkDigests {
     /// Chunks folded into `outer` so far: all chunks before this index.
     next: u64,
     outer: Xxh64,
-    /// Chunk digests that arrived ahead of `next`.
-    waiting: std::collections::BTreeMap<u64, u64>,
+    /// Chunk digests that arrived ahead of `next`: slot `i` holds chunk `next + i`. A window
+    /// rather than a map: constant time a chunk, which a MoE model's millions of chunks
+    /// arriving out of order need.
+    waiting: std::collections::VecDeque<Option<u64>>,
     /// Fragments of chunks not yet complete, by chunk index: (offset in tensor, bytes).
     pending: std::collections::HashMap<u64, Vec<(u64, Vec<u8>)>>,
 }
@@ -269,15 +271,20 @@ impl ChunkDigests {
     }
 
     fn chunk_done(&mut self, index: u64, digest: u64) {
-        if index != self.next {
-            self.waiting.insert(index, digest);
+        // A chunk already folded cannot come again (pieces do not overlap); nor can one past
+        // the tensor's end.
+        if index < self.next || index >= self.chunks {
             return;
         }
-        self.outer.update(&digest.to_le_bytes());
-        self.next += 1;
-        while let Some(d) = self.waiting.remove(&self.next) {
+        let at = (index - self.next) as usize;
+        if at >= self.waiting.len() {
+            self.waiting.resize(at + 1, None);
+        }
+        self.waiting[at] = Some(digest);
+        while let Some(Some(d)) = self.waiting.front() {
             self.outer.update(&d.to_le_bytes());
             self.next += 1;
+            self.waiting.pop_front();
         }
     }
 

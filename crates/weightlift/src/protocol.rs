@@ -25,8 +25,9 @@ use crate::net::Stream;
 use crate::report::UpdateReport;
 
 /// 5: authentication (`Challenge`, `Proof`, `Authenticated`) and the two-phase commit of an
-/// update to several receivers (`End::two_phase`, `Verified`, `Commit`).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// update to several receivers (`End::two_phase`, `Verified`, `Commit`). 6: device slots.
+/// 7: buckets cut on digest chunks where they can be (both sides compute the same layout).
+pub const PROTOCOL_VERSION: u32 = 7;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;

@@ -34,9 +34,13 @@ pub struct BenchArgs {
     /// Models for the GPU benchmark.
     #[arg(long, value_delimiter = ',', default_value = "qwen3-8b,qwen3-30b-a3b")]
     pub gpu_models: Vec<String>,
-    /// GPU benchmark: only the rows measured in this process (the kernels), no engine process.
+    /// GPU benchmark: only the rows measured in this process (the kernels), no engine process
+    /// (the same as `--gpu-rows same-process`).
     #[arg(long)]
     pub same_process: bool,
+    /// GPU benchmark: which groups of rows to measure (the ceilings always are).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "same-process,ipc,staged,disk")]
+    pub gpu_rows: Vec<super::bench_gpu::GpuRows>,
     #[arg(long)]
     pub json: bool,
 }
@@ -86,7 +90,8 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
         let ordinal = rest.strip_prefix(':').map_or(Ok(0), str::parse).map_err(|_| {
             CommandError::Setup(weightlift::SetupError::Invalid(format!("bad device `{}`", args.device)))
         })?;
-        return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, args.same_process, args.json);
+        let rows = if args.same_process { vec![super::bench_gpu::GpuRows::SameProcess] } else { args.gpu_rows.clone() };
+        return super::bench_gpu::run(ordinal, &args.gpu_models, &args.model, &rows, args.json);
     }
     let model = args.model.source(Some(super::demo::DEFAULT_MODEL))?;
     let ModelSource::Synthetic(config) = &model else {

@@ -290,11 +290,24 @@ fn tcp_loopback_gbps() -> Result<f64, CommandError> {
     Ok(CEILING_BYTES as f64 / best / 1e9)
 }
 
+/// The groups of rows of the GPU benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuRows {
+    /// The kernels in this process: copies, digests, the fused update.
+    SameProcess,
+    /// CUDA IPC between processes (colocated, and cross-GPU with two).
+    Ipc,
+    /// Host tensors into a GPU engine (shm device slots and ring, tcp).
+    Staged,
+    /// A checkpoint on disk into a GPU engine, warm and cold.
+    Disk,
+}
+
 pub fn run(
     ordinal: usize,
     models: &[String],
     model_args: &ModelArgs,
-    same_process_only: bool,
+    rows: &[GpuRows],
     json: bool,
 ) -> Result<(), CommandError> {
     let gpus = device_count()?;
@@ -305,17 +318,16 @@ pub fn run(
     let ceilings = ceilings(&gpu, peer.as_ref())?;
     let mut skipped = Vec::new();
 
+    let wanted = |group: GpuRows| rows.contains(&group);
     let mut same_process = Vec::new();
-    for name in models {
+    for name in models.iter().filter(|_| wanted(GpuRows::SameProcess)) {
         match same_process_row(&gpu, name, model_args, &ceilings)? {
             Ok(row) => same_process.push(row),
             Err(reason) => skipped.push(reason),
         }
     }
     let mut ipc = Vec::new();
-    // `--same-process`: the kernels alone, no engine process.
-    let ipc_models = if same_process_only { &[][..] } else { models };
-    for name in ipc_models {
+    for name in models.iter().filter(|_| wanted(GpuRows::Ipc)) {
         for (mode, receiver) in [
             ("colocated", Some(ordinal)),
             ("colocated-vmm", Some(ordinal)),
@@ -334,7 +346,7 @@ pub fn run(
         }
     }
     let mut staged = Vec::new();
-    for (m, name) in ipc_models.iter().enumerate() {
+    for (m, name) in models.iter().enumerate().filter(|_| wanted(GpuRows::Staged)) {
         // The socket row of the first model only: over loopback it is the socket's rate, and a
         // MoE model's 61 GB would take minutes an update.
         // Device slots digested where they land (the default), and from the sources on the CPU.
@@ -350,7 +362,7 @@ pub fn run(
         }
     }
     let (mut disk, mut disk_setup) = (Vec::new(), None);
-    if let Some(name) = ipc_models.first() {
+    if let Some(name) = models.first().filter(|_| wanted(GpuRows::Disk)) {
         match disk_rows(ordinal, name, model_args, &ceilings)? {
             Ok((rows, setup)) => (disk, disk_setup) = (rows, Some(setup)),
             Err(reason) => skipped.push(reason),
@@ -360,7 +372,7 @@ pub fn run(
     // every row above is already measured.
     let mut peer_kernels = Vec::new();
     if let (Some(peer), Some(peer_gbps)) = (&peer, ceilings.peer_copy_gbps) {
-        for name in models {
+        for name in models.iter().filter(|_| wanted(GpuRows::SameProcess)) {
             let (rows, why_not_all) = peer_kernel_rows(&gpu, peer, name, model_args, peer_gbps);
             peer_kernels.extend(rows);
             skipped.extend(why_not_all);

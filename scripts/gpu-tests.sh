@@ -5,7 +5,9 @@
 #   bash .gpu/run.sh                  # on the GPU machine (carry .gpu), from the repository
 #                                     # root's .gpu: every Rust GPU test, the Python tests (torch,
 #                                     # CUDA, the Hugging Face proof), then `weightlift bench
-#                                     # --device cuda` (BENCH=0 skips it); a summary table last
+#                                     # --device cuda` (BENCH=0 skips it; GPU_MODELS and
+#                                     # GPU_ROWS pick its models and row groups); a summary
+#                                     # table last
 # On a machine without a GPU the same tests are listed by `cargo test` as ignored, with why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +65,7 @@ for t in tests/*; do
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 if [ "${BENCH:-1}" = 1 ]; then
-    ./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} || status=1
+    ./weightlift bench --device cuda ${GPU_MODELS:+--gpu-models $GPU_MODELS} ${GPU_ROWS:+--gpu-rows $GPU_ROWS} || status=1
 fi
 echo
 echo "GPU tests:"

@@ -5,11 +5,11 @@
 //! message) leaves the receiver on its last committed version, marked dirty with the tensors
 //! the failed update touched, and ready for the next attempt.
 
-mod apply;
 mod checker;
 mod connection;
 mod handshake;
 mod settle;
+mod transfer;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -140,9 +140,11 @@ pub enum FetchError {
 enum Store {
     Host(Box<dyn DestinationTensors>),
     /// On a GPU: updates arrive over CUDA IPC.
+    /// `tensors` is shared with the CUDA IPC transfer of each connection (see
+    /// `transfer::IpcPull`); written only under this store's lock all the same.
     Device {
         gpu: Arc<Gpu>,
-        tensors: Box<dyn DeviceTensors>,
+        tensors: Arc<dyn DeviceTensors>,
     },
 }
 
@@ -178,7 +180,7 @@ impl Receiver {
     ) -> Result<Receiver, CudaError> {
         let manifest = tensors.manifest().clone();
         let digests = tensors.digests(&gpu)?.into_iter().map(Some).collect();
-        let store = Store::Device { gpu, tensors: Box::new(tensors) };
+        let store = Store::Device { gpu, tensors: Arc::new(tensors) };
         Ok(Receiver::with_store(manifest, digests, store, options))
     }
 

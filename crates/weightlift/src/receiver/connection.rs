@@ -109,10 +109,7 @@ impl Receiver {
                 other => other,
             };
             let (report, in_sync) = self.settle(&plan, version, outcome, &touched, report, started);
-            log_report(&report);
-            self.state().last_report = Some(report.clone());
-            let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            observers.iter().for_each(|observe| observe(&report));
+            self.record(&report);
             // Best effort: a sender that broke the transfer may be gone already.
             let sent = conn.send(&Message::Report { report: report.clone() });
             if expect.is_some() {
@@ -124,6 +121,16 @@ impl Receiver {
             }
             sent?;
         }
+    }
+}
+
+impl Receiver {
+    /// Logs a settled update's report, keeps it as the last one and tells the observers.
+    pub(super) fn record(&self, report: &UpdateReport) {
+        log_report(report);
+        self.state().last_report = Some(report.clone());
+        let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        observers.iter().for_each(|observe| observe(report));
     }
 }
 

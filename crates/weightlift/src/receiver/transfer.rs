@@ -18,9 +18,9 @@ use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
-use crate::tensors::DestinationTensors;
+use crate::tensors::{DestinationTensors, SourceTensors};
 use crate::transport::{Arrived, RecvPath, TransferError};
-use crate::update::{receiver_digests, unpack, Schedule};
+use crate::update::{pack, receiver_digests, sender_digests, unpack, Schedule};
 
 use super::settle::Outcome;
 use super::{Receiver, Store};
@@ -248,6 +248,76 @@ impl Transfer for IpcPull {
         })()
         .unwrap_or_else(Outcome::Broken);
         drop(store);
+        (outcome, report)
+    }
+}
+
+/// A source in this process (a checkpoint read from disk) into tensors in host memory: each
+/// bucket packed from the source into a buffer, as a sender would, and unpacked into the
+/// tensors, so nothing plays sender to itself over a socket. Not a [`Transfer`]: there is no
+/// connection; the version state, compare and settling are the same.
+pub(super) struct LocalPack<'a> {
+    pub(super) source: &'a dyn SourceTensors,
+    /// The schedule of an update that skips nothing.
+    pub(super) full: Schedule,
+    pub(super) bucket_bytes: u64,
+}
+
+impl LocalPack<'_> {
+    /// Packs and unpacks every bucket of update `version`, digesting both sides as the host
+    /// path does, and compares them. Marks in `touched` each tensor written.
+    pub(super) fn run(
+        &mut self,
+        receiver: &Receiver,
+        plan: &Plan,
+        version: Version,
+        skip: &[u32],
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
+        let schedule = self.full.for_skip(plan, skip, self.bucket_bytes).expect("bucket size was validated");
+        let threads = receiver.shared.options.threads;
+        let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = UpdateReport {
+            bytes: schedule.bytes,
+            tensors: schedule.written.iter().filter(|&&w| w).count(),
+            buckets: schedule.buckets.len(),
+            skipped_tensors: skip.len(),
+            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
+            sender_digests: true,
+            ..UpdateReport::default()
+        };
+        // Refused before the update began (Receiver::apply_local): the store never changes kind.
+        let Store::Host(tensors) = &mut *store else {
+            return (Outcome::Broken(super::LocalError::OnGpu.to_string()), report);
+        };
+        let tensors = tensors.as_mut();
+        let mut sent = schedule.digests(plan);
+        let mut ours = schedule.digests(plan);
+        let mut payload = vec![0u8; schedule.buckets.iter().map(|b| b.bytes).max().unwrap_or(0) as usize];
+        let mut unpack_seconds = 0.0;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let payload = &mut payload[..bucket.bytes as usize];
+            pack(plan, &schedule, k, self.source, payload, &mut sent, threads);
+            for entry in &bucket.entries {
+                touched[entry.op.dst as usize] = true;
+            }
+            let t = Instant::now();
+            unpack(plan, &schedule, k, payload, tensors, &mut ours, threads);
+            unpack_seconds += t.elapsed().as_secs_f64();
+        }
+        let _ = receiver.state().versions.verify(version);
+        let t = Instant::now();
+        let ours = receiver_digests(&schedule, tensors, &ours);
+        unpack_seconds += t.elapsed().as_secs_f64();
+        let theirs = sender_digests(plan, &schedule, self.source, &sent);
+        let mismatched = compare(plan, &schedule.written, &ours, &theirs);
+        let outcome = if mismatched.is_empty() {
+            Outcome::Verified { digests: ours, compared: true, two_phase: false }
+        } else {
+            Outcome::Mismatch(mismatched)
+        };
+        drop(store);
+        report.unpack_seconds = unpack_seconds;
         (outcome, report)
     }
 }

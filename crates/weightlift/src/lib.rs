@@ -49,7 +49,7 @@ pub use sender::{Fault, ReceiverState, SendError, Sender, SenderOptions, Vote};
 pub use trainer::{StepReport, Trainer};
 
 // Taking updates: the engine-side receiver and what each update reports.
-pub use receiver::{Receiver, ReceiverOptions};
+pub use receiver::{LocalError, Receiver, ReceiverOptions};
 pub use report::{UpdateOutcome, UpdateReport};
 
 // Tensors updated from and into: host memory, checkpoints, GPU memory (shared over CUDA IPC).

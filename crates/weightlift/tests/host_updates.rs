@@ -229,3 +229,79 @@ fn a_receiver_in_host_memory_refuses_cuda_ipc_by_name() {
     let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).err().expect("refused");
     assert!(err.to_string().contains("in host memory"), "{err}");
 }
+
+/// A source whose tensor `short` holds fewer bytes than its manifest says: packing it breaks
+/// off the update part way.
+struct Truncated {
+    tensors: HostTensors,
+    short: usize,
+}
+
+impl weightlift::SourceTensors for Truncated {
+    fn manifest(&self) -> &Manifest {
+        self.tensors.manifest()
+    }
+
+    fn bytes(&self, index: usize) -> &[u8] {
+        let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
+        if index == self.short {
+            &bytes[..bytes.len() / 2]
+        } else {
+            bytes
+        }
+    }
+}
+
+fn host_bytes(receiver: &weightlift::Receiver) -> Vec<Vec<u8>> {
+    receiver.with_host_tensors(|t| (0..t.manifest().len()).map(|i| t.bytes(i).to_vec()).collect()).unwrap()
+}
+
+#[test]
+fn a_local_update_commits_bit_exact_like_one_from_a_sender() {
+    let mut local = setup("qwen3-moe-tiny", TpRank::new(1, 2).unwrap(), "local", ReceiverOptions::default());
+    let mut pushed = setup("qwen3-moe-tiny", TpRank::new(1, 2).unwrap(), "local-ref", ReceiverOptions::default());
+    let observed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = observed.clone();
+    local.receiver.observe(std::sync::Arc::new(move |r| seen.lock().unwrap().push(r.version)));
+    let mut tx =
+        pushed.receiver.connect_in_process(pushed.trainer.manifest(), &pushed.rules, SenderOptions::default()).unwrap();
+    for v in 1..=2 {
+        local.trainer.perturb();
+        pushed.trainer.perturb();
+        let report = local.receiver.apply_local(Version(v), &local.trainer, &local.rules).unwrap();
+        assert!(report.verified && report.is_committed(), "{report:?}");
+        assert_eq!((report.committed, local.receiver.committed()), (Version(v), Version(v)));
+        assert!(tx.push(Version(v), &pushed.trainer).unwrap().verified);
+        assert!(host_bytes(&local.receiver) == host_bytes(&pushed.receiver), "v{v}: the tensors differ");
+        assert_eq!(local.receiver.current_digests().unwrap(), pushed.receiver.current_digests().unwrap());
+        assert_eq!(local.receiver.last_report().unwrap().version, Version(v));
+    }
+    assert_eq!(*observed.lock().unwrap(), vec![Version(1), Version(2)]);
+    // Stale versions are refused before anything is written.
+    let err = local.receiver.apply_local(Version(2), &local.trainer, &local.rules).unwrap_err();
+    assert!(matches!(err, weightlift::LocalError::Version(_)), "{err}");
+    assert!(local.receiver.dirty().is_empty());
+}
+
+#[test]
+fn a_local_update_that_breaks_off_leaves_the_version_where_it_was_dirty() {
+    // Small buckets: the short tensor, the last, is packed after others were written.
+    let options = ReceiverOptions { max_bucket_bytes: 4096, ..ReceiverOptions::default() };
+    let mut s = setup("qwen3-moe-tiny", TpRank::new(1, 2).unwrap(), "local-fail", options);
+    s.trainer.perturb();
+    assert!(s.receiver.apply_local(Version(1), &s.trainer, &s.rules).unwrap().verified);
+    s.trainer.perturb();
+    let short = s.trainer.manifest().len() - 1;
+    let source = Truncated { tensors: s.trainer.clone(), short };
+    let report = s.receiver.apply_local(Version(2), &source, &s.rules).unwrap();
+    assert!(!report.is_committed() && !report.verified, "{report:?}");
+    assert!(report.error.as_deref().unwrap().starts_with("reading the source"), "{report:?}");
+    assert_eq!((report.committed, s.receiver.committed()), (Version(1), Version(1)));
+    assert!(!report.dirty.is_empty() && report.dirty == s.receiver.dirty(), "{report:?}");
+    assert_eq!(s.receiver.status().in_flight, None);
+    assert_eq!(s.receiver.last_report().unwrap().version, Version(2));
+    // The next update rewrites what is dirty.
+    let report = s.receiver.apply_local(Version(2), &s.trainer, &s.rules).unwrap();
+    assert!(report.verified, "{report:?}");
+    assert!(s.receiver.dirty().is_empty());
+}

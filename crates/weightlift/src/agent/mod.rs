@@ -31,7 +31,7 @@ use weightlift_core::{RuleSet, Version};
 
 use crate::net::Endpoint;
 use crate::protocol::TransportKind;
-use crate::receiver::{Expect, FetchError, Receiver};
+use crate::receiver::{Expect, FetchError, LocalError, Receiver};
 use crate::report::UpdateReport;
 use crate::sender::{SendError, SenderOptions};
 use crate::session::Token;
@@ -610,6 +610,22 @@ fn update_from_disk(
     }
     let checkpoint = CheckpointTensors::open(dir)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_checkpoint", e.to_string()))?;
+    if !state.receiver.is_on_gpu() {
+        // Host tensors take the checkpoint directly: packed and unpacked in this process.
+        if !claim.begin_writing(deadline.due) {
+            return Err(given_up(version, deadline));
+        }
+        return state.receiver.apply_local(version, &checkpoint, rules).map_err(|e| match e {
+            LocalError::Refused { .. } | LocalError::Version(_) => {
+                ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
+            }
+            LocalError::OnGpu | LocalError::Rules(_) | LocalError::Plan(_) | LocalError::Schedule(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string())
+            }
+        });
+    }
+    // GPU tensors keep the in-process sender for now: its device slots let the checkpoint's
+    // buckets be copied straight into the GPU's staging.
     let mut sender = state
         .receiver
         .connect_in_process(checkpoint.manifest(), rules, SenderOptions::default())

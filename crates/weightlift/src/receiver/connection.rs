@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::VersionError;
 
-use crate::cuda_ipc::Importer;
 use crate::net::Stream;
-use crate::protocol::{Message, ProtocolError, TransportKind};
+use crate::protocol::{Message, ProtocolError};
 use crate::report::UpdateReport;
 use crate::session::SessionError;
 use crate::transport::{LocalRing, TransferError};
@@ -53,11 +52,9 @@ impl Receiver {
         expect: Option<Expect>,
     ) -> Result<Option<UpdateReport>, ConnectionError> {
         let options = &self.shared.options;
-        // Bound in the order the handshake made them, so they drop in reverse: the
-        // staging before the receive path whose memory it pinned, the connection last.
-        let Established { mut conn, source, plan, full, mut path, staging, transport, bucket_bytes } =
-            self.handshake(stream, local_ring, expect)?;
-        let mut importer = Importer::default();
+        // Bound in the order the handshake made them, so they drop in reverse: the transfer
+        // (and the memory it holds) before the connection.
+        let Established { mut conn, plan, mut transfer } = self.handshake(stream, local_ring, expect)?;
 
         loop {
             // Between updates a sender may stay idle for as long as training takes; a sender
@@ -105,33 +102,14 @@ impl Receiver {
             let mut touched = vec![false; plan.destinations.len()];
             let (outcome, report) = match conn.send(&Message::Accepted { version, stale }) {
                 Err(e) => (Outcome::Broken(format!("accepting the update: {e}")), UpdateReport::default()),
-                Ok(()) if transport == TransportKind::CudaIpc => {
-                    self.transfer_ipc(&mut conn, &mut importer, &plan, &source, version, &mut touched)
-                }
-                Ok(()) => {
-                    let staging = staging.as_ref();
-                    self.transfer_host(
-                        &mut conn,
-                        &mut path,
-                        &plan,
-                        &full,
-                        staging,
-                        version,
-                        &skip,
-                        bucket_bytes,
-                        &mut touched,
-                    )
-                }
+                Ok(()) => transfer.run(self, &mut conn, &plan, version, &skip, &mut touched),
             };
             let outcome = match outcome {
                 Outcome::Verified { two_phase: true, .. } => self.await_decision(&mut conn, version, outcome),
                 other => other,
             };
             let (report, in_sync) = self.settle(&plan, version, outcome, &touched, report, started);
-            log_report(&report);
-            self.state().last_report = Some(report.clone());
-            let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            observers.iter().for_each(|observe| observe(&report));
+            self.record(&report);
             // Best effort: a sender that broke the transfer may be gone already.
             let sent = conn.send(&Message::Report { report: report.clone() });
             if expect.is_some() {
@@ -143,6 +121,16 @@ impl Receiver {
             }
             sent?;
         }
+    }
+}
+
+impl Receiver {
+    /// Logs a settled update's report, keeps it as the last one and tells the observers.
+    pub(super) fn record(&self, report: &UpdateReport) {
+        log_report(report);
+        self.state().last_report = Some(report.clone());
+        let observers = self.shared.observers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        observers.iter().for_each(|observe| observe(report));
     }
 }
 

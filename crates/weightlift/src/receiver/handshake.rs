@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use weightlift_core::{plan, Manifest, Plan, SourceSet};
+use weightlift_core::{plan, Plan, SourceSet};
 
 use crate::net::Stream;
 use crate::protocol::{Conn, Message, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES};
@@ -17,20 +17,15 @@ use crate::transport::{LocalRing, RecvPath};
 use crate::update::Schedule;
 
 use super::connection::ConnectionError;
+use super::transfer::{HostBuckets, IpcPull, Transfer};
 use super::{Expect, Receiver, Store};
 
 /// A connection past its handshake: what its updates need.
 pub(super) struct Established {
     pub(super) conn: Conn,
-    pub(super) source: Manifest,
     pub(super) plan: Plan,
-    /// The schedule of an update that skips nothing.
-    pub(super) full: Schedule,
-    pub(super) path: RecvPath,
-    /// Device staging, for host buckets into a GPU's tensors.
-    pub(super) staging: Option<Staging>,
-    pub(super) transport: TransportKind,
-    pub(super) bucket_bytes: u64,
+    /// How this connection's updates move their bytes, chosen by its transport.
+    pub(super) transfer: Box<dyn Transfer>,
 }
 
 impl Receiver {
@@ -86,10 +81,14 @@ impl Receiver {
         };
         // The schedule of an update that skips nothing: built once for this connection.
         let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
-        if transport == TransportKind::CudaIpc && !self.is_on_gpu() {
-            let reason = "this receiver's tensors are in host memory: cuda-ipc needs them on a GPU".to_string();
-            return Err(refuse(&mut conn, reason));
-        }
+        // Only tensors on a GPU can take cuda-ipc: the IPC transfer holds them.
+        let ipc = match transport {
+            TransportKind::CudaIpc => match IpcPull::new(self, source) {
+                Ok(ipc) => Some(ipc),
+                Err(e) => return Err(refuse(&mut conn, e.to_string())),
+            },
+            _ => None,
+        };
         let (mut path, ring) = match transport {
             TransportKind::CudaIpc => (RecvPath::socket(0), None),
             TransportKind::Shm => {
@@ -162,6 +161,10 @@ impl Receiver {
             }
         }
         tracing::info!(peer = conn.peer(), %transport, ops = plan.ops.len(), "sender connected");
-        Ok(Established { conn, source, plan, full, path, staging, transport, bucket_bytes })
+        let transfer: Box<dyn Transfer> = match ipc {
+            Some(ipc) => Box::new(ipc),
+            None => Box::new(HostBuckets { staging, path, full, bucket_bytes }),
+        };
+        Ok(Established { conn, plan, transfer })
     }
 }

@@ -5,11 +5,11 @@
 //! message) leaves the receiver on its last committed version, marked dirty with the tensors
 //! the failed update touched, and ready for the next attempt.
 
-mod apply;
 mod checker;
 mod connection;
 mod handshake;
 mod settle;
+mod transfer;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,20 +18,21 @@ use weightlift_core::{digest, Manifest, TpRank, Version, VersionError, VersionSt
 
 use std::os::unix::net::UnixStream;
 
-use weightlift_core::RuleSet;
+use weightlift_core::{plan, PlanError, RuleSet, SourceSet};
 
 use crate::cuda_ipc::DeviceTensors;
 use crate::net::{Listener, Stream};
 use crate::protocol::{Conn, ProtocolError, TransportKind};
 use crate::report::UpdateReport;
-use crate::sender::{SendError, Sender, SenderOptions};
+use crate::sender::{SendError, Sender, SenderOptions, DEFAULT_HOST_BUCKET_BYTES};
 use crate::session::{ConnectionLimit, Token};
-use crate::tensors::DestinationTensors;
+use crate::tensors::{DestinationTensors, SourceTensors};
 use crate::transport::LocalRing;
-use crate::update::default_threads;
+use crate::update::{default_threads, Schedule};
 use weightlift_cuda::{CudaError, Gpu};
 
 use connection::ConnectionError;
+use settle::Outcome;
 
 #[derive(Debug, Clone)]
 pub struct ReceiverOptions {
@@ -136,13 +137,35 @@ pub enum FetchError {
     Version(VersionError),
 }
 
+/// Why an update from a source in this process ([`Receiver::apply_local`]) was not started;
+/// nothing was written and the version state is as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("this receiver's tensors are on a GPU: a local update writes tensors in host memory")]
+    OnGpu,
+    #[error("this receiver's layout follows {0}, and the update brings other rules")]
+    Rules(String),
+    #[error("cannot plan the source onto this receiver: {0}")]
+    Plan(#[from] PlanError),
+    #[error("cannot schedule the update: {0}")]
+    Schedule(String),
+    /// The write gate said no (the tensors' memory is released, say).
+    #[error("version {version} refused: {reason}")]
+    Refused { version: Version, reason: String },
+    /// The version state refused it (another update in flight, or not newer).
+    #[error("version refused: {0}")]
+    Version(VersionError),
+}
+
 /// Where the receiver's tensors live.
 enum Store {
     Host(Box<dyn DestinationTensors>),
     /// On a GPU: updates arrive over CUDA IPC.
+    /// `tensors` is shared with the CUDA IPC transfer of each connection (see
+    /// `transfer::IpcPull`); written only under this store's lock all the same.
     Device {
         gpu: Arc<Gpu>,
-        tensors: Box<dyn DeviceTensors>,
+        tensors: Arc<dyn DeviceTensors>,
     },
 }
 
@@ -178,7 +201,7 @@ impl Receiver {
     ) -> Result<Receiver, CudaError> {
         let manifest = tensors.manifest().clone();
         let digests = tensors.digests(&gpu)?.into_iter().map(Some).collect();
-        let store = Store::Device { gpu, tensors: Box::new(tensors) };
+        let store = Store::Device { gpu, tensors: Arc::new(tensors) };
         Ok(Receiver::with_store(manifest, digests, store, options))
     }
 
@@ -327,6 +350,54 @@ impl Receiver {
         std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
         let options = SenderOptions { transport: TransportKind::InProcess, ..options };
         Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring))
+    }
+
+    /// Applies `source` (a checkpoint read in this process, say) as `version` to tensors in
+    /// host memory, with no sender: the same begin, verify against digests computed while
+    /// packing, settle, report and observers as an update over a connection. An update that
+    /// began and failed is in the report (failed, its tensors dirty); one refused before it
+    /// began is an error and changes nothing.
+    pub fn apply_local(
+        &self,
+        version: Version,
+        source: &dyn SourceTensors,
+        rules: &RuleSet,
+    ) -> Result<UpdateReport, LocalError> {
+        let options = &self.shared.options;
+        if self.is_on_gpu() {
+            return Err(LocalError::OnGpu);
+        }
+        if let Some((name, expected)) = &options.expected_rules {
+            if !expected.same_layout(rules) {
+                return Err(LocalError::Rules(name.clone()));
+            }
+        }
+        let plan = plan(&SourceSet::single(source.manifest().clone()), &self.shared.manifest, rules, options.tp)?;
+        // A sender's default bucket, within this receiver's bound on the memory an update holds.
+        let bucket_bytes = DEFAULT_HOST_BUCKET_BYTES.min(options.max_bucket_bytes);
+        let full = Schedule::new(&plan, &[], bucket_bytes).map_err(|e| LocalError::Schedule(e.to_string()))?;
+        self.gate().map_err(|reason| LocalError::Refused { version, reason })?;
+        self.state().versions.begin(version).map_err(LocalError::Version)?;
+        let started = Instant::now();
+        let mut touched = vec![false; plan.destinations.len()];
+        let mut local = transfer::LocalPack { source, full, bucket_bytes };
+        // A source that breaks while it is read (a tensor of the wrong size, say) panics in
+        // the packing: that fails this update, as a sender dying mid-update fails one,
+        // instead of leaving it in flight for ever.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            local.run(self, &plan, version, &[], &mut touched)
+        }));
+        let (outcome, report) = ran.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            (Outcome::Broken(format!("reading the source: {why}")), UpdateReport::default())
+        });
+        let (report, _) = self.settle(&plan, version, outcome, &touched, report, started);
+        self.record(&report);
+        Ok(report)
     }
 
     /// Whether the tensors live on a GPU (updates then arrive over CUDA IPC).

@@ -1,45 +1,105 @@
-//! Writing one update's bytes into the destination tensors: over a host transport, bucket by
-//! bucket into host memory or through device staging into a GPU (the [`Sink`]); over CUDA IPC,
-//! pulled straight from the sender's GPU memory. Either way the receiver digests what it wrote
-//! and compares with the sender's digests, which gives the update's [`Outcome`].
+//! One way bytes move per connection, behind one trait, so the receiver's loop (begin ->
+//! transfer -> settle, in `connection.rs`) is written once for every path. Each
+//! [`Transfer`] is built at hello with what its path needs and owns it for the connection:
+//! [`HostBuckets`] takes buckets from a host transport (ring or socket) into host memory or
+//! through device staging into a GPU (the [`Sink`]); [`IpcPull`] pulls straight from the
+//! sender's GPU memory over CUDA IPC, and can only be built for tensors on a GPU. Either way
+//! the receiver digests what it wrote and compares with the sender's digests, which gives
+//! the update's [`Outcome`].
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use weightlift_core::digest::ChunkDigests;
 use weightlift_core::{Manifest, Plan, Version};
+use weightlift_cuda::Gpu;
 
-use crate::cuda_ipc::Importer;
+use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
-use crate::tensors::DestinationTensors;
+use crate::tensors::{DestinationTensors, SourceTensors};
 use crate::transport::{Arrived, RecvPath, TransferError};
-use crate::update::{receiver_digests, unpack, Schedule};
+use crate::update::{pack, receiver_digests, sender_digests, unpack, Schedule};
 
 use super::settle::Outcome;
 use super::{Receiver, Store};
 
-impl Receiver {
-    /// Takes one update's buckets from a host transport into the tensors (in host memory, or
-    /// on a GPU through `staging`), digesting them, and compares with the sender's digests.
-    /// Marks in `touched` each tensor written.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn transfer_host(
-        &self,
+/// How one update's bytes reach the destination tensors on one connection.
+pub(super) trait Transfer {
+    /// Takes update `version` (skipping the destinations in `skip`, where the path can) into
+    /// the tensors, digests what it wrote and compares with the sender's digests. Marks in
+    /// `touched` each tensor written, for settling a failure.
+    fn run(
+        &mut self,
+        receiver: &Receiver,
         conn: &mut Conn,
-        path: &mut RecvPath,
         plan: &Plan,
-        full: &Schedule,
-        staging: Option<&Staging>,
         version: Version,
         skip: &[u32],
-        bucket_bytes: u64,
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport);
+}
+
+/// Buckets over a host transport (ring or socket), written into host tensors, or into a GPU's
+/// through `staging`.
+pub(super) struct HostBuckets {
+    // Declared first, so dropped first: the staging before the receive path whose memory it
+    // pinned.
+    pub(super) staging: Option<Staging>,
+    pub(super) path: RecvPath,
+    /// The schedule of an update that skips nothing.
+    pub(super) full: Schedule,
+    pub(super) bucket_bytes: u64,
+}
+
+/// CUDA IPC: the receiver pulls from the sender's GPU memory into its own device tensors.
+pub(super) struct IpcPull {
+    /// The sender's allocations mapped so far on this connection (kept across updates).
+    importer: Importer,
+    gpu: Arc<Gpu>,
+    tensors: Arc<dyn DeviceTensors>,
+    /// The sender's manifest, from its hello.
+    source: Manifest,
+}
+
+/// CUDA IPC was asked of a receiver whose tensors are in host memory.
+#[derive(Debug, thiserror::Error)]
+#[error("this receiver's tensors are in host memory: cuda-ipc needs them on a GPU")]
+pub(super) struct TensorsInHostMemory;
+
+impl IpcPull {
+    /// The IPC path into `receiver`'s device tensors, for a sender with `source`; refused for
+    /// tensors in host memory.
+    pub(super) fn new(receiver: &Receiver, source: Manifest) -> Result<IpcPull, TensorsInHostMemory> {
+        match &*receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Store::Device { gpu, tensors } => {
+                Ok(IpcPull { importer: Importer::default(), gpu: gpu.clone(), tensors: tensors.clone(), source })
+            }
+            Store::Host(_) => Err(TensorsInHostMemory),
+        }
+    }
+}
+
+impl Transfer for HostBuckets {
+    /// Takes one update's buckets from a host transport into the tensors (in host memory, or
+    /// on a GPU through the staging), digesting them, and compares with the sender's digests.
+    /// Marks in `touched` each tensor written.
+    fn run(
+        &mut self,
+        receiver: &Receiver,
+        conn: &mut Conn,
+        plan: &Plan,
+        version: Version,
+        skip: &[u32],
         touched: &mut [bool],
     ) -> (Outcome, UpdateReport) {
-        let timeout = self.shared.options.timeout;
+        let HostBuckets { staging, path, full, bucket_bytes } = self;
+        let (staging, bucket_bytes) = (staging.as_ref(), *bucket_bytes);
+        let timeout = receiver.shared.options.timeout;
         let schedule = full.for_skip(plan, skip, bucket_bytes).expect("bucket size was validated at hello");
-        let threads = self.shared.options.threads;
-        let mut store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = receiver.shared.options.threads;
+        let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = UpdateReport {
             bytes: schedule.bytes,
             tensors: schedule.written.iter().filter(|&&w| w).count(),
@@ -90,7 +150,7 @@ impl Receiver {
             }
         }
         let outcome = outcome.unwrap_or_else(|| {
-            let _ = self.state().versions.verify(version);
+            let _ = receiver.state().versions.verify(version);
             let t = Instant::now();
             let ours = match sink.digests(&schedule) {
                 Ok(ours) => ours,
@@ -116,23 +176,25 @@ impl Receiver {
         report.unpack_seconds = unpack_seconds;
         (outcome, report)
     }
+}
 
+impl Transfer for IpcPull {
     /// Takes one update over CUDA IPC: maps the sender's memory (what is not mapped yet), pulls
     /// every destination in one pass with its digests, and compares with the sender's.
-    pub(super) fn transfer_ipc(
-        &self,
+    fn run(
+        &mut self,
+        receiver: &Receiver,
         conn: &mut Conn,
-        importer: &mut Importer,
         plan: &Plan,
-        source: &Manifest,
         version: Version,
+        _skip: &[u32],
         touched: &mut [bool],
     ) -> (Outcome, UpdateReport) {
-        let timeout = self.shared.options.timeout;
-        let store = self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
-        let Store::Device { gpu, tensors } = &*store else {
-            unreachable!("cuda-ipc is refused at hello for tensors in host memory");
-        };
+        let timeout = receiver.shared.options.timeout;
+        // Held for the whole pull, as over the host path: checkers wait while an update writes.
+        let store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let IpcPull { importer, gpu, tensors, source } = self;
+        let (gpu, source) = (&*gpu, &*source);
         let mut report = UpdateReport {
             bytes: plan.destinations.iter().map(|d| d.byte_len()).sum(),
             tensors: plan.destinations.len(),
@@ -164,7 +226,7 @@ impl Receiver {
             let pulled = Instant::now();
             let ours = bound.update(gpu).map_err(|e| format!("pulling the update: {e}"))?;
             report.unpack_seconds = pulled.elapsed().as_secs_f64();
-            let _ = self.state().versions.verify(version);
+            let _ = receiver.state().versions.verify(version);
             let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
             match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
                 // Nothing to compare with: the receiver's digests are recorded as pulled, and
@@ -186,6 +248,76 @@ impl Receiver {
         })()
         .unwrap_or_else(Outcome::Broken);
         drop(store);
+        (outcome, report)
+    }
+}
+
+/// A source in this process (a checkpoint read from disk) into tensors in host memory: each
+/// bucket packed from the source into a buffer, as a sender would, and unpacked into the
+/// tensors, so nothing plays sender to itself over a socket. Not a [`Transfer`]: there is no
+/// connection; the version state, compare and settling are the same.
+pub(super) struct LocalPack<'a> {
+    pub(super) source: &'a dyn SourceTensors,
+    /// The schedule of an update that skips nothing.
+    pub(super) full: Schedule,
+    pub(super) bucket_bytes: u64,
+}
+
+impl LocalPack<'_> {
+    /// Packs and unpacks every bucket of update `version`, digesting both sides as the host
+    /// path does, and compares them. Marks in `touched` each tensor written.
+    pub(super) fn run(
+        &mut self,
+        receiver: &Receiver,
+        plan: &Plan,
+        version: Version,
+        skip: &[u32],
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
+        let schedule = self.full.for_skip(plan, skip, self.bucket_bytes).expect("bucket size was validated");
+        let threads = receiver.shared.options.threads;
+        let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = UpdateReport {
+            bytes: schedule.bytes,
+            tensors: schedule.written.iter().filter(|&&w| w).count(),
+            buckets: schedule.buckets.len(),
+            skipped_tensors: skip.len(),
+            bytes_saved: skip.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum(),
+            sender_digests: true,
+            ..UpdateReport::default()
+        };
+        // Refused before the update began (Receiver::apply_local): the store never changes kind.
+        let Store::Host(tensors) = &mut *store else {
+            return (Outcome::Broken(super::LocalError::OnGpu.to_string()), report);
+        };
+        let tensors = tensors.as_mut();
+        let mut sent = schedule.digests(plan);
+        let mut ours = schedule.digests(plan);
+        let mut payload = vec![0u8; schedule.buckets.iter().map(|b| b.bytes).max().unwrap_or(0) as usize];
+        let mut unpack_seconds = 0.0;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let payload = &mut payload[..bucket.bytes as usize];
+            pack(plan, &schedule, k, self.source, payload, &mut sent, threads);
+            for entry in &bucket.entries {
+                touched[entry.op.dst as usize] = true;
+            }
+            let t = Instant::now();
+            unpack(plan, &schedule, k, payload, tensors, &mut ours, threads);
+            unpack_seconds += t.elapsed().as_secs_f64();
+        }
+        let _ = receiver.state().versions.verify(version);
+        let t = Instant::now();
+        let ours = receiver_digests(&schedule, tensors, &ours);
+        unpack_seconds += t.elapsed().as_secs_f64();
+        let theirs = sender_digests(plan, &schedule, self.source, &sent);
+        let mismatched = compare(plan, &schedule.written, &ours, &theirs);
+        let outcome = if mismatched.is_empty() {
+            Outcome::Verified { digests: ours, compared: true, two_phase: false }
+        } else {
+            Outcome::Mismatch(mismatched)
+        };
+        drop(store);
+        report.unpack_seconds = unpack_seconds;
         (outcome, report)
     }
 }

@@ -235,22 +235,15 @@ pub fn stage_from_disk<'a>(
 ) -> Result<Vec<(usize, &'a [u8])>, ReadError> {
     pack_changed(plan, schedule, bucket, sources, scratch, digests, threads);
     let bytes = schedule.buckets[bucket].bytes as usize;
-    // Carve the scratch into the disjoint places of the runs to read (in payload order).
-    let mut work: Vec<(u32, Range<usize>, &mut [u8])> = Vec::new();
-    let mut rest: &mut [u8] = &mut scratch[..bytes];
-    let mut consumed = 0;
-    for (at, origin, range) in copy_runs(&schedule.pieces[bucket]) {
-        let Origin::Source(src) = origin else { continue };
-        let (_, from_start) = std::mem::take(&mut rest).split_at_mut(at - consumed);
-        let (mine, tail) = from_start.split_at_mut(range.len());
-        consumed = at + range.len();
-        work.push((src, range, mine));
-        rest = tail;
-    }
-    let runs = split_runs(work, threads, |(_, r, _)| r.len());
+    let reads = copy_runs(&schedule.pieces[bucket]).into_iter().filter_map(|(at, origin, range)| match origin {
+        Origin::Source(src) => Some(((src, range.clone()), at..at + range.len())),
+        Origin::Scratch => None,
+    });
+    let work = carve(&mut scratch[..bytes], reads);
+    let runs = split_runs(work, threads, |(_, dst)| dst.len());
     let read = in_parallel(runs, |run| {
         let mut buffer: Option<AlignedBuffer> = None;
-        for (src, range, dst) in run {
+        for ((src, range), dst) in run {
             let Some((reader, offset)) = sources.on_disk(src as usize) else {
                 dst.copy_from_slice(&sources.bytes(src as usize)[range]);
                 continue;
@@ -286,18 +279,8 @@ fn pack_changed(
     digests: &mut [ChunkDigests],
     threads: usize,
 ) {
-    let pieces = &schedule.pieces[bucket];
-    // Carve the scratch into the disjoint places of the pieces to pack (in payload order).
-    let mut work: Vec<(&Piece, &mut [u8])> = Vec::new();
-    let mut rest: &mut [u8] = scratch;
-    let mut consumed = 0;
-    for piece in pieces.iter().filter(|p| p.verbatim.is_none()) {
-        let (_, from_start) = std::mem::take(&mut rest).split_at_mut(piece.payload.start - consumed);
-        let (mine, tail) = from_start.split_at_mut(piece.payload.len());
-        work.push((piece, mine));
-        rest = tail;
-        consumed = piece.payload.end;
-    }
+    let packed = schedule.pieces[bucket].iter().filter(|p| p.verbatim.is_none()).map(|p| (p, p.payload.clone()));
+    let work: Vec<(&Piece, &mut [u8])> = carve(scratch, packed);
     let runs = split_runs(work, threads, |(p, _)| p.payload.len());
     let results = in_parallel(runs, |run| {
         let mut found = Vec::new();
@@ -309,6 +292,20 @@ fn pack_changed(
     for (d, piece) in results.into_iter().flatten() {
         digests[d as usize].add(piece);
     }
+}
+
+/// `buffer` carved into the disjoint places `ranges` (ascending, not overlapping), each with
+/// its item, so threads can fill them side by side.
+fn carve<T>(buffer: &mut [u8], ranges: impl Iterator<Item = (T, Range<usize>)>) -> Vec<(T, &mut [u8])> {
+    let mut out = Vec::new();
+    let (mut rest, mut consumed) = (buffer, 0);
+    for (item, range) in ranges {
+        let (_, from_start) = std::mem::take(&mut rest).split_at_mut(range.start - consumed);
+        let (mine, tail) = from_start.split_at_mut(range.len());
+        out.push((item, mine));
+        (rest, consumed) = (tail, range.end);
+    }
+    out
 }
 
 /// Where a run of a bucket's bytes comes from.

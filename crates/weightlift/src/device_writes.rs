@@ -300,6 +300,12 @@ impl SlotWriter {
         self.pending.take().map_or(Ok(()), |last| last.fold(sources, digests))
     }
 
+    /// Device memory this process holds to digest what lands in the slots (the slots are the
+    /// receiver's).
+    pub fn device_bytes(&self) -> u64 {
+        self.digester.device_bytes()
+    }
+
     /// Whether the last update read its sources from their files (see [`COLD_BELOW`]).
     pub fn read_from_disk(&self) -> bool {
         self.from_disk

@@ -323,9 +323,14 @@ impl Sender {
         format!("rank {} at {}", self.receiver.tp.rank, self.name)
     }
 
-    /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends).
+    /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends;
+    /// device slots: the digests of what landed).
     pub fn device_extra_bytes(&self) -> u64 {
-        self.exporter.device_bytes()
+        let slot_digests = match &self.path {
+            SendPath::Device(writer) => writer.device_bytes(),
+            _ => 0,
+        };
+        self.exporter.device_bytes() + slot_digests
     }
 
     /// The receiver as it was when this sender connected.

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::digest::{ChunkDigests, PieceDigests};
 use weightlift_core::Plan;
-use weightlift_cuda::{ordinal_with_uuid, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges};
+use weightlift_cuda::{
+    ordinal_with_uuid, AlignedBuffer, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges,
+};
 
 use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
@@ -87,6 +89,8 @@ pub struct SlotWriter {
     /// This update reads its sources from their files into the scratch (they were mostly
     /// not in the page cache when it began), rather than copying from their memory.
     from_disk: bool,
+    /// The packing threads' aligned buffers for reads from disk, kept from bucket to bucket.
+    read_buffers: Vec<Option<AlignedBuffer>>,
 }
 
 /// Sources on disk with less than this share of their bytes in the page cache are read from
@@ -165,6 +169,7 @@ impl SlotWriter {
             digester: ChunkDigester::default(),
             pending: None,
             from_disk: false,
+            read_buffers: Vec::new(),
         })
     }
 
@@ -251,9 +256,9 @@ impl SlotWriter {
         let slot = self.free_slot(conn, timeout)?;
         lap(&mut self.phases.slot_wait);
         let bytes = schedule.buckets[k].bytes;
-        let SlotWriter { gpu, slots, scratch, digester, pending, phases, from_disk, .. } = self;
+        let SlotWriter { gpu, slots, scratch, digester, pending, phases, from_disk, read_buffers, .. } = self;
         let copies = if *from_disk {
-            stage_from_disk(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads)?
+            stage_from_disk(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads, read_buffers)?
         } else {
             stage_for_copies(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads)
         };

@@ -224,6 +224,9 @@ pub fn stage_for_copies<'a>(
 /// packing as [`stage_for_copies`] does, the others read from their files (around the page
 /// cache where the files' readers do, see [`SourceTensors::on_disk`]) on `threads` threads,
 /// and returns the one copy of it. Pieces whose source is not on disk come from memory.
+/// `buffers` are the threads' aligned read buffers, kept by the caller from bucket to bucket
+/// (each touches its pages when made).
+#[allow(clippy::too_many_arguments)]
 pub fn stage_from_disk<'a>(
     plan: &Plan,
     schedule: &Schedule,
@@ -232,6 +235,7 @@ pub fn stage_from_disk<'a>(
     scratch: &'a mut [u8],
     digests: &mut [ChunkDigests],
     threads: usize,
+    buffers: &mut Vec<Option<AlignedBuffer>>,
 ) -> Result<Vec<(usize, &'a [u8])>, ReadError> {
     pack_changed(plan, schedule, bucket, sources, scratch, digests, threads);
     let bytes = schedule.buckets[bucket].bytes as usize;
@@ -241,8 +245,10 @@ pub fn stage_from_disk<'a>(
     });
     let work = carve(&mut scratch[..bytes], reads);
     let runs = split_runs(work, threads, |(_, dst)| dst.len());
-    let read = in_parallel(runs, |run| {
-        let mut buffer: Option<AlignedBuffer> = None;
+    if buffers.len() < runs.len() {
+        buffers.resize_with(runs.len(), || None);
+    }
+    let read = in_parallel(runs.into_iter().zip(buffers.iter_mut()).collect(), |(run, buffer)| {
         for ((src, range), dst) in run {
             let Some((reader, offset)) = sources.on_disk(src as usize) else {
                 dst.copy_from_slice(&sources.bytes(src as usize)[range]);
@@ -253,7 +259,7 @@ pub fn stage_from_disk<'a>(
                 let at = at + (i * READ_BYTES) as u64;
                 let needed = FileReader::span(at, piece.len());
                 if buffer.as_ref().is_none_or(|b| b.len() < needed) {
-                    buffer = Some(AlignedBuffer::new(FileReader::span(0, READ_BYTES).max(needed)));
+                    *buffer = Some(AlignedBuffer::new(FileReader::span(0, READ_BYTES).max(needed)));
                 }
                 let buffer = buffer.as_mut().expect("made just above");
                 piece.copy_from_slice(reader.read_range(at, piece.len(), buffer)?);
@@ -555,14 +561,24 @@ mod tests {
             let (mut from_memory, mut from_disk) = (schedule.digests(&plan), schedule.digests(&plan));
             let mut scratch = vec![0u8; bucket_bytes as usize];
             let mut disk_scratch = vec![0u8; bucket_bytes as usize];
+            let mut buffers = Vec::new();
             for k in 0..schedule.buckets.len() {
                 let mut want = vec![0u8; schedule.buckets[k].bytes as usize];
                 for (at, bytes) in stage_for_copies(&plan, &schedule, k, &checkpoint, &mut scratch, &mut from_memory, 2)
                 {
                     want[at..at + bytes.len()].copy_from_slice(bytes);
                 }
-                let got =
-                    stage_from_disk(&plan, &schedule, k, &checkpoint, &mut disk_scratch, &mut from_disk, 3).unwrap();
+                let got = stage_from_disk(
+                    &plan,
+                    &schedule,
+                    k,
+                    &checkpoint,
+                    &mut disk_scratch,
+                    &mut from_disk,
+                    3,
+                    &mut buffers,
+                )
+                .unwrap();
                 assert_eq!(got.len(), 1);
                 assert!(got[0].1 == want.as_slice(), "bucket {k} of {bucket_bytes}-byte buckets differs");
             }

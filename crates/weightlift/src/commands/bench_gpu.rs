@@ -229,6 +229,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median and best seconds of timed updates of `bytes` each, and GB/s at the median.
+struct Timed {
+    median_seconds: f64,
+    best_seconds: f64,
+    gbps: f64,
+}
+
+fn summarize(seconds: impl Iterator<Item = f64>, bytes: u64) -> Timed {
+    let seconds: Vec<f64> = seconds.collect();
+    let best_seconds = seconds.iter().copied().fold(f64::INFINITY, f64::min);
+    let median_seconds = median(seconds);
+    Timed { median_seconds, best_seconds, gbps: bytes as f64 / median_seconds / 1e9 }
+}
+
 fn ceilings(gpu: &Gpu, peer: Option<&Gpu>) -> Result<Ceilings, CommandError> {
     let src = gpu.alloc(CEILING_BYTES)?;
     let mut dst = gpu.alloc(CEILING_BYTES)?;
@@ -669,9 +683,7 @@ fn ipc_row(
         .into_iter()
         .map(|(sender_digests, reports, sender_extra)| {
             let timed = &reports[1..];
-            let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
-            let median_seconds = median(seconds.clone());
-            let gbps = bytes as f64 / median_seconds / 1e9;
+            let Timed { median_seconds, best_seconds, gbps } = summarize(timed.iter().map(|(s, _)| *s), bytes);
             IpcRow {
                 model: name.to_string(),
                 mode,
@@ -680,7 +692,7 @@ fn ipc_row(
                 tensors: inputs.destination.len(),
                 updates: timed.len(),
                 median_seconds,
-                best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+                best_seconds,
                 gbps,
                 ceiling_gbps,
                 ratio_to_ceiling: gbps / ceiling_gbps,
@@ -756,9 +768,7 @@ fn staged_row(
     let _ = child.wait();
     let (path, reports) = result?;
     let timed = &reports[1..];
-    let seconds: Vec<f64> = timed.iter().map(|(s, _)| *s).collect();
-    let median_seconds = median(seconds.clone());
-    let gbps = bytes as f64 / median_seconds / 1e9;
+    let Timed { median_seconds, best_seconds, gbps } = summarize(timed.iter().map(|(s, _)| *s), bytes);
     let (ceiling, ceiling_gbps) = match transport {
         TransportKind::Tcp => ("tcp loopback", ceilings.tcp_loopback_gbps),
         _ => ("pinned H2D", ceilings.pinned_h2d_gbps),
@@ -771,7 +781,7 @@ fn staged_row(
         tensors: inputs.destination.len(),
         updates: timed.len(),
         median_seconds,
-        best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        best_seconds,
         first_seconds: reports[0].0,
         gbps,
         ratio_to_pinned: gbps / ceilings.pinned_h2d_gbps,
@@ -855,16 +865,14 @@ fn disk_rows(
     let read_gbps = read.bytes as f64 / read.seconds / 1e9;
     let row = |cache, (reports, from_disk): DiskUpdates, ceiling, ceiling_gbps: f64| {
         let timed = &reports[1..];
-        let seconds: Vec<f64> = timed.iter().map(|(s, _, _)| *s).collect();
-        let median_seconds = median(seconds.clone());
-        let gbps = bytes as f64 / median_seconds / 1e9;
+        let Timed { median_seconds, best_seconds, gbps } = summarize(timed.iter().map(|(s, _, _)| *s), bytes);
         DiskRow {
             model: name.to_string(),
             cache,
             bytes,
             updates: timed.len(),
             median_seconds,
-            best_seconds: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+            best_seconds,
             gbps,
             ceiling,
             ceiling_gbps,

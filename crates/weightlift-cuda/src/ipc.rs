@@ -283,13 +283,18 @@ impl Gpu {
         // SAFETY: `ptr` is a valid out-parameter; the driver validates the handle. The mapping
         // is owned by the returned value and closed exactly once, in its Drop.
         unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, flags) }.result().call("cuIpcOpenMemHandle")?;
-        Ok(IpcMapping { ptr, ctx: self.context().clone() })
+        // Owned from here, so closed should the query fail.
+        let mut mapping = IpcMapping { ptr, len: 0, ctx: self.context().clone() };
+        [mapping.len] = pointer_attributes(ptr, [CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE])?;
+        Ok(mapping)
     }
 }
 
 /// Another process's allocation mapped into this one; unmapped when dropped.
 pub struct IpcMapping {
     ptr: CUdeviceptr,
+    /// Bytes of the allocation mapped, as the driver reports them here.
+    len: u64,
     ctx: Arc<CudaContext>,
 }
 
@@ -297,6 +302,15 @@ impl IpcMapping {
     /// Where the allocation's first byte is mapped in this process.
     pub fn device_ptr(&self) -> u64 {
         self.ptr
+    }
+
+    /// Bytes mapped: a sender naming more of this allocation is wrong about it.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -327,10 +327,12 @@ impl Exporter {
     }
 }
 
-/// Legacy IPC mappings open in this process, by (handle, allocation id, GPU). The driver maps a
-/// handle once per process and device: receivers of one process (several TP ranks, say) that
-/// import the same sender allocation share its mapping, and it is closed when the last lets go.
-type OpenMappings = Mutex<HashMap<(String, u64, usize), Weak<IpcMapping>>>;
+/// Legacy IPC mappings open in this process, by (sender pid, handle, allocation id, GPU). The
+/// driver maps a handle once per process and device: receivers of one process (several TP
+/// ranks, say) that import the same sender allocation share its mapping, and it is closed when
+/// the last lets go. The pid is in the key because allocation ids count from 1 in every
+/// sender, and a handle alone is not known to tell two senders apart.
+type OpenMappings = Mutex<HashMap<(u32, String, u64, usize), Weak<IpcMapping>>>;
 
 fn open_mappings() -> &'static OpenMappings {
     static OPEN: OnceLock<OpenMappings> = OnceLock::new();
@@ -338,10 +340,10 @@ fn open_mappings() -> &'static OpenMappings {
 }
 
 /// The mapping of `handle` on `gpu`, opened now (true) or shared with another receiver.
-fn open_shared(gpu: &Gpu, handle: &str, buffer_id: u64) -> Result<(Arc<IpcMapping>, bool), String> {
+fn open_shared(gpu: &Gpu, pid: u32, handle: &str, buffer_id: u64) -> Result<(Arc<IpcMapping>, bool), String> {
     let mut open = open_mappings().lock().unwrap_or_else(|e| e.into_inner());
     open.retain(|_, weak| weak.strong_count() > 0);
-    let key = (handle.to_string(), buffer_id, gpu.ordinal());
+    let key = (pid, handle.to_string(), buffer_id, gpu.ordinal());
     if let Some(mapping) = open.get(&key).and_then(Weak::upgrade) {
         return Ok((mapping, false));
     }
@@ -417,7 +419,7 @@ impl Importer {
                     }
                     segments.iter().map(segment_extent).collect()
                 } else {
-                    let (bases, opened) = self.import(gpu, &segments, fds)?;
+                    let (bases, opened) = self.import(gpu, pid, &segments, fds)?;
                     opens = opened;
                     bases
                 };
@@ -442,6 +444,7 @@ impl Importer {
     fn import(
         &mut self,
         gpu: &Gpu,
+        pid: u32,
         segments: &[IpcSegment],
         fds: Vec<OwnedFd>,
     ) -> Result<(Vec<(u64, u64)>, u64), String> {
@@ -479,11 +482,18 @@ impl Importer {
                 IpcSegment::Legacy { handle, buffer_id, bytes, .. } => {
                     let key = (handle.clone(), *buffer_id);
                     if !self.legacy.contains_key(&key) {
-                        let (mapping, opened) = open_shared(gpu, handle, *buffer_id)?;
+                        let (mapping, opened) = open_shared(gpu, pid, handle, *buffer_id)?;
                         self.legacy.insert(key.clone(), mapping);
                         opens += u64::from(opened);
                     }
-                    (self.legacy[&key].device_ptr(), *bytes)
+                    let mapping = &self.legacy[&key];
+                    if *bytes > mapping.len() {
+                        return Err(format!(
+                            "the sender's allocation {buffer_id} is named with {bytes} bytes, and {} are mapped here",
+                            mapping.len()
+                        ));
+                    }
+                    (mapping.device_ptr(), *bytes)
                 }
                 IpcSegment::Shareable { id, mapped_bytes, fd, .. } => {
                     if let Some(k) = fd {

@@ -146,10 +146,15 @@ impl SlotWriter {
     pub fn map(info: &DeviceSlots, fds: &[OwnedFd]) -> Result<SlotWriter, CudaError> {
         let uuid = unhex::<16>(&info.device)
             .ok_or_else(|| CudaError::Invalid(format!("malformed GPU UUID `{}`", info.device)))?;
+        SlotWriter::map_on(shared_gpu(ordinal_with_uuid(&uuid)?)?, info, fds)
+    }
+
+    /// Maps the slots on `gpu`, already open in this process (a receiver writing its own
+    /// slots from a local source).
+    pub(crate) fn map_on(gpu: Arc<Gpu>, info: &DeviceSlots, fds: &[OwnedFd]) -> Result<SlotWriter, CudaError> {
         if fds.len() != info.count as usize {
             return Err(CudaError::Invalid(format!("{} descriptors for {} device slots", fds.len(), info.count)));
         }
-        let gpu = shared_gpu(ordinal_with_uuid(&uuid)?)?;
         let slots = fds
             .iter()
             .map(|fd| gpu.import_shareable(fd.as_fd(), info.mapped_bytes as usize))
@@ -217,13 +222,8 @@ impl SlotWriter {
         };
     }
 
-    /// Sends bucket `k` of `schedule` through a free slot: packs what needs packing into the
-    /// scratch (digesting it), has the copy engines move everything into the slot, and tells
-    /// the receiver once it is there. What is copied from the sources as it is, is digested
-    /// (with `landed`) on the GPU from the slot, where it landed, before the receiver is told;
-    /// otherwise by [`crate::update::digest_verbatim`] beside, from the sources. `flip` (a
-    /// fault test) corrupts one byte of the slot after it was digested; `pin` page-locks the
-    /// sources first (see [`crate::SenderOptions::pin_sources`]).
+    /// Sends bucket `k` of `schedule` through a free slot (see [`SlotWriter::write_bucket`])
+    /// and tells the receiver once it is there.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send_bucket(
         &mut self,
@@ -239,6 +239,36 @@ impl SlotWriter {
         landed: bool,
         timeout: Duration,
     ) -> Result<(), TransferError> {
+        let waited = Instant::now();
+        let slot = self.free_slot(conn, timeout)?;
+        let wait = waited.elapsed().as_secs_f64();
+        self.write_bucket(slot, plan, schedule, k, sources, digests, threads, flip, pin, landed)?;
+        self.phases.slot_wait += wait;
+        conn.send(&Message::BucketReady { index: k as u32, slot, bytes: schedule.buckets[k].bytes })?;
+        Ok(())
+    }
+
+    /// Writes bucket `k` of `schedule` into `slot`: packs what needs packing into the scratch
+    /// (digesting it) and has the copy engines move everything into the slot; returns once it
+    /// is there. What is copied from the sources as it is, is digested (with `landed`) on the
+    /// GPU from the slot, where it landed; otherwise by [`crate::update::digest_verbatim`]
+    /// beside, from the sources. `flip` (a fault test) corrupts one byte of the slot after it
+    /// was digested; `pin` page-locks the sources first (see
+    /// [`crate::SenderOptions::pin_sources`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_bucket(
+        &mut self,
+        slot: u32,
+        plan: &Plan,
+        schedule: &Schedule,
+        k: usize,
+        sources: &dyn SourceTensors,
+        digests: &mut [ChunkDigests],
+        threads: usize,
+        flip: bool,
+        pin: bool,
+        landed: bool,
+    ) -> Result<(), TransferError> {
         let mut t = Instant::now();
         let mut lap = |phase: &mut f64| {
             *phase += t.elapsed().as_secs_f64();
@@ -253,10 +283,17 @@ impl SlotWriter {
             }
             lap(&mut self.phases.pin);
         }
-        let slot = self.free_slot(conn, timeout)?;
-        lap(&mut self.phases.slot_wait);
         let bytes = schedule.buckets[k].bytes;
+        if bytes > self.slot_bytes {
+            return Err(TransferError::Memory(format!(
+                "bucket {k} of {bytes} bytes exceeds the {}-byte slots",
+                self.slot_bytes
+            )));
+        }
         let SlotWriter { gpu, slots, scratch, digester, pending, phases, from_disk, read_buffers, .. } = self;
+        let dst = slots
+            .get(slot as usize)
+            .ok_or_else(|| TransferError::Unexpected(format!("no device slot {slot} for bucket {k}")))?;
         let copies = if *from_disk {
             stage_from_disk(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads, read_buffers)?
         } else {
@@ -266,7 +303,6 @@ impl SlotWriter {
         let middle = bytes as usize / 2;
         let flipped =
             copies.iter().find(|(at, b)| (*at..*at + b.len()).contains(&middle)).map(|(at, b)| [b[middle - at] ^ 0x40]);
-        let dst = &slots[slot as usize];
         if landed {
             let pieces = landed_pieces(plan, schedule, k);
             let base = dst.device_ptr();
@@ -291,7 +327,6 @@ impl SlotWriter {
             let corrupt = [(middle, &byte[..])];
             gpu.copy_ranges_from_host(dst, &corrupt, || ()).map_err(gpu_error)?;
         }
-        conn.send(&Message::BucketReady { index: k as u32, slot, bytes })?;
         Ok(())
     }
 

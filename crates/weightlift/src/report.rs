@@ -70,6 +70,10 @@ pub struct UpdateReport {
     /// Kernel launches of the update.
     #[serde(default)]
     pub launches: usize,
+    /// A source in the receiver's process (a checkpoint): whether it was read from its files,
+    /// being mostly out of the page cache, rather than copied from its maps.
+    #[serde(default)]
+    pub read_from_disk: bool,
 }
 
 impl UpdateReport {

@@ -500,6 +500,74 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     }
 }
 
+/// A source whose tensor `short` has half its bytes: reading it breaks an update off midway.
+struct Truncated {
+    tensors: HostTensors,
+    short: usize,
+}
+
+impl weightlift::SourceTensors for Truncated {
+    fn manifest(&self) -> &weightlift::core::Manifest {
+        self.tensors.manifest()
+    }
+
+    fn bytes(&self, index: usize) -> &[u8] {
+        let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
+        &bytes[..if index == self.short { bytes.len() / 2 } else { bytes.len() }]
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn a_gpu_receiver_applies_a_checkpoint_itself_warm_cold_and_broken_off() {
+    // Small buckets, so each update goes through both device slots many times; TP 2 of a MoE,
+    // so pieces are sliced and stacked.
+    for pin in [false, true] {
+        let options = ReceiverOptions { max_bucket_bytes: 8192, pin_local_sources: pin, ..ReceiverOptions::default() };
+        let ranks = gpu_ranks("qwen3-moe-tiny", 2, 0, &format!("local-{pin}"), options);
+        let disk = std::env::current_dir().unwrap().join(format!("wl-gpu-{}-local-{pin}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&disk);
+        std::fs::create_dir_all(&disk).unwrap();
+        let file = disk.join("model.safetensors");
+        let mut trainer = HostTensors::synthetic(&ranks.config, 7);
+        for (version, evict) in [(1, false), (2, true)] {
+            trainer.perturb();
+            let (manifest, data) = trainer.clone().into_parts();
+            let tensors: Vec<_> = manifest.iter().zip(data.iter().map(Vec::as_slice)).collect();
+            weightlift::write_file(&file, &tensors).unwrap();
+            if evict {
+                weightlift_cuda::drop_cached(&file).unwrap();
+            }
+            let checkpoint = weightlift::CheckpointTensors::open(&disk).unwrap();
+            for (tp, _, _, receiver) in &ranks.ranks {
+                let report = receiver.apply_local(Version(version), &checkpoint, &ranks.rules).unwrap();
+                assert!(report.verified && report.is_committed(), "{tp} v{version} pin {pin}: {report:?}");
+                assert!(report.buckets > 4, "{tp}: {report:?}");
+                // Two device slots of one bucket (rounded up to the allocation granularity) and
+                // the digest batch: nothing near the model's size.
+                assert!((1..=8 << 20).contains(&report.device_extra_bytes), "{tp}: {report:?}");
+            }
+            ranks.assert_hold(&trainer, version);
+        }
+        // A source that breaks while it is read: the version stays, what was written is dirty,
+        // and the next update rewrites it.
+        trainer.perturb();
+        let short = trainer.manifest().len() - 1;
+        let source = Truncated { tensors: trainer.clone(), short };
+        for (tp, _, _, receiver) in &ranks.ranks {
+            let report = receiver.apply_local(Version(3), &source, &ranks.rules).unwrap();
+            assert!(!report.is_committed() && !report.verified, "{tp}: {report:?}");
+            assert!(report.error.as_deref().unwrap().starts_with("reading the source"), "{tp}: {report:?}");
+            assert_eq!(receiver.committed(), Version(2), "{tp}");
+            assert!(!receiver.dirty().is_empty() && report.dirty == receiver.dirty(), "{tp}: {report:?}");
+            let report = receiver.apply_local(Version(3), &trainer, &ranks.rules).unwrap();
+            assert!(report.verified, "{tp}: {report:?}");
+        }
+        ranks.assert_hold(&trainer, 3);
+        let _ = std::fs::remove_dir_all(&disk);
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn demo_runs_every_source_into_a_gpu_engine() {

@@ -33,9 +33,8 @@ use crate::net::Endpoint;
 use crate::protocol::TransportKind;
 use crate::receiver::{Expect, FetchError, LocalError, Receiver};
 use crate::report::UpdateReport;
-use crate::sender::{SendError, SenderOptions};
 use crate::session::Token;
-use crate::tensors::{CheckpointTensors, SourceTensors};
+use crate::tensors::CheckpointTensors;
 use api::*;
 pub use memory::{MemoryControl, MemoryError, WEIGHTS_TAG};
 use metrics::{FailureReason, Metrics};
@@ -610,32 +609,16 @@ fn update_from_disk(
     }
     let checkpoint = CheckpointTensors::open(dir)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_checkpoint", e.to_string()))?;
-    if !state.receiver.is_on_gpu() {
-        // Host tensors take the checkpoint directly: packed and unpacked in this process.
-        if !claim.begin_writing(deadline.due) {
-            return Err(given_up(version, deadline));
-        }
-        return state.receiver.apply_local(version, &checkpoint, rules).map_err(|e| match e {
-            LocalError::Refused { .. } | LocalError::Version(_) => {
-                ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
-            }
-            LocalError::OnGpu | LocalError::Rules(_) | LocalError::Plan(_) | LocalError::Schedule(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string())
-            }
-        });
-    }
-    // GPU tensors keep the in-process sender for now: its device slots let the checkpoint's
-    // buckets be copied straight into the GPU's staging.
-    let mut sender = state
-        .receiver
-        .connect_in_process(checkpoint.manifest(), rules, SenderOptions::default())
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string()))?;
     if !claim.begin_writing(deadline.due) {
         return Err(given_up(version, deadline));
     }
-    sender.push(version, &checkpoint).map_err(|e| match e {
-        SendError::Refused { .. } => ApiError::new(StatusCode::CONFLICT, "busy", e.to_string()),
-        other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "update_failed", other.to_string()),
+    state.receiver.apply_local(version, &checkpoint, rules).map_err(|e| match e {
+        LocalError::Refused { .. } | LocalError::Version(_) => {
+            ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
+        }
+        LocalError::Rules(_) | LocalError::Plan(_) | LocalError::Schedule(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string())
+        }
     })
 }
 

@@ -12,15 +12,17 @@
 //! - a checkpoint on disk into a GPU engine (`disk` rows, the first model): written under
 //!   `$WEIGHTLIFT_BENCH_DIR` (default the temporary directory), pushed with the page cache warm
 //!   (against the pinned copy) and cold (evicted before every update, against a sequential read
-//!   of the same file, O_DIRECT where the file system takes it, in the same run).
+//!   of the same file, O_DIRECT where the file system takes it, in the same run); then applied
+//!   by an engine in this process, as the HTTP agent's disk source does, with the checkpoint
+//!   opened for each update (copied from its pageable map, or page-locked first).
 
 use std::time::Instant;
 
 use serde::Serialize;
 use weightlift::core::{plan, TpRank, Version};
 use weightlift::{
-    today, write_file, CheckpointTensors, GpuPlan, GpuTensors, HostTensors, PlanInputs, Sender, SenderOptions,
-    SourceTensors, TransportKind, UpdateReport,
+    today, write_file, CheckpointTensors, GpuPlan, GpuTensors, HostTensors, PlanInputs, Receiver, ReceiverOptions,
+    Sender, SenderOptions, SourceTensors, TransportKind, UpdateReport,
 };
 use weightlift_cuda::{
     cufile_available, device_count, drop_cached, sequential_read_rate, CudaError, FusedKernel, Gpu, ReadMode,
@@ -77,10 +79,14 @@ struct StagedRow {
     verified: bool,
 }
 
-/// A checkpoint on disk pushed to a GPU engine over shm (device slots), warm or cold.
+/// A checkpoint on disk into a GPU engine, warm or cold: pushed by a sender process over shm
+/// (device slots), or applied by the engine's process itself, as the HTTP agent's disk source
+/// does (the checkpoint opened anew for each update).
 #[derive(Serialize)]
 struct DiskRow {
     model: String,
+    /// `push`, `local pageable` or `local pinned` (the engine page-locks each mapping).
+    path: &'static str,
     /// `warm` (the file in the page cache) or `cold` (evicted before every update).
     cache: &'static str,
     bytes: u64,
@@ -848,26 +854,52 @@ fn disk_rows(
         }
         Ok((out, sender.reads_from_disk()))
     };
+    // The engine's own process applying the checkpoint, as the agent does for each request:
+    // opened anew (a new map) every update, into the engine's tensors on the GPU.
+    let local_all = |pin: bool, runs: usize, evict: bool| -> Result<DiskUpdates, CommandError> {
+        let gpu = std::sync::Arc::new(Gpu::open(receiver)?);
+        let tensors = GpuTensors::alloc(&gpu, &inputs.destination)?;
+        let options = ReceiverOptions { pin_local_sources: pin, ..ReceiverOptions::default() };
+        let engine = Receiver::on_gpu(gpu, tensors, options)?;
+        let mut out = Vec::new();
+        for version in 1..=runs as u64 + 1 {
+            if evict {
+                drop_cached(&file).map_err(|e| CommandError::Io(e.to_string()))?;
+            }
+            let started = Instant::now();
+            let checkpoint = open()?;
+            let resident = checkpoint.resident_fraction().unwrap_or(1.0);
+            let report = engine
+                .apply_local(Version(version), &checkpoint, &inputs.rules)
+                .map_err(|e| CommandError::Io(format!("{name} local disk update: {e}")))?;
+            out.push((started.elapsed().as_secs_f64(), report, resident));
+        }
+        let read_from_disk = out.last().is_some_and(|(_, r, _)| r.read_from_disk);
+        Ok((out, read_from_disk))
+    };
     let result = (|| {
         // Warm first; the sender and the map go before eviction (pages mapped or page-locked
         // are not evicted).
         let warm = push_all(RUNS, false)?;
+        let local_warm = [local_all(false, RUNS, false)?, local_all(true, RUNS, false)?];
         drop_cached(&file).map_err(|e| CommandError::Io(e.to_string()))?;
         let read = sequential_read_rate(&[&file], SEQUENTIAL_CHUNK, ReadMode::Direct)
             .map_err(|e| CommandError::Io(e.to_string()))?;
         let cold = push_all(COLD_RUNS, true)?;
-        Ok::<_, CommandError>((warm, read, cold))
+        let local_cold = local_all(false, COLD_RUNS, true)?;
+        Ok::<_, CommandError>((warm, local_warm, read, cold, local_cold))
     })();
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let (warm, read, cold) = result?;
+    let (warm, [pageable, pinned], read, cold, local_cold) = result?;
     let read_gbps = read.bytes as f64 / read.seconds / 1e9;
-    let row = |cache, (reports, from_disk): DiskUpdates, ceiling, ceiling_gbps: f64| {
+    let row = |path, cache, (reports, from_disk): DiskUpdates, ceiling, ceiling_gbps: f64| {
         let timed = &reports[1..];
         let Timed { median_seconds, best_seconds, gbps } = summarize(timed.iter().map(|(s, _, _)| *s), bytes);
         DiskRow {
             model: name.to_string(),
+            path,
             cache,
             bytes,
             updates: timed.len(),
@@ -882,9 +914,13 @@ fn disk_rows(
             verified: reports.iter().all(|(_, r, _)| r.verified),
         }
     };
+    let pinned_h2d = ceilings.pinned_h2d_gbps;
     let rows = vec![
-        row("warm", warm, "pinned H2D", ceilings.pinned_h2d_gbps),
-        row("cold", cold, "sequential read", read_gbps),
+        row("push", "warm", warm, "pinned H2D", pinned_h2d),
+        row("local pageable", "warm", pageable, "pinned H2D", pinned_h2d),
+        row("local pinned", "warm", pinned, "pinned H2D", pinned_h2d),
+        row("push", "cold", cold, "sequential read", read_gbps),
+        row("local pageable", "cold", local_cold, "sequential read", read_gbps),
     ];
     let setup = DiskSetup {
         dir: root.display().to_string(),
@@ -1019,13 +1055,24 @@ fn print_tables(out: &GpuBench) {
             setup.dir, setup.sequential_read_gbps, setup.read_mode, setup.cufile
         );
         println!(
-            "{:<15} {:>6} {:>10} {:>10} {:>8} {:>8} {:>16} {:>9} {:>10} {:>9}",
-            "disk", "cache", "bytes", "update ms", "GB/s", "x ceil", "ceiling", "resident", "from disk", "verified"
+            "{:<15} {:<15} {:>6} {:>10} {:>10} {:>8} {:>8} {:>16} {:>9} {:>10} {:>9}",
+            "disk",
+            "path",
+            "cache",
+            "bytes",
+            "update ms",
+            "GB/s",
+            "x ceil",
+            "ceiling",
+            "resident",
+            "from disk",
+            "verified"
         );
         for r in &out.disk {
             println!(
-                "{:<15} {:>6} {:>10} {:>10.1} {:>8.2} {:>8.2} {:>16} {:>9.2} {:>10} {:>9}",
+                "{:<15} {:<15} {:>6} {:>10} {:>10.1} {:>8.2} {:>8.2} {:>16} {:>9.2} {:>10} {:>9}",
                 r.model,
+                r.path,
                 r.cache,
                 gb(r.bytes),
                 r.median_seconds * 1e3,

@@ -56,6 +56,10 @@ pub struct ReceiverOptions {
     /// The rules this engine's layout needs (named, e.g. by preset): a sender offering other
     /// rules is refused at hello. None accepts the sender's.
     pub expected_rules: Option<(String, RuleSet)>,
+    /// Page-lock a local source's memory ([`Receiver::apply_local`] into a GPU) before its
+    /// copies, rather than copy from it as pageable memory: locking pays once per mapping,
+    /// which a checkpoint opened for one update pays every update.
+    pub pin_local_sources: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -71,6 +75,7 @@ impl Default for ReceiverOptions {
             initial_version: Version(0),
             threads: default_threads(),
             expected_rules: None,
+            pin_local_sources: false,
         }
     }
 }
@@ -141,8 +146,6 @@ pub enum FetchError {
 /// nothing was written and the version state is as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("this receiver's tensors are on a GPU: a local update writes tensors in host memory")]
-    OnGpu,
     #[error("this receiver's layout follows {0}, and the update brings other rules")]
     Rules(String),
     #[error("cannot plan the source onto this receiver: {0}")]
@@ -352,8 +355,9 @@ impl Receiver {
         Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring))
     }
 
-    /// Applies `source` (a checkpoint read in this process, say) as `version` to tensors in
-    /// host memory, with no sender: the same begin, verify against digests computed while
+    /// Applies `source` (a checkpoint read in this process, say) as `version`, with no sender
+    /// (into host tensors, or through device slots into GPU ones, see
+    /// [`transfer::LocalPack`]): the same begin, verify against digests computed while
     /// packing, settle, report and observers as an update over a connection. An update that
     /// began and failed is in the report (failed, its tensors dirty); one refused before it
     /// began is an error and changes nothing.
@@ -364,9 +368,6 @@ impl Receiver {
         rules: &RuleSet,
     ) -> Result<UpdateReport, LocalError> {
         let options = &self.shared.options;
-        if self.is_on_gpu() {
-            return Err(LocalError::OnGpu);
-        }
         if let Some((name, expected)) = &options.expected_rules {
             if !expected.same_layout(rules) {
                 return Err(LocalError::Rules(name.clone()));

@@ -15,6 +15,7 @@ use weightlift_core::{Manifest, Plan, Version};
 use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::{DeviceTensors, Importer};
+use crate::device_writes::SlotWriter;
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
@@ -252,10 +253,13 @@ impl Transfer for IpcPull {
     }
 }
 
-/// A source in this process (a checkpoint read from disk) into tensors in host memory: each
-/// bucket packed from the source into a buffer, as a sender would, and unpacked into the
-/// tensors, so nothing plays sender to itself over a socket. Not a [`Transfer`]: there is no
-/// connection; the version state, compare and settling are the same.
+/// A source in this process (a checkpoint read from disk) into the tensors, so nothing plays
+/// sender to itself over a socket. Into host memory, each bucket is packed from the source
+/// into a buffer, as a sender would, and unpacked into the tensors; into a GPU, it is written
+/// into one of two device slots with the copy engines, as a sender on this host writes them
+/// ([`SlotWriter`]: straight from the source's memory, or from its files when mostly out of
+/// the page cache, digested where it landed), then copied into the tensors there. Not a
+/// [`Transfer`]: there is no connection; the version state, compare and settling are the same.
 pub(super) struct LocalPack<'a> {
     pub(super) source: &'a dyn SourceTensors,
     /// The schedule of an update that skips nothing.
@@ -263,9 +267,13 @@ pub(super) struct LocalPack<'a> {
     pub(super) bucket_bytes: u64,
 }
 
+/// What a local update computed: the receiver's digests of what it wrote, the sender-side
+/// digests gathered while packing, and the seconds spent writing the tensors.
+type Written = (Vec<Option<u64>>, Vec<ChunkDigests>, f64);
+
 impl LocalPack<'_> {
-    /// Packs and unpacks every bucket of update `version`, digesting both sides as the host
-    /// path does, and compares them. Marks in `touched` each tensor written.
+    /// Writes every bucket of update `version`, digesting both sides as a connection's path
+    /// does, and compares them. Marks in `touched` each tensor written.
     pub(super) fn run(
         &mut self,
         receiver: &Receiver,
@@ -275,7 +283,6 @@ impl LocalPack<'_> {
         touched: &mut [bool],
     ) -> (Outcome, UpdateReport) {
         let schedule = self.full.for_skip(plan, skip, self.bucket_bytes).expect("bucket size was validated");
-        let threads = receiver.shared.options.threads;
         let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = UpdateReport {
             bytes: schedule.bytes,
@@ -286,29 +293,18 @@ impl LocalPack<'_> {
             sender_digests: true,
             ..UpdateReport::default()
         };
-        // Refused before the update began (Receiver::apply_local): the store never changes kind.
-        let Store::Host(tensors) = &mut *store else {
-            return (Outcome::Broken(super::LocalError::OnGpu.to_string()), report);
-        };
-        let tensors = tensors.as_mut();
-        let mut sent = schedule.digests(plan);
-        let mut ours = schedule.digests(plan);
-        let mut payload = vec![0u8; schedule.buckets.iter().map(|b| b.bytes).max().unwrap_or(0) as usize];
-        let mut unpack_seconds = 0.0;
-        for (k, bucket) in schedule.buckets.iter().enumerate() {
-            let payload = &mut payload[..bucket.bytes as usize];
-            pack(plan, &schedule, k, self.source, payload, &mut sent, threads);
-            for entry in &bucket.entries {
-                touched[entry.op.dst as usize] = true;
+        let written = match &mut *store {
+            Store::Host(tensors) => Ok(self.write_host(receiver, plan, &schedule, tensors.as_mut(), touched)),
+            Store::Device { gpu, tensors } => {
+                self.write_device(receiver, plan, &schedule, !skip.is_empty(), gpu, &**tensors, touched, &mut report)
             }
-            let t = Instant::now();
-            unpack(plan, &schedule, k, payload, tensors, &mut ours, threads);
-            unpack_seconds += t.elapsed().as_secs_f64();
-        }
+        };
+        let (ours, sent, seconds) = match written {
+            Ok(written) => written,
+            Err(e) => return (Outcome::Broken(e), report),
+        };
+        report.unpack_seconds = seconds;
         let _ = receiver.state().versions.verify(version);
-        let t = Instant::now();
-        let ours = receiver_digests(&schedule, tensors, &ours);
-        unpack_seconds += t.elapsed().as_secs_f64();
         let theirs = sender_digests(plan, &schedule, self.source, &sent);
         let mismatched = compare(plan, &schedule.written, &ours, &theirs);
         let outcome = if mismatched.is_empty() {
@@ -317,8 +313,105 @@ impl LocalPack<'_> {
             Outcome::Mismatch(mismatched)
         };
         drop(store);
-        report.unpack_seconds = unpack_seconds;
         (outcome, report)
+    }
+
+    fn write_host(
+        &self,
+        receiver: &Receiver,
+        plan: &Plan,
+        schedule: &Schedule,
+        tensors: &mut dyn DestinationTensors,
+        touched: &mut [bool],
+    ) -> Written {
+        let threads = receiver.shared.options.threads;
+        let mut sent = schedule.digests(plan);
+        let mut ours = schedule.digests(plan);
+        let mut payload = vec![0u8; schedule.buckets.iter().map(|b| b.bytes).max().unwrap_or(0) as usize];
+        let mut seconds = 0.0;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let payload = &mut payload[..bucket.bytes as usize];
+            pack(plan, schedule, k, self.source, payload, &mut sent, threads);
+            for entry in &bucket.entries {
+                touched[entry.op.dst as usize] = true;
+            }
+            let t = Instant::now();
+            unpack(plan, schedule, k, payload, tensors, &mut ours, threads);
+            seconds += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        let ours = receiver_digests(schedule, tensors, &ours);
+        (ours, sent, seconds + t.elapsed().as_secs_f64())
+    }
+
+    /// Through two device slots of this receiver's own, which its process maps a second time
+    /// to write them as a sender on this host does: device memory, two buckets.
+    #[allow(clippy::too_many_arguments)]
+    fn write_device(
+        &self,
+        receiver: &Receiver,
+        plan: &Plan,
+        schedule: &Schedule,
+        skips: bool,
+        gpu: &Arc<Gpu>,
+        tensors: &dyn DeviceTensors,
+        touched: &mut [bool],
+        report: &mut UpdateReport,
+    ) -> Result<Written, String> {
+        let options = &receiver.shared.options;
+        let staging = Staging::new(gpu.clone(), plan, &self.full, tensors.device_ptrs(), self.bucket_bytes, true)
+            .map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
+        let update =
+            staging.update(plan, schedule, skips).map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
+        let (info, fds) = staging
+            .offer(self.bucket_bytes)
+            .map_err(|e| format!("cannot share the device slots: {e}"))?
+            .ok_or("the staging has no device slots")?;
+        let mut writer =
+            SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(|e| format!("cannot map the device slots: {e}"))?;
+        drop(fds);
+        report.device_extra_bytes = staging.device_bytes() + writer.device_bytes();
+        let mut sent = schedule.digests(plan);
+        let mut seconds = 0.0;
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            let slot = k as u32 % info.count;
+            for entry in &bucket.entries {
+                touched[entry.op.dst as usize] = true;
+            }
+            writer
+                .write_bucket(
+                    slot,
+                    plan,
+                    schedule,
+                    k,
+                    self.source,
+                    &mut sent,
+                    options.threads,
+                    false,
+                    options.pin_local_sources,
+                    true,
+                )
+                .map_err(|e| format!("writing bucket {k}: {e}"))?;
+            let t = Instant::now();
+            update.bucket_in_slot(k, slot).map_err(|e| format!("writing bucket {k} from device slot {slot}: {e}"))?;
+            seconds += t.elapsed().as_secs_f64();
+        }
+        writer.finish_digests(self.source, &mut sent).map_err(|e| format!("digesting what landed: {e}"))?;
+        let t = Instant::now();
+        let ours = update.digests().map_err(|e| format!("digesting the update on the GPU: {e}"))?;
+        let ours = ours.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect();
+        report.read_from_disk = writer.read_from_disk();
+        let p = writer.phases;
+        tracing::info!(
+            pin_s = p.pin,
+            pack_s = p.pack,
+            copy_s = p.copy,
+            digest_s = p.digest,
+            unpinned_bytes = writer.unpinned_source_bytes(),
+            from_disk = writer.read_from_disk(),
+            "local update written through device slots"
+        );
+        Ok((ours, sent, seconds + t.elapsed().as_secs_f64()))
     }
 }
 

@@ -420,28 +420,85 @@ pub fn drop_cached(path: &Path) -> Result<(), ReadError> {
 /// How many bytes of the file are in the page cache now (`mincore` over a map of it), whole
 /// pages counted, at most the file's length.
 pub fn resident_bytes(path: &Path) -> Result<u64, ReadError> {
-    let file = File::open(path).map_err(io_error("open", path))?;
-    let len = file.metadata().map_err(io_error("fstat", path))?.len();
-    if len == 0 {
-        return Ok(0);
+    let Some(pages) = PageMap::open(path)? else { return Ok(0) };
+    let resident = pages.resident_in(0, pages.count())?;
+    Ok((resident as u64 * pages.page as u64).min(pages.len as u64))
+}
+
+/// Windows of pages [`resident_share`] looks at, and pages in each.
+const SAMPLED_WINDOWS: usize = 1024;
+const WINDOW_PAGES: usize = 16;
+
+/// The share of the file's pages in the page cache now, from evenly spaced windows of its pages
+/// (every page of a file of up to 16,384 pages): asking about every page costs a page-cache
+/// lookup each, which a reader deciding how to read each update would pay each update. A file
+/// of no bytes counts as resident.
+pub fn resident_share(path: &Path) -> Result<f64, ReadError> {
+    let Some(pages) = PageMap::open(path)? else { return Ok(1.0) };
+    let count = pages.count();
+    if count <= SAMPLED_WINDOWS * WINDOW_PAGES {
+        return Ok(pages.resident_in(0, count)? as f64 / count as f64);
     }
-    let len = usize::try_from(len).map_err(|_| {
-        io_error("mmap", path)(io::Error::new(io::ErrorKind::InvalidInput, "the file is larger than the address space"))
-    })?;
-    // SAFETY: the map is never read or written through: only `mincore` looks at its pages'
-    // residency, which is sound whatever happens to the file meanwhile (a truncated file's
-    // pages read as not resident).
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }.map_err(io_error("mmap", path))?;
-    // SAFETY: sysconf only reads a system constant.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-    let mut resident = vec![0u8; len.div_ceil(page)];
-    // SAFETY: the address is the start of a live mapping of `len` bytes (page-aligned, as maps
-    // are) and `resident` has one byte for each of its pages, for the kernel to fill.
-    if unsafe { libc::mincore(map.as_ptr().cast_mut().cast(), len, resident.as_mut_ptr().cast()) } != 0 {
-        return Err(io_error("mincore", path)(io::Error::last_os_error()));
+    let stride = count / SAMPLED_WINDOWS;
+    let mut resident = 0;
+    for w in 0..SAMPLED_WINDOWS {
+        resident += pages.resident_in(w * stride, WINDOW_PAGES)?;
     }
-    let pages = resident.iter().filter(|&&page| page & 1 != 0).count() as u64;
-    Ok((pages * page as u64).min(len as u64))
+    Ok(resident as f64 / (SAMPLED_WINDOWS * WINDOW_PAGES) as f64)
+}
+
+/// A map of a file that is never read or written through, only asked about with `mincore`.
+struct PageMap<'a> {
+    path: &'a Path,
+    map: memmap2::Mmap,
+    len: usize,
+    page: usize,
+}
+
+impl PageMap<'_> {
+    /// None for a file of no bytes (nothing to map).
+    fn open(path: &Path) -> Result<Option<PageMap<'_>>, ReadError> {
+        let file = File::open(path).map_err(io_error("open", path))?;
+        let len = file.metadata().map_err(io_error("fstat", path))?.len();
+        if len == 0 {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| {
+            io_error("mmap", path)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the file is larger than the address space",
+            ))
+        })?;
+        // SAFETY: the map is never read or written through: only `mincore` looks at its pages'
+        // residency, which is sound whatever happens to the file meanwhile (a truncated file's
+        // pages read as not resident).
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }.map_err(io_error("mmap", path))?;
+        // SAFETY: sysconf only reads a system constant.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        Ok(Some(PageMap { path, map, len, page }))
+    }
+
+    fn count(&self) -> usize {
+        self.len.div_ceil(self.page)
+    }
+
+    /// How many of the `n` pages from page `first` (clamped to the map) are resident.
+    fn resident_in(&self, first: usize, n: usize) -> Result<usize, ReadError> {
+        let n = n.min(self.count().saturating_sub(first));
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut resident = vec![0u8; n];
+        let bytes = (n * self.page).min(self.len - first * self.page);
+        let start = self.map[first * self.page..].as_ptr();
+        // SAFETY: `start` is page `first` of a live mapping (page-aligned, as maps are) with
+        // `bytes` of it mapped from there, and `resident` has one byte for each of those
+        // pages, for the kernel to fill.
+        if unsafe { libc::mincore(start.cast_mut().cast(), bytes, resident.as_mut_ptr().cast()) } != 0 {
+            return Err(io_error("mincore", self.path)(io::Error::last_os_error()));
+        }
+        Ok(resident.iter().filter(|&&page| page & 1 != 0).count())
+    }
 }
 
 /// What [`sequential_read_rate`] measured.
@@ -713,6 +770,25 @@ mod tests {
         reader.read_at(0, &mut dst).unwrap();
         assert_eq!(dst, bytes);
         assert_eq!(resident_bytes(&TempFile::in_dir(&std::env::temp_dir(), "cached-empty", &[]).0).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_sampled_resident_share_agrees_with_the_pages_counted() {
+        // Larger than the sampled windows cover, so the share is sampled; then a small file,
+        // counted page by page.
+        for len in [(SAMPLED_WINDOWS * WINDOW_PAGES * 3 + 7) * 4096, 5 * 4096 + 1] {
+            let file = TempFile::in_dir(&std::env::temp_dir(), "share", &pattern(len));
+            let exact = resident_bytes(&file.0).unwrap() as f64 / len as f64;
+            let share = resident_share(&file.0).unwrap();
+            assert!((0.0..=1.0).contains(&share), "{share}");
+            // Evenly spaced windows over a third of the pages find what counting finds.
+            assert!((share - exact).abs() < 0.05, "{len}: sampled {share}, counted {exact}");
+            drop_cached(&file.0).unwrap();
+            let exact = resident_bytes(&file.0).unwrap() as f64 / len as f64;
+            let share = resident_share(&file.0).unwrap();
+            assert!((share - exact).abs() < 0.05, "{len} after drop_cached: sampled {share}, counted {exact}");
+        }
+        assert_eq!(resident_share(&TempFile::in_dir(&std::env::temp_dir(), "share-empty", &[]).0).unwrap(), 1.0);
     }
 
     #[test]

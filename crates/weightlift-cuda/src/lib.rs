@@ -32,8 +32,8 @@ pub mod vmm_pool;
 pub use cufile::{cufile_available, CuFileError, CuFileInfo, CuFileReader};
 pub use error::CudaError;
 pub use file_read::{
-    drop_cached, resident_bytes, sequential_read_rate, AlignedBuffer, FileReader, ReadError, ReadMode, SequentialRead,
-    DIRECT_ALIGN, SEQUENTIAL_CHUNK,
+    drop_cached, resident_bytes, resident_share, sequential_read_rate, AlignedBuffer, FileReader, ReadError, ReadMode,
+    SequentialRead, DIRECT_ALIGN, SEQUENTIAL_CHUNK,
 };
 pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, OwnedDeviceMemory};
 pub use host_copy::PinnedRanges;

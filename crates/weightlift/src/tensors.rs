@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use weightlift_core::{digest, Manifest, ModelConfig};
-use weightlift_cuda::{resident_bytes, FileReader, MappedFile, ReadMode};
+use weightlift_cuda::{resident_share, FileReader, MappedFile, ReadMode};
 
 use crate::safetensors_dir::{SafetensorsDir, SourceError};
 
@@ -228,9 +228,14 @@ impl SourceTensors for CheckpointTensors {
     fn resident_fraction(&self) -> Option<f64> {
         let total: u64 = self.readers.iter().map(FileReader::len).sum();
         // A file whose residency cannot be read counts as resident: the page cache path is
-        // right either way, only slower when it is not.
-        let resident: u64 =
-            self.dir.files.iter().zip(&self.readers).map(|(p, r)| resident_bytes(p).unwrap_or(r.len())).sum();
-        Some(if total == 0 { 1.0 } else { resident as f64 / total as f64 })
+        // right either way, only slower when it is not. Sampled, as every update asks.
+        let resident: f64 = self
+            .dir
+            .files
+            .iter()
+            .zip(&self.readers)
+            .map(|(p, r)| resident_share(p).unwrap_or(1.0) * r.len() as f64)
+            .sum();
+        Some(if total == 0 { 1.0 } else { resident / total as f64 })
     }
 }

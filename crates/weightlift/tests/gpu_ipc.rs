@@ -500,7 +500,8 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     }
 }
 
-/// A source whose tensor `short` has half its bytes: reading it breaks an update off midway.
+/// A source whose tensor `short` has a quarter of its bytes (less than any TP rank of two
+/// reads): reading it breaks an update off midway.
 struct Truncated {
     tensors: HostTensors,
     short: usize,
@@ -513,7 +514,7 @@ impl weightlift::SourceTensors for Truncated {
 
     fn bytes(&self, index: usize) -> &[u8] {
         let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
-        &bytes[..if index == self.short { bytes.len() / 2 } else { bytes.len() }]
+        &bytes[..if index == self.short { bytes.len() / 4 } else { bytes.len() }]
     }
 }
 

@@ -104,7 +104,8 @@ impl Sender {
 impl Sender {
     #[new]
     #[pyo3(signature = (to, *, preset = "identity", head_dim = None, expert_parallel = false, transport = None,
-                        sender_digests = true, timeout = 60.0, token = None, _fault = None))]
+                        sender_digests = true, timeout = 60.0, token = None, device_writes = true,
+                        pin_sources = false, host_digests = false, _fault = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         to: &Bound<'_, PyAny>,
@@ -115,6 +116,9 @@ impl Sender {
         sender_digests: bool,
         timeout: f64,
         token: Option<&str>,
+        device_writes: bool,
+        pin_sources: bool,
+        host_digests: bool,
         _fault: Option<&str>,
     ) -> PyResult<Self> {
         let targets = targets(to)?;
@@ -130,6 +134,9 @@ impl Sender {
             sender_digests,
             timeout: seconds("timeout", timeout, false)?,
             token: token.map_or_else(Token::from_env, Token::new),
+            device_writes,
+            pin_sources,
+            host_digests,
             fault,
             ..SenderOptions::default()
         };
@@ -199,6 +206,13 @@ impl Sender {
             "transfer_seconds": step.seconds,
         });
         value["tensors_reused"] = serde_json::json!(reused);
+        let connected = state.connected.as_ref().expect("connected above");
+        value["device_writes"] = serde_json::json!(connected
+            .trainer
+            .senders()
+            .iter()
+            .map(weightlift::Sender::writes_device_slots)
+            .collect::<Vec<_>>());
         let report = to_python(py, &value)?;
         state.last_report = Some(report.clone_ref(py));
         if let Some(message) = step.failure() {

@@ -122,6 +122,37 @@ def test_same_gpu_updates_in_place_and_a_reallocated_source_is_not_read_stale():
     checker.compare()
 
 
+@requires_cuda
+@pytest.mark.parametrize(
+    "options, slots",
+    [({}, True), ({"host_digests": True}, True), ({"pin_sources": True}, True), ({"device_writes": False}, False)],
+)
+def test_cpu_tensors_reach_a_gpu_receiver_through_device_slots_or_the_ring(options, slots):
+    src = {"w": torch.randn(300, 257), "b": torch.randn(77).to(torch.bfloat16), "i": torch.arange(5000, dtype=torch.int32)}
+    dst = {
+        "w": torch.zeros(300, 257, dtype=torch.bfloat16, device="cuda:0"),
+        "b": torch.zeros(77, dtype=torch.bfloat16, device="cuda:0"),
+        "i": torch.zeros(5000, dtype=torch.int32, device="cuda:0"),
+    }
+    receiver = wl.Receiver(dst)
+    sender = wl.Sender(receiver, **options)
+    for step in (1, 2):
+        for v in src.values():
+            v.add_(1)
+        report = sender.push(src, version=step)
+        assert report["verified"] and report["device_writes"] == [slots], report
+        for k in src:
+            assert torch.equal(dst[k].cpu(), src[k].to(dst[k].dtype)), (options, step, k)
+
+
+def test_device_write_options_leave_a_host_receiver_on_the_ring():
+    src = {"w": torch.randn(64, 33)}
+    dst = {"w": torch.zeros(64, 33)}
+    report = wl.Sender(wl.Receiver(dst), pin_sources=True, host_digests=True).push(src, version=1)
+    assert report["verified"] and report["device_writes"] == [False], report
+    assert torch.equal(dst["w"], src["w"])
+
+
 EXPANDABLE_TRAINER = """
 import ctypes, json, sys, torch, weightlift as wl
 shapes, endpoint = json.loads(sys.argv[1]), sys.argv[2]

@@ -48,6 +48,12 @@ class Sender:
     CUDA IPC commits on the receivers' digests alone and is reported `verified: False`. With
     several receivers a version commits on all of them or on none (two-phase); a failure raises
     naming every rank and what it did. `token` (default: $WEIGHTLIFT_TOKEN): the receivers'.
+    CPU tensors into a GPU receiver on this host: `device_writes` (default) copies each bucket
+    into the receiver's device slots from this process, digested on the GPU where it landed
+    (`host_digests=True` digests the CPU tensors instead, a second read of them); False sends
+    through the shared-memory ring. `pin_sources` page-locks the tensors for those copies (kept
+    while they stay put; off by default, as torch's own copies of memory reaching past a
+    registered range then fail). The report's `device_writes` says, per receiver, which ran.
     """
 
     def __init__(
@@ -61,6 +67,9 @@ class Sender:
         sender_digests: bool = True,
         timeout: float = 60.0,
         token: Optional[str] = None,
+        device_writes: bool = True,
+        pin_sources: bool = False,
+        host_digests: bool = False,
     ) -> None: ...
     def push(self, named_tensors: NamedTensors, version: int) -> dict[str, Any]:
         """Pushes every tensor as `version` to every receiver; returns the report (version,

@@ -61,6 +61,7 @@ pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTens
 pub use net::{Endpoint, Listener};
 pub use protocol::{TransportKind, PROTOCOL_VERSION};
 pub use session::{check_exposure, Token, TOKEN_ENV};
+pub use transport::SOCKET_BUFFERS;
 
 // The HTTP API an engine serves on its receiver, and the tagged GPU memory it releases.
 pub use agent::{Agent, AgentOptions, MemoryControl, MemoryError, RunningAgent, WEIGHTS_TAG};

@@ -167,6 +167,23 @@ impl Stream {
         };
     }
 
+    /// Closes the reading side only: a thread blocked reading this socket (through another
+    /// handle) wakes at once, seeing the end of the stream; writes still go through.
+    pub fn stop_reading(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp peer".into(), |a| a.to_string()),

@@ -423,6 +423,12 @@ impl Conn {
         }
     }
 
+    /// A second handle on this connection's socket, for another thread to stop a reader of
+    /// this one ([`Stream::stop_reading`]).
+    pub fn try_clone_stream(&self) -> io::Result<Stream> {
+        self.stream.try_clone()
+    }
+
     /// Closes both directions, so a peer blocked on this connection wakes at once.
     pub fn shutdown(&self) {
         self.stream.shutdown();

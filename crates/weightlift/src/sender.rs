@@ -507,17 +507,18 @@ impl Sender {
                 digests[d as usize].add(piece);
             }
         } else {
-            for (k, bucket) in schedule.buckets.iter().enumerate() {
-                let k = k as u32;
-                inject(fault, k, &self.conn)?;
-                let flip = flips(k);
-                self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
-                    pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
-                    if flip {
-                        payload[payload.len() / 2] ^= 0x40;
-                    }
-                })?;
-            }
+            // Packed (and digested) in bucket order on this thread; over a socket the next
+            // bucket is packed while the last one is written. Faults strike where the
+            // buckets go, after those before them went.
+            let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
+            let before = |k, conn: &Conn| inject(fault, k, conn);
+            self.path.send_buckets(&mut self.conn, &sizes, timeout, before, |k, payload| {
+                pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
+                if flips(k) {
+                    payload[payload.len() / 2] ^= 0x40;
+                }
+                Ok::<(), SendError>(())
+            })?;
         }
         let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
         if let SendPath::Device(writer) = &self.path {
@@ -606,19 +607,18 @@ impl Sender {
         }
         let mut downloads = Downloads::default();
         let fault = self.options.fault;
-        for (k, bucket) in self.schedule.buckets.iter().enumerate() {
-            let k = k as u32;
-            inject(fault, k, &self.conn)?;
-            let mut filled = Ok(());
-            let (plan, schedule) = (&self.plan, &self.schedule);
-            self.path.send_bucket(&mut self.conn, k, bucket.bytes, timeout, |payload| {
-                filled = fill_from_device(plan, schedule, k as usize, gpu, &ptrs, payload, &mut downloads);
-                if fault == Some(Fault::FlipByteInBucket(k)) {
-                    payload[payload.len() / 2] ^= 0x40;
-                }
-            })?;
-            filled.map_err(|source| SendError::Cuda { doing: format!("copying bucket {k} down"), source })?;
-        }
+        let (plan, schedule) = (&self.plan, &self.schedule);
+        let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
+        // Over a socket, bucket k+1 comes down from the GPU (on this thread, the GPU's) while
+        // bucket k is written.
+        let before = |k, conn: &Conn| inject(fault, k, conn);
+        self.path.send_buckets(&mut self.conn, &sizes, timeout, before, |k, payload| {
+            let filled = fill_from_device(plan, schedule, k as usize, gpu, &ptrs, payload, &mut downloads);
+            if fault == Some(Fault::FlipByteInBucket(k)) {
+                payload[payload.len() / 2] ^= 0x40;
+            }
+            filled.map_err(|source| SendError::Cuda { doing: format!("copying bucket {k} down"), source })
+        })?;
         let digests = self
             .exporter
             .expected_digests(gpu, &self.plan, &ptrs)

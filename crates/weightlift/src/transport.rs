@@ -1,9 +1,11 @@
 //! How bucket bytes travel between a sender and a receiver, behind one interface: a ring of
 //! slots in shared memory (same host) or in this process's memory (same process), or the
 //! connection itself (any host). Memory held by a
-//! transfer is the ring (or one bucket buffer per side), whatever the model's size.
+//! transfer is the ring, or over a socket [`SOCKET_BUFFERS`] bucket buffers per side (one
+//! packed or consumed while the other is on the wire), whatever the model's size.
 
 use std::collections::VecDeque;
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +30,24 @@ pub enum TransferError {
     SenderAborted(String),
     #[error("{0}")]
     Unexpected(String),
+    /// A thread moving bucket bytes panicked (a bug); the update is broken off.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+/// Bucket buffers per side over a socket: bucket k+1 is packed (sender) or read (receiver)
+/// while bucket k is on the wire (or consumed), so each side holds at most two buckets.
+pub const SOCKET_BUFFERS: usize = 2;
+
+/// Why [`RecvPath::recv_buckets`] stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvBucketsError<E> {
+    /// Bucket `index` did not arrive (the sender's `Abort` is [`TransferError::SenderAborted`]).
+    #[error("bucket {index}: {error}")]
+    Transfer { index: u32, error: TransferError },
+    /// Consuming bucket `index` failed.
+    #[error("consuming bucket {index}: {error}")]
+    Consume { index: u32, error: E },
 }
 
 /// Ring slots in this process's memory, for a sender and receiver in one process.
@@ -77,8 +97,9 @@ pub enum SendPath {
         slot_bytes: u64,
         free: VecDeque<u32>,
     },
+    /// Over the connection: one buffer packed while the other is written.
     Socket {
-        buffer: Vec<u8>,
+        buffers: [Vec<u8>; SOCKET_BUFFERS],
     },
     /// Buckets copied into the receiver's device slots by this process.
     Device(Box<crate::device_writes::SlotWriter>),
@@ -101,7 +122,39 @@ impl SendPath {
     }
 
     pub fn socket(bucket_bytes: u64) -> SendPath {
-        SendPath::Socket { buffer: vec![0u8; bucket_bytes as usize] }
+        SendPath::Socket { buffers: std::array::from_fn(|_| vec![0u8; bucket_bytes as usize]) }
+    }
+
+    /// Sends buckets `0..sizes.len()` (bucket k is `sizes[k]` bytes), each filled in order by
+    /// `fill` on this thread; `before(k)` runs just before bucket k goes, once those before it
+    /// went. Over a socket, bucket k+1 is filled while a thread of its own writes bucket k;
+    /// the first error stops both (the writer's first: it is the earlier bucket). Elsewhere
+    /// one bucket at a time, as [`SendPath::send_bucket`] (a failed fill is reported after
+    /// its bucket went).
+    pub fn send_buckets<E>(
+        &mut self,
+        conn: &mut Conn,
+        sizes: &[u64],
+        timeout: Duration,
+        mut before: impl FnMut(u32, &Conn) -> Result<(), E> + Send,
+        mut fill: impl FnMut(u32, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        E: From<TransferError> + Send,
+    {
+        match self {
+            SendPath::Socket { buffers } if sizes.len() > 1 => send_pipelined(buffers, conn, sizes, before, fill),
+            path => {
+                for (k, &bytes) in sizes.iter().enumerate() {
+                    let k = k as u32;
+                    before(k, conn)?;
+                    let mut filled = Ok(());
+                    path.send_bucket(conn, k, bytes, timeout, |payload| filled = fill(k, payload))?;
+                    filled?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Fills bucket `index` (`bytes` long) with `fill` and hands it to the receiver.
@@ -123,10 +176,10 @@ impl SendPath {
                 memory.with_slot_mut(slot, *slot_bytes, |buf| fill(&mut buf[..bytes as usize]));
                 conn.send(&Message::BucketReady { index, slot, bytes })?;
             }
-            SendPath::Socket { buffer } => {
-                fill(&mut buffer[..bytes as usize]);
-                conn.send(&Message::Data { index, bytes })?;
-                conn.send_data(&buffer[..bytes as usize])?;
+            SendPath::Socket { buffers } => {
+                let payload = &mut buffers[0][..bytes as usize];
+                fill(payload);
+                write_bucket(conn, index, payload)?;
             }
             SendPath::Device(writer) => {
                 let slot = writer.free_slot(conn, timeout)?;
@@ -145,7 +198,7 @@ impl SendPath {
             SendPath::Ring { memory: RingMemory::Local(ring), .. } => {
                 ring.slots.iter().for_each(|slot| f(&slot.lock().unwrap_or_else(|e| e.into_inner())))
             }
-            SendPath::Socket { buffer } => f(buffer),
+            SendPath::Socket { buffers } => buffers.iter().for_each(|buffer| f(buffer)),
             SendPath::Device(_) => {}
         }
     }
@@ -182,6 +235,63 @@ pub(crate) fn wait_for_free_slot(conn: &mut Conn, timeout: Duration) -> Result<u
     }
 }
 
+/// Over a socket: bucket k goes on this thread's writer while the caller's thread fills k+1.
+/// The buffers travel between the two over channels; either side stopping (done, failed or
+/// panicked) hangs up its ends, which stops the other at its next hand-over.
+fn send_pipelined<E>(
+    buffers: &mut [Vec<u8>; SOCKET_BUFFERS],
+    conn: &mut Conn,
+    sizes: &[u64],
+    mut before: impl FnMut(u32, &Conn) -> Result<(), E> + Send,
+    mut fill: impl FnMut(u32, &mut [u8]) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<TransferError> + Send,
+{
+    std::thread::scope(|scope| {
+        // Made inside the scope, so that a panicking fill drops them, and the writer ends,
+        // before the scope waits for it. Whole buffers travel (with the length filled), so
+        // each comes back whole.
+        let (to_write, filled) = sync_channel::<(u32, &mut [u8], usize)>(SOCKET_BUFFERS);
+        let (to_fill, free) = sync_channel::<&mut [u8]>(SOCKET_BUFFERS);
+        for buffer in buffers.iter_mut() {
+            to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
+        }
+        let writer = scope.spawn(move || -> Result<(), E> {
+            for (k, buffer, bytes) in filled {
+                before(k, conn)?;
+                write_bucket(conn, k, &buffer[..bytes])?;
+                // Fails once the filler is done; what it queued still goes.
+                let _ = to_fill.send(buffer);
+            }
+            Ok(())
+        });
+        let mut packed = || -> Result<(), E> {
+            for (k, &bytes) in sizes.iter().enumerate() {
+                // Either fails only once the writer stopped: its result says why.
+                let Ok(buffer) = free.recv() else { return Ok(()) };
+                fill(k as u32, &mut buffer[..bytes as usize])?;
+                if to_write.send((k as u32, buffer, bytes as usize)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        let packed = packed();
+        // The writer sends what is queued, then finds the channel closed.
+        drop((to_write, free));
+        let written = writer.join().unwrap_or_else(|_| Err(TransferError::Panicked("socket writer").into()));
+        written.and(packed)
+    })
+}
+
+/// Bucket `index` as a `Data` message and its frame.
+fn write_bucket(conn: &mut Conn, index: u32, payload: &[u8]) -> Result<(), TransferError> {
+    conn.send(&Message::Data { index, bytes: payload.len() as u64 })?;
+    conn.send_data(payload)?;
+    Ok(())
+}
+
 fn unexpected(expected: &str, got: &Message) -> TransferError {
     TransferError::Unexpected(format!("expected {expected}, got {}", got.name()))
 }
@@ -197,15 +307,9 @@ pub enum Arrived<'a> {
 pub enum RecvPath {
     /// `device_slots`: how many device slots the sender copies buckets into instead (none:
     /// they come through the ring).
-    Ring {
-        memory: RingMemory,
-        slot_bytes: u64,
-        slots: u32,
-        device_slots: u32,
-    },
-    Socket {
-        buffer: Vec<u8>,
-    },
+    Ring { memory: RingMemory, slot_bytes: u64, slots: u32, device_slots: u32 },
+    /// Over the connection: one buffer read into while the other is consumed.
+    Socket { buffers: [Vec<u8>; SOCKET_BUFFERS] },
 }
 
 impl RecvPath {
@@ -226,7 +330,7 @@ impl RecvPath {
     }
 
     pub fn socket(bucket_bytes: u64) -> RecvPath {
-        RecvPath::Socket { buffer: vec![0u8; bucket_bytes as usize] }
+        RecvPath::Socket { buffers: std::array::from_fn(|_| vec![0u8; bucket_bytes as usize]) }
     }
 
     /// Calls `f` with each range of host memory buckets arrive in (to page-lock it for a GPU).
@@ -236,7 +340,7 @@ impl RecvPath {
             RecvPath::Ring { memory: RingMemory::Local(ring), .. } => {
                 ring.slots.iter().for_each(|slot| f(&slot.lock().unwrap_or_else(|e| e.into_inner())))
             }
-            RecvPath::Socket { buffer } => f(buffer),
+            RecvPath::Socket { buffers } => buffers.iter().for_each(|buffer| f(buffer)),
         }
     }
 
@@ -289,18 +393,126 @@ impl RecvPath {
                 }
                 Ok(result)
             }
-            (RecvPath::Socket { buffer }, Message::Data { index: i, bytes: b }) => {
-                if i != index || b != bytes {
-                    return Err(TransferError::Unexpected(format!(
-                        "data for bucket {i} of {b} bytes; expected bucket {index} of {bytes} bytes"
-                    )));
-                }
-                conn.recv_data(&mut buffer[..bytes as usize], timeout)?;
-                Ok(consume(Arrived::Host(&buffer[..bytes as usize])))
+            (RecvPath::Socket { buffers }, message) => {
+                let payload = &mut buffers[0][..bytes as usize];
+                read_bucket(conn, message, index, payload, timeout)?;
+                Ok(consume(Arrived::Host(payload)))
             }
             (_, Message::Abort { reason }) => Err(TransferError::SenderAborted(reason)),
             (_, other) => Err(unexpected("a bucket", &other)),
         }
+    }
+
+    /// Receives buckets `0..sizes.len()` (bucket k is `sizes[k]` bytes) and hands each, in
+    /// order, to `consume` on this thread. Over a socket, a thread of its own reads bucket k+1
+    /// while bucket k is consumed; it stops at the first bucket that does not arrive (an
+    /// `Abort` in its place included) and reads nothing after the last, so what follows (the
+    /// `End`) is the caller's to read. Elsewhere one bucket at a time, as
+    /// [`RecvPath::recv_bucket`].
+    pub fn recv_buckets<E>(
+        &mut self,
+        conn: &mut Conn,
+        sizes: &[u64],
+        timeout: Duration,
+        mut consume: impl FnMut(u32, Arrived<'_>) -> Result<(), E>,
+    ) -> Result<(), RecvBucketsError<E>> {
+        match self {
+            RecvPath::Socket { buffers } if sizes.len() > 1 => recv_pipelined(buffers, conn, sizes, timeout, consume),
+            path => {
+                for (k, &bytes) in sizes.iter().enumerate() {
+                    let index = k as u32;
+                    path.recv_bucket(conn, index, bytes, timeout, |arrived| consume(index, arrived))
+                        .map_err(|error| RecvBucketsError::Transfer { index, error })?
+                        .map_err(|error| RecvBucketsError::Consume { index, error })?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Over a socket: a thread of its own reads bucket k+1 while the caller's consumes bucket k.
+/// The buffers travel between the two over channels, and either side stopping hangs up its
+/// ends; a consumer that fails also stops reading the socket, so a reader waiting on a quiet
+/// sender does not hold the update's report back until its timeout.
+fn recv_pipelined<E>(
+    buffers: &mut [Vec<u8>; SOCKET_BUFFERS],
+    conn: &mut Conn,
+    sizes: &[u64],
+    timeout: Duration,
+    mut consume: impl FnMut(u32, Arrived<'_>) -> Result<(), E>,
+) -> Result<(), RecvBucketsError<E>> {
+    // Without a second handle the reader still stops, after the read it is in.
+    let stopper = conn.try_clone_stream().ok();
+    std::thread::scope(|scope| {
+        let (to_consume, arrived) = sync_channel::<Result<&mut [u8], TransferError>>(SOCKET_BUFFERS);
+        let (to_fill, free) = sync_channel::<&mut [u8]>(SOCKET_BUFFERS);
+        for buffer in buffers.iter_mut() {
+            to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
+        }
+        let reader = scope.spawn(move || {
+            for (k, &bytes) in sizes.iter().enumerate() {
+                let Ok(buffer) = free.recv() else { return };
+                let read = conn
+                    .recv(timeout)
+                    .map_err(TransferError::from)
+                    .and_then(|message| read_bucket(conn, message, k as u32, &mut buffer[..bytes as usize], timeout));
+                let failed = read.is_err();
+                if to_consume.send(read.map(|()| buffer)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut consumed = || -> Result<(), RecvBucketsError<E>> {
+            for (k, &bytes) in sizes.iter().enumerate() {
+                let index = k as u32;
+                let buffer = match arrived.recv() {
+                    Ok(Ok(buffer)) => buffer,
+                    Ok(Err(error)) => return Err(RecvBucketsError::Transfer { index, error }),
+                    // The reader ends early only after sending its error: it panicked.
+                    Err(_) => {
+                        return Err(RecvBucketsError::Transfer {
+                            index,
+                            error: TransferError::Panicked("socket reader"),
+                        })
+                    }
+                };
+                if let Err(error) = consume(index, Arrived::Host(&buffer[..bytes as usize])) {
+                    if let Some(stream) = &stopper {
+                        stream.stop_reading();
+                    }
+                    return Err(RecvBucketsError::Consume { index, error });
+                }
+                // Fails only once the reader is done.
+                let _ = to_fill.send(buffer);
+            }
+            Ok(())
+        };
+        let consumed = consumed();
+        drop((to_fill, arrived));
+        // A panic was reported where it showed (a bucket that never came).
+        let _ = reader.join();
+        consumed
+    })
+}
+
+/// Reads bucket `index` into `payload` (its length), `message` being the one read in its
+/// place: the `Data` that announces it, or the sender's `Abort`.
+fn read_bucket(
+    conn: &mut Conn,
+    message: Message,
+    index: u32,
+    payload: &mut [u8],
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    let bytes = payload.len() as u64;
+    match message {
+        Message::Data { index: i, bytes: b } if i == index && b == bytes => Ok(conn.recv_data(payload, timeout)?),
+        Message::Data { index: i, bytes: b } => Err(TransferError::Unexpected(format!(
+            "data for bucket {i} of {b} bytes; expected bucket {index} of {bytes} bytes"
+        ))),
+        Message::Abort { reason } => Err(TransferError::SenderAborted(reason)),
+        other => Err(unexpected("a bucket", &other)),
     }
 }
 

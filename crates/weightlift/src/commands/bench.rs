@@ -8,7 +8,7 @@ use serde::Serialize;
 use weightlift::core::{TpRank, Version};
 use weightlift::{
     cpu_name, default_threads, today, HostTensors, ModelSource, Receiver, ReceiverOptions, SenderOptions, Trainer,
-    TransportKind,
+    TransportKind, SOCKET_BUFFERS,
 };
 
 use super::{gb, spawn_receiver, CommandError, ModelArgs};
@@ -153,7 +153,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
             let bytes = last.as_ref().map_or(0, |r| r.bytes) as f64;
             let median = seconds[seconds.len() / 2];
             let buffers = match transport {
-                TransportKind::Tcp => args.bucket_mib << 20,
+                TransportKind::Tcp => SOCKET_BUFFERS as u64 * (args.bucket_mib << 20),
                 _ => u64::from(args.ring_slots) * (args.bucket_mib << 20),
             };
             Ok(Row {

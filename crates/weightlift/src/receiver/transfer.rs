@@ -20,7 +20,7 @@ use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
 use crate::tensors::{DestinationTensors, SourceTensors};
-use crate::transport::{Arrived, RecvPath, TransferError};
+use crate::transport::{Arrived, RecvBucketsError, RecvPath, TransferError};
 use crate::update::{pack, receiver_digests, sender_digests, unpack, Schedule};
 
 use super::settle::Outcome;
@@ -123,33 +123,31 @@ impl Transfer for HostBuckets {
             Err(e) => return (Outcome::Broken(format!("preparing the update: {e}")), report),
         };
         let mut unpack_seconds = 0.0;
-        let mut outcome = None;
-        for (k, bucket) in schedule.buckets.iter().enumerate() {
-            let received = path.recv_bucket(conn, k as u32, bucket.bytes, timeout, |arrived| {
-                for entry in &bucket.entries {
-                    touched[entry.op.dst as usize] = true;
-                }
-                let t = Instant::now();
-                let written = sink.write(plan, &schedule, k, arrived, threads);
-                unpack_seconds += t.elapsed().as_secs_f64();
-                written
-            });
-            match received {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    outcome = Some(Outcome::Broken(format!("writing bucket {k}: {e}")));
-                    break;
-                }
-                Err(TransferError::SenderAborted(reason)) => {
-                    outcome = Some(Outcome::called_off(reason));
-                    break;
-                }
-                Err(e) => {
-                    outcome = Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())));
-                    break;
-                }
+        // Over a socket, bucket k+1 is read (on a thread of the path's) while bucket k is
+        // written here; a tensor is touched once a bucket of it is consumed, not read.
+        let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
+        let received = path.recv_buckets(conn, &sizes, timeout, |k, arrived| {
+            let k = k as usize;
+            for entry in &schedule.buckets[k].entries {
+                touched[entry.op.dst as usize] = true;
             }
-        }
+            let t = Instant::now();
+            let written = sink.write(plan, &schedule, k, arrived, threads);
+            unpack_seconds += t.elapsed().as_secs_f64();
+            written
+        });
+        let outcome = match received {
+            Ok(()) => None,
+            Err(RecvBucketsError::Consume { index: k, error: e }) => {
+                Some(Outcome::Broken(format!("writing bucket {k}: {e}")))
+            }
+            Err(RecvBucketsError::Transfer { error: TransferError::SenderAborted(reason), .. }) => {
+                Some(Outcome::called_off(reason))
+            }
+            Err(RecvBucketsError::Transfer { index: k, error: e }) => {
+                Some(Outcome::Broken(format!("bucket {k} of {}: {e}", schedule.buckets.len())))
+            }
+        };
         let outcome = outcome.unwrap_or_else(|| {
             let _ = receiver.state().versions.verify(version);
             let t = Instant::now();

@@ -56,9 +56,11 @@ pub struct ReceiverOptions {
     /// The rules this engine's layout needs (named, e.g. by preset): a sender offering other
     /// rules is refused at hello. None accepts the sender's.
     pub expected_rules: Option<(String, RuleSet)>,
-    /// Page-lock a local source's memory ([`Receiver::apply_local`] into a GPU) before its
-    /// copies, rather than copy from it as pageable memory: locking pays once per mapping,
-    /// which a checkpoint opened for one update pays every update.
+    /// Page-lock a local source's memory ([`Receiver::apply_local`] into a GPU) for its
+    /// copies, rather than copy from it as pageable memory (on by default). Locking pays once
+    /// per mapping, which a checkpoint opened for one update pays every update, and still
+    /// wins there over pageable copies (bench/results/disk-tcp-h200-2026-12-03). The lock
+    /// lasts the update only: no registration outlives it to trip other copies.
     pub pin_local_sources: bool,
 }
 
@@ -75,7 +77,7 @@ impl Default for ReceiverOptions {
             initial_version: Version(0),
             threads: default_threads(),
             expected_rules: None,
-            pin_local_sources: false,
+            pin_local_sources: true,
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use weightlift_core::digest::{ChunkDigests, PieceDigests};
-use weightlift_core::Plan;
+use weightlift_core::{Plan, Version};
 use weightlift_cuda::{
     ordinal_with_uuid, AlignedBuffer, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges,
 };
@@ -344,6 +344,22 @@ impl SlotWriter {
     /// receiver's).
     pub fn device_bytes(&self) -> u64 {
         self.digester.device_bytes()
+    }
+
+    /// Logs where the last update's time went, as `what` (whose update it was).
+    pub(crate) fn log_phases(&self, version: Version, what: &str) {
+        let p = self.phases;
+        tracing::info!(
+            %version,
+            pin_s = p.pin,
+            slot_wait_s = p.slot_wait,
+            pack_s = p.pack,
+            copy_s = p.copy,
+            digest_s = p.digest,
+            unpinned_bytes = self.unpinned_source_bytes(),
+            from_disk = self.from_disk,
+            "{what}"
+        );
     }
 
     /// Whether the last update read its sources from their files (see [`COLD_BELOW`]).

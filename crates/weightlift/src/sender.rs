@@ -522,18 +522,7 @@ impl Sender {
         }
         let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
         if let SendPath::Device(writer) = &self.path {
-            let p = writer.phases;
-            tracing::info!(
-                %version,
-                pin_s = p.pin,
-                slot_wait_s = p.slot_wait,
-                pack_s = p.pack,
-                copy_s = p.copy,
-                digest_s = p.digest,
-                unpinned_bytes = writer.unpinned_source_bytes(),
-                from_disk = writer.read_from_disk(),
-                "device slots written"
-            );
+            writer.log_phases(version, "device slots written");
         }
         self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
         self.sent_digests = digests;

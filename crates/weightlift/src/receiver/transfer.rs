@@ -294,7 +294,8 @@ impl LocalPack<'_> {
         let written = match &mut *store {
             Store::Host(tensors) => Ok(self.write_host(receiver, plan, &schedule, tensors.as_mut(), touched)),
             Store::Device { gpu, tensors } => {
-                self.write_device(receiver, plan, &schedule, !skip.is_empty(), gpu, &**tensors, touched, &mut report)
+                let skips = !skip.is_empty();
+                self.write_device(receiver, plan, version, &schedule, skips, gpu, &**tensors, touched, &mut report)
             }
         };
         let (ours, sent, seconds) = match written {
@@ -349,6 +350,7 @@ impl LocalPack<'_> {
         &self,
         receiver: &Receiver,
         plan: &Plan,
+        version: Version,
         schedule: &Schedule,
         skips: bool,
         gpu: &Arc<Gpu>,
@@ -399,16 +401,7 @@ impl LocalPack<'_> {
         let ours = update.digests().map_err(|e| format!("digesting the update on the GPU: {e}"))?;
         let ours = ours.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect();
         report.read_from_disk = writer.read_from_disk();
-        let p = writer.phases;
-        tracing::info!(
-            pin_s = p.pin,
-            pack_s = p.pack,
-            copy_s = p.copy,
-            digest_s = p.digest,
-            unpinned_bytes = writer.unpinned_source_bytes(),
-            from_disk = writer.read_from_disk(),
-            "local update written through device slots"
-        );
+        writer.log_phases(version, "local update written through device slots");
         Ok((ours, sent, seconds + t.elapsed().as_secs_f64()))
     }
 }

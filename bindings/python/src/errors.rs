@@ -4,8 +4,9 @@
 //! involved, as the Rust error did.
 
 use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
 use pyo3::{create_exception, PyErr};
-use weightlift::SendError;
+use weightlift::{ProblemNote, SendError};
 use weightlift_cuda::CudaError as DriverError;
 
 create_exception!(_weightlift, WeightliftError, PyException, "Base of every error weightlift raises.");
@@ -49,20 +50,37 @@ pub(crate) fn cuda_error(error: DriverError) -> PyErr {
     CudaError::new_err(error.to_string())
 }
 
+/// A PlanError carrying `problems`: one dict per problem found (`kind`, `tensors`, `message`).
+fn plan_problems_error(message: String, problems: &[ProblemNote]) -> PyErr {
+    let error = PlanError::new_err(message);
+    let problems: Vec<serde_json::Value> = problems
+        .iter()
+        .map(|p| serde_json::json!({"kind": p.kind, "tensors": p.tensors, "message": p.message}))
+        .collect();
+    Python::attach(|py| {
+        // The message names every problem already: an attribute that cannot be set loses nothing.
+        if let Ok(problems) = crate::to_python(py, &serde_json::Value::Array(problems)) {
+            let _ = error.value(py).setattr("problems", problems);
+        }
+    });
+    error
+}
+
 pub(crate) fn send_error(error: SendError) -> PyErr {
     let message = error.to_string();
     match error {
+        SendError::Plan(plan) => plan_problems_error(message, &ProblemNote::all(&plan)),
+        SendError::Unplannable { problems, .. } => plan_problems_error(message, &problems),
         SendError::Connect { .. }
         | SendError::Protocol(_)
         | SendError::Session(_)
         | SendError::Transfer(_)
         | SendError::Injected(_) => TransferError::new_err(message),
         SendError::Rejected(_)
-        | SendError::Plan(_)
         | SendError::Schedule(_)
         | SendError::PlanMismatch { .. }
         | SendError::WrongTensors(_) => PlanError::new_err(message),
         SendError::Refused { .. } => VersionError::new_err(message),
-        SendError::Device(_) | SendError::Cuda { .. } => CudaError::new_err(message),
+        SendError::Cuda { .. } => CudaError::new_err(message),
     }
 }

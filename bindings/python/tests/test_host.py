@@ -144,8 +144,13 @@ def test_planning_errors_name_every_tensor_and_change_nothing():
     with pytest.raises(wl.PlanError, match=r"`model\.layers\.1\.mlp\.up_proj\.weight`"):
         wl.Sender(receiver, preset="qwen3").push(incomplete, version=1)
     extra = dict(trainer, **{"model.layers.0.mlp.mystery.weight": np.zeros(3, np.float32)})
-    with pytest.raises(wl.PlanError, match="mystery"):
+    with pytest.raises(wl.PlanError, match="mystery") as raised:
         wl.Sender(receiver, preset="qwen3").push(extra, version=1)
+    # Every problem, typed, beside the message.
+    problems = raised.value.problems
+    assert [p["kind"] for p in problems] == ["unmapped"], problems
+    assert problems[0]["tensors"] == ["model.layers.0.mlp.mystery.weight"]
+    assert "mystery" in problems[0]["message"]
     # The receiver follows the qwen3 layout: a sender offering other rules is refused.
     with pytest.raises(wl.PlanError, match="qwen3"):
         wl.Sender(receiver, preset="identity").push(engine_view(trainer), version=1)

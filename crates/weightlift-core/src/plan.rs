@@ -195,6 +195,26 @@ pub enum PartRule {
 }
 
 impl Problem {
+    /// What kind of problem this is, in snake case (`missing_source`, `shape_mismatch`, ...),
+    /// for callers that sort problems without parsing their messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Problem::Unmapped { .. } => "unmapped",
+            Problem::MissingSource { .. } => "missing_source",
+            Problem::NoDestination { .. } => "no_destination",
+            Problem::NotWritten { .. } => "not_written",
+            Problem::Duplicate { .. } => "duplicate",
+            Problem::ShapeMismatch { .. } => "shape_mismatch",
+            Problem::DtypeMismatch { .. } => "dtype_mismatch",
+            Problem::PartShape { .. } => "part_shape",
+            Problem::UnequalParts { .. } => "unequal_parts",
+            Problem::BadParts { .. } => "bad_parts",
+            Problem::Layout { .. } => "layout",
+            Problem::BadPieces { .. } => "bad_pieces",
+            Problem::Coverage { .. } => "coverage",
+        }
+    }
+
     /// The tensor names this problem is about.
     pub fn names(&self) -> Vec<&str> {
         match self {

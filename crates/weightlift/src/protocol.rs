@@ -128,6 +128,30 @@ pub struct IpcPiece {
     pub fd: Option<u32>,
 }
 
+/// One problem a receiver's planning found, as it travels in a [`Message::Reject`]: its kind
+/// (`weightlift_core::Problem::kind`), the tensors it names, and its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemNote {
+    pub kind: String,
+    pub tensors: Vec<String>,
+    pub message: String,
+}
+
+impl ProblemNote {
+    /// Every problem of a failed plan.
+    pub fn all(error: &weightlift_core::PlanError) -> Vec<ProblemNote> {
+        error
+            .problems
+            .iter()
+            .map(|p| ProblemNote {
+                kind: p.kind().to_string(),
+                tensors: p.names().into_iter().map(str::to_string).collect(),
+                message: p.to_string(),
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
@@ -176,6 +200,9 @@ pub enum Message {
     SlotsMapped,
     Reject {
         reason: String,
+        /// What planning found wrong, when that is why (each problem, typed).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        problems: Vec<ProblemNote>,
     },
     /// Start an update; `skip` lists destination indices the sender leaves unchanged.
     Begin {
@@ -340,7 +367,7 @@ impl Conn {
     /// Tells a peer why it is not served (before reading anything from it) and closes.
     pub fn refuse(stream: Stream, reason: String) -> Result<(), ProtocolError> {
         let mut conn = Conn { peer: stream.peer(), stream };
-        conn.send(&Message::Reject { reason })?;
+        conn.send(&Message::Reject { reason, problems: Vec::new() })?;
         conn.shutdown();
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
 use crate::device_writes::SlotWriter;
 use crate::net::{Endpoint, Stream};
-use crate::protocol::{Conn, Message, ProtocolError, TransportKind};
+use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
 use crate::session::{self, SessionError, Token};
 use crate::tensors::SourceTensors;
@@ -128,6 +128,9 @@ pub enum SendError {
     Transfer(#[from] TransferError),
     #[error("the receiver rejected this sender: {0}")]
     Rejected(String),
+    /// The receiver could not plan this sender's tensors onto its own: every problem, typed.
+    #[error("the receiver rejected this sender: {reason}")]
+    Unplannable { reason: String, problems: Vec<ProblemNote> },
     #[error(transparent)]
     Session(#[from] SessionError),
     #[error("the receiver refused version {version}: {reason}")]
@@ -140,8 +143,6 @@ pub enum SendError {
     PlanMismatch { receiver: String, sender: String },
     #[error("the tensors pushed do not match the manifest this sender connected with: {0}")]
     WrongTensors(String),
-    #[error("GPU: {0}")]
-    Device(String),
     #[error("GPU, {doing}: {source}")]
     Cuda { doing: String, source: weightlift_cuda::CudaError },
     #[error("fault injected: {0}")]
@@ -241,7 +242,10 @@ impl Sender {
             Message::Welcome { destination, tp, plan_hash, digests, ring, slots, committed, dirty } => {
                 (destination, tp, plan_hash, digests, ring, slots, ReceiverState { tp, committed, dirty })
             }
-            Message::Reject { reason } => return Err(SendError::Rejected(reason)),
+            Message::Reject { reason, problems } if !problems.is_empty() => {
+                return Err(SendError::Unplannable { reason, problems })
+            }
+            Message::Reject { reason, .. } => return Err(SendError::Rejected(reason)),
             other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
         };
         let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)?;

@@ -113,14 +113,14 @@ pub fn authenticate_sender(conn: &mut Conn, token: Option<&Token>, deadline: Ins
         if mac.is_some() {
             // A sender with a token wants to know who it talks to, and this side cannot say.
             let reason = "this receiver holds no token, and the sender offered one: give both the same token";
-            let _ = conn.send(&Message::Reject { reason: reason.into() });
+            let _ = conn.send(&Message::Reject { reason: reason.into(), problems: Vec::new() });
             return Err(SessionError::Rejected(reason.into()));
         }
         conn.send(&Message::Authenticated { mac: None })?;
         return Ok(());
     };
     if !mac.is_some_and(|mac| token.check("sender", &ours, &theirs, &mac)) {
-        let _ = conn.send(&Message::Reject { reason: SessionError::WrongToken.to_string() });
+        let _ = conn.send(&Message::Reject { reason: SessionError::WrongToken.to_string(), problems: Vec::new() });
         return Err(SessionError::WrongToken);
     }
     conn.send(&Message::Authenticated { mac: Some(token.sign("receiver", &theirs, &ours)) })?;
@@ -132,7 +132,7 @@ pub fn authenticate_sender(conn: &mut Conn, token: Option<&Token>, deadline: Ins
 pub fn authenticate_receiver(conn: &mut Conn, token: Option<&Token>, deadline: Instant) -> Result<(), SessionError> {
     let (theirs, required) = match conn.recv_before(deadline, MAX_HANDSHAKE_BYTES)? {
         Message::Challenge { nonce, token } => (nonce, token),
-        Message::Reject { reason } => return Err(SessionError::Rejected(reason)),
+        Message::Reject { reason, .. } => return Err(SessionError::Rejected(reason)),
         other => return Err(SessionError::Unexpected { expected: "challenge", got: other.name() }),
     };
     if required && token.is_none() {
@@ -147,7 +147,7 @@ pub fn authenticate_receiver(conn: &mut Conn, token: Option<&Token>, deadline: I
             Some(token) if mac.is_some_and(|mac| token.check("receiver", &ours, &theirs, &mac)) => Ok(()),
             Some(_) => Err(SessionError::ReceiverUnproven),
         },
-        Message::Reject { reason } => Err(SessionError::Rejected(reason)),
+        Message::Reject { reason, .. } => Err(SessionError::Rejected(reason)),
         other => Err(SessionError::Unexpected { expected: "authenticated", got: other.name() }),
     }
 }

@@ -305,3 +305,25 @@ fn a_local_update_that_breaks_off_leaves_the_version_where_it_was_dirty() {
     assert!(report.verified, "{report:?}");
     assert!(s.receiver.dirty().is_empty());
 }
+
+#[test]
+fn a_receiver_that_cannot_plan_a_sender_says_every_problem_typed() {
+    let s = setup("qwen3-tiny", TpRank::SINGLE, "unplannable", ReceiverOptions::default());
+    // One tensor no rule maps, and one the engine needs left out.
+    let mut specs: Vec<_> = s.trainer.manifest().specs().to_vec();
+    let dropped = specs.iter().position(|t| t.name.contains("mlp.up_proj")).unwrap();
+    let missing = specs.remove(dropped).name;
+    specs.push(weightlift::core::TensorSpec::new("model.layers.0.mlp.mystery.weight", specs[0].dtype, [3]));
+    let manifest = Manifest::new(specs).unwrap();
+    let Err(err) = Sender::connect(&s.endpoint, &manifest, &s.rules, SenderOptions::default()) else {
+        panic!("a receiver that cannot plan the sender accepted it")
+    };
+    let weightlift::SendError::Unplannable { reason, problems } = &err else { panic!("{err}") };
+    assert!(reason.contains("mystery") && reason.contains(&missing), "{reason}");
+    let unmapped = problems.iter().find(|p| p.kind == "unmapped").expect("the unmapped tensor");
+    assert_eq!(unmapped.tensors, ["model.layers.0.mlp.mystery.weight"]);
+    let lacking = problems.iter().find(|p| p.kind == "missing_source").expect("the missing tensor");
+    assert!(lacking.tensors.contains(&missing), "{lacking:?}");
+    assert!(problems.iter().all(|p| reason.contains(&p.message)), "{problems:?}");
+    assert_eq!(s.receiver.committed(), Version(0));
+}

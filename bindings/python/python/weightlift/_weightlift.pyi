@@ -12,7 +12,15 @@ class WeightliftError(Exception):
     """Base of every error weightlift raises."""
 
 class PlanError(WeightliftError):
-    """The tensors cannot be mapped: unknown or missing names, shapes, dtypes, rules, layouts."""
+    """The tensors cannot be mapped: unknown or missing names, shapes, dtypes, rules, layouts.
+
+    When planning found the problems, `problems` lists every one of them as a dict: `kind`
+    (`unmapped`, `missing_source`, `no_destination`, `not_written`, `duplicate`, `shape_mismatch`,
+    `dtype_mismatch`, `part_shape`, `unequal_parts`, `bad_parts`, `layout`, `bad_pieces`,
+    `coverage`), `tensors` (the names it is about) and `message`.
+    """
+
+    problems: list[dict[str, Any]]
 
 class TransferError(WeightliftError):
     """An update broke off: connection, transport, a receiver that went away or stalled."""

@@ -10,7 +10,9 @@ use std::time::Instant;
 use weightlift_core::{plan, Plan, SourceSet};
 
 use crate::net::Stream;
-use crate::protocol::{Conn, Message, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES};
+use crate::protocol::{
+    Conn, Message, ProblemNote, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES,
+};
 use crate::session;
 use crate::staged::Staging;
 use crate::transport::{LocalRing, RecvPath};
@@ -53,10 +55,11 @@ impl Receiver {
                     return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
                 }
             };
-        let refuse = |conn: &mut Conn, reason: String| {
-            let _ = conn.send(&Message::Reject { reason: reason.clone() });
+        let refuse_with = |conn: &mut Conn, reason: String, problems: Vec<ProblemNote>| {
+            let _ = conn.send(&Message::Reject { reason: reason.clone(), problems });
             ConnectionError::Refused(reason)
         };
+        let refuse = |conn: &mut Conn, reason: String| refuse_with(conn, reason, Vec::new());
         if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
@@ -77,7 +80,7 @@ impl Receiver {
         }
         let plan = match plan(&SourceSet::single(source.clone()), &self.shared.manifest, &rules, options.tp) {
             Ok(plan) => plan,
-            Err(e) => return Err(refuse(&mut conn, e.to_string())),
+            Err(e) => return Err(refuse_with(&mut conn, e.to_string(), ProblemNote::all(&e))),
         };
         // The schedule of an update that skips nothing: built once for this connection.
         let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");

@@ -153,7 +153,7 @@ pub enum LocalError {
     #[error("cannot plan the source onto this receiver: {0}")]
     Plan(#[from] PlanError),
     #[error("cannot schedule the update: {0}")]
-    Schedule(String),
+    Schedule(#[from] weightlift_core::BucketError),
     /// The write gate said no (the tensors' memory is released, say).
     #[error("version {version} refused: {reason}")]
     Refused { version: Version, reason: String },
@@ -378,7 +378,7 @@ impl Receiver {
         let plan = plan(&SourceSet::single(source.manifest().clone()), &self.shared.manifest, rules, options.tp)?;
         // A sender's default bucket, within this receiver's bound on the memory an update holds.
         let bucket_bytes = DEFAULT_HOST_BUCKET_BYTES.min(options.max_bucket_bytes);
-        let full = Schedule::new(&plan, &[], bucket_bytes).map_err(|e| LocalError::Schedule(e.to_string()))?;
+        let full = Schedule::new(&plan, &[], bucket_bytes)?;
         self.gate().map_err(|reason| LocalError::Refused { version, reason })?;
         self.state().versions.begin(version).map_err(LocalError::Version)?;
         let started = Instant::now();

@@ -124,6 +124,23 @@ impl Landed {
     }
 }
 
+/// One bucket for [`SlotWriter::write_bucket`]: bucket `k` of `schedule`, from `sources`, on
+/// `threads` packing threads. What is copied from the sources as it is, is digested (with
+/// `landed`) on the GPU from the slot, where it landed; otherwise by
+/// [`crate::update::digest_verbatim`] beside, from the sources. `flip` (a fault test) corrupts
+/// one byte of the slot after it was digested; `pin` page-locks the sources first (see
+/// [`crate::SenderOptions::pin_sources`]).
+pub(crate) struct BucketWrite<'a> {
+    pub plan: &'a Plan,
+    pub schedule: &'a Schedule,
+    pub k: usize,
+    pub sources: &'a dyn SourceTensors,
+    pub threads: usize,
+    pub flip: bool,
+    pub pin: bool,
+    pub landed: bool,
+}
+
 /// Seconds one update spent, on this process's side, in each step of writing device slots.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SlotPhases {
@@ -222,53 +239,35 @@ impl SlotWriter {
         };
     }
 
-    /// Sends bucket `k` of `schedule` through a free slot (see [`SlotWriter::write_bucket`])
-    /// and tells the receiver once it is there.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends `bucket` through a free slot (see [`SlotWriter::write_bucket`]) and tells the
+    /// receiver once it is there.
     pub(crate) fn send_bucket(
         &mut self,
         conn: &mut Conn,
-        plan: &Plan,
-        schedule: &Schedule,
-        k: usize,
-        sources: &dyn SourceTensors,
+        bucket: &BucketWrite<'_>,
         digests: &mut [ChunkDigests],
-        threads: usize,
-        flip: bool,
-        pin: bool,
-        landed: bool,
         timeout: Duration,
     ) -> Result<(), TransferError> {
         let waited = Instant::now();
         let slot = self.free_slot(conn, timeout)?;
         let wait = waited.elapsed().as_secs_f64();
-        self.write_bucket(slot, plan, schedule, k, sources, digests, threads, flip, pin, landed)?;
+        self.write_bucket(slot, bucket, digests)?;
         self.phases.slot_wait += wait;
-        conn.send(&Message::BucketReady { index: k as u32, slot, bytes: schedule.buckets[k].bytes })?;
+        let (index, bytes) = (bucket.k as u32, bucket.schedule.buckets[bucket.k].bytes);
+        conn.send(&Message::BucketReady { index, slot, bytes })?;
         Ok(())
     }
 
-    /// Writes bucket `k` of `schedule` into `slot`: packs what needs packing into the scratch
-    /// (digesting it) and has the copy engines move everything into the slot; returns once it
-    /// is there. What is copied from the sources as it is, is digested (with `landed`) on the
-    /// GPU from the slot, where it landed; otherwise by [`crate::update::digest_verbatim`]
-    /// beside, from the sources. `flip` (a fault test) corrupts one byte of the slot after it
-    /// was digested; `pin` page-locks the sources first (see
-    /// [`crate::SenderOptions::pin_sources`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Writes `bucket` into `slot`: packs what needs packing into the scratch (digesting it
+    /// into `digests`) and has the copy engines move everything into the slot; returns once
+    /// it is there.
     pub(crate) fn write_bucket(
         &mut self,
         slot: u32,
-        plan: &Plan,
-        schedule: &Schedule,
-        k: usize,
-        sources: &dyn SourceTensors,
+        bucket: &BucketWrite<'_>,
         digests: &mut [ChunkDigests],
-        threads: usize,
-        flip: bool,
-        pin: bool,
-        landed: bool,
     ) -> Result<(), TransferError> {
+        let &BucketWrite { plan, schedule, k, sources, threads, flip, pin, landed } = bucket;
         let mut t = Instant::now();
         let mut lap = |phase: &mut f64| {
             *phase += t.elapsed().as_secs_f64();

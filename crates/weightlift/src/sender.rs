@@ -12,7 +12,7 @@ use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
-use crate::device_writes::SlotWriter;
+use crate::device_writes::{BucketWrite, SlotWriter};
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
@@ -483,19 +483,17 @@ impl Sender {
                 let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {
                     inject(fault, k, conn)?;
                     let flip = flips(k);
-                    writer.send_bucket(
-                        conn,
+                    let bucket = BucketWrite {
                         plan,
-                        &schedule,
-                        k as usize,
-                        tensors,
-                        &mut digests,
+                        schedule: &schedule,
+                        k: k as usize,
+                        sources: tensors,
                         threads,
                         flip,
                         pin,
                         landed,
-                        timeout,
-                    )?;
+                    };
+                    writer.send_bucket(conn, &bucket, &mut digests, timeout)?;
                     Ok::<(), SendError>(())
                 });
                 let sent = sent.and_then(|()| Ok(writer.finish_digests(tensors, &mut digests)?));

@@ -17,6 +17,9 @@ use weightlift::{
 };
 use weightlift_cuda::{device_count, Gpu};
 
+mod common;
+use common::Truncated;
+
 fn exe() -> String {
     std::env::var("WEIGHTLIFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_weightlift").to_string())
 }
@@ -500,24 +503,6 @@ fn a_gpu_receiver_fed_from_host_memory_survives_faults_and_disk_updates_reach_it
     }
 }
 
-/// A source whose tensor `short` has a quarter of its bytes (less than any TP rank of two
-/// reads): reading it breaks an update off midway.
-struct Truncated {
-    tensors: HostTensors,
-    short: usize,
-}
-
-impl weightlift::SourceTensors for Truncated {
-    fn manifest(&self) -> &weightlift::core::Manifest {
-        self.tensors.manifest()
-    }
-
-    fn bytes(&self, index: usize) -> &[u8] {
-        let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
-        &bytes[..if index == self.short { bytes.len() / 4 } else { bytes.len() }]
-    }
-}
-
 #[test]
 #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
 fn a_gpu_receiver_applies_a_checkpoint_itself_warm_cold_and_broken_off() {
@@ -554,7 +539,8 @@ fn a_gpu_receiver_applies_a_checkpoint_itself_warm_cold_and_broken_off() {
         // and the next update rewrites it.
         trainer.perturb();
         let short = trainer.manifest().len() - 1;
-        let source = Truncated { tensors: trainer.clone(), short };
+        // A quarter: less than either TP rank of two reads.
+        let source = Truncated { tensors: trainer.clone(), short, divisor: 4 };
         for (tp, _, _, receiver) in &ranks.ranks {
             let report = receiver.apply_local(Version(3), &source, &ranks.rules).unwrap();
             assert!(!report.is_committed() && !report.verified, "{tp}: {report:?}");

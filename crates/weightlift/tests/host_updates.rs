@@ -7,7 +7,7 @@ use weightlift::core::{Manifest, TpRank, Version};
 use weightlift::{Fault, HostTensors, ReceiverOptions, Sender, SenderOptions, TransportKind};
 
 mod common;
-use common::{assert_bit_exact, setup, Setup};
+use common::{assert_bit_exact, setup, Setup, Truncated};
 
 fn sender(s: &Setup, transport: TransportKind, fault: Option<Fault>) -> Sender {
     let options = SenderOptions { transport, bucket_bytes: 4096, fault, ..SenderOptions::default() };
@@ -230,28 +230,6 @@ fn a_receiver_in_host_memory_refuses_cuda_ipc_by_name() {
     assert!(err.to_string().contains("in host memory"), "{err}");
 }
 
-/// A source whose tensor `short` holds fewer bytes than its manifest says: packing it breaks
-/// off the update part way.
-struct Truncated {
-    tensors: HostTensors,
-    short: usize,
-}
-
-impl weightlift::SourceTensors for Truncated {
-    fn manifest(&self) -> &Manifest {
-        self.tensors.manifest()
-    }
-
-    fn bytes(&self, index: usize) -> &[u8] {
-        let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
-        if index == self.short {
-            &bytes[..bytes.len() / 2]
-        } else {
-            bytes
-        }
-    }
-}
-
 fn host_bytes(receiver: &weightlift::Receiver) -> Vec<Vec<u8>> {
     receiver.with_host_tensors(|t| (0..t.manifest().len()).map(|i| t.bytes(i).to_vec()).collect()).unwrap()
 }
@@ -292,7 +270,7 @@ fn a_local_update_that_breaks_off_leaves_the_version_where_it_was_dirty() {
     assert!(s.receiver.apply_local(Version(1), &s.trainer, &s.rules).unwrap().verified);
     s.trainer.perturb();
     let short = s.trainer.manifest().len() - 1;
-    let source = Truncated { tensors: s.trainer.clone(), short };
+    let source = Truncated { tensors: s.trainer.clone(), short, divisor: 2 };
     let report = s.receiver.apply_local(Version(2), &source, &s.rules).unwrap();
     assert!(!report.is_committed() && !report.verified, "{report:?}");
     assert!(report.error.as_deref().unwrap().starts_with("reading the source"), "{report:?}");

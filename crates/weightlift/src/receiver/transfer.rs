@@ -15,7 +15,7 @@ use weightlift_core::{Manifest, Plan, Version};
 use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::{DeviceTensors, Importer};
-use crate::device_writes::SlotWriter;
+use crate::device_writes::{BucketWrite, SlotWriter};
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
@@ -378,20 +378,17 @@ impl LocalPack<'_> {
             for entry in &bucket.entries {
                 touched[entry.op.dst as usize] = true;
             }
-            writer
-                .write_bucket(
-                    slot,
-                    plan,
-                    schedule,
-                    k,
-                    self.source,
-                    &mut sent,
-                    options.threads,
-                    false,
-                    options.pin_local_sources,
-                    true,
-                )
-                .map_err(|e| format!("writing bucket {k}: {e}"))?;
+            let write = BucketWrite {
+                plan,
+                schedule,
+                k,
+                sources: self.source,
+                threads: options.threads,
+                flip: false,
+                pin: options.pin_local_sources,
+                landed: true,
+            };
+            writer.write_bucket(slot, &write, &mut sent).map_err(|e| format!("writing bucket {k}: {e}"))?;
             let t = Instant::now();
             update.bucket_in_slot(k, slot).map_err(|e| format!("writing bucket {k} from device slot {slot}: {e}"))?;
             seconds += t.elapsed().as_secs_f64();

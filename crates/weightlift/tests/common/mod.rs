@@ -155,3 +155,22 @@ pub fn assert_bit_exact(s: &Setup, sender: &Sender) {
         panic!("`{name}` differs");
     }
 }
+
+/// A source whose tensor `short` keeps only `1 / divisor` of its bytes: reading past them
+/// breaks an update off midway, as a source that changed under the reader would.
+pub struct Truncated {
+    pub tensors: HostTensors,
+    pub short: usize,
+    pub divisor: usize,
+}
+
+impl weightlift::SourceTensors for Truncated {
+    fn manifest(&self) -> &weightlift::core::Manifest {
+        self.tensors.manifest()
+    }
+
+    fn bytes(&self, index: usize) -> &[u8] {
+        let bytes = weightlift::SourceTensors::bytes(&self.tensors, index);
+        &bytes[..if index == self.short { bytes.len() / self.divisor } else { bytes.len() }]
+    }
+}

@@ -103,6 +103,33 @@ impl Gpu {
         Ok(PinnedRanges { runs, _registrations: registrations, unpinned_bytes })
     }
 
+    /// Bytes of `ranges` that are not page-locked for CUDA (neither allocated page-locked, as
+    /// torch's `pin_memory()` tensors are, nor registered): what the copy engines could only
+    /// copy at the driver's pageable rate. Asks the driver about each range's first byte: one
+    /// allocation or registration covers a tensor whole.
+    pub fn unlocked_bytes(&self, ranges: &[&[u8]]) -> Result<u64, CudaError> {
+        use cudarc::driver::sys;
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut unlocked = 0;
+        for range in ranges.iter().filter(|r| !r.is_empty()) {
+            let mut kind = 0u32;
+            // SAFETY: a query about an address, with a u32 to write the memory type into (the
+            // attribute's documented type); nothing is read or written through the address.
+            let outcome = unsafe {
+                sys::cuPointerGetAttribute(
+                    (&mut kind as *mut u32).cast(),
+                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                    range.as_ptr() as sys::CUdeviceptr,
+                )
+            };
+            let locked = outcome == sys::CUresult::CUDA_SUCCESS && kind == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32;
+            if !locked {
+                unlocked += range.len() as u64;
+            }
+        }
+        Ok(unlocked)
+    }
+
     /// Copies each `(offset, bytes)` of `copies` from host memory to `offset` in `dst` with the
     /// copy engines, runs `meanwhile` on this thread while they run, and returns once both are
     /// done (the host memory may then be reused). Every range is checked to fit `dst` before

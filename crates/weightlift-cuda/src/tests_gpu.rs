@@ -397,3 +397,19 @@ fn large_allocations_span_whole_large_pages() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn page_locked_ranges_are_told_from_pageable_ones() {
+    let gpu = gpu();
+    let memory = bytes(3 << 20, 5);
+    let (head, tail) = memory.split_at(1 << 20);
+    assert_eq!(gpu.unlocked_bytes(&[head, tail]).unwrap(), memory.len() as u64);
+    let pinned = gpu.pin_ranges(&[tail]).unwrap();
+    assert_eq!(pinned.unpinned_bytes, 0);
+    // The page the two ranges share is locked with the tail; the head's first byte is not.
+    assert_eq!(gpu.unlocked_bytes(&[head, tail]).unwrap(), head.len() as u64);
+    assert_eq!(gpu.unlocked_bytes(&[&tail[4096..], &[]]).unwrap(), 0);
+    drop(pinned);
+    assert_eq!(gpu.unlocked_bytes(&[tail]).unwrap(), tail.len() as u64);
+}

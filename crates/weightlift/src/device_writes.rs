@@ -24,7 +24,7 @@ use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
-use crate::update::{landed_pieces, stage_for_copies, stage_from_disk, LandedPiece, Schedule};
+use crate::update::{landed_pieces, stage_for_copies, stage_whole, LandedPiece, Schedule, StageReads};
 
 const PAGE: usize = 4096;
 
@@ -77,7 +77,8 @@ pub struct SlotWriter {
     slots: Vec<ImportedAllocation>,
     slot_bytes: u64,
     pub(crate) free: VecDeque<u32>,
-    scratch: Scratch,
+    /// Two, so that one bucket is staged while the last one is copied out of the other.
+    scratch: [Scratch; 2],
     /// The last sources' memory, page-locked (kept while they stay where they are).
     sources: Option<PinnedRanges>,
     /// Where the current update's time goes.
@@ -86,11 +87,25 @@ pub struct SlotWriter {
     digester: ChunkDigester,
     /// The chunk digests of the last bucket sent, to fold while the next one is copied.
     pending: Option<Landed>,
-    /// This update reads its sources from their files into the scratch (they were mostly
-    /// not in the page cache when it began), rather than copying from their memory.
-    from_disk: bool,
+    /// How this update's buckets reach the slots.
+    feed: Feed,
+    /// The bucket of this update already staged in its scratch (while the last was copied).
+    staged_ahead: Option<usize>,
     /// The packing threads' aligned buffers for reads from disk, kept from bucket to bucket.
     read_buffers: Vec<Option<AlignedBuffer>>,
+}
+
+/// How one update's buckets reach the slots, chosen at its first bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feed {
+    /// The copy engines read the sources where they are (page-locked), and the scratch holds
+    /// only what needs packing.
+    InPlace,
+    /// Each bucket is staged whole in a page-locked scratch by the packing threads (from the
+    /// sources' memory or their files), the next one while this one is copied: for sources
+    /// that are not page-locked, whose pageable copies the driver runs at a fraction of the
+    /// pinned rate, and for checkpoints mostly out of the page cache.
+    Staged(StageReads),
 }
 
 /// Sources on disk with less than this share of their bytes in the page cache are read from
@@ -179,7 +194,7 @@ impl SlotWriter {
         if slots.iter().any(|s| (s.len() as u64) < info.slot_bytes) {
             return Err(CudaError::Invalid(format!("device slots smaller than {} bytes", info.slot_bytes)));
         }
-        let scratch = Scratch::new(&gpu, info.slot_bytes as usize);
+        let scratch = [0, 1].map(|_| Scratch::new(&gpu, info.slot_bytes as usize));
         Ok(SlotWriter {
             gpu,
             slots,
@@ -190,7 +205,8 @@ impl SlotWriter {
             phases: SlotPhases::default(),
             digester: ChunkDigester::default(),
             pending: None,
-            from_disk: false,
+            feed: Feed::InPlace,
+            staged_ahead: None,
             read_buffers: Vec::new(),
         })
     }
@@ -217,8 +233,8 @@ impl SlotWriter {
                 self.slot_bytes
             )));
         }
-        fill(&mut self.scratch.as_mut_slice()[..bytes as usize]);
-        let copies = [(0, &self.scratch.as_slice()[..bytes as usize])];
+        fill(&mut self.scratch[0].as_mut_slice()[..bytes as usize]);
+        let copies = [(0, &self.scratch[0].as_slice()[..bytes as usize])];
         self.gpu.copy_ranges_from_host(&self.slots[slot as usize], &copies, || ()).map_err(gpu_error)
     }
 
@@ -258,9 +274,10 @@ impl SlotWriter {
         Ok(())
     }
 
-    /// Writes `bucket` into `slot`: packs what needs packing into the scratch (digesting it
-    /// into `digests`) and has the copy engines move everything into the slot; returns once
-    /// it is there.
+    /// Writes `bucket` into `slot`: packs what needs packing into a scratch (digesting it
+    /// into `digests`), or stages the bucket whole there (see [`Feed`]), and has the copy
+    /// engines move it into the slot; returns once it is there, with the next bucket staged
+    /// when buckets are staged whole.
     pub(crate) fn write_bucket(
         &mut self,
         slot: u32,
@@ -275,11 +292,25 @@ impl SlotWriter {
         };
         if k == 0 {
             self.phases = SlotPhases::default();
-            self.pending = None; // what a failed update left
-            self.from_disk = sources.resident_fraction().is_some_and(|f| f < COLD_BELOW);
-            if pin && !self.from_disk {
+            // What a failed update left.
+            self.pending = None;
+            self.staged_ahead = None;
+            self.feed = if sources.resident_fraction().is_some_and(|f| f < COLD_BELOW) {
+                Feed::Staged(StageReads::Files)
+            } else if pin {
                 self.pin_sources(sources);
-            }
+                match &self.sources {
+                    Some(pinned) if pinned.unpinned_bytes == 0 => Feed::InPlace,
+                    _ => Feed::Staged(StageReads::Memory),
+                }
+            } else {
+                // Sources page-locked by their owner (torch's pinned tensors) are copied in place.
+                let ranges: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
+                match self.gpu.unlocked_bytes(&ranges) {
+                    Ok(0) => Feed::InPlace,
+                    _ => Feed::Staged(StageReads::Memory),
+                }
+            };
             lap(&mut self.phases.pin);
         }
         let bytes = schedule.buckets[k].bytes;
@@ -289,39 +320,63 @@ impl SlotWriter {
                 self.slot_bytes
             )));
         }
-        let SlotWriter { gpu, slots, scratch, digester, pending, phases, from_disk, read_buffers, .. } = self;
+        let SlotWriter { gpu, slots, scratch, digester, pending, phases, feed, staged_ahead, read_buffers, .. } = self;
         let dst = slots
             .get(slot as usize)
             .ok_or_else(|| TransferError::Unexpected(format!("no device slot {slot} for bucket {k}")))?;
-        let copies = if *from_disk {
-            stage_from_disk(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads, read_buffers)?
-        } else {
-            stage_for_copies(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads)
+        let [even, odd] = scratch;
+        let (this, other) = if k % 2 == 0 { (even, odd) } else { (odd, even) };
+        let (copies, ahead) = match *feed {
+            Feed::InPlace => {
+                (stage_for_copies(plan, schedule, k, sources, this.as_mut_slice(), digests, threads), None)
+            }
+            Feed::Staged(reads) => {
+                let whole = if staged_ahead.take() == Some(k) {
+                    &this.as_slice()[..bytes as usize]
+                } else {
+                    stage_whole(plan, schedule, k, sources, this.as_mut_slice(), digests, threads, reads, read_buffers)?
+                };
+                let ahead = (k + 1 < schedule.buckets.len()).then_some((other, reads));
+                (vec![(0, whole)], ahead)
+            }
         };
         lap(&mut phases.pack);
         let middle = bytes as usize / 2;
         let flipped =
             copies.iter().find(|(at, b)| (*at..*at + b.len()).contains(&middle)).map(|(at, b)| [b[middle - at] ^ 0x40]);
-        if landed {
+        // Runs while the copies do: the next bucket is staged into the other scratch.
+        let mut pack_ahead = 0.0;
+        let stage_next = |digests: &mut [ChunkDigests]| {
+            let Some((next, reads)) = ahead else { return Ok(()) };
+            let started = Instant::now();
+            let staged =
+                stage_whole(plan, schedule, k + 1, sources, next.as_mut_slice(), digests, threads, reads, read_buffers);
+            pack_ahead = started.elapsed().as_secs_f64();
+            staged.map(|_| *staged_ahead = Some(k + 1))
+        };
+        let staged = if landed {
             let pieces = landed_pieces(plan, schedule, k);
             let base = dst.device_ptr();
             let regions: Vec<(u64, u64)> =
                 pieces.iter().map(|p| (base + p.whole_at.start as u64, p.whole_at.len() as u64)).collect();
             // The last bucket's digests are folded while this one's copies run.
-            let (chunks, folded) = gpu
+            let (chunks, (folded, staged)) = gpu
                 .copy_from_host_then_digest(dst, &copies, digester, &regions, || {
                     let started = Instant::now();
                     let folded = pending.take().map_or(Ok(()), |last| last.fold(sources, digests));
                     phases.digest += started.elapsed().as_secs_f64();
-                    folded
+                    (folded, stage_next(digests))
                 })
                 .map_err(gpu_error)?;
             folded?;
             *pending = Some(Landed { k, pieces, chunks });
+            staged
         } else {
-            gpu.copy_ranges_from_host(dst, &copies, || ()).map_err(gpu_error)?;
-        }
+            gpu.copy_ranges_from_host(dst, &copies, || stage_next(digests)).map_err(gpu_error)?
+        };
         lap(&mut phases.copy);
+        phases.pack += pack_ahead;
+        staged?;
         if let (true, Some(byte)) = (flip, &flipped) {
             let corrupt = [(middle, &byte[..])];
             gpu.copy_ranges_from_host(dst, &corrupt, || ()).map_err(gpu_error)?;
@@ -356,14 +411,14 @@ impl SlotWriter {
             copy_s = p.copy,
             digest_s = p.digest,
             unpinned_bytes = self.unpinned_source_bytes(),
-            from_disk = self.from_disk,
+            feed = ?self.feed,
             "{what}"
         );
     }
 
     /// Whether the last update read its sources from their files (see [`COLD_BELOW`]).
     pub fn read_from_disk(&self) -> bool {
-        self.from_disk
+        self.feed == Feed::Staged(StageReads::Files)
     }
 
     /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).

@@ -220,14 +220,23 @@ pub fn stage_for_copies<'a>(
         .collect()
 }
 
-/// Sender, for sources on disk: stages `bucket` whole in `scratch`, the pieces that need
-/// packing as [`stage_for_copies`] does, the others read from their files (around the page
-/// cache where the files' readers do, see [`SourceTensors::on_disk`]) on `threads` threads,
-/// and returns the one copy of it. Pieces whose source is not on disk come from memory.
-/// `buffers` are the threads' aligned read buffers, kept by the caller from bucket to bucket
-/// (each touches its pages when made).
+/// Where [`stage_whole`] takes the bytes of the pieces copied as they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageReads {
+    /// From the sources' memory (a checkpoint's pages are faulted in through its map).
+    Memory,
+    /// From the sources' files (around the page cache where their readers do, see
+    /// [`SourceTensors::on_disk`]); sources with no file come from memory.
+    Files,
+}
+
+/// Sender, for sources the copy engines should not read in place (not page-locked, or on
+/// disk): stages `bucket` whole in `scratch`, the pieces that need packing as
+/// [`stage_for_copies`] does, the others copied in from where `reads` says, on `threads`
+/// threads, and returns the one copy of it. `buffers` are the threads' aligned read buffers
+/// for files, kept by the caller from bucket to bucket (each touches its pages when made).
 #[allow(clippy::too_many_arguments)]
-pub fn stage_from_disk<'a>(
+pub fn stage_whole<'a>(
     plan: &Plan,
     schedule: &Schedule,
     bucket: usize,
@@ -235,22 +244,27 @@ pub fn stage_from_disk<'a>(
     scratch: &'a mut [u8],
     digests: &mut [ChunkDigests],
     threads: usize,
+    reads: StageReads,
     buffers: &mut Vec<Option<AlignedBuffer>>,
-) -> Result<Vec<(usize, &'a [u8])>, ReadError> {
+) -> Result<&'a [u8], ReadError> {
     pack_changed(plan, schedule, bucket, sources, scratch, digests, threads);
     let bytes = schedule.buckets[bucket].bytes as usize;
-    let reads = copy_runs(&schedule.pieces[bucket]).into_iter().filter_map(|(at, origin, range)| match origin {
+    let runs = copy_runs(&schedule.pieces[bucket]).into_iter().filter_map(|(at, origin, range)| match origin {
         Origin::Source(src) => Some(((src, range.clone()), at..at + range.len())),
         Origin::Scratch => None,
     });
-    let work = carve(&mut scratch[..bytes], reads);
+    let work = carve(&mut scratch[..bytes], runs);
     let runs = split_runs(work, threads, |(_, dst)| dst.len());
     if buffers.len() < runs.len() {
         buffers.resize_with(runs.len(), || None);
     }
     let read = in_parallel(runs.into_iter().zip(buffers.iter_mut()).collect(), |(run, buffer)| {
         for ((src, range), dst) in run {
-            let Some((reader, offset)) = sources.on_disk(src as usize) else {
+            let on_disk = match reads {
+                StageReads::Files => sources.on_disk(src as usize),
+                StageReads::Memory => None,
+            };
+            let Some((reader, offset)) = on_disk else {
                 dst.copy_from_slice(&sources.bytes(src as usize)[range]);
                 continue;
             };
@@ -268,7 +282,7 @@ pub fn stage_from_disk<'a>(
         Ok(())
     });
     read.into_iter().collect::<Result<(), ReadError>>()?;
-    Ok(vec![(0, &scratch[..bytes])])
+    Ok(&scratch[..bytes])
 }
 
 /// Reads from disk go in pieces of this many bytes (through one aligned buffer per thread).
@@ -542,7 +556,7 @@ mod tests {
     /// A bucket staged from the checkpoint's files holds what staging it from the checkpoint's
     /// memory copies, byte for byte, with the same digests of what was packed.
     #[test]
-    fn buckets_staged_from_disk_equal_buckets_staged_from_memory() {
+    fn buckets_staged_whole_equal_buckets_staged_for_copies() {
         let source = ModelSource::synthetic("qwen3-moe-tiny").unwrap();
         let inputs = MappingOptions::default().inputs(&source, TpRank::SINGLE).unwrap();
         let tensors = HostTensors::synthetic(source.config().unwrap(), 9);
@@ -558,9 +572,10 @@ mod tests {
         // Odd bucket sizes: runs start and end at every alignment of the file's blocks.
         for bucket_bytes in [5000, 70_001, 1 << 20] {
             let schedule = Schedule::new(&plan, &[], bucket_bytes).unwrap();
-            let (mut from_memory, mut from_disk) = (schedule.digests(&plan), schedule.digests(&plan));
+            let mut from_memory = schedule.digests(&plan);
+            let mut staged = [StageReads::Files, StageReads::Memory].map(|reads| (reads, schedule.digests(&plan)));
             let mut scratch = vec![0u8; bucket_bytes as usize];
-            let mut disk_scratch = vec![0u8; bucket_bytes as usize];
+            let mut whole_scratch = vec![0u8; bucket_bytes as usize];
             let mut buffers = Vec::new();
             for k in 0..schedule.buckets.len() {
                 let mut want = vec![0u8; schedule.buckets[k].bytes as usize];
@@ -568,22 +583,27 @@ mod tests {
                 {
                     want[at..at + bytes.len()].copy_from_slice(bytes);
                 }
-                let got = stage_from_disk(
-                    &plan,
-                    &schedule,
-                    k,
-                    &checkpoint,
-                    &mut disk_scratch,
-                    &mut from_disk,
-                    3,
-                    &mut buffers,
-                )
-                .unwrap();
-                assert_eq!(got.len(), 1);
-                assert!(got[0].1 == want.as_slice(), "bucket {k} of {bucket_bytes}-byte buckets differs");
+                for (reads, digests) in &mut staged {
+                    whole_scratch.fill(0xa5);
+                    let got = stage_whole(
+                        &plan,
+                        &schedule,
+                        k,
+                        &checkpoint,
+                        &mut whole_scratch,
+                        digests,
+                        3,
+                        *reads,
+                        &mut buffers,
+                    )
+                    .unwrap();
+                    assert!(got == want.as_slice(), "bucket {k} of {bucket_bytes}-byte buckets differs, {reads:?}");
+                }
             }
             let finished = |d: &[ChunkDigests]| d.iter().map(ChunkDigests::finish).collect::<Vec<_>>();
-            assert_eq!(finished(&from_disk), finished(&from_memory));
+            for (reads, digests) in &staged {
+                assert_eq!(finished(digests), finished(&from_memory), "{reads:?}");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

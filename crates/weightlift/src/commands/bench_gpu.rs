@@ -14,7 +14,8 @@
 //!   (against the pinned copy) and cold (evicted before every update, against a sequential read
 //!   of the same file, O_DIRECT where the file system takes it, in the same run); then applied
 //!   by an engine in this process, as the HTTP agent's disk source does, with the checkpoint
-//!   opened for each update (copied from its pageable map, or page-locked first).
+//!   opened for each update (staged through page-locked scratch, or page-locked first); warm
+//!   pushes run with the sender's sources page-locked once (kept over its updates) and staged.
 
 use std::time::Instant;
 
@@ -85,7 +86,8 @@ struct StagedRow {
 #[derive(Serialize)]
 struct DiskRow {
     model: String,
-    /// `push`, `local pageable` or `local pinned` (the engine page-locks each mapping).
+    /// `push` (page-locked once by the sender), `push staged` (through its page-locked
+    /// scratch), `local staged` or `local pinned` (the engine page-locks each mapping).
     path: &'static str,
     /// `warm` (the file in the page cache) or `cold` (evicted before every update).
     cache: &'static str,
@@ -838,9 +840,10 @@ fn disk_rows(
     let options = SenderOptions { transport: TransportKind::Shm, pin_sources: true, ..SenderOptions::default() };
     let open = || CheckpointTensors::open(&dir).map_err(|e| CommandError::Io(e.to_string()));
     let mut version = 0u64;
-    let mut push_all = |runs: usize, evict: bool| -> Result<DiskUpdates, CommandError> {
+    let mut push_all = |pin: bool, runs: usize, evict: bool| -> Result<DiskUpdates, CommandError> {
         let checkpoint = open()?;
-        let mut sender = Sender::connect(&endpoint, checkpoint.manifest(), &inputs.rules, options.clone())?;
+        let options = SenderOptions { pin_sources: pin, ..options.clone() };
+        let mut sender = Sender::connect(&endpoint, checkpoint.manifest(), &inputs.rules, options)?;
         let mut out = Vec::new();
         for _ in 0..=runs {
             if evict {
@@ -880,19 +883,19 @@ fn disk_rows(
     let result = (|| {
         // Warm first; the sender and the map go before eviction (pages mapped or page-locked
         // are not evicted).
-        let warm = push_all(RUNS, false)?;
+        let warm = [push_all(true, RUNS, false)?, push_all(false, RUNS, false)?];
         let local_warm = [local_all(false, RUNS, false)?, local_all(true, RUNS, false)?];
         drop_cached(&file).map_err(|e| CommandError::Io(e.to_string()))?;
         let read = sequential_read_rate(&[&file], SEQUENTIAL_CHUNK, ReadMode::Direct)
             .map_err(|e| CommandError::Io(e.to_string()))?;
-        let cold = push_all(COLD_RUNS, true)?;
+        let cold = push_all(true, COLD_RUNS, true)?;
         let local_cold = local_all(false, COLD_RUNS, true)?;
         Ok::<_, CommandError>((warm, local_warm, read, cold, local_cold))
     })();
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let (warm, [pageable, pinned], read, cold, local_cold) = result?;
+    let ([warm, warm_staged], [staged, pinned], read, cold, local_cold) = result?;
     let read_gbps = read.bytes as f64 / read.seconds / 1e9;
     let row = |path, cache, (reports, from_disk): DiskUpdates, ceiling, ceiling_gbps: f64| {
         let timed = &reports[1..];
@@ -917,10 +920,11 @@ fn disk_rows(
     let pinned_h2d = ceilings.pinned_h2d_gbps;
     let rows = vec![
         row("push", "warm", warm, "pinned H2D", pinned_h2d),
-        row("local pageable", "warm", pageable, "pinned H2D", pinned_h2d),
+        row("push staged", "warm", warm_staged, "pinned H2D", pinned_h2d),
+        row("local staged", "warm", staged, "pinned H2D", pinned_h2d),
         row("local pinned", "warm", pinned, "pinned H2D", pinned_h2d),
         row("push", "cold", cold, "sequential read", read_gbps),
-        row("local pageable", "cold", local_cold, "sequential read", read_gbps),
+        row("local staged", "cold", local_cold, "sequential read", read_gbps),
     ];
     let setup = DiskSetup {
         dir: root.display().to_string(),

@@ -57,10 +57,10 @@ pub struct ReceiverOptions {
     /// rules is refused at hello. None accepts the sender's.
     pub expected_rules: Option<(String, RuleSet)>,
     /// Page-lock a local source's memory ([`Receiver::apply_local`] into a GPU) for its
-    /// copies, rather than copy from it as pageable memory (on by default). Locking pays once
-    /// per mapping, which a checkpoint opened for one update pays every update, and still
-    /// wins there over pageable copies (bench/results/disk-tcp-h200-2026-12-03). The lock
-    /// lasts the update only: no registration outlives it to trip other copies.
+    /// copies (on), or stage each bucket through two page-locked buffers of this receiver's
+    /// on the packing threads, the next while this one is copied (off). Locking pays once per
+    /// mapping, which a checkpoint opened for one update pays every update; the lock lasts the
+    /// update only, so no registration outlives it to trip other copies.
     pub pin_local_sources: bool,
 }
 

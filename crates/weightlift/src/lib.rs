@@ -45,7 +45,7 @@ mod transport;
 mod update;
 
 // Sending updates: the trainer-side sender, its options, faults and errors, the synthetic trainer.
-pub use sender::{Fault, ReceiverState, SendError, Sender, SenderOptions, Vote};
+pub use sender::{Fault, ReceiverState, SendError, Sender, SenderOptions, Sources, Vote};
 pub use trainer::{StepReport, Trainer};
 
 // Taking updates: the engine-side receiver and what each update reports.

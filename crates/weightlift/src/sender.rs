@@ -192,6 +192,23 @@ pub enum Vote {
     Settled(UpdateReport),
 }
 
+/// What a push moves: tensors in this process's host memory (a trainer's, a mapped
+/// checkpoint), or on one of its GPUs.
+#[derive(Clone, Copy)]
+pub enum Sources<'a> {
+    Host(&'a dyn SourceTensors),
+    Device { gpu: &'a Gpu, tensors: &'a dyn DeviceTensors },
+}
+
+impl Sources<'_> {
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            Sources::Host(tensors) => tensors.manifest(),
+            Sources::Device { tensors, .. } => tensors.manifest(),
+        }
+    }
+}
+
 impl Sender {
     /// Connects, offers the source manifest and rules, and checks both sides plan the same.
     pub fn connect(
@@ -342,39 +359,40 @@ impl Sender {
         &self.receiver
     }
 
-    /// Pushes `tensors` as `version`; returns the receiver's report. A report whose
+    /// Pushes host `tensors` as `version`; returns the receiver's report. A report whose
     /// `outcome` is not `committed` means the receiver kept its previous version.
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<UpdateReport, SendError> {
-        let skip = self.delta_skip(tensors)?;
-        let skip = self.begin(version, skip)?;
-        match self.transfer(version, &skip, tensors, false)? {
-            Vote::Settled(report) => Ok(report),
-            Vote::Verified => Err(unexpected_vote()),
-        }
+        self.push_sources(version, Sources::Host(tensors))
     }
 
-    /// Pushes GPU tensors (on `gpu`) as `version` over CUDA IPC: the receiver maps the memory
-    /// (once per allocation) and pulls; this side digests what it sends from its own memory
-    /// meanwhile. Returns the receiver's report.
+    /// Pushes GPU tensors (on `gpu`) as `version`, as [`Sender::push`]: over CUDA IPC the
+    /// receiver maps the memory (once per allocation) and pulls while this side digests it;
+    /// over a host transport each bucket comes down from the GPU first.
     pub fn push_device(
         &mut self,
         version: Version,
         gpu: &Gpu,
         tensors: &dyn DeviceTensors,
     ) -> Result<UpdateReport, SendError> {
+        self.push_sources(version, Sources::Device { gpu, tensors })
+    }
+
+    /// Pushes `sources` as `version`: checks them, opens the update, moves it by this sender's
+    /// path ([`Sender::transfer`]) and returns the receiver's report.
+    pub fn push_sources(&mut self, version: Version, sources: Sources<'_>) -> Result<UpdateReport, SendError> {
         let started = Instant::now();
-        self.check_device_tensors(tensors)?;
+        let skip = self.skip_for(sources)?;
         let checked = started.elapsed();
-        self.begin(version, Vec::new())?;
+        let skip = self.begin(version, skip)?;
         let begun = started.elapsed();
-        let vote = self.transfer_device(version, gpu, tensors, false)?;
+        let vote = self.transfer(version, &skip, sources, false)?;
         // Where a push's time goes outside the receiver (RUST_LOG=weightlift=debug).
         tracing::debug!(
             version = %version,
             check_ms = checked.as_secs_f64() * 1e3,
             begin_ms = (begun - checked).as_secs_f64() * 1e3,
             transfer_ms = (started.elapsed() - begun).as_secs_f64() * 1e3,
-            "push_device finished"
+            "push finished"
         );
         match vote {
             Vote::Settled(report) => Ok(report),
@@ -382,12 +400,15 @@ impl Sender {
         }
     }
 
-    /// The destinations a delta update may skip: those whose digest the receiver holds
-    /// already (none unless `delta`). Checks the tensors first.
-    pub fn delta_skip(&self, tensors: &dyn SourceTensors) -> Result<Vec<u32>, SendError> {
-        self.check_tensors(tensors.manifest())?;
+    /// Checks `sources` against the manifest connected with and this sender's transport, and
+    /// returns the destinations a delta update may skip: those whose digest the receiver holds
+    /// already (none unless `delta`, and none for GPU sources, whose digests are taken as
+    /// they are sent).
+    pub fn skip_for(&self, sources: Sources<'_>) -> Result<Vec<u32>, SendError> {
+        self.check_tensors(sources.manifest())?;
+        let Sources::Host(tensors) = sources else { return Ok(Vec::new()) };
         if self.options.transport == TransportKind::CudaIpc {
-            return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: use push_device".into()));
+            return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: push them from the GPU".into()));
         }
         if !self.options.delta {
             return Ok(Vec::new());
@@ -396,11 +417,6 @@ impl Sender {
         Ok((0..expected.len() as u32)
             .filter(|&d| self.receiver_digests[d as usize] == Some(expected[d as usize]))
             .collect())
-    }
-
-    /// The GPU tensors of a push must be those announced at connect.
-    pub fn check_device_tensors(&self, tensors: &dyn DeviceTensors) -> Result<(), SendError> {
-        self.check_tensors(tensors.manifest())
     }
 
     /// Opens an update of `version` that leaves the destinations in `skip` alone; returns what
@@ -436,158 +452,97 @@ impl Sender {
         }
     }
 
-    /// Moves an accepted update's buckets (less `skip`) and its digests; `two_phase` leaves the
-    /// commit to [`Sender::send_decision`]. A receiver that ended the update early (it timed out, or a
-    /// mapping failed) answers with its report, which says why.
+    /// Moves an accepted update (less `skip`) and its digests, then takes the receiver's
+    /// vote; `two_phase` leaves the commit to [`Sender::send_decision`]. One way per kind of
+    /// source and path: host tensors into device slots or as packed buckets (ring, socket);
+    /// GPU tensors exported over CUDA IPC or copied down into buckets. Each returns the
+    /// digests the receiver must match; the `End`, the vote and the fault handling are
+    /// shared. A receiver that ended the update early (it timed out, a mapping failed)
+    /// answers with its report, which says why.
     pub fn transfer(
         &mut self,
         version: Version,
         skip: &[u32],
-        tensors: &dyn SourceTensors,
+        sources: Sources<'_>,
         two_phase: bool,
     ) -> Result<Vote, SendError> {
-        match self.send_buckets(version, skip, tensors, two_phase) {
+        let ipc = self.options.transport == TransportKind::CudaIpc;
+        let sent = match (sources, &mut self.path) {
+            (Sources::Host(tensors), SendPath::Device(writer)) => {
+                let schedule = self.schedule.for_skip(&self.plan, skip, self.options.bucket_bytes)?;
+                write_device_slots(writer, &mut self.conn, &self.plan, &schedule, &self.options, version, tensors)
+            }
+            (Sources::Host(tensors), _) => self.send_packed(skip, tensors),
+            (Sources::Device { gpu, tensors }, _) if ipc => self.export(gpu, tensors),
+            (Sources::Device { gpu, tensors }, _) => self.send_downloaded(gpu, tensors),
+        };
+        let ended = sent.and_then(|digests| {
+            self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
+            self.sent_digests = digests;
+            Ok(())
+        });
+        match ended {
             Ok(()) => self.vote(),
             Err(e) => self.report_instead_of(e),
         }
     }
 
-    fn send_buckets(
-        &mut self,
-        version: Version,
-        skip: &[u32],
-        tensors: &dyn SourceTensors,
-        two_phase: bool,
-    ) -> Result<(), SendError> {
-        let timeout = self.options.timeout;
+    /// Host tensors as packed buckets through the ring or the socket: packed (and digested)
+    /// in bucket order on this thread; over a socket the next bucket is packed while the last
+    /// one is written. Faults strike where the buckets go, after those before them went.
+    fn send_packed(&mut self, skip: &[u32], tensors: &dyn SourceTensors) -> Result<Vec<(u32, u64)>, SendError> {
         let schedule = self.schedule.for_skip(&self.plan, skip, self.options.bucket_bytes)?;
         let mut digests = schedule.digests(&self.plan);
         let plan = &self.plan;
-        let threads = self.options.threads;
-        let fault = self.options.fault;
-        let flips = |k: u32| fault == Some(Fault::FlipByteInBucket(k));
-        if let SendPath::Device(writer) = &mut self.path {
-            let conn = &mut self.conn;
-            let (pin, landed) = (self.options.pin_sources, !self.options.host_digests);
-            // Host digests go beside the copy engines, over the whole update, on threads of
-            // their own: every core, as the receiver spends none on device slots and that
-            // digest is what bounds the update.
-            let digest_threads = all_cores().max(threads);
-            let (sent, verbatim, digest_seconds) = std::thread::scope(|scope| {
-                let job = (!landed).then(|| {
-                    scope.spawn(|| {
-                        let started = Instant::now();
-                        (digest_verbatim(plan, &schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
-                    })
-                });
-                let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {
-                    inject(fault, k, conn)?;
-                    let flip = flips(k);
-                    let bucket = BucketWrite {
-                        plan,
-                        schedule: &schedule,
-                        k: k as usize,
-                        sources: tensors,
-                        threads,
-                        flip,
-                        pin,
-                        landed,
-                    };
-                    writer.send_bucket(conn, &bucket, &mut digests, timeout)?;
-                    Ok::<(), SendError>(())
-                });
-                let sent = sent.and_then(|()| Ok(writer.finish_digests(tensors, &mut digests)?));
-                let joined = job.map(|job| job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-                let (verbatim, seconds) = joined.unwrap_or_default();
-                (sent, verbatim, seconds)
-            });
-            sent?;
-            if !landed {
-                writer.phases.digest = digest_seconds;
+        let (threads, fault) = (self.options.threads, self.options.fault);
+        let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
+        let before = |k, conn: &Conn| inject(fault, k, conn);
+        self.path.send_buckets(&mut self.conn, &sizes, self.options.timeout, before, |k, payload| {
+            pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
+            if fault == Some(Fault::FlipByteInBucket(k)) {
+                payload[payload.len() / 2] ^= 0x40;
             }
-            for (d, piece) in verbatim {
-                digests[d as usize].add(piece);
-            }
-        } else {
-            // Packed (and digested) in bucket order on this thread; over a socket the next
-            // bucket is packed while the last one is written. Faults strike where the
-            // buckets go, after those before them went.
-            let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
-            let before = |k, conn: &Conn| inject(fault, k, conn);
-            self.path.send_buckets(&mut self.conn, &sizes, timeout, before, |k, payload| {
-                pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
-                if flips(k) {
-                    payload[payload.len() / 2] ^= 0x40;
-                }
-                Ok::<(), SendError>(())
-            })?;
-        }
-        let digests = sender_digests(&self.plan, &schedule, tensors, &digests);
-        if let SendPath::Device(writer) = &self.path {
-            writer.log_phases(version, "device slots written");
-        }
-        self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
-        self.sent_digests = digests;
-        Ok(())
+            Ok::<(), SendError>(())
+        })?;
+        Ok(sender_digests(plan, &schedule, tensors, &digests))
     }
 
-    /// The CUDA IPC transfer of an accepted update: where the tensors live, and (with
-    /// `sender_digests`) their digests, computed while the receiver pulls.
-    pub fn transfer_device(
-        &mut self,
-        version: Version,
-        gpu: &Gpu,
-        tensors: &dyn DeviceTensors,
-        two_phase: bool,
-    ) -> Result<Vote, SendError> {
-        if self.options.transport != TransportKind::CudaIpc {
-            return match self.send_device_buckets(version, gpu, tensors, two_phase) {
-                Ok(()) => self.vote(),
-                Err(e) => self.report_instead_of(e),
-            };
-        }
+    /// GPU tensors over CUDA IPC: tells the receiver where they live (it maps what it has
+    /// not yet) and, with `sender_digests`, digests them while the receiver pulls. A failure
+    /// on this side calls the update off with the receiver.
+    fn export(&mut self, gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<(u32, u64)>, SendError> {
         let sender_digests = self.options.sender_digests;
         let (sources, fds) = match self.exporter.describe(gpu, tensors, sender_digests) {
             Ok(described) => described,
-            Err(e) => {
-                let reason = format!("the sender could not describe its GPU memory: {e}");
-                return self.abort(&reason).map(Vote::Settled);
-            }
+            Err(source) => return Err(self.call_off(SendError::Cuda { doing: "describing its memory".into(), source })),
         };
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = self.conn.send(&sources).and_then(|()| self.conn.send_fds(&borrowed)) {
-            return self.report_instead_of(e.into());
-        }
+        self.conn.send(&sources)?;
+        self.conn.send_fds(&borrowed)?;
         self.exporter.sent(&sources);
-        // Digest while the receiver pulls.
-        let digests: Vec<(u32, u64)> = if sender_digests {
-            let ptrs = tensors.device_ptrs();
-            match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
-                Ok(d) => d.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect(),
-                Err(e) => {
-                    let reason = format!("the sender could not digest its tensors: {e}");
-                    return self.abort(&reason).map(Vote::Settled);
-                }
-            }
-        } else {
-            Vec::new()
-        };
-        if let Err(e) = self.conn.send(&Message::End { version, digests, two_phase }) {
-            return self.report_instead_of(e.into());
+        if !sender_digests {
+            return Ok(Vec::new());
         }
-        self.vote()
+        match self.exporter.expected_digests(gpu, &self.plan, &tensors.device_ptrs()) {
+            Ok(d) => Ok(d.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect()),
+            Err(source) => Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
+        }
+    }
+
+    /// Tells the receiver the update is off because of `error` on this side (it answers
+    /// with its report, which [`Sender::transfer`] then returns); `error` is passed on.
+    fn call_off(&mut self, error: SendError) -> SendError {
+        let reason = format!("the sender failed: {error}");
+        match self.conn.send(&Message::Abort { reason }) {
+            Ok(()) => error,
+            Err(e) => e.into(),
+        }
     }
 
     /// GPU tensors over a host transport (a socket to another host, say): each bucket copied
     /// down from the GPU into the payload (page-locked), then sent; the digests to compare
     /// with are taken on the GPU, where the tensors live.
-    fn send_device_buckets(
-        &mut self,
-        version: Version,
-        gpu: &Gpu,
-        tensors: &dyn DeviceTensors,
-        two_phase: bool,
-    ) -> Result<(), SendError> {
+    fn send_downloaded(&mut self, gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<(u32, u64)>, SendError> {
         let timeout = self.options.timeout;
         let ptrs = tensors.device_ptrs();
         if self.payload_pins.is_none() {
@@ -614,10 +569,7 @@ impl Sender {
             .exporter
             .expected_digests(gpu, &self.plan, &ptrs)
             .map_err(|source| SendError::Cuda { doing: "digesting the tensors".into(), source })?;
-        let digests: Vec<(u32, u64)> = digests.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect();
-        self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
-        self.sent_digests = digests;
-        Ok(())
+        Ok(digests.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect())
     }
 
     /// Two-phase: tells a receiver that voted [`Vote::Verified`] to commit (`Ok`) or to call
@@ -718,6 +670,54 @@ impl Sender {
             ..UpdateReport::default()
         }
     }
+}
+
+/// Host tensors into the receiver's device slots, copied by this process's copy engines (see
+/// [`crate::device_writes`]); returns the digests the receiver must match.
+fn write_device_slots(
+    writer: &mut SlotWriter,
+    conn: &mut Conn,
+    plan: &Plan,
+    schedule: &Schedule,
+    options: &SenderOptions,
+    version: Version,
+    tensors: &dyn SourceTensors,
+) -> Result<Vec<(u32, u64)>, SendError> {
+    let mut digests = schedule.digests(plan);
+    let (threads, fault, timeout) = (options.threads, options.fault, options.timeout);
+    let (pin, landed) = (options.pin_sources, !options.host_digests);
+    // Host digests go beside the copy engines, over the whole update, on threads of their
+    // own: every core, as the receiver spends none on device slots and that digest is what
+    // bounds the update.
+    let digest_threads = all_cores().max(threads);
+    let (sent, verbatim, digest_seconds) = std::thread::scope(|scope| {
+        let job = (!landed).then(|| {
+            scope.spawn(|| {
+                let started = Instant::now();
+                (digest_verbatim(plan, schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
+            })
+        });
+        let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {
+            inject(fault, k, conn)?;
+            let flip = fault == Some(Fault::FlipByteInBucket(k));
+            let bucket = BucketWrite { plan, schedule, k: k as usize, sources: tensors, threads, flip, pin, landed };
+            writer.send_bucket(conn, &bucket, &mut digests, timeout)?;
+            Ok::<(), SendError>(())
+        });
+        let sent = sent.and_then(|()| Ok(writer.finish_digests(tensors, &mut digests)?));
+        let joined = job.map(|job| job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        let (verbatim, seconds) = joined.unwrap_or_default();
+        (sent, verbatim, seconds)
+    });
+    sent?;
+    if !landed {
+        writer.phases.digest = digest_seconds;
+    }
+    for (d, piece) in verbatim {
+        digests[d as usize].add(piece);
+    }
+    writer.log_phases(version, "device slots written");
+    Ok(sender_digests(plan, schedule, tensors, &digests))
 }
 
 /// The faults that strike before bucket `k` is sent (see [`Fault`]).

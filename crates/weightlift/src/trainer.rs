@@ -21,7 +21,7 @@ use weightlift_cuda::Gpu;
 use crate::cuda_ipc::DeviceTensors;
 use crate::net::Endpoint;
 use crate::report::{UpdateOutcome, UpdateReport};
-use crate::sender::{ReceiverState, SendError, Sender, SenderOptions, Vote};
+use crate::sender::{ReceiverState, SendError, Sender, SenderOptions, Sources, Vote};
 use crate::tensors::SourceTensors;
 
 /// One version pushed to every rank.
@@ -107,22 +107,23 @@ impl Trainer {
     /// tensors that do not match the manifest connected with (before anything is sent); every
     /// other failure is in the report (`committed` false, [`StepReport::failure`]).
     pub fn push(&mut self, version: Version, tensors: &dyn SourceTensors) -> Result<StepReport, SendError> {
-        let skips = self.senders.iter().map(|s| s.delta_skip(tensors)).collect::<Result<Vec<_>, _>>()?;
-        Ok(self.run(version, skips, |sender, skip, two_phase| sender.transfer(version, skip, tensors, two_phase)))
+        self.push_sources(version, Sources::Host(tensors))
     }
 
-    /// Pushes GPU tensors (on `gpu`) as `version` to every rank over CUDA IPC, as [`Trainer::push`].
+    /// Pushes GPU tensors (on `gpu`) as `version` to every rank, as [`Trainer::push`].
     pub fn push_device(
         &mut self,
         version: Version,
         gpu: &Gpu,
         tensors: &dyn DeviceTensors,
     ) -> Result<StepReport, SendError> {
-        for sender in &self.senders {
-            sender.check_device_tensors(tensors)?;
-        }
-        let skips = vec![Vec::new(); self.senders.len()];
-        Ok(self.run(version, skips, |sender, _, two_phase| sender.transfer_device(version, gpu, tensors, two_phase)))
+        self.push_sources(version, Sources::Device { gpu, tensors })
+    }
+
+    /// Pushes `sources` as `version` to every rank, as [`Trainer::push`].
+    pub fn push_sources(&mut self, version: Version, sources: Sources<'_>) -> Result<StepReport, SendError> {
+        let skips = self.senders.iter().map(|s| s.skip_for(sources)).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.run(version, skips, |sender, skip, two_phase| sender.transfer(version, skip, sources, two_phase)))
     }
 
     fn run(

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weightlift_cuda::SharedMemory;
 
@@ -257,20 +257,27 @@ where
         for buffer in buffers.iter_mut() {
             to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
         }
-        let writer = scope.spawn(move || -> Result<(), E> {
+        let writer = scope.spawn(move || -> Result<f64, E> {
+            let mut writing = 0.0;
             for (k, buffer, bytes) in filled {
                 before(k, conn)?;
+                let started = Instant::now();
                 write_bucket(conn, k, &buffer[..bytes])?;
+                writing += started.elapsed().as_secs_f64();
                 // Fails once the filler is done; what it queued still goes.
                 let _ = to_fill.send(buffer);
             }
-            Ok(())
+            Ok(writing)
         });
+        let (mut filling, mut waiting) = (0.0, 0.0);
         let mut packed = || -> Result<(), E> {
             for (k, &bytes) in sizes.iter().enumerate() {
                 // Either fails only once the writer stopped: its result says why.
+                let started = Instant::now();
                 let Ok(buffer) = free.recv() else { return Ok(()) };
+                let got = Instant::now();
                 fill(k as u32, &mut buffer[..bytes as usize])?;
+                (waiting, filling) = (waiting + (got - started).as_secs_f64(), filling + got.elapsed().as_secs_f64());
                 if to_write.send((k as u32, buffer, bytes as usize)).is_err() {
                     return Ok(());
                 }
@@ -281,7 +288,16 @@ where
         // The writer sends what is queued, then finds the channel closed.
         drop((to_write, free));
         let written = writer.join().unwrap_or_else(|_| Err(TransferError::Panicked("socket writer").into()));
-        written.and(packed)
+        if let Ok(writing) = &written {
+            // Which side bounds a socket update: filling (packing, digests) or the socket.
+            tracing::info!(
+                fill_s = filling,
+                wait_for_buffer_s = waiting,
+                write_s = writing,
+                "buckets sent over the socket"
+            );
+        }
+        written.map(|_| ()).and(packed)
     })
 }
 
@@ -451,22 +467,30 @@ fn recv_pipelined<E>(
             to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
         }
         let reader = scope.spawn(move || {
+            let mut reading = 0.0;
             for (k, &bytes) in sizes.iter().enumerate() {
-                let Ok(buffer) = free.recv() else { return };
+                let Ok(buffer) = free.recv() else { return reading };
+                let started = Instant::now();
                 let read = conn
                     .recv(timeout)
                     .map_err(TransferError::from)
                     .and_then(|message| read_bucket(conn, message, k as u32, &mut buffer[..bytes as usize], timeout));
+                reading += started.elapsed().as_secs_f64();
                 let failed = read.is_err();
                 if to_consume.send(read.map(|()| buffer)).is_err() || failed {
-                    return;
+                    return reading;
                 }
             }
+            reading
         });
+        let (mut consuming, mut waiting) = (0.0, 0.0);
         let mut consumed = || -> Result<(), RecvBucketsError<E>> {
             for (k, &bytes) in sizes.iter().enumerate() {
                 let index = k as u32;
-                let buffer = match arrived.recv() {
+                let started = Instant::now();
+                let next = arrived.recv();
+                waiting += started.elapsed().as_secs_f64();
+                let buffer = match next {
                     Ok(Ok(buffer)) => buffer,
                     Ok(Err(error)) => return Err(RecvBucketsError::Transfer { index, error }),
                     // The reader ends early only after sending its error: it panicked.
@@ -477,7 +501,10 @@ fn recv_pipelined<E>(
                         })
                     }
                 };
-                if let Err(error) = consume(index, Arrived::Host(&buffer[..bytes as usize])) {
+                let started = Instant::now();
+                let done = consume(index, Arrived::Host(&buffer[..bytes as usize]));
+                consuming += started.elapsed().as_secs_f64();
+                if let Err(error) = done {
                     if let Some(stream) = &stopper {
                         stream.stop_reading();
                     }
@@ -491,7 +518,16 @@ fn recv_pipelined<E>(
         let consumed = consumed();
         drop((to_fill, arrived));
         // A panic was reported where it showed (a bucket that never came).
-        let _ = reader.join();
+        if let Ok(reading) = reader.join() {
+            // Which side bounds a socket update: the socket (reading) or what is done with
+            // each bucket (consuming).
+            tracing::info!(
+                read_s = reading,
+                wait_for_bucket_s = waiting,
+                consume_s = consuming,
+                "buckets received over the socket"
+            );
+        }
         consumed
     })
 }

@@ -81,6 +81,10 @@ pub enum ReadError {
     /// The range does not lie inside the file (as long as it was when opened).
     #[error("{}: {len} bytes at offset {offset} run past the end of the file ({file_len} bytes)", path.display())]
     PastEnd { path: PathBuf, offset: u64, len: u64, file_len: u64 },
+    /// A direct read into memory at `address`, of `len` bytes at `offset`, where one of the three
+    /// is not a multiple of [`DIRECT_ALIGN`] ([`FileReader::read_into`]).
+    #[error("{}: a direct read of {len} bytes at offset {offset} into address {address:#x} is not aligned to {DIRECT_ALIGN} bytes", path.display())]
+    Misaligned { path: PathBuf, offset: u64, len: u64, address: usize },
     /// The buffer given to [`FileReader::read_range`] is smaller than [`FileReader::span`].
     #[error("{}: reading {len} bytes at offset {offset} needs a {needed}-byte buffer, this one has {capacity}", path.display())]
     BufferTooSmall { path: PathBuf, offset: u64, len: u64, needed: usize, capacity: usize },
@@ -297,6 +301,34 @@ impl FileReader {
             piece.copy_from_slice(self.read_range(at, piece.len(), bounce)?);
         }
         Ok(())
+    }
+
+    /// Reads the file from `offset` into `dst`, straight into it in both modes: the bytes of
+    /// `offset..offset + dst.len()` that lie in the file, and returns how many that is. For
+    /// [`ReadMode::Direct`], `offset`, `dst`'s address and its length must be multiples of
+    /// [`DIRECT_ALIGN`] ([`ReadError::Misaligned`] otherwise); `offset` must lie in the file.
+    pub fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<usize, ReadError> {
+        if offset > self.len {
+            return Err(ReadError::PastEnd {
+                path: self.path.clone(),
+                offset,
+                len: dst.len() as u64,
+                file_len: self.len,
+            });
+        }
+        let need = (dst.len() as u64).min(self.len - offset) as usize;
+        if self.mode == ReadMode::Direct {
+            let address = dst.as_ptr() as usize;
+            let aligned = |n: usize| n % DIRECT_ALIGN == 0;
+            if !(aligned(offset as usize) && aligned(address) && aligned(dst.len())) {
+                return Err(ReadError::Misaligned { path: self.path.clone(), offset, len: dst.len() as u64, address });
+            }
+            // Whole blocks: the read stops short only at the end of the file, past `need`.
+            self.read_full(dst, offset, need, offset, need as u64)?;
+        } else {
+            self.read_full(&mut dst[..need], offset, need, offset, need as u64)?;
+        }
+        Ok(need)
     }
 
     fn check_range(&self, offset: u64, len: usize) -> Result<(), ReadError> {
@@ -620,6 +652,39 @@ mod tests {
             prop_assert_eq!(&dst[shift..], &bytes[offset as usize..offset as usize + len]);
             prop_assert!(dst[..shift].iter().all(|&b| b == 0xa5));
         }
+    }
+
+    proptest! {
+        #[test]
+        fn read_into_matches_the_file(blocks in 0usize..=3, len_blocks in 0usize..=5, prefer in prop_oneof![Just(ReadMode::Direct), Just(ReadMode::Buffered)]) {
+            let (file, bytes) = disk_file();
+            let reader = FileReader::open(&file.0, prefer).unwrap();
+            let offset = blocks * DIRECT_ALIGN;
+            let mut buffer = AlignedBuffer::new((len_blocks * DIRECT_ALIGN).max(DIRECT_ALIGN));
+            let dst = &mut buffer.as_mut_slice()[..len_blocks * DIRECT_ALIGN];
+            let got = reader.read_into(offset as u64, dst).unwrap();
+            prop_assert_eq!(got, dst.len().min(FILE_LEN - offset));
+            prop_assert_eq!(&dst[..got], &bytes[offset..offset + got]);
+        }
+    }
+
+    #[test]
+    fn direct_reads_into_misaligned_memory_are_refused_by_name() {
+        let (file, bytes) = disk_file();
+        let reader = FileReader::open(&file.0, ReadMode::Direct).unwrap();
+        let mut buffer = AlignedBuffer::new(2 * DIRECT_ALIGN);
+        if reader.mode() == ReadMode::Direct {
+            let err = reader.read_into(1, &mut buffer.as_mut_slice()[..DIRECT_ALIGN]).unwrap_err();
+            assert!(matches!(err, ReadError::Misaligned { offset: 1, .. }), "{err}");
+            let err = reader.read_into(0, &mut buffer.as_mut_slice()[8..8 + DIRECT_ALIGN]).unwrap_err();
+            assert!(err.to_string().contains("not aligned to 4096 bytes"), "{err}");
+        }
+        let err = reader.read_into(FILE_LEN as u64 + 1, &mut buffer.as_mut_slice()[..DIRECT_ALIGN]).unwrap_err();
+        assert!(matches!(err, ReadError::PastEnd { .. }), "{err}");
+        // Buffered, any place will do.
+        let buffered = FileReader::open(&file.0, ReadMode::Buffered).unwrap();
+        assert_eq!(buffered.read_into(3, &mut buffer.as_mut_slice()[5..105]).unwrap(), 100);
+        assert_eq!(&buffer.as_slice()[5..105], &bytes[3..103]);
     }
 
     #[test]

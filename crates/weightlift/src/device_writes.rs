@@ -17,14 +17,17 @@ use std::time::{Duration, Instant};
 use weightlift_core::digest::{ChunkDigests, PieceDigests};
 use weightlift_core::{Plan, Version};
 use weightlift_cuda::{
-    ordinal_with_uuid, AlignedBuffer, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges,
+    ordinal_with_uuid, AlignedBuffer, ChunkDigester, CudaError, Gpu, ImportedAllocation, PinnedRanges, ReadError,
+    ReadMode,
 };
 
 use crate::cuda_ipc::unhex;
 use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
-use crate::update::{landed_pieces, stage_for_copies, stage_whole, LandedPiece, Schedule, StageReads};
+use crate::update::{
+    landed_pieces, stage_file_spans, stage_for_copies, stage_whole, LandedPiece, Schedule, StageReads, StagedCopies,
+};
 
 const PAGE: usize = 4096;
 
@@ -89,10 +92,51 @@ pub struct SlotWriter {
     pending: Option<Landed>,
     /// How this update's buckets reach the slots.
     feed: Feed,
-    /// The bucket of this update already staged in its scratch (while the last was copied).
-    staged_ahead: Option<usize>,
+    /// The bucket of this update already staged in its scratch (while the last was copied),
+    /// and what to copy of it.
+    staged_ahead: Option<(usize, StagedCopies)>,
     /// The packing threads' aligned buffers for reads from disk, kept from bucket to bucket.
     read_buffers: Vec<Option<AlignedBuffer>>,
+}
+
+/// Bytes a scratch holds beyond a slot's: a bucket read as its files lay it out takes a little
+/// more than its payload (each span rounded out to whole blocks).
+const SPAN_SLACK: usize = 1 << 20;
+
+/// Direct reads go in pieces of this many bytes on at most [`DIRECT_READ_THREADS`] threads:
+/// few large requests, as the sequential read the cold rows are a ratio of does.
+const DIRECT_READ_BYTES: usize = 16 << 20;
+const DIRECT_READ_THREADS: usize = 4;
+/// Reads through the page cache go in pieces of this many bytes on every packing thread
+/// (each a copy out of the page cache, bound by the CPU).
+const BUFFERED_READ_BYTES: usize = 8 << 20;
+
+/// Stages bucket `k` in `scratch`: as its files lay it out where it can be
+/// ([`stage_file_spans`]), else whole in payload order ([`stage_whole`]).
+#[allow(clippy::too_many_arguments)]
+fn stage(
+    plan: &Plan,
+    schedule: &Schedule,
+    k: usize,
+    sources: &dyn SourceTensors,
+    scratch: &mut Scratch,
+    digests: &mut [ChunkDigests],
+    threads: usize,
+    reads: StageReads,
+    read_buffers: &mut Vec<Option<AlignedBuffer>>,
+) -> Result<StagedCopies, ReadError> {
+    if let StageReads::Files(mode) = reads {
+        let (read_threads, read_bytes) = match mode {
+            ReadMode::Direct => (threads.min(DIRECT_READ_THREADS), DIRECT_READ_BYTES),
+            ReadMode::Buffered => (threads, BUFFERED_READ_BYTES),
+        };
+        let spans = stage_file_spans(schedule, k, sources, scratch.as_mut_slice(), mode, read_threads, read_bytes)?;
+        if let Some(copies) = spans {
+            return Ok(copies);
+        }
+    }
+    let whole = stage_whole(plan, schedule, k, sources, scratch.as_mut_slice(), digests, threads, reads, read_buffers)?;
+    Ok(vec![(0, 0..whole.len())])
 }
 
 /// How one update's buckets reach the slots, chosen at its first bucket.
@@ -194,7 +238,7 @@ impl SlotWriter {
         if slots.iter().any(|s| (s.len() as u64) < info.slot_bytes) {
             return Err(CudaError::Invalid(format!("device slots smaller than {} bytes", info.slot_bytes)));
         }
-        let scratch = [0, 1].map(|_| Scratch::new(&gpu, info.slot_bytes as usize));
+        let scratch = [0, 1].map(|_| Scratch::new(&gpu, info.slot_bytes as usize + SPAN_SLACK));
         Ok(SlotWriter {
             gpu,
             slots,
@@ -295,20 +339,27 @@ impl SlotWriter {
             // What a failed update left.
             self.pending = None;
             self.staged_ahead = None;
-            self.feed = if sources.resident_fraction().is_some_and(|f| f < COLD_BELOW) {
-                Feed::Staged(StageReads::Files)
+            // Unlocked memory is staged: from the files where there are files (reads through the
+            // page cache cost no page faults, where a fresh map of it would), else from memory.
+            let in_files = !sources.manifest().is_empty() && sources.on_disk(0, ReadMode::Buffered).is_some();
+            let staged =
+                Feed::Staged(if in_files { StageReads::Files(ReadMode::Buffered) } else { StageReads::Memory });
+            self.feed = if in_files && sources.resident_fraction().is_some_and(|f| f < COLD_BELOW) {
+                Feed::Staged(StageReads::Files(ReadMode::Direct))
             } else if pin {
                 self.pin_sources(sources);
                 match &self.sources {
                     Some(pinned) if pinned.unpinned_bytes == 0 => Feed::InPlace,
-                    _ => Feed::Staged(StageReads::Memory),
+                    _ => staged,
                 }
+            } else if in_files {
+                staged
             } else {
                 // Sources page-locked by their owner (torch's pinned tensors) are copied in place.
                 let ranges: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
                 match self.gpu.unlocked_bytes(&ranges) {
                     Ok(0) => Feed::InPlace,
-                    _ => Feed::Staged(StageReads::Memory),
+                    _ => staged,
                 }
             };
             lap(&mut self.phases.pin);
@@ -331,13 +382,14 @@ impl SlotWriter {
                 (stage_for_copies(plan, schedule, k, sources, this.as_mut_slice(), digests, threads), None)
             }
             Feed::Staged(reads) => {
-                let whole = if staged_ahead.take() == Some(k) {
-                    &this.as_slice()[..bytes as usize]
-                } else {
-                    stage_whole(plan, schedule, k, sources, this.as_mut_slice(), digests, threads, reads, read_buffers)?
+                let staged = match staged_ahead.take() {
+                    Some((ahead, staged)) if ahead == k => staged,
+                    _ => stage(plan, schedule, k, sources, this, digests, threads, reads, read_buffers)?,
                 };
+                let this: &Scratch = this;
+                let copies = staged.into_iter().map(|(at, range)| (at, &this.as_slice()[range])).collect();
                 let ahead = (k + 1 < schedule.buckets.len()).then_some((other, reads));
-                (vec![(0, whole)], ahead)
+                (copies, ahead)
             }
         };
         lap(&mut phases.pack);
@@ -349,10 +401,9 @@ impl SlotWriter {
         let stage_next = |digests: &mut [ChunkDigests]| {
             let Some((next, reads)) = ahead else { return Ok(()) };
             let started = Instant::now();
-            let staged =
-                stage_whole(plan, schedule, k + 1, sources, next.as_mut_slice(), digests, threads, reads, read_buffers);
+            let staged = stage(plan, schedule, k + 1, sources, next, digests, threads, reads, read_buffers);
             pack_ahead = started.elapsed().as_secs_f64();
-            staged.map(|_| *staged_ahead = Some(k + 1))
+            staged.map(|staged| *staged_ahead = Some((k + 1, staged)))
         };
         let staged = if landed {
             let pieces = landed_pieces(plan, schedule, k);
@@ -418,7 +469,7 @@ impl SlotWriter {
 
     /// Whether the last update read its sources from their files (see [`COLD_BELOW`]).
     pub fn read_from_disk(&self) -> bool {
-        self.feed == Feed::Staged(StageReads::Files)
+        self.feed == Feed::Staged(StageReads::Files(ReadMode::Direct))
     }
 
     /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).

@@ -1,5 +1,7 @@
 //! Where tensor bytes live: the sender's source tensors and the receiver's destinations.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use weightlift_core::{digest, Manifest, ModelConfig};
@@ -11,9 +13,10 @@ use crate::safetensors_dir::{SafetensorsDir, SourceError};
 pub trait SourceTensors: Sync {
     fn manifest(&self) -> &Manifest;
     fn bytes(&self, index: usize) -> &[u8];
-    /// For tensors in files: the reader of tensor `index`'s file and where the tensor starts
-    /// in it, so a bulk read can go around the page cache; None for tensors in memory.
-    fn on_disk(&self, _index: usize) -> Option<(&FileReader, u64)> {
+    /// For tensors in files: a reader of tensor `index`'s file (`mode` [`ReadMode::Direct`]:
+    /// one that goes around the page cache where the file system allows; buffered: through
+    /// it) and where the tensor starts in it; None for tensors in memory.
+    fn on_disk(&self, _index: usize, _mode: ReadMode) -> Option<(&FileReader, u64)> {
         None
     }
     /// For tensors in files: the share of the files' bytes in the page cache now (0 to 1).
@@ -177,6 +180,9 @@ pub struct CheckpointTensors {
     files: Vec<MappedFile>,
     /// The same files, for large reads that bypass the page cache where it is cold.
     readers: Vec<FileReader>,
+    /// The same files again, opened anew (the direct flag belongs to an open file, shared by
+    /// its duplicates), for reads through the page cache where it is warm.
+    buffered: Vec<FileReader>,
 }
 
 impl CheckpointTensors {
@@ -190,6 +196,10 @@ impl CheckpointTensors {
             .zip(opened)
             .map(|(path, (file, len))| {
                 let io = |source| SourceError::Io { path: path.clone(), source };
+                // The very file opened and checked, by its descriptor, not its path.
+                let again = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io)?;
+                let buffered = FileReader::from_file(again, path, ReadMode::Buffered)
+                    .map_err(|e| SourceError::Read(Box::new(e)))?;
                 let reader = FileReader::from_file(file.try_clone().map_err(io)?, path, ReadMode::Direct)
                     .map_err(|e| SourceError::Read(Box::new(e)))?;
                 let mapped = MappedFile::from_file(file, path)?;
@@ -201,11 +211,12 @@ impl CheckpointTensors {
                         reason: format!("it changed while read: {len} bytes at its header, {} mapped", mapped.len()),
                     });
                 }
-                Ok((mapped, reader))
+                Ok((mapped, (reader, buffered)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (files, readers) = files.into_iter().unzip();
-        Ok(CheckpointTensors { dir, files, readers })
+        let (files, readers): (Vec<_>, Vec<_>) = files.into_iter().unzip();
+        let (readers, buffered) = readers.into_iter().unzip();
+        Ok(CheckpointTensors { dir, files, readers, buffered })
     }
 
     pub fn dir(&self) -> &SafetensorsDir {
@@ -221,9 +232,13 @@ impl SourceTensors for CheckpointTensors {
         let loc = &self.dir.locations[index];
         &self.files[loc.file].as_slice()[loc.offset as usize..(loc.offset + loc.len) as usize]
     }
-    fn on_disk(&self, index: usize) -> Option<(&FileReader, u64)> {
+    fn on_disk(&self, index: usize, mode: ReadMode) -> Option<(&FileReader, u64)> {
         let loc = &self.dir.locations[index];
-        Some((&self.readers[loc.file], loc.offset))
+        let readers = match mode {
+            ReadMode::Direct => &self.readers,
+            ReadMode::Buffered => &self.buffered,
+        };
+        Some((&readers[loc.file], loc.offset))
     }
     fn resident_fraction(&self) -> Option<f64> {
         let total: u64 = self.readers.iter().map(FileReader::len).sum();

@@ -7,7 +7,7 @@ use std::ops::Range;
 use weightlift_core::digest::{self, ChunkDigests, PieceDigests, PieceLayout};
 use weightlift_core::{buckets, exec, pieces, Bucket, BucketError, CopyOp, Plan};
 
-use weightlift_cuda::{AlignedBuffer, FileReader, ReadError};
+use weightlift_cuda::{AlignedBuffer, FileReader, ReadError, ReadMode, DIRECT_ALIGN};
 
 use crate::tensors::{DestinationTensors, SourceTensors};
 
@@ -220,14 +220,14 @@ pub fn stage_for_copies<'a>(
         .collect()
 }
 
-/// Where [`stage_whole`] takes the bytes of the pieces copied as they are.
+/// Where a staged bucket's pieces copied as they are come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StageReads {
     /// From the sources' memory (a checkpoint's pages are faulted in through its map).
     Memory,
-    /// From the sources' files (around the page cache where their readers do, see
-    /// [`SourceTensors::on_disk`]); sources with no file come from memory.
-    Files,
+    /// From the sources' files, read as `ReadMode` says (see [`SourceTensors::on_disk`]);
+    /// sources with no file come from memory.
+    Files(ReadMode),
 }
 
 /// Sender, for sources the copy engines should not read in place (not page-locked, or on
@@ -261,7 +261,7 @@ pub fn stage_whole<'a>(
     let read = in_parallel(runs.into_iter().zip(buffers.iter_mut()).collect(), |(run, buffer)| {
         for ((src, range), dst) in run {
             let on_disk = match reads {
-                StageReads::Files => sources.on_disk(src as usize),
+                StageReads::Files(mode) => sources.on_disk(src as usize, mode),
                 StageReads::Memory => None,
             };
             let Some((reader, offset)) = on_disk else {
@@ -269,6 +269,10 @@ pub fn stage_whole<'a>(
                 continue;
             };
             let at = offset + range.start as u64;
+            if reader.mode() == ReadMode::Buffered {
+                reader.read_at(at, dst)?;
+                continue;
+            }
             for (i, piece) in dst.chunks_mut(READ_BYTES).enumerate() {
                 let at = at + (i * READ_BYTES) as u64;
                 let needed = FileReader::span(at, piece.len());
@@ -283,6 +287,93 @@ pub fn stage_whole<'a>(
     });
     read.into_iter().collect::<Result<(), ReadError>>()?;
     Ok(&scratch[..bytes])
+}
+
+/// What the copy engines copy for a bucket staged in a scratch: `(payload offset, range of
+/// the scratch)`.
+pub type StagedCopies = Vec<(usize, Range<usize>)>;
+
+/// Sender, for a bucket whose every piece is its source's bytes as they are, in files: reads
+/// the file ranges the bucket needs straight into `scratch` as the files lay them out (merged
+/// where they touch, each span at a block-aligned place, so that direct reads need no bounce
+/// and nothing is copied on the host), in reads of at most `read_bytes` on at most `threads`
+/// threads, and returns what the copy engines copy to each payload offset. None when the
+/// bucket does not qualify (a piece needs packing, a source is in memory, or the spans do not
+/// fit `scratch`, whose start must be block-aligned): [`stage_whole`] stages it then.
+#[allow(clippy::too_many_arguments)]
+pub fn stage_file_spans(
+    schedule: &Schedule,
+    bucket: usize,
+    sources: &dyn SourceTensors,
+    scratch: &mut [u8],
+    mode: ReadMode,
+    threads: usize,
+    read_bytes: usize,
+) -> Result<Option<StagedCopies>, ReadError> {
+    // (reader, file offset, length, payload offset) of every run.
+    let mut runs = Vec::new();
+    for (at, origin, range) in copy_runs(&schedule.pieces[bucket]) {
+        let Origin::Source(src) = origin else { return Ok(None) };
+        let Some((reader, offset)) = sources.on_disk(src as usize, mode) else { return Ok(None) };
+        if !range.is_empty() {
+            runs.push((reader, offset + range.start as u64, range.len(), at));
+        }
+    }
+    let key = |r: &FileReader| r as *const FileReader as usize;
+    runs.sort_by_key(|&(reader, start, _, _)| (key(reader), start));
+    // Spans: (reader, aligned file start, aligned length, place in the scratch).
+    let mut spans: Vec<(&FileReader, u64, usize, usize)> = Vec::new();
+    let mut placed = Vec::with_capacity(runs.len());
+    let align = DIRECT_ALIGN as u64;
+    let mut used = 0;
+    for &(reader, start, len, at) in &runs {
+        let end = start + len as u64;
+        if end > reader.len() {
+            return Err(ReadError::PastEnd {
+                path: reader.path().into(),
+                offset: start,
+                len: len as u64,
+                file_len: reader.len(),
+            });
+        }
+        let joins = spans.last().is_some_and(|&(r, s, l, _)| key(r) == key(reader) && start <= s + l as u64);
+        if joins {
+            let last = spans.last_mut().expect("checked above");
+            let new_len = (end.next_multiple_of(align) - last.1) as usize;
+            if new_len > last.2 {
+                used += new_len - last.2;
+                last.2 = new_len;
+            }
+        } else {
+            let aligned = start / align * align;
+            let span_len = (end.next_multiple_of(align) - aligned) as usize;
+            spans.push((reader, aligned, span_len, used));
+            used += span_len;
+        }
+        let &(_, span_start, _, place) = spans.last().expect("pushed or joined");
+        placed.push((at, place + (start - span_start) as usize..place + (start - span_start) as usize + len));
+        if used > scratch.len() {
+            return Ok(None);
+        }
+    }
+    let mut reads = Vec::new();
+    for (item, dst) in
+        carve(scratch, spans.iter().map(|&(reader, start, len, place)| ((reader, start), place..place + len)))
+    {
+        let (reader, start) = item;
+        for (i, piece) in dst.chunks_mut(read_bytes).enumerate() {
+            reads.push((reader, start + (i * read_bytes) as u64, piece));
+        }
+    }
+    let runs = split_runs(reads, threads, |(_, _, dst)| dst.len());
+    let read = in_parallel(runs, |run| {
+        for (reader, offset, dst) in run {
+            reader.read_into(offset, dst)?;
+        }
+        Ok(())
+    });
+    read.into_iter().collect::<Result<(), ReadError>>()?;
+    Ok(Some(placed))
 }
 
 /// Reads from disk go in pieces of this many bytes (through one aligned buffer per thread).
@@ -565,7 +656,7 @@ mod tests {
         let list: Vec<_> = tensors.manifest().iter().zip(tensors.data().iter().map(Vec::as_slice)).collect();
         crate::safetensors_dir::write_file(&dir.join("model.safetensors"), &list).unwrap();
         let checkpoint = crate::tensors::CheckpointTensors::open(&dir).unwrap();
-        assert!(checkpoint.on_disk(0).is_some() && checkpoint.resident_fraction().is_some());
+        assert!(checkpoint.on_disk(0, ReadMode::Direct).is_some() && checkpoint.resident_fraction().is_some());
         // The file's own order of tensors, which need not be the trainer's.
         let on_disk = weightlift_core::SourceSet::single(checkpoint.manifest().clone());
         let plan = plan(&on_disk, &inputs.destination, &inputs.rules, TpRank::SINGLE).unwrap();
@@ -573,7 +664,10 @@ mod tests {
         for bucket_bytes in [5000, 70_001, 1 << 20] {
             let schedule = Schedule::new(&plan, &[], bucket_bytes).unwrap();
             let mut from_memory = schedule.digests(&plan);
-            let mut staged = [StageReads::Files, StageReads::Memory].map(|reads| (reads, schedule.digests(&plan)));
+            let mut staged =
+                [StageReads::Files(ReadMode::Direct), StageReads::Files(ReadMode::Buffered), StageReads::Memory]
+                    .map(|reads| (reads, schedule.digests(&plan)));
+            let mut spans_scratch = AlignedBuffer::new(bucket_bytes as usize + (1 << 20));
             let mut scratch = vec![0u8; bucket_bytes as usize];
             let mut whole_scratch = vec![0u8; bucket_bytes as usize];
             let mut buffers = Vec::new();
@@ -583,6 +677,26 @@ mod tests {
                 {
                     want[at..at + bytes.len()].copy_from_slice(bytes);
                 }
+                for mode in [ReadMode::Direct, ReadMode::Buffered] {
+                    spans_scratch.as_mut_slice().fill(0xa5);
+                    let copies =
+                        stage_file_spans(&schedule, k, &checkpoint, spans_scratch.as_mut_slice(), mode, 3, 8192)
+                            .unwrap()
+                            .expect("every piece of this plan is a file's bytes as they are");
+                    let mut got = vec![0u8; want.len()];
+                    for (at, range) in copies {
+                        got[at..at + range.len()].copy_from_slice(&spans_scratch.as_slice()[range]);
+                    }
+                    assert!(
+                        got == want,
+                        "bucket {k} of {bucket_bytes}-byte buckets differs read as the files lay it out, {mode}"
+                    );
+                }
+                // A scratch too small for the spans is declined, not overrun.
+                let small = &mut spans_scratch.as_mut_slice()[..schedule.buckets[k].bytes as usize / 2];
+                assert!(stage_file_spans(&schedule, k, &checkpoint, small, ReadMode::Buffered, 1, 8192)
+                    .unwrap()
+                    .is_none());
                 for (reads, digests) in &mut staged {
                     whole_scratch.fill(0xa5);
                     let got = stage_whole(

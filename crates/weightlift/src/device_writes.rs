@@ -5,9 +5,10 @@
 //! What it sends is digested by this process on the GPU, from the slot the copies filled,
 //! before the receiver is told it is there: the host memory is read once, by the copy engines
 //! (or, with [`crate::SenderOptions::host_digests`], digested from the sources on the CPU too,
-//! a second read of host memory beside the copies). Checkpoints mostly out of the page cache
-//! are read from their files into the (page-locked) scratch instead, in large reads that go
-//! around the page cache where the file system allows (O_DIRECT), then copied the same way.
+//! a second read of host memory beside the copies). Memory that is not page-locked is staged
+//! through two page-locked scratch buffers, one bucket filled while the last is copied out:
+//! checkpoints read from their files (around the page cache where it is cold and the file
+//! system allows, O_DIRECT; through it where warm), other host memory copied in.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};

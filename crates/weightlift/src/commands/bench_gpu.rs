@@ -378,11 +378,16 @@ pub fn run(
         // The socket row of the first model only: over loopback it is the socket's rate, and a
         // MoE model's 61 GB would take minutes an update.
         // Device slots digested where they land (the default), and from the sources on the CPU.
-        let shm =
-            [(TransportKind::Shm, true, false), (TransportKind::Shm, true, true), (TransportKind::Shm, false, false)];
-        let tcp = (m == 0).then_some((TransportKind::Tcp, false, false));
-        for (transport, device_writes, host_digests) in shm.into_iter().chain(tcp) {
-            let path = StagedPath { transport, device_writes, host_digests };
+        // Device slots also with the sources not page-locked (staged through pinned scratch).
+        let shm = [
+            (TransportKind::Shm, true, false, true),
+            (TransportKind::Shm, true, true, true),
+            (TransportKind::Shm, true, false, false),
+            (TransportKind::Shm, false, false, true),
+        ];
+        let tcp = (m == 0).then_some((TransportKind::Tcp, false, false, true));
+        for (transport, device_writes, host_digests, pin_sources) in shm.into_iter().chain(tcp) {
+            let path = StagedPath { transport, device_writes, host_digests, pin_sources };
             match staged_row(ordinal, name, path, model_args, &ceilings)? {
                 Ok(row) => staged.push(row),
                 Err(reason) => skipped.push(reason),
@@ -735,6 +740,8 @@ struct StagedPath {
     device_writes: bool,
     /// Device slots: digest the sources on the CPU rather than what landed on the GPU.
     host_digests: bool,
+    /// Device slots: page-lock the sources (else they are staged through pinned scratch).
+    pin_sources: bool,
 }
 
 fn staged_row(
@@ -760,12 +767,12 @@ fn staged_row(
         weightlift::core::synthetic(name).ok_or_else(|| CommandError::Io(format!("no synthetic model {name}")))?;
     let result = (|| {
         let tensors = weightlift::HostTensors::synthetic(&config, 7);
-        let StagedPath { device_writes, host_digests, .. } = how;
-        let options =
-            SenderOptions { transport, device_writes, pin_sources: true, host_digests, ..SenderOptions::default() };
+        let StagedPath { device_writes, host_digests, pin_sources, .. } = how;
+        let options = SenderOptions { transport, device_writes, pin_sources, host_digests, ..SenderOptions::default() };
         let mut sender = Sender::connect(&endpoint, tensors.manifest(), &inputs.rules, options)?;
         let path = match (transport, sender.writes_device_slots()) {
             (_, true) if host_digests => "slots, cpu digest",
+            (_, true) if !pin_sources => "slots, staged",
             (_, true) => "device slots",
             (TransportKind::Tcp, _) => "socket",
             _ => "ring",

@@ -83,8 +83,9 @@ pub struct SlotWriter {
     pub(crate) free: VecDeque<u32>,
     /// Two, so that one bucket is staged while the last one is copied out of the other.
     scratch: [Scratch; 2],
-    /// The last sources' memory, page-locked (kept while they stay where they are).
-    sources: Option<PinnedRanges>,
+    /// The last sources' memory, page-locked (kept while they stay where they are), and their
+    /// [`SourceTensors::mapping_id`].
+    sources: Option<(PinnedRanges, Option<u64>)>,
     /// Where the current update's time goes.
     pub(crate) phases: SlotPhases,
     /// Digests what lands in the slots.
@@ -286,18 +287,25 @@ impl SlotWriter {
     /// Page-locks the sources' memory, unless the last sources were these at the same places.
     fn pin_sources(&mut self, sources: &dyn SourceTensors) {
         let ranges: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
-        if self.sources.as_ref().is_some_and(|p| p.covers_same(&ranges)) {
+        let id = sources.mapping_id();
+        // A new map at the old addresses is other memory: its pages are locked anew.
+        if self.sources.as_ref().is_some_and(|(p, last)| p.covers_same(&ranges) && *last == id) {
             return;
         }
         // The old registration goes first: the new one may cover the same pages.
         self.sources = None;
         self.sources = match self.gpu.pin_ranges(&ranges) {
-            Ok(pinned) => Some(pinned),
+            Ok(pinned) => Some((pinned, id)),
             Err(e) => {
                 tracing::debug!("sources stay pageable: {e}");
                 None
             }
         };
+    }
+
+    /// Drops the page-lock of the last sources (theirs to unmap next).
+    pub(crate) fn release_sources(&mut self) {
+        self.sources = None;
     }
 
     /// Sends `bucket` through a free slot (see [`SlotWriter::write_bucket`]) and tells the
@@ -350,7 +358,7 @@ impl SlotWriter {
             } else if pin {
                 self.pin_sources(sources);
                 match &self.sources {
-                    Some(pinned) if pinned.unpinned_bytes == 0 => Feed::InPlace,
+                    Some((pinned, _)) if pinned.unpinned_bytes == 0 => Feed::InPlace,
                     _ => staged,
                 }
             } else if in_files {
@@ -475,7 +483,7 @@ impl SlotWriter {
 
     /// Bytes of the sources the driver would not page-lock (copied at the pageable rate).
     pub fn unpinned_source_bytes(&self) -> u64 {
-        self.sources.as_ref().map_or(0, |p| p.unpinned_bytes)
+        self.sources.as_ref().map_or(0, |(p, _)| p.unpinned_bytes)
     }
 }
 

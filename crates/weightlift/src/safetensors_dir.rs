@@ -372,7 +372,18 @@ mod tests {
             let name = &src.manifest.specs()[index].name;
             let expected = &data[specs.iter().position(|s| &s.name == name).unwrap()];
             assert_eq!(read, &expected[..], "{name}");
+            // Both readers of the checkpoint read the very file mapped.
+            for mode in [ReadMode::Direct, ReadMode::Buffered] {
+                let (reader, at) = mapped.on_disk(index, mode).unwrap();
+                let mut got = vec![0u8; len as usize];
+                reader.read_at(at, &mut got).unwrap();
+                assert_eq!(got, mapped.bytes(index), "{name}, {mode}");
+            }
         }
+        assert_eq!(mapped.on_disk(0, ReadMode::Buffered).unwrap().0.mode(), ReadMode::Buffered);
+        // Each opening is a mapping of its own: a page-lock of one is not taken for another's.
+        let again = CheckpointTensors::open(&dir).unwrap();
+        assert!(mapped.mapping_id().is_some() && mapped.mapping_id() != again.mapping_id());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -23,6 +23,13 @@ pub trait SourceTensors: Sync {
     fn resident_fraction(&self) -> Option<f64> {
         None
     }
+    /// A number no other mapping of sources in this process shares, for sources whose memory
+    /// is mapped by the object and unmapped with it (a checkpoint): a page-lock of their
+    /// addresses holds for these sources only, not for a later map at the same addresses.
+    /// None for memory the caller keeps allocated (see [`crate::SenderOptions::pin_sources`]).
+    fn mapping_id(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The receiver's parameters, written in place, indexed like its destination manifest.
@@ -183,6 +190,8 @@ pub struct CheckpointTensors {
     /// The same files again, opened anew (the direct flag belongs to an open file, shared by
     /// its duplicates), for reads through the page cache where it is warm.
     buffered: Vec<FileReader>,
+    /// See [`SourceTensors::mapping_id`].
+    mapping_id: u64,
 }
 
 impl CheckpointTensors {
@@ -216,7 +225,9 @@ impl CheckpointTensors {
             .collect::<Result<Vec<_>, _>>()?;
         let (files, readers): (Vec<_>, Vec<_>) = files.into_iter().unzip();
         let (readers, buffered) = readers.into_iter().unzip();
-        Ok(CheckpointTensors { dir, files, readers, buffered })
+        static MAPPINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mapping_id = MAPPINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(CheckpointTensors { dir, files, readers, buffered, mapping_id })
     }
 
     pub fn dir(&self) -> &SafetensorsDir {
@@ -239,6 +250,9 @@ impl SourceTensors for CheckpointTensors {
             ReadMode::Buffered => &self.buffered,
         };
         Some((&readers[loc.file], loc.offset))
+    }
+    fn mapping_id(&self) -> Option<u64> {
+        Some(self.mapping_id)
     }
     fn resident_fraction(&self) -> Option<f64> {
         let total: u64 = self.readers.iter().map(FileReader::len).sum();

@@ -102,6 +102,9 @@ struct Shared {
     observers: Mutex<Vec<UpdateObserver>>,
     /// Asked before the tensors are touched; see [`Receiver::set_write_gate`].
     gate: Mutex<Option<WriteGate>>,
+    /// The device slots and their writer of the last update applied from a local source
+    /// into the GPU, kept for the next (see `transfer::LocalSlots`).
+    local_slots: Mutex<Option<transfer::LocalSlots>>,
 }
 
 /// Says whether the destination tensors may be touched now; `Err(reason)` when not (their
@@ -221,6 +224,7 @@ impl Receiver {
                 tensors: Mutex::new(store),
                 observers: Mutex::new(Vec::new()),
                 gate: Mutex::new(None),
+                local_slots: Mutex::new(None),
             }),
         }
     }

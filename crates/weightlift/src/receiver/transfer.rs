@@ -359,47 +359,89 @@ impl LocalPack<'_> {
         report: &mut UpdateReport,
     ) -> Result<Written, String> {
         let options = &receiver.shared.options;
-        let staging = Staging::new(gpu.clone(), plan, &self.full, tensors.device_ptrs(), self.bucket_bytes, true)
-            .map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
+        let key = (plan.hash_hex(), self.bucket_bytes, tensors.device_ptrs());
+        let mut kept = receiver.shared.local_slots.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.as_ref().is_none_or(|k| k.key != key) {
+            // The old slots go first: the device memory of two buckets, not four.
+            *kept = None;
+            *kept = Some(LocalSlots::new(gpu, plan, &self.full, key, self.bucket_bytes)?);
+        }
+        let LocalSlots { staging, writer, count, .. } = kept.as_mut().expect("made just above");
+        let (count, writer) = (*count, writer);
         let update =
             staging.update(plan, schedule, skips).map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
-        let (info, fds) = staging
-            .offer(self.bucket_bytes)
-            .map_err(|e| format!("cannot share the device slots: {e}"))?
-            .ok_or("the staging has no device slots")?;
-        let mut writer =
-            SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(|e| format!("cannot map the device slots: {e}"))?;
-        drop(fds);
         report.device_extra_bytes = staging.device_bytes() + writer.device_bytes();
         let mut sent = schedule.digests(plan);
         let mut seconds = 0.0;
-        for (k, bucket) in schedule.buckets.iter().enumerate() {
-            let slot = k as u32 % info.count;
-            for entry in &bucket.entries {
-                touched[entry.op.dst as usize] = true;
+        let mut write_all = || -> Result<(), String> {
+            for (k, bucket) in schedule.buckets.iter().enumerate() {
+                let slot = k as u32 % count;
+                for entry in &bucket.entries {
+                    touched[entry.op.dst as usize] = true;
+                }
+                let write = BucketWrite {
+                    plan,
+                    schedule,
+                    k,
+                    sources: self.source,
+                    threads: options.threads,
+                    flip: false,
+                    pin: options.pin_local_sources,
+                    landed: true,
+                };
+                writer.write_bucket(slot, &write, &mut sent).map_err(|e| format!("writing bucket {k}: {e}"))?;
+                let t = Instant::now();
+                update
+                    .bucket_in_slot(k, slot)
+                    .map_err(|e| format!("writing bucket {k} from device slot {slot}: {e}"))?;
+                seconds += t.elapsed().as_secs_f64();
             }
-            let write = BucketWrite {
-                plan,
-                schedule,
-                k,
-                sources: self.source,
-                threads: options.threads,
-                flip: false,
-                pin: options.pin_local_sources,
-                landed: true,
-            };
-            writer.write_bucket(slot, &write, &mut sent).map_err(|e| format!("writing bucket {k}: {e}"))?;
-            let t = Instant::now();
-            update.bucket_in_slot(k, slot).map_err(|e| format!("writing bucket {k} from device slot {slot}: {e}"))?;
-            seconds += t.elapsed().as_secs_f64();
-        }
-        writer.finish_digests(self.source, &mut sent).map_err(|e| format!("digesting what landed: {e}"))?;
+            writer.finish_digests(self.source, &mut sent).map_err(|e| format!("digesting what landed: {e}"))
+        };
+        let written = write_all();
+        writer.log_phases(version, "local update written through device slots");
+        // The source is unmapped after this update, and its pages must not stay locked with it
+        // (a later map at the same addresses would pass for the same memory): the lock, if
+        // any, lasts this update only, failed or not.
+        writer.release_sources();
+        written?;
         let t = Instant::now();
         let ours = update.digests().map_err(|e| format!("digesting the update on the GPU: {e}"))?;
         let ours = ours.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect();
         report.read_from_disk = writer.read_from_disk();
-        writer.log_phases(version, "local update written through device slots");
         Ok((ours, sent, seconds + t.elapsed().as_secs_f64()))
+    }
+}
+
+/// Two device slots of a receiver's own and this process's mapping of them, for updates it
+/// applies from local sources: made for one plan, bucket size and set of tensor addresses, and
+/// kept while those stay (a checkpoint applied every step pays for them once, not per update:
+/// device memory of two buckets and page-locked host memory of two more, held between updates
+/// as a connection's staging is while it lasts).
+pub(super) struct LocalSlots {
+    key: (String, u64, Vec<u64>),
+    staging: Staging,
+    writer: SlotWriter,
+    count: u32,
+}
+
+impl LocalSlots {
+    fn new(
+        gpu: &Arc<Gpu>,
+        plan: &Plan,
+        full: &Schedule,
+        key: (String, u64, Vec<u64>),
+        bucket_bytes: u64,
+    ) -> Result<LocalSlots, String> {
+        let staging = Staging::new(gpu.clone(), plan, full, key.2.clone(), bucket_bytes, true)
+            .map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
+        let (info, fds) = staging
+            .offer(bucket_bytes)
+            .map_err(|e| format!("cannot share the device slots: {e}"))?
+            .ok_or("the staging has no device slots")?;
+        let writer =
+            SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(|e| format!("cannot map the device slots: {e}"))?;
+        Ok(LocalSlots { key, staging, writer, count: info.count })
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use weightlift_core::digest::ChunkDigests;
 use weightlift_core::{Manifest, Plan, Version};
-use weightlift_cuda::Gpu;
+use weightlift_cuda::{CudaError, Gpu};
 
 use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::device_writes::{BucketWrite, SlotWriter};
@@ -114,9 +114,9 @@ impl Transfer for HostBuckets {
         let sink = match (&mut *store, staging) {
             (Store::Host(tensors), _) => Ok(Sink::Host { tensors: tensors.as_mut(), digests: schedule.digests(plan) }),
             (Store::Device { .. }, Some(staging)) => {
-                staging.update(plan, &schedule, !skip.is_empty()).map(Sink::Device).map_err(|e| e.to_string())
+                staging.update(plan, &schedule, !skip.is_empty()).map(Sink::Device).map_err(WriteError::Stage)
             }
-            (Store::Device { .. }, None) => Err("no staging for a GPU receiver".to_string()),
+            (Store::Device { .. }, None) => Err(WriteError::NoStaging),
         };
         let mut sink = match sink {
             Ok(sink) => sink,
@@ -138,9 +138,8 @@ impl Transfer for HostBuckets {
         });
         let outcome = match received {
             Ok(()) => None,
-            Err(RecvBucketsError::Consume { index: k, error: e }) => {
-                Some(Outcome::Broken(format!("writing bucket {k}: {e}")))
-            }
+            // The error names its bucket.
+            Err(RecvBucketsError::Consume { error, .. }) => Some(Outcome::Broken(error.to_string())),
             Err(RecvBucketsError::Transfer { error: TransferError::SenderAborted(reason), .. }) => {
                 Some(Outcome::called_off(reason))
             }
@@ -300,7 +299,7 @@ impl LocalPack<'_> {
         };
         let (ours, sent, seconds) = match written {
             Ok(written) => written,
-            Err(e) => return (Outcome::Broken(e), report),
+            Err(e) => return (Outcome::Broken(e.to_string()), report),
         };
         report.unpack_seconds = seconds;
         let _ = receiver.state().versions.verify(version);
@@ -357,7 +356,7 @@ impl LocalPack<'_> {
         tensors: &dyn DeviceTensors,
         touched: &mut [bool],
         report: &mut UpdateReport,
-    ) -> Result<Written, String> {
+    ) -> Result<Written, WriteError> {
         let options = &receiver.shared.options;
         let key = (plan.hash_hex(), self.bucket_bytes, tensors.device_ptrs());
         let mut kept = receiver.shared.local_slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -368,12 +367,11 @@ impl LocalPack<'_> {
         }
         let LocalSlots { staging, writer, count, .. } = kept.as_mut().expect("made just above");
         let (count, writer) = (*count, writer);
-        let update =
-            staging.update(plan, schedule, skips).map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
+        let update = staging.update(plan, schedule, skips).map_err(WriteError::Stage)?;
         report.device_extra_bytes = staging.device_bytes() + writer.device_bytes();
         let mut sent = schedule.digests(plan);
         let mut seconds = 0.0;
-        let mut write_all = || -> Result<(), String> {
+        let mut write_all = || -> Result<(), WriteError> {
             for (k, bucket) in schedule.buckets.iter().enumerate() {
                 let slot = k as u32 % count;
                 for entry in &bucket.entries {
@@ -389,14 +387,12 @@ impl LocalPack<'_> {
                     pin: options.pin_local_sources,
                     landed: true,
                 };
-                writer.write_bucket(slot, &write, &mut sent).map_err(|e| format!("writing bucket {k}: {e}"))?;
+                writer.write_bucket(slot, &write, &mut sent).map_err(|source| WriteError::Slot { k, source })?;
                 let t = Instant::now();
-                update
-                    .bucket_in_slot(k, slot)
-                    .map_err(|e| format!("writing bucket {k} from device slot {slot}: {e}"))?;
+                update.bucket_in_slot(k, slot).map_err(|source| WriteError::FromSlot { k, slot, source })?;
                 seconds += t.elapsed().as_secs_f64();
             }
-            writer.finish_digests(self.source, &mut sent).map_err(|e| format!("digesting what landed: {e}"))
+            writer.finish_digests(self.source, &mut sent).map_err(WriteError::Landed)
         };
         let written = write_all();
         writer.log_phases(version, "local update written through device slots");
@@ -406,7 +402,7 @@ impl LocalPack<'_> {
         writer.release_sources();
         written?;
         let t = Instant::now();
-        let ours = update.digests().map_err(|e| format!("digesting the update on the GPU: {e}"))?;
+        let ours = update.digests().map_err(WriteError::Digest)?;
         let ours = ours.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect();
         report.read_from_disk = writer.read_from_disk();
         Ok((ours, sent, seconds + t.elapsed().as_secs_f64()))
@@ -432,17 +428,41 @@ impl LocalSlots {
         full: &Schedule,
         key: (String, u64, Vec<u64>),
         bucket_bytes: u64,
-    ) -> Result<LocalSlots, String> {
-        let staging = Staging::new(gpu.clone(), plan, full, key.2.clone(), bucket_bytes, true)
-            .map_err(|e| format!("cannot stage the update on the GPU: {e}"))?;
-        let (info, fds) = staging
-            .offer(bucket_bytes)
-            .map_err(|e| format!("cannot share the device slots: {e}"))?
-            .ok_or("the staging has no device slots")?;
-        let writer =
-            SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(|e| format!("cannot map the device slots: {e}"))?;
+    ) -> Result<LocalSlots, WriteError> {
+        let staging =
+            Staging::new(gpu.clone(), plan, full, key.2.clone(), bucket_bytes, true).map_err(WriteError::Stage)?;
+        let (info, fds) = staging.offer(bucket_bytes).map_err(WriteError::Share)?.ok_or(WriteError::NoSlots)?;
+        let writer = SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(WriteError::Map)?;
         Ok(LocalSlots { key, staging, writer, count: info.count })
     }
+}
+
+/// Why the bytes of an update could not be written into this receiver's tensors (or
+/// digested there); its message becomes the failed update's reason.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WriteError {
+    #[error("cannot stage the update on the GPU: {0}")]
+    Stage(CudaError),
+    #[error("no staging for a GPU receiver")]
+    NoStaging,
+    #[error("cannot share the device slots: {0}")]
+    Share(CudaError),
+    #[error("the staging has no device slots")]
+    NoSlots,
+    #[error("cannot map the device slots: {0}")]
+    Map(CudaError),
+    #[error("writing bucket {k} into its device slot: {source}")]
+    Slot { k: usize, source: TransferError },
+    #[error("writing bucket {k} from device slot {slot}: {source}")]
+    FromSlot { k: usize, slot: u32, source: CudaError },
+    #[error("bucket {k} came in device slot {slot}, and this receiver's tensors are in host memory")]
+    SlotIntoHost { k: usize, slot: u32 },
+    #[error("copying bucket {k} to the GPU: {source}")]
+    ToGpu { k: usize, source: CudaError },
+    #[error("digesting what landed: {0}")]
+    Landed(TransferError),
+    #[error("on the GPU: {0}")]
+    Digest(CudaError),
 }
 
 /// Where a host transport's buckets are written.
@@ -461,30 +481,28 @@ impl Sink<'_> {
         k: usize,
         arrived: Arrived<'_>,
         threads: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), WriteError> {
         match (self, arrived) {
             (Sink::Host { tensors, digests }, Arrived::Host(payload)) => {
                 unpack(plan, schedule, k, payload, &mut **tensors, digests, threads);
                 Ok(())
             }
-            (Sink::Host { .. }, Arrived::DeviceSlot(slot)) => {
-                Err(format!("bucket {k} came in device slot {slot}, and this receiver's tensors are in host memory"))
-            }
+            (Sink::Host { .. }, Arrived::DeviceSlot(slot)) => Err(WriteError::SlotIntoHost { k, slot }),
             (Sink::Device(update), Arrived::Host(payload)) => {
-                update.bucket(k, payload).map_err(|e| format!("copying to the GPU: {e}"))
+                update.bucket(k, payload).map_err(|source| WriteError::ToGpu { k, source })
             }
             (Sink::Device(update), Arrived::DeviceSlot(slot)) => {
-                update.bucket_in_slot(k, slot).map_err(|e| format!("writing from device slot {slot}: {e}"))
+                update.bucket_in_slot(k, slot).map_err(|source| WriteError::FromSlot { k, slot, source })
             }
         }
     }
 
     /// The receiver's digest of each written destination (None for the others).
-    fn digests(&mut self, schedule: &Schedule) -> Result<Vec<Option<u64>>, String> {
+    fn digests(&mut self, schedule: &Schedule) -> Result<Vec<Option<u64>>, WriteError> {
         match self {
             Sink::Host { tensors, digests } => Ok(receiver_digests(schedule, &**tensors, digests)),
             Sink::Device(update) => {
-                let all = update.digests().map_err(|e| format!("on the GPU: {e}"))?;
+                let all = update.digests().map_err(WriteError::Digest)?;
                 Ok(all.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect())
             }
         }

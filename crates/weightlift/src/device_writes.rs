@@ -94,6 +94,9 @@ pub struct SlotWriter {
     pending: Option<Landed>,
     /// How this update's buckets reach the slots.
     feed: Feed,
+    /// The ranges of the last sources not page-locked here, and whether their owner had
+    /// page-locked them all (asked of the driver once per set of ranges, not every update).
+    owner_locked: Option<(Vec<(usize, usize)>, bool)>,
     /// The bucket of this update already staged in its scratch (while the last was copied),
     /// and what to copy of it.
     staged_ahead: Option<(usize, StagedCopies)>,
@@ -252,6 +255,7 @@ impl SlotWriter {
             digester: ChunkDigester::default(),
             pending: None,
             feed: Feed::InPlace,
+            owner_locked: None,
             staged_ahead: None,
             read_buffers: Vec::new(),
         })
@@ -365,10 +369,25 @@ impl SlotWriter {
                 staged
             } else {
                 // Sources page-locked by their owner (torch's pinned tensors) are copied in place.
-                let ranges: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
-                match self.gpu.unlocked_bytes(&ranges) {
-                    Ok(0) => Feed::InPlace,
-                    _ => staged,
+                let ranges: Vec<(usize, usize)> = (0..sources.manifest().len())
+                    .map(|i| sources.bytes(i))
+                    .map(|b| (b.as_ptr() as usize, b.len()))
+                    .collect();
+                let locked = match &self.owner_locked {
+                    // The driver was asked about these very ranges last update (a stale answer
+                    // costs speed, never bytes: the copy engines read pageable memory correctly).
+                    Some((last, locked)) if *last == ranges => *locked,
+                    _ => {
+                        let bytes: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
+                        let locked = self.gpu.unlocked_bytes(&bytes).is_ok_and(|n| n == 0);
+                        self.owner_locked = Some((ranges, locked));
+                        locked
+                    }
+                };
+                if locked {
+                    Feed::InPlace
+                } else {
+                    staged
                 }
             };
             lap(&mut self.phases.pin);

@@ -307,6 +307,45 @@ impl SlotWriter {
         };
     }
 
+    /// How this update's buckets reach the slots: cold checkpoints read direct from their
+    /// files; memory page-locked (here with `pin`, or by its owner, as torch's pinned tensors
+    /// are) copied in place; anything else staged, from the files where there are files
+    /// (reads through the page cache cost no page faults, where a fresh map of it would).
+    fn choose_feed(&mut self, sources: &dyn SourceTensors, pin: bool) -> Feed {
+        let in_files = !sources.manifest().is_empty() && sources.on_disk(0, ReadMode::Buffered).is_some();
+        if in_files && sources.resident_fraction().is_some_and(|f| f < COLD_BELOW) {
+            return Feed::Staged(StageReads::Files(ReadMode::Direct));
+        }
+        let staged = Feed::Staged(if in_files { StageReads::Files(ReadMode::Buffered) } else { StageReads::Memory });
+        let locked = if pin {
+            self.pin_sources(sources);
+            self.sources.as_ref().is_some_and(|(pinned, _)| pinned.unpinned_bytes == 0)
+        } else {
+            !in_files && self.locked_by_owner(sources)
+        };
+        if locked {
+            Feed::InPlace
+        } else {
+            staged
+        }
+    }
+
+    /// Whether every source is page-locked already, asked of the driver once per set of
+    /// source ranges (a stale answer costs speed, never bytes: the copy engines read pageable
+    /// memory correctly).
+    fn locked_by_owner(&mut self, sources: &dyn SourceTensors) -> bool {
+        let bytes: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
+        let ranges: Vec<(usize, usize)> = bytes.iter().map(|b| (b.as_ptr() as usize, b.len())).collect();
+        if let Some((last, locked)) = &self.owner_locked {
+            if *last == ranges {
+                return *locked;
+            }
+        }
+        let locked = self.gpu.unlocked_bytes(&bytes).is_ok_and(|n| n == 0);
+        self.owner_locked = Some((ranges, locked));
+        locked
+    }
+
     /// Drops the page-lock of the last sources (theirs to unmap next).
     pub(crate) fn release_sources(&mut self) {
         self.sources = None;
@@ -352,44 +391,7 @@ impl SlotWriter {
             // What a failed update left.
             self.pending = None;
             self.staged_ahead = None;
-            // Unlocked memory is staged: from the files where there are files (reads through the
-            // page cache cost no page faults, where a fresh map of it would), else from memory.
-            let in_files = !sources.manifest().is_empty() && sources.on_disk(0, ReadMode::Buffered).is_some();
-            let staged =
-                Feed::Staged(if in_files { StageReads::Files(ReadMode::Buffered) } else { StageReads::Memory });
-            self.feed = if in_files && sources.resident_fraction().is_some_and(|f| f < COLD_BELOW) {
-                Feed::Staged(StageReads::Files(ReadMode::Direct))
-            } else if pin {
-                self.pin_sources(sources);
-                match &self.sources {
-                    Some((pinned, _)) if pinned.unpinned_bytes == 0 => Feed::InPlace,
-                    _ => staged,
-                }
-            } else if in_files {
-                staged
-            } else {
-                // Sources page-locked by their owner (torch's pinned tensors) are copied in place.
-                let ranges: Vec<(usize, usize)> = (0..sources.manifest().len())
-                    .map(|i| sources.bytes(i))
-                    .map(|b| (b.as_ptr() as usize, b.len()))
-                    .collect();
-                let locked = match &self.owner_locked {
-                    // The driver was asked about these very ranges last update (a stale answer
-                    // costs speed, never bytes: the copy engines read pageable memory correctly).
-                    Some((last, locked)) if *last == ranges => *locked,
-                    _ => {
-                        let bytes: Vec<&[u8]> = (0..sources.manifest().len()).map(|i| sources.bytes(i)).collect();
-                        let locked = self.gpu.unlocked_bytes(&bytes).is_ok_and(|n| n == 0);
-                        self.owner_locked = Some((ranges, locked));
-                        locked
-                    }
-                };
-                if locked {
-                    Feed::InPlace
-                } else {
-                    staged
-                }
-            };
+            self.feed = self.choose_feed(sources, pin);
             lap(&mut self.phases.pin);
         }
         let bytes = schedule.buckets[k].bytes;

@@ -351,7 +351,8 @@ pub fn stage_file_spans(
             used += span_len;
         }
         let &(_, span_start, _, place) = spans.last().expect("pushed or joined");
-        placed.push((at, place + (start - span_start) as usize..place + (start - span_start) as usize + len));
+        let from = place + (start - span_start) as usize;
+        placed.push((at, from..from + len));
         if used > scratch.len() {
             return Ok(None);
         }

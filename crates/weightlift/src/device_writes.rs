@@ -112,9 +112,16 @@ const SPAN_SLACK: usize = 1 << 20;
 /// few large requests, as the sequential read the cold rows are a ratio of does.
 const DIRECT_READ_BYTES: usize = 16 << 20;
 const DIRECT_READ_THREADS: usize = 4;
-/// Reads through the page cache go in pieces of this many bytes on every packing thread
-/// (each a copy out of the page cache, bound by the CPU).
-const BUFFERED_READ_BYTES: usize = 8 << 20;
+/// Reads through the page cache go in pieces of this many bytes, on a thread per core (up to
+/// [`BUFFERED_READ_THREADS`], and no fewer than the packing threads): each is a copy out of
+/// the page cache, bound by the core that runs it at a fraction of what memory allows.
+const BUFFERED_READ_BYTES: usize = 4 << 20;
+const BUFFERED_READ_THREADS: usize = 16;
+
+fn buffered_read_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(BUFFERED_READ_THREADS).max(threads)
+}
 
 /// Stages bucket `k` in `scratch`: as its files lay it out where it can be
 /// ([`stage_file_spans`]), else whole in payload order ([`stage_whole`]).
@@ -133,7 +140,7 @@ fn stage(
     if let StageReads::Files(mode) = reads {
         let (read_threads, read_bytes) = match mode {
             ReadMode::Direct => (threads.min(DIRECT_READ_THREADS), DIRECT_READ_BYTES),
-            ReadMode::Buffered => (threads, BUFFERED_READ_BYTES),
+            ReadMode::Buffered => (buffered_read_threads(threads), BUFFERED_READ_BYTES),
         };
         let spans = stage_file_spans(schedule, k, sources, scratch.as_mut_slice(), mode, read_threads, read_bytes)?;
         if let Some(copies) = spans {

@@ -253,7 +253,7 @@ pub fn stage_whole<'a>(
         Origin::Source(src) => Some(((src, range.clone()), at..at + range.len())),
         Origin::Scratch => None,
     });
-    let work = carve(&mut scratch[..bytes], runs);
+    let work = cut_runs(carve(&mut scratch[..bytes], runs), bytes.div_ceil(threads.max(1)));
     let runs = split_runs(work, threads, |(_, dst)| dst.len());
     if buffers.len() < runs.len() {
         buffers.resize_with(runs.len(), || None);
@@ -288,6 +288,30 @@ pub fn stage_whole<'a>(
     read.into_iter().collect::<Result<(), ReadError>>()?;
     Ok(&scratch[..bytes])
 }
+
+/// `work` with every run longer than `most` bytes (but at least 1 MiB, at a 4 KiB multiple)
+/// cut into runs of that length: a bucket is often one run (a large tensor, or neighbours
+/// merged for the copy engines), which one thread alone would copy at a fraction of what the
+/// memory takes.
+fn cut_runs(work: Vec<SourceRun<'_>>, most: usize) -> Vec<SourceRun<'_>> {
+    let most = most.max(CUT_AT_LEAST).next_multiple_of(4096);
+    let mut out = Vec::with_capacity(work.len());
+    for ((src, range), dst) in work {
+        let mut start = range.start;
+        for part in dst.chunks_mut(most) {
+            let len = part.len();
+            out.push(((src, start..start + len), part));
+            start += len;
+        }
+    }
+    out
+}
+
+/// A run of a source's bytes `(source, range in it)` and the place it is copied to.
+type SourceRun<'a> = ((u32, Range<usize>), &'a mut [u8]);
+
+/// Runs are not cut shorter than this: a thread's copy should outweigh its start.
+const CUT_AT_LEAST: usize = 1 << 20;
 
 /// What the copy engines copy for a bucket staged in a scratch: `(payload offset, range of
 /// the scratch)`.
@@ -721,6 +745,30 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A long run is cut into parts for the threads, which together cover it exactly, in
+    /// order, each naming the source range its bytes come from.
+    #[test]
+    fn long_runs_are_cut_for_the_threads() {
+        let mut buffer = vec![0u8; (9 << 20) + 100];
+        let (first, second) = buffer.split_at_mut(100);
+        let work = vec![((3u32, 7..107), first), ((5u32, 4096..4096 + (9 << 20)), second)];
+        let parts = cut_runs(work, (9 << 20) / 4);
+        // The short run stays whole; the long one becomes 4 parts of 9/4 MiB rounded up to 4 KiB
+        // (the last shorter).
+        assert_eq!(parts.len(), 1 + 4);
+        assert_eq!((parts[0].0 .0, parts[0].0 .1.clone(), parts[0].1.len()), (3, 7..107, 100));
+        let mut at = 4096;
+        for ((src, range), dst) in &parts[1..] {
+            assert_eq!((*src, range.start, range.len()), (5, at, dst.len()));
+            assert!(dst.len() <= ((9 << 20) / 4usize).next_multiple_of(4096));
+            at = range.end;
+        }
+        assert_eq!(at, 4096 + (9 << 20));
+        // Never shorter than a MiB, however many threads.
+        let mut small = vec![0u8; 3 << 20];
+        assert_eq!(cut_runs(vec![((0u32, 0..3 << 20), &mut small[..])], 1000).len(), 3);
     }
 
     /// Digesting verbatim pieces from where the bytes landed (whole chunks from the packed

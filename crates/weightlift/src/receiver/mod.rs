@@ -58,8 +58,9 @@ pub struct ReceiverOptions {
     pub expected_rules: Option<(String, RuleSet)>,
     /// Page-lock a local source's memory ([`Receiver::apply_local`] into a GPU) for its
     /// copies (on), or stage each bucket through two page-locked buffers of this receiver's
-    /// on the packing threads, the next while this one is copied (off). Locking pays once per
-    /// mapping, which a checkpoint opened for one update pays every update; the lock lasts the
+    /// on the packing threads, the next while this one is copied (off, the default). Locking
+    /// pays once per mapping, which a checkpoint opened for one update pays every update, and
+    /// costs more than staging does (bench/results/staged-h100-2026-12-07); the lock lasts the
     /// update only, so no registration outlives it to trip other copies.
     pub pin_local_sources: bool,
 }
@@ -77,7 +78,7 @@ impl Default for ReceiverOptions {
             initial_version: Version(0),
             threads: default_threads(),
             expected_rules: None,
-            pin_local_sources: true,
+            pin_local_sources: false,
         }
     }
 }

@@ -169,23 +169,50 @@ enum Feed {
 /// through their maps (and page-locked whole before the first copy).
 const COLD_BELOW: f64 = 0.5;
 
-/// A bucket's verbatim pieces, with the chunk digests of what landed in its slot.
+/// A bucket's verbatim pieces, with the chunk digests of what landed in its slot and the bytes
+/// of each piece's edges.
 struct Landed {
     k: usize,
     pieces: Vec<LandedPiece>,
     chunks: Vec<u64>,
+    /// Per piece, its fragments' bytes, as the copies read them (taken before the host bytes are
+    /// staged over; from the sources themselves, a cold checkpoint's edges would each be a read
+    /// from the disk).
+    fragments: Vec<Vec<Vec<u8>>>,
+}
+
+/// The bytes of `k`'s pieces' fragments, from the host bytes its copies read (`copies`: payload
+/// offset, bytes).
+fn fragment_bytes(
+    k: usize,
+    pieces: &[LandedPiece],
+    copies: &[(usize, &[u8])],
+) -> Result<Vec<Vec<Vec<u8>>>, TransferError> {
+    let mut order: Vec<usize> = (0..copies.len()).collect();
+    order.sort_by_key(|&i| copies[i].0);
+    let at = |range: &std::ops::Range<usize>| -> Option<Vec<u8>> {
+        let i = order.partition_point(|&i| copies[i].0 <= range.start).checked_sub(1)?;
+        let (start, bytes) = copies[order[i]];
+        bytes.get(range.start - start..range.end - start).map(<[u8]>::to_vec)
+    };
+    pieces
+        .iter()
+        .map(|p| {
+            p.fragments.iter().map(&at).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                TransferError::Unexpected(format!("bucket {k}: a piece's edge is not among the bytes copied"))
+            })
+        })
+        .collect()
 }
 
 impl Landed {
-    /// Completes each piece's digests with its edges, read from the sources, into `digests`.
-    fn fold(self, sources: &dyn SourceTensors, digests: &mut [ChunkDigests]) -> Result<(), TransferError> {
+    /// Completes each piece's digests with its edges into `digests`.
+    fn fold(self, digests: &mut [ChunkDigests]) -> Result<(), TransferError> {
         let mut rest = &self.chunks[..];
-        for p in self.pieces {
+        for (p, fragments) in self.pieces.into_iter().zip(self.fragments) {
             let n = (p.layout.chunks() as usize).min(rest.len());
             let (mine, tail) = rest.split_at(n);
             rest = tail;
-            let source = sources.bytes(p.src as usize);
-            let fragments = p.fragments.iter().map(|r| source[r.clone()].to_vec()).collect();
             let piece = PieceDigests::from_chunks(&p.layout, mine.to_vec(), fragments).ok_or_else(|| {
                 TransferError::Unexpected(format!("bucket {}: a piece's chunk digests do not fit its layout", self.k))
             })?;
@@ -444,6 +471,7 @@ impl SlotWriter {
         };
         let staged = if landed {
             let pieces = landed_pieces(plan, schedule, k);
+            let fragments = fragment_bytes(k, &pieces, &copies)?;
             let base = dst.device_ptr();
             let regions: Vec<(u64, u64)> =
                 pieces.iter().map(|p| (base + p.whole_at.start as u64, p.whole_at.len() as u64)).collect();
@@ -451,13 +479,13 @@ impl SlotWriter {
             let (chunks, (folded, staged)) = gpu
                 .copy_from_host_then_digest(dst, &copies, digester, &regions, || {
                     let started = Instant::now();
-                    let folded = pending.take().map_or(Ok(()), |last| last.fold(sources, digests));
+                    let folded = pending.take().map_or(Ok(()), |last| last.fold(digests));
                     phases.digest += started.elapsed().as_secs_f64();
                     (folded, stage_next(digests))
                 })
                 .map_err(gpu_error)?;
             folded?;
-            *pending = Some(Landed { k, pieces, chunks });
+            *pending = Some(Landed { k, pieces, chunks, fragments });
             staged
         } else {
             gpu.copy_ranges_from_host(dst, &copies, || stage_next(digests)).map_err(gpu_error)?
@@ -474,12 +502,8 @@ impl SlotWriter {
 
     /// Folds the digests of the last bucket sent into `digests` (after the last bucket of an
     /// update, with `landed`).
-    pub(crate) fn finish_digests(
-        &mut self,
-        sources: &dyn SourceTensors,
-        digests: &mut [ChunkDigests],
-    ) -> Result<(), TransferError> {
-        self.pending.take().map_or(Ok(()), |last| last.fold(sources, digests))
+    pub(crate) fn finish_digests(&mut self, digests: &mut [ChunkDigests]) -> Result<(), TransferError> {
+        self.pending.take().map_or(Ok(()), |last| last.fold(digests))
     }
 
     /// Device memory this process holds to digest what lands in the slots (the slots are the
@@ -517,4 +541,36 @@ impl SlotWriter {
 
 fn gpu_error(e: CudaError) -> TransferError {
     TransferError::Memory(format!("copying to the receiver's device slot: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weightlift_core::digest::PieceLayout;
+
+    /// Each piece's edges are the payload bytes the copies read at their place, whichever copy
+    /// holds them and in whatever order the copies come; an edge outside every copy is an error.
+    #[test]
+    fn edges_are_taken_from_the_bytes_copied() {
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Two copies, out of payload order: [9000, 20000) then [0, 9000).
+        let copies = [(9000, &payload[9000..]), (0, &payload[..9000])];
+        let piece = |fragments: &[(usize, usize)]| LandedPiece {
+            dst: 0,
+            layout: PieceLayout::new(20_000, 0, 20_000),
+            whole_at: 0..0,
+            fragments: fragments.iter().map(|&(a, b)| a..b).collect(),
+        };
+        let pieces = [piece(&[(100, 4096)]), piece(&[(8990, 9000), (9000, 9100)]), piece(&[(19_990, 20_000)])];
+        let got = fragment_bytes(3, &pieces, &copies).unwrap();
+        for (p, bytes) in pieces.iter().zip(&got) {
+            let want: Vec<Vec<u8>> = p.fragments.iter().map(|r| payload[r.clone()].to_vec()).collect();
+            assert_eq!(bytes, &want);
+        }
+        // Straddling two copies, or past the end: not among the bytes copied.
+        for outside in [(8990, 9010), (19_990, 20_010)] {
+            let err = fragment_bytes(3, &[piece(&[outside])], &copies).unwrap_err();
+            assert!(err.to_string().contains("bucket 3"), "{outside:?}: {err}");
+        }
+    }
 }

@@ -704,7 +704,7 @@ fn write_device_slots(
             writer.send_bucket(conn, &bucket, &mut digests, timeout)?;
             Ok::<(), SendError>(())
         });
-        let sent = sent.and_then(|()| Ok(writer.finish_digests(tensors, &mut digests)?));
+        let sent = sent.and_then(|()| Ok(writer.finish_digests(&mut digests)?));
         let joined = job.map(|job| job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
         let (verbatim, seconds) = joined.unwrap_or_default();
         (sent, verbatim, seconds)

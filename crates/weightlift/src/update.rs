@@ -509,13 +509,13 @@ pub fn digest_verbatim(
 
 /// A piece of a bucket copied from its source as it is, to be digested where the copies put
 /// it: its whole chunks at `whole_at` bytes of the bucket (by a GPU, say), its partial chunks
-/// from `fragments` bytes of source tensor `src` (by the CPU; under a chunk at either end).
+/// (under a chunk at either end) from the `fragments` bytes of the bucket's payload, by the CPU
+/// from the host bytes the copies read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LandedPiece {
     pub dst: u32,
     pub layout: PieceLayout,
     pub whole_at: Range<usize>,
-    pub src: u32,
     pub fragments: Vec<Range<usize>>,
 }
 
@@ -525,17 +525,16 @@ pub fn landed_pieces(plan: &Plan, schedule: &Schedule, bucket: usize) -> Vec<Lan
     schedule.pieces[bucket]
         .iter()
         .filter_map(|piece| {
-            let (verbatim, dst) = (piece.verbatim.as_ref()?, piece.dst_bytes.as_ref()?);
+            let dst = piece.dst_bytes.as_ref()?;
             let len = plan.destinations[piece.op.dst as usize].byte_len();
             let layout = PieceLayout::new(len, dst.start as u64, dst.len() as u64);
-            // Bytes of the destination map one to one onto the payload and the source.
+            // Bytes of the destination map one to one onto the payload (and the source).
+            piece.verbatim.as_ref()?;
             let payload_of = |at: u64| piece.payload.start + (at as usize - dst.start);
-            let source_of = |at: u64| verbatim.start + (at as usize - dst.start);
             Some(LandedPiece {
                 dst: piece.op.dst,
                 whole_at: payload_of(layout.whole.start)..payload_of(layout.whole.end),
-                src: piece.op.src,
-                fragments: layout.fragments.iter().map(|r| source_of(r.start)..source_of(r.end)).collect(),
+                fragments: layout.fragments.iter().map(|r| payload_of(r.start)..payload_of(r.end)).collect(),
                 layout,
             })
         })
@@ -794,8 +793,7 @@ mod tests {
                     payload[at..at + bytes.len()].copy_from_slice(bytes);
                 }
                 for p in landed_pieces(&plan, &schedule, k) {
-                    let source = SourceTensors::bytes(&tensors, p.src as usize);
-                    let fragments = p.fragments.iter().map(|r| source[r.clone()].to_vec()).collect();
+                    let fragments = p.fragments.iter().map(|r| payload[r.clone()].to_vec()).collect();
                     let piece =
                         PieceDigests::from_chunks(&p.layout, chunk_digests(&payload[p.whole_at.clone()]), fragments);
                     got.push((p.dst, piece.expect("the layout's own counts")));

@@ -392,7 +392,7 @@ impl LocalPack<'_> {
                 update.bucket_in_slot(k, slot).map_err(|source| WriteError::FromSlot { k, slot, source })?;
                 seconds += t.elapsed().as_secs_f64();
             }
-            writer.finish_digests(self.source, &mut sent).map_err(WriteError::Landed)
+            writer.finish_digests(&mut sent).map_err(WriteError::Landed)
         };
         let written = write_all();
         writer.log_phases(version, "local update written through device slots");

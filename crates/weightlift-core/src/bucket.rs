@@ -34,38 +34,99 @@ pub enum BucketError {
 /// Groups `plan`'s operations, in order, into buckets of at most `max_bytes` payload bytes.
 /// Buckets are filled as far as whole elements allow before the next one starts.
 pub fn buckets(plan: &Plan, max_bytes: u64) -> Result<Vec<Bucket>, BucketError> {
-    if max_bytes < 8 {
-        return Err(BucketError::TooSmall(max_bytes));
-    }
-    let mut done = Vec::new();
-    let mut current = Bucket::default();
+    let mut filler = Filler::new(plan, max_bytes)?;
     for op in &plan.ops {
-        let elt = plan.destinations[op.dst as usize].dtype.size();
+        filler.push(op)?;
+    }
+    Ok(filler.finish())
+}
+
+/// Groups `plan`'s operations into buckets of at most `max_bytes` payload bytes so that every
+/// destination tensor arrives whole in one bucket, or, when larger than a bucket, alone in a
+/// run of consecutive buckets that hold nothing else: a receiver that hands each tensor over
+/// as soon as its bucket is in (the streaming receiver) never waits on a later bucket for part
+/// of a tensor that fits one. Destinations come in the order of their first operation, their
+/// operations in plan order, side by side.
+pub fn whole_tensor_buckets(plan: &Plan, max_bytes: u64) -> Result<Vec<Bucket>, BucketError> {
+    let mut filler = Filler::new(plan, max_bytes)?;
+    let mut ops_of: Vec<Vec<&CopyOp>> = vec![Vec::new(); plan.destinations.len()];
+    let mut order = Vec::new();
+    for op in &plan.ops {
+        let d = op.dst as usize;
+        if ops_of[d].is_empty() {
+            order.push(d);
+        }
+        ops_of[d].push(op);
+    }
+    for d in order {
+        let bytes: u64 = ops_of[d].iter().map(|op| plan.op_bytes(op)).sum();
+        let oversized = bytes > max_bytes;
+        if oversized || filler.current.bytes + bytes > max_bytes {
+            filler.close();
+        }
+        for op in &ops_of[d] {
+            filler.push(op)?;
+        }
+        if oversized {
+            filler.close();
+        }
+    }
+    Ok(filler.finish())
+}
+
+/// Fills buckets in order, splitting an operation where the room left ends.
+struct Filler<'a> {
+    plan: &'a Plan,
+    max_bytes: u64,
+    done: Vec<Bucket>,
+    current: Bucket,
+}
+
+impl<'a> Filler<'a> {
+    fn new(plan: &'a Plan, max_bytes: u64) -> Result<Filler<'a>, BucketError> {
+        if max_bytes < 8 {
+            return Err(BucketError::TooSmall(max_bytes));
+        }
+        Ok(Filler { plan, max_bytes, done: Vec::new(), current: Bucket::default() })
+    }
+
+    /// Adds `op` to the current bucket, the rest of it to the next ones when it does not fit.
+    fn push(&mut self, op: &CopyOp) -> Result<(), BucketError> {
+        let elt = self.plan.destinations[op.dst as usize].dtype.size();
         let lead = op.extent.len() - op.src_start.len();
         let mut queue = VecDeque::from([op.clone()]);
         while let Some(piece) = queue.pop_front() {
-            match split_front(&piece, max_bytes - current.bytes, elt, lead) {
+            match split_front(&piece, self.max_bytes - self.current.bytes, elt, lead) {
                 (Some(head), rest) => {
                     let bytes = head.numel() * elt;
-                    current.entries.push(BucketEntry { op: head, payload_offset: current.bytes });
-                    current.bytes += bytes;
+                    self.current.entries.push(BucketEntry { op: head, payload_offset: self.current.bytes });
+                    self.current.bytes += bytes;
                     for r in rest.into_iter().rev() {
                         queue.push_front(r);
                     }
                 }
                 // Not one more element fits: the bucket is full, start the next.
-                (None, _) if !current.entries.is_empty() => {
-                    done.push(std::mem::take(&mut current));
+                (None, _) if !self.current.entries.is_empty() => {
+                    self.close();
                     queue.push_front(piece);
                 }
-                (None, _) => return Err(BucketError::TooSmall(max_bytes)),
+                (None, _) => return Err(BucketError::TooSmall(self.max_bytes)),
             }
         }
+        Ok(())
     }
-    if !current.entries.is_empty() {
-        done.push(current);
+
+    /// Ends the current bucket (if it holds anything).
+    fn close(&mut self) {
+        if !self.current.entries.is_empty() {
+            self.done.push(std::mem::take(&mut self.current));
+        }
     }
-    Ok(done)
+
+    fn finish(mut self) -> Vec<Bucket> {
+        self.close();
+        self.done
+    }
 }
 
 /// `op` cut, in row-major order, into pieces of at most `max_bytes` destination bytes (or one
@@ -238,7 +299,100 @@ mod tests {
         rebuilt.verify().unwrap();
     }
 
+    /// Checks the whole-tensor buckets of `plan`: they tile it as buckets do, every
+    /// destination that fits a bucket lies in exactly one, and a larger one alone in a run of
+    /// consecutive buckets.
+    fn assert_whole_tensors(plan: &Plan, max_bytes: u64) -> Vec<Bucket> {
+        let buckets = whole_tensor_buckets(plan, max_bytes).unwrap();
+        let mut rebuilt = plan.clone();
+        rebuilt.ops = buckets.iter().flat_map(|b| b.entries.iter().map(|e| e.op.clone())).collect();
+        rebuilt.verify().unwrap();
+        for b in &buckets {
+            assert!(b.bytes <= max_bytes && !b.entries.is_empty());
+            let mut offset = 0;
+            for e in &b.entries {
+                assert_eq!(e.payload_offset, offset);
+                offset += plan.op_bytes(&e.op);
+            }
+            assert_eq!(offset, b.bytes);
+        }
+        for (d, spec) in plan.destinations.iter().enumerate() {
+            let holding: Vec<usize> =
+                (0..buckets.len()).filter(|&k| buckets[k].entries.iter().any(|e| e.op.dst as usize == d)).collect();
+            if spec.byte_len() == 0 {
+                continue;
+            }
+            if spec.byte_len() <= max_bytes {
+                assert_eq!(holding.len(), 1, "`{}` ({} bytes) is in buckets {holding:?}", spec.name, spec.byte_len());
+            } else {
+                assert!(holding.windows(2).all(|w| w[1] == w[0] + 1), "`{}` in {holding:?}", spec.name);
+                for &k in &holding {
+                    assert!(
+                        buckets[k].entries.iter().all(|e| e.op.dst as usize == d),
+                        "`{}` shares bucket {k}",
+                        spec.name
+                    );
+                }
+            }
+        }
+        buckets
+    }
+
+    #[test]
+    fn whole_tensor_buckets_keep_each_tensor_together() {
+        // Qwen3-tiny at TP 2, fused qkv / gate_up (several ops per destination).
+        let config = synthetic("qwen3-tiny").unwrap();
+        let source = SourceSet::single(config.source_manifest());
+        let tp = TpRank::new(1, 2).unwrap();
+        let rules = config.preset.rules(crate::PresetOptions { head_dim: None, expert_parallel: false }).unwrap();
+        let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+        let plan = plan(&source, &dest, &rules, tp).unwrap();
+        let largest = plan.destinations.iter().map(TensorSpec::byte_len).max().unwrap();
+        for max in [largest / 3, largest, largest * 2, 1 << 20] {
+            let buckets = assert_whole_tensors(&plan, max.max(8));
+            assert!(buckets.len() >= buckets_fitting(&plan, max.max(8)));
+        }
+    }
+
+    /// Fewest buckets any split could use: bytes over the bucket size.
+    fn buckets_fitting(plan: &Plan, max: u64) -> usize {
+        plan.summary().bytes_to_send.div_ceil(max) as usize
+    }
+
+    #[test]
+    fn a_tensor_larger_than_a_bucket_gets_buckets_of_its_own() {
+        let source = SourceSet::single(
+            Manifest::new(vec![
+                TensorSpec::new("a", DType::BF16, vec![10]),
+                TensorSpec::new("big", DType::BF16, vec![100]),
+                TensorSpec::new("b", DType::BF16, vec![10]),
+            ])
+            .unwrap(),
+        );
+        let rules = RuleSet::new(vec![Rule::rename("{name*}", "{name*}", Split::Replicated).unwrap()]).unwrap();
+        let dest = destination_manifest(&source, &rules, TpRank::SINGLE, None, false).unwrap();
+        let plan = plan(&source, &dest, &rules, TpRank::SINGLE).unwrap();
+        // 64-byte buckets: a (20 bytes) alone, big (200) over four buckets, b alone.
+        let sizes: Vec<u64> = assert_whole_tensors(&plan, 64).iter().map(|b| b.bytes).collect();
+        assert_eq!(sizes, vec![20, 64, 64, 64, 8, 20]);
+    }
+
     proptest! {
+        #[test]
+        fn whole_tensor_bucketing_loses_nothing(
+            shapes in proptest::collection::vec((1u64..30, 1u64..30), 1..8), tp in 1u32..3, max in 8u64..2000,
+        ) {
+            let specs = shapes.iter().enumerate()
+                .map(|(i, &(r, c))| TensorSpec::new(format!("t{i}"), DType::F32, vec![r * u64::from(tp), c]))
+                .collect();
+            let source = SourceSet::single(Manifest::new(specs).unwrap());
+            let rules = RuleSet::new(vec![Rule::rename("{name*}", "{name*}", Split::Dim { dim: 0, granule: 1 }).unwrap()]).unwrap();
+            let tp = TpRank::new(tp - 1, tp).unwrap();
+            let dest = destination_manifest(&source, &rules, tp, Some(DType::BF16), false).unwrap();
+            let plan = plan(&source, &dest, &rules, tp).unwrap();
+            assert_whole_tensors(&plan, max);
+        }
+
         #[test]
         fn bucketing_loses_nothing(
             rows in 1u64..40, cols in 1u64..40, tp in 1u32..4, row_parallel in any::<bool>(), max in 8u64..400,

@@ -4,7 +4,7 @@
 //! ([`Manifest`]) and declarative name-mapping [`rules`], [`plan()`] produces the copy
 //! operations for that rank and proves they write every destination byte exactly once.
 //! [`buckets`] groups a plan's operations into bounded transfers, [`exec`] runs them on host
-//! buffers, [`digest`] defines the checksum both sides compute, [`version`] the update
+//! buffers, [`stream_layout`] places a streaming receiver's tensors in its ring, [`digest`] defines the checksum both sides compute, [`version`] the update
 //! state machine of a receiver, and [`waves_of`] and [`WaveFolds`] schedule digests and
 //! fused copies on a GPU.
 
@@ -22,9 +22,10 @@ pub mod region;
 pub mod rules;
 mod schedule;
 pub mod spec;
+mod stream;
 pub mod version;
 
-pub use bucket::{buckets, pieces, Bucket, BucketEntry, BucketError, DEFAULT_BUCKET_BYTES};
+pub use bucket::{buckets, pieces, whole_tensor_buckets, Bucket, BucketEntry, BucketError, DEFAULT_BUCKET_BYTES};
 pub use dtype::{Cast, DType};
 pub use layout::{Block, LayoutError, Split, TpRank};
 pub use models::{synthetic, ModelConfig, SYNTHETIC_MODELS};
@@ -39,4 +40,5 @@ pub use schedule::{
     EARLY_FOLD_CHUNKS, WAVE_CHUNKS,
 };
 pub use spec::{Manifest, ManifestError, TensorSpec};
+pub use stream::{stream_layout, Place, StreamBuffer, StreamError, StreamLayout};
 pub use version::{Phase, Version, VersionError, VersionState};

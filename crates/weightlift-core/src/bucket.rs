@@ -217,10 +217,17 @@ mod tests {
     /// once again: splitting neither loses nor duplicates a byte.
     fn assert_entries_tile_the_plan(plan: &Plan, max_bytes: u64) -> Vec<Bucket> {
         let buckets = buckets(plan, max_bytes).unwrap();
+        assert_tiles(plan, &buckets, max_bytes);
+        buckets
+    }
+
+    /// `buckets` cover every destination of `plan` exactly once, each within `max_bytes`, its
+    /// entries side by side in its payload.
+    fn assert_tiles(plan: &Plan, buckets: &[Bucket], max_bytes: u64) {
         let mut rebuilt = plan.clone();
         rebuilt.ops = buckets.iter().flat_map(|b| b.entries.iter().map(|e| e.op.clone())).collect();
         rebuilt.verify().unwrap();
-        for b in &buckets {
+        for b in buckets {
             assert!(b.bytes <= max_bytes && !b.entries.is_empty());
             let mut offset = 0;
             for e in &b.entries {
@@ -231,7 +238,6 @@ mod tests {
         }
         let total: u64 = buckets.iter().map(|b| b.bytes).sum();
         assert_eq!(total, plan.summary().bytes_to_send);
-        buckets
     }
 
     #[test]
@@ -304,18 +310,7 @@ mod tests {
     /// consecutive buckets.
     fn assert_whole_tensors(plan: &Plan, max_bytes: u64) -> Vec<Bucket> {
         let buckets = whole_tensor_buckets(plan, max_bytes).unwrap();
-        let mut rebuilt = plan.clone();
-        rebuilt.ops = buckets.iter().flat_map(|b| b.entries.iter().map(|e| e.op.clone())).collect();
-        rebuilt.verify().unwrap();
-        for b in &buckets {
-            assert!(b.bytes <= max_bytes && !b.entries.is_empty());
-            let mut offset = 0;
-            for e in &b.entries {
-                assert_eq!(e.payload_offset, offset);
-                offset += plan.op_bytes(&e.op);
-            }
-            assert_eq!(offset, b.bytes);
-        }
+        assert_tiles(plan, &buckets, max_bytes);
         for (d, spec) in plan.destinations.iter().enumerate() {
             let holding: Vec<usize> =
                 (0..buckets.len()).filter(|&k| buckets[k].entries.iter().any(|e| e.op.dst as usize == d)).collect();

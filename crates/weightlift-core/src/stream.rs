@@ -101,11 +101,8 @@ pub fn stream_layout(
             let (first, last) = span[d as usize].expect("started here");
             let bytes = spec.byte_len();
             let place = if bytes > bucket_bytes {
-                let alone = (first..=last).all(|j| buckets[j].entries.iter().all(|e| e.op.dst == d));
-                if !alone {
-                    let bucket = (first..=last)
-                        .find(|&j| buckets[j].entries.iter().any(|e| e.op.dst != d))
-                        .expect("not alone somewhere");
+                let shared = (first..=last).find(|&j| buckets[j].entries.iter().any(|e| e.op.dst != d));
+                if let Some(bucket) = shared {
                     return Err(StreamError::Shared { name: spec.name.clone(), bytes, bucket });
                 }
                 dedicated_bytes = dedicated_bytes.max(bytes);

@@ -27,7 +27,8 @@ use crate::protocol::{Conn, DeviceSlots, Message};
 use crate::tensors::SourceTensors;
 use crate::transport::{wait_for_free_slot, TransferError};
 use crate::update::{
-    landed_pieces, stage_file_spans, stage_for_copies, stage_whole, LandedPiece, Schedule, StageReads, StagedCopies,
+    all_cores, landed_pieces, stage_file_spans, stage_for_copies, stage_whole, LandedPiece, Schedule, StageReads,
+    StagedCopies,
 };
 
 const PAGE: usize = 4096;
@@ -119,8 +120,7 @@ const BUFFERED_READ_BYTES: usize = 4 << 20;
 const BUFFERED_READ_THREADS: usize = 16;
 
 fn buffered_read_threads(threads: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.min(BUFFERED_READ_THREADS).max(threads)
+    all_cores().min(BUFFERED_READ_THREADS).max(threads)
 }
 
 /// Stages bucket `k` in `scratch`: as its files lay it out where it can be

@@ -15,16 +15,17 @@ use crate::tensors::{DestinationTensors, SourceTensors};
 /// enough that per-piece bookkeeping stays small (256 KiB pieces measured 20% slower).
 const PIECE_BYTES: u64 = 1 << 20;
 
-/// Every core of this machine.
+/// Every core this process may run on, asked once (the answer comes from cgroup files, read
+/// anew on every ask, and staging asks per bucket).
 pub fn all_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Threads per side when none is asked for: half the cores (the other side may share the
 /// host), at most 8 (beyond that memory bandwidth, not hashing, is the limit).
 pub fn default_threads() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / 2).clamp(1, 8)
+    (all_cores() / 2).clamp(1, 8)
 }
 
 /// The buckets of one update (the plan less the skipped destinations), cut into pieces, and
@@ -525,11 +526,10 @@ pub fn landed_pieces(plan: &Plan, schedule: &Schedule, bucket: usize) -> Vec<Lan
     schedule.pieces[bucket]
         .iter()
         .filter_map(|piece| {
-            let dst = piece.dst_bytes.as_ref()?;
+            // Verbatim: bytes of the destination map one to one onto the payload (and the source).
+            let dst = piece.verbatim.as_ref().and(piece.dst_bytes.as_ref())?;
             let len = plan.destinations[piece.op.dst as usize].byte_len();
             let layout = PieceLayout::new(len, dst.start as u64, dst.len() as u64);
-            // Bytes of the destination map one to one onto the payload (and the source).
-            piece.verbatim.as_ref()?;
             let payload_of = |at: u64| piece.payload.start + (at as usize - dst.start);
             Some(LandedPiece {
                 dst: piece.op.dst,

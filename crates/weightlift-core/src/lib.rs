@@ -40,5 +40,5 @@ pub use schedule::{
     EARLY_FOLD_CHUNKS, WAVE_CHUNKS,
 };
 pub use spec::{Manifest, ManifestError, TensorSpec};
-pub use stream::{stream_layout, Place, StreamBuffer, StreamError, StreamLayout};
+pub use stream::{stream_layout, Place, StreamBuffer, StreamError, StreamLayout, STREAM_ALIGN};
 pub use version::{Phase, Version, VersionError, VersionState};

@@ -936,6 +936,28 @@ impl Plan {
         next.iter().zip(&self.destinations).map(|(n, d)| *n == Some(d.numel())).collect()
     }
 
+    /// The plan of `destinations` alone (plan indices, in the order the new plan numbers
+    /// them), with every source kept at its index: what one bucket of a streaming update
+    /// writes. Every destination keeps all its ops, so the part still verifies.
+    pub fn restricted_to(&self, destinations: &[u32]) -> Plan {
+        let mut renumbered = vec![None; self.destinations.len()];
+        for (new, &d) in destinations.iter().enumerate() {
+            renumbered[d as usize] = Some(new as u32);
+        }
+        let ops = self
+            .ops
+            .iter()
+            .filter_map(|op| renumbered[op.dst as usize].map(|dst| CopyOp { dst, ..op.clone() }))
+            .collect();
+        Plan {
+            tp: self.tp,
+            sources: self.sources.clone(),
+            destinations: destinations.iter().map(|&d| self.destinations[d as usize].clone()).collect(),
+            ops,
+            ignored: Vec::new(),
+        }
+    }
+
     /// Bytes an op delivers, in the destination dtype.
     pub fn op_bytes(&self, op: &CopyOp) -> u64 {
         op.numel() * self.destinations[op.dst as usize].dtype.size()

@@ -31,11 +31,18 @@ pub struct Place {
     pub offset: u64,
 }
 
+/// Where tensors start in a buffer: a multiple of this many bytes, so every view the engine
+/// gets is aligned for any dtype and for vectorized copies.
+pub const STREAM_ALIGN: u64 = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamLayout {
     pub depth: u32,
-    /// Bytes of each ring buffer.
+    /// The bucket size the buckets were made with.
     pub bucket_bytes: u64,
+    /// Bytes of each ring buffer: a bucket's tensors with each one's start aligned to
+    /// [`STREAM_ALIGN`] (a little more than `bucket_bytes` for buckets of many tensors).
+    pub buffer_bytes: u64,
     /// Bytes of the dedicated buffer (0 when every tensor fits a bucket).
     pub dedicated_bytes: u64,
     /// Per destination (plan order); None for one of no bytes (nothing to place).
@@ -94,6 +101,7 @@ pub fn stream_layout(
     let mut places = vec![None; n];
     let mut complete_after: Vec<Vec<u32>> = vec![Vec::new(); buckets.len()];
     let mut dedicated_bytes = 0;
+    let mut buffer_bytes = 0;
     for (k, started) in starts.iter().enumerate() {
         let mut offset = 0;
         for &d in started {
@@ -111,7 +119,8 @@ pub fn stream_layout(
                 return Err(StreamError::Spans { name: spec.name.clone(), first, last });
             } else {
                 let place = Place { buffer: StreamBuffer::Ring(k as u32 % depth), offset };
-                offset += bytes;
+                buffer_bytes = u64::max(buffer_bytes, offset + bytes);
+                offset = (offset + bytes).div_ceil(STREAM_ALIGN) * STREAM_ALIGN;
                 place
             };
             places[d as usize] = Some(place);
@@ -139,13 +148,13 @@ pub fn stream_layout(
         reuses.push(reuse);
         last_use.insert(buffer, (k, owner));
     }
-    Ok(StreamLayout { depth, bucket_bytes, dedicated_bytes, places, complete_after, reuses })
+    Ok(StreamLayout { depth, bucket_bytes, buffer_bytes, dedicated_bytes, places, complete_after, reuses })
 }
 
 impl StreamLayout {
     /// Device memory the layout holds: the ring and the dedicated buffer.
     pub fn bytes(&self) -> u64 {
-        u64::from(self.depth) * self.bucket_bytes + self.dedicated_bytes
+        u64::from(self.depth) * self.buffer_bytes + self.dedicated_bytes
     }
 }
 
@@ -218,7 +227,8 @@ mod tests {
             let cap = match place.buffer {
                 StreamBuffer::Ring(r) => {
                     assert!(r < layout.depth);
-                    layout.bucket_bytes
+                    assert_eq!(place.offset % STREAM_ALIGN, 0);
+                    layout.buffer_bytes
                 }
                 StreamBuffer::Dedicated => layout.dedicated_bytes,
             };
@@ -233,12 +243,14 @@ mod tests {
         let buckets = whole_tensor_buckets(&plan, 64).unwrap();
         let layout = stream_layout(&plan, &buckets, 64, 2).unwrap();
         assert_eq!(layout.dedicated_bytes, 240);
-        assert_eq!(layout.bytes(), 2 * 64 + 240);
+        // t3 starts at the next aligned offset after t2.
+        assert_eq!(layout.buffer_bytes, STREAM_ALIGN + 40);
+        assert_eq!(layout.bytes(), 2 * (STREAM_ALIGN + 40) + 240);
         assert_eq!(layout.places[1].unwrap().buffer, StreamBuffer::Dedicated);
         assert_eq!(layout.places[4].unwrap().buffer, StreamBuffer::Dedicated);
-        // t2 and t3 (20 + 40 bytes) share a bucket, side by side.
+        // t2 and t3 (20 + 40 bytes) share a bucket.
         assert_eq!(layout.places[2].unwrap().offset, 0);
-        assert_eq!(layout.places[3].unwrap().offset, 20);
+        assert_eq!(layout.places[3].unwrap().offset, STREAM_ALIGN);
         assert_never_overwrites(&plan, &layout, &buckets);
         // The second large tensor waits for the first to be given back, once, at its first bucket.
         let t4_first = buckets.iter().position(|b| b.entries[0].op.dst == 4).unwrap();

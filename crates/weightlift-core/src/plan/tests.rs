@@ -891,3 +891,37 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The plan of each whole-tensor bucket's destinations verifies on its own, and together
+    /// the parts write every destination exactly as the whole plan does.
+    #[test]
+    fn bucket_parts_verify_and_write_what_the_plan_writes((config, tp_size, ep, bucket, _) in small_config()) {
+        let model = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let tp = TpRank { rank: 0, size: tp_size };
+        let engine = destination_manifest(&SourceSet::single(model.clone()), &rules, tp, None, false);
+        prop_assume!(engine.is_ok());
+        let plan = plan(&SourceSet::single(model), &engine.unwrap(), &rules, tp).unwrap();
+        let sources = source_bytes(&plan);
+        let whole = run_through_buckets(&plan, &sources, bucket);
+        let mut seen = vec![false; plan.destinations.len()];
+        for b in crate::bucket::whole_tensor_buckets(&plan, bucket).unwrap() {
+            let mut dsts: Vec<u32> = b.entries.iter().map(|e| e.op.dst).collect();
+            dsts.dedup();
+            dsts.retain(|&d| !std::mem::replace(&mut seen[d as usize], true));
+            if dsts.is_empty() {
+                continue;
+            }
+            let part = plan.restricted_to(&dsts);
+            prop_assert!(part.verify().is_ok());
+            let written = run_through_buckets(&part, &sources, bucket);
+            for (i, &d) in dsts.iter().enumerate() {
+                prop_assert_eq!(&written[i], &whole[d as usize], "`{}`", plan.destinations[d as usize].name);
+            }
+        }
+        prop_assert!(seen.iter().zip(&plan.destinations).all(|(&s, d)| s || d.byte_len() == 0));
+    }
+}

@@ -374,6 +374,9 @@ pub(crate) struct Importer {
     blocks: HashMap<u64, PhysicalMemory>,
     runs: HashMap<PiecesKey, MappedPieces>,
     bound: Option<(Arc<[u64]>, GpuPlan)>,
+    /// For a streaming receiver: the update bound per bucket (the plan of the destinations
+    /// each completes; None for one that completes none).
+    parts: Option<(Arc<[u64]>, BoundParts)>,
     /// The tensor locations of the last update, and where its segments are mapped here (a
     /// sender omits both when unchanged).
     located: Option<Vec<(u32, u64)>>,
@@ -559,6 +562,41 @@ impl Importer {
             self.bound = Some((sources.ptrs.clone(), bound));
         }
         Ok(&self.bound.as_ref().expect("just bound").1)
+    }
+}
+
+/// Per bucket of a streamed update, its bound plan (None for a bucket that completes nothing).
+type BoundParts = Vec<Option<GpuPlan>>;
+
+impl Importer {
+    /// As [`Importer::plan`], one bound plan per part: `parts[k]` names the destinations
+    /// (plan indices) bucket `k` of a streaming update writes, and its plan writes and
+    /// digests those alone.
+    pub(crate) fn plan_parts(
+        &mut self,
+        gpu: &Gpu,
+        plan: &Plan,
+        sources: &Resolved,
+        destinations: &[u64],
+        parts: &[Vec<u32>],
+    ) -> Result<&[Option<GpuPlan>], CudaError> {
+        let unmoved = |bound: &Arc<[u64]>| Arc::ptr_eq(bound, &sources.ptrs) || bound == &sources.ptrs;
+        if !self.parts.as_ref().is_some_and(|(bound, _)| unmoved(bound)) {
+            self.parts = None;
+            let source_gpu = if sources.same_gpu { SourceGpu::This } else { SourceGpu::Peer };
+            let bound = parts
+                .iter()
+                .map(|part| {
+                    if part.is_empty() {
+                        return Ok(None);
+                    }
+                    let ptrs: Vec<u64> = part.iter().map(|&d| destinations[d as usize]).collect();
+                    GpuPlan::new(gpu, &plan.restricted_to(part), &sources.ptrs, source_gpu, &ptrs).map(Some)
+                })
+                .collect::<Result<Vec<_>, CudaError>>()?;
+            self.parts = Some((sources.ptrs.clone(), bound));
+        }
+        Ok(&self.parts.as_ref().expect("just bound").1)
     }
 }
 

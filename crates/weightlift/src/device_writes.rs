@@ -400,7 +400,7 @@ impl SlotWriter {
         self.write_bucket(slot, bucket, digests)?;
         self.phases.slot_wait += wait;
         let (index, bytes) = (bucket.k as u32, bucket.schedule.buckets[bucket.k].bytes);
-        conn.send(&Message::BucketReady { index, slot, bytes })?;
+        conn.send(&Message::BucketReady { index, slot, bytes, digests: Vec::new() })?;
         Ok(())
     }
 

@@ -9,6 +9,8 @@
 //! - sending updates: [`Sender`] on the trainer side, its [`SenderOptions`], [`Fault`]s and
 //!   [`SendError`], and the synthetic [`Trainer`] that steps a model like an optimizer;
 //! - taking updates: [`Receiver`] on the engine side and the [`UpdateReport`] of each update;
+//!   a streaming receiver ([`Receiver::streaming`]) lands them in a ring ([`StreamPlan`])
+//!   and hands each tensor to the engine's loader through its [`Handoff`];
 //! - the tensors updated from and into: [`SourceTensors`] and [`DestinationTensors`] in host
 //!   memory ([`HostTensors`]), checkpoints on disk ([`CheckpointTensors`]) and GPU memory
 //!   ([`GpuTensors`], any [`DeviceTensors`] shared over CUDA IPC);
@@ -50,6 +52,8 @@ pub use trainer::{StepReport, Trainer};
 
 // Taking updates: the engine-side receiver and what each update reports.
 pub use receiver::{LocalError, Receiver, ReceiverOptions};
+// Streaming receivers: updates through a ring of buffers into the engine's own loader.
+pub use receiver::{DeviceRing, Handoff, RingTensors, StreamFailure, StreamOptions, StreamPlan, StreamSetupError};
 pub use report::{UpdateOutcome, UpdateReport};
 
 // Tensors updated from and into: host memory, checkpoints, GPU memory (shared over CUDA IPC).

@@ -192,6 +192,10 @@ pub enum Message {
         ring: Option<RingInfo>,
         /// Device memory the sender may copy buckets into; its descriptors follow (SCM_RIGHTS).
         slots: Option<DeviceSlots>,
+        /// A streaming receiver's bucket size: the sender cuts whole-tensor buckets of this
+        /// size (not its own) and sends each bucket's digests with it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream_bucket_bytes: Option<u64>,
     },
     /// The sender mapped the ring; the receiver may unlink its name.
     RingMapped,
@@ -224,6 +228,9 @@ pub enum Message {
         index: u32,
         slot: u32,
         bytes: u64,
+        /// To a streaming receiver: the digest of each destination this bucket completes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        digests: Vec<(u32, u64)>,
     },
     SlotFree {
         slot: u32,
@@ -232,6 +239,9 @@ pub enum Message {
     Data {
         index: u32,
         bytes: u64,
+        /// As [`Message::BucketReady`]'s.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        digests: Vec<(u32, u64)>,
     },
     /// CUDA IPC: where the source tensors of the update just accepted live. `fds` descriptors
     /// (of the shareable segments new to this connection) follow on the socket (SCM_RIGHTS).

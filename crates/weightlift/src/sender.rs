@@ -19,7 +19,9 @@ use crate::report::{UpdateOutcome, UpdateReport};
 use crate::session::{self, SessionError, Token};
 use crate::tensors::SourceTensors;
 use crate::transport::{LocalRing, SendPath, TransferError};
-use crate::update::{all_cores, default_threads, digest_verbatim, expected_digests, pack, sender_digests, Schedule};
+use crate::update::{
+    all_cores, completed_digests, default_threads, digest_verbatim, expected_digests, pack, sender_digests, Schedule,
+};
 
 /// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
 pub const DEFAULT_HOST_BUCKET_BYTES: u64 = 64 << 20;
@@ -181,6 +183,9 @@ pub struct Sender {
     /// The payload memory page-locked for copies down from a GPU (GPU tensors over a host
     /// transport), once.
     payload_pins: Option<Vec<weightlift_cuda::PinnedRanges>>,
+    /// The receiver streams updates into its engine's loader: whole-tensor buckets of its
+    /// size, each sent with its digests, and no delta (it keeps nothing between updates).
+    streaming: bool,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -255,9 +260,21 @@ impl Sender {
                 && matches!(options.transport, TransportKind::Shm | TransportKind::InProcess)
                 && weightlift_cuda::driver_present(),
         })?;
-        let (destination, tp, plan_hash, digests, ring, slots, receiver) = match conn.recv(options.timeout)? {
-            Message::Welcome { destination, tp, plan_hash, digests, ring, slots, committed, dirty } => {
-                (destination, tp, plan_hash, digests, ring, slots, ReceiverState { tp, committed, dirty })
+        let mut options = options;
+        let (destination, tp, plan_hash, digests, ring, slots, receiver, stream) = match conn.recv(options.timeout)? {
+            Message::Welcome {
+                destination,
+                tp,
+                plan_hash,
+                digests,
+                ring,
+                slots,
+                committed,
+                dirty,
+                stream_bucket_bytes,
+            } => {
+                let receiver = ReceiverState { tp, committed, dirty };
+                (destination, tp, plan_hash, digests, ring, slots, receiver, stream_bucket_bytes)
             }
             Message::Reject { reason, problems } if !problems.is_empty() => {
                 return Err(SendError::Unplannable { reason, problems })
@@ -265,6 +282,9 @@ impl Sender {
             Message::Reject { reason, .. } => return Err(SendError::Rejected(reason)),
             other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
         };
+        if let Some(bytes) = stream {
+            options.bucket_bytes = bytes;
+        }
         let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)?;
         let ours = plan.hash_hex();
         if ours != plan_hash {
@@ -305,7 +325,10 @@ impl Sender {
             // Nothing travels through the connection but control messages.
             (TransportKind::CudaIpc, _, _) => SendPath::socket(0),
         };
-        let schedule = Schedule::new(&plan, &[], options.bucket_bytes)?;
+        let schedule = match stream {
+            Some(bytes) => Schedule::whole(&plan, bytes)?,
+            None => Schedule::new(&plan, &[], options.bucket_bytes)?,
+        };
         Ok(Sender {
             conn,
             name,
@@ -321,6 +344,7 @@ impl Sender {
             in_flight: None,
             sent_digests: Vec::new(),
             payload_pins: None,
+            streaming: stream.is_some(),
         })
     }
 
@@ -410,7 +434,7 @@ impl Sender {
         if self.options.transport == TransportKind::CudaIpc {
             return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: push them from the GPU".into()));
         }
-        if !self.options.delta {
+        if !self.options.delta || self.streaming {
             return Ok(Vec::new());
         }
         let expected = expected_digests(&self.plan, &self.schedule, tensors);
@@ -497,12 +521,17 @@ impl Sender {
         let (threads, fault) = (self.options.threads, self.options.fault);
         let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
         let before = |k, conn: &Conn| inject(fault, k, conn);
+        let streaming = self.streaming;
         self.path.send_buckets(&mut self.conn, &sizes, self.options.timeout, before, |k, payload| {
             pack(plan, &schedule, k as usize, tensors, payload, &mut digests, threads);
             if fault == Some(Fault::FlipByteInBucket(k)) {
                 payload[payload.len() / 2] ^= 0x40;
             }
-            Ok::<(), SendError>(())
+            let completed = match streaming {
+                true => completed_digests(plan, &schedule, k as usize, tensors, &digests),
+                false => Vec::new(),
+            };
+            Ok::<_, SendError>(completed)
         })?;
         Ok(sender_digests(plan, &schedule, tensors, &digests))
     }
@@ -553,6 +582,15 @@ impl Sender {
         }
         let mut downloads = Downloads::default();
         let fault = self.options.fault;
+        // A streaming receiver takes each bucket's digests with it: taken first, on the GPU.
+        let expected = match self.streaming {
+            true => Some(
+                self.exporter
+                    .expected_digests(gpu, &self.plan, &ptrs)
+                    .map_err(|source| SendError::Cuda { doing: "digesting the tensors".into(), source })?,
+            ),
+            false => None,
+        };
         let (plan, schedule) = (&self.plan, &self.schedule);
         let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
         // Over a socket, bucket k+1 comes down from the GPU (on this thread, the GPU's) while
@@ -563,12 +601,18 @@ impl Sender {
             if fault == Some(Fault::FlipByteInBucket(k)) {
                 payload[payload.len() / 2] ^= 0x40;
             }
-            filled.map_err(|source| SendError::Cuda { doing: format!("copying bucket {k} down"), source })
+            filled.map_err(|source| SendError::Cuda { doing: format!("copying bucket {k} down"), source })?;
+            let completed =
+                expected.as_ref().map(|all| schedule.completes[k as usize].iter().map(|&d| (d, all[d as usize])));
+            Ok(completed.into_iter().flatten().collect())
         })?;
-        let digests = self
-            .exporter
-            .expected_digests(gpu, &self.plan, &ptrs)
-            .map_err(|source| SendError::Cuda { doing: "digesting the tensors".into(), source })?;
+        let digests = match expected {
+            Some(digests) => digests,
+            None => self
+                .exporter
+                .expected_digests(gpu, &self.plan, &ptrs)
+                .map_err(|source| SendError::Cuda { doing: "digesting the tensors".into(), source })?,
+        };
         Ok(digests.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect())
     }
 
@@ -636,7 +680,8 @@ impl Sender {
         let committed = report.is_committed();
         for (d, value) in std::mem::take(&mut self.sent_digests) {
             if let Some(known) = self.receiver_digests.get_mut(d as usize) {
-                *known = committed.then_some(value);
+                // A streaming receiver keeps none of it.
+                *known = (committed && !self.streaming).then_some(value);
             }
         }
         if !committed {

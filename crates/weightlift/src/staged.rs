@@ -60,6 +60,9 @@ pub struct Staging {
     full: Vec<Vec<CopyBatch>>,
     /// Every destination, digested after the last bucket.
     digests: DigestBatch,
+    /// For a streaming receiver: per bucket, the destinations it completes, digested as soon
+    /// as it landed.
+    bucket_digests: Vec<DigestBatch>,
     destinations: Vec<u64>,
     /// The host memory buckets arrive in, page-locked for the copies (best effort).
     _pinned: Vec<HostRegistration>,
@@ -85,9 +88,32 @@ impl Staging {
         let regions: Vec<(u64, u64)> =
             destinations.iter().zip(&plan.destinations).map(|(&ptr, spec)| (ptr, spec.byte_len())).collect();
         let digests = gpu.prepare_digests(&regions)?;
-        let mut staging = Staging { gpu, buffers, full: Vec::new(), digests, destinations, _pinned: Vec::new() };
+        let mut staging = Staging {
+            gpu,
+            buffers,
+            full: Vec::new(),
+            digests,
+            bucket_digests: Vec::new(),
+            destinations,
+            _pinned: Vec::new(),
+        };
         staging.full = staging.batches(plan, full)?;
         Ok(staging)
+    }
+
+    /// Prepares the digests of each bucket's completed destinations (`completes[k]`, plan
+    /// indices), for [`StagedUpdate::bucket_digests`].
+    pub fn digest_per_bucket(&mut self, plan: &Plan, completes: &[Vec<u32>]) -> Result<(), CudaError> {
+        let sizes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
+        self.bucket_digests = completes
+            .iter()
+            .map(|ds| {
+                let regions: Vec<(u64, u64)> =
+                    ds.iter().map(|&d| (self.destinations[d as usize], sizes[d as usize])).collect();
+                self.gpu.prepare_digests(&regions)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(())
     }
 
     /// The device slots to offer a sender, and their descriptors (none without slots).
@@ -214,6 +240,19 @@ impl StagedUpdate<'_> {
         let gpu = &self.staging.gpu;
         gpu.run_copies(self.batch(slot as usize, k)?)?;
         gpu.synchronize()
+    }
+
+    /// Waits for bucket `k`'s copies and digests the destinations it completes (in the order
+    /// given to [`Staging::digest_per_bucket`]).
+    pub fn bucket_digests(&self, k: usize) -> Result<Vec<u64>, CudaError> {
+        let gpu = &self.staging.gpu;
+        let batch = self
+            .staging
+            .bucket_digests
+            .get(k)
+            .ok_or_else(|| CudaError::Invalid(format!("no digests prepared for bucket {k}")))?;
+        gpu.synchronize()?;
+        gpu.run_digests(batch)
     }
 
     /// Waits for the last copies and digests every destination where it lives.

@@ -137,7 +137,7 @@ impl SendPath {
         sizes: &[u64],
         timeout: Duration,
         mut before: impl FnMut(u32, &Conn) -> Result<(), E> + Send,
-        mut fill: impl FnMut(u32, &mut [u8]) -> Result<(), E>,
+        mut fill: impl FnMut(u32, &mut [u8]) -> Result<Vec<(u32, u64)>, E>,
     ) -> Result<(), E>
     where
         E: From<TransferError> + Send,
@@ -149,7 +149,13 @@ impl SendPath {
                     let k = k as u32;
                     before(k, conn)?;
                     let mut filled = Ok(());
-                    path.send_bucket(conn, k, bytes, timeout, |payload| filled = fill(k, payload))?;
+                    path.send_bucket(conn, k, bytes, timeout, |payload| match fill(k, payload) {
+                        Ok(digests) => digests,
+                        Err(e) => {
+                            filled = Err(e);
+                            Vec::new()
+                        }
+                    })?;
                     filled?;
                 }
                 Ok(())
@@ -157,14 +163,16 @@ impl SendPath {
         }
     }
 
-    /// Fills bucket `index` (`bytes` long) with `fill` and hands it to the receiver.
+    /// Fills bucket `index` (`bytes` long) with `fill` and hands it to the receiver, with the
+    /// digests `fill` returns (those of the destinations it completes, for a streaming
+    /// receiver; none otherwise).
     pub fn send_bucket(
         &mut self,
         conn: &mut Conn,
         index: u32,
         bytes: u64,
         timeout: Duration,
-        fill: impl FnOnce(&mut [u8]),
+        fill: impl FnOnce(&mut [u8]) -> Vec<(u32, u64)>,
     ) -> Result<(), TransferError> {
         match self {
             SendPath::Ring { memory, slot_bytes, free } => {
@@ -173,18 +181,19 @@ impl SendPath {
                     free.push_back(slot);
                 }
                 let slot = free.pop_front().expect("a free slot");
-                memory.with_slot_mut(slot, *slot_bytes, |buf| fill(&mut buf[..bytes as usize]));
-                conn.send(&Message::BucketReady { index, slot, bytes })?;
+                let digests = memory.with_slot_mut(slot, *slot_bytes, |buf| fill(&mut buf[..bytes as usize]));
+                conn.send(&Message::BucketReady { index, slot, bytes, digests })?;
             }
             SendPath::Socket { buffers } => {
                 let payload = &mut buffers[0][..bytes as usize];
-                fill(payload);
-                write_bucket(conn, index, payload)?;
+                let digests = fill(payload);
+                write_bucket(conn, index, payload, digests)?;
             }
             SendPath::Device(writer) => {
                 let slot = writer.free_slot(conn, timeout)?;
-                writer.fill_slot(slot, bytes, fill)?;
-                conn.send(&Message::BucketReady { index, slot, bytes })?;
+                let mut digests = Vec::new();
+                writer.fill_slot(slot, bytes, |payload| digests = fill(payload))?;
+                conn.send(&Message::BucketReady { index, slot, bytes, digests })?;
             }
         }
         Ok(())
@@ -243,7 +252,7 @@ fn send_pipelined<E>(
     conn: &mut Conn,
     sizes: &[u64],
     mut before: impl FnMut(u32, &Conn) -> Result<(), E> + Send,
-    mut fill: impl FnMut(u32, &mut [u8]) -> Result<(), E>,
+    mut fill: impl FnMut(u32, &mut [u8]) -> Result<Vec<(u32, u64)>, E>,
 ) -> Result<(), E>
 where
     E: From<TransferError> + Send,
@@ -252,17 +261,17 @@ where
         // Made inside the scope, so that a panicking fill drops them, and the writer ends,
         // before the scope waits for it. Whole buffers travel (with the length filled), so
         // each comes back whole.
-        let (to_write, filled) = sync_channel::<(u32, &mut [u8], usize)>(SOCKET_BUFFERS);
+        let (to_write, filled) = sync_channel::<(u32, &mut [u8], usize, Vec<(u32, u64)>)>(SOCKET_BUFFERS);
         let (to_fill, free) = sync_channel::<&mut [u8]>(SOCKET_BUFFERS);
         for buffer in buffers.iter_mut() {
             to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
         }
         let writer = scope.spawn(move || -> Result<f64, E> {
             let mut writing = 0.0;
-            for (k, buffer, bytes) in filled {
+            for (k, buffer, bytes, digests) in filled {
                 before(k, conn)?;
                 let started = Instant::now();
-                write_bucket(conn, k, &buffer[..bytes])?;
+                write_bucket(conn, k, &buffer[..bytes], digests)?;
                 writing += started.elapsed().as_secs_f64();
                 // Fails once the filler is done; what it queued still goes.
                 let _ = to_fill.send(buffer);
@@ -276,9 +285,9 @@ where
                 let started = Instant::now();
                 let Ok(buffer) = free.recv() else { return Ok(()) };
                 let got = Instant::now();
-                fill(k as u32, &mut buffer[..bytes as usize])?;
+                let digests = fill(k as u32, &mut buffer[..bytes as usize])?;
                 (waiting, filling) = (waiting + (got - started).as_secs_f64(), filling + got.elapsed().as_secs_f64());
-                if to_write.send((k as u32, buffer, bytes as usize)).is_err() {
+                if to_write.send((k as u32, buffer, bytes as usize, digests)).is_err() {
                     return Ok(());
                 }
             }
@@ -301,9 +310,9 @@ where
     })
 }
 
-/// Bucket `index` as a `Data` message and its frame.
-fn write_bucket(conn: &mut Conn, index: u32, payload: &[u8]) -> Result<(), TransferError> {
-    conn.send(&Message::Data { index, bytes: payload.len() as u64 })?;
+/// Bucket `index` as a `Data` message (with its digests, if any) and its frame.
+fn write_bucket(conn: &mut Conn, index: u32, payload: &[u8], digests: Vec<(u32, u64)>) -> Result<(), TransferError> {
+    conn.send(&Message::Data { index, bytes: payload.len() as u64, digests })?;
     conn.send_data(payload)?;
     Ok(())
 }
@@ -374,20 +383,21 @@ impl RecvPath {
         }
     }
 
-    /// Receives bucket `index` of `bytes` bytes and hands it to `consume`.
+    /// Receives bucket `index` of `bytes` bytes and hands it to `consume`, with the digests
+    /// the sender sent beside it (none unless this is a streaming receiver).
     pub fn recv_bucket<R>(
         &mut self,
         conn: &mut Conn,
         index: u32,
         bytes: u64,
         timeout: Duration,
-        consume: impl FnOnce(Arrived<'_>) -> R,
+        consume: impl FnOnce(Arrived<'_>, &[(u32, u64)]) -> R,
     ) -> Result<R, TransferError> {
         let message = conn.recv(timeout)?;
         match (self, message) {
             (
                 RecvPath::Ring { memory, slot_bytes, slots, device_slots },
-                Message::BucketReady { index: i, slot, bytes: b },
+                Message::BucketReady { index: i, slot, bytes: b, digests },
             ) => {
                 let (held, place) = if *device_slots > 0 { (*device_slots, "device slots") } else { (*slots, "slots") };
                 if i != index || b != bytes || slot >= held || b > *slot_bytes {
@@ -396,8 +406,9 @@ impl RecvPath {
                     )));
                 }
                 let result = match *device_slots {
-                    0 => memory.with_slot(slot, *slot_bytes, |buf| consume(Arrived::Host(&buf[..bytes as usize]))),
-                    _ => consume(Arrived::DeviceSlot(slot)),
+                    0 => memory
+                        .with_slot(slot, *slot_bytes, |buf| consume(Arrived::Host(&buf[..bytes as usize]), &digests)),
+                    _ => consume(Arrived::DeviceSlot(slot), &digests),
                 };
                 match conn.send(&Message::SlotFree { slot }) {
                     // This bucket landed. A sender that hung up (or died) after sending more
@@ -411,8 +422,8 @@ impl RecvPath {
             }
             (RecvPath::Socket { buffers }, message) => {
                 let payload = &mut buffers[0][..bytes as usize];
-                read_bucket(conn, message, index, payload, timeout)?;
-                Ok(consume(Arrived::Host(payload)))
+                let digests = read_bucket(conn, message, index, payload, timeout)?;
+                Ok(consume(Arrived::Host(payload), &digests))
             }
             (_, Message::Abort { reason }) => Err(TransferError::SenderAborted(reason)),
             (_, other) => Err(unexpected("a bucket", &other)),
@@ -430,14 +441,14 @@ impl RecvPath {
         conn: &mut Conn,
         sizes: &[u64],
         timeout: Duration,
-        mut consume: impl FnMut(u32, Arrived<'_>) -> Result<(), E>,
+        mut consume: impl FnMut(u32, Arrived<'_>, &[(u32, u64)]) -> Result<(), E>,
     ) -> Result<(), RecvBucketsError<E>> {
         match self {
             RecvPath::Socket { buffers } if sizes.len() > 1 => recv_pipelined(buffers, conn, sizes, timeout, consume),
             path => {
                 for (k, &bytes) in sizes.iter().enumerate() {
                     let index = k as u32;
-                    path.recv_bucket(conn, index, bytes, timeout, |arrived| consume(index, arrived))
+                    path.recv_bucket(conn, index, bytes, timeout, |arrived, digests| consume(index, arrived, digests))
                         .map_err(|error| RecvBucketsError::Transfer { index, error })?
                         .map_err(|error| RecvBucketsError::Consume { index, error })?;
                 }
@@ -456,12 +467,13 @@ fn recv_pipelined<E>(
     conn: &mut Conn,
     sizes: &[u64],
     timeout: Duration,
-    mut consume: impl FnMut(u32, Arrived<'_>) -> Result<(), E>,
+    mut consume: impl FnMut(u32, Arrived<'_>, &[(u32, u64)]) -> Result<(), E>,
 ) -> Result<(), RecvBucketsError<E>> {
     // Without a second handle the reader still stops, after the read it is in.
     let stopper = conn.try_clone_stream().ok();
     std::thread::scope(|scope| {
-        let (to_consume, arrived) = sync_channel::<Result<&mut [u8], TransferError>>(SOCKET_BUFFERS);
+        type Read<'b> = Result<(&'b mut [u8], Vec<(u32, u64)>), TransferError>;
+        let (to_consume, arrived) = sync_channel::<Read<'_>>(SOCKET_BUFFERS);
         let (to_fill, free) = sync_channel::<&mut [u8]>(SOCKET_BUFFERS);
         for buffer in buffers.iter_mut() {
             to_fill.send(buffer.as_mut_slice()).expect("the channel holds every buffer");
@@ -477,7 +489,7 @@ fn recv_pipelined<E>(
                     .and_then(|message| read_bucket(conn, message, k as u32, &mut buffer[..bytes as usize], timeout));
                 reading += started.elapsed().as_secs_f64();
                 let failed = read.is_err();
-                if to_consume.send(read.map(|()| buffer)).is_err() || failed {
+                if to_consume.send(read.map(|digests| (buffer, digests))).is_err() || failed {
                     return reading;
                 }
             }
@@ -490,8 +502,8 @@ fn recv_pipelined<E>(
                 let started = Instant::now();
                 let next = arrived.recv();
                 waiting += started.elapsed().as_secs_f64();
-                let buffer = match next {
-                    Ok(Ok(buffer)) => buffer,
+                let (buffer, digests) = match next {
+                    Ok(Ok(read)) => read,
                     Ok(Err(error)) => return Err(RecvBucketsError::Transfer { index, error }),
                     // The reader ends early only after sending its error: it panicked.
                     Err(_) => {
@@ -502,7 +514,7 @@ fn recv_pipelined<E>(
                     }
                 };
                 let started = Instant::now();
-                let done = consume(index, Arrived::Host(&buffer[..bytes as usize]));
+                let done = consume(index, Arrived::Host(&buffer[..bytes as usize]), &digests);
                 consuming += started.elapsed().as_secs_f64();
                 if let Err(error) = done {
                     if let Some(stream) = &stopper {
@@ -533,18 +545,21 @@ fn recv_pipelined<E>(
 }
 
 /// Reads bucket `index` into `payload` (its length), `message` being the one read in its
-/// place: the `Data` that announces it, or the sender's `Abort`.
+/// place: the `Data` that announces it, or the sender's `Abort`; the digests sent with it.
 fn read_bucket(
     conn: &mut Conn,
     message: Message,
     index: u32,
     payload: &mut [u8],
     timeout: Duration,
-) -> Result<(), TransferError> {
+) -> Result<Vec<(u32, u64)>, TransferError> {
     let bytes = payload.len() as u64;
     match message {
-        Message::Data { index: i, bytes: b } if i == index && b == bytes => Ok(conn.recv_data(payload, timeout)?),
-        Message::Data { index: i, bytes: b } => Err(TransferError::Unexpected(format!(
+        Message::Data { index: i, bytes: b, digests } if i == index && b == bytes => {
+            conn.recv_data(payload, timeout)?;
+            Ok(digests)
+        }
+        Message::Data { index: i, bytes: b, .. } => Err(TransferError::Unexpected(format!(
             "data for bucket {i} of {b} bytes; expected bucket {index} of {bytes} bytes"
         ))),
         Message::Abort { reason } => Err(TransferError::SenderAborted(reason)),

@@ -42,6 +42,8 @@ pub struct Schedule {
     /// The others (none in the presets) are digested once complete.
     pub sequential: Vec<bool>,
     pub bytes: u64,
+    /// Per bucket, the destinations whose last bytes it carries.
+    pub completes: Vec<Vec<u32>>,
 }
 
 impl Schedule {
@@ -52,11 +54,33 @@ impl Schedule {
         }
         let mut kept = plan.clone();
         kept.ops.retain(|op| written[op.dst as usize]);
-        let buckets = buckets(&kept, bucket_bytes)?;
+        Ok(Schedule::of(plan, buckets(&kept, bucket_bytes)?, written))
+    }
+
+    /// The schedule of a streaming receiver's updates: every destination whole in one bucket
+    /// of `bucket_bytes` (or, if larger, alone in a run of them), nothing skipped.
+    pub fn whole(plan: &Plan, bucket_bytes: u64) -> Result<Schedule, BucketError> {
+        let buckets = weightlift_core::whole_tensor_buckets(plan, bucket_bytes)?;
+        Ok(Schedule::of(plan, buckets, vec![true; plan.destinations.len()]))
+    }
+
+    fn of(plan: &Plan, buckets: Vec<Bucket>, written: Vec<bool>) -> Schedule {
         let bytes = buckets.iter().map(|b| b.bytes).sum();
         let sequential = plan.sequential_destinations();
         let pieces = buckets.iter().map(|b| bucket_pieces(plan, &sequential, b)).collect();
-        Ok(Schedule { buckets, pieces, written, sequential, bytes })
+        let mut last = vec![None; plan.destinations.len()];
+        for (k, bucket) in buckets.iter().enumerate() {
+            for entry in &bucket.entries {
+                last[entry.op.dst as usize] = Some(k);
+            }
+        }
+        let mut completes = vec![Vec::new(); buckets.len()];
+        for (d, k) in last.iter().enumerate() {
+            if let Some(k) = k {
+                completes[*k].push(d as u32);
+            }
+        }
+        Schedule { buckets, pieces, written, sequential, bytes, completes }
     }
 
     /// The schedule for an update skipping `skip`: this (full) one when nothing is skipped.
@@ -611,6 +635,26 @@ pub fn sender_digests(
                 false => assemble_digest(plan, sources, d as u32),
             };
             (d as u32, value)
+        })
+        .collect()
+}
+
+/// The sender's digest of each destination bucket `k` completes, once it is packed.
+pub fn completed_digests(
+    plan: &Plan,
+    schedule: &Schedule,
+    k: usize,
+    sources: &dyn SourceTensors,
+    digests: &[ChunkDigests],
+) -> Vec<(u32, u64)> {
+    schedule.completes[k]
+        .iter()
+        .map(|&d| {
+            let value = match schedule.sequential[d as usize] {
+                true => digests[d as usize].finish().expect("every chunk of a completed tensor was packed"),
+                false => assemble_digest(plan, sources, d),
+            };
+            (d, value)
         })
         .collect()
 }

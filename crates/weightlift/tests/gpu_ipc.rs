@@ -569,3 +569,122 @@ fn demo_runs_every_source_into_a_gpu_engine() {
         assert!(v["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{source}: {v}");
     }
 }
+
+/// A streaming receiver on a GPU: its engine (a thread here) takes each bucket from the ring
+/// as it is handed over, slowly, and copies the tensors out; over CUDA IPC from a GPU trainer
+/// in another process, from host memory over shm and tcp (staged), and from a source applied
+/// locally, every version it loaded equals the trainer's, and the device memory weightlift
+/// holds is the ring's (two buckets and the largest tensor above one), not the model's.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn a_streaming_receiver_on_a_gpu_hands_its_engine_every_tensor_over_ipc_and_staged_paths() {
+    use weightlift::core::{DType, Manifest, Preset, TensorSpec};
+    use weightlift::{StreamOptions, StreamPlan};
+    let gpu = gpu(0);
+    let config = synthetic("qwen3-moe-tiny").unwrap();
+    let specs = config.source_manifest();
+    let stream = StreamOptions { depth: 2, bucket_bytes: 64 << 10 };
+    let plan = StreamPlan::new(&specs, stream).unwrap();
+    let sizes = plan.buffer_sizes();
+    let ring_specs = sizes.iter().enumerate().map(|(i, &n)| TensorSpec::new(format!("ring{i}"), DType::U8, vec![n]));
+    let ring = GpuTensors::alloc(&gpu, &Manifest::new(ring_specs.collect()).unwrap()).unwrap();
+    let bases = ring.ptrs();
+    let options = ReceiverOptions { timeout: std::time::Duration::from_secs(10), ..ReceiverOptions::default() };
+    let receiver = Receiver::streaming_on_gpu(gpu.clone(), &specs, ring, stream, options).unwrap();
+    let path = socket("streaming");
+    let listener = Endpoint::Unix(path.clone()).bind().unwrap();
+    let serving = receiver.clone();
+    std::thread::spawn(move || serving.serve(&listener));
+    let to = format!("unix:{}", path.display());
+
+    // The engine: takes `count` versions after `after`, each bucket with a pause, copying
+    // every tensor out of the ring as it is handed over.
+    let engine = |after: u64, count: u64| {
+        let (handoff, plan, gpu) = (receiver.handoff().unwrap(), plan.clone(), gpu.clone());
+        let bases = bases.clone();
+        std::thread::spawn(move || {
+            let mut versions = Vec::new();
+            let mut after = Version(after);
+            for _ in 0..count {
+                let version = handoff.next_update(after, std::time::Duration::from_secs(60)).expect("an update");
+                let mut loaded: Vec<Vec<u8>> = plan.plan.destinations.iter().map(|_| Vec::new()).collect();
+                while let Some(k) = handoff.next_bucket(version, std::time::Duration::from_secs(60)).unwrap() {
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    for &d in &plan.layout.complete_after[k] {
+                        let (buffer, offset) = plan.places()[d as usize].unwrap();
+                        let mut bytes = vec![0u8; plan.plan.destinations[d as usize].byte_len() as usize];
+                        gpu.download_regions(&mut [(bases[buffer] + offset, &mut bytes[..])]).unwrap();
+                        loaded[d as usize] = bytes;
+                    }
+                }
+                versions.push((version, loaded));
+                after = version;
+            }
+            versions
+        })
+    };
+    let check = |versions: Vec<(Version, Vec<Vec<u8>>)>, first_perturbs: usize, label: &str| {
+        let mut trainer = HostTensors::synthetic(&config, 7);
+        (0..first_perturbs).for_each(|_| trainer.perturb());
+        for (i, (version, loaded)) in versions.iter().enumerate() {
+            for (d, bytes) in loaded.iter().enumerate() {
+                assert!(bytes == &trainer.data()[d], "{label} {version}: `{}` differs", specs.specs()[d].name);
+            }
+            if i + 1 < versions.len() {
+                trainer.perturb();
+            }
+        }
+    };
+    let push = |extra: &[&str]| {
+        let out = Command::new(exe())
+            .args(["push", "--synthetic", "qwen3-moe-tiny", "--preset", "identity", "--to", &to, "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let ring_bytes = plan.layout.bytes();
+    let model_bytes: u64 = specs.iter().map(|s| s.byte_len()).sum();
+    assert!(ring_bytes * 4 < model_bytes, "the ring ({ring_bytes} B) is not the model ({model_bytes} B)");
+
+    // CUDA IPC from a GPU trainer: versions 1..=3.
+    let loading = engine(0, 3);
+    let json = push(&["--device", "cuda:0", "--steps", "3"]);
+    for step in json["steps"].as_array().unwrap() {
+        assert_eq!(step["verified"], true, "{step}");
+        for rank in step["ranks"].as_array().unwrap() {
+            assert!(rank["device_extra_bytes"].as_u64().unwrap() < 16 << 20, "{rank}");
+        }
+    }
+    check(loading.join().unwrap(), 1, "ipc");
+    // Host memory, staged, over shm and tcp: versions 4..=5 and 6..=7.
+    for (transport, first) in [("shm", 4u64), ("tcp", 6)] {
+        let loading = engine(first - 1, 2);
+        let json =
+            push(&["--device", "host", "--transport", transport, "--steps", "2", "--version", &first.to_string()]);
+        assert!(json["steps"].as_array().unwrap().iter().all(|s| s["verified"] == true), "{transport}: {json}");
+        check(loading.join().unwrap(), 1, transport);
+    }
+    // A source applied locally (a checkpoint in memory, say).
+    let loading = engine(7, 1);
+    let trainer = {
+        let mut t = HostTensors::synthetic(&config, 7);
+        t.perturb();
+        t
+    };
+    let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
+    assert!(receiver.apply_local(Version(8), &trainer, &rules).unwrap().is_committed());
+    check(loading.join().unwrap(), 1, "local");
+    // A corrupted bucket over IPC is impossible to inject (nothing travels); over tcp it fails
+    // the update in the engine, naming the tensor.
+    let loading = engine(8, 1);
+    let out = Command::new(exe())
+        .args(["push", "--synthetic", "qwen3-moe-tiny", "--preset", "identity", "--to", &to])
+        .args(["--transport", "tcp", "--version", "9", "--fault", "flip:2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(loading.join().is_err(), "the engine's loop fails (its next bucket is an error)");
+    assert_eq!(receiver.committed(), Version(8));
+}

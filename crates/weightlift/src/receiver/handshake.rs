@@ -60,6 +60,7 @@ impl Receiver {
             ConnectionError::Refused(reason)
         };
         let refuse = |conn: &mut Conn, reason: String| refuse_with(conn, reason, Vec::new());
+        let stream = self.shared.stream.as_ref().map(|s| &s.plan);
         if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
@@ -82,8 +83,19 @@ impl Receiver {
             Ok(plan) => plan,
             Err(e) => return Err(refuse_with(&mut conn, e.to_string(), ProblemNote::all(&e))),
         };
+        // A streaming receiver's buckets are its own: the layout of its ring.
+        if let Some(stream) = stream {
+            if plan.hash() != stream.plan.hash() {
+                return Err(refuse(&mut conn, "the sender's tensors are not the ones this receiver streams".into()));
+            }
+        }
+        let bucket_bytes = stream.map_or(bucket_bytes, |s| s.layout.bucket_bytes);
         // The schedule of an update that skips nothing: built once for this connection.
-        let full = Schedule::new(&plan, &[], bucket_bytes).expect("bucket size was validated above");
+        let full = match stream {
+            Some(_) => Schedule::whole(&plan, bucket_bytes),
+            None => Schedule::new(&plan, &[], bucket_bytes),
+        };
+        let full = full.expect("bucket size was validated above");
         // Only tensors on a GPU can take cuda-ipc: the IPC transfer holds them.
         let ipc = match transport {
             TransportKind::CudaIpc => match IpcPull::new(self, source) {
@@ -118,8 +130,19 @@ impl Receiver {
             (_, Store::Device { gpu, tensors }) => {
                 // A sender on this host that can copy to the GPU itself gets device slots; one
                 // across a socket cannot map them.
-                let slots = device_writes && matches!(transport, TransportKind::Shm | TransportKind::InProcess);
-                match Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, slots) {
+                // Not to a streaming receiver, which verifies each bucket as it lands and so
+                // takes each bucket's digests with it.
+                let slots = device_writes
+                    && stream.is_none()
+                    && matches!(transport, TransportKind::Shm | TransportKind::InProcess);
+                let staged = Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, slots)
+                    .and_then(|mut staging| {
+                        if let Some(stream) = stream {
+                            staging.digest_per_bucket(&plan, &stream.layout.complete_after)?;
+                        }
+                        Ok(staging)
+                    });
+                match staged {
                     Ok(mut staging) => {
                         path.each_memory(|memory| staging.pin(memory));
                         Some(staging)
@@ -146,6 +169,7 @@ impl Receiver {
             digests,
             ring,
             slots: slots.clone(),
+            stream_bucket_bytes: stream.map(|s| s.layout.bucket_bytes),
         })?;
         if !slot_fds.is_empty() {
             conn.send_fds(&slot_fds.iter().map(|fd| fd.as_fd()).collect::<Vec<_>>())?;

@@ -9,7 +9,10 @@ mod checker;
 mod connection;
 mod handshake;
 mod settle;
+mod stream;
 mod transfer;
+
+pub use stream::{DeviceRing, Handoff, RingTensors, StreamFailure, StreamOptions, StreamPlan, StreamSetupError};
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -106,6 +109,8 @@ struct Shared {
     /// The device slots and their writer of the last update applied from a local source
     /// into the GPU, kept for the next (see `transfer::LocalSlots`).
     local_slots: Mutex<Option<transfer::LocalSlots>>,
+    /// For a streaming receiver: the ring's layout and the hand-over to the engine.
+    stream: Option<stream::Stream>,
 }
 
 /// Says whether the destination tensors may be touched now; `Err(reason)` when not (their
@@ -164,6 +169,8 @@ pub enum LocalError {
     /// The version state refused it (another update in flight, or not newer).
     #[error("version refused: {0}")]
     Version(VersionError),
+    #[error("the source's tensors are not the ones this receiver streams")]
+    NotStreamed,
 }
 
 /// Where the receiver's tensors live.
@@ -199,7 +206,7 @@ impl Receiver {
     pub fn new(tensors: impl DestinationTensors + 'static, options: ReceiverOptions) -> Receiver {
         let manifest = tensors.manifest().clone();
         let digests = (0..manifest.len()).map(|i| Some(digest::digest(tensors.bytes(i)))).collect();
-        Receiver::with_store(manifest, digests, Store::Host(Box::new(tensors)), options)
+        Receiver::with_store(manifest, digests, Store::Host(Box::new(tensors)), options, None)
     }
 
     /// A receiver whose tensors live on `gpu` (written in place by updates over CUDA IPC).
@@ -211,10 +218,67 @@ impl Receiver {
         let manifest = tensors.manifest().clone();
         let digests = tensors.digests(&gpu)?.into_iter().map(Some).collect();
         let store = Store::Device { gpu, tensors: Arc::new(tensors) };
-        Ok(Receiver::with_store(manifest, digests, store, options))
+        Ok(Receiver::with_store(manifest, digests, store, options, None))
     }
 
-    fn with_store(manifest: Manifest, digests: Vec<Option<u64>>, store: Store, options: ReceiverOptions) -> Receiver {
+    /// A streaming receiver of the tensors `specs` (the trainer's names and layout), which
+    /// lands each update in `buffers` in host memory (sized as [`StreamPlan::buffer_sizes`]
+    /// says) and hands each tensor to the engine once verified (see [`Receiver::handoff`]).
+    pub fn streaming(
+        specs: &Manifest,
+        buffers: impl DestinationTensors + 'static,
+        stream: StreamOptions,
+        options: ReceiverOptions,
+    ) -> Result<Receiver, StreamSetupError> {
+        let stream = stream::Stream::new(StreamPlan::new(specs, stream)?);
+        let ring = stream::host_ring(&stream, buffers)?;
+        let options = Receiver::stream_options(&stream.plan, options);
+        let digests = vec![None; specs.len()];
+        let store = Store::Host(Box::new(ring));
+        Ok(Receiver::with_store(specs.clone(), digests, store, options, Some(stream)))
+    }
+
+    /// As [`Receiver::streaming`], with `buffers` on `gpu`.
+    pub fn streaming_on_gpu(
+        gpu: Arc<Gpu>,
+        specs: &Manifest,
+        buffers: impl DeviceTensors + 'static,
+        stream: StreamOptions,
+        options: ReceiverOptions,
+    ) -> Result<Receiver, StreamSetupError> {
+        let plan = StreamPlan::new(specs, stream)?;
+        let ring = stream::device_ring(&plan, buffers)?;
+        let options = Receiver::stream_options(&plan, options);
+        let digests = vec![None; specs.len()];
+        let store = Store::Device { gpu, tensors: Arc::new(ring) };
+        Ok(Receiver::with_store(specs.clone(), digests, store, options, Some(stream::Stream::new(plan))))
+    }
+
+    /// A streaming receiver takes the identity layout only, whole tensors, at TP 1.
+    fn stream_options(plan: &StreamPlan, options: ReceiverOptions) -> ReceiverOptions {
+        let expected_rules = Some(("the streaming receiver's identity layout".to_string(), plan.rules.clone()));
+        let max_bucket_bytes = options.max_bucket_bytes.max(plan.layout.bucket_bytes);
+        ReceiverOptions { tp: TpRank::SINGLE, expected_rules, max_bucket_bytes, ..options }
+    }
+
+    /// The streaming receiver's layout (None for one that takes updates in place).
+    pub fn stream_plan(&self) -> Option<&StreamPlan> {
+        self.shared.stream.as_ref().map(|s| &s.plan)
+    }
+
+    /// The streaming receiver's hand-over: where its engine waits for each update and takes
+    /// its buckets (None for one that takes updates in place).
+    pub fn handoff(&self) -> Option<Arc<Handoff>> {
+        self.shared.stream.as_ref().map(|s| s.handoff.clone())
+    }
+
+    fn with_store(
+        manifest: Manifest,
+        digests: Vec<Option<u64>>,
+        store: Store,
+        options: ReceiverOptions,
+        stream: Option<stream::Stream>,
+    ) -> Receiver {
         let state = State { versions: VersionState::new(options.initial_version), digests, last_report: None };
         Receiver {
             shared: Arc::new(Shared {
@@ -226,6 +290,7 @@ impl Receiver {
                 observers: Mutex::new(Vec::new()),
                 gate: Mutex::new(None),
                 local_slots: Mutex::new(None),
+                stream,
             }),
         }
     }
@@ -349,6 +414,11 @@ impl Receiver {
             std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
             return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None);
         }
+        // A streaming receiver's buckets are its own size.
+        let options = match self.stream_plan() {
+            Some(stream) => SenderOptions { bucket_bytes: stream.layout.bucket_bytes, ..options },
+            None => options,
+        };
         if options.bucket_bytes > self.shared.options.max_bucket_bytes {
             return Err(SendError::Rejected(format!(
                 "bucket size {} exceeds the receiver's limit of {}",
@@ -381,9 +451,16 @@ impl Receiver {
             }
         }
         let plan = plan(&SourceSet::single(source.manifest().clone()), &self.shared.manifest, rules, options.tp)?;
-        // A sender's default bucket, within this receiver's bound on the memory an update holds.
-        let bucket_bytes = DEFAULT_HOST_BUCKET_BYTES.min(options.max_bucket_bytes);
-        let full = Schedule::new(&plan, &[], bucket_bytes)?;
+        let (bucket_bytes, full) = match self.stream_plan() {
+            Some(stream) if stream.plan.hash() != plan.hash() => return Err(LocalError::NotStreamed),
+            Some(stream) => (stream.layout.bucket_bytes, Schedule::whole(&plan, stream.layout.bucket_bytes)?),
+            None => {
+                // A sender's default bucket, within this receiver's bound on the memory an
+                // update holds.
+                let bucket_bytes = DEFAULT_HOST_BUCKET_BYTES.min(options.max_bucket_bytes);
+                (bucket_bytes, Schedule::new(&plan, &[], bucket_bytes)?)
+            }
+        };
         self.gate().map_err(|reason| LocalError::Refused { version, reason })?;
         self.state().versions.begin(version).map_err(LocalError::Version)?;
         let started = Instant::now();

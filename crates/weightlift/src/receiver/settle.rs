@@ -49,7 +49,9 @@ impl Receiver {
         let (outcome, reason) = match outcome {
             Outcome::Verified { digests, compared, .. } => {
                 state.versions.commit(version).expect("this connection holds the update in flight");
-                for (d, value) in digests.into_iter().enumerate() {
+                // A streaming receiver keeps no bytes between updates: nothing to vouch for.
+                let kept = if self.shared.stream.is_some() { Vec::new() } else { digests };
+                for (d, value) in kept.into_iter().enumerate() {
                     if value.is_some() {
                         state.digests[d] = value;
                     }
@@ -64,20 +66,27 @@ impl Receiver {
                 (UpdateOutcome::Failed, Some(format!("digest mismatch: {}", quoted.join(", "))))
             }
             Outcome::Aborted(reason) => (UpdateOutcome::Aborted, Some(reason)),
-            Outcome::Broken(reason) => (UpdateOutcome::Failed, Some(reason)),
+            Outcome::Broken(reason) | Outcome::Failed(reason) => (UpdateOutcome::Failed, Some(reason)),
         };
         report.outcome = outcome;
         if let Some(reason) = reason {
-            // Every tensor this update touched may now hold neither version's bytes.
-            let dirty: Vec<String> = (0..touched.len())
-                .filter(|&d| touched[d])
-                .map(|d| {
-                    state.digests[d] = None;
-                    plan.destinations[d].name.clone()
-                })
-                .collect();
+            // Every tensor this update touched may now hold neither version's bytes; for a
+            // streaming receiver, every tensor its engine was handed (and may have loaded).
+            let dirty: Vec<String> = match &self.shared.stream {
+                Some(stream) => stream.handoff.handed_names(),
+                None => (0..touched.len())
+                    .filter(|&d| touched[d])
+                    .map(|d| {
+                        state.digests[d] = None;
+                        plan.destinations[d].name.clone()
+                    })
+                    .collect(),
+            };
             state.versions.fail(version, reason.clone(), dirty).expect("this connection holds the update in flight");
             report.error = Some(reason);
+        }
+        if let Some(stream) = &self.shared.stream {
+            stream.handoff.settle(version, report.error.clone());
         }
         report.committed = state.versions.committed();
         report.dirty = state.versions.dirty().iter().cloned().collect();
@@ -100,6 +109,9 @@ pub(super) enum Outcome {
     Aborted(String),
     /// The transfer broke off (sender gone, stalled, or out of protocol).
     Broken(String),
+    /// The update failed on this side while its bytes kept coming, so the connection is still
+    /// in step (a streaming receiver's engine gave up, say).
+    Failed(String),
 }
 
 impl Outcome {

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use weightlift_core::digest::ChunkDigests;
+use weightlift_core::digest::{self, ChunkDigests};
 use weightlift_core::{Manifest, Plan, Version};
 use weightlift_cuda::{CudaError, Gpu};
 
@@ -21,9 +21,10 @@ use crate::report::UpdateReport;
 use crate::staged::{StagedUpdate, Staging};
 use crate::tensors::{DestinationTensors, SourceTensors};
 use crate::transport::{Arrived, RecvBucketsError, RecvPath, TransferError};
-use crate::update::{pack, receiver_digests, sender_digests, unpack, Schedule};
+use crate::update::{completed_digests, pack, receiver_digests, sender_digests, unpack, Schedule};
 
 use super::settle::Outcome;
+use super::stream::StreamSteps;
 use super::{Receiver, Store};
 
 /// How one update's bytes reach the destination tensors on one connection.
@@ -123,16 +124,31 @@ impl Transfer for HostBuckets {
             Err(e) => return (Outcome::Broken(format!("preparing the update: {e}")), report),
         };
         let mut unpack_seconds = 0.0;
+        let stream = receiver.shared.stream.as_ref();
+        let mut steps = stream.map(|s| StreamSteps::begin(s, version, timeout));
         // Over a socket, bucket k+1 is read (on a thread of the path's) while bucket k is
         // written here; a tensor is touched once a bucket of it is consumed, not read.
         let sizes: Vec<u64> = schedule.buckets.iter().map(|b| b.bytes).collect();
-        let received = path.recv_buckets(conn, &sizes, timeout, |k, arrived| {
+        let received = path.recv_buckets(conn, &sizes, timeout, |k, arrived, theirs| {
             let k = k as usize;
+            if let (Some(steps), Some(stream)) = (&mut steps, stream) {
+                // Once the stream failed, the rest is drained, not written.
+                if !steps.before(k) {
+                    return Ok(());
+                }
+                stream.writing(k);
+            }
             for entry in &schedule.buckets[k].entries {
                 touched[entry.op.dst as usize] = true;
             }
             let t = Instant::now();
             let written = sink.write(plan, &schedule, k, arrived, threads);
+            if let (Some(steps), Ok(())) = (&mut steps, &written) {
+                match sink.bucket_digests(k, steps.completes(k)) {
+                    Ok(ours) => steps.after(k, &ours, Some(theirs)),
+                    Err(e) => steps.fail(e),
+                }
+            }
             unpack_seconds += t.elapsed().as_secs_f64();
             written
         });
@@ -149,6 +165,24 @@ impl Transfer for HostBuckets {
         };
         let outcome = outcome.unwrap_or_else(|| {
             let _ = receiver.state().versions.verify(version);
+            if let Some(steps) = steps {
+                // Every bucket was compared as it landed; the end only closes the update.
+                let failed = steps.finish();
+                return match conn.recv(timeout) {
+                    Ok(Message::End { version: v, two_phase, .. }) if v == version => {
+                        failed.unwrap_or(Outcome::Verified {
+                            digests: vec![None; plan.destinations.len()],
+                            compared: true,
+                            two_phase,
+                        })
+                    }
+                    Ok(Message::Abort { reason }) => Outcome::called_off(reason),
+                    Ok(other) => {
+                        Outcome::Broken(format!("expected the end of version {version}, got {}", other.name()))
+                    }
+                    Err(e) => Outcome::Broken(format!("waiting for the end of the update: {e}")),
+                };
+            }
             let t = Instant::now();
             let ours = match sink.digests(&schedule) {
                 Ok(ours) => ours,
@@ -215,6 +249,25 @@ impl Transfer for IpcPull {
             let resolved = importer.resolve(gpu, source, pid, &device, segments, located, fds)?;
             report.ipc_opens = resolved.opens;
             report.same_gpu = Some(resolved.same_gpu);
+            if let Some(stream) = receiver.shared.stream.as_ref() {
+                let completes = &stream.plan.layout.complete_after;
+                let parts = importer
+                    .plan_parts(gpu, plan, &resolved, &tensors.device_ptrs(), completes)
+                    .map_err(|e| format!("binding the update to the sender's memory: {e}"))?;
+                report.device_extra_bytes = parts.iter().flatten().map(|p| p.device_bytes()).sum();
+                report.launches = parts.iter().flatten().map(|p| p.launches()).sum();
+                return Ok(pull_streamed(
+                    receiver,
+                    conn,
+                    plan,
+                    version,
+                    stream,
+                    gpu,
+                    parts,
+                    sender_digests,
+                    &mut report,
+                ));
+            }
             let bound = importer
                 .plan(gpu, plan, &resolved, &tensors.device_ptrs())
                 .map_err(|e| format!("binding the update to the sender's memory: {e}"))?;
@@ -250,6 +303,74 @@ impl Transfer for IpcPull {
     }
 }
 
+/// A streamed update over CUDA IPC: each bucket's tensors pulled into the ring once its buffer
+/// is free, digested in the same pass, compared with the sender's digests (its `End`, which
+/// it sends once it digested its memory, read before the first hand-over) and handed to the
+/// engine. Only the hand-overs mark tensors touched (see `settle`).
+#[allow(clippy::too_many_arguments)]
+fn pull_streamed(
+    receiver: &Receiver,
+    conn: &mut Conn,
+    plan: &Plan,
+    version: Version,
+    stream: &super::stream::Stream,
+    gpu: &Gpu,
+    parts: &[Option<crate::gpu::GpuPlan>],
+    sender_digests: bool,
+    report: &mut UpdateReport,
+) -> Outcome {
+    let timeout = receiver.shared.options.timeout;
+    let mut steps = StreamSteps::begin(stream, version, timeout);
+    // The sender's digests and its two-phase flag, once its `End` came.
+    let mut end: Option<(Vec<(u32, u64)>, bool)> = None;
+    let mut read_end = |end: &mut Option<(Vec<(u32, u64)>, bool)>| -> Result<(), Outcome> {
+        if end.is_some() {
+            return Ok(());
+        }
+        match conn.recv(timeout) {
+            Ok(Message::End { version: v, digests, two_phase }) if v == version => {
+                *end = Some((digests, two_phase));
+                Ok(())
+            }
+            Ok(Message::Abort { reason }) => Err(Outcome::called_off(reason)),
+            Ok(other) => Err(Outcome::Broken(format!("expected the end of version {version}, got {}", other.name()))),
+            Err(e) => Err(Outcome::Broken(format!("waiting for the end of the update: {e}"))),
+        }
+    };
+    let pulled = Instant::now();
+    for (k, part) in parts.iter().enumerate() {
+        if !steps.before(k) {
+            break;
+        }
+        let ours = match part.as_ref().map(|p| p.update(gpu)).transpose() {
+            Ok(ours) => ours.unwrap_or_default(),
+            Err(e) => {
+                steps.fail(format!("pulling bucket {k}: {e}"));
+                break;
+            }
+        };
+        if sender_digests {
+            if let Err(outcome) = read_end(&mut end) {
+                return outcome;
+            }
+        }
+        let theirs = end.as_ref().filter(|_| sender_digests).map(|(d, _)| d.as_slice());
+        steps.after(k, &ours, theirs);
+    }
+    report.unpack_seconds = pulled.elapsed().as_secs_f64();
+    let failed = steps.finish();
+    let _ = receiver.state().versions.verify(version);
+    if let Err(outcome) = read_end(&mut end) {
+        return outcome;
+    }
+    let two_phase = end.is_some_and(|(_, two_phase)| two_phase);
+    failed.unwrap_or(Outcome::Verified {
+        digests: vec![None; plan.destinations.len()],
+        compared: sender_digests,
+        two_phase,
+    })
+}
+
 /// A source in this process (a checkpoint read from disk) into the tensors, so nothing plays
 /// sender to itself over a socket. Into host memory, each bucket is packed from the source
 /// into a buffer, as a sender would, and unpacked into the tensors; into a GPU, it is written
@@ -279,6 +400,9 @@ impl LocalPack<'_> {
         skip: &[u32],
         touched: &mut [bool],
     ) -> (Outcome, UpdateReport) {
+        if let Some(stream) = receiver.shared.stream.as_ref() {
+            return self.run_streamed(receiver, stream, plan, version);
+        }
         let schedule = self.full.for_skip(plan, skip, self.bucket_bytes).expect("bucket size was validated");
         let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = UpdateReport {
@@ -311,6 +435,86 @@ impl LocalPack<'_> {
             Outcome::Mismatch(mismatched)
         };
         drop(store);
+        (outcome, report)
+    }
+
+    /// Into a streaming receiver: each bucket packed from the source (digested as packed),
+    /// written into the ring (host memory, or through a staging buffer on the GPU), digested
+    /// there, compared and handed over, as a connection's buckets are.
+    fn run_streamed(
+        &self,
+        receiver: &Receiver,
+        stream: &super::stream::Stream,
+        plan: &Plan,
+        version: Version,
+    ) -> (Outcome, UpdateReport) {
+        let options = &receiver.shared.options;
+        let schedule = &self.full;
+        let mut report = UpdateReport {
+            bytes: schedule.bytes,
+            tensors: plan.destinations.len(),
+            buckets: schedule.buckets.len(),
+            sender_digests: true,
+            ..UpdateReport::default()
+        };
+        let mut store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut payload = vec![0u8; self.bucket_bytes as usize];
+        let staging = match &*store {
+            Store::Device { gpu, tensors } => {
+                let staged = Staging::new(gpu.clone(), plan, schedule, tensors.device_ptrs(), self.bucket_bytes, false)
+                    .and_then(|mut staging| {
+                        staging.digest_per_bucket(plan, &stream.plan.layout.complete_after)?;
+                        staging.pin(&payload);
+                        Ok(staging)
+                    });
+                match staged {
+                    Ok(staging) => Some(staging),
+                    Err(e) => return (Outcome::Broken(WriteError::Stage(e).to_string()), report),
+                }
+            }
+            Store::Host(_) => None,
+        };
+        report.device_extra_bytes = staging.as_ref().map_or(0, Staging::device_bytes);
+        let sink = match (&mut *store, &staging) {
+            (Store::Host(tensors), _) => Ok(Sink::Host { tensors: tensors.as_mut(), digests: schedule.digests(plan) }),
+            (Store::Device { .. }, Some(staging)) => {
+                staging.update(plan, schedule, false).map(Sink::Device).map_err(WriteError::Stage)
+            }
+            (Store::Device { .. }, None) => Err(WriteError::NoStaging),
+        };
+        let mut sink = match sink {
+            Ok(sink) => sink,
+            Err(e) => return (Outcome::Broken(e.to_string()), report),
+        };
+        let mut steps = StreamSteps::begin(stream, version, options.timeout);
+        let mut sent = schedule.digests(plan);
+        let written = Instant::now();
+        for (k, bucket) in schedule.buckets.iter().enumerate() {
+            if !steps.before(k) {
+                break;
+            }
+            let payload = &mut payload[..bucket.bytes as usize];
+            pack(plan, schedule, k, self.source, payload, &mut sent, options.threads);
+            let theirs = completed_digests(plan, schedule, k, self.source, &sent);
+            stream.writing(k);
+            let ours = sink
+                .write(plan, schedule, k, Arrived::Host(payload), options.threads)
+                .and_then(|()| sink.bucket_digests(k, steps.completes(k)));
+            match ours {
+                Ok(ours) => steps.after(k, &ours, Some(&theirs)),
+                Err(e) => steps.fail(e),
+            }
+        }
+        report.unpack_seconds = written.elapsed().as_secs_f64();
+        let failed = steps.finish();
+        let _ = receiver.state().versions.verify(version);
+        drop(sink);
+        drop(store);
+        let outcome = failed.unwrap_or(Outcome::Verified {
+            digests: vec![None; plan.destinations.len()],
+            compared: true,
+            two_phase: false,
+        });
         (outcome, report)
     }
 
@@ -494,6 +698,17 @@ impl Sink<'_> {
             (Sink::Device(update), Arrived::DeviceSlot(slot)) => {
                 update.bucket_in_slot(k, slot).map_err(|source| WriteError::FromSlot { k, slot, source })
             }
+        }
+    }
+
+    /// The receiver's digest of each destination of `completes` (bucket `k` completed them).
+    fn bucket_digests(&mut self, k: usize, completes: &[u32]) -> Result<Vec<u64>, WriteError> {
+        match self {
+            Sink::Host { tensors, digests } => Ok(completes
+                .iter()
+                .map(|&d| digests[d as usize].finish().unwrap_or_else(|| digest::digest(tensors.bytes(d as usize))))
+                .collect()),
+            Sink::Device(update) => update.bucket_digests(k).map_err(WriteError::Digest),
         }
     }
 

@@ -1,0 +1,256 @@
+//! The streaming receiver over every host path (shm, tcp, in-process, a source applied
+//! locally): an engine thread takes each bucket as it is handed over, reading the ring through
+//! a mapping of its own (as an engine reads its views), and loads the bytes into its own
+//! tensors, slowly. What it loaded equals the trainer's tensors bit for bit (so no bucket was
+//! overwritten before it was given back); the update commits only once the engine took every
+//! bucket; a corrupted bucket, a sender that hangs up and an engine that gives up each fail the
+//! update on the engine's side with the reason and what it was handed, and leave the receiver
+//! on its version, ready for the next.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use weightlift::core::{synthetic, DType, Manifest, Preset, PresetOptions, TensorSpec, Version};
+use weightlift::{
+    DestinationTensors, Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, StreamFailure,
+    StreamOptions, StreamPlan, TransportKind,
+};
+use weightlift_cuda::SharedMemory;
+
+mod common;
+use common::socket_path;
+
+const MODEL: &str = "qwen3-tiny";
+/// Several buckets, and the embedding larger than one (through the dedicated buffer).
+const BUCKET_BYTES: u64 = 16 << 10;
+
+/// The ring's buffers in shared memory: the receiver writes one mapping, the engine reads
+/// another of the same pages, handed over bucket by bucket.
+struct ShmBuffers {
+    manifest: Manifest,
+    regions: Vec<SharedMemory>,
+}
+
+impl ShmBuffers {
+    fn new(sizes: &[u64]) -> ShmBuffers {
+        let specs = sizes.iter().enumerate().map(|(i, &n)| TensorSpec::new(format!("ring{i}"), DType::U8, vec![n]));
+        let regions = sizes.iter().map(|&n| SharedMemory::create("wl-stream-test", n as usize).unwrap()).collect();
+        ShmBuffers { manifest: Manifest::new(specs.collect()).unwrap(), regions }
+    }
+
+    /// The engine's own mapping of the same buffers.
+    fn engine_view(&self) -> Vec<SharedMemory> {
+        self.regions.iter().map(|r| SharedMemory::open(r.path(), r.len()).unwrap()).collect()
+    }
+}
+
+impl DestinationTensors for ShmBuffers {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    fn bytes(&self, index: usize) -> &[u8] {
+        self.regions[index].as_slice()
+    }
+    fn bytes_mut(&mut self, index: usize) -> &mut [u8] {
+        self.regions[index].as_mut_slice()
+    }
+    fn all_mut(&mut self) -> Vec<&mut [u8]> {
+        self.regions.iter_mut().map(|r| r.as_mut_slice()).collect()
+    }
+}
+
+struct Setup {
+    receiver: Receiver,
+    endpoint: Endpoint,
+    trainer: HostTensors,
+    /// The engine's mapping of the ring.
+    view: Arc<Vec<SharedMemory>>,
+    plan: StreamPlan,
+}
+
+fn setup(endpoint: Endpoint) -> Setup {
+    let config = synthetic(MODEL).unwrap();
+    let specs = config.source_manifest();
+    let stream = StreamOptions { depth: 2, bucket_bytes: BUCKET_BYTES };
+    let plan = StreamPlan::new(&specs, stream).unwrap();
+    let buffers = ShmBuffers::new(&plan.buffer_sizes());
+    let view = Arc::new(buffers.engine_view());
+    let options = ReceiverOptions { timeout: Duration::from_secs(2), ..ReceiverOptions::default() };
+    let receiver = Receiver::streaming(&specs, buffers, stream, options).unwrap();
+    let listener = endpoint.bind().unwrap();
+    let endpoint = listener.endpoint().unwrap();
+    let serving = receiver.clone();
+    std::thread::spawn(move || serving.serve(&listener));
+    Setup { receiver, endpoint, trainer: HostTensors::synthetic(&config, 11), view, plan }
+}
+
+/// What the engine loaded of one version: each tensor's bytes, by name.
+type Loaded = HashMap<String, Vec<u8>>;
+
+/// An engine loading every update after `after`: takes the buckets in turn, sleeping `delay`
+/// in each (a slow loader), copying each tensor out of the ring; gives up after `give_up_at`
+/// buckets if asked to.
+fn engine(
+    s: &Setup,
+    after: Version,
+    delay: Duration,
+    give_up_at: Option<usize>,
+) -> JoinHandle<Result<(Version, Loaded), StreamFailure>> {
+    let handoff = s.receiver.handoff().expect("a streaming receiver");
+    let (view, plan) = (s.view.clone(), s.plan.clone());
+    std::thread::spawn(move || {
+        let version = handoff.next_update(after, Duration::from_secs(10)).expect("an update streams");
+        let places = plan.places();
+        let mut loaded = Loaded::new();
+        let mut taken = 0;
+        while let Some(k) = handoff.next_bucket(version, Duration::from_secs(10))? {
+            if give_up_at == Some(taken) {
+                handoff.abandon(version, "load_weights raised KeyError: 'model.norm.weight'".into());
+                continue;
+            }
+            taken += 1;
+            std::thread::sleep(delay);
+            for &d in &plan.layout.complete_after[k] {
+                let spec = &plan.plan.destinations[d as usize];
+                let (buffer, offset) = places[d as usize].expect("placed");
+                let bytes = &view[buffer].as_slice()[offset as usize..(offset + spec.byte_len()) as usize];
+                loaded.insert(spec.name.clone(), bytes.to_vec());
+            }
+        }
+        Ok((version, loaded))
+    })
+}
+
+fn connect(s: &Setup, transport: TransportKind, fault: Option<Fault>) -> Sender {
+    let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
+    // The sender's bucket size is its own; a streaming receiver's wins.
+    let options = SenderOptions { transport, fault, bucket_bytes: 1 << 20, ..SenderOptions::default() };
+    match transport {
+        TransportKind::InProcess => s.receiver.connect_in_process(s.trainer.manifest(), &rules, options),
+        _ => Sender::connect(&s.endpoint, s.trainer.manifest(), &rules, options),
+    }
+    .unwrap()
+}
+
+fn assert_loaded_exactly(s: &Setup, loaded: &Loaded, label: &str) {
+    assert_eq!(loaded.len(), s.trainer.manifest().len(), "{label}");
+    for (spec, want) in s.trainer.manifest().iter().zip(s.trainer.data()) {
+        assert!(loaded[&spec.name] == *want, "{label}: `{}` differs", spec.name);
+    }
+}
+
+fn endpoint_for(transport: TransportKind, label: &str) -> Endpoint {
+    match transport {
+        TransportKind::Tcp => Endpoint::Tcp("127.0.0.1:0".into()),
+        _ => Endpoint::Unix(socket_path(&format!("stream-{label}"))),
+    }
+}
+
+const TRANSPORTS: [TransportKind; 3] = [TransportKind::Shm, TransportKind::Tcp, TransportKind::InProcess];
+
+#[test]
+fn a_slow_engine_loads_every_tensor_exactly_over_every_host_path() {
+    for transport in TRANSPORTS {
+        let label = transport.to_string();
+        let mut s = setup(endpoint_for(transport, &label));
+        assert!(s.plan.layout.dedicated_bytes > 0, "the embedding takes the dedicated buffer");
+        assert!(s.plan.buckets.len() > 4, "{label}: several buckets");
+        let mut sender = connect(&s, transport, None);
+        for version in [Version(1), Version(2)] {
+            let loading = engine(&s, Version(version.0 - 1), Duration::from_millis(2), None);
+            let report = sender.push(version, &s.trainer).unwrap();
+            assert!(report.is_committed() && report.verified, "{label}: {report:?}");
+            let (got, loaded) = loading.join().unwrap().unwrap();
+            assert_eq!(got, version);
+            assert_loaded_exactly(&s, &loaded, &format!("{label} v{version}"));
+            assert_eq!(s.receiver.committed(), version);
+            // Everything again next step: the receiver kept nothing to skip.
+            assert_eq!(report.skipped_tensors, 0);
+            s.trainer.perturb();
+        }
+    }
+}
+
+#[test]
+fn a_source_applied_locally_streams_the_same() {
+    let s = setup(endpoint_for(TransportKind::Shm, "local"));
+    let loading = engine(&s, Version(0), Duration::from_millis(1), None);
+    let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
+    let report = s.receiver.apply_local(Version(4), &s.trainer, &rules).unwrap();
+    assert!(report.is_committed(), "{report:?}");
+    let (_, loaded) = loading.join().unwrap().unwrap();
+    assert_loaded_exactly(&s, &loaded, "local");
+}
+
+#[test]
+fn failures_reach_the_engine_named_and_leave_the_version() {
+    for transport in TRANSPORTS {
+        let label = transport.to_string();
+        let mut s = setup(endpoint_for(transport, &format!("fail-{label}")));
+        let mut sender = connect(&s, transport, None);
+        let loading = engine(&s, Version(0), Duration::ZERO, None);
+        assert!(sender.push(Version(1), &s.trainer).unwrap().is_committed());
+        loading.join().unwrap().unwrap();
+        s.trainer.perturb();
+
+        // A corrupted bucket: the engine hears which tensor, and the version stays.
+        let mut corrupt = connect(&s, transport, Some(Fault::FlipByteInBucket(3)));
+        let loading = engine(&s, Version(1), Duration::ZERO, None);
+        let report = corrupt.push(Version(2), &s.trainer).unwrap();
+        assert!(!report.is_committed(), "{label}: {report:?}");
+        let Err(StreamFailure::Failed { reason, handed, .. }) = loading.join().unwrap() else { panic!("{label}") };
+        assert!(reason.contains("digest mismatch") && !report.mismatched.is_empty(), "{label}: {reason}");
+        assert!(reason.contains(&report.mismatched[0]), "{label}: {reason}");
+        // Buckets 0..3 were handed over: they are what the engine may have loaded.
+        let mut handed = handed;
+        handed.sort();
+        assert!(!handed.is_empty() && report.dirty == handed, "{label}: {handed:?} / {:?}", report.dirty);
+        assert_eq!(s.receiver.committed(), Version(1));
+
+        // The engine gives up midway (its loader raised): the update fails with its reason.
+        let loading = engine(&s, Version(2), Duration::ZERO, Some(2));
+        let report = sender.push(Version(3), &s.trainer).unwrap();
+        assert!(!report.is_committed(), "{label}: {report:?}");
+        assert!(report.error.as_deref().unwrap_or("").contains("KeyError"), "{label}: {report:?}");
+        assert!(matches!(loading.join().unwrap(), Err(StreamFailure::Failed { .. })), "{label}");
+
+        // The same connection takes the next update: it stayed in step.
+        let loading = engine(&s, Version(3), Duration::ZERO, None);
+        assert!(sender.push(Version(4), &s.trainer).unwrap().is_committed(), "{label}");
+        assert_loaded_exactly(&s, &loading.join().unwrap().unwrap().1, &label);
+
+        // A sender that hangs up mid-update (not in-process: it is this process).
+        if transport != TransportKind::InProcess {
+            let mut gone = connect(&s, transport, Some(Fault::HangUpAfterBuckets(3)));
+            let loading = engine(&s, Version(4), Duration::ZERO, None);
+            let _ = gone.push(Version(5), &s.trainer);
+            let failure = loading.join().unwrap().unwrap_err();
+            assert!(matches!(failure, StreamFailure::Failed { .. }), "{label}: {failure}");
+            assert_eq!(s.receiver.committed(), Version(4));
+        }
+    }
+}
+
+#[test]
+fn weightlift_push_streams_into_it_from_another_process() {
+    let s = setup(endpoint_for(TransportKind::Shm, "cli"));
+    let first = engine(&s, Version(0), Duration::ZERO, None);
+    let to = s.endpoint.to_string();
+    let push = common::weightlift(&["push", "--synthetic", MODEL, "--preset", "identity", "--to", &to, "--steps", "2"])
+        .spawn()
+        .unwrap();
+    let mut trainer = HostTensors::synthetic(&synthetic(MODEL).unwrap(), 7);
+    let mut s = s;
+    for (version, loading) in [(Version(1), Some(first)), (Version(2), None)] {
+        let loading = loading.unwrap_or_else(|| engine(&s, Version(1), Duration::ZERO, None));
+        let (got, loaded) = loading.join().unwrap().unwrap();
+        assert_eq!(got, version);
+        trainer.perturb();
+        s.trainer = trainer.clone();
+        assert_loaded_exactly(&s, &loaded, &format!("cli {version}"));
+    }
+    assert!(push.wait_with_output().unwrap().status.success());
+    assert_eq!(s.receiver.committed(), Version(2));
+}

@@ -6,7 +6,7 @@
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::{create_exception, PyErr};
-use weightlift::{ProblemNote, SendError};
+use weightlift::{ProblemNote, SendError, StreamFailure, StreamSetupError};
 use weightlift_cuda::CudaError as DriverError;
 
 create_exception!(_weightlift, WeightliftError, PyException, "Base of every error weightlift raises.");
@@ -44,6 +44,39 @@ create_exception!(
 
 pub(crate) fn plan_error(message: impl Into<String>) -> PyErr {
     PlanError::new_err(message.into())
+}
+
+/// A streaming receiver that cannot be set up.
+pub(crate) fn stream_error(error: StreamSetupError) -> PyErr {
+    plan_error(error.to_string())
+}
+
+/// The engine's side of a streamed update stopped: a digest mismatch is a VerificationError,
+/// the rest TransferErrors; `handed` (on the exception) names what the engine was handed.
+pub(crate) fn failure_error(failure: StreamFailure) -> PyErr {
+    let message = failure.to_string();
+    match failure {
+        StreamFailure::Failed { reason, handed, .. } => {
+            let shown: Vec<String> = handed.iter().take(8).map(|n| format!("`{n}`")).collect();
+            let message = match handed.len() {
+                0 => message,
+                n => format!(
+                    "{message}; {n} tensor(s) handed to the engine may hold either version: {}",
+                    shown.join(", ")
+                ),
+            };
+            let error = match reason.contains("digest mismatch") {
+                true => VerificationError::new_err(message),
+                false => TransferError::new_err(message),
+            };
+            Python::attach(|py| {
+                let _ = error.value(py).setattr("handed", handed);
+            });
+            error
+        }
+        StreamFailure::NoUpdate => VersionError::new_err(message),
+        StreamFailure::Timeout { .. } => TransferError::new_err(message),
+    }
 }
 
 pub(crate) fn cuda_error(error: DriverError) -> PyErr {

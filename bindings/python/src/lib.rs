@@ -10,6 +10,7 @@ mod errors;
 mod memory;
 mod receiver;
 mod sender;
+mod stream;
 mod tensors;
 
 use std::collections::HashMap;
@@ -159,6 +160,7 @@ fn _weightlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(stream::stream_layout, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

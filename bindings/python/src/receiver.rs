@@ -6,12 +6,13 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use weightlift::{
     check_exposure, Agent, AgentOptions, DeviceTensors, Endpoint, Listener, MemoryControl, ReceiverOptions,
-    RunningAgent, Token,
+    RunningAgent, StreamOptions, Token,
 };
 use weightlift_core::{RuleSet, TpRank, Version};
 
-use crate::errors::{cuda_error, plan_error, TransferError};
+use crate::errors::{cuda_error, failure_error, plan_error, stream_error, TransferError};
 use crate::memory::{pools_holding, MemoryPool};
+use crate::stream::{manifest_of, SpecTriple};
 use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
 
@@ -27,6 +28,11 @@ use crate::{gpu, preset_rules, seconds, to_python};
 /// `token` (default: the WEIGHTLIFT_TOKEN environment variable): senders must prove they hold
 /// it before anything else is read; listening on an address other hosts can reach needs one,
 /// unless `insecure`.
+///
+/// With `stream=(specs, depth, bucket_bytes)` it is a streaming receiver: `params` are the
+/// ring's buffers (uint8 tensors sized as `stream_layout` says, in its order), `specs` the
+/// (name, shape, dtype) of the tensors it streams, and the engine takes each update through
+/// `next_stream_update` and `next_bucket` (see `weightlift.StagingReceiver`).
 #[pyclass(module = "weightlift._weightlift", subclass)]
 pub(crate) struct Receiver {
     inner: weightlift::Receiver,
@@ -46,6 +52,34 @@ impl Receiver {
     pub(crate) fn inner(&self) -> &weightlift::Receiver {
         &self.inner
     }
+
+    fn handoff(&self) -> PyResult<Arc<weightlift::Handoff>> {
+        self.inner.handoff().ok_or_else(|| plan_error("this receiver takes updates in place: it does not stream"))
+    }
+}
+
+/// Serves senders of other processes at `text` on a thread of its own; where it listens.
+fn serve_on(inner: &weightlift::Receiver, text: &str, token: Option<&Token>, insecure: bool) -> PyResult<String> {
+    let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;
+    check_exposure(&endpoint, token, insecure, "push weights into this engine")
+        .map_err(|e| TransferError::new_err(e.to_string()))?;
+    let listener: Listener =
+        endpoint.bind().map_err(|e| TransferError::new_err(format!("cannot listen on {endpoint}: {e}")))?;
+    let bound = listener.endpoint().map(|e| e.to_string()).unwrap_or_else(|_| text.to_string());
+    let serving = inner.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = serving.serve(&listener) {
+            eprintln!("weightlift: the receiver stopped listening: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+fn forever_or(timeout: Option<f64>) -> PyResult<Duration> {
+    match timeout {
+        None => Ok(Duration::from_secs(365 * 24 * 3600)),
+        Some(t) => seconds("timeout", t, true),
+    }
 }
 
 impl Drop for Receiver {
@@ -63,7 +97,8 @@ impl Drop for Receiver {
 impl Receiver {
     #[new]
     #[pyo3(signature = (params, *, preset = None, tp_rank = 0, tp_size = 1, listen = None, initial_version = 0,
-                        head_dim = None, expert_parallel = false, timeout = 30.0, token = None, insecure = false))]
+                        head_dim = None, expert_parallel = false, timeout = 30.0, token = None, insecure = false,
+                        stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -78,10 +113,43 @@ impl Receiver {
         timeout: f64,
         token: Option<&str>,
         insecure: bool,
+        stream: Option<(Vec<SpecTriple>, u32, u64)>,
     ) -> PyResult<Self> {
         let token = token.map_or_else(Token::from_env, Token::new);
         let tensors = TensorSet::import(params, "engine")?;
         tensors.check_disjoint()?;
+        if let Some((specs, depth, bucket_bytes)) = stream {
+            let specs = manifest_of(specs)?;
+            let options = ReceiverOptions {
+                initial_version: Version(initial_version),
+                timeout: seconds("timeout", timeout, false)?,
+                token: token.clone(),
+                ..ReceiverOptions::default()
+            };
+            let stream = StreamOptions { depth, bucket_bytes };
+            let inner = match tensors.place() {
+                Place::Host => {
+                    weightlift::Receiver::streaming(&specs, tensors, stream, options).map_err(stream_error)?
+                }
+                Place::Cuda(ordinal) => {
+                    let gpu = py.detach(|| gpu(ordinal)).map_err(cuda_error)?;
+                    weightlift::Receiver::streaming_on_gpu(gpu, &specs, tensors, stream, options)
+                        .map_err(stream_error)?
+                }
+            };
+            let endpoint = listen.map(|text| serve_on(&inner, text, token.as_ref(), insecure)).transpose()?;
+            // Checkpoints on disk stream as the trainer names them.
+            let rules = inner.stream_plan().map(|p| p.rules.clone());
+            return Ok(Receiver {
+                inner,
+                endpoint,
+                rules,
+                http: Mutex::new(None),
+                pools: Vec::new(),
+                token,
+                insecure,
+            });
+        }
         let manifest = weightlift::SourceTensors::manifest(&tensors).clone();
         let tp = TpRank::new(tp_rank, tp_size).map_err(|e| plan_error(e.to_string()))?;
         let expected_rules = match preset {
@@ -119,26 +187,42 @@ impl Receiver {
         };
         let pools: Vec<_> = holders.iter().map(|h| h.pool.clone()).collect();
         weightlift::guard_receiver(&inner, holders);
-        let endpoint = match listen {
-            Some(text) => {
-                let endpoint: Endpoint = text.parse().map_err(|e| plan_error(format!("`{text}`: {e}")))?;
-                check_exposure(&endpoint, token.as_ref(), insecure, "push weights into this engine")
-                    .map_err(|e| TransferError::new_err(e.to_string()))?;
-                let listener: Listener =
-                    endpoint.bind().map_err(|e| TransferError::new_err(format!("cannot listen on {endpoint}: {e}")))?;
-                let bound = listener.endpoint().map(|e| e.to_string()).unwrap_or_else(|_| text.to_string());
-                let serving = inner.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = serving.serve(&listener) {
-                        eprintln!("weightlift: the receiver stopped listening: {e}");
-                    }
-                });
-                Some(bound)
-            }
-            None => None,
-        };
+        let endpoint = listen.map(|text| serve_on(&inner, text, token.as_ref(), insecure)).transpose()?;
         let rules = options_rules;
         Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools, token, insecure })
+    }
+
+    /// next_stream_update(after, timeout=None) -> int | None
+    ///
+    /// A streaming receiver's engine: waits (without the GIL) for an update newer than
+    /// `after` to start streaming (or to have settled), up to `timeout` seconds; its version,
+    /// or None once the wait timed out.
+    #[pyo3(signature = (after, timeout = None))]
+    fn next_stream_update(&self, py: Python<'_>, after: u64, timeout: Option<f64>) -> PyResult<Option<u64>> {
+        let handoff = self.handoff()?;
+        let timeout = forever_or(timeout)?;
+        Ok(py.detach(|| handoff.next_update(Version(after), timeout)).map(|v| v.0))
+    }
+
+    /// next_bucket(version, timeout=None) -> int | None
+    ///
+    /// Gives back the bucket taken last (its tensors may be written again) and waits for the
+    /// next bucket of `version`, verified; its index, or None once every bucket was taken and
+    /// the version committed. Raises VerificationError (a digest mismatch) or TransferError
+    /// (the sender went away, the engine gave up, a timeout) naming the tensors handed over
+    /// so far (`handed` on the exception), which may hold either version.
+    #[pyo3(signature = (version, timeout = None))]
+    fn next_bucket(&self, py: Python<'_>, version: u64, timeout: Option<f64>) -> PyResult<Option<usize>> {
+        let handoff = self.handoff()?;
+        let timeout = forever_or(timeout)?;
+        py.detach(|| handoff.next_bucket(Version(version), timeout)).map_err(failure_error)
+    }
+
+    /// abandon_stream(version, reason): the engine gives up on `version` (its loader
+    /// raised): the update fails with `reason`, and the receiver stays on its version.
+    fn abandon_stream(&self, version: u64, reason: String) -> PyResult<()> {
+        self.handoff()?.abandon(Version(version), reason);
+        Ok(())
     }
 
     /// The committed version.

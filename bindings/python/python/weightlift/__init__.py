@@ -15,7 +15,8 @@ Engine side (parameters written in place)::
                                    tp_rank=rank, tp_size=world, listen="unix:/tmp/engine.sock")
 
 Engines that load weights through their own ``load_weights`` use a ``StagingReceiver``, which
-yields ``(name, tensor)`` pairs in the trainer's names after every update.
+streams each update through a ring of a few buckets, yielding ``(name, tensor)`` pairs in the
+trainer's names as each bucket is verified, and commits once the engine loaded them all.
 
 ``weightlift.memory.Pool`` holds an engine's GPU memory by tag (weights, KV cache), to release
 while the trainer trains and take back in stages at the same addresses;

@@ -106,7 +106,11 @@ class Receiver:
         timeout: float = 30.0,
         token: Optional[str] = None,
         insecure: bool = False,
+        stream: Optional[Tuple[list[Tuple[str, Tuple[int, ...], str]], int, int]] = None,
     ) -> None: ...
+    def next_stream_update(self, after: int, timeout: Optional[float] = None) -> Optional[int]: ...
+    def next_bucket(self, version: int, timeout: Optional[float] = None) -> Optional[int]: ...
+    def abandon_stream(self, version: int, reason: str) -> None: ...
     @property
     def version(self) -> int:
         """The committed version."""
@@ -143,6 +147,8 @@ def synthetic_manifest(name: str) -> list[Tuple[str, list[int], str]]:
     """(name, shape, dtype) of each tensor of a synthetic model shape (qwen3-8b, ...)."""
 
 def cuda_available() -> bool: ...
+def stream_layout(specs: list[Tuple[str, Tuple[int, ...], str]], depth: int, bucket_bytes: int) -> dict[str, Any]:
+    """Where a streaming receiver keeps each tensor: buffer_sizes, places, buckets, bytes."""
 
 class MemoryPool:
     """Tagged memory on one GPU (the native half of ``weightlift.memory.Pool``)."""

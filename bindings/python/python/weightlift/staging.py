@@ -1,16 +1,29 @@
-"""Iterator mode: updates land in buffers weightlift allocates, in the trainer's names and
-layout, and are handed to an engine's own ``load_weights`` as ``(name, tensor)`` pairs.
+"""Streaming mode: updates for engines that load weights through their own ``load_weights``.
 
-This costs one staging copy of the model (the buffers), which is the price of an engine that
-insists on loading weights itself; engines that let weightlift write their parameters in
-place use :class:`weightlift.Receiver` and need none.
+Each update lands in a ring of ``depth`` buffers of about one bucket each (plus one buffer
+for tensors larger than a bucket, which are handed over whole), never in a copy of the
+model; each tensor is handed to the engine as ``(name, tensor)`` as soon as its bucket is in
+and its digest verified. The sender waits for the engine to take a bucket before it reuses
+that bucket's buffer, and the version commits once the engine has taken every tensor::
+
+    staging = wl.StagingReceiver(meta_model.named_parameters(), device="cuda:0", listen=...)
+    for version, weights in staging.updates():
+        engine.load_weights(weights)
+
+Yielded tensors are views into the ring: each stays valid until the iterator moves past the
+last tensor of its bucket. Treat one as valid until the next item, as vLLM's and SGLang's
+loaders do (they copy each weight into the engine's parameter at once); ``copy=True`` yields
+copies instead. A failure mid-stream (the sender went away, a digest mismatch) raises from
+the iterator, naming the tensors handed over so far; an engine whose loader raises, or that
+stops iterating early, fails the update. Either way the receiver stays on its last version.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional, Tuple
+import time
+from typing import Any, Iterator, Optional, Tuple
 
-from weightlift._weightlift import PlanError, Receiver
+from weightlift._weightlift import PlanError, Receiver, stream_layout
 
 # weightlift dtype name -> (torch dtype attribute, numpy dtype name or None)
 _DTYPES = {
@@ -61,34 +74,144 @@ def _specs(specs: Any) -> list[Tuple[str, Tuple[int, ...], str]]:
     return out
 
 
-def _allocate(name: str, shape: Tuple[int, ...], dtype: str, device: str) -> Any:
-    torch_name, numpy_name = _DTYPES[dtype]
+def _torch():
     try:
         import torch
     except ImportError:
-        torch = None
-    if torch is not None:
-        return torch.zeros(shape, dtype=getattr(torch, torch_name), device=device)
-    if device != "cpu":
-        raise PlanError(f"`{name}`: buffers on {device} need torch, which is not installed")
-    if numpy_name is None:
-        raise PlanError(f"`{name}`: {dtype} buffers need torch (numpy has no such dtype)")
-    import numpy
+        return None
+    return torch
 
-    return numpy.zeros(shape, dtype=numpy_name)
+
+class _Ring:
+    """The ring's buffers (uint8 tensors or arrays) and a view per tensor, made once."""
+
+    def __init__(self, specs, layout: dict, device: str) -> None:
+        torch = _torch()
+        if torch is None and device != "cpu":
+            raise PlanError(f"buffers on {device} need torch, which is not installed")
+        self.torch = torch
+        if torch is not None:
+            self.buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in layout["buffer_sizes"]]
+            self.device = self.buffers[0].device if self.buffers else torch.device(device)
+        else:
+            import numpy
+
+            self.buffers = [numpy.empty(n, dtype=numpy.uint8) for n in layout["buffer_sizes"]]
+            self.device = None
+        self.views = [self._view(spec, place) for spec, place in zip(specs, layout["places"])]
+
+    def _view(self, spec, place) -> Any:
+        name, shape, dtype = spec
+        torch_name, numpy_name = _DTYPES[dtype]
+        torch = self.torch
+        size = 1
+        for d in shape:
+            size *= d
+        nbytes = size * _itemsize(dtype)
+        if torch is not None:
+            if place is None:
+                return torch.empty(shape, dtype=getattr(torch, torch_name), device=self.device)
+            buffer, offset = place
+            return self.buffers[buffer].narrow(0, offset, nbytes).view(getattr(torch, torch_name)).view(shape)
+        if numpy_name is None:
+            raise PlanError(f"`{name}`: {dtype} buffers need torch (numpy has no such dtype)")
+        import numpy
+
+        if place is None:
+            return numpy.empty(shape, dtype=numpy_name)
+        buffer, offset = place
+        return self.buffers[buffer][offset : offset + nbytes].view(numpy_name).reshape(shape)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}[dtype]
+
+
+class Weights:
+    """The ``(name, tensor)`` pairs of one streamed version, in bucket order, each once its
+    bucket is verified; iterate it once (``load_weights(weights)``). ``stats`` counts what
+    the iteration cost: buckets, tensors, calls into weightlift, and the seconds spent waiting
+    in them (for the next bucket to arrive) and synchronizing the engine's stream."""
+
+    def __init__(self, staging: "StagingReceiver", version: int, timeout: Optional[float]) -> None:
+        self.version = version
+        self.stats = {"buckets": 0, "tensors": 0, "calls": 0, "wait_s": 0.0, "sync_s": 0.0}
+        self._staging = staging
+        self._timeout = timeout
+        self._done = False
+        self._iterator = self._iterate()
+
+    def __iter__(self) -> "Weights":
+        return self
+
+    def __next__(self) -> Tuple[str, Any]:
+        return next(self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._staging._items)
+
+    def _iterate(self) -> Iterator[Tuple[str, Any]]:
+        staging = self._staging
+        receiver, items, buckets, stats = staging.receiver, staging._items, staging._buckets, self.stats
+        version, timeout, copy = self.version, self._timeout, staging._copy
+        sync = staging._sync
+        clock = time.perf_counter
+        try:
+            while True:
+                if sync is not None:
+                    # The engine's copies out of the bucket about to be given back must be done.
+                    t = clock()
+                    sync()
+                    stats["sync_s"] += clock() - t
+                t = clock()
+                k = receiver.next_bucket(version, timeout)
+                stats["wait_s"] += clock() - t
+                stats["calls"] += 1
+                if k is None:
+                    self._done = True
+                    return
+                stats["buckets"] += 1
+                tensors = buckets[k]
+                stats["tensors"] += len(tensors)
+                if copy:
+                    for d in tensors:
+                        name, view = items[d]
+                        yield name, view.clone() if hasattr(view, "clone") else view.copy()
+                else:
+                    for d in tensors:
+                        yield items[d]
+        finally:
+            if not self._done:
+                receiver.abandon_stream(version, "the engine stopped loading before the last tensor")
+
+    def close(self, reason: Optional[str] = None) -> None:
+        """Gives up on this version if it was not iterated to the end (it fails, naming
+        `reason`); a no-op once every tensor was taken."""
+        if not self._done:
+            self._staging.receiver.abandon_stream(self.version, reason or "the engine closed the update unfinished")
+        self._iterator.close()
+
+    def __del__(self) -> None:
+        # Nothing can take the rest any more: fail the update now rather than at the timeout.
+        try:
+            self.close("the engine dropped the update unfinished")
+        except Exception:
+            pass
 
 
 class StagingReceiver:
-    """StagingReceiver(specs, *, device="cpu", listen=None, initial_version=0, timeout=30.0)
+    """StagingReceiver(specs, *, device="cpu", depth=2, bucket_mib=64, copy=False, listen=None,
+                       initial_version=0, timeout=30.0, token=None, insecure=False)
 
-    Receives updates into buffers it allocates (torch tensors on `device`, or numpy arrays on
-    the CPU without torch), one per trainer tensor described by `specs`, named and shaped as
-    the trainer sends them (the identity preset). After an update, :meth:`weights` yields the
-    ``(name, tensor)`` pairs an engine's ``load_weights`` takes; :meth:`updates` waits for
-    each new version in turn.
+    Receives updates of the tensors described by `specs` (named and shaped as the trainer
+    sends them) and streams each to the engine's loader: :meth:`updates` yields
+    ``(version, weights)`` per update, `weights` the ``(name, tensor)`` pairs (torch tensors
+    on `device`, or numpy arrays on the CPU without torch). Holds ``depth`` buffers of about
+    ``bucket_mib`` MiB, plus one the size of the largest tensor above that (`memory_bytes`).
 
     `specs`: a dict or iterable of (name, tensor-like) pairs (a meta-device model's
-    ``named_parameters()``), or (name, shape, dtype) triples.
+    ``named_parameters()``), or (name, shape, dtype) triples. `timeout`: how long the receiver
+    waits for the sender, and for the engine to take a bucket, before failing the update.
     """
 
     def __init__(
@@ -96,14 +219,36 @@ class StagingReceiver:
         specs: Any,
         *,
         device: str = "cpu",
+        depth: int = 2,
+        bucket_mib: float = 64,
+        copy: bool = False,
         listen: Optional[str] = None,
         initial_version: int = 0,
         timeout: float = 30.0,
+        token: Optional[str] = None,
+        insecure: bool = False,
     ) -> None:
-        self._buffers = [(name, _allocate(name, shape, dtype, device)) for name, shape, dtype in _specs(specs)]
+        specs = _specs(specs)
+        bucket_bytes = int(bucket_mib * (1 << 20))
+        layout = stream_layout(specs, depth, bucket_bytes)
+        self._ring = _Ring(specs, layout, device)
+        self._items = [(spec[0], view) for spec, view in zip(specs, self._ring.views)]
+        self._buckets = layout["buckets"]
+        self._copy = copy
+        self.memory_bytes = layout["bytes"]
+        buffers = [(f"ring.{i}", b) for i, b in enumerate(self._ring.buffers)]
         self.receiver = Receiver(
-            self._buffers, preset="identity", listen=listen, initial_version=initial_version, timeout=timeout
+            buffers,
+            listen=listen,
+            initial_version=initial_version,
+            timeout=timeout,
+            token=token,
+            insecure=insecure,
+            stream=(specs, depth, bucket_bytes),
         )
+        torch = self._ring.torch
+        on_gpu = torch is not None and self._ring.device.type == "cuda"
+        self._sync = (lambda: torch.cuda.current_stream(self._ring.device).synchronize()) if on_gpu else None
         self._handed_out = initial_version
 
     @property
@@ -116,24 +261,32 @@ class StagingReceiver:
         """Where this receiver listens, or None."""
         return self.receiver.endpoint
 
-    def weights(self) -> Iterator[Tuple[str, Any]]:
-        """Every buffer as a (name, tensor) pair, as of the committed version. After a failed
-        update (the receiver is dirty) it raises PlanError naming the tensors, so an engine
-        never loads half an update. The buffers are written by the next update: load them
-        before the trainer pushes again (the RL loop's usual order)."""
-        dirty = self.receiver.dirty
-        if dirty:
-            shown = ", ".join(f"`{n}`" for n in dirty[:8])
-            raise PlanError(f"the last update failed; {len(dirty)} tensor(s) may hold neither version: {shown}")
-        return iter(list(self._buffers))
+    @property
+    def dirty(self) -> list:
+        """Tensors handed to the engine by the last update, if it failed (the engine may hold
+        either version of them)."""
+        return self.receiver.dirty
 
-    def updates(self, timeout: Optional[float] = None) -> Iterator[Tuple[int, Iterable[Tuple[str, Any]]]]:
-        """Yields (version, weights) for each version committed since the last one handed out
-        (a version committed before the loop started included), waiting up to `timeout`
-        seconds for each (None: forever); stops when a wait times out."""
+    def next_update(self, timeout: Optional[float] = None) -> Optional[Tuple[int, Weights]]:
+        """The next update as it starts streaming (one begun before included): (version,
+        weights), or None once `timeout` seconds passed (None: wait forever). Iterate
+        `weights` to the end, or `close()` it to give up on the update."""
+        version = self.receiver.next_stream_update(self._handed_out, timeout)
+        if version is None:
+            return None
+        self._handed_out = version
+        return version, Weights(self, version, timeout)
+
+    def updates(self, timeout: Optional[float] = None) -> Iterator[Tuple[int, Weights]]:
+        """Yields (version, weights) for each update as it starts streaming, as
+        :meth:`next_update`, until a wait times out. `weights` belongs to its turn of the loop:
+        leaving the turn (the next update, `break`, an exception raised by the loader) with
+        tensors not taken gives the update up at once, and it fails."""
         while True:
-            version = self.receiver.wait_for_version(self._handed_out, timeout)
-            if version <= self._handed_out:
+            update = self.next_update(timeout)
+            if update is None:
                 return
-            self._handed_out = version
-            yield version, self.weights()
+            try:
+                yield update
+            finally:
+                update[1].close("the engine moved on without loading every tensor")

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""The streaming receiver into an engine's own `load_weights`, colocated on one GPU: a trainer
+holding the model's tensors (torch, on the GPU) pushes in-process over CUDA IPC to a
+`StagingReceiver`, whose iterator the engine loads from. Against the device copy ceiling
+measured in the same run (one large `copy_`, bytes moved per second).
+
+Rows per model:
+- `stream, no-op loader`: the engine only takes each tensor (weightlift's own rate), verified
+  (the trainer digests its memory) and with the receiver's digests only;
+- `stream, copy loader`: the engine copies each tensor into its own (`copy_`, one launch per
+  tensor); the same copies timed alone, without weightlift, are reported apart;
+- Python-visible overhead of the iterator: the no-op loop's time outside weightlift's waits,
+  and the calls into weightlift per update;
+- device memory weightlift holds (the ring) against the model.
+
+For Qwen3-30B-A3B the engine's "own tensors" are one per distinct (shape, dtype): every byte
+is copied as a real load copies it, without a second 61 GB model on the GPU.
+
+    python3 bench/streaming.py [--models qwen3-8b,qwen3-30b-a3b] [--steps 3] [--json out.json]
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+import weightlift as wl
+
+DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+
+
+def copy_ceiling(device) -> float:
+    """Bytes per second of one 4 GiB device-to-device copy, best of five."""
+    n = 4 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del src, dst
+    return n / best
+
+
+def one_update(staging, sender, trainer, version, load) -> dict:
+    """Pushes `version` from a thread while this one loads it; wall seconds from the push's
+    start to its commit, and the iterator's counts."""
+    box = {}
+
+    def push():
+        box["report"] = sender.push(trainer, version=version)
+
+    thread = threading.Thread(target=push)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    thread.start()
+    got, weights = staging.next_update(timeout=120)
+    assert got == version
+    loop = time.perf_counter()
+    load(weights)
+    loop = time.perf_counter() - loop
+    thread.join()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    report = box["report"]
+    assert report["committed"], report
+    return {"seconds": seconds, "loop_s": loop, **weights.stats, "verified": report["verified"],
+            "device_extra_bytes": report.get("device_extra_bytes", 0)}
+
+
+def noop(weights):
+    for _ in weights:
+        pass
+
+
+def bench_model(model: str, steps: int, ceiling: float, bucket_mib: float) -> dict:
+    device = torch.device("cuda:0")
+    specs = wl.synthetic_manifest(model)
+    trainer = {n: torch.empty(s, dtype=DTYPES[d], device=device) for n, s, d in specs}
+    for t in trainer.values():
+        t.view(torch.uint8).fill_(0x5A)
+    model_bytes = sum(t.numel() * t.element_size() for t in trainer.values())
+    pool = {}
+    for t in trainer.values():
+        pool.setdefault((tuple(t.shape), t.dtype), torch.empty_like(t))
+    engine = {n: pool[(tuple(t.shape), t.dtype)] for n, t in trainer.items()}
+
+    def copy_loader(weights):
+        for name, tensor in weights:
+            engine[name].copy_(tensor)
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    staging = wl.StagingReceiver(specs, device="cuda:0", bucket_mib=bucket_mib, timeout=120)
+    held = torch.cuda.memory_allocated(device) - before
+    out = {"model": model, "tensors": len(specs), "bytes": model_bytes, "ring_bytes": staging.memory_bytes,
+           "held_bytes": held, "rows": {}}
+    version = 0
+    for label, digests, load in [("no-op, verified", True, noop), ("no-op, receiver digests", False, noop),
+                                 ("copy loader, verified", True, copy_loader)]:
+        sender = wl.Sender(staging.receiver, sender_digests=digests)
+        runs = []
+        for step in range(steps + 1):  # the first binds the plans: reported, not counted
+            version += 1
+            for t in trainer.values():
+                t.view(torch.uint8).fill_((version * 7) % 251)
+            runs.append(one_update(staging, sender, trainer, version, load))
+        timed = runs[1:]
+        seconds = statistics.median(r["seconds"] for r in timed)
+        row = {"first_s": runs[0]["seconds"], "seconds": seconds, "gbps": model_bytes / seconds / 1e9,
+               "device_extra_bytes": timed[-1]["device_extra_bytes"],
+               "of_ceiling": model_bytes / seconds / ceiling, "runs": timed}
+        if load is noop:
+            # Outside weightlift's waits and the stream syncs: what the Python loop itself cost.
+            row["python_overhead_s"] = statistics.median(r["loop_s"] - r["wait_s"] - r["sync_s"] for r in timed)
+            row["calls"] = timed[-1]["calls"]
+        out["rows"][label] = row
+    # The loader's copies alone, no weightlift: what the engine's own loading costs.
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for name, tensor in trainer.items():
+            engine[name].copy_(tensor)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out["engine_copies_alone_s"] = statistics.median(times)
+    del staging, trainer, engine, pool
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="qwen3-8b,qwen3-30b-a3b")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--bucket-mib", type=float, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = torch.device("cuda:0")
+    ceiling = copy_ceiling(device)
+    results = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+               "d2d_copy_gbps": ceiling / 1e9, "bucket_mib": args.bucket_mib, "models": []}
+    for model in args.models.split(","):
+        results["models"].append(bench_model(model, args.steps, ceiling, args.bucket_mib))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"{results['device']}, {results['date']}: device copy {ceiling / 1e9:.0f} GB/s, buckets {args.bucket_mib} MiB")
+    print(f"{'model':<15} {'row':<26} {'first s':>8} {'s':>7} {'GB/s':>7} {'of D2D':>7} {'py ms':>7} {'calls':>6}")
+    for m in results["models"]:
+        for label, r in m["rows"].items():
+            py = r.get("python_overhead_s")
+            py = f"{py * 1e3:7.1f}" if py is not None else " " * 7
+            calls = r.get("calls", "")
+            print(f"{m['model']:<15} {label:<26} {r['first_s']:8.3f} {r['seconds']:7.3f} {r['gbps']:7.0f}"
+                  f" {r['of_ceiling']:7.2f} {py} {calls:>6}")
+        print(f"{m['model']:<15} {'engine copies alone':<26} {'':>8} {m['engine_copies_alone_s']:7.3f}"
+              f" {m['bytes'] / m['engine_copies_alone_s'] / 1e9:7.0f}")
+        extra = max(r["device_extra_bytes"] for r in m["rows"].values())
+        print(f"{m['model']:<15} memory: ring {m['ring_bytes'] / 2**20:.0f} MiB (torch saw {m['held_bytes'] / 2**20:.0f}"
+              f" MiB), bound plans {extra / 2**20:.0f} MiB, against the model's {m['bytes'] / 2**30:.1f} GiB;"
+              f" {m['tensors']} tensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -213,33 +213,6 @@ def test_the_receiver_keeps_its_arrays_alive_after_python_drops_them():
     assert dict(receiver.digests())["w"] == wl.digest(src["w"])
 
 
-def test_staging_receiver_yields_named_tensors_for_load_weights():
-    trainer = trainer_tensors(seed=7, tied=True)
-    staging = wl.StagingReceiver({k: v for k, v in trainer.items()})
-    sender = wl.Sender(staging.receiver)
-    loaded = {}
-    sender.push(trainer, version=1)
-    for version, weights in staging.updates(timeout=0.5):
-        loaded[version] = {name: np.array(t.numpy() if hasattr(t, "numpy") else t) for name, t in weights}
-        if version == 1:
-            sender.push(trainer_tensors(seed=8, tied=True), version=2)
-    assert sorted(loaded) == [1, 2]
-    assert_same(loaded[1], trainer)
-    assert_same(loaded[2], trainer_tensors(seed=8, tied=True))
-    # (name, shape, dtype) triples describe the same buffers.
-    triples = [(n, a.shape, "F32") for n, a in trainer.items()]
-    assert [n for n, _ in wl.StagingReceiver(triples).weights()] == list(trainer)
-
-
-def test_staging_receiver_refuses_to_hand_out_half_an_update():
-    src = {f"t{i}": np.full(20_000, i, np.float32) for i in range(3)}
-    staging = wl.StagingReceiver(src)
-    with pytest.raises(wl.VerificationError):
-        wl.Sender(staging.receiver, _fault="flip:0").push(src, version=1)
-    with pytest.raises(wl.PlanError, match="neither version"):
-        list(staging.weights())
-
-
 SENDER = textwrap.dedent(
     """
     import sys, numpy as np, weightlift as wl

@@ -140,15 +140,7 @@ impl Receiver {
             let endpoint = listen.map(|text| serve_on(&inner, text, token.as_ref(), insecure)).transpose()?;
             // Checkpoints on disk stream as the trainer names them.
             let rules = inner.stream_plan().map(|p| p.rules.clone());
-            return Ok(Receiver {
-                inner,
-                endpoint,
-                rules,
-                http: Mutex::new(None),
-                pools: Vec::new(),
-                token,
-                insecure,
-            });
+            return Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools: Vec::new(), token, insecure });
         }
         let manifest = weightlift::SourceTensors::manifest(&tensors).clone();
         let tp = TpRank::new(tp_rank, tp_size).map_err(|e| plan_error(e.to_string()))?;

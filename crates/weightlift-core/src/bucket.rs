@@ -45,20 +45,16 @@ pub fn buckets(plan: &Plan, max_bytes: u64) -> Result<Vec<Bucket>, BucketError> 
 /// destination tensor arrives whole in one bucket, or, when larger than a bucket, alone in a
 /// run of consecutive buckets that hold nothing else: a receiver that hands each tensor over
 /// as soon as its bucket is in (the streaming receiver) never waits on a later bucket for part
-/// of a tensor that fits one. Destinations come in the order of their first operation, their
-/// operations in plan order, side by side.
+/// of a tensor that fits one. Destinations come in their own order (the engine's), each one's
+/// operations in plan order, side by side: which bucket holds which tensor depends only on the
+/// destinations, never on how the sources are named, ordered or cut.
 pub fn whole_tensor_buckets(plan: &Plan, max_bytes: u64) -> Result<Vec<Bucket>, BucketError> {
     let mut filler = Filler::new(plan, max_bytes)?;
     let mut ops_of: Vec<Vec<&CopyOp>> = vec![Vec::new(); plan.destinations.len()];
-    let mut order = Vec::new();
     for op in &plan.ops {
-        let d = op.dst as usize;
-        if ops_of[d].is_empty() {
-            order.push(d);
-        }
-        ops_of[d].push(op);
+        ops_of[op.dst as usize].push(op);
     }
-    for d in order {
+    for d in (0..ops_of.len()).filter(|&d| !ops_of[d].is_empty()) {
         let bytes: u64 = ops_of[d].iter().map(|op| plan.op_bytes(op)).sum();
         let oversized = bytes > max_bytes;
         if oversized || filler.current.bytes + bytes > max_bytes {

@@ -33,7 +33,7 @@ pub use pattern::Pattern;
 pub use plan::{
     destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet, StoredPlanError,
 };
-pub use presets::{HeadCounts, Preset, PresetOptions};
+pub use presets::{HeadCounts, Module, Preset, PresetOptions};
 pub use rules::{Rule, RuleError, RuleSet};
 pub use schedule::{
     by_fold, fold_groups, prefix, tensor_of, update_order, waves, waves_of, Fold, ScheduleError, WaveFolds, WaveOrder,

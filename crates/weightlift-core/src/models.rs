@@ -26,6 +26,10 @@ pub struct ModelConfig {
     /// Routed experts per MoE layer; 0 for dense models.
     pub experts: u64,
     pub moe_intermediate: u64,
+    /// Decoder layers of a multi-token-prediction module beside the model (Qwen3-Next's
+    /// `mtp.*`, config `num_nextn_predict_layers`); 0 for none.
+    #[serde(default)]
+    pub mtp_layers: u64,
     pub dtype: DType,
 }
 
@@ -39,6 +43,8 @@ pub const SYNTHETIC_MODELS: &[&str] = &[
     "qwen3-moe-tiny",
     "llama-tiny",
     "qwen2-tiny",
+    "qwen3-tiny-mtp",
+    "qwen3-moe-tiny-mtp",
 ];
 
 /// The configuration of a synthetic model by name (see [`SYNTHETIC_MODELS`]).
@@ -57,6 +63,7 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
         qkv_bias: false,
         experts: 0,
         moe_intermediate: 0,
+        mtp_layers: 0,
         dtype: DType::BF16,
     };
     let config = match name {
@@ -78,6 +85,14 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
         },
         "llama-tiny" => dense(Preset::Llama, 64, 2, 4, 2, 16, 128, 256, false),
         "qwen2-tiny" => ModelConfig { qkv_bias: true, ..dense(Preset::Llama, 64, 2, 4, 2, 16, 128, 256, true) },
+        // With a Qwen3-Next-style MTP module of one layer (`mtp.*`), for main + draft updates.
+        "qwen3-tiny-mtp" => ModelConfig { mtp_layers: 1, ..dense(Preset::Qwen3, 64, 2, 4, 2, 16, 128, 256, false) },
+        "qwen3-moe-tiny-mtp" => ModelConfig {
+            experts: 8,
+            moe_intermediate: 32,
+            mtp_layers: 1,
+            ..dense(Preset::Qwen3Moe, 64, 2, 4, 2, 16, 128, 256, false)
+        },
         _ => return None,
     };
     Some(config)
@@ -120,6 +135,7 @@ impl ModelConfig {
             qkv_bias: model_type == "qwen2" || v.get("attention_bias").and_then(|t| t.as_bool()).unwrap_or(false),
             experts: int("num_experts").unwrap_or(0),
             moe_intermediate: int("moe_intermediate_size").unwrap_or(0),
+            mtp_layers: int("num_nextn_predict_layers").unwrap_or(0),
             dtype,
         })
     }
@@ -144,51 +160,67 @@ impl ModelConfig {
     }
 
     fn source_manifest_with(&self, stacked_experts: bool) -> Manifest {
-        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let h = self.hidden;
         let mut specs = Vec::new();
         let mut add = |name: String, shape: Vec<u64>| specs.push(TensorSpec::new(name, self.dtype, shape));
         add("model.embed_tokens.weight".into(), vec![self.vocab, h]);
         for l in 0..self.layers {
-            let p = format!("model.layers.{l}");
-            add(format!("{p}.input_layernorm.weight"), vec![h]);
-            add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
-            add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
-            add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
-            if self.qkv_bias {
-                add(format!("{p}.self_attn.q_proj.bias"), vec![q]);
-                add(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
-                add(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
-            }
-            add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
-            if matches!(self.preset, Preset::Qwen3 | Preset::Qwen3Moe) {
-                add(format!("{p}.self_attn.q_norm.weight"), vec![self.head_dim]);
-                add(format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]);
-            }
-            add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-            if self.experts > 0 {
-                let i = self.moe_intermediate;
-                add(format!("{p}.mlp.gate.weight"), vec![self.experts, h]);
-                if stacked_experts {
-                    add(format!("{p}.mlp.experts.gate_up_proj"), vec![self.experts, 2 * i, h]);
-                    add(format!("{p}.mlp.experts.down_proj"), vec![self.experts, h, i]);
-                }
-                for e in (0..self.experts).filter(|_| !stacked_experts) {
-                    add(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![i, h]);
-                    add(format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![i, h]);
-                    add(format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![h, i]);
-                }
-            } else {
-                let i = self.intermediate;
-                add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
-                add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
-                add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
-            }
+            self.add_layer(&format!("model.layers.{l}"), stacked_experts, &mut add);
         }
         add("model.norm.weight".into(), vec![h]);
         if !self.tie_word_embeddings {
             add("lm_head.weight".into(), vec![self.vocab, h]);
         }
+        // Qwen3-Next's MTP module: the next token's embedding and the last hidden state, each
+        // normed, concatenated and projected (`fc`), then decoder layers and a norm.
+        if self.mtp_layers > 0 {
+            add("mtp.fc.weight".into(), vec![h, 2 * h]);
+            add("mtp.pre_fc_norm_embedding.weight".into(), vec![h]);
+            add("mtp.pre_fc_norm_hidden.weight".into(), vec![h]);
+            for l in 0..self.mtp_layers {
+                self.add_layer(&format!("mtp.layers.{l}"), stacked_experts, &mut add);
+            }
+            add("mtp.norm.weight".into(), vec![h]);
+        }
         Manifest::new(specs).expect("generated names are unique and well formed")
+    }
+
+    /// One decoder layer's tensors, named under `p`.
+    fn add_layer(&self, p: &str, stacked_experts: bool, add: &mut impl FnMut(String, Vec<u64>)) {
+        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        add(format!("{p}.input_layernorm.weight"), vec![h]);
+        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+        if self.qkv_bias {
+            add(format!("{p}.self_attn.q_proj.bias"), vec![q]);
+            add(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
+            add(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
+        if matches!(self.preset, Preset::Qwen3 | Preset::Qwen3Moe) {
+            add(format!("{p}.self_attn.q_norm.weight"), vec![self.head_dim]);
+            add(format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]);
+        }
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        if self.experts > 0 {
+            let i = self.moe_intermediate;
+            add(format!("{p}.mlp.gate.weight"), vec![self.experts, h]);
+            if stacked_experts {
+                add(format!("{p}.mlp.experts.gate_up_proj"), vec![self.experts, 2 * i, h]);
+                add(format!("{p}.mlp.experts.down_proj"), vec![self.experts, h, i]);
+            }
+            for e in (0..self.experts).filter(|_| !stacked_experts) {
+                add(format!("{p}.mlp.experts.{e}.gate_proj.weight"), vec![i, h]);
+                add(format!("{p}.mlp.experts.{e}.up_proj.weight"), vec![i, h]);
+                add(format!("{p}.mlp.experts.{e}.down_proj.weight"), vec![h, i]);
+            }
+        } else {
+            let i = self.intermediate;
+            add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+            add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+            add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
+        }
     }
 }
 

@@ -77,12 +77,84 @@ impl Preset {
     /// [`Preset::rules`] where the head counts are known too (a config.json): with a head dim,
     /// each of q, k and v (weight and bias) must be exactly its heads' rows.
     pub fn rules_with_heads(self, options: PresetOptions, counts: Option<HeadCounts>) -> Result<RuleSet, RuleError> {
+        self.module_rules(Module::Whole, options, counts)
+    }
+
+    /// The rules of one [`Module`] of a checkpoint that carries an MTP module: what an engine
+    /// holding only that module takes, every other source ignored by name.
+    pub fn module_rules(
+        self,
+        module: Module,
+        options: PresetOptions,
+        counts: Option<HeadCounts>,
+    ) -> Result<RuleSet, RuleError> {
+        let rep = Split::Replicated;
+        let mut rules = Vec::new();
+        if module == Module::Main {
+            rules.push(Rule::ignore(&format!("{MTP}.{{rest*}}"))?);
+        }
+        if self == Preset::Identity {
+            match module {
+                Module::Whole | Module::Main => rules.push(Rule::rename("{name*}", "{name*}", rep)?),
+                Module::Mtp => {
+                    // As the checkpoint names them: the draft's loader renames them itself.
+                    rules.push(Rule::rename(&format!("{MTP}.{{rest*}}"), &format!("{MTP}.{{rest*}}"), rep)?);
+                    rules.push(Rule::rename(EMBED, EMBED, rep)?);
+                    rules.push(Rule::rename(LM_HEAD, LM_HEAD, rep)?);
+                    rules.push(Rule::tie(EMBED, LM_HEAD, rep)?);
+                    rules.push(Rule::ignore("{name*}")?);
+                }
+            }
+            return RuleSet::new(rules);
+        }
+        let cols = Split::columns();
+        match module {
+            Module::Whole | Module::Main => {
+                rules.push(Rule::rename(EMBED, EMBED, cols)?);
+                rules.push(Rule::rename("model.norm.weight", "model.norm.weight", rep)?);
+                rules.push(Rule::rename(LM_HEAD, LM_HEAD, cols)?);
+                self.layer_rules("model.layers.{layer}", "model.layers.{layer}", options, counts, &mut rules)?;
+                rules.push(Rule::tie(EMBED, LM_HEAD, cols)?);
+            }
+            Module::Mtp => {
+                // vLLM's Qwen3NextMTP: the module under `model.`, the embedding and the head
+                // shared with the main model, as the main model names them.
+                rules.push(Rule::rename(EMBED, EMBED, cols)?);
+                rules.push(Rule::rename(LM_HEAD, LM_HEAD, cols)?);
+                rules.push(Rule::rename(&format!("{MTP}.fc.weight"), "model.fc.weight", cols)?);
+                for norm in ["norm", "pre_fc_norm_hidden", "pre_fc_norm_embedding"] {
+                    rules.push(Rule::rename(&format!("{MTP}.{norm}.weight"), &format!("model.{norm}.weight"), rep)?);
+                }
+                self.layer_rules(
+                    &format!("{MTP}.layers.{{layer}}"),
+                    "model.layers.{layer}",
+                    options,
+                    counts,
+                    &mut rules,
+                )?;
+                rules.push(Rule::tie(EMBED, LM_HEAD, cols)?);
+                rules.push(Rule::ignore("{name*}")?);
+            }
+        }
+        RuleSet::new(rules)
+    }
+
+    /// The rules of the decoder layers named `from` in the trainer (`model.layers.{layer}`)
+    /// and `to` in the engine.
+    fn layer_rules(
+        self,
+        from: &str,
+        to: &str,
+        options: PresetOptions,
+        counts: Option<HeadCounts>,
+        rules: &mut Vec<Rule>,
+    ) -> Result<(), RuleError> {
         let head_dim = options.head_dim.unwrap_or(1);
         let (heads, kv_heads) = (Split::heads(head_dim), Split::kv_heads(head_dim));
         let (cols, rows, rep) = (Split::columns(), Split::rows(), Split::Replicated);
-        let layer = "model.layers.{layer}";
-        let attn = format!("{layer}.self_attn");
-        let mlp = format!("{layer}.mlp");
+        let (attn, to_attn) = (format!("{from}.self_attn"), format!("{to}.self_attn"));
+        let (mlp, to_mlp) = (format!("{from}.mlp"), format!("{to}.mlp"));
+        let rename = |name: &str, split| Rule::rename(&format!("{from}.{name}"), &format!("{to}.{name}"), split);
         // Saturating: absurd counts from a config.json give a length no source has, not a panic.
         let lens = options.head_dim.zip(counts).map(|(d, c)| (c.heads.saturating_mul(d), c.kv_heads.saturating_mul(d)));
         let qkv = |kind: &str| -> Result<Rule, RuleError> {
@@ -94,49 +166,34 @@ impl Preset {
                 part("k_proj", kv_heads, lens.map(|(_, kv)| kv))?,
                 part("v_proj", kv_heads, lens.map(|(_, kv)| kv))?,
             ];
-            Ok(Rule::map(&format!("{attn}.qkv_proj.{kind}"), 0, parts)?)
+            Ok(Rule::map(&format!("{to_attn}.qkv_proj.{kind}"), 0, parts)?)
         };
-        let mut rules = match self {
-            Preset::Identity => return RuleSet::new(vec![Rule::rename("{name*}", "{name*}", rep)?]),
-            Preset::Llama | Preset::Qwen3 | Preset::Qwen3Moe => vec![
-                Rule::rename("model.embed_tokens.weight", "model.embed_tokens.weight", cols)?,
-                Rule::rename("model.norm.weight", "model.norm.weight", rep)?,
-                Rule::rename("lm_head.weight", "lm_head.weight", cols)?,
-                Rule::rename(
-                    &format!("{layer}.input_layernorm.weight"),
-                    &format!("{layer}.input_layernorm.weight"),
-                    rep,
-                )?,
-                Rule::rename(
-                    &format!("{layer}.post_attention_layernorm.weight"),
-                    &format!("{layer}.post_attention_layernorm.weight"),
-                    rep,
-                )?,
-                qkv("weight")?,
-                qkv("bias")?,
-                Rule::rename(&format!("{attn}.o_proj.weight"), &format!("{attn}.o_proj.weight"), rows)?,
-                Rule::fuse(
-                    &format!("{mlp}.gate_up_proj.weight"),
-                    0,
-                    &[(&format!("{mlp}.gate_proj.weight"), cols), (&format!("{mlp}.up_proj.weight"), cols)],
-                )?
-                .with_equal_parts(),
-                Rule::rename(&format!("{mlp}.down_proj.weight"), &format!("{mlp}.down_proj.weight"), rows)?,
-                Rule::ignore(&format!("{attn}.rotary_emb.inv_freq"))?,
-                Rule::tie("model.embed_tokens.weight", "lm_head.weight", cols)?,
-            ],
-        };
+        rules.extend([
+            rename("input_layernorm.weight", rep)?,
+            rename("post_attention_layernorm.weight", rep)?,
+            qkv("weight")?,
+            qkv("bias")?,
+            rename("self_attn.o_proj.weight", rows)?,
+            Rule::fuse(
+                &format!("{to_mlp}.gate_up_proj.weight"),
+                0,
+                &[(&format!("{mlp}.gate_proj.weight"), cols), (&format!("{mlp}.up_proj.weight"), cols)],
+            )?
+            .with_equal_parts(),
+            rename("mlp.down_proj.weight", rows)?,
+            Rule::ignore(&format!("{attn}.rotary_emb.inv_freq"))?,
+        ]);
         if matches!(self, Preset::Qwen3 | Preset::Qwen3Moe) {
-            rules.push(Rule::rename(&format!("{attn}.q_norm.weight"), &format!("{attn}.q_norm.weight"), rep)?);
-            rules.push(Rule::rename(&format!("{attn}.k_norm.weight"), &format!("{attn}.k_norm.weight"), rep)?);
+            rules.push(rename("self_attn.q_norm.weight", rep)?);
+            rules.push(rename("self_attn.k_norm.weight", rep)?);
         }
         if self == Preset::Qwen3Moe {
             let ep = options.expert_parallel;
             let (expert_cols, expert_rows) = if ep { (rep, rep) } else { (cols, rows) };
-            rules.push(Rule::rename(&format!("{mlp}.gate.weight"), &format!("{mlp}.gate.weight"), rep)?);
+            rules.push(rename("mlp.gate.weight", rep)?);
             rules.push(
                 Rule::stack(
-                    &format!("{mlp}.experts.w13_weight"),
+                    &format!("{to_mlp}.experts.w13_weight"),
                     "expert",
                     ep,
                     0,
@@ -148,7 +205,7 @@ impl Preset {
                 .with_equal_parts(),
             );
             rules.push(Rule::stack(
-                &format!("{mlp}.experts.w2_weight"),
+                &format!("{to_mlp}.experts.w2_weight"),
                 "expert",
                 ep,
                 0,
@@ -163,7 +220,7 @@ impl Preset {
                 if ep { (experts, experts) } else { (Split::rows(), Split::Dim { dim: 2, granule: 1 }) };
             let gate_up = format!("{mlp}.experts.gate_up_proj");
             rules.push(Rule::map(
-                &format!("{mlp}.experts.w13_weight"),
+                &format!("{to_mlp}.experts.w13_weight"),
                 1,
                 vec![
                     Part::segment(&gate_up, 1, 0, 2, gate_up_split)?,
@@ -172,11 +229,63 @@ impl Preset {
             )?);
             rules.push(Rule::rename(
                 &format!("{mlp}.experts.down_proj"),
-                &format!("{mlp}.experts.w2_weight"),
+                &format!("{to_mlp}.experts.w2_weight"),
                 down_split,
             )?);
         }
-        RuleSet::new(rules)
+        Ok(())
+    }
+}
+
+/// The prefix of a checkpoint's multi-token-prediction module (Qwen3-Next: `mtp.fc`,
+/// `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.layers.{i}`, `mtp.norm`).
+const MTP: &str = "mtp";
+const EMBED: &str = "model.embed_tokens.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Which part of a checkpoint with a multi-token-prediction (MTP) module an engine's receiver
+/// holds. An update carrying both reaches the main model and its draft in one version, each
+/// receiver taking its module (two receivers of one group: [`Module::Main`] and
+/// [`Module::Mtp`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Module {
+    /// Every source tensor (a checkpoint with an MTP module needs an engine holding it too).
+    #[default]
+    Whole,
+    /// The main model: the MTP module's tensors are ignored, as vLLM's main model skips them.
+    Main,
+    /// The MTP module as a draft model holds it (vLLM's `Qwen3NextMTP`: `mtp.*` under
+    /// `model.*`, with the main model's `model.embed_tokens` and `lm_head`); every other
+    /// tensor is ignored. With the identity preset, the names stay as the checkpoint's.
+    Mtp,
+}
+
+impl Module {
+    pub const ALL: [Module; 3] = [Module::Whole, Module::Main, Module::Mtp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Whole => "whole",
+            Module::Main => "main",
+            Module::Mtp => "mtp",
+        }
+    }
+}
+
+impl fmt::Display for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Module {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Module::ALL
+            .into_iter()
+            .find(|m| m.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| format!("unknown module `{s}` (expected whole, main or mtp)"))
     }
 }
 
@@ -214,5 +323,120 @@ mod tests {
             assert_eq!(preset.name().parse::<Preset>().unwrap(), preset);
         }
         assert!("gpt".parse::<Preset>().unwrap_err().contains("gpt"));
+    }
+
+    use crate::models::synthetic;
+    use crate::plan::{destination_manifest, plan, Problem};
+    use crate::spec::Manifest;
+    use crate::{SourceSet, TpRank};
+
+    fn names(m: &Manifest) -> Vec<String> {
+        m.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// A checkpoint with a Qwen3-Next-style MTP module: the main model's rules take all but
+    /// `mtp.*`, the draft's take `mtp.*` (as vLLM's Qwen3NextMTP names it) and the shared
+    /// embedding and head, and together they read every source tensor.
+    #[test]
+    fn a_checkpoint_with_mtp_reaches_the_main_model_and_its_draft_each_its_module() {
+        for model in ["qwen3-tiny-mtp", "qwen3-moe-tiny-mtp"] {
+            let config = synthetic(model).unwrap();
+            let source = SourceSet::single(config.source_manifest());
+            let without = crate::models::ModelConfig { mtp_layers: 0, ..config.clone() };
+            let options = PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false };
+            let rules = |module| config.preset.module_rules(module, options, Some(config.head_counts())).unwrap();
+            for size in [1, 2] {
+                let tp = TpRank::new(0, size).unwrap();
+                let main = destination_manifest(&source, &rules(Module::Main), tp, None, false).unwrap();
+                let plain = destination_manifest(
+                    &SourceSet::single(without.source_manifest()),
+                    &rules(Module::Whole),
+                    tp,
+                    None,
+                    false,
+                )
+                .unwrap();
+                assert_eq!(main, plain, "{model}: the main module is the model without MTP");
+                let draft = destination_manifest(&source, &rules(Module::Mtp), tp, None, false).unwrap();
+                let mut expected = vec![
+                    "model.embed_tokens.weight",
+                    "lm_head.weight",
+                    "model.fc.weight",
+                    "model.norm.weight",
+                    "model.pre_fc_norm_hidden.weight",
+                    "model.pre_fc_norm_embedding.weight",
+                    "model.layers.0.self_attn.qkv_proj.weight",
+                    "model.layers.0.self_attn.o_proj.weight",
+                ];
+                expected.push(if config.experts > 0 {
+                    "model.layers.0.mlp.experts.w13_weight"
+                } else {
+                    "model.layers.0.mlp.gate_up_proj.weight"
+                });
+                let drafted = names(&draft);
+                for name in expected {
+                    assert!(drafted.iter().any(|n| n == name), "{model}: the draft lacks {name}: {drafted:?}");
+                }
+                assert!(!drafted.iter().any(|n| n.starts_with("model.layers.1")), "{model}: {drafted:?}");
+
+                let main_plan = plan(&source, &main, &rules(Module::Main), tp).unwrap();
+                let draft_plan = plan(&source, &draft, &rules(Module::Mtp), tp).unwrap();
+                let read = |p: &crate::Plan| -> Vec<String> {
+                    p.ops.iter().map(|op| p.sources[op.src as usize].spec.name.clone()).collect()
+                };
+                let (main_read, draft_read) = (read(&main_plan), read(&draft_plan));
+                assert!(main_read.iter().all(|n| !n.starts_with("mtp.")));
+                let qkv = draft.position("model.layers.0.self_attn.qkv_proj.weight").unwrap() as u32;
+                let qkv_sources: Vec<&str> = draft_plan
+                    .ops
+                    .iter()
+                    .filter(|op| op.dst == qkv)
+                    .map(|op| draft_plan.sources[op.src as usize].spec.name.as_str())
+                    .collect();
+                assert_eq!(
+                    qkv_sources,
+                    [
+                        "mtp.layers.0.self_attn.q_proj.weight",
+                        "mtp.layers.0.self_attn.k_proj.weight",
+                        "mtp.layers.0.self_attn.v_proj.weight"
+                    ]
+                );
+                for spec in config.source_manifest().iter() {
+                    assert!(
+                        main_read.contains(&spec.name) || draft_read.contains(&spec.name),
+                        "{model}: `{}` reaches neither module",
+                        spec.name
+                    );
+                }
+                // The whole rule set has nowhere to put the MTP module in the main model alone.
+                let err = plan(&source, &main, &rules(Module::Whole), tp).unwrap_err();
+                assert!(
+                    err.problems.iter().any(|p| matches!(p, Problem::Unmapped { source } if source == "mtp.fc.weight")),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn identity_modules_split_the_checkpoint_by_name() {
+        let config = synthetic("qwen3-tiny-mtp").unwrap();
+        let source = config.source_manifest();
+        let pick = |keep: &dyn Fn(&str) -> bool| {
+            Manifest::new(source.iter().filter(|s| keep(&s.name)).cloned().collect()).unwrap()
+        };
+        let main = pick(&|n| !n.starts_with("mtp."));
+        let draft = pick(&|n| n.starts_with("mtp.") || n == "model.embed_tokens.weight" || n == "lm_head.weight");
+        let set = SourceSet::single(source.clone());
+        let rules = |module| Preset::Identity.module_rules(module, PresetOptions::default(), None).unwrap();
+        let main_plan = plan(&set, &main, &rules(Module::Main), TpRank::SINGLE).unwrap();
+        assert_eq!(main_plan.ignored.len(), source.len() - main.len());
+        let draft_plan = plan(&set, &draft, &rules(Module::Mtp), TpRank::SINGLE).unwrap();
+        assert_eq!(draft_plan.ignored.len(), source.len() - draft.len());
+        assert!(plan(&set, &main, &rules(Module::Whole), TpRank::SINGLE).is_err());
+        for module in Module::ALL {
+            assert_eq!(module.name().parse::<Module>().unwrap(), module);
+        }
+        assert!("draft".parse::<Module>().unwrap_err().contains("draft"));
     }
 }

@@ -461,6 +461,7 @@ fn small_config() -> impl Strategy<Value = (ModelConfig, u32, bool, u64, usize)>
                 qkv_bias: bias && preset == Preset::Llama,
                 experts: if preset == Preset::Qwen3Moe { 8 } else { 0 },
                 moe_intermediate: 8,
+                mtp_layers: 0,
                 dtype: DType::BF16,
             };
             (config, tp, ep, bucket, senders)

@@ -75,7 +75,7 @@ pub(crate) fn failure_error(failure: StreamFailure) -> PyErr {
             error
         }
         StreamFailure::NoUpdate => VersionError::new_err(message),
-        StreamFailure::Timeout { .. } => TransferError::new_err(message),
+        StreamFailure::Timeout { .. } | StreamFailure::Undecided { .. } => TransferError::new_err(message),
     }
 }
 

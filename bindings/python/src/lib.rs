@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use weightlift_core::{digest as host_digest, synthetic, Manifest, Preset, PresetOptions, RuleSet, SYNTHETIC_MODELS};
+use weightlift_core::{
+    digest as host_digest, synthetic, Manifest, Module, Preset, PresetOptions, RuleSet, SYNTHETIC_MODELS,
+};
 use weightlift_cuda::{CudaError as DriverError, Gpu};
 
 use weightlift::DeviceTensors;
@@ -61,6 +63,7 @@ pub(crate) fn digests_of(py: Python<'_>, set: &TensorSet) -> PyResult<Vec<u64>> 
 /// when not given).
 pub(crate) fn preset_rules(
     preset: &str,
+    module: Module,
     manifest: &Manifest,
     head_dim: Option<u64>,
     expert_parallel: bool,
@@ -70,9 +73,14 @@ pub(crate) fn preset_rules(
         manifest.iter().find(|s| s.name.ends_with(".self_attn.q_norm.weight") && s.shape.len() == 1).map(|s| s.shape[0])
     });
     let rules = preset
-        .rules(PresetOptions { head_dim, expert_parallel })
-        .map_err(|e| plan_error(format!("preset {preset}: {e}")))?;
+        .module_rules(module, PresetOptions { head_dim, expert_parallel }, None)
+        .map_err(|e| plan_error(format!("preset {preset}, module {module}: {e}")))?;
     Ok((preset, rules))
+}
+
+/// The module a receiver holds, by name (whole, main or mtp); None is the whole checkpoint.
+pub(crate) fn module(name: Option<&str>) -> PyResult<Module> {
+    name.map_or(Ok(Module::Whole), |n| n.parse().map_err(plan_error))
 }
 
 /// `value` seconds as a Duration; a negative, NaN or infinite `what` (or 0 unless `zero_ok`)

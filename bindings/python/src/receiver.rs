@@ -8,7 +8,7 @@ use weightlift::{
     check_exposure, Agent, AgentOptions, DeviceTensors, Endpoint, Listener, MemoryControl, ReceiverOptions,
     RunningAgent, StreamOptions, Token,
 };
-use weightlift_core::{RuleSet, TpRank, Version};
+use weightlift_core::{Module, RuleSet, TpRank, Version};
 
 use crate::errors::{cuda_error, failure_error, plan_error, stream_error, TransferError};
 use crate::memory::{pools_holding, MemoryPool};
@@ -17,7 +17,8 @@ use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
 
 /// Receiver(params, *, preset=None, tp_rank=0, tp_size=1, listen=None, initial_version=0,
-///          head_dim=None, expert_parallel=False, timeout=30.0, token=None, insecure=False)
+///          head_dim=None, expert_parallel=False, timeout=30.0, token=None, insecure=False,
+///          module=None)
 ///
 /// Takes updates into `params` (the engine's named parameters: a dict or iterable of
 /// (name, tensor) pairs, all on the CPU or all on one GPU), in place. With `listen`
@@ -27,7 +28,9 @@ use crate::{gpu, preset_rules, seconds, to_python};
 /// digest; one that fails leaves the committed version and marks the tensors it touched dirty.
 /// `token` (default: the WEIGHTLIFT_TOKEN environment variable): senders must prove they hold
 /// it before anything else is read; listening on an address other hosts can reach needs one,
-/// unless `insecure`.
+/// unless `insecure`. `module` ("main" or "mtp"): the part of a checkpoint with an MTP module
+/// these parameters hold (the main model, or the draft: one receiver each, pushed to together
+/// by one `Sender([main, draft], modules=["main", "mtp"])`); default the whole checkpoint.
 ///
 /// With `stream=(specs, depth, bucket_bytes)` it is a streaming receiver: `params` are the
 /// ring's buffers (uint8 tensors sized as `stream_layout` says, in its order), `specs` the
@@ -46,11 +49,17 @@ pub(crate) struct Receiver {
     /// What senders must prove; also the HTTP API's bearer token unless given another.
     token: Option<Token>,
     insecure: bool,
+    /// The part of a checkpoint these tensors are (a sender in this process takes it).
+    module: Module,
 }
 
 impl Receiver {
     pub(crate) fn inner(&self) -> &weightlift::Receiver {
         &self.inner
+    }
+
+    pub(crate) fn module(&self) -> Module {
+        self.module
     }
 
     fn handoff(&self) -> PyResult<Arc<weightlift::Handoff>> {
@@ -98,7 +107,7 @@ impl Receiver {
     #[new]
     #[pyo3(signature = (params, *, preset = None, tp_rank = 0, tp_size = 1, listen = None, initial_version = 0,
                         head_dim = None, expert_parallel = false, timeout = 30.0, token = None, insecure = false,
-                        stream = None))]
+                        stream = None, module = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -114,7 +123,9 @@ impl Receiver {
         token: Option<&str>,
         insecure: bool,
         stream: Option<(Vec<SpecTriple>, u32, u64)>,
+        module: Option<&str>,
     ) -> PyResult<Self> {
+        let module = crate::module(module)?;
         let token = token.map_or_else(Token::from_env, Token::new);
         let tensors = TensorSet::import(params, "engine")?;
         tensors.check_disjoint()?;
@@ -126,7 +137,7 @@ impl Receiver {
                 token: token.clone(),
                 ..ReceiverOptions::default()
             };
-            let stream = StreamOptions { depth, bucket_bytes };
+            let stream = StreamOptions { depth, bucket_bytes, module };
             let inner = match tensors.place() {
                 Place::Host => {
                     weightlift::Receiver::streaming(&specs, tensors, stream, options).map_err(stream_error)?
@@ -138,16 +149,25 @@ impl Receiver {
                 }
             };
             let endpoint = listen.map(|text| serve_on(&inner, text, token.as_ref(), insecure)).transpose()?;
-            // Checkpoints on disk stream as the trainer names them.
+            // Checkpoints on disk stream as the trainer names them (this receiver's module).
             let rules = inner.stream_plan().map(|p| p.rules.clone());
-            return Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools: Vec::new(), token, insecure });
+            return Ok(Receiver {
+                inner,
+                endpoint,
+                rules,
+                http: Mutex::new(None),
+                pools: Vec::new(),
+                token,
+                insecure,
+                module,
+            });
         }
         let manifest = weightlift::SourceTensors::manifest(&tensors).clone();
         let tp = TpRank::new(tp_rank, tp_size).map_err(|e| plan_error(e.to_string()))?;
         let expected_rules = match preset {
             Some(name) => {
-                let (preset, rules) = preset_rules(name, &manifest, head_dim, expert_parallel)?;
-                Some((format!("preset {preset}"), rules))
+                let (preset, rules) = preset_rules(name, module, &manifest, head_dim, expert_parallel)?;
+                Some((format!("preset {preset} ({module})"), rules))
             }
             None => None,
         };
@@ -181,7 +201,7 @@ impl Receiver {
         weightlift::guard_receiver(&inner, holders);
         let endpoint = listen.map(|text| serve_on(&inner, text, token.as_ref(), insecure)).transpose()?;
         let rules = options_rules;
-        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools, token, insecure })
+        Ok(Receiver { inner, endpoint, rules, http: Mutex::new(None), pools, token, insecure, module })
     }
 
     /// next_stream_update(after, timeout=None) -> int | None
@@ -199,15 +219,27 @@ impl Receiver {
     /// next_bucket(version, timeout=None) -> int | None
     ///
     /// Gives back the bucket taken last (its tensors may be written again) and waits for the
-    /// next bucket of `version`, verified; its index, or None once every bucket was taken and
-    /// the version committed. Raises VerificationError (a digest mismatch) or TransferError
-    /// (the sender went away, the engine gave up, a timeout) naming the tensors handed over
-    /// so far (`handed` on the exception), which may hold either version.
+    /// next bucket of `version`, verified; its index, or None once every bucket was taken
+    /// (then `stream_settled` says whether it committed). Raises VerificationError (a digest
+    /// mismatch) or TransferError (the sender went away, the engine gave up, a timeout) naming
+    /// the tensors handed over so far (`handed` on the exception), which may hold either
+    /// version.
     #[pyo3(signature = (version, timeout = None))]
     fn next_bucket(&self, py: Python<'_>, version: u64, timeout: Option<f64>) -> PyResult<Option<usize>> {
         let handoff = self.handoff()?;
         let timeout = forever_or(timeout)?;
         py.detach(|| handoff.next_bucket(Version(version), timeout)).map_err(failure_error)
+    }
+
+    /// stream_settled(version, timeout=None)
+    ///
+    /// After the last bucket: waits for `version` to commit (in a group, for the sender's
+    /// decision over every receiver), or raises as `next_bucket` does if it failed.
+    #[pyo3(signature = (version, timeout = None))]
+    fn stream_settled(&self, py: Python<'_>, version: u64, timeout: Option<f64>) -> PyResult<()> {
+        let handoff = self.handoff()?;
+        let timeout = forever_or(timeout)?;
+        py.detach(|| handoff.settled(Version(version), timeout)).map_err(failure_error)
     }
 
     /// abandon_stream(version, reason): the engine gives up on `version` (its loader

@@ -6,7 +6,7 @@ use std::time::Instant;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use weightlift::{Endpoint, Fault, SendError, SenderOptions, StepReport, Token, Trainer, TransportKind, UpdateOutcome};
-use weightlift_core::{Manifest, RuleSet, Version};
+use weightlift_core::{Manifest, Module, RuleSet, Version};
 
 use crate::errors::{cuda_error, send_error, TransferError, VerificationError, VersionError};
 use crate::receiver::Receiver;
@@ -14,7 +14,13 @@ use crate::tensors::{Place, TensorSet};
 use crate::{gpu, preset_rules, seconds, to_python};
 
 /// One receiver to push to.
-enum Target {
+struct Target {
+    to: To,
+    /// The module of the checkpoint it holds, as it was made (whole for an endpoint).
+    module: Module,
+}
+
+enum To {
     Endpoint(Endpoint),
     /// A receiver in this process.
     Local(weightlift::Receiver),
@@ -34,7 +40,7 @@ struct State {
 }
 
 /// Sender(to, *, preset="identity", head_dim=None, expert_parallel=False, transport=None,
-///        sender_digests=True, timeout=60.0, token=None, _fault=None)
+///        sender_digests=True, timeout=60.0, token=None, modules=None, _fault=None)
 ///
 /// Pushes a trainer's tensors to one receiver per engine rank (`to`: endpoints such as
 /// "unix:/tmp/wl.sock" or "tcp://host:port", or `Receiver` objects of this process). `preset`
@@ -44,12 +50,18 @@ struct State {
 /// With several receivers a version commits on all of them or on none (two-phase). `token`
 /// (default: the WEIGHTLIFT_TOKEN environment variable) is the receivers'. `sender_digests=False`
 /// (CUDA IPC) skips digesting on this side: the update commits on the receivers' digests alone
-/// and is reported `verified: False`.
+/// and is reported `verified: False`. `modules` (one per receiver, or one for all: "whole",
+/// "main", "mtp"): for a checkpoint with an MTP module, which part each receiver holds, so one
+/// version reaches a main model and its draft together, committed on both or neither
+/// (default: what each `Receiver` of this process was made with, the whole checkpoint for an
+/// endpoint).
 /// `_fault` ("flip:N", "hangup:N", "abort:N": bucket N) misbehaves on purpose, for tests that
 /// show a receiver survives a bad sender.
 #[pyclass(module = "weightlift._weightlift")]
 pub(crate) struct Sender {
     targets: Vec<Target>,
+    /// The module of the checkpoint each target holds.
+    modules: Vec<Module>,
     preset: String,
     head_dim: Option<u64>,
     expert_parallel: bool,
@@ -61,12 +73,14 @@ pub(crate) struct Sender {
 fn targets(to: &Bound<'_, PyAny>) -> PyResult<Vec<Target>> {
     let one = |item: &Bound<'_, PyAny>| -> PyResult<Target> {
         if let Ok(receiver) = item.cast::<Receiver>() {
-            return Ok(Target::Local(receiver.borrow().inner().clone()));
+            let receiver = receiver.borrow();
+            return Ok(Target { to: To::Local(receiver.inner().clone()), module: receiver.module() });
         }
         let text: String = item.extract().map_err(|_| {
             crate::errors::plan_error("`to` takes endpoints (\"unix:/path\", \"tcp://host:port\") or Receiver objects")
         })?;
-        text.parse::<Endpoint>().map(Target::Endpoint).map_err(|e| crate::errors::plan_error(format!("`{text}`: {e}")))
+        let endpoint = text.parse::<Endpoint>().map_err(|e| crate::errors::plan_error(format!("`{text}`: {e}")))?;
+        Ok(Target { to: To::Endpoint(endpoint), module: Module::Whole })
     };
     if to.is_instance_of::<PyList>() || to.is_instance_of::<pyo3::types::PyTuple>() {
         to.try_iter()?.map(|item| one(&item?)).collect()
@@ -76,23 +90,29 @@ fn targets(to: &Bound<'_, PyAny>) -> PyResult<Vec<Target>> {
 }
 
 impl Sender {
-    fn connect(&self, manifest: &Manifest, place: Place, rules: &RuleSet) -> Result<Trainer, SendError> {
+    /// Each target's rules: the preset, for the module it holds.
+    fn rules(&self, manifest: &Manifest) -> PyResult<Vec<RuleSet>> {
+        let (head_dim, ep) = (self.head_dim, self.expert_parallel);
+        self.modules.iter().map(|&m| preset_rules(&self.preset, m, manifest, head_dim, ep).map(|(_, r)| r)).collect()
+    }
+
+    fn connect(&self, manifest: &Manifest, place: Place, rules: &[RuleSet]) -> Result<Trainer, SendError> {
         let transport = self.transport.unwrap_or(match place {
             Place::Cuda(_) => TransportKind::CudaIpc,
             Place::Host => TransportKind::Shm,
         });
         let mut senders = Vec::with_capacity(self.targets.len());
-        for target in &self.targets {
+        for (target, rules) in self.targets.iter().zip(rules) {
             let options = SenderOptions { transport, ..self.options.clone() };
-            let sender = match target {
-                Target::Endpoint(endpoint) => {
+            let sender = match &target.to {
+                To::Endpoint(endpoint) => {
                     let transport = match (transport, endpoint.is_local()) {
                         (TransportKind::Shm, false) => TransportKind::Tcp,
                         (t, _) => t,
                     };
                     weightlift::Sender::connect(endpoint, manifest, rules, SenderOptions { transport, ..options })?
                 }
-                Target::Local(receiver) => receiver.connect_in_process(manifest, rules, options)?,
+                To::Local(receiver) => receiver.connect_in_process(manifest, rules, options)?,
             };
             senders.push(sender);
         }
@@ -105,7 +125,7 @@ impl Sender {
     #[new]
     #[pyo3(signature = (to, *, preset = "identity", head_dim = None, expert_parallel = false, transport = None,
                         sender_digests = true, timeout = 60.0, token = None, device_writes = true,
-                        pin_sources = false, host_digests = false, _fault = None))]
+                        pin_sources = false, host_digests = false, modules = None, _fault = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         to: &Bound<'_, PyAny>,
@@ -119,11 +139,30 @@ impl Sender {
         device_writes: bool,
         pin_sources: bool,
         host_digests: bool,
+        modules: Option<&Bound<'_, PyAny>>,
         _fault: Option<&str>,
     ) -> PyResult<Self> {
         let targets = targets(to)?;
         if targets.is_empty() {
             return Err(crate::errors::plan_error("`to` names no receiver"));
+        }
+        // By default each receiver of this process holds the module it was made for; one at an
+        // endpoint the whole checkpoint.
+        let modules: Vec<Module> = match modules {
+            None => targets.iter().map(|t| t.module).collect(),
+            Some(m) if m.is_instance_of::<pyo3::types::PyString>() => {
+                vec![crate::module(Some(&m.extract::<String>()?))?; targets.len()]
+            }
+            Some(m) => {
+                m.try_iter()?.map(|item| crate::module(Some(&item?.extract::<String>()?))).collect::<PyResult<_>>()?
+            }
+        };
+        if modules.len() != targets.len() {
+            return Err(crate::errors::plan_error(format!(
+                "`modules` names {} module(s) for {} receiver(s): one per receiver",
+                modules.len(),
+                targets.len()
+            )));
         }
         preset.parse::<weightlift_core::Preset>().map_err(crate::errors::plan_error)?;
         let transport = transport
@@ -142,6 +181,7 @@ impl Sender {
         };
         Ok(Sender {
             targets,
+            modules,
             preset: preset.to_string(),
             head_dim,
             expert_parallel,
@@ -174,7 +214,7 @@ impl Sender {
         if state.connected.as_ref().is_none_or(|c| !reused && &c.manifest != manifest) {
             let manifest = manifest.clone();
             state.connected = None;
-            let (_, rules) = preset_rules(&self.preset, &manifest, self.head_dim, self.expert_parallel)?;
+            let rules = self.rules(&manifest)?;
             let trainer = py.detach(|| self.connect(&manifest, place, &rules)).map_err(send_error)?;
             state.connected = Some(Connected { manifest, trainer });
         }

@@ -36,7 +36,8 @@ pub(crate) fn stream_layout(
     bucket_bytes: u64,
 ) -> PyResult<Py<PyDict>> {
     let manifest = manifest_of(specs)?;
-    let plan = StreamPlan::new(&manifest, StreamOptions { depth, bucket_bytes }).map_err(stream_error)?;
+    let plan = StreamPlan::new(&manifest, StreamOptions { depth, bucket_bytes, ..StreamOptions::default() })
+        .map_err(stream_error)?;
     let out = PyDict::new(py);
     out.set_item("buffer_sizes", plan.buffer_sizes())?;
     out.set_item("places", plan.places())?;

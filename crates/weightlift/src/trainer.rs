@@ -181,8 +181,8 @@ impl Trainer {
         let problem = votes.iter().enumerate().find_map(|(i, vote)| match vote {
             Ok(Vote::Verified) => None,
             Ok(Vote::Settled(report)) if report.is_committed() => None,
-            Ok(Vote::Settled(report)) => Some(describe(report, &self.senders[i].name())),
-            Err(e) => Some(format!("{}: {e}", self.senders[i].name())),
+            Ok(Vote::Settled(report)) => Some(describe(report, &self.who(i))),
+            Err(e) => Some(format!("{}: {e}", self.who(i))),
         });
         let decision = match &problem {
             None => Ok(()),
@@ -217,12 +217,22 @@ impl Trainer {
         version: Version,
         errors: impl Iterator<Item = Option<&'a SendError>>,
     ) -> Option<String> {
-        errors.zip(&self.senders).find_map(|(error, sender)| {
+        errors.enumerate().find_map(|(i, error)| {
             error.map(|e| match e {
-                SendError::Refused { reason, .. } => format!("{} refused version {version}: {reason}", sender.name()),
-                other => format!("{} could not begin version {version}: {other}", sender.name()),
+                SendError::Refused { reason, .. } => format!("{} refused version {version}: {reason}", self.who(i)),
+                other => format!("{} could not begin version {version}: {other}", self.who(i)),
             })
         })
+    }
+
+    /// Receiver `i` by its rank and peer, and by its place among the receivers where that
+    /// alone does not tell it apart (a main model and its draft, both rank 0 in-process).
+    fn who(&self, i: usize) -> String {
+        let name = self.senders[i].name();
+        match self.senders.iter().filter(|s| s.name() == name).count() {
+            1 => name,
+            _ => format!("receiver {} ({name})", i + 1),
+        }
     }
 
     fn step(&self, version: Version, started: Instant, ranks: Vec<UpdateReport>) -> StepReport {
@@ -236,7 +246,7 @@ impl Trainer {
             verified: ranks.iter().all(|r| r.is_committed() && r.verified),
             committed: ranks.iter().all(UpdateReport::is_committed),
             ranks,
-            receivers: self.senders.iter().map(Sender::name).collect(),
+            receivers: (0..self.senders.len()).map(|i| self.who(i)).collect(),
         }
     }
 }

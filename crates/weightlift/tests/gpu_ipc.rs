@@ -583,7 +583,7 @@ fn a_streaming_receiver_on_a_gpu_hands_its_engine_every_tensor_over_ipc_and_stag
     let gpu = gpu(0);
     let config = synthetic("qwen3-moe-tiny").unwrap();
     let specs = config.source_manifest();
-    let stream = StreamOptions { depth: 2, bucket_bytes: 64 << 10 };
+    let stream = StreamOptions { depth: 2, bucket_bytes: 64 << 10, ..StreamOptions::default() };
     let plan = StreamPlan::new(&specs, stream).unwrap();
     let sizes = plan.buffer_sizes();
     let ring_specs = sizes.iter().enumerate().map(|(i, &n)| TensorSpec::new(format!("ring{i}"), DType::U8, vec![n]));
@@ -617,6 +617,7 @@ fn a_streaming_receiver_on_a_gpu_hands_its_engine_every_tensor_over_ipc_and_stag
                         loaded[d as usize] = bytes;
                     }
                 }
+                handoff.settled(version, std::time::Duration::from_secs(60)).unwrap();
                 versions.push((version, loaded));
                 after = version;
             }

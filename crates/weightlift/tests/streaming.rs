@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use weightlift::core::{synthetic, DType, Manifest, Preset, PresetOptions, TensorSpec, Version};
+use weightlift::core::{synthetic, DType, Manifest, Module, Preset, PresetOptions, TensorSpec, Version};
 use weightlift::{
     DestinationTensors, Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, StreamFailure,
-    StreamOptions, StreamPlan, TransportKind,
+    StreamOptions, StreamPlan, Trainer, TransportKind,
 };
 use weightlift_cuda::SharedMemory;
 
@@ -71,9 +71,16 @@ struct Setup {
 }
 
 fn setup(endpoint: Endpoint) -> Setup {
-    let config = synthetic(MODEL).unwrap();
-    let specs = config.source_manifest();
-    let stream = StreamOptions { depth: 2, bucket_bytes: BUCKET_BYTES };
+    setup_of(endpoint, MODEL, Module::Whole)
+}
+
+/// A streaming receiver of `module` of `model` (the tensors that module holds, as the trainer
+/// names them); the trainer holds the whole checkpoint.
+fn setup_of(endpoint: Endpoint, model: &str, module: Module) -> Setup {
+    let config = synthetic(model).unwrap();
+    let trainer = HostTensors::synthetic(&config, 11);
+    let specs = Manifest::new(trainer.manifest().iter().filter(|s| holds(module, &s.name)).cloned().collect()).unwrap();
+    let stream = StreamOptions { depth: 2, bucket_bytes: BUCKET_BYTES, module };
     let plan = StreamPlan::new(&specs, stream).unwrap();
     let buffers = ShmBuffers::new(&plan.buffer_sizes());
     let view = Arc::new(buffers.engine_view());
@@ -83,7 +90,16 @@ fn setup(endpoint: Endpoint) -> Setup {
     let endpoint = listener.endpoint().unwrap();
     let serving = receiver.clone();
     std::thread::spawn(move || serving.serve(&listener));
-    Setup { receiver, endpoint, trainer: HostTensors::synthetic(&config, 11), view, plan }
+    Setup { receiver, endpoint, trainer, view, plan }
+}
+
+/// Whether an engine holding `module` has the checkpoint's tensor `name`.
+fn holds(module: Module, name: &str) -> bool {
+    match module {
+        Module::Whole => true,
+        Module::Main => !name.starts_with("mtp."),
+        Module::Mtp => name.starts_with("mtp.") || name == "model.embed_tokens.weight" || name == "lm_head.weight",
+    }
 }
 
 /// What the engine loaded of one version: each tensor's bytes, by name.
@@ -119,6 +135,7 @@ fn engine(
                 loaded.insert(spec.name.clone(), bytes.to_vec());
             }
         }
+        handoff.settled(version, Duration::from_secs(10))?;
         Ok((version, loaded))
     })
 }
@@ -135,9 +152,11 @@ fn connect(s: &Setup, transport: TransportKind, fault: Option<Fault>) -> Sender 
 }
 
 fn assert_loaded_exactly(s: &Setup, loaded: &Loaded, label: &str) {
-    assert_eq!(loaded.len(), s.trainer.manifest().len(), "{label}");
+    assert_eq!(loaded.len(), s.plan.plan.destinations.len(), "{label}");
     for (spec, want) in s.trainer.manifest().iter().zip(s.trainer.data()) {
-        assert!(loaded[&spec.name] == *want, "{label}: `{}` differs", spec.name);
+        if s.plan.plan.destinations.iter().any(|d| d.name == spec.name) {
+            assert!(loaded[&spec.name] == *want, "{label}: `{}` differs", spec.name);
+        }
     }
 }
 
@@ -253,4 +272,57 @@ fn weightlift_push_streams_into_it_from_another_process() {
     }
     assert!(push.wait_with_output().unwrap().status.success());
     assert_eq!(s.receiver.committed(), Version(2));
+}
+
+/// A main model and its MTP draft (Qwen3-Next naming), each a streaming receiver of its module,
+/// take one version from one trainer: committed on both once the engine loaded both; when the
+/// draft's loader gives up, on neither (the main model, verified and voted, is called off and
+/// dirty with what it handed over), and the next version reaches both again.
+#[test]
+fn a_main_model_and_its_mtp_draft_take_one_version_on_both_or_neither() {
+    let model = "qwen3-moe-tiny-mtp";
+    let mut main = setup_of(endpoint_for(TransportKind::Shm, "mtp-main"), model, Module::Main);
+    let mut draft = setup_of(endpoint_for(TransportKind::Tcp, "mtp-draft"), model, Module::Mtp);
+    let connect = |s: &Setup, module, transport| {
+        let rules = Preset::Identity.module_rules(module, PresetOptions::default(), None).unwrap();
+        let options = SenderOptions { transport, ..SenderOptions::default() };
+        Sender::connect(&s.endpoint, s.trainer.manifest(), &rules, options).unwrap()
+    };
+    let mut trainer = Trainer::from_senders(vec![
+        connect(&main, Module::Main, TransportKind::Shm),
+        connect(&draft, Module::Mtp, TransportKind::Tcp),
+    ]);
+    let mtp_names = draft.plan.plan.destinations.iter().filter(|d| d.name.starts_with("mtp.")).count();
+    assert!(mtp_names > 10 && draft.plan.plan.destinations.len() == mtp_names + 2);
+
+    let (loading_main, loading_draft) =
+        (engine(&main, Version(0), Duration::from_millis(1), None), engine(&draft, Version(0), Duration::ZERO, None));
+    let step = trainer.push(Version(1), &main.trainer).unwrap();
+    assert!(step.committed && step.verified, "{:?}", step.failure());
+    assert_loaded_exactly(&main, &loading_main.join().unwrap().unwrap().1, "main");
+    assert_loaded_exactly(&draft, &loading_draft.join().unwrap().unwrap().1, "draft");
+
+    main.trainer.perturb();
+    let (loading_main, loading_draft) =
+        (engine(&main, Version(1), Duration::ZERO, None), engine(&draft, Version(1), Duration::ZERO, Some(1)));
+    let step = trainer.push(Version(2), &main.trainer).unwrap();
+    assert!(!step.committed, "{step:?}");
+    let Err(StreamFailure::Failed { reason, .. }) = loading_main.join().unwrap() else { panic!("main committed") };
+    assert!(reason.contains("called the update off") && reason.contains("KeyError"), "{reason}");
+    assert!(matches!(loading_draft.join().unwrap(), Err(StreamFailure::Failed { .. })));
+    assert_eq!((main.receiver.committed(), draft.receiver.committed()), (Version(1), Version(1)));
+    let mut dirty = main.receiver.dirty();
+    dirty.sort();
+    let mut every: Vec<String> = main.plan.plan.destinations.iter().map(|d| d.name.clone()).collect();
+    every.sort();
+    assert_eq!(dirty, every, "the main model was handed every tensor");
+
+    main.trainer.perturb();
+    draft.trainer = main.trainer.clone();
+    let (loading_main, loading_draft) =
+        (engine(&main, Version(2), Duration::ZERO, None), engine(&draft, Version(2), Duration::ZERO, None));
+    assert!(trainer.push(Version(3), &main.trainer).unwrap().committed);
+    assert_loaded_exactly(&main, &loading_main.join().unwrap().unwrap().1, "main v3");
+    assert_loaded_exactly(&draft, &loading_draft.join().unwrap().unwrap().1, "draft v3");
+    assert!(main.receiver.dirty().is_empty() && draft.receiver.dirty().is_empty());
 }

@@ -44,7 +44,7 @@ from weightlift._weightlift import (
 )
 from weightlift import memory
 from weightlift.client import AgentError, Client
-from weightlift.staging import StagingReceiver
+from weightlift.staging import StagingGroup, StagingReceiver
 
 __all__ = [
     "AgentError",
@@ -54,6 +54,7 @@ __all__ = [
     "PlanError",
     "Receiver",
     "Sender",
+    "StagingGroup",
     "StagingReceiver",
     "TransferError",
     "VerificationError",

@@ -78,6 +78,7 @@ class Sender:
         device_writes: bool = True,
         pin_sources: bool = False,
         host_digests: bool = False,
+        modules: Optional[Union[str, Sequence[str]]] = None,
     ) -> None: ...
     def push(self, named_tensors: NamedTensors, version: int) -> dict[str, Any]:
         """Pushes every tensor as `version` to every receiver; returns the report (version,
@@ -107,9 +108,11 @@ class Receiver:
         token: Optional[str] = None,
         insecure: bool = False,
         stream: Optional[Tuple[list[Tuple[str, Tuple[int, ...], str]], int, int]] = None,
+        module: Optional[str] = None,
     ) -> None: ...
     def next_stream_update(self, after: int, timeout: Optional[float] = None) -> Optional[int]: ...
     def next_bucket(self, version: int, timeout: Optional[float] = None) -> Optional[int]: ...
+    def stream_settled(self, version: int, timeout: Optional[float] = None) -> None: ...
     def abandon_stream(self, version: int, reason: str) -> None: ...
     @property
     def version(self) -> int:

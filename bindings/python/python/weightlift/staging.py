@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional, Tuple
 
-from weightlift._weightlift import PlanError, Receiver, stream_layout
+from weightlift._weightlift import PlanError, Receiver, VersionError, stream_layout
 
 # weightlift dtype name -> (torch dtype attribute, numpy dtype name or None)
 _DTYPES = {
@@ -139,6 +139,9 @@ class Weights:
         self._staging = staging
         self._timeout = timeout
         self._done = False
+        # The group this update belongs to (main model and draft): the last of its members
+        # to be loaded waits for the version to commit on all of them.
+        self._group: Optional[_Update] = None
         self._iterator = self._iterate()
 
     def __iter__(self) -> "Weights":
@@ -169,6 +172,11 @@ class Weights:
                 stats["calls"] += 1
                 if k is None:
                     self._done = True
+                    group = self._group
+                    if group is None:
+                        receiver.stream_settled(version, timeout)
+                    else:
+                        group._finished(self)
                     return
                 stats["buckets"] += 1
                 tensors = buckets[k]
@@ -201,7 +209,7 @@ class Weights:
 
 class StagingReceiver:
     """StagingReceiver(specs, *, device="cpu", depth=2, bucket_mib=64, copy=False, listen=None,
-                       initial_version=0, timeout=30.0, token=None, insecure=False)
+                       initial_version=0, timeout=30.0, token=None, insecure=False, module=None)
 
     Receives updates of the tensors described by `specs` (named and shaped as the trainer
     sends them) and streams each to the engine's loader: :meth:`updates` yields
@@ -212,6 +220,10 @@ class StagingReceiver:
     `specs`: a dict or iterable of (name, tensor-like) pairs (a meta-device model's
     ``named_parameters()``), or (name, shape, dtype) triples. `timeout`: how long the receiver
     waits for the sender, and for the engine to take a bucket, before failing the update.
+    `module` ("main" or "mtp"): the part of a checkpoint with an MTP module this receiver
+    streams, for updates from disk (a sender names it per receiver: ``Sender(...,
+    modules=[...])``); a main model and its draft load one version together through a
+    :class:`StagingGroup`.
     """
 
     def __init__(
@@ -227,6 +239,7 @@ class StagingReceiver:
         timeout: float = 30.0,
         token: Optional[str] = None,
         insecure: bool = False,
+        module: Optional[str] = None,
     ) -> None:
         specs = _specs(specs)
         bucket_bytes = int(bucket_mib * (1 << 20))
@@ -245,6 +258,7 @@ class StagingReceiver:
             token=token,
             insecure=insecure,
             stream=(specs, depth, bucket_bytes),
+            module=module,
         )
         torch = self._ring.torch
         on_gpu = torch is not None and self._ring.device.type == "cuda"
@@ -290,3 +304,88 @@ class StagingReceiver:
                 yield update
             finally:
                 update[1].close("the engine moved on without loading every tensor")
+
+
+class _Update:
+    """One version streaming to every member of a group: the members' iterators, and the
+    wait for the version to settle on all of them once the last is loaded."""
+
+    def __init__(self, weights: list) -> None:
+        self.weights = weights
+        for w in weights:
+            w._group = self
+
+    def _finished(self, last: Weights) -> None:
+        if not all(w._done for w in self.weights):
+            return
+        # Every member's tensors are taken: the sender decides once all voted; each member
+        # settles on that decision. The first failure raises, naming its receiver's tensors.
+        for w in self.weights:
+            w._staging.receiver.stream_settled(w.version, w._timeout)
+
+    def close(self, reason: str) -> None:
+        for w in self.weights:
+            w.close(reason)
+
+
+class StagingGroup:
+    """StagingGroup(*members)
+
+    Streaming receivers that take one version together: a main model and its draft or MTP
+    module (each its own :class:`StagingReceiver`, the trainer's ``Sender([main.receiver,
+    draft.receiver], modules=["main", "mtp"])`` pushing both). The version commits on every
+    member or on none: if one member's update fails (a digest mismatch, its loader raised),
+    every member stays on its last version, dirty with what its engine was handed::
+
+        group = wl.StagingGroup(main, draft)
+        for version, (main_weights, draft_weights) in group.updates():
+            model.load_weights(main_weights)
+            drafter.load_weights(draft_weights)
+
+    Load the members in any order (one after another, or on threads): each iterator ends once
+    its tensors are all taken and verified, and the last to end waits for the commit on all
+    of them, raising if it failed anywhere.
+    """
+
+    def __init__(self, *members: StagingReceiver) -> None:
+        if not members:
+            raise PlanError("a StagingGroup needs at least one StagingReceiver")
+        self.members = members
+
+    @property
+    def version(self) -> int:
+        """The version every member committed (the lowest, should one lag)."""
+        return min(m.version for m in self.members)
+
+    def next_update(self, timeout: Optional[float] = None) -> Optional[Tuple[int, Tuple[Weights, ...]]]:
+        """The next version as it starts streaming to every member: (version, one `Weights`
+        per member, in the members' order), or None once `timeout` passed."""
+        updates = []
+        for member in self.members:
+            update = member.next_update(timeout)
+            if update is None:
+                for _, weights in updates:
+                    weights.close("another receiver of the group had no update")
+                return None
+            updates.append(update)
+        versions = [v for v, _ in updates]
+        weights = [w for _, w in updates]
+        if len(set(versions)) != 1:
+            group = _Update(weights)
+            group.close(f"the group's receivers are streaming different versions: {versions}")
+            raise VersionError(f"the group's receivers are streaming different versions: {versions}")
+        _Update(weights)
+        return versions[0], tuple(weights)
+
+    def updates(self, timeout: Optional[float] = None) -> Iterator[Tuple[int, Tuple[Weights, ...]]]:
+        """Yields (version, weights per member) for each version, as
+        :meth:`StagingReceiver.updates` does for one receiver."""
+        while True:
+            update = self.next_update(timeout)
+            if update is None:
+                return
+            try:
+                yield update
+            finally:
+                for weights in update[1]:
+                    weights.close("the engine moved on without loading every tensor")

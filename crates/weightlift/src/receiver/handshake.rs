@@ -85,7 +85,7 @@ impl Receiver {
         };
         // A streaming receiver's buckets are its own: the layout of its ring.
         if let Some(stream) = stream {
-            if plan.hash() != stream.plan.hash() {
+            if !stream.streams(&plan) {
                 return Err(refuse(&mut conn, "the sender's tensors are not the ones this receiver streams".into()));
             }
         }

@@ -256,7 +256,8 @@ impl Receiver {
 
     /// A streaming receiver takes the identity layout only, whole tensors, at TP 1.
     fn stream_options(plan: &StreamPlan, options: ReceiverOptions) -> ReceiverOptions {
-        let expected_rules = Some(("the streaming receiver's identity layout".to_string(), plan.rules.clone()));
+        let layout = "the streaming receiver's identity layout (of its module)".to_string();
+        let expected_rules = Some((layout, plan.rules.clone()));
         let max_bucket_bytes = options.max_bucket_bytes.max(plan.layout.bucket_bytes);
         ReceiverOptions { tp: TpRank::SINGLE, expected_rules, max_bucket_bytes, ..options }
     }
@@ -452,7 +453,7 @@ impl Receiver {
         }
         let plan = plan(&SourceSet::single(source.manifest().clone()), &self.shared.manifest, rules, options.tp)?;
         let (bucket_bytes, full) = match self.stream_plan() {
-            Some(stream) if stream.plan.hash() != plan.hash() => return Err(LocalError::NotStreamed),
+            Some(stream) if !stream.streams(&plan) => return Err(LocalError::NotStreamed),
             Some(stream) => (stream.layout.bucket_bytes, Schedule::whole(&plan, stream.layout.bucket_bytes)?),
             None => {
                 // A sender's default bucket, within this receiver's bound on the memory an

@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use weightlift_core::{
-    plan, whole_tensor_buckets, Bucket, Manifest, Plan, Preset, PresetOptions, RuleSet, SourceSet, StreamBuffer,
-    StreamLayout, TpRank, Version,
+    plan, whole_tensor_buckets, Bucket, Manifest, Module, Plan, Preset, PresetOptions, RuleSet, SourceSet,
+    StreamBuffer, StreamLayout, TpRank, Version,
 };
 
 use crate::cuda_ipc::DeviceTensors;
@@ -30,11 +30,14 @@ pub struct StreamOptions {
     pub depth: u32,
     /// Bytes of a bucket (a tensor larger than this is assembled whole in one dedicated buffer).
     pub bucket_bytes: u64,
+    /// The part of a checkpoint with an MTP module these tensors are (the main model, or its
+    /// draft): the sender's other tensors are ignored by name.
+    pub module: Module,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { depth: 2, bucket_bytes: 64 << 20 }
+        StreamOptions { depth: 2, bucket_bytes: 64 << 20, module: Module::Whole }
     }
 }
 
@@ -66,6 +69,8 @@ pub enum StreamFailure {
     NoUpdate,
     #[error("no bucket of version {version} came within {seconds:.1} s")]
     Timeout { version: Version, seconds: f64 },
+    #[error("version {version} was not committed or failed within {seconds:.1} s of its last bucket")]
+    Undecided { version: Version, seconds: f64 },
 }
 
 /// What the identity layout of `specs` streams through: its plan, buckets and ring layout.
@@ -78,10 +83,10 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
-    /// Streams `specs` as the trainer names and shapes them (the identity preset), in
-    /// buckets of `options.bucket_bytes` over a ring of `options.depth`.
+    /// Streams `specs` as the trainer names and shapes them (the identity preset, for
+    /// `options.module`), in buckets of `options.bucket_bytes` over a ring of `options.depth`.
     pub fn new(specs: &Manifest, options: StreamOptions) -> Result<StreamPlan, StreamSetupError> {
-        let rules = Preset::Identity.rules(PresetOptions::default())?;
+        let rules = Preset::Identity.module_rules(options.module, PresetOptions::default(), None)?;
         let plan = plan(&SourceSet::single(specs.clone()), specs, &rules, TpRank::SINGLE)?;
         let buckets = whole_tensor_buckets(&plan, options.bucket_bytes)?;
         let layout = weightlift_core::stream_layout(&plan, &buckets, options.bucket_bytes, options.depth)?;
@@ -107,6 +112,21 @@ impl StreamPlan {
             StreamBuffer::Dedicated => depth,
         };
         self.layout.places.iter().map(|p| p.map(|p| (index(p.buffer), p.offset))).collect()
+    }
+
+    /// Whether a connection's `plan` streams through this layout: the same tensors, in the
+    /// same buckets and places. Its sources may be more (a group's other modules, ignored
+    /// here), named or cut otherwise; what lands in the ring must be what the engine was
+    /// shown when the ring was made.
+    pub fn streams(&self, plan: &Plan) -> bool {
+        let layout = &self.layout;
+        plan.destinations == self.plan.destinations
+            && whole_tensor_buckets(plan, layout.bucket_bytes)
+                .ok()
+                .and_then(|buckets| {
+                    weightlift_core::stream_layout(plan, &buckets, layout.bucket_bytes, layout.depth).ok()
+                })
+                .is_some_and(|ours| &ours == layout)
     }
 
     fn check_buffers(&self, actual: &[u64]) -> Result<(), StreamSetupError> {
@@ -387,7 +407,7 @@ impl Handoff {
     }
 
     /// The engine: gives back the bucket it holds and waits for the next of `version`; None
-    /// once every bucket was taken and the update committed.
+    /// once every bucket was taken (then [`Handoff::settled`] says whether it committed).
     pub fn next_bucket(&self, version: Version, timeout: Duration) -> Result<Option<usize>, StreamFailure> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
@@ -410,6 +430,9 @@ impl Handoff {
                 state.taken = Some(k);
                 return Ok(Some(k));
             }
+            if state.version == Some(version) && state.given_back >= state.buckets {
+                return Ok(None);
+            }
             let newer = |v: Option<Version>| v.is_some_and(|v| v > version);
             if newer(state.version) || newer(state.settled.as_ref().map(|(v, _)| *v)) {
                 return Err(StreamFailure::NoUpdate);
@@ -418,6 +441,30 @@ impl Handoff {
             state = next;
             if !more {
                 return Err(StreamFailure::Timeout { version, seconds: timeout.as_secs_f64() });
+            }
+        }
+    }
+
+    /// The engine, after the last bucket: waits up to `timeout` for `version` to settle (a
+    /// group's decision included); Ok once it committed.
+    pub fn settled(&self, version: Version, timeout: Duration) -> Result<(), StreamFailure> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            match &state.settled {
+                Some((v, Some((reason, handed)))) if *v == version => {
+                    return Err(StreamFailure::Failed { version, reason: reason.clone(), handed: handed.clone() });
+                }
+                Some((v, None)) if *v == version => return Ok(()),
+                _ => {}
+            }
+            if state.version != Some(version) {
+                return Err(StreamFailure::NoUpdate);
+            }
+            let (next, more) = self.wait(state, deadline);
+            state = next;
+            if !more {
+                return Err(StreamFailure::Undecided { version, seconds: timeout.as_secs_f64() });
             }
         }
     }
@@ -564,7 +611,8 @@ mod tests {
     #[test]
     fn the_ring_gives_each_bucket_its_tensors_disjoint_and_where_the_layout_says() {
         let specs = manifest(&[100, 300, 50, 700, 20, 90]);
-        let stream = StreamPlan::new(&specs, StreamOptions { depth: 2, bucket_bytes: 400 }).unwrap();
+        let stream =
+            StreamPlan::new(&specs, StreamOptions { depth: 2, bucket_bytes: 400, ..StreamOptions::default() }).unwrap();
         let stream = Stream::new(stream);
         let mut ring = host_ring(&stream, buffers(&stream.plan)).unwrap();
         let stream = &stream.plan;
@@ -587,7 +635,9 @@ mod tests {
     #[test]
     fn buffers_of_the_wrong_size_or_count_are_named() {
         let specs = manifest(&[100, 300]);
-        let stream = Stream::new(StreamPlan::new(&specs, StreamOptions { depth: 2, bucket_bytes: 400 }).unwrap());
+        let stream = Stream::new(
+            StreamPlan::new(&specs, StreamOptions { depth: 2, bucket_bytes: 400, ..StreamOptions::default() }).unwrap(),
+        );
         let short = HostTensors::new(manifest(&[10, 10]), vec![vec![0; 10]; 2]).unwrap();
         let err = host_ring(&stream, short).err().unwrap();
         assert!(matches!(err, StreamSetupError::BufferSize { index: 0, .. }), "{err}");
@@ -623,8 +673,13 @@ mod tests {
             std::thread::spawn(move || handoff.next_bucket(v, Duration::from_secs(5)))
         };
         handoff.wait_consumed(Duration::from_secs(5)).unwrap();
-        handoff.settle(v, None);
+        // Every bucket taken: the iteration ends before the version settles (a group's
+        // decision may still be out), and the engine waits for that apart.
         assert_eq!(done.join().unwrap(), Ok(None));
+        assert_eq!(handoff.settled(v, short), Err(StreamFailure::Undecided { version: v, seconds: 0.02 }));
+        handoff.settle(v, None);
+        assert_eq!(handoff.settled(v, short), Ok(()));
+        assert_eq!(handoff.settled(Version(2), short), Err(StreamFailure::NoUpdate));
         assert_eq!(handoff.next_update(Version(2), short), Some(v));
         assert_eq!(handoff.next_update(v, short), None);
     }

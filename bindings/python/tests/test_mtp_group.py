@@ -1,0 +1,132 @@
+"""A main model and its MTP draft in one version: two streaming receivers in a `StagingGroup`,
+pushed to by one `Sender(..., modules=["main", "mtp"])` from a checkpoint that carries both
+(Qwen3-Next naming: `mtp.fc`, `mtp.layers.0.*`, ...). The version commits on both or on
+neither. Runs in CI (numpy)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import weightlift as wl
+
+BUCKET_MIB = 16384 / (1 << 20)  # 16 KiB buckets: each module takes several
+
+
+def checkpoint(seed: int) -> dict:
+    """The trainer's tensors of a small Qwen3 with a one-layer MTP module, in f32."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape, _ in wl.synthetic_manifest("qwen3-tiny-mtp")}
+
+
+def is_draft(name: str) -> bool:
+    return name.startswith("mtp.") or name in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def receivers(modules=None):
+    """The main model's and the draft's receivers, their group, and the trainer's sender
+    (which takes each receiver's module, or `modules`)."""
+    full = checkpoint(0)
+    main_specs = {n: t for n, t in full.items() if not n.startswith("mtp.")}
+    main = wl.StagingReceiver(main_specs, bucket_mib=BUCKET_MIB, module="main")
+    draft = wl.StagingReceiver({n: t for n, t in full.items() if is_draft(n)}, bucket_mib=BUCKET_MIB, module="mtp")
+    sender = wl.Sender([main.receiver, draft.receiver], modules=modules)
+    return main, draft, wl.StagingGroup(main, draft), sender
+
+
+def push_in_thread(sender, tensors, version):
+    box = {}
+
+    def run():
+        try:
+            box["report"] = sender.push(tensors, version=version)
+        except wl.WeightliftError as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def load_into(loaded, fail_after=None):
+    """A loader copying each tensor (vLLM's Qwen3NextMTP renames `mtp.` to `model.` itself:
+    the receiver hands the checkpoint's names); raises after `fail_after` tensors if asked."""
+
+    def load_weights(weights):
+        for i, (name, tensor) in enumerate(weights):
+            if fail_after is not None and i == fail_after:
+                raise KeyError(name)
+            loaded[name] = np.array(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+
+    return load_weights
+
+
+@pytest.mark.parametrize("modules", [None, ["main", "mtp"]])
+def test_a_main_model_and_its_mtp_draft_commit_one_version_together(modules):
+    main, draft, group, sender = receivers(modules)
+    for version in (1, 2):
+        tensors = checkpoint(version)
+        thread, box = push_in_thread(sender, tensors, version)
+        got, (main_weights, draft_weights) = group.next_update(timeout=10)
+        assert got == version
+        main_loaded, draft_loaded = {}, {}
+        # Either order: the last to be loaded waits for the commit on both.
+        loads = [(load_into(main_loaded), main_weights), (load_into(draft_loaded), draft_weights)]
+        for load, weights in loads if version == 1 else reversed(loads):
+            load(weights)
+        # The last loop to end waited for the version to commit on both.
+        assert main.version == draft.version == group.version == version
+        thread.join()
+        report = box["report"]
+        assert report["committed"] and len(report["ranks"]) == 2, report
+        assert sorted(main_loaded) == sorted(n for n in tensors if not n.startswith("mtp."))
+        assert sorted(draft_loaded) == sorted(n for n in tensors if is_draft(n))
+        for loaded in (main_loaded, draft_loaded):
+            for name, got_tensor in loaded.items():
+                np.testing.assert_array_equal(got_tensor, tensors[name], err_msg=name)
+
+
+def test_a_draft_whose_loader_raises_leaves_both_models_on_their_version():
+    main, draft, group, sender = receivers()
+    thread, box = push_in_thread(sender, checkpoint(1), 1)
+    for _, (main_weights, draft_weights) in group.updates(timeout=10):
+        load_into({})(main_weights)
+        with pytest.raises(KeyError):
+            load_into({}, fail_after=3)(draft_weights)
+        break
+    thread.join()
+    # The main model verified every tensor and voted; the draft's failure called it off.
+    error = str(box["error"])
+    assert "receiver 1" in error and "called off" in error and "receiver 2" in error, error
+    assert "KeyError" in error or "stopped loading" in error, error
+    assert main.version == draft.version == 0
+    assert sorted(main.dirty) == sorted(n for n in checkpoint(0) if not n.startswith("mtp."))
+    assert 0 < len(draft.dirty) < len([n for n in checkpoint(0) if is_draft(n)])
+    # The next version reaches both.
+    thread, box = push_in_thread(sender, checkpoint(2), 2)
+    for _, (main_weights, draft_weights) in group.updates(timeout=10):
+        load_into({})(main_weights)
+        load_into({})(draft_weights)
+        break
+    thread.join()
+    assert box["report"]["committed"], box["report"]
+    assert main.version == draft.version == 2 and not main.dirty and not draft.dirty
+
+
+def test_modules_are_one_per_receiver_and_named():
+    main = wl.StagingReceiver({"model.norm.weight": np.zeros(4, np.float32)})
+    with pytest.raises(wl.PlanError, match="one per receiver"):
+        wl.Sender([main.receiver], modules=["main", "mtp"])
+    with pytest.raises(wl.PlanError, match="draft"):
+        wl.Sender([main.receiver], modules="draft")
+    with pytest.raises(wl.PlanError, match="draft"):
+        wl.StagingReceiver({"x": np.zeros(4, np.float32)}, module="draft")
+    full = checkpoint(0)
+    main_specs = {n: t for n, t in full.items() if not n.startswith("mtp.")}
+    # The whole checkpoint into the main model alone: the MTP module has nowhere to go.
+    with pytest.raises(wl.PlanError, match="mtp.fc.weight"):
+        wl.Sender(wl.StagingReceiver(main_specs).receiver).push(full, version=1)
+    # A sender whose module differs from the receiver's is refused, naming the layout.
+    main = wl.StagingReceiver(main_specs, module="main")
+    with pytest.raises(wl.PlanError, match="identity layout"):
+        wl.Sender(main.receiver, modules="whole").push(full, version=1)

@@ -117,10 +117,10 @@ def test_modules_are_one_per_receiver_and_named():
     main = wl.StagingReceiver({"model.norm.weight": np.zeros(4, np.float32)})
     with pytest.raises(wl.PlanError, match="one per receiver"):
         wl.Sender([main.receiver], modules=["main", "mtp"])
-    with pytest.raises(wl.PlanError, match="draft"):
-        wl.Sender([main.receiver], modules="draft")
-    with pytest.raises(wl.PlanError, match="draft"):
-        wl.StagingReceiver({"x": np.zeros(4, np.float32)}, module="draft")
+    with pytest.raises(wl.PlanError, match="drafter"):
+        wl.Sender([main.receiver], modules="drafter")
+    with pytest.raises(wl.PlanError, match="drafter"):
+        wl.StagingReceiver({"x": np.zeros(4, np.float32)}, module="drafter")
     full = checkpoint(0)
     main_specs = {n: t for n, t in full.items() if not n.startswith("mtp.")}
     # The whole checkpoint into the main model alone: the MTP module has nowhere to go.
@@ -130,3 +130,27 @@ def test_modules_are_one_per_receiver_and_named():
     main = wl.StagingReceiver(main_specs, module="main")
     with pytest.raises(wl.PlanError, match="identity layout"):
         wl.Sender(main.receiver, modules="whole").push(full, version=1)
+
+
+def test_a_separate_draft_model_sent_under_its_prefix_commits_with_the_main_model():
+    rng = np.random.default_rng(5)
+    draft_model = {name: rng.standard_normal(shape).astype(np.float32) for name, shape, _ in wl.synthetic_manifest("qwen3-tiny")}
+    main_model = {n: t for n, t in checkpoint(0).items() if not n.startswith("mtp.")}
+    main = wl.StagingReceiver(main_model, bucket_mib=BUCKET_MIB, module="main")
+    draft = wl.StagingReceiver(draft_model, bucket_mib=BUCKET_MIB, module="draft")
+    group = wl.StagingGroup(main, draft)
+    sender = wl.Sender([main.receiver, draft.receiver])
+    # The trainer holds both models; the draft's tensors go under `draft.`.
+    trainer = {**main_model, **{f"draft.{n}": t * 2 for n, t in draft_model.items()}}
+    thread, box = push_in_thread(sender, trainer, 1)
+    _, (main_weights, draft_weights) = group.next_update(timeout=10)
+    main_loaded, draft_loaded = {}, {}
+    load_into(main_loaded)(main_weights)
+    load_into(draft_loaded)(draft_weights)
+    thread.join()
+    assert box["report"]["committed"], box
+    assert main.version == draft.version == 1
+    assert sorted(draft_loaded) == sorted(draft_model)
+    for name, want in draft_model.items():
+        np.testing.assert_array_equal(draft_loaded[name], want * 2, err_msg=name)
+    assert sorted(main_loaded) == sorted(main_model)

@@ -92,10 +92,15 @@ impl Preset {
         let mut rules = Vec::new();
         if module == Module::Main {
             rules.push(Rule::ignore(&format!("{MTP}.{{rest*}}"))?);
+            rules.push(Rule::ignore(&format!("{DRAFT}.{{rest*}}"))?);
         }
         if self == Preset::Identity {
             match module {
                 Module::Whole | Module::Main => rules.push(Rule::rename("{name*}", "{name*}", rep)?),
+                Module::Draft => {
+                    rules.push(Rule::rename(&format!("{DRAFT}.{{name*}}"), "{name*}", rep)?);
+                    rules.push(Rule::ignore("{name*}")?);
+                }
                 Module::Mtp => {
                     // As the checkpoint names them: the draft's loader renames them itself.
                     rules.push(Rule::rename(&format!("{MTP}.{{rest*}}"), &format!("{MTP}.{{rest*}}"), rep)?);
@@ -109,12 +114,20 @@ impl Preset {
         }
         let cols = Split::columns();
         match module {
-            Module::Whole | Module::Main => {
-                rules.push(Rule::rename(EMBED, EMBED, cols)?);
-                rules.push(Rule::rename("model.norm.weight", "model.norm.weight", rep)?);
-                rules.push(Rule::rename(LM_HEAD, LM_HEAD, cols)?);
-                self.layer_rules("model.layers.{layer}", "model.layers.{layer}", options, counts, &mut rules)?;
-                rules.push(Rule::tie(EMBED, LM_HEAD, cols)?);
+            Module::Whole | Module::Main | Module::Draft => {
+                // A separate draft model's tensors are the trainer's under `draft.`.
+                let from = |name: &str| match module {
+                    Module::Draft => format!("{DRAFT}.{name}"),
+                    _ => name.to_string(),
+                };
+                rules.push(Rule::rename(&from(EMBED), EMBED, cols)?);
+                rules.push(Rule::rename(&from("model.norm.weight"), "model.norm.weight", rep)?);
+                rules.push(Rule::rename(&from(LM_HEAD), LM_HEAD, cols)?);
+                self.layer_rules(&from("model.layers.{layer}"), "model.layers.{layer}", options, counts, &mut rules)?;
+                rules.push(Rule::tie(&from(EMBED), LM_HEAD, cols)?);
+                if module == Module::Draft {
+                    rules.push(Rule::ignore("{name*}")?);
+                }
             }
             Module::Mtp => {
                 // vLLM's Qwen3NextMTP: the module under `model.`, the embedding and the head
@@ -240,13 +253,16 @@ impl Preset {
 /// The prefix of a checkpoint's multi-token-prediction module (Qwen3-Next: `mtp.fc`,
 /// `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.layers.{i}`, `mtp.norm`).
 const MTP: &str = "mtp";
+/// The prefix under which a trainer sends a separate draft model beside the main one.
+const DRAFT: &str = "draft";
 const EMBED: &str = "model.embed_tokens.weight";
 const LM_HEAD: &str = "lm_head.weight";
 
-/// Which part of a checkpoint with a multi-token-prediction (MTP) module an engine's receiver
-/// holds. An update carrying both reaches the main model and its draft in one version, each
-/// receiver taking its module (two receivers of one group: [`Module::Main`] and
-/// [`Module::Mtp`]).
+/// Which part of an update carrying a main model and its draft an engine's receiver holds:
+/// the draft is a multi-token-prediction (MTP) module in the same checkpoint, or a separate
+/// small model sent under `draft.`. One update reaches both in one version, each receiver
+/// taking its module (two receivers of one group: [`Module::Main`] and [`Module::Mtp`] or
+/// [`Module::Draft`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Module {
@@ -259,16 +275,30 @@ pub enum Module {
     /// `model.*`, with the main model's `model.embed_tokens` and `lm_head`); every other
     /// tensor is ignored. With the identity preset, the names stay as the checkpoint's.
     Mtp,
+    /// A separate draft model the trainer sends beside the main one, its names under
+    /// `draft.` (`draft.model.layers.0...`): the draft's engine holds them without the prefix;
+    /// every other tensor is ignored. The main model ignores `draft.*`.
+    Draft,
 }
 
 impl Module {
-    pub const ALL: [Module; 3] = [Module::Whole, Module::Main, Module::Mtp];
+    pub const ALL: [Module; 4] = [Module::Whole, Module::Main, Module::Mtp, Module::Draft];
+
+    /// The trainer's name of a tensor this module's engine names `name` under the identity
+    /// preset (`draft.` before a separate draft model's names; the others' are unchanged).
+    pub fn trainer_name(self, name: &str) -> String {
+        match self {
+            Module::Draft => format!("{DRAFT}.{name}"),
+            _ => name.to_string(),
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Module::Whole => "whole",
             Module::Main => "main",
             Module::Mtp => "mtp",
+            Module::Draft => "draft",
         }
     }
 }
@@ -285,7 +315,7 @@ impl FromStr for Module {
         Module::ALL
             .into_iter()
             .find(|m| m.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| format!("unknown module `{s}` (expected whole, main or mtp)"))
+            .ok_or_else(|| format!("unknown module `{s}` (expected whole, main, mtp or draft)"))
     }
 }
 
@@ -437,6 +467,44 @@ mod tests {
         for module in Module::ALL {
             assert_eq!(module.name().parse::<Module>().unwrap(), module);
         }
-        assert!("draft".parse::<Module>().unwrap_err().contains("draft"));
+        assert!("drafter".parse::<Module>().unwrap_err().contains("drafter"));
+    }
+
+    /// A separate draft model (a small Qwen3) sent under `draft.` beside the main model: the
+    /// main model's rules ignore it, the draft's take it without the prefix, fused as the
+    /// preset fuses, at TP 1 and 2.
+    #[test]
+    fn a_separate_draft_model_under_its_prefix_reaches_its_own_receiver() {
+        let (main_config, draft_config) = (synthetic("qwen3-8b").unwrap(), synthetic("qwen3-tiny").unwrap());
+        let mut specs: Vec<_> = main_config.source_manifest().iter().cloned().collect();
+        let draft_source = draft_config.source_manifest();
+        specs.extend(draft_source.iter().map(|s| crate::TensorSpec { name: format!("draft.{}", s.name), ..s.clone() }));
+        let source = SourceSet::single(Manifest::new(specs).unwrap());
+        for size in [1, 2] {
+            let tp = TpRank::new(size - 1, size).unwrap();
+            let rules = |config: &crate::models::ModelConfig, module| {
+                let options = PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false };
+                config.preset.module_rules(module, options, Some(config.head_counts())).unwrap()
+            };
+            let engine = |config: &crate::models::ModelConfig| {
+                let own = SourceSet::single(config.source_manifest());
+                destination_manifest(&own, &rules(config, Module::Whole), tp, None, false).unwrap()
+            };
+            let main_plan = plan(&source, &engine(&main_config), &rules(&main_config, Module::Main), tp).unwrap();
+            assert_eq!(main_plan.ignored.len(), draft_source.len());
+            let draft = engine(&draft_config);
+            let draft_plan = plan(&source, &draft, &rules(&draft_config, Module::Draft), tp).unwrap();
+            assert_eq!(draft_plan.ignored.len(), main_config.source_manifest().len());
+            assert!(draft_plan
+                .ops
+                .iter()
+                .all(|op| draft_plan.sources[op.src as usize].spec.name.starts_with("draft.")));
+            // Tied embeddings: the draft's head, where its engine has one, comes from its own.
+            assert!(draft.get("lm_head.weight").is_none() || draft_config.tie_word_embeddings);
+        }
+        let identity = |module| Preset::Identity.module_rules(module, PresetOptions::default(), None).unwrap();
+        let draft_plan = plan(&source, &draft_source, &identity(Module::Draft), TpRank::SINGLE).unwrap();
+        assert_eq!(draft_plan.destinations.len(), draft_source.len());
+        assert_eq!(draft_plan.ignored.len(), main_config.source_manifest().len());
     }
 }

@@ -96,7 +96,7 @@ fn setup_of(endpoint: Endpoint, model: &str, module: Module) -> Setup {
 /// Whether an engine holding `module` has the checkpoint's tensor `name`.
 fn holds(module: Module, name: &str) -> bool {
     match module {
-        Module::Whole => true,
+        Module::Whole | Module::Draft => true,
         Module::Main => !name.starts_with("mtp."),
         Module::Mtp => name.starts_with("mtp.") || name == "model.embed_tokens.weight" || name == "lm_head.weight",
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{
     plan, whole_tensor_buckets, Bucket, Manifest, Module, Plan, Preset, PresetOptions, RuleSet, SourceSet,
-    StreamBuffer, StreamLayout, TpRank, Version,
+    StreamBuffer, StreamLayout, TensorSpec, TpRank, Version,
 };
 
 use crate::cuda_ipc::DeviceTensors;
@@ -46,6 +46,8 @@ impl Default for StreamOptions {
 pub enum StreamSetupError {
     #[error("cannot plan the streamed tensors: {0}")]
     Plan(#[from] weightlift_core::PlanError),
+    #[error("the tensors' names as the trainer sends them: {0}")]
+    Names(#[from] weightlift_core::ManifestError),
     #[error("cannot make the rules of the identity layout: {0}")]
     Rules(#[from] weightlift_core::RuleError),
     #[error("cannot cut the tensors into buckets: {0}")]
@@ -87,7 +89,10 @@ impl StreamPlan {
     /// `options.module`), in buckets of `options.bucket_bytes` over a ring of `options.depth`.
     pub fn new(specs: &Manifest, options: StreamOptions) -> Result<StreamPlan, StreamSetupError> {
         let rules = Preset::Identity.module_rules(options.module, PresetOptions::default(), None)?;
-        let plan = plan(&SourceSet::single(specs.clone()), specs, &rules, TpRank::SINGLE)?;
+        let module = options.module;
+        let named = specs.iter().map(|s| TensorSpec { name: module.trainer_name(&s.name), ..s.clone() }).collect();
+        let source = Manifest::new(named)?;
+        let plan = plan(&SourceSet::single(source), specs, &rules, TpRank::SINGLE)?;
         let buckets = whole_tensor_buckets(&plan, options.bucket_bytes)?;
         let layout = weightlift_core::stream_layout(&plan, &buckets, options.bucket_bytes, options.depth)?;
         Ok(StreamPlan { plan, rules, buckets, layout })

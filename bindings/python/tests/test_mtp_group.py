@@ -154,3 +154,40 @@ def test_a_separate_draft_model_sent_under_its_prefix_commits_with_the_main_mode
     for name, want in draft_model.items():
         np.testing.assert_array_equal(draft_loaded[name], want * 2, err_msg=name)
     assert sorted(main_loaded) == sorted(main_model)
+
+
+def engine_layout(ckpt: dict, source: str, target: str) -> dict:
+    """What a vLLM-style engine holds of the layers under `source` (q/k/v and gate/up fused),
+    named under `target`."""
+    out = {}
+    layers = sorted({n.split(".")[2] for n in ckpt if n.startswith(source + ".layers.")})
+    for layer in layers:
+        p, q = f"{source}.layers.{layer}", f"{target}.layers.{layer}"
+        attn = [ckpt[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"]
+        out[f"{q}.self_attn.qkv_proj.weight"] = np.concatenate(attn)
+        mlp = [ckpt[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")]
+        out[f"{q}.mlp.gate_up_proj.weight"] = np.concatenate(mlp)
+        for rest in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                     "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.down_proj.weight"):
+            out[f"{q}.{rest}"] = ckpt[f"{p}.{rest}"]
+    return out
+
+
+def test_in_place_receivers_hold_the_main_model_and_qwen3_next_mtp_layouts():
+    ckpt = checkpoint(3)
+    shared = {n: ckpt[n] for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    main_want = {**engine_layout(ckpt, "model", "model"), **shared, "model.norm.weight": ckpt["model.norm.weight"]}
+    # vLLM's Qwen3NextMTP: the module under `model.`, the main model's embedding and head.
+    draft_want = {**engine_layout(ckpt, "mtp", "model"), **shared}
+    for name in ("fc", "norm", "pre_fc_norm_hidden", "pre_fc_norm_embedding"):
+        draft_want[f"model.{name}.weight"] = ckpt[f"mtp.{name}.weight"]
+    main_params = {n: np.zeros_like(t) for n, t in main_want.items()}
+    draft_params = {n: np.zeros_like(t) for n, t in draft_want.items()}
+    main = wl.Receiver(main_params, preset="qwen3", module="main")
+    draft = wl.Receiver(draft_params, preset="qwen3", module="mtp")
+    report = wl.Sender([main, draft], preset="qwen3").push(ckpt, version=1)
+    assert report["committed"] and report["verified"], report
+    assert main.version == draft.version == 1
+    for params, want in ((main_params, main_want), (draft_params, draft_want)):
+        for name, tensor in want.items():
+            np.testing.assert_array_equal(params[name], tensor, err_msg=name)

@@ -3,7 +3,7 @@
 //! and then runs with one or two launches per update, whatever the number of tensors. The
 //! kernels' CUDA C is in `kernels/*.cu`, one program for NVRTC (see `SOURCE`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -11,6 +11,7 @@ use weightlift_core::{prefix, update_order, waves, ScheduleError, WaveFolds, Wav
 
 use crate::error::{Call, CudaError};
 use crate::gpu::{DeviceBuffer, Gpu, OwnedDeviceMemory};
+use crate::vmm_pool::PinnedHost;
 
 /// Bytes of one digest chunk (the project's digest definition).
 pub const CHUNK_BYTES: u64 = 4096;
@@ -353,9 +354,47 @@ pub struct UpdateBatch {
     /// next wave is copied.
     chunks: [DeviceBuffer; 2],
     out: DeviceBuffer,
+    /// Where `out` comes down to (pinned, so the copy is queued, not waited for); held by the
+    /// one launch in flight.
+    down: Mutex<PinnedHost>,
     /// The update's index of the tensor of each result slot (the waves' tensors in turn).
     order: Vec<usize>,
     device_bytes: u64,
+}
+
+/// An update queued by [`Gpu::launch_update`], its digests coming down into the batch's pinned
+/// memory. Dropped without [`LaunchedUpdate::wait`], it still waits for them: the copy writes
+/// memory it holds.
+pub struct LaunchedUpdate<'a> {
+    batch: &'a UpdateBatch,
+    down: MutexGuard<'a, PinnedHost>,
+    done: Option<cudarc::driver::CudaEvent>,
+}
+
+impl LaunchedUpdate<'_> {
+    /// Waits for the update; every destination's digest, as [`Gpu::run_update`] returns them.
+    pub fn wait(mut self) -> Result<Vec<u64>, CudaError> {
+        if let Some(done) = self.done.take() {
+            done.synchronize().call("cuEventSynchronize")?;
+        }
+        let order = &self.batch.order;
+        // SAFETY: the event followed the digests' copy on its stream and has completed, so
+        // nothing writes this memory while it is read.
+        let bytes = unsafe { self.down.bytes(order.len() * 8) }?;
+        let mut digests = vec![0u64; order.len()];
+        for (&t, slot) in order.iter().zip(bytes.chunks_exact(8)) {
+            digests[t] = u64::from_le_bytes(slot.try_into().expect("8 bytes"));
+        }
+        Ok(digests)
+    }
+}
+
+impl Drop for LaunchedUpdate<'_> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.synchronize();
+        }
+    }
 }
 
 impl UpdateBatch {
@@ -564,7 +603,8 @@ impl Gpu {
             SourceGpu::This => self.local_fused_kernel(),
             SourceGpu::Peer => FusedKernel::PlainLoads,
         };
-        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, order, device_bytes })
+        let down = Mutex::new(PinnedHost::alloc(self.context(), order.len().max(1) * 8)?);
+        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, down, order, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
@@ -574,6 +614,19 @@ impl Gpu {
     /// other chunk buffer). Nine launches a wave at most, however many tensors. Returns the
     /// digests.
     pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
+        self.launch_update(batch)?.wait()
+    }
+
+    /// Queues the update of [`Gpu::run_update`] and the copy of its digests into pinned host
+    /// memory, and returns without waiting: a caller can queue the next update (another batch)
+    /// before this one's digests are read, so the GPU never idles while the host compares and
+    /// hands over. One launch of a batch at a time: a second before the first is waited for is
+    /// refused.
+    pub fn launch_update<'a>(&'a self, batch: &'a UpdateBatch) -> Result<LaunchedUpdate<'a>, CudaError> {
+        let mut down = batch
+            .down
+            .try_lock()
+            .map_err(|_| CudaError::Invalid("this update is already in flight: wait for it first".into()))?;
         let k = self.kernels();
         let (main, side) = (self.stream(), self.side_stream());
         let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
@@ -599,14 +652,25 @@ impl Gpu {
             folded.push(side.record_event(None).call("cuEventRecord")?);
         }
         main.join(side).call("cuStreamWaitEvent")?;
-        self.synchronize()?;
-        let mut bytes = vec![0u8; batch.order.len() * 8];
-        batch.out.download(&mut bytes)?;
-        let mut digests = vec![0u64; batch.order.len()];
-        for (&t, slot) in batch.order.iter().zip(bytes.chunks_exact(8)) {
-            digests[t] = u64::from_le_bytes(slot.try_into().expect("8 bytes"));
+        let len = batch.order.len() * 8;
+        let host = down.at_mut(0, len as u64)?;
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `host` lies inside the pinned allocation `down` guards (checked by `at_mut`)
+        // and `batch.out` holds `len` bytes; the guard stays held until the copy is known done
+        // (`LaunchedUpdate` waits for the event below when it is waited for or dropped).
+        unsafe {
+            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), batch.out.device_ptr(), len, main.cu_stream())
         }
-        Ok(digests)
+        .result()
+        .call("cuMemcpyDtoHAsync")?;
+        match main.record_event(None).call("cuEventRecord") {
+            Ok(done) => Ok(LaunchedUpdate { batch, down, done: Some(done) }),
+            Err(e) => {
+                // The copy into `down` is queued: it must land before the guard goes.
+                let _ = main.synchronize();
+                Err(e)
+            }
+        }
     }
 
     /// The fused kernels this GPU can run.

@@ -44,6 +44,32 @@ impl Drop for PinnedHost {
 }
 
 impl PinnedHost {
+    /// `len` bytes of page-locked host memory for `ctx`'s copies.
+    pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<PinnedHost, CudaError> {
+        ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: `ptr` is a valid out-pointer; flags 0 (one context uses it).
+        check(unsafe { sys::cuMemHostAlloc(&mut ptr, len, 0) }, "cuMemHostAlloc")?;
+        Ok(PinnedHost { ctx: ctx.clone(), ptr, len })
+    }
+
+    /// Where a copy may write `bytes` bytes at `at`, checked to lie inside.
+    pub(crate) fn at_mut(&mut self, at: u64, bytes: u64) -> Result<*mut u8, CudaError> {
+        self.at(at, bytes)
+    }
+
+    /// The first `len` bytes.
+    ///
+    /// # Safety
+    ///
+    /// No copy into this memory is in flight.
+    pub(crate) unsafe fn bytes(&self, len: usize) -> Result<&[u8], CudaError> {
+        let start = self.at(0, len as u64)?;
+        // SAFETY: the range lies inside the allocation (checked by `at`), which lives as long
+        // as `self`; the caller guarantees nothing writes it meanwhile.
+        Ok(unsafe { std::slice::from_raw_parts(start, len) })
+    }
+
     /// The address of `staging[at..at + bytes]`, checked to lie inside.
     fn at(&self, at: u64, bytes: u64) -> Result<*mut u8, CudaError> {
         if at.checked_add(bytes).is_none_or(|end| end > self.len as u64) {

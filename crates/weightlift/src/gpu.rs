@@ -7,8 +7,8 @@ use weightlift_core::{Manifest, Plan};
 use weightlift_core::DType;
 use weightlift_cuda::{
     waves_of, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, FusedKernel, FusedRun, Gpu,
-    OwnedDeviceMemory, SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, WaveOrder, CHUNK_BYTES,
-    WAVE_CHUNKS,
+    LaunchedUpdate, OwnedDeviceMemory, SharedAllocation, SharedPieces, SourceGpu, UpdateBatch, Wave, WaveOrder,
+    CHUNK_BYTES, WAVE_CHUNKS,
 };
 
 use crate::cuda_ipc::{next_allocation_id, DeviceTensors};
@@ -215,6 +215,12 @@ impl GpuPlan {
     /// One update: every copy, and every destination's digest as it then is.
     pub fn update(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
         gpu.run_update(&self.update)
+    }
+
+    /// [`GpuPlan::update`] queued, not waited for: the digests come with
+    /// [`LaunchedUpdate::wait`] (another plan's update may be queued meanwhile).
+    pub fn launch<'a>(&'a self, gpu: &'a Gpu) -> Result<LaunchedUpdate<'a>, CudaError> {
+        gpu.launch_update(&self.update)
     }
 
     /// Device memory the prepared update holds.

@@ -359,6 +359,11 @@ impl Handoff {
         }
     }
 
+    /// Whether bucket `j` was given back (its buffer may be written again).
+    pub(super) fn is_given_back(&self, j: usize) -> bool {
+        self.lock().given_back > j
+    }
+
     /// Bucket `k` is verified: its tensors (`names`) are the engine's.
     pub(super) fn hand_over(&self, k: usize, names: impl IntoIterator<Item = String>) {
         let mut state = self.lock();
@@ -541,6 +546,15 @@ impl<'a> StreamSteps<'a> {
             }
         }
         true
+    }
+
+    /// Whether bucket `k`'s buffer is free now (no wait): the bucket that last used it, if
+    /// any, was given back.
+    pub(super) fn ready(&self, k: usize) -> bool {
+        match self.stream.plan.layout.reuses.get(k).copied().flatten() {
+            Some(j) => self.stream.handoff.is_given_back(j),
+            None => true,
+        }
     }
 
     /// The tensors bucket `k` completes (handed over once it is verified).

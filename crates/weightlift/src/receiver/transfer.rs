@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use weightlift_core::digest::{self, ChunkDigests};
 use weightlift_core::{Manifest, Plan, Version};
-use weightlift_cuda::{CudaError, Gpu};
+use weightlift_cuda::{CudaError, Gpu, LaunchedUpdate};
 
 use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::device_writes::{BucketWrite, SlotWriter};
@@ -337,25 +337,59 @@ fn pull_streamed(
             Err(e) => Err(Outcome::Broken(format!("waiting for the end of the update: {e}"))),
         }
     };
+    // Waits for bucket `j`'s pull, compares its digests and hands it over (only waits once the
+    // update failed: the pull must end before its buffer can be written again).
+    let mut finish = |steps: &mut StreamSteps<'_>, end: &mut Option<(Vec<(u32, u64)>, bool)>, j: usize, launched| {
+        let ours = Option::map(launched, LaunchedUpdate::wait).transpose();
+        if steps.failed.is_some() {
+            return Ok(());
+        }
+        match ours {
+            Ok(ours) => {
+                if sender_digests {
+                    read_end(end)?;
+                }
+                let theirs = end.as_ref().filter(|_| sender_digests).map(|(d, _)| d.as_slice());
+                steps.after(j, &ours.unwrap_or_default(), theirs);
+            }
+            Err(e) => steps.fail(format!("pulling bucket {j}: {e}")),
+        }
+        Ok(())
+    };
     let pulled = Instant::now();
+    // One bucket ahead: bucket k is queued on the GPU before bucket k - 1's digests are read
+    // and it is handed over, so the GPU copies k while this thread compares k - 1 and the
+    // engine loads it.
+    let mut pending: Option<(usize, Option<LaunchedUpdate<'_>>)> = None;
     for (k, part) in parts.iter().enumerate() {
+        if !steps.ready(k) {
+            // The engine still holds the bucket before last: hand over the last first.
+            if let Some((j, launched)) = pending.take() {
+                if let Err(outcome) = finish(&mut steps, &mut end, j, launched) {
+                    return outcome;
+                }
+            }
+        }
         if !steps.before(k) {
             break;
         }
-        let ours = match part.as_ref().map(|p| p.update(gpu)).transpose() {
-            Ok(ours) => ours.unwrap_or_default(),
+        let launched = match part.as_ref().map(|p| p.launch(gpu)).transpose() {
+            Ok(launched) => launched,
             Err(e) => {
                 steps.fail(format!("pulling bucket {k}: {e}"));
                 break;
             }
         };
-        if sender_digests {
-            if let Err(outcome) = read_end(&mut end) {
+        if let Some((j, previous)) = pending.replace((k, launched)) {
+            if let Err(outcome) = finish(&mut steps, &mut end, j, previous) {
                 return outcome;
             }
         }
-        let theirs = end.as_ref().filter(|_| sender_digests).map(|(d, _)| d.as_slice());
-        steps.after(k, &ours, theirs);
+    }
+    if let Some((j, launched)) = pending.take() {
+        if let Err(outcome) = finish(&mut steps, &mut end, j, launched) {
+            return outcome;
+        }
     }
     report.unpack_seconds = pulled.elapsed().as_secs_f64();
     let failed = steps.finish();

@@ -6,6 +6,7 @@ torch (scripts/gpu-tests.sh runs them on a GPU machine).
 """
 
 import ctypes
+import gc
 
 import pytest
 
@@ -65,6 +66,45 @@ def test_the_facade_has_torch_memory_saver_calls():
 def free_bytes() -> int:
     torch.cuda.synchronize()
     return torch.cuda.mem_get_info(0)[0]
+
+
+def test_a_pool_dropped_while_a_region_is_open_keeps_its_mem_pools_until_the_region_ends():
+    """torch aborts the process when a MemPool is destroyed while allocations are routed into
+    a pool; the garbage collector can free a dropped Pool inside another's region. Its MemPools
+    wait for the last region to end (stand-ins here; the GPU test below uses torch's)."""
+    from weightlift import memory
+
+    class Watched:
+        destroyed = 0
+
+        def __del__(self):
+            Watched.destroyed += 1
+
+    with memory._routing_region():
+        pools = memory._MemPools(weights=Watched(), kv_cache=Watched())
+        del pools  # (the collector frees a Pool in a cycle the same way, at any allocation)
+        assert Watched.destroyed == 0 and len(memory._retired) == 2, "destroyed inside a region"
+        with memory._routing_region():
+            pass
+        assert Watched.destroyed == 0, "released while the outer region is open"
+    assert Watched.destroyed == 2 and not memory._retired
+    memory._MemPools(weights=Watched())  # outside a region: destroyed at once
+    assert Watched.destroyed == 3
+
+
+@requires_cuda
+def test_a_pool_collected_inside_another_pools_region_does_not_abort_the_process():
+    old = wl.memory.Pool(0)
+    with old.region("weights"):
+        kept = torch.ones(MiB, device="cuda:0")
+    cycle = [old, kept]
+    cycle.append(cycle)
+    del old, kept, cycle
+    new = wl.memory.Pool(0)
+    with new.region("weights"):
+        gc.collect()  # frees the old Pool here: torch would abort destroying its MemPool now
+        x = torch.full((MiB,), 3.0, device="cuda:0")
+    assert float(x.sum()) == 3.0 * MiB
 
 
 @requires_cuda

@@ -53,6 +53,41 @@ def _torch_allocator():
         return _allocator
 
 
+# torch asserts, and aborts the process, when a MemPool is destroyed while any thread routes
+# allocations into a pool (`use_mem_pool`, a graph capture). The garbage collector may run at
+# any allocation, so a Pool dropped earlier can be freed in the middle of another's region:
+# its MemPools are kept here instead, and released when the last region ends.
+_routing_lock = threading.RLock()
+_routing = 0
+_retired: list = []
+
+
+class _MemPools(dict):
+    """A Pool's MemPools by tag; when the Pool goes while a region is open, they are retired
+    rather than destroyed."""
+
+    def __del__(self) -> None:
+        with _routing_lock:
+            if _routing:
+                _retired.extend(self.values())
+
+
+@contextlib.contextmanager
+def _routing_region() -> Iterator[None]:
+    global _routing
+    with _routing_lock:
+        _routing += 1
+    try:
+        yield
+    finally:
+        with _routing_lock:
+            _routing -= 1
+            released = list(_retired) if _routing == 0 else []
+            if released:
+                _retired.clear()
+        del released  # destroyed here, with no region open
+
+
 def _device_index(device) -> int:
     import torch
 
@@ -72,7 +107,7 @@ class Pool:
     def __init__(self, device: Union[int, str, None] = None, chunk_bytes: int = 256 << 20):
         self.device_index = _device_index(device)
         self._native = _weightlift.MemoryPool(self.device_index, chunk_bytes)
-        self._mem_pools: Dict[str, object] = {}
+        self._mem_pools: Dict[str, object] = _MemPools()
 
     @property
     def device(self):
@@ -106,7 +141,8 @@ class Pool:
         mem_pool = self._mem_pool(tag)
         self._native.enter(tag)
         try:
-            yield mem_pool
+            with _routing_region():
+                yield mem_pool
         except torch.OutOfMemoryError as error:
             reason = _weightlift.last_allocator_error()
             if reason:

@@ -11,7 +11,7 @@
 //! engine holds is ever overwritten. The update commits only after the engine has taken every
 //! bucket; an engine that gives up (its loader raised) fails it, naming what it was handed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -276,6 +276,9 @@ pub(super) fn device_ring<B: DeviceTensors>(
     Ok(DeviceRing::new(stream, buffers))
 }
 
+/// How long a wait for the other side spins before it sleeps: a few buckets' time.
+const SPIN: Duration = Duration::from_micros(200);
+
 /// Why a streamed update failed, and the tensors handed to the engine before.
 type Failure = (String, Vec<String>);
 
@@ -303,6 +306,8 @@ struct HandoffState {
 pub struct Handoff {
     state: Mutex<HandoffState>,
     changed: Condvar,
+    /// Bumped (under the lock) by every change, so a wait can spin on it before it sleeps.
+    epoch: AtomicU64,
 }
 
 /// The receiver's wait for a buffer or for the engine ended without it.
@@ -316,28 +321,53 @@ pub(super) enum WaitError {
 
 impl Handoff {
     fn new() -> Handoff {
-        Handoff { state: Mutex::new(HandoffState::default()), changed: Condvar::new() }
+        Handoff { state: Mutex::new(HandoffState::default()), changed: Condvar::new(), epoch: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> MutexGuard<'_, HandoffState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits on the condition up to `deadline`; false once it passed.
-    fn wait<'a>(&self, state: MutexGuard<'a, HandoffState>, deadline: Instant) -> (MutexGuard<'a, HandoffState>, bool) {
+    /// Waits for a change up to `deadline`; false once it passed. A bucket takes tens of
+    /// microseconds to land or load, about what waking a sleeping thread takes: the wait spins
+    /// for up to [`SPIN`] first, so a hand-over in steady state wakes nobody.
+    fn wait<'a>(
+        &'a self,
+        state: MutexGuard<'a, HandoffState>,
+        deadline: Instant,
+    ) -> (MutexGuard<'a, HandoffState>, bool) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return (state, false);
         }
+        let seen = self.epoch.load(Ordering::Acquire);
+        drop(state);
+        let spin_until = Instant::now() + SPIN.min(left);
+        while self.epoch.load(Ordering::Acquire) == seen && Instant::now() < spin_until {
+            std::hint::spin_loop();
+        }
+        let state = self.lock();
+        // Changes bump the epoch under the lock: unchanged here, the next change notifies
+        // after this thread waits.
+        if self.epoch.load(Ordering::Acquire) != seen {
+            return (state, true);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
         let (state, _) = self.changed.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner());
         (state, true)
+    }
+
+    /// Tells the waiting side something changed (called with the lock held).
+    fn notify(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
+        self.changed.notify_all();
     }
 
     /// The receiver starts streaming `version` in `buckets` buckets.
     pub(super) fn begin(&self, version: Version, buckets: usize) {
         let mut state = self.lock();
         *state = HandoffState { version: Some(version), buckets, settled: state.settled.take(), ..Default::default() };
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Waits until bucket `j` is given back (the engine asked for the bucket after it).
@@ -369,7 +399,7 @@ impl Handoff {
         let mut state = self.lock();
         state.handed = state.handed.max(k + 1);
         state.handed_names.extend(names);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Waits until the engine has taken and given back every bucket.
@@ -395,7 +425,7 @@ impl Handoff {
             state.version = None;
         }
         state.settled = Some((version, failure.map(|reason| (reason, handed))));
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// The engine: waits up to `timeout` for an update newer than `after` to stream (or to
@@ -424,7 +454,7 @@ impl Handoff {
         if state.version == Some(version) {
             if let Some(j) = state.taken.take() {
                 state.given_back = state.given_back.max(j + 1);
-                self.changed.notify_all();
+                self.notify();
             }
         }
         loop {
@@ -484,7 +514,7 @@ impl Handoff {
         let mut state = self.lock();
         if state.version == Some(version) && state.abandoned.is_none() {
             state.abandoned = Some(reason);
-            self.changed.notify_all();
+            self.notify();
         }
     }
 }

@@ -357,6 +357,8 @@ pub struct UpdateBatch {
     /// Where `out` comes down to (pinned, so the copy is queued, not waited for); held by the
     /// one launch in flight.
     down: Mutex<PinnedHost>,
+    /// Every launch on the main stream, in order (see [`UpdateBatch::set_one_stream`]).
+    one_stream: bool,
     /// The update's index of the tensor of each result slot (the waves' tensors in turn).
     order: Vec<usize>,
     device_bytes: u64,
@@ -398,6 +400,12 @@ impl Drop for LaunchedUpdate<'_> {
 }
 
 impl UpdateBatch {
+    /// Queues every launch on the main stream, in order, with no stream joins: for updates of a
+    /// few tensors (one streamed bucket), whose host time is otherwise mostly events.
+    pub fn set_one_stream(&mut self, one_stream: bool) {
+        self.one_stream = one_stream;
+    }
+
     /// Device memory the batch holds (descriptors, chunk digests, results).
     pub fn device_bytes(&self) -> u64 {
         self.device_bytes
@@ -604,7 +612,7 @@ impl Gpu {
             SourceGpu::Peer => FusedKernel::PlainLoads,
         };
         let down = Mutex::new(PinnedHost::alloc(self.context(), order.len().max(1) * 8)?);
-        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, down, order, device_bytes })
+        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, down, one_stream: false, order, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
@@ -627,6 +635,36 @@ impl Gpu {
             .down
             .try_lock()
             .map_err(|_| CudaError::Invalid("this update is already in flight: wait for it first".into()))?;
+        let main = self.stream();
+        if batch.one_stream {
+            self.queue_on_one_stream(batch)?;
+        } else {
+            self.queue_on_two_streams(batch)?;
+        }
+        let len = batch.order.len() * 8;
+        let host = down.at_mut(0, len as u64)?;
+        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
+        // SAFETY: `host` lies inside the pinned allocation `down` guards (checked by `at_mut`)
+        // and `batch.out` holds `len` bytes; the guard stays held until the copy is known done
+        // (`LaunchedUpdate` waits for the event below when it is waited for or dropped).
+        unsafe {
+            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), batch.out.device_ptr(), len, main.cu_stream())
+        }
+        .result()
+        .call("cuMemcpyDtoHAsync")?;
+        match main.record_event(None).call("cuEventRecord") {
+            Ok(done) => Ok(LaunchedUpdate { batch, down, done: Some(done) }),
+            Err(e) => {
+                // The copy into `down` is queued: it must land before the guard goes.
+                let _ = main.synchronize();
+                Err(e)
+            }
+        }
+    }
+
+    /// The launches of an update: each wave's folds on the side stream while the main stream
+    /// goes on (see [`Gpu::run_update`]); both streams joined at the end.
+    fn queue_on_two_streams(&self, batch: &UpdateBatch) -> Result<(), CudaError> {
         let k = self.kernels();
         let (main, side) = (self.stream(), self.side_stream());
         let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
@@ -652,25 +690,31 @@ impl Gpu {
             folded.push(side.record_event(None).call("cuEventRecord")?);
         }
         main.join(side).call("cuStreamWaitEvent")?;
-        let len = batch.order.len() * 8;
-        let host = down.at_mut(0, len as u64)?;
-        self.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        // SAFETY: `host` lies inside the pinned allocation `down` guards (checked by `at_mut`)
-        // and `batch.out` holds `len` bytes; the guard stays held until the copy is known done
-        // (`LaunchedUpdate` waits for the event below when it is waited for or dropped).
-        unsafe {
-            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), batch.out.device_ptr(), len, main.cu_stream())
-        }
-        .result()
-        .call("cuMemcpyDtoHAsync")?;
-        match main.record_event(None).call("cuEventRecord") {
-            Ok(done) => Ok(LaunchedUpdate { batch, down, done: Some(done) }),
-            Err(e) => {
-                // The copy into `down` is queued: it must land before the guard goes.
-                let _ = main.synchronize();
-                Err(e)
+        Ok(())
+    }
+
+    /// The same launches in order on the main stream, no events: for a small update (one
+    /// bucket's tensors) where each stream join costs more host time than the overlap saves.
+    fn queue_on_one_stream(&self, batch: &UpdateBatch) -> Result<(), CudaError> {
+        let k = self.kernels();
+        let main = self.stream();
+        let base = batch.packed.device_ptr();
+        for (w, wave) in batch.waves.iter().enumerate() {
+            // In order on one stream: wave w - 2's fold is done before this wave reuses its
+            // chunk buffer.
+            let chunks = &batch.chunks[w % 2];
+            let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
+            for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
+                self.launch_runs(main, base, &group.runs, chunks, batch.kernel)?;
+                self.combine(main, chunks, base, wave.tensor_start, &group.tensors, out)?;
             }
+            self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
+            self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
+            self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
+            self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
+            self.combine(main, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
         }
+        Ok(())
     }
 
     /// The fused kernels this GPU can run.

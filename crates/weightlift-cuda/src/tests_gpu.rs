@@ -167,18 +167,60 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
     let peer = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::Peer).unwrap().fused_kernel();
     assert_eq!(peer, FusedKernel::PlainLoads);
     assert_eq!(gpu.fused_kernels().contains(&FusedKernel::Staged), major >= 9);
-    for kernel in gpu.fused_kernels() {
+    // On two streams (folds beside the copies) and on one (a streamed bucket's launches).
+    for (kernel, one_stream) in gpu.fused_kernels().into_iter().flat_map(|k| [(k, false), (k, true)]) {
         let mut batch = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap();
         batch.set_fused_kernel(gpu, kernel).unwrap();
+        batch.set_one_stream(one_stream);
         for run in 0..2 {
             dst.fill(gpu, 0x5a).unwrap();
-            assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{kernel:?} run {run}");
+            let label = format!("{kernel:?}, one stream {one_stream}, run {run}");
+            assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{label}");
             let mut got = vec![0u8; dst_len];
             dst.download(&mut got).unwrap();
             let first_bad = got.iter().zip(&expected_dst).position(|(g, e)| g != e);
-            assert!(first_bad.is_none(), "{kernel:?} run {run}: destination byte {first_bad:?} differs");
+            assert!(first_bad.is_none(), "{label}: destination byte {first_bad:?} differs");
         }
     }
+}
+
+/// Updates queued back to back (a streamed bucket launched before the last one is waited for)
+/// each give their own digests; a batch launched again before it was waited for is refused.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn updates_launched_ahead_give_their_own_digests_and_one_batch_runs_once_at_a_time() {
+    let gpu = gpu();
+    let len = (5 << 20) + 77;
+    let data = bytes(2 * len, 21);
+    let mut src = gpu.alloc(2 * len).unwrap();
+    src.upload(&data).unwrap();
+    let dst = gpu.alloc(2 * len).unwrap();
+    let batch_of = |at: usize| {
+        let (s, d) = (src.device_ptr() + at as u64, dst.device_ptr() + at as u64);
+        let wave = Wave {
+            tensors: vec![0],
+            fused: runs_of(s, d, len as u64, 0),
+            tensor_bytes: vec![len as u64],
+            ..Wave::default()
+        };
+        let mut batch = gpu.prepare_update(&[wave], SourceGpu::This).unwrap();
+        batch.set_one_stream(true);
+        batch
+    };
+    let (first, second) = (batch_of(0), batch_of(len));
+    for _ in 0..3 {
+        let a = gpu.launch_update(&first).unwrap();
+        assert!(gpu.launch_update(&first).is_err(), "the same batch twice in flight");
+        let b = gpu.launch_update(&second).unwrap();
+        assert_eq!(a.wait().unwrap(), [digest(&data[..len])]);
+        assert_eq!(b.wait().unwrap(), [digest(&data[len..])]);
+    }
+    let mut got = vec![0u8; 2 * len];
+    dst.download(&mut got).unwrap();
+    assert!(got == data);
+    // Dropped unwaited, it still waits: the batch can be launched again at once.
+    drop(gpu.launch_update(&first).unwrap());
+    assert_eq!(gpu.run_update(&first).unwrap(), [digest(&data[..len])]);
 }
 
 #[test]

@@ -591,7 +591,10 @@ impl Importer {
                         return Ok(None);
                     }
                     let ptrs: Vec<u64> = part.iter().map(|&d| destinations[d as usize]).collect();
-                    GpuPlan::new(gpu, &plan.restricted_to(part), &sources.ptrs, source_gpu, &ptrs).map(Some)
+                    let mut bound = GpuPlan::new(gpu, &plan.restricted_to(part), &sources.ptrs, source_gpu, &ptrs)?;
+                    // A bucket's few tensors: its stream joins cost more than they overlap.
+                    bound.set_one_stream();
+                    Ok(Some(bound))
                 })
                 .collect::<Result<Vec<_>, CudaError>>()?;
             self.parts = Some((sources.ptrs.clone(), bound));

@@ -228,6 +228,12 @@ impl GpuPlan {
         self.update.device_bytes()
     }
 
+    /// Queues every launch of an update on one stream, in order (see
+    /// `UpdateBatch::set_one_stream`): a streamed bucket's few tensors.
+    pub fn set_one_stream(&mut self) {
+        self.update.set_one_stream(true);
+    }
+
     /// Runs the update's fused runs with `kernel` (to compare kernels on one bound plan).
     pub fn set_fused_kernel(&mut self, gpu: &Gpu, kernel: FusedKernel) -> Result<(), CudaError> {
         self.update.set_fused_kernel(gpu, kernel)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use weightlift_core::{
-    destination_manifest, synthetic, DType, Manifest, ModelConfig, PlanError, Preset, PresetOptions, RuleSet,
+    destination_manifest, synthetic, DType, Manifest, ModelConfig, Module, PlanError, Preset, PresetOptions, RuleSet,
     SourceSet, TpRank, SYNTHETIC_MODELS,
 };
 
@@ -76,6 +76,8 @@ pub struct MappingOptions {
     pub untied_lm_head: bool,
     /// The engine rank's parameters as a JSON manifest; derived from the rules when absent.
     pub engine_manifest: Option<PathBuf>,
+    /// The part of a checkpoint with a draft the engine holds (main model, MTP module, ...).
+    pub module: Module,
 }
 
 /// Everything `weightlift_core::plan` needs for one rank.
@@ -112,8 +114,13 @@ impl MappingOptions {
         let options = PresetOptions { head_dim, expert_parallel: self.expert_parallel };
         // With the config's head counts, q, k and v are checked one by one, not just as a total.
         let counts = model.config().map(ModelConfig::head_counts);
-        let rules = preset.rules_with_heads(options, counts).map_err(|e| SetupError::Invalid(e.to_string()))?;
-        Ok((rules, preset.name().to_string()))
+        let rules =
+            preset.module_rules(self.module, options, counts).map_err(|e| SetupError::Invalid(e.to_string()))?;
+        let name = match self.module {
+            Module::Whole => preset.name().to_string(),
+            module => format!("{preset} ({module})"),
+        };
+        Ok((rules, name))
     }
 
     /// The source, rules and engine manifest for rank `tp`.

@@ -141,3 +141,50 @@ fn agents_fetching_one_version_from_a_sender_commit_all_or_none() {
     assert!(err.contains("refused it") && err.contains("called off"), "{err}");
     assert_eq!(states(&[&r0, &r1], 7), vec![(5, 0), (0, 0)]);
 }
+
+/// A main model and its MTP draft served by two processes (`--module main`, `--module mtp`)
+/// take one version from one `push --module main --module mtp`: both commit, or, when the
+/// draft's bytes are corrupted, neither; `plan --module mtp` lists the draft's layout.
+#[test]
+fn a_main_model_and_its_mtp_draft_take_one_version_through_the_cli() {
+    let model = "qwen3-moe-tiny-mtp";
+    let plan = weightlift(&["plan", "--synthetic", model, "--module", "mtp", "--json"]).output().unwrap();
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let v: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(v["covered"], true);
+    assert_eq!(v["rules"], "qwen3-moe (mtp)");
+    // The draft: embedding, head, fc, three norms and one fused decoder layer (9 tensors);
+    // the main model's tensors are ignored, not planned.
+    assert_eq!(v["destination_tensors"], 15);
+    // Read: 2 shared, 4 of the module, 33 of its layer (8 experts of 3); the rest ignored.
+    assert_eq!(v["ignored"].as_u64().unwrap() + 2 + 4 + 33, v["source_tensors"].as_u64().unwrap());
+
+    let dir = temp_dir("mtp-cli");
+    let listen = |name: &str| format!("unix:{}", dir.join(format!("{name}.sock")).display());
+    let main = Serve::start(&["--synthetic", model, "--module", "main", "--listen", &listen("main")]);
+    let draft = Serve::start(&["--synthetic", model, "--module", "mtp", "--listen", &listen("draft")]);
+    let push = |version: &str, extra: &[&str]| {
+        let mut cmd = weightlift(&["push", "--synthetic", model, "--bucket-bytes", "4096", "--version", version]);
+        cmd.args(["--module", "main", "--module", "mtp", "--to", &main.endpoint, "--to", &draft.endpoint, "--json"]);
+        cmd.args(extra).output().unwrap()
+    };
+    let out = push("1", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"][0]["committed"], true);
+    assert_eq!(v["steps"][0]["ranks"].as_array().unwrap().len(), 2);
+
+    let out = push("2", &["--fault", "flip:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for rank in v["steps"][0]["ranks"].as_array().unwrap() {
+        assert_eq!(rank["committed"], 1, "{rank}");
+    }
+    // One module for two receivers of different layouts: the draft refuses the main rules.
+    let mut cmd = weightlift(&["push", "--synthetic", model, "--module", "main", "--version", "3"]);
+    let out = cmd.args(["--to", &main.endpoint, "--to", &draft.endpoint]).output().unwrap();
+    assert!(!out.status.success());
+    let mut cmd = weightlift(&["push", "--synthetic", model, "--module", "main", "--module", "mtp", "--module", "mtp"]);
+    let out = cmd.args(["--to", &main.endpoint]).output().unwrap();
+    assert!(stderr(&out).contains("3 --module for 1 receivers"), "{}", stderr(&out));
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use clap::Args;
-use weightlift::core::{DType, Preset, TpRank};
+use weightlift::core::{DType, Module, Preset, TpRank};
 use weightlift::{Endpoint, MappingOptions, ModelSource, SendError, SetupError, TransportKind};
 
 /// A command's failure and the exit code it maps to: 2 for a plan that cannot be made or
@@ -66,6 +66,11 @@ pub struct ModelArgs {
     /// The engine keeps its own lm_head although the source ties it to the embeddings.
     #[arg(long)]
     pub untied_lm_head: bool,
+    /// The part of a checkpoint with a draft the engine holds: whole (default), main (the
+    /// main model, ignoring `mtp.*` and `draft.*`), mtp (its Qwen3-Next-style MTP module) or
+    /// draft (a separate draft model sent under `draft.`). `push` takes one per `--to`.
+    #[arg(long = "module", value_name = "MODULE")]
+    pub modules: Vec<Module>,
 }
 
 impl ModelArgs {
@@ -90,6 +95,21 @@ impl ModelArgs {
             dtype: self.dtype,
             untied_lm_head: self.untied_lm_head,
             engine_manifest: None,
+            module: self.modules.first().copied().unwrap_or_default(),
+        }
+    }
+
+    /// One module per receiver of `count`: none given, the whole checkpoint for each; one, the
+    /// same for each; else exactly one each.
+    pub fn modules_for(&self, count: usize) -> Result<Vec<Module>, CommandError> {
+        match self.modules.len() {
+            0 => Ok(vec![Module::Whole; count]),
+            1 => Ok(vec![self.modules[0]; count]),
+            n if n == count => Ok(self.modules.clone()),
+            n => {
+                Err(SetupError::Invalid(format!("{n} --module for {count} receivers: give one, or one per --to"))
+                    .into())
+            }
         }
     }
 
@@ -113,6 +133,9 @@ impl ModelArgs {
         }
         if self.untied_lm_head {
             args.push("--untied-lm-head".into());
+        }
+        for module in &self.modules {
+            args.extend(["--module".to_string(), module.name().to_string()]);
         }
         args
     }

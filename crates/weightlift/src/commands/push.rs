@@ -117,7 +117,16 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     if let Some(listen) = &args.listen {
         return publish(listen, &model, &source_manifest, &rules, options, args);
     }
-    let mut trainer = Trainer::connect(&args.to, &source_manifest, &rules, &options)?;
+    // Each receiver with its module's rules (a main model and its draft take one version).
+    let modules = args.model.modules_for(args.to.len())?;
+    let mut senders = Vec::with_capacity(args.to.len());
+    for (to, module) in args.to.iter().zip(modules) {
+        let mut mapping = args.model.mapping();
+        mapping.module = module;
+        let (rules, _) = mapping.rules(&model, tp)?;
+        senders.push(Sender::connect(to, &source_manifest, &rules, options.clone())?);
+    }
+    let mut trainer = Trainer::from_senders(senders);
 
     let steps = match args.trainer.device {
         DeviceArg::Cuda(ordinal) => push_from_gpu(&mut trainer, &model, ordinal, args)?,

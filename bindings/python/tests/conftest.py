@@ -1,4 +1,5 @@
-"""Shared helpers: a pure-Python reference of the digest, and gates for optional torch/CUDA."""
+"""Shared helpers: a pure-Python reference of the digest, gates for optional torch/CUDA, and a
+push from a thread of its own."""
 
 import importlib.util
 import struct
@@ -83,3 +84,23 @@ def reference_digest(data: bytes) -> int:
     """DESIGN.md's digest: xxh64 over the little-endian xxh64 of each 4 KiB chunk."""
     chunks = [xxh64(data[i : i + 4096]) for i in range(0, len(data), 4096)]
     return xxh64(b"".join(struct.pack("<Q", c) for c in chunks))
+
+
+def push_in_thread(sender, tensors, version):
+    """Pushes from a thread of its own (a push to a streaming receiver waits for the engine to
+    load); the thread and a box holding the report or the exception."""
+    import threading
+
+    import weightlift as wl
+
+    box = {}
+
+    def run():
+        try:
+            box["report"] = sender.push(tensors, version=version)
+        except wl.WeightliftError as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box

@@ -3,12 +3,12 @@ pushed to by one `Sender(..., modules=["main", "mtp"])` from a checkpoint that c
 (Qwen3-Next naming: `mtp.fc`, `mtp.layers.0.*`, ...). The version commits on both or on
 neither. Runs in CI (numpy)."""
 
-import threading
 
 import numpy as np
 import pytest
 
 import weightlift as wl
+from conftest import push_in_thread
 
 BUCKET_MIB = 16384 / (1 << 20)  # 16 KiB buckets: each module takes several
 
@@ -32,20 +32,6 @@ def receivers(modules=None):
     draft = wl.StagingReceiver({n: t for n, t in full.items() if is_draft(n)}, bucket_mib=BUCKET_MIB, module="mtp")
     sender = wl.Sender([main.receiver, draft.receiver], modules=modules)
     return main, draft, wl.StagingGroup(main, draft), sender
-
-
-def push_in_thread(sender, tensors, version):
-    box = {}
-
-    def run():
-        try:
-            box["report"] = sender.push(tensors, version=version)
-        except wl.WeightliftError as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
 
 
 def load_into(loaded, fail_after=None):

@@ -4,14 +4,13 @@ every failure (a corrupted bucket, a loader that raises, an engine that stops ea
 or fails the update with what was handed over, leaving the version. Runs in CI (numpy; torch
 CPU tensors where torch is installed)."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
 import weightlift as wl
-from conftest import requires_cuda
+from conftest import push_in_thread, requires_cuda
 
 BUCKET_MIB = 4096 / (1 << 20)  # 4 KiB buckets: the model below takes many
 
@@ -25,22 +24,6 @@ def model(seed: int) -> dict:
         t[f"layers.{layer}.ids"] = rng.integers(0, 1000, 7).astype(np.int64)
     t["norm.weight"] = rng.standard_normal(32).astype(np.float32)
     return t
-
-
-def push_in_thread(sender, tensors, version):
-    """Pushes from a thread of its own (the push waits for the engine to load); the thread
-    and a box holding the report or the exception."""
-    box = {}
-
-    def run():
-        try:
-            box["report"] = sender.push(tensors, version=version)
-        except wl.WeightliftError as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
 
 
 def numpy_of(t):

@@ -296,14 +296,21 @@ class StagingReceiver:
         :meth:`next_update`, until a wait times out. `weights` belongs to its turn of the loop:
         leaving the turn (the next update, `break`, an exception raised by the loader) with
         tensors not taken gives the update up at once, and it fails."""
-        while True:
-            update = self.next_update(timeout)
-            if update is None:
-                return
-            try:
-                yield update
-            finally:
-                update[1].close("the engine moved on without loading every tensor")
+        return _each_update(self.next_update, timeout, lambda weights: (weights,))
+
+
+def _each_update(next_update, timeout, members) -> Iterator:
+    """Yields each update `next_update(timeout)` gives until it gives None; leaving a turn
+    closes the update's `Weights` (`members(weights)`), failing it if not all were taken."""
+    while True:
+        update = next_update(timeout)
+        if update is None:
+            return
+        try:
+            yield update
+        finally:
+            for weights in members(update[1]):
+                weights.close("the engine moved on without loading every tensor")
 
 
 class _Update:
@@ -380,12 +387,4 @@ class StagingGroup:
     def updates(self, timeout: Optional[float] = None) -> Iterator[Tuple[int, Tuple[Weights, ...]]]:
         """Yields (version, weights per member) for each version, as
         :meth:`StagingReceiver.updates` does for one receiver."""
-        while True:
-            update = self.next_update(timeout)
-            if update is None:
-                return
-            try:
-                yield update
-            finally:
-                for weights in update[1]:
-                    weights.close("the engine moved on without loading every tensor")
+        return _each_update(self.next_update, timeout, lambda weights: weights)

@@ -31,7 +31,8 @@ pub use layout::{Block, LayoutError, Split, TpRank};
 pub use models::{synthetic, ModelConfig, SYNTHETIC_MODELS};
 pub use pattern::Pattern;
 pub use plan::{
-    destination_manifest, plan, CopyOp, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet, StoredPlanError,
+    destination_manifest, plan, CopyOp, Placement, Plan, PlanError, PlanSummary, Problem, SourcePiece, SourceSet,
+    StoredPlanError,
 };
 pub use presets::{HeadCounts, Module, Preset, PresetOptions};
 pub use rules::{Rule, RuleError, RuleSet};

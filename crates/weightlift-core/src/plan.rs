@@ -16,20 +16,45 @@ use crate::rules::{Part, Rule, RuleSet, Segment, Stack};
 use crate::spec::{Manifest, TensorSpec};
 
 /// The tensors of the sending side: one manifest per sender rank. A name held by one sender
-/// is a whole tensor; a name held by several is split along dim 0 (FSDP-style), its pieces
-/// concatenated in sender order.
+/// is a whole tensor. A name held by several is either placed (each piece says where it lies
+/// in the whole: [`Placement`], as a DTensor's placement and global shape say) or, unplaced,
+/// split along dim 0 (FSDP-style) with its pieces concatenated in sender order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceSet {
     senders: Vec<Manifest>,
+    /// Per sender, per tensor of its manifest: where it lies in its whole tensor (empty: none
+    /// placed).
+    placements: Vec<Vec<Option<Placement>>>,
+}
+
+/// Where a sender's piece lies in the whole tensor of its name: its start along every dim,
+/// and the whole's shape. Pieces may be cut along any dims (FSDP dim-0 shards, even or not;
+/// tensor-parallel rows or columns; a range of experts).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Placement {
+    pub offset: Vec<u64>,
+    pub whole: Vec<u64>,
 }
 
 impl SourceSet {
     pub fn single(manifest: Manifest) -> SourceSet {
-        SourceSet { senders: vec![manifest] }
+        SourceSet { senders: vec![manifest], placements: Vec::new() }
     }
 
     pub fn sharded(senders: Vec<Manifest>) -> SourceSet {
-        SourceSet { senders }
+        SourceSet { senders, placements: Vec::new() }
+    }
+
+    /// Senders whose tensors may each carry a placement (None: a whole tensor, or an unplaced
+    /// dim-0 piece); `placements[s]` is parallel to `senders[s]`.
+    pub fn placed(senders: Vec<Manifest>, placements: Vec<Vec<Option<Placement>>>) -> Result<SourceSet, PlanError> {
+        let mismatched = senders.iter().zip(&placements).position(|(m, p)| m.len() != p.len());
+        if placements.len() != senders.len() || mismatched.is_some() {
+            let sender = mismatched.unwrap_or(senders.len().min(placements.len()));
+            let detail = format!("sender {sender}: one placement (or none) per tensor of its manifest");
+            return Err(PlanError { problems: vec![Problem::BadPieces { source: String::new(), detail }] });
+        }
+        Ok(SourceSet { senders, placements })
     }
 
     pub fn senders(&self) -> &[Manifest] {
@@ -41,22 +66,38 @@ impl SourceSet {
         let mut rows_so_far: HashMap<&str, u64> = HashMap::new();
         let mut pieces = Vec::new();
         for (sender, manifest) in self.senders.iter().enumerate() {
-            for spec in manifest {
-                let offset = rows_so_far.entry(&spec.name).or_insert(0);
-                pieces.push(SourcePiece { sender: sender as u32, row_offset: *offset, spec: spec.clone() });
-                *offset += spec.shape.first().copied().unwrap_or(1);
+            for (i, spec) in manifest.iter().enumerate() {
+                let placement = self.placements.get(sender).and_then(|p| p.get(i)).cloned().flatten();
+                let sender = sender as u32;
+                match placement {
+                    Some(Placement { offset, whole }) => {
+                        pieces.push(SourcePiece { sender, offset, whole: Some(whole), spec: spec.clone() })
+                    }
+                    None => {
+                        let row = rows_so_far.entry(&spec.name).or_insert(0);
+                        let mut offset = vec![0; spec.shape.len()];
+                        if let Some(first) = offset.first_mut() {
+                            *first = *row;
+                        }
+                        pieces.push(SourcePiece { sender, offset, whole: None, spec: spec.clone() });
+                        *row += spec.shape.first().copied().unwrap_or(1);
+                    }
+                }
             }
         }
         pieces
     }
 }
 
-/// One tensor (or dim-0 piece of one) held by one sender.
+/// One tensor, or one piece of one, held by one sender.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePiece {
     pub sender: u32,
-    /// Index along dim 0 of the whole tensor where this piece starts (0 for whole tensors).
-    pub row_offset: u64,
+    /// Where the piece starts in the whole tensor, along every dim (zeros for a whole tensor).
+    pub offset: Vec<u64>,
+    /// The whole tensor's shape, for a placed piece (unplaced pieces add up along dim 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<Vec<u64>>,
     pub spec: TensorSpec,
 }
 
@@ -173,7 +214,7 @@ pub enum Problem {
         tensor: String,
         error: LayoutError,
     },
-    /// Dim-0 pieces of one source tensor that do not line up.
+    /// Pieces of one source tensor that do not line up (or do not tile a placed whole).
     BadPieces {
         source: String,
         detail: String,
@@ -284,7 +325,7 @@ impl fmt::Display for Problem {
             ),
             Problem::BadParts { destination, detail } => write!(f, "bad parts for `{destination}`: {detail}"),
             Problem::Layout { tensor, error } => write!(f, "layout: `{tensor}`: {error}"),
-            Problem::BadPieces { source, detail } => write!(f, "bad dim-0 pieces of `{source}`: {detail}"),
+            Problem::BadPieces { source, detail } => write!(f, "bad pieces of `{source}`: {detail}"),
             Problem::Coverage { destination, detail } => write!(f, "coverage: `{destination}`: {detail}"),
         }
     }
@@ -315,59 +356,113 @@ pub enum StoredPlanError {
     Invalid(#[from] PlanError),
 }
 
-/// A whole source tensor, possibly made of dim-0 pieces from several senders.
+/// A whole source tensor, possibly made of pieces from several senders.
 struct Logical {
     name: String,
     dtype: DType,
     shape: Vec<u64>,
-    /// (piece index, first row, rows), in row order.
-    pieces: Vec<(u32, u64, u64)>,
+    /// (piece index, start, shape): each piece's box in the whole tensor.
+    pieces: Vec<(u32, Vec<u64>, Vec<u64>)>,
 }
 
 fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> Vec<Logical> {
     let mut tensors: Vec<Logical> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut placed = Vec::new();
     for (i, piece) in pieces.iter().enumerate() {
         let spec = &piece.spec;
-        let rows = spec.shape.first().copied().unwrap_or(1);
-        match by_name.get(&spec.name) {
-            None => {
-                by_name.insert(spec.name.clone(), tensors.len());
-                tensors.push(Logical {
-                    name: spec.name.clone(),
-                    dtype: spec.dtype,
-                    shape: spec.shape.clone(),
-                    pieces: vec![(i as u32, 0, rows)],
-                });
+        let bad = |detail: String| Problem::BadPieces { source: spec.name.clone(), detail };
+        let Some(&t) = by_name.get(&spec.name) else {
+            by_name.insert(spec.name.clone(), tensors.len());
+            let shape = piece.whole.clone().unwrap_or_else(|| spec.shape.clone());
+            if piece.whole.is_some() {
+                placed.push(tensors.len());
             }
-            Some(&t) => {
-                let whole = &mut tensors[t];
-                let detail = if spec.shape.is_empty() {
-                    Some("a scalar cannot be split along dim 0".to_string())
-                } else if spec.dtype != whole.dtype {
-                    Some(format!(
-                        "sender {} holds {} but an earlier piece is {}",
-                        piece.sender, spec.dtype, whole.dtype
-                    ))
-                } else if spec.shape[1..] != whole.shape[1..] {
-                    Some(format!(
-                        "sender {} holds {:?} but an earlier piece is {:?}: only dim 0 may differ",
-                        piece.sender, spec.shape, whole.shape
-                    ))
-                } else {
-                    None
-                };
-                match detail {
-                    Some(detail) => problems.push(Problem::BadPieces { source: spec.name.clone(), detail }),
-                    None => {
-                        whole.pieces.push((i as u32, whole.shape[0], rows));
-                        whole.shape[0] += rows;
-                    }
-                }
+            tensors.push(Logical {
+                name: spec.name.clone(),
+                dtype: spec.dtype,
+                shape,
+                pieces: vec![(i as u32, piece.offset.clone(), spec.shape.clone())],
+            });
+            continue;
+        };
+        let whole = &mut tensors[t];
+        let first_placed = pieces[whole.pieces[0].0 as usize].whole.is_some();
+        let detail = if spec.dtype != whole.dtype {
+            Some(format!("sender {} holds {} but an earlier piece is {}", piece.sender, spec.dtype, whole.dtype))
+        } else if first_placed != piece.whole.is_some() {
+            Some(format!("sender {} places its piece and another sender does not (or the reverse)", piece.sender))
+        } else if let Some(shape) = &piece.whole {
+            (shape != &whole.shape).then(|| {
+                format!(
+                    "sender {} places it in a whole of {:?}, an earlier piece in {:?}",
+                    piece.sender, shape, whole.shape
+                )
+            })
+        } else if spec.shape.is_empty() {
+            Some("a scalar cannot be split along dim 0".to_string())
+        } else if spec.shape[1..] != whole.shape[1..] {
+            Some(format!(
+                "sender {} holds {:?} but an earlier piece is {:?}: only dim 0 may differ",
+                piece.sender, spec.shape, whole.shape
+            ))
+        } else {
+            None
+        };
+        match detail {
+            Some(detail) => problems.push(bad(detail)),
+            None if piece.whole.is_some() => whole.pieces.push((i as u32, piece.offset.clone(), spec.shape.clone())),
+            None => {
+                let mut start = vec![0; spec.shape.len()];
+                start[0] = whole.shape[0];
+                whole.pieces.push((i as u32, start, spec.shape.clone()));
+                whole.shape[0] += spec.shape[0];
             }
         }
     }
+    // Placed pieces must tile their whole: each inside it, none overlapping, nothing left out.
+    for t in placed {
+        let tensor = &tensors[t];
+        if let Some(detail) = tiling_problem(tensor, pieces) {
+            problems.push(Problem::BadPieces { source: tensor.name.clone(), detail });
+        }
+    }
     tensors
+}
+
+/// Why the placed pieces of `tensor` do not tile it exactly, if they do not.
+fn tiling_problem(tensor: &Logical, pieces: &[SourcePiece]) -> Option<String> {
+    let sender = |i: u32| pieces[i as usize].sender;
+    for (i, start, shape) in &tensor.pieces {
+        let inside = start.len() == tensor.shape.len()
+            && shape.len() == tensor.shape.len()
+            && start
+                .iter()
+                .zip(shape)
+                .zip(&tensor.shape)
+                .all(|((&s, &n), &w)| s.checked_add(n).is_some_and(|e| e <= w));
+        if !inside {
+            return Some(format!(
+                "sender {}'s piece {:?} at {:?} does not lie inside the whole {:?}",
+                sender(*i),
+                shape,
+                start,
+                tensor.shape
+            ));
+        }
+    }
+    for (a, (i, sa, na)) in tensor.pieces.iter().enumerate() {
+        for (j, sb, nb) in &tensor.pieces[a + 1..] {
+            let overlap =
+                sa.iter().zip(na).zip(sb.iter().zip(nb)).all(|((&s1, &n1), (&s2, &n2))| s1 < s2 + n2 && s2 < s1 + n1);
+            if overlap && na.iter().all(|&n| n > 0) && nb.iter().all(|&n| n > 0) {
+                return Some(format!("the pieces of senders {} and {} overlap", sender(*i), sender(*j)));
+            }
+        }
+    }
+    let covered: u64 = tensor.pieces.iter().map(|(_, _, n)| n.iter().product::<u64>()).sum();
+    let whole: u64 = tensor.shape.iter().product();
+    (covered != whole).then(|| format!("the pieces hold {covered} of its {whole} elements"))
 }
 
 /// A rule in the uniform shape planning works with (a tie is a one-part map).
@@ -776,7 +871,7 @@ impl<'a> Planner<'a> {
         names
     }
 
-    /// Splits a copy of a whole logical tensor's block into ops on its dim-0 pieces.
+    /// Splits a copy of a whole logical tensor's block into ops on its pieces.
     fn ops_for(&self, li: usize, block: &Block, dst: u32, dst_start: &[u64], out: &mut Vec<CopyOp>) {
         let tensor = &self.logical[li];
         let lead = dst_start.len() - block.extent.len();
@@ -784,24 +879,27 @@ impl<'a> Planner<'a> {
         if extent.contains(&0) {
             return;
         }
-        if tensor.pieces.len() == 1 {
+        if tensor.pieces.len() == 1 && tensor.pieces[0].2 == tensor.shape {
             let src = tensor.pieces[0].0;
             out.push(CopyOp { src, dst, src_start: block.start.clone(), dst_start: dst_start.to_vec(), extent });
             return;
         }
-        let (lo, hi) = (block.start[0], block.start[0] + block.extent[0]);
-        for &(piece, first_row, rows) in &tensor.pieces {
-            let (a, b) = (lo.max(first_row), hi.min(first_row + rows));
-            if a >= b {
-                continue;
-            }
-            let mut src_start = block.start.clone();
-            src_start[0] = a - first_row;
+        // The block's intersection with each piece's box, along every dim.
+        'pieces: for (piece, start, shape) in &tensor.pieces {
+            let mut src_start = Vec::with_capacity(start.len());
             let mut piece_dst = dst_start.to_vec();
-            piece_dst[lead] += a - lo;
             let mut piece_extent = extent.clone();
-            piece_extent[lead] = b - a;
-            out.push(CopyOp { src: piece, dst, src_start, dst_start: piece_dst, extent: piece_extent });
+            for d in 0..start.len() {
+                let (lo, hi) = (block.start[d], block.start[d] + block.extent[d]);
+                let (a, b) = (lo.max(start[d]), hi.min(start[d] + shape[d]));
+                if a >= b {
+                    continue 'pieces;
+                }
+                src_start.push(a - start[d]);
+                piece_dst[lead + d] += a - lo;
+                piece_extent[lead + d] = b - a;
+            }
+            out.push(CopyOp { src: *piece, dst, src_start, dst_start: piece_dst, extent: piece_extent });
         }
     }
 

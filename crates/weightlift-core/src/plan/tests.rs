@@ -354,7 +354,7 @@ fn fsdp_dim0_pieces_plan_to_the_same_bytes_as_whole_tensors() {
             let row_bytes = p.spec.byte_len() / p.spec.shape[0].max(1);
             // The reference's piece t is whole tensor t, filled with fill_bytes(t, ..).
             let full = fill_bytes(t, whole.specs()[t].byte_len());
-            full[(p.row_offset * row_bytes) as usize..((p.row_offset + p.spec.shape[0]) * row_bytes) as usize].to_vec()
+            full[(p.offset[0] * row_bytes) as usize..((p.offset[0] + p.spec.shape[0]) * row_bytes) as usize].to_vec()
         })
         .collect();
     assert_eq!(run_through_buckets(&plan, &pieces, 777), expected);
@@ -498,7 +498,7 @@ proptest! {
             let pieces: Vec<Vec<u8>> = plan.sources.iter().map(|p| {
                 let t = whole.position(&p.spec.name).unwrap();
                 let row_bytes = p.spec.byte_len().checked_div(p.spec.shape[0]).unwrap_or(0);
-                originals[t][(p.row_offset * row_bytes) as usize..(p.row_offset * row_bytes + p.spec.byte_len()) as usize].to_vec()
+                originals[t][(p.offset[0] * row_bytes) as usize..(p.offset[0] * row_bytes + p.spec.byte_len()) as usize].to_vec()
             }).collect();
             let via_buckets = run_through_buckets(&plan, &pieces, bucket);
             prop_assert_eq!(&via_buckets, &run_direct(&plan, &pieces));
@@ -511,7 +511,7 @@ proptest! {
                 let t = whole.position(&piece.spec.name).unwrap();
                 let elt = piece.spec.dtype.size() as usize;
                 let row_elems: u64 = piece.spec.shape[1..].iter().product();
-                let base = (piece.row_offset * row_elems) as usize;
+                let base = (piece.offset[0] * row_elems) as usize;
                 for c in plan.strided(op) {
                     for r in 0..c.rows {
                         let s = (base + (c.src_offset + r * c.src_stride) as usize) * elt;
@@ -528,6 +528,135 @@ proptest! {
             prop_assert!(rebuilt[t] == originals[t], "`{}` reassembled wrongly", s.name);
         }
     }
+}
+
+/// The bytes of box `start`/`shape` of a row-major tensor of `whole` shape, `elt` bytes each.
+fn box_bytes(bytes: &[u8], whole: &[u64], start: &[u64], shape: &[u64], elt: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    if shape.contains(&0) {
+        return out;
+    }
+    let rank = whole.len();
+    let Some(last) = rank.checked_sub(1) else { return bytes.to_vec() };
+    let mut at = vec![0u64; last];
+    loop {
+        let mut flat = 0u64;
+        for d in 0..last {
+            flat = flat * whole[d] + start[d] + at[d];
+        }
+        let flat = (flat * whole[last] + start[last]) as usize * elt;
+        out.extend_from_slice(&bytes[flat..flat + shape[last] as usize * elt]);
+        // The next index over dims 0..last, the last of them fastest.
+        let mut d = last;
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            at[d] += 1;
+            if at[d] < shape[d] {
+                break;
+            }
+            at[d] = 0;
+        }
+    }
+}
+
+/// Cuts `m` into `n` senders' placed pieces: each tensor along one dim (chosen by `seed`), at
+/// uneven points (empty pieces included); piece k to sender k.
+fn placed_cuts(m: &Manifest, n: u64, seed: u64) -> SourceSet {
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng >> 33
+    };
+    let mut senders: Vec<Vec<TensorSpec>> = vec![Vec::new(); n as usize];
+    let mut placements: Vec<Vec<Option<Placement>>> = vec![Vec::new(); n as usize];
+    for s in m.iter() {
+        if s.shape.is_empty() {
+            senders[0].push(s.clone());
+            placements[0].push(None);
+            continue;
+        }
+        let dim = (next() % s.shape.len() as u64) as usize;
+        let len = s.shape[dim];
+        let mut cuts: Vec<u64> = (1..n).map(|_| next() % (len + 1)).collect();
+        cuts.sort_unstable();
+        let bounds: Vec<u64> = std::iter::once(0).chain(cuts).chain(std::iter::once(len)).collect();
+        for k in 0..n as usize {
+            let (a, b) = (bounds[k], bounds[k + 1]);
+            let mut shape = s.shape.clone();
+            shape[dim] = b - a;
+            let mut offset = vec![0; s.shape.len()];
+            offset[dim] = a;
+            senders[k].push(TensorSpec::new(s.name.clone(), s.dtype, shape));
+            placements[k].push(Some(Placement { offset, whole: s.shape.clone() }));
+        }
+    }
+    SourceSet::placed(senders.into_iter().map(manifest).collect(), placements).unwrap()
+}
+
+proptest! {
+    /// Pieces placed anywhere (FSDP dim-0 shards even or not, tensor-parallel rows or columns,
+    /// ranges of experts, empty pieces) give every engine rank the bytes the whole tensors
+    /// give it, through buckets.
+    #[test]
+    fn placed_pieces_cut_along_any_dim_plan_to_the_bytes_of_whole_tensors(
+        (config, tp_size, ep, bucket, senders) in small_config(),
+        seed in any::<u64>(),
+    ) {
+        let whole = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let single = SourceSet::single(whole.clone());
+        prop_assume!(destination_manifest(&single, &rules, TpRank { rank: 0, size: tp_size }, None, false).is_ok());
+        let placed = placed_cuts(&whole, senders as u64 + 1, seed);
+        let originals: Vec<Vec<u8>> = whole.iter().enumerate().map(|(t, s)| fill_bytes(t, s.byte_len())).collect();
+        for tp in TpRank::all(tp_size) {
+            let dest = destination_manifest(&single, &rules, tp, None, false).unwrap();
+            let reference = plan(&single, &dest, &rules, tp).unwrap();
+            let expected = run_direct(&reference, &originals);
+            let plan = plan(&placed, &dest, &rules, tp).unwrap();
+            let pieces: Vec<Vec<u8>> = plan.sources.iter().map(|p| {
+                let t = whole.position(&p.spec.name).unwrap();
+                let shape = &whole.specs()[t].shape;
+                box_bytes(&originals[t], shape, &p.offset, &p.spec.shape, p.spec.dtype.size() as usize)
+            }).collect();
+            prop_assert_eq!(run_through_buckets(&plan, &pieces, bucket), expected);
+        }
+    }
+}
+
+#[test]
+fn placed_pieces_that_do_not_tile_their_whole_are_named() {
+    let rules = RuleSet::new(vec![Rule::rename("w", "w", Split::Replicated).unwrap()]).unwrap();
+    let dest = manifest(vec![spec("w", DType::BF16, &[4, 6])]);
+    let piece = |shape: &[u64], offset: &[u64], whole: &[u64]| {
+        (
+            manifest(vec![spec("w", DType::BF16, shape)]),
+            vec![Some(Placement { offset: offset.to_vec(), whole: whole.to_vec() })],
+        )
+    };
+    let refused = |pieces: Vec<(Manifest, Vec<Option<Placement>>)>| {
+        let (senders, placements) = pieces.into_iter().unzip();
+        plan(&SourceSet::placed(senders, placements).unwrap(), &dest, &rules, TpRank::SINGLE).unwrap_err().to_string()
+    };
+    // Columns 0..3 and 3..6: a tensor-parallel row-parallel split, tiles exactly.
+    let (senders, placements) =
+        [piece(&[4, 3], &[0, 0], &[4, 6]), piece(&[4, 3], &[0, 3], &[4, 6])].into_iter().unzip();
+    assert!(plan(&SourceSet::placed(senders, placements).unwrap(), &dest, &rules, TpRank::SINGLE).is_ok());
+    let err = refused(vec![piece(&[4, 4], &[0, 0], &[4, 6]), piece(&[4, 3], &[0, 3], &[4, 6])]);
+    assert!(err.contains("senders 0 and 1 overlap"), "{err}");
+    let err = refused(vec![piece(&[4, 3], &[0, 0], &[4, 6]), piece(&[4, 2], &[0, 3], &[4, 6])]);
+    assert!(err.contains("hold 20 of its 24 elements"), "{err}");
+    let err = refused(vec![piece(&[4, 3], &[0, 0], &[4, 6]), piece(&[4, 3], &[0, 4], &[4, 6])]);
+    assert!(err.contains("sender 1's piece [4, 3] at [0, 4] does not lie inside"), "{err}");
+    let err = refused(vec![piece(&[4, 3], &[0, 0], &[4, 6]), piece(&[4, 3], &[0, 3], &[4, 7])]);
+    assert!(err.contains("sender 1 places it in a whole of [4, 7]"), "{err}");
+    let unplaced = (manifest(vec![spec("w", DType::BF16, &[4, 3])]), vec![None]);
+    let err = refused(vec![piece(&[4, 3], &[0, 0], &[4, 6]), unplaced]);
+    assert!(err.contains("places its piece and another sender does not"), "{err}");
+    let err = SourceSet::placed(vec![dest.clone()], vec![vec![]]).unwrap_err().to_string();
+    assert!(err.contains("one placement (or none) per tensor"), "{err}");
 }
 
 #[test]

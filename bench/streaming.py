@@ -16,7 +16,7 @@ Rows per model:
 For Qwen3-30B-A3B the engine's "own tensors" are one per distinct (shape, dtype): every byte
 is copied as a real load copies it, without a second 61 GB model on the GPU.
 
-    python3 bench/streaming.py [--models qwen3-8b,qwen3-30b-a3b] [--steps 3] [--json out.json]
+    python3 bench/streaming.py [--models qwen3-8b,qwen3-30b-a3b] [--steps 3] [--depth 2] [--json out.json]
 """
 
 import argparse
@@ -80,7 +80,7 @@ def noop(weights):
         pass
 
 
-def bench_model(model: str, steps: int, ceiling: float, bucket_mib: float) -> dict:
+def bench_model(model: str, steps: int, ceiling: float, bucket_mib: float, depth: int) -> dict:
     device = torch.device("cuda:0")
     specs = wl.synthetic_manifest(model)
     trainer = {n: torch.empty(s, dtype=DTYPES[d], device=device) for n, s, d in specs}
@@ -98,7 +98,7 @@ def bench_model(model: str, steps: int, ceiling: float, bucket_mib: float) -> di
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(device)
-    staging = wl.StagingReceiver(specs, device="cuda:0", bucket_mib=bucket_mib, timeout=120)
+    staging = wl.StagingReceiver(specs, device="cuda:0", depth=depth, bucket_mib=bucket_mib, timeout=120)
     held = torch.cuda.memory_allocated(device) - before
     out = {"model": model, "tensors": len(specs), "bytes": model_bytes, "ring_bytes": staging.memory_bytes,
            "held_bytes": held, "rows": {}}
@@ -142,18 +142,20 @@ def main() -> None:
     parser.add_argument("--models", default="qwen3-8b,qwen3-30b-a3b")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bucket-mib", type=float, default=64)
+    parser.add_argument("--depth", type=int, default=2, help="ring buffers (the receiver's default: 2)")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     ceiling = copy_ceiling(device)
     results = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
-               "d2d_copy_gbps": ceiling / 1e9, "bucket_mib": args.bucket_mib, "models": []}
+               "d2d_copy_gbps": ceiling / 1e9, "bucket_mib": args.bucket_mib, "depth": args.depth, "models": []}
     for model in args.models.split(","):
-        results["models"].append(bench_model(model, args.steps, ceiling, args.bucket_mib))
+        results["models"].append(bench_model(model, args.steps, ceiling, args.bucket_mib, args.depth))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{results['device']}, {results['date']}: device copy {ceiling / 1e9:.0f} GB/s, buckets {args.bucket_mib} MiB")
+    print(f"{results['device']}, {results['date']}: device copy {ceiling / 1e9:.0f} GB/s,"
+          f" buckets {args.bucket_mib} MiB, depth {args.depth}")
     print(f"{'model':<15} {'row':<26} {'first s':>8} {'s':>7} {'GB/s':>7} {'of D2D':>7} {'py ms':>7} {'calls':>6}")
     for m in results["models"]:
         for label, r in m["rows"].items():

@@ -30,8 +30,8 @@ pub struct StreamOptions {
     pub depth: u32,
     /// Bytes of a bucket (a tensor larger than this is assembled whole in one dedicated buffer).
     pub bucket_bytes: u64,
-    /// The part of a checkpoint with an MTP module these tensors are (the main model, or its
-    /// draft): the sender's other tensors are ignored by name.
+    /// The part of an update carrying a main model and its draft these tensors are (the main
+    /// model, its MTP module, a separate draft): the sender's other tensors are ignored by name.
     pub module: Module,
 }
 

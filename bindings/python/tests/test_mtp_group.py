@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import weightlift as wl
-from conftest import push_in_thread
+from conftest import push_in_thread, requires_cuda
 
 BUCKET_MIB = 16384 / (1 << 20)  # 16 KiB buckets: each module takes several
 
@@ -177,3 +177,32 @@ def test_in_place_receivers_hold_the_main_model_and_qwen3_next_mtp_layouts():
     for params, want in ((main_params, main_want), (draft_params, draft_want)):
         for name, tensor in want.items():
             np.testing.assert_array_equal(params[name], tensor, err_msg=name)
+
+
+@requires_cuda
+def test_on_a_gpu_a_colocated_trainer_updates_the_main_model_and_its_draft_over_cuda_ipc():
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    specs = wl.synthetic_manifest("qwen3-moe-tiny-mtp")
+    trainer = {n: torch.randn(s, generator=gen, device="cuda").to(torch.bfloat16) for n, s, _ in specs}
+    main = wl.StagingReceiver({n: t for n, t in trainer.items() if not n.startswith("mtp.")}, device="cuda",
+                              bucket_mib=0.0625, module="main")
+    draft = wl.StagingReceiver({n: t for n, t in trainer.items() if is_draft(n)}, device="cuda",
+                               bucket_mib=0.0625, module="mtp")
+    group = wl.StagingGroup(main, draft)
+    sender = wl.Sender([main.receiver, draft.receiver])
+    for version in (1, 2):
+        for t in trainer.values():
+            t.mul_(-1)
+        thread, box = push_in_thread(sender, trainer, version)
+        _, (main_weights, draft_weights) = group.next_update(timeout=30)
+        main_loaded = {n: t.clone() for n, t in main_weights}
+        draft_loaded = {n: t.clone() for n, t in draft_weights}
+        thread.join()
+        assert box["report"]["committed"] and box["report"]["verified"], box
+        assert main.version == draft.version == version
+        for loaded in (main_loaded, draft_loaded):
+            for name, got in loaded.items():
+                assert torch.equal(got, trainer[name]), name
+        assert len(main_loaded) + len(draft_loaded) == len(trainer) + 2  # embedding and head in both

@@ -204,6 +204,20 @@ impl Preset {
             let ep = options.expert_parallel;
             let (expert_cols, expert_rows) = if ep { (rep, rep) } else { (cols, rows) };
             rules.push(rename("mlp.gate.weight", rep)?);
+            // Qwen2-MoE / Qwen3-Next shared experts (absent from Qwen3-MoE): one dense MLP
+            // beside the routed experts, gate and up fused as vLLM's Qwen2MoeMLP holds them,
+            // and its scalar gate replicated.
+            let shared = format!("{mlp}.shared_expert");
+            rules.push(
+                Rule::fuse(
+                    &format!("{to_mlp}.shared_expert.gate_up_proj.weight"),
+                    0,
+                    &[(&format!("{shared}.gate_proj.weight"), cols), (&format!("{shared}.up_proj.weight"), cols)],
+                )?
+                .with_equal_parts(),
+            );
+            rules.push(rename("mlp.shared_expert.down_proj.weight", rows)?);
+            rules.push(rename("mlp.shared_expert_gate.weight", rep)?);
             rules.push(
                 Rule::stack(
                     &format!("{to_mlp}.experts.w13_weight"),
@@ -506,5 +520,32 @@ mod tests {
         let draft_plan = plan(&source, &draft_source, &identity(Module::Draft), TpRank::SINGLE).unwrap();
         assert_eq!(draft_plan.destinations.len(), draft_source.len());
         assert_eq!(draft_plan.ignored.len(), main_config.source_manifest().len());
+    }
+
+    /// Qwen3-Next's MTP layer carries shared experts beside the routed ones: the MoE preset
+    /// fuses their gate and up, slices them per TP rank and replicates the shared gate.
+    #[test]
+    fn shared_experts_of_an_mtp_layer_are_fused_and_sliced() {
+        let config = synthetic("qwen3-moe-tiny-mtp").unwrap();
+        let mut specs: Vec<crate::TensorSpec> = config.source_manifest().iter().cloned().collect();
+        let (h, i) = (config.hidden, 48);
+        for (name, shape) in [("gate_proj", vec![i, h]), ("up_proj", vec![i, h]), ("down_proj", vec![h, i])] {
+            specs.push(crate::TensorSpec::new(
+                format!("mtp.layers.0.mlp.shared_expert.{name}.weight"),
+                config.dtype,
+                shape,
+            ));
+        }
+        specs.push(crate::TensorSpec::new("mtp.layers.0.mlp.shared_expert_gate.weight", config.dtype, vec![1, h]));
+        let source = SourceSet::single(Manifest::new(specs).unwrap());
+        let options = PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false };
+        let rules = Preset::Qwen3Moe.module_rules(Module::Mtp, options, Some(config.head_counts())).unwrap();
+        let tp = TpRank::new(1, 2).unwrap();
+        let draft = destination_manifest(&source, &rules, tp, None, false).unwrap();
+        let shape = |n: &str| draft.get(n).map(|s| s.shape.clone());
+        assert_eq!(shape("model.layers.0.mlp.shared_expert.gate_up_proj.weight"), Some(vec![i, h]));
+        assert_eq!(shape("model.layers.0.mlp.shared_expert.down_proj.weight"), Some(vec![h, i / 2]));
+        assert_eq!(shape("model.layers.0.mlp.shared_expert_gate.weight"), Some(vec![1, h]));
+        assert!(plan(&source, &draft, &rules, tp).is_ok());
     }
 }

@@ -411,12 +411,12 @@ fn logical_tensors(pieces: &[SourcePiece], problems: &mut Vec<Problem>) -> Vec<L
         };
         match detail {
             Some(detail) => problems.push(bad(detail)),
-            None if piece.whole.is_some() => whole.pieces.push((i as u32, piece.offset.clone(), spec.shape.clone())),
             None => {
-                let mut start = vec![0; spec.shape.len()];
-                start[0] = whole.shape[0];
-                whole.pieces.push((i as u32, start, spec.shape.clone()));
-                whole.shape[0] += spec.shape[0];
+                // An unplaced piece's offset is its rows so far (`SourceSet::pieces`).
+                whole.pieces.push((i as u32, piece.offset.clone(), spec.shape.clone()));
+                if piece.whole.is_none() {
+                    whole.shape[0] += spec.shape[0];
+                }
             }
         }
     }

@@ -80,8 +80,8 @@ impl Preset {
         self.module_rules(Module::Whole, options, counts)
     }
 
-    /// The rules of one [`Module`] of a checkpoint that carries an MTP module: what an engine
-    /// holding only that module takes, every other source ignored by name.
+    /// The rules of one [`Module`] of an update carrying a main model and its draft: what an
+    /// engine holding only that module takes, every other source ignored by name.
     pub fn module_rules(
         self,
         module: Module,
@@ -98,7 +98,7 @@ impl Preset {
             match module {
                 Module::Whole | Module::Main => rules.push(Rule::rename("{name*}", "{name*}", rep)?),
                 Module::Draft => {
-                    rules.push(Rule::rename(&format!("{DRAFT}.{{name*}}"), "{name*}", rep)?);
+                    rules.push(Rule::rename(&module.trainer_name("{name*}"), "{name*}", rep)?);
                     rules.push(Rule::ignore("{name*}")?);
                 }
                 Module::Mtp => {
@@ -116,10 +116,7 @@ impl Preset {
         match module {
             Module::Whole | Module::Main | Module::Draft => {
                 // A separate draft model's tensors are the trainer's under `draft.`.
-                let from = |name: &str| match module {
-                    Module::Draft => format!("{DRAFT}.{name}"),
-                    _ => name.to_string(),
-                };
+                let from = |name: &str| module.trainer_name(name);
                 rules.push(Rule::rename(&from(EMBED), EMBED, cols)?);
                 rules.push(Rule::rename(&from("model.norm.weight"), "model.norm.weight", rep)?);
                 rules.push(Rule::rename(&from(LM_HEAD), LM_HEAD, cols)?);
@@ -168,6 +165,17 @@ impl Preset {
         let (attn, to_attn) = (format!("{from}.self_attn"), format!("{to}.self_attn"));
         let (mlp, to_mlp) = (format!("{from}.mlp"), format!("{to}.mlp"));
         let rename = |name: &str, split| Rule::rename(&format!("{from}.{name}"), &format!("{to}.{name}"), split);
+        // Gate and up of the dense MLP named `mlp` (under `from` and `to`), fused as vLLM's
+        // MergedColumnParallelLinear holds them.
+        let gate_up = |mlp: &str| -> Result<Rule, RuleError> {
+            let (src, dst) = (format!("{from}.{mlp}"), format!("{to}.{mlp}"));
+            Ok(Rule::fuse(
+                &format!("{dst}.gate_up_proj.weight"),
+                0,
+                &[(&format!("{src}.gate_proj.weight"), cols), (&format!("{src}.up_proj.weight"), cols)],
+            )?
+            .with_equal_parts())
+        };
         // Saturating: absurd counts from a config.json give a length no source has, not a panic.
         let lens = options.head_dim.zip(counts).map(|(d, c)| (c.heads.saturating_mul(d), c.kv_heads.saturating_mul(d)));
         let qkv = |kind: &str| -> Result<Rule, RuleError> {
@@ -187,12 +195,7 @@ impl Preset {
             qkv("weight")?,
             qkv("bias")?,
             rename("self_attn.o_proj.weight", rows)?,
-            Rule::fuse(
-                &format!("{to_mlp}.gate_up_proj.weight"),
-                0,
-                &[(&format!("{mlp}.gate_proj.weight"), cols), (&format!("{mlp}.up_proj.weight"), cols)],
-            )?
-            .with_equal_parts(),
+            gate_up("mlp")?,
             rename("mlp.down_proj.weight", rows)?,
             Rule::ignore(&format!("{attn}.rotary_emb.inv_freq"))?,
         ]);
@@ -205,17 +208,9 @@ impl Preset {
             let (expert_cols, expert_rows) = if ep { (rep, rep) } else { (cols, rows) };
             rules.push(rename("mlp.gate.weight", rep)?);
             // Qwen2-MoE / Qwen3-Next shared experts (absent from Qwen3-MoE): one dense MLP
-            // beside the routed experts, gate and up fused as vLLM's Qwen2MoeMLP holds them,
-            // and its scalar gate replicated.
-            let shared = format!("{mlp}.shared_expert");
-            rules.push(
-                Rule::fuse(
-                    &format!("{to_mlp}.shared_expert.gate_up_proj.weight"),
-                    0,
-                    &[(&format!("{shared}.gate_proj.weight"), cols), (&format!("{shared}.up_proj.weight"), cols)],
-                )?
-                .with_equal_parts(),
-            );
+            // beside the routed experts, as vLLM's Qwen2MoeMLP holds it, and its scalar gate
+            // replicated.
+            rules.push(gate_up("mlp.shared_expert")?);
             rules.push(rename("mlp.shared_expert.down_proj.weight", rows)?);
             rules.push(rename("mlp.shared_expert_gate.weight", rep)?);
             rules.push(
@@ -283,7 +278,8 @@ pub enum Module {
     /// Every source tensor (a checkpoint with an MTP module needs an engine holding it too).
     #[default]
     Whole,
-    /// The main model: the MTP module's tensors are ignored, as vLLM's main model skips them.
+    /// The main model: the MTP module's and a separate draft's tensors are ignored, as vLLM's
+    /// main model skips `mtp.` weights.
     Main,
     /// The MTP module as a draft model holds it (vLLM's `Qwen3NextMTP`: `mtp.*` under
     /// `model.*`, with the main model's `model.embed_tokens` and `lm_head`); every other

@@ -636,11 +636,7 @@ impl Gpu {
             .try_lock()
             .map_err(|_| CudaError::Invalid("this update is already in flight: wait for it first".into()))?;
         let main = self.stream();
-        if batch.one_stream {
-            self.queue_on_one_stream(batch)?;
-        } else {
-            self.queue_on_two_streams(batch)?;
-        }
+        self.queue_update(batch, batch.one_stream)?;
         let len = batch.order.len() * 8;
         let host = down.at_mut(0, len as u64)?;
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
@@ -662,57 +658,45 @@ impl Gpu {
         }
     }
 
-    /// The launches of an update: each wave's folds on the side stream while the main stream
-    /// goes on (see [`Gpu::run_update`]); both streams joined at the end.
-    fn queue_on_two_streams(&self, batch: &UpdateBatch) -> Result<(), CudaError> {
+    /// The launches of an update, wave by wave: the folds on the side stream while the main
+    /// stream goes on (see [`Gpu::run_update`]), both joined at the end; or, with
+    /// `one_stream`, every launch in order on the main stream with no events, for a small
+    /// update (one bucket's tensors) whose stream joins cost more host time than they overlap.
+    fn queue_update(&self, batch: &UpdateBatch, one_stream: bool) -> Result<(), CudaError> {
         let k = self.kernels();
-        let (main, side) = (self.stream(), self.side_stream());
+        let main = self.stream();
+        let side = (!one_stream).then(|| self.side_stream());
+        let fold = side.unwrap_or(main);
         let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
         let base = batch.packed.device_ptr();
         for (w, wave) in batch.waves.iter().enumerate() {
             let chunks = &batch.chunks[w % 2];
-            if w >= 2 {
-                // The fold of wave w - 2 read this buffer: it must be done.
-                main.wait(&folded[w - 2]).call("cuStreamWaitEvent")?;
+            // The fold of wave w - 2 read this buffer: it must be done (in order on one stream).
+            if let Some(done) = w.checked_sub(2).and_then(|p| folded.get(p)) {
+                main.wait(done).call("cuStreamWaitEvent")?;
             }
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
             for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
                 self.launch_runs(main, base, &group.runs, chunks, batch.kernel)?;
+                if let Some(side) = side {
+                    side.join(main).call("cuStreamWaitEvent")?;
+                }
+                self.combine(fold, chunks, base, wave.tensor_start, &group.tensors, out)?;
+            }
+            self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
+            self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
+            self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
+            self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
+            if let Some(side) = side {
                 side.join(main).call("cuStreamWaitEvent")?;
-                self.combine(side, chunks, base, wave.tensor_start, &group.tensors, out)?;
             }
-            self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
-            self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
-            self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
-            self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
-            side.join(main).call("cuStreamWaitEvent")?;
-            self.combine(side, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
-            folded.push(side.record_event(None).call("cuEventRecord")?);
+            self.combine(fold, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
+            if let Some(side) = side {
+                folded.push(side.record_event(None).call("cuEventRecord")?);
+            }
         }
-        main.join(side).call("cuStreamWaitEvent")?;
-        Ok(())
-    }
-
-    /// The same launches in order on the main stream, no events: for a small update (one
-    /// bucket's tensors) where each stream join costs more host time than the overlap saves.
-    fn queue_on_one_stream(&self, batch: &UpdateBatch) -> Result<(), CudaError> {
-        let k = self.kernels();
-        let main = self.stream();
-        let base = batch.packed.device_ptr();
-        for (w, wave) in batch.waves.iter().enumerate() {
-            // In order on one stream: wave w - 2's fold is done before this wave reuses its
-            // chunk buffer.
-            let chunks = &batch.chunks[w % 2];
-            let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
-            for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
-                self.launch_runs(main, base, &group.runs, chunks, batch.kernel)?;
-                self.combine(main, chunks, base, wave.tensor_start, &group.tensors, out)?;
-            }
-            self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
-            self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
-            self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
-            self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
-            self.combine(main, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
+        if let Some(side) = side {
+            main.join(side).call("cuStreamWaitEvent")?;
         }
         Ok(())
     }

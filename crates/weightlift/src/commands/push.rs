@@ -99,7 +99,6 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     // The receivers plan against their own parameters; the trainer only brings its tensors
     // and the rules (which depend on the TP size only through its checks).
     let tp = TpRank::new(0, args.to.len().max(1) as u32).expect("at least one receiver");
-    let (rules, _) = args.model.mapping().rules(&model, tp)?;
     let source_manifest = model.manifest();
     let options = SenderOptions {
         transport,
@@ -115,6 +114,7 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         ..SenderOptions::default()
     };
     if let Some(listen) = &args.listen {
+        let (rules, _) = args.model.mapping().rules(&model, tp)?;
         return publish(listen, &model, &source_manifest, &rules, options, args);
     }
     // Each receiver with its module's rules (a main model and its draft take one version).

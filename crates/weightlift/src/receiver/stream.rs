@@ -302,6 +302,21 @@ struct HandoffState {
     handed_names: Vec<String>,
 }
 
+impl HandoffState {
+    /// How `version` settled, once it has: committed, or failed with why and what was handed.
+    fn outcome(&self, version: Version) -> Option<Result<(), StreamFailure>> {
+        match &self.settled {
+            Some((v, failure)) if *v == version => Some(match failure {
+                None => Ok(()),
+                Some((reason, handed)) => {
+                    Err(StreamFailure::Failed { version, reason: reason.clone(), handed: handed.clone() })
+                }
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Between the connection writing an update's buckets and the engine loading them.
 pub struct Handoff {
     state: Mutex<HandoffState>,
@@ -458,12 +473,8 @@ impl Handoff {
             }
         }
         loop {
-            match &state.settled {
-                Some((v, Some((reason, handed)))) if *v == version => {
-                    return Err(StreamFailure::Failed { version, reason: reason.clone(), handed: handed.clone() });
-                }
-                Some((v, None)) if *v == version => return Ok(None),
-                _ => {}
+            if let Some(settled) = state.outcome(version) {
+                return settled.map(|()| None);
             }
             if state.version == Some(version) && state.handed > state.given_back {
                 let k = state.given_back;
@@ -491,12 +502,8 @@ impl Handoff {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            match &state.settled {
-                Some((v, Some((reason, handed)))) if *v == version => {
-                    return Err(StreamFailure::Failed { version, reason: reason.clone(), handed: handed.clone() });
-                }
-                Some((v, None)) if *v == version => return Ok(()),
-                _ => {}
+            if let Some(settled) = state.outcome(version) {
+                return settled;
             }
             if state.version != Some(version) {
                 return Err(StreamFailure::NoUpdate);

@@ -88,6 +88,19 @@ pub fn unpack(plan: &Plan, op: &CopyOp, payload: &[u8], dst: &mut [u8]) -> Resul
     Ok(())
 }
 
+/// Reads `op`'s block back from its destination `dst` into `out` (packed, in the destination
+/// dtype): what [`unpack`] wrote, for digesting a sender's part of a destination where it
+/// lies.
+pub fn gather(plan: &Plan, op: &CopyOp, dst: &[u8], out: &mut [u8]) -> Result<(), SizeError> {
+    let d = &plan.destinations[op.dst as usize];
+    check(&d.name, d.byte_len(), dst.len())?;
+    check(&format!("block of {}", d.name), plan.op_bytes(op), out.len())?;
+    let zeros = vec![0; op.extent.len()];
+    let copies = strided_copies(&d.shape, &op.dst_start, &op.extent, &zeros, &op.extent);
+    run(&copies, Cast { from: d.dtype, to: d.dtype }, dst, out);
+    Ok(())
+}
+
 /// Runs every op of `plan`: `sources[i]` are the bytes of `plan.sources[i]`,
 /// `destinations[j]` those of `plan.destinations[j]`.
 pub fn execute(plan: &Plan, sources: &[&[u8]], destinations: &mut [Vec<u8>]) -> Result<(), SizeError> {

@@ -1056,6 +1056,43 @@ impl Plan {
         }
     }
 
+    /// The senders whose pieces this plan reads: one more than the highest sender index.
+    pub fn senders(&self) -> u32 {
+        self.sources.iter().map(|p| p.sender + 1).max().unwrap_or(1)
+    }
+
+    /// What sender `sender` of a plan over several moves: its pieces alone, renumbered from 0
+    /// in the order of its manifest (so its own tensors index them), and the ops that read
+    /// them; every destination kept at its index. A share does not verify on its own: the
+    /// bytes other senders write are missing, and a destination it writes only part of is
+    /// digested as that part ([`Plan::share_bytes`]).
+    pub fn share_of(&self, sender: u32) -> Plan {
+        let mut renumbered = vec![None; self.sources.len()];
+        let mut sources = Vec::new();
+        for (i, piece) in self.sources.iter().enumerate() {
+            if piece.sender == sender {
+                renumbered[i] = Some(sources.len() as u32);
+                sources.push(SourcePiece { sender: 0, ..piece.clone() });
+            }
+        }
+        let ops = self
+            .ops
+            .iter()
+            .filter_map(|op| renumbered[op.src as usize].map(|src| CopyOp { src, ..op.clone() }))
+            .collect();
+        Plan { tp: self.tp, sources, destinations: self.destinations.clone(), ops, ignored: self.ignored.clone() }
+    }
+
+    /// Bytes of each destination this plan writes: all of it for a plan that verifies, the
+    /// sender's part for a share of one ([`Plan::share_of`]).
+    pub fn share_bytes(&self) -> Vec<u64> {
+        let mut bytes = vec![0; self.destinations.len()];
+        for op in &self.ops {
+            bytes[op.dst as usize] += self.op_bytes(op);
+        }
+        bytes
+    }
+
     /// Bytes an op delivers, in the destination dtype.
     pub fn op_bytes(&self, op: &CopyOp) -> u64 {
         op.numel() * self.destinations[op.dst as usize].dtype.size()

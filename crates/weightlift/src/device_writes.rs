@@ -470,7 +470,7 @@ impl SlotWriter {
             staged.map(|staged| *staged_ahead = Some((k + 1, staged)))
         };
         let staged = if landed {
-            let pieces = landed_pieces(plan, schedule, k);
+            let pieces = landed_pieces(schedule, k);
             let fragments = fragment_bytes(k, &pieces, &copies)?;
             let base = dst.device_ptr();
             let regions: Vec<(u64, u64)> =

@@ -739,7 +739,7 @@ fn write_device_slots(
         let job = (!landed).then(|| {
             scope.spawn(|| {
                 let started = Instant::now();
-                (digest_verbatim(plan, schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
+                (digest_verbatim(schedule, tensors, digest_threads), started.elapsed().as_secs_f64())
             })
         });
         let sent = (0..schedule.buckets.len() as u32).try_for_each(|k| {

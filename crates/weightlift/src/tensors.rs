@@ -4,7 +4,8 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use weightlift_core::{digest, Manifest, ModelConfig};
+use weightlift_core::region::strided_copies;
+use weightlift_core::{digest, Manifest, ModelConfig, Placement, TensorSpec};
 use weightlift_cuda::{resident_share, FileReader, MappedFile, ReadMode};
 
 use crate::safetensors_dir::{SafetensorsDir, SourceError};
@@ -112,6 +113,58 @@ impl HostTensors {
             })
             .collect();
         HostTensors { manifest, data }
+    }
+
+    /// One sender's pieces of these (whole) tensors: of tensor `i` the box at `boxes[i].0` of
+    /// shape `boxes[i].1` (empty where any dim is 0), with each piece's placement in its whole:
+    /// what one rank of a sharded trainer holds.
+    pub fn cut(&self, boxes: &[(Vec<u64>, Vec<u64>)]) -> (HostTensors, Vec<Option<Placement>>) {
+        assert_eq!(boxes.len(), self.manifest.len(), "one box per tensor");
+        let mut specs = Vec::with_capacity(boxes.len());
+        let mut data = Vec::with_capacity(boxes.len());
+        let mut placements = Vec::with_capacity(boxes.len());
+        for ((spec, bytes), (offset, shape)) in self.manifest.iter().zip(&self.data).zip(boxes) {
+            let piece = TensorSpec { shape: shape.clone(), ..spec.clone() };
+            let elt = spec.dtype.size() as usize;
+            let mut out = vec![0u8; piece.byte_len() as usize];
+            if !out.is_empty() {
+                let zeros = vec![0; shape.len()];
+                for c in strided_copies(&spec.shape, offset, shape, &zeros, shape) {
+                    for r in 0..c.rows {
+                        let (s, d) =
+                            ((c.src_offset + r * c.src_stride) as usize, (c.dst_offset + r * c.dst_stride) as usize);
+                        let n = c.row_elems as usize * elt;
+                        out[d * elt..d * elt + n].copy_from_slice(&bytes[s * elt..s * elt + n]);
+                    }
+                }
+            }
+            placements.push(Some(Placement { offset: offset.clone(), whole: spec.shape.clone() }));
+            specs.push(piece);
+            data.push(out);
+        }
+        let manifest = Manifest::new(specs).expect("the pieces keep the whole tensors' names");
+        (HostTensors { manifest, data }, placements)
+    }
+
+    /// What FSDP2 gives rank `rank` of `world`: dim 0 of every tensor cut as `torch.chunk`
+    /// cuts it (pieces of ceil(rows / world) rows, the last ranks' shorter or empty).
+    pub fn fsdp_shard(&self, rank: u32, world: u32) -> (HostTensors, Vec<Option<Placement>>) {
+        let boxes: Vec<(Vec<u64>, Vec<u64>)> = self
+            .manifest
+            .iter()
+            .map(|spec| {
+                let mut offset = vec![0; spec.shape.len()];
+                let mut shape = spec.shape.clone();
+                if let (Some(first), Some(&rows)) = (shape.first_mut(), spec.shape.first()) {
+                    let chunk = rows.div_ceil(u64::from(world.max(1)));
+                    let start = (chunk * u64::from(rank)).min(rows);
+                    *first = (start + chunk).min(rows) - start;
+                    offset[0] = start;
+                }
+                (offset, shape)
+            })
+            .collect();
+        self.cut(&boxes)
     }
 
     /// A copy of any source's tensors in host memory (a checkpoint to step in a demo).

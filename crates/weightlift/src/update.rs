@@ -39,8 +39,15 @@ pub struct Schedule {
     /// Destinations this update writes.
     pub written: Vec<bool>,
     /// Destinations written front to back in contiguous runs: digested piece by piece.
-    /// The others (none in the presets) are digested once complete.
+    /// The others (none in the presets) are digested once complete. For a share of a plan
+    /// over several senders ([`Plan::share_of`]), a destination it writes only part of is
+    /// sequential when each of its ops is one contiguous run.
     pub sequential: Vec<bool>,
+    /// What each destination's digest covers: all its bytes, or (a destination a share
+    /// writes only part of) the share's bytes of it, its ops' blocks one after another in
+    /// plan order. Both sides of a share digest the same way: the sender from its sources,
+    /// the receiver from what its tensor then holds.
+    shares: Vec<Option<ShareRuns>>,
     pub bytes: u64,
     /// Per bucket, the destinations whose last bytes it carries.
     pub completes: Vec<Vec<u32>>,
@@ -66,8 +73,14 @@ impl Schedule {
 
     fn of(plan: &Plan, buckets: Vec<Bucket>, written: Vec<bool>) -> Schedule {
         let bytes = buckets.iter().map(|b| b.bytes).sum();
-        let sequential = plan.sequential_destinations();
-        let pieces = buckets.iter().map(|b| bucket_pieces(plan, &sequential, b)).collect();
+        let shares = ShareRuns::of(plan);
+        let mut sequential = plan.sequential_destinations();
+        for (d, share) in shares.iter().enumerate() {
+            if let Some(share) = share {
+                sequential[d] = share.contiguous;
+            }
+        }
+        let pieces = buckets.iter().map(|b| bucket_pieces(plan, &sequential, &shares, b)).collect();
         let mut last = vec![None; plan.destinations.len()];
         for (k, bucket) in buckets.iter().enumerate() {
             for entry in &bucket.entries {
@@ -80,7 +93,7 @@ impl Schedule {
                 completes[*k].push(d as u32);
             }
         }
-        Schedule { buckets, pieces, written, sequential, bytes, completes }
+        Schedule { buckets, pieces, written, sequential, shares, bytes, completes }
     }
 
     /// The schedule for an update skipping `skip`: this (full) one when nothing is skipped.
@@ -97,10 +110,79 @@ impl Schedule {
         }
     }
 
-    /// One accumulator per destination.
+    /// One accumulator per destination (of the share's bytes of it, for a part of one).
     pub fn digests(&self, plan: &Plan) -> Vec<ChunkDigests> {
-        plan.destinations.iter().map(|d| ChunkDigests::new(d.byte_len())).collect()
+        let len = |(d, spec): (usize, &weightlift_core::TensorSpec)| {
+            self.shares[d].as_ref().map_or(spec.byte_len(), |s| s.bytes)
+        };
+        plan.destinations.iter().enumerate().map(|d| ChunkDigests::new(len(d))).collect()
     }
+
+    /// Destinations of which this schedule's plan writes only a part (a share of a plan over
+    /// several senders): their digests are of that part.
+    pub fn partial(&self) -> Vec<u32> {
+        (0..self.shares.len() as u32).filter(|&d| self.shares[d as usize].is_some()).collect()
+    }
+}
+
+/// The part of one destination a share writes, for digesting it: each op's run (bytes of
+/// the destination) and where it starts in the share, sorted by where it lies.
+#[derive(Debug, Clone)]
+struct ShareRuns {
+    /// Bytes of the share.
+    bytes: u64,
+    /// Every op of the destination is one contiguous run of it.
+    contiguous: bool,
+    /// (start in the destination, length, start in the share), by start in the destination;
+    /// only when `contiguous`.
+    runs: Vec<(u64, u64, u64)>,
+}
+
+impl ShareRuns {
+    /// Per destination: None when the plan writes all of it, else its share.
+    fn of(plan: &Plan) -> Vec<Option<ShareRuns>> {
+        let written = plan.share_bytes();
+        let mut shares: Vec<Option<ShareRuns>> = plan
+            .destinations
+            .iter()
+            .zip(&written)
+            .map(|(d, &w)| (w < d.byte_len()).then(|| ShareRuns { bytes: w, contiguous: true, runs: Vec::new() }))
+            .collect();
+        for op in &plan.ops {
+            let d = op.dst as usize;
+            let Some(share) = shares[d].as_mut() else { continue };
+            let elt = plan.destinations[d].dtype.size();
+            let at: u64 = share.runs.iter().map(|r| r.1).sum();
+            match plan.strided(op).as_slice() {
+                [one] if one.rows <= 1 || one.dst_stride == one.row_elems => {
+                    share.runs.push((one.dst_offset * elt, plan.op_bytes(op), at))
+                }
+                _ => share.contiguous = false,
+            }
+        }
+        for share in shares.iter_mut().flatten() {
+            share.runs.sort_unstable();
+            if !share.contiguous {
+                share.runs.clear();
+            }
+        }
+        shares
+    }
+
+    /// Where destination byte `at` (inside one of the runs) lies in the share.
+    fn offset_of(&self, at: u64) -> u64 {
+        let i = self.runs.partition_point(|r| r.0 <= at) - 1;
+        let (start, _, share_at) = self.runs[i];
+        share_at + (at - start)
+    }
+}
+
+/// Where a piece's bytes lie in what its destination's digest covers.
+#[derive(Debug, Clone, Copy)]
+struct DigestAt {
+    /// Bytes the digest covers.
+    len: u64,
+    offset: u64,
 }
 
 /// One piece of a bucket: what to copy, where its bytes sit in the payload, (for a
@@ -111,10 +193,12 @@ struct Piece {
     op: CopyOp,
     payload: Range<usize>,
     dst_bytes: Option<Range<usize>>,
+    /// For a sequential destination: where the piece lies in its digest.
+    digest_at: Option<DigestAt>,
     verbatim: Option<Range<usize>>,
 }
 
-fn bucket_pieces(plan: &Plan, sequential: &[bool], bucket: &Bucket) -> Vec<Piece> {
+fn bucket_pieces(plan: &Plan, sequential: &[bool], shares: &[Option<ShareRuns>], bucket: &Bucket) -> Vec<Piece> {
     let mut out = Vec::new();
     for entry in &bucket.entries {
         let mut at = entry.payload_offset as usize;
@@ -126,8 +210,12 @@ fn bucket_pieces(plan: &Plan, sequential: &[bool], bucket: &Bucket) -> Vec<Piece
                 let start = plan.strided(&op)[0].dst_offset as usize * elt;
                 start..start + len
             });
+            let digest_at = dst_bytes.as_ref().map(|r| match &shares[d] {
+                None => DigestAt { len: plan.destinations[d].byte_len(), offset: r.start as u64 },
+                Some(share) => DigestAt { len: share.bytes, offset: share.offset_of(r.start as u64) },
+            });
             let verbatim = exec::verbatim_source(plan, &op);
-            out.push(Piece { op, payload: at..at + len, dst_bytes, verbatim });
+            out.push(Piece { op, payload: at..at + len, dst_bytes, digest_at, verbatim });
             at += len;
         }
     }
@@ -171,15 +259,14 @@ fn pack_piece(
     bytes: &mut [u8],
 ) -> Option<(u32, PieceDigests)> {
     exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), bytes).expect("plans match their sources' sizes");
-    piece_digests(plan, piece, bytes)
+    piece_digests(piece, bytes)
 }
 
 /// The digests of a piece's bytes as its destination will hold them (None for a destination
 /// digested once complete).
-fn piece_digests(plan: &Plan, piece: &Piece, bytes: &[u8]) -> Option<(u32, PieceDigests)> {
-    let dst = piece.dst_bytes.as_ref()?;
-    let len = plan.destinations[piece.op.dst as usize].byte_len();
-    Some((piece.op.dst, PieceDigests::new(len, dst.start as u64, bytes)))
+fn piece_digests(piece: &Piece, bytes: &[u8]) -> Option<(u32, PieceDigests)> {
+    let at = piece.digest_at?;
+    Some((piece.op.dst, PieceDigests::new(at.len, at.offset, bytes)))
 }
 
 /// Sender: packs `bucket` into `payload` (cast to the destination dtypes), digesting what it
@@ -510,12 +597,7 @@ pub fn bucket_pieces_of(
 /// move straight from the sources, reading them where they are, spread over `threads`
 /// threads; each thread takes a run of the update in order. Runs beside the copies, for the
 /// whole update: a digest is needed only by the end, not before each bucket is handed over.
-pub fn digest_verbatim(
-    plan: &Plan,
-    schedule: &Schedule,
-    sources: &dyn SourceTensors,
-    threads: usize,
-) -> Vec<(u32, PieceDigests)> {
+pub fn digest_verbatim(schedule: &Schedule, sources: &dyn SourceTensors, threads: usize) -> Vec<(u32, PieceDigests)> {
     let pieces: Vec<&Piece> =
         schedule.pieces.iter().flatten().filter(|p| p.verbatim.is_some() && p.dst_bytes.is_some()).collect();
     let runs = split_runs(pieces, threads, |p| p.payload.len());
@@ -523,7 +605,7 @@ pub fn digest_verbatim(
         run.into_iter()
             .filter_map(|piece| {
                 let range = piece.verbatim.clone().expect("verbatim pieces only");
-                piece_digests(plan, piece, &sources.bytes(piece.op.src as usize)[range])
+                piece_digests(piece, &sources.bytes(piece.op.src as usize)[range])
             })
             .collect::<Vec<_>>()
     })
@@ -546,15 +628,15 @@ pub struct LandedPiece {
 
 /// The pieces of `bucket` that [`digest_verbatim`] would digest from the sources, laid out to
 /// be digested from the bucket instead.
-pub fn landed_pieces(plan: &Plan, schedule: &Schedule, bucket: usize) -> Vec<LandedPiece> {
+pub fn landed_pieces(schedule: &Schedule, bucket: usize) -> Vec<LandedPiece> {
     schedule.pieces[bucket]
         .iter()
         .filter_map(|piece| {
             // Verbatim: bytes of the destination map one to one onto the payload (and the source).
             let dst = piece.verbatim.as_ref().and(piece.dst_bytes.as_ref())?;
-            let len = plan.destinations[piece.op.dst as usize].byte_len();
-            let layout = PieceLayout::new(len, dst.start as u64, dst.len() as u64);
-            let payload_of = |at: u64| piece.payload.start + (at as usize - dst.start);
+            let at = piece.digest_at.expect("sequential pieces have a place in their digest");
+            let layout = PieceLayout::new(at.len, at.offset, dst.len() as u64);
+            let payload_of = |x: u64| piece.payload.start + (x - at.offset) as usize;
             Some(LandedPiece {
                 dst: piece.op.dst,
                 whole_at: payload_of(layout.whole.start)..payload_of(layout.whole.end),
@@ -602,9 +684,8 @@ pub fn unpack(
         let mut found = Vec::new();
         for (piece, target) in run {
             target.copy_from_slice(&payload[piece.payload.clone()]);
-            let len = plan.destinations[piece.op.dst as usize].byte_len();
-            let start = piece.dst_bytes.as_ref().expect("sequential").start as u64;
-            found.push((piece.op.dst, PieceDigests::new(len, start, target)));
+            let at = piece.digest_at.expect("sequential pieces have a place in their digest");
+            found.push((piece.op.dst, PieceDigests::new(at.len, at.offset, target)));
         }
         found
     });
@@ -632,7 +713,7 @@ pub fn sender_digests(
         .map(|d| {
             let value = match schedule.sequential[d] {
                 true => digests[d].finish().expect("every chunk of a written tensor was packed"),
-                false => assemble_digest(plan, sources, d as u32),
+                false => assemble_digest(plan, schedule, sources, d as u32),
             };
             (d as u32, value)
         })
@@ -652,7 +733,7 @@ pub fn completed_digests(
         .map(|&d| {
             let value = match schedule.sequential[d as usize] {
                 true => digests[d as usize].finish().expect("every chunk of a completed tensor was packed"),
-                false => assemble_digest(plan, sources, d),
+                false => assemble_digest(plan, schedule, sources, d),
             };
             (d, value)
         })
@@ -665,21 +746,31 @@ pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTe
     let mut digests = schedule.digests(plan);
     let mut scratch = Vec::new();
     for piece in schedule.pieces.iter().flatten() {
-        let Some(dst) = &piece.dst_bytes else { continue };
+        let Some(at) = piece.digest_at else { continue };
         scratch.resize(piece.payload.len(), 0);
         exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), &mut scratch).expect("sizes match");
-        let len = plan.destinations[piece.op.dst as usize].byte_len();
-        digests[piece.op.dst as usize].add(PieceDigests::new(len, dst.start as u64, &scratch));
+        digests[piece.op.dst as usize].add(PieceDigests::new(at.len, at.offset, &scratch));
     }
     (0..plan.destinations.len())
         .map(|d| match schedule.sequential[d] {
             true => digests[d].finish().expect("every chunk was packed"),
-            false => assemble_digest(plan, sources, d as u32),
+            false => assemble_digest(plan, schedule, sources, d as u32),
         })
         .collect()
 }
 
-fn assemble_digest(plan: &Plan, sources: &dyn SourceTensors, dst: u32) -> u64 {
+fn assemble_digest(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTensors, dst: u32) -> u64 {
+    if schedule.shares[dst as usize].is_some() {
+        // A part of the destination: its ops' blocks one after another, in plan order.
+        let mut digester = digest::Digester::new();
+        let mut block = Vec::new();
+        for op in plan.ops.iter().filter(|op| op.dst == dst) {
+            block.resize(plan.op_bytes(op) as usize, 0);
+            exec::pack(plan, op, sources.bytes(op.src as usize), &mut block).expect("sizes match");
+            digester.update(&block);
+        }
+        return digester.finish();
+    }
     let mut tensor = vec![0u8; plan.destinations[dst as usize].byte_len() as usize];
     for op in plan.ops.iter().filter(|op| op.dst == dst) {
         exec::copy(plan, op, sources.bytes(op.src as usize), &mut tensor).expect("sizes match");
@@ -690,6 +781,7 @@ fn assemble_digest(plan: &Plan, sources: &dyn SourceTensors, dst: u32) -> u64 {
 /// The receiver's digest of each written destination after the last bucket (None for one
 /// whose chunks did not all arrive).
 pub fn receiver_digests(
+    plan: &Plan,
     schedule: &Schedule,
     destinations: &dyn DestinationTensors,
     digests: &[ChunkDigests],
@@ -698,9 +790,23 @@ pub fn receiver_digests(
         .map(|d| match (schedule.written[d], schedule.sequential[d]) {
             (false, _) => None,
             (true, true) => digests[d].finish(),
+            (true, false) if schedule.shares[d].is_some() => Some(gathered_digest(plan, destinations, d as u32)),
             (true, false) => Some(digest::digest(destinations.bytes(d))),
         })
         .collect()
+}
+
+/// The digest of a share's part of destination `dst` as the receiver holds it: its ops'
+/// blocks read back one after another, in plan order (as [`assemble_digest`] packs them).
+fn gathered_digest(plan: &Plan, destinations: &dyn DestinationTensors, dst: u32) -> u64 {
+    let mut digester = digest::Digester::new();
+    let mut block = Vec::new();
+    for op in plan.ops.iter().filter(|op| op.dst == dst) {
+        block.resize(plan.op_bytes(op) as usize, 0);
+        exec::gather(plan, op, destinations.bytes(dst as usize), &mut block).expect("sizes match");
+        digester.update(&block);
+    }
+    digester.finish()
 }
 
 #[cfg(test)]
@@ -827,7 +933,7 @@ mod tests {
             let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).unwrap();
             let schedule = Schedule::new(&plan, &[], bucket_bytes).unwrap();
             let tensors = HostTensors::synthetic(source.config().unwrap(), 3);
-            let mut want: Vec<(u32, PieceDigests)> = digest_verbatim(&plan, &schedule, &tensors, 3);
+            let mut want: Vec<(u32, PieceDigests)> = digest_verbatim(&schedule, &tensors, 3);
             let mut got = Vec::new();
             let mut scratch = vec![0u8; bucket_bytes as usize];
             for k in 0..schedule.buckets.len() {
@@ -836,7 +942,7 @@ mod tests {
                 for (at, bytes) in stage_for_copies(&plan, &schedule, k, &tensors, &mut scratch, &mut ignored, 2) {
                     payload[at..at + bytes.len()].copy_from_slice(bytes);
                 }
-                for p in landed_pieces(&plan, &schedule, k) {
+                for p in landed_pieces(&schedule, k) {
                     let fragments = p.fragments.iter().map(|r| payload[r.clone()].to_vec()).collect();
                     let piece =
                         PieceDigests::from_chunks(&p.layout, chunk_digests(&payload[p.whole_at.clone()]), fragments);
@@ -848,6 +954,76 @@ mod tests {
             want.sort_by_key(key);
             got.sort_by_key(key);
             assert_eq!(got, want, "{model}");
+        }
+    }
+
+    /// Every sender of a sharded trainer packs its share, the receiver unpacks each into the
+    /// same tensors: each share's digests agree on both sides (pieces cut along dim 0, some
+    /// rows, and along dim 1, strided in the destination), and the tensors end up as one
+    /// sender of the whole tensors leaves them.
+    #[test]
+    fn shares_of_a_sharded_trainer_digest_alike_on_both_sides_and_land_whole() {
+        let source = ModelSource::synthetic("qwen3-moe-tiny").unwrap();
+        let whole = HostTensors::synthetic(source.config().unwrap(), 7);
+        for (cut, world, tp) in [("fsdp", 3, TpRank { rank: 1, size: 2 }), ("columns", 2, TpRank::SINGLE)] {
+            let inputs = MappingOptions::default().inputs(&source, tp).unwrap();
+            let reference = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).unwrap();
+            let mut expected = HostTensors::filled(inputs.destination.clone(), 0);
+            let full = Schedule::new(&reference, &[], 1 << 16).unwrap();
+            let mut digests = full.digests(&reference);
+            for k in 0..full.buckets.len() {
+                let mut payload = vec![0; full.buckets[k].bytes as usize];
+                pack(&reference, &full, k, &whole, &mut payload, &mut digests, 2);
+                unpack(&reference, &full, k, &payload, &mut expected, &mut digests, 2);
+            }
+            let shards: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> = (0..world)
+                .map(|r| match cut {
+                    "fsdp" => whole.fsdp_shard(r, world),
+                    _ => {
+                        // Columns of 2-d tensors, rows of the others.
+                        let boxes = whole.manifest().iter().map(|spec| {
+                            let dim = usize::from(spec.shape.len() == 2);
+                            let mut shape = spec.shape.clone();
+                            let mut offset = vec![0; shape.len()];
+                            let n = shape[dim].div_ceil(u64::from(world));
+                            offset[dim] = (n * u64::from(r)).min(shape[dim]);
+                            shape[dim] = (offset[dim] + n).min(spec.shape[dim]) - offset[dim];
+                            (offset, shape)
+                        });
+                        whole.cut(&boxes.collect::<Vec<_>>())
+                    }
+                })
+                .collect();
+            let (manifests, placements): (Vec<_>, Vec<_>) =
+                shards.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
+            let set = weightlift_core::SourceSet::placed(manifests, placements).unwrap();
+            let sharded = plan(&set, &inputs.destination, &inputs.rules, tp).unwrap();
+            let mut got = HostTensors::filled(inputs.destination.clone(), 0);
+            let mut partial_seen = false;
+            for (r, (tensors, _)) in shards.iter().enumerate() {
+                let share = sharded.share_of(r as u32);
+                let schedule = Schedule::new(&share, &[], 1 << 16).unwrap();
+                partial_seen |= !schedule.partial().is_empty();
+                let (mut sent, mut ours) = (schedule.digests(&share), schedule.digests(&share));
+                for k in 0..schedule.buckets.len() {
+                    let mut payload = vec![0; schedule.buckets[k].bytes as usize];
+                    pack(&share, &schedule, k, tensors, &mut payload, &mut sent, 2);
+                    unpack(&share, &schedule, k, &payload, &mut got, &mut ours, 2);
+                }
+                let theirs = sender_digests(&share, &schedule, tensors, &sent);
+                let ours = receiver_digests(&share, &schedule, &got, &ours);
+                assert!(!theirs.is_empty(), "{cut}: rank {r} writes something");
+                for (d, value) in theirs {
+                    assert_eq!(
+                        ours[d as usize],
+                        Some(value),
+                        "{cut}: rank {r}, {}",
+                        share.destinations[d as usize].name
+                    );
+                }
+            }
+            assert!(partial_seen, "{cut}: some destination is written by several ranks");
+            assert_eq!(got.data(), expected.data(), "{cut}");
         }
     }
 }

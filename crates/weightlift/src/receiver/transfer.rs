@@ -184,7 +184,7 @@ impl Transfer for HostBuckets {
                 };
             }
             let t = Instant::now();
-            let ours = match sink.digests(&schedule) {
+            let ours = match sink.digests(plan, &schedule) {
                 Ok(ours) => ours,
                 Err(e) => return Outcome::Broken(format!("digesting the update: {e}")),
             };
@@ -576,7 +576,7 @@ impl LocalPack<'_> {
             seconds += t.elapsed().as_secs_f64();
         }
         let t = Instant::now();
-        let ours = receiver_digests(schedule, tensors, &ours);
+        let ours = receiver_digests(plan, schedule, tensors, &ours);
         (ours, sent, seconds + t.elapsed().as_secs_f64())
     }
 
@@ -747,9 +747,9 @@ impl Sink<'_> {
     }
 
     /// The receiver's digest of each written destination (None for the others).
-    fn digests(&mut self, schedule: &Schedule) -> Result<Vec<Option<u64>>, WriteError> {
+    fn digests(&mut self, plan: &Plan, schedule: &Schedule) -> Result<Vec<Option<u64>>, WriteError> {
         match self {
-            Sink::Host { tensors, digests } => Ok(receiver_digests(schedule, &**tensors, digests)),
+            Sink::Host { tensors, digests } => Ok(receiver_digests(plan, schedule, &**tensors, digests)),
             Sink::Device(update) => {
                 let all = update.digests().map_err(WriteError::Digest)?;
                 Ok(all.into_iter().zip(&schedule.written).map(|(d, &w)| w.then_some(d)).collect())

@@ -112,7 +112,8 @@ pub(crate) fn send_error(error: SendError) -> PyErr {
         SendError::Rejected(_)
         | SendError::Schedule(_)
         | SendError::PlanMismatch { .. }
-        | SendError::WrongTensors(_) => PlanError::new_err(message),
+        | SendError::WrongTensors(_)
+        | SendError::BadShard(_) => PlanError::new_err(message),
         SendError::Refused { .. } => VersionError::new_err(message),
         SendError::Cuda { .. } => CudaError::new_err(message),
     }

@@ -63,7 +63,7 @@ pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTens
 
 // Connecting the two sides: addresses, transports, the wire version, the token and its checks.
 pub use net::{Endpoint, Listener};
-pub use protocol::{ProblemNote, TransportKind, PROTOCOL_VERSION};
+pub use protocol::{ProblemNote, Shard, TransportKind, PROTOCOL_VERSION};
 pub use session::{check_exposure, Token, TOKEN_ENV};
 pub use transport::SOCKET_BUFFERS;
 

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use weightlift_core::{Manifest, RuleSet, TpRank, Version};
+use weightlift_core::{Manifest, Placement, RuleSet, TpRank, Version};
 
 use crate::net::Stream;
 use crate::report::UpdateReport;
@@ -27,7 +27,8 @@ use crate::report::UpdateReport;
 /// 5: authentication (`Challenge`, `Proof`, `Authenticated`) and the two-phase commit of an
 /// update to several receivers (`End::two_phase`, `Verified`, `Commit`). 6: device slots.
 /// 7: buckets cut on digest chunks where they can be (both sides compute the same layout).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: sharded trainers (`Hello::shard`, `Welcome::shards`).
+pub const PROTOCOL_VERSION: u32 = 8;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -128,6 +129,23 @@ pub struct IpcPiece {
     pub fd: Option<u32>,
 }
 
+/// One rank of a sharded trainer, as its hello says: `rank` of `world` senders that push
+/// every version together, each its own pieces, with each piece's place in its whole (one
+/// per tensor of its manifest; None for a tensor it holds whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub rank: u32,
+    pub world: u32,
+    pub placements: Vec<Option<Placement>>,
+}
+
+/// What one rank of a sharded trainer holds, as a welcome tells every rank the others'.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSource {
+    pub source: Manifest,
+    pub placements: Vec<Option<Placement>>,
+}
+
 /// One problem a receiver's planning found, as it travels in a [`Message::Reject`]: its kind
 /// (`weightlift_core::Problem::kind`), the tensors it names, and its message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +196,9 @@ pub enum Message {
         /// The sender can copy buckets into a GPU receiver's device memory itself (it has the
         /// CUDA driver): a receiver on a GPU then offers [`DeviceSlots`] beside the ring.
         device_writes: bool,
+        /// One rank of a sharded trainer: the receiver plans once every rank's hello came.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shard: Option<Shard>,
     },
     Welcome {
         destination: Manifest,
@@ -196,6 +217,10 @@ pub enum Message {
         /// size (not its own) and sends each bucket's digests with it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stream_bucket_bytes: Option<u64>,
+        /// To each rank of a sharded trainer: what every rank holds, in rank order, so that
+        /// each plans the same (and checks `plan_hash`) and moves its own share of it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shards: Option<Vec<ShardSource>>,
     },
     /// The sender mapped the ring; the receiver may unlink its name.
     RingMapped,

@@ -14,7 +14,7 @@ use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
 use crate::device_writes::{BucketWrite, SlotWriter};
 use crate::net::{Endpoint, Stream};
-use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, TransportKind};
+use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, Shard, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
 use crate::session::{self, SessionError, Token};
 use crate::tensors::SourceTensors;
@@ -149,6 +149,8 @@ pub enum SendError {
     Cuda { doing: String, source: weightlift_cuda::CudaError },
     #[error("fault injected: {0}")]
     Injected(String),
+    #[error("a sharded trainer's rank: {0}")]
+    BadShard(String),
 }
 
 /// What a receiver said of itself when a sender connected.
@@ -186,6 +188,8 @@ pub struct Sender {
     /// The receiver streams updates into its engine's loader: whole-tensor buckets of its
     /// size, each sent with its digests, and no delta (it keeps nothing between updates).
     streaming: bool,
+    /// This sender's rank and world as one rank of a sharded trainer.
+    shard: Option<(u32, u32)>,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -225,7 +229,25 @@ impl Sender {
         let stream = endpoint
             .connect(options.timeout)
             .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
-        Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None)
+        Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None, None)
+    }
+
+    /// Connects as rank `shard.rank` of a sharded trainer of `shard.world` ranks, each of which
+    /// connects to the same receiver with its own pieces (`source`, placed by
+    /// `shard.placements`): the receiver plans once every rank's hello came, and this sender
+    /// moves its own share of that plan. Rank 0 coordinates every version (begin, the
+    /// receivers' votes, commit); the receiver commits only when every rank's share verified.
+    pub fn connect_shard(
+        endpoint: &Endpoint,
+        source: &Manifest,
+        rules: &RuleSet,
+        options: SenderOptions,
+        shard: Shard,
+    ) -> Result<Sender, SendError> {
+        let stream = endpoint
+            .connect(options.timeout)
+            .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
+        Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None, Some(shard))
     }
 
     /// A sender for a receiver that connected to us (one asked to fetch a version from this
@@ -237,10 +259,11 @@ impl Sender {
         options: SenderOptions,
     ) -> Result<Sender, SendError> {
         let name = stream.peer();
-        Sender::connect_stream(stream, name, source, rules, options, None)
+        Sender::connect_stream(stream, name, source, rules, options, None, None)
     }
 
-    /// The same over a connected stream; `local_ring` is the ring of an in-process receiver.
+    /// The same over a connected stream; `local_ring` is the ring of an in-process receiver,
+    /// `shard` this sender's rank of a sharded trainer.
     pub(crate) fn connect_stream(
         stream: Stream,
         name: String,
@@ -248,7 +271,20 @@ impl Sender {
         rules: &RuleSet,
         options: SenderOptions,
         local_ring: Option<Arc<LocalRing>>,
+        shard: Option<Shard>,
     ) -> Result<Sender, SendError> {
+        if let Some(shard) = &shard {
+            if shard.rank >= shard.world || shard.placements.len() != source.len() {
+                return Err(SendError::BadShard(format!(
+                    "rank {} of {} with {} placement(s) for {} tensor(s): the rank must be below the world size \
+                     and each tensor needs one placement (or none)",
+                    shard.rank,
+                    shard.world,
+                    shard.placements.len(),
+                    source.len()
+                )));
+            }
+        }
         let mut conn = Conn::client(stream)?;
         session::authenticate_receiver(&mut conn, options.token.as_ref(), Instant::now() + options.timeout)?;
         conn.send(&Message::Hello {
@@ -259,37 +295,59 @@ impl Sender {
             device_writes: options.device_writes
                 && matches!(options.transport, TransportKind::Shm | TransportKind::InProcess)
                 && weightlift_cuda::driver_present(),
+            shard: shard.clone(),
         })?;
         let mut options = options;
-        let (destination, tp, plan_hash, digests, ring, slots, receiver, stream) = match conn.recv(options.timeout)? {
-            Message::Welcome {
-                destination,
-                tp,
-                plan_hash,
-                digests,
-                ring,
-                slots,
-                committed,
-                dirty,
-                stream_bucket_bytes,
-            } => {
-                let receiver = ReceiverState { tp, committed, dirty };
-                (destination, tp, plan_hash, digests, ring, slots, receiver, stream_bucket_bytes)
-            }
-            Message::Reject { reason, problems } if !problems.is_empty() => {
-                return Err(SendError::Unplannable { reason, problems })
-            }
-            Message::Reject { reason, .. } => return Err(SendError::Rejected(reason)),
-            other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
-        };
+        let (destination, tp, plan_hash, digests, ring, slots, receiver, stream, shards) =
+            match conn.recv(options.timeout)? {
+                Message::Welcome {
+                    destination,
+                    tp,
+                    plan_hash,
+                    digests,
+                    ring,
+                    slots,
+                    committed,
+                    dirty,
+                    stream_bucket_bytes,
+                    shards,
+                } => {
+                    let receiver = ReceiverState { tp, committed, dirty };
+                    (destination, tp, plan_hash, digests, ring, slots, receiver, stream_bucket_bytes, shards)
+                }
+                Message::Reject { reason, problems } if !problems.is_empty() => {
+                    return Err(SendError::Unplannable { reason, problems })
+                }
+                Message::Reject { reason, .. } => return Err(SendError::Rejected(reason)),
+                other => return Err(ProtocolError::Unexpected { expected: "welcome", got: other.name().into() }.into()),
+            };
         if let Some(bytes) = stream {
             options.bucket_bytes = bytes;
         }
-        let plan = plan(&SourceSet::single(source.clone()), &destination, rules, tp)?;
+        // A rank of a sharded trainer plans over every rank's pieces, as the receiver did, and
+        // moves its share.
+        let sources = match (&shard, shards) {
+            (None, _) => SourceSet::single(source.clone()),
+            (Some(shard), Some(all)) if all.len() == shard.world as usize => {
+                let (manifests, placements) = all.into_iter().map(|s| (s.source, s.placements)).unzip();
+                SourceSet::placed(manifests, placements)?
+            }
+            (Some(shard), _) => {
+                return Err(SendError::BadShard(format!(
+                    "the receiver did not plan over the {} ranks of this trainer",
+                    shard.world
+                )))
+            }
+        };
+        let plan = plan(&sources, &destination, rules, tp)?;
         let ours = plan.hash_hex();
         if ours != plan_hash {
             return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
         }
+        let plan = match &shard {
+            Some(shard) => plan.share_of(shard.rank),
+            None => plan,
+        };
         let slot_fds = match &slots {
             Some(info) => conn.recv_fds(info.count as usize, options.timeout)?,
             None => Vec::new(),
@@ -345,6 +403,7 @@ impl Sender {
             sent_digests: Vec::new(),
             payload_pins: None,
             streaming: stream.is_some(),
+            shard: shard.map(|s| (s.rank, s.world)),
         })
     }
 
@@ -362,6 +421,12 @@ impl Sender {
     /// checkpoint mostly out of the page cache) rather than from their memory.
     pub fn reads_from_disk(&self) -> bool {
         matches!(&self.path, SendPath::Device(writer) if writer.read_from_disk())
+    }
+
+    /// Whether this sender decides versions: any sender but a sharded trainer's ranks past 0,
+    /// which leave the decision to rank 0 and take the receiver's report.
+    pub fn coordinates(&self) -> bool {
+        self.shard.is_none_or(|(rank, _)| rank == 0)
     }
 
     pub fn name(&self) -> String {
@@ -434,7 +499,8 @@ impl Sender {
         if self.options.transport == TransportKind::CudaIpc {
             return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: push them from the GPU".into()));
         }
-        if !self.options.delta || self.streaming {
+        // A rank of a sharded trainer cannot digest whole destinations: it holds parts.
+        if !self.options.delta || self.streaming || self.shard.is_some() {
             return Ok(Vec::new());
         }
         let expected = expected_digests(&self.plan, &self.schedule, tensors);

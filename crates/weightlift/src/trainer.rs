@@ -20,6 +20,7 @@ use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::DeviceTensors;
 use crate::net::Endpoint;
+use crate::protocol::Shard;
 use crate::report::{UpdateOutcome, UpdateReport};
 use crate::sender::{ReceiverState, SendError, Sender, SenderOptions, Sources, Vote};
 use crate::tensors::SourceTensors;
@@ -85,6 +86,22 @@ impl Trainer {
         let senders = endpoints
             .iter()
             .map(|e| Sender::connect(e, source, rules, options.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Trainer { senders })
+    }
+
+    /// Connects as one rank of a sharded trainer (`shard`) to each rank's receiver: the
+    /// trainer's ranks each do so with their own pieces, and rank 0's decides every version.
+    pub fn connect_shard(
+        endpoints: &[Endpoint],
+        source: &Manifest,
+        rules: &RuleSet,
+        options: &SenderOptions,
+        shard: &Shard,
+    ) -> Result<Trainer, SendError> {
+        let senders = endpoints
+            .iter()
+            .map(|e| Sender::connect_shard(e, source, rules, options.clone(), shard.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Trainer { senders })
     }
@@ -188,12 +205,16 @@ impl Trainer {
             None => Ok(()),
             Some(problem) => Err(format!("version {version} failed on another receiver: {problem}")),
         };
+        // A sharded trainer's ranks past 0 leave the decision to rank 0: the receiver settles
+        // on its word and reports to every rank.
         let decided: Vec<Result<(), SendError>> = self
             .senders
             .iter_mut()
             .zip(&votes)
             .map(|(s, vote)| match vote {
-                Ok(Vote::Verified) => s.send_decision(decision.as_ref().map(|_| ()).map_err(String::as_str)),
+                Ok(Vote::Verified) if s.coordinates() => {
+                    s.send_decision(decision.as_ref().map(|_| ()).map_err(String::as_str))
+                }
                 _ => Ok(()),
             })
             .collect();

@@ -13,7 +13,7 @@ use crate::report::UpdateReport;
 use crate::session::SessionError;
 use crate::transport::{LocalRing, TransferError};
 
-use super::handshake::Established;
+use super::handshake::{refuse, Established};
 use super::settle::Outcome;
 use super::{Expect, Receiver};
 
@@ -54,7 +54,15 @@ impl Receiver {
         let options = &self.shared.options;
         // Bound in the order the handshake made them, so they drop in reverse: the transfer
         // (and the memory it holds) before the connection.
-        let Established { mut conn, plan, mut transfer } = self.handshake(stream, local_ring, expect)?;
+        let mut greeted = self.greet(stream, expect)?;
+        if greeted.hello.shard.is_some() {
+            if expect.is_some() {
+                let reason = "this receiver fetches from one sender, not a sharded trainer's ranks".to_string();
+                return Err(refuse(&mut greeted.conn, reason));
+            }
+            return self.join_group(greeted).map(|()| None);
+        }
+        let Established { mut conn, plan, mut transfer } = self.handshake(greeted, local_ring)?;
 
         loop {
             // Between updates a sender may stay idle for as long as training takes; a sender

@@ -7,11 +7,12 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use weightlift_core::{plan, Plan, SourceSet};
+use weightlift_core::{plan, Plan, RuleSet, SourceSet};
 
 use crate::net::Stream;
 use crate::protocol::{
-    Conn, Message, ProblemNote, ProtocolError, TransportKind, MAX_HANDSHAKE_BYTES, MAX_MESSAGE_BYTES,
+    Conn, Message, ProblemNote, ProtocolError, Shard, ShardSource, TransportKind, MAX_HANDSHAKE_BYTES,
+    MAX_MESSAGE_BYTES,
 };
 use crate::session;
 use crate::staged::Staging;
@@ -30,37 +31,77 @@ pub(super) struct Established {
     pub(super) transfer: Box<dyn Transfer>,
 }
 
+/// A sender's hello, as the handshake read it.
+pub(super) struct Hello {
+    pub(super) source: weightlift_core::Manifest,
+    pub(super) rules: RuleSet,
+    pub(super) bucket_bytes: u64,
+    pub(super) transport: TransportKind,
+    pub(super) device_writes: bool,
+    pub(super) shard: Option<Shard>,
+}
+
+/// A connection past its hello, with the deadline of its handshake.
+pub(super) struct Greeted {
+    pub(super) conn: Conn,
+    pub(super) hello: Hello,
+    pub(super) deadline: Instant,
+}
+
+/// What a sender is told at welcome beyond what the receiver says of itself: the hash of the
+/// plan both sides must agree on and, for a rank of a sharded trainer, every rank's pieces.
+pub(super) struct Agreed {
+    pub(super) plan_hash: String,
+    pub(super) shards: Option<Vec<ShardSource>>,
+}
+
+/// Refuses a sender with `reason` (and what planning found), which the sender is told.
+pub(super) fn refuse_with(conn: &mut Conn, reason: String, problems: Vec<ProblemNote>) -> ConnectionError {
+    let _ = conn.send(&Message::Reject { reason: reason.clone(), problems });
+    ConnectionError::Refused(reason)
+}
+
+pub(super) fn refuse(conn: &mut Conn, reason: String) -> ConnectionError {
+    refuse_with(conn, reason, Vec::new())
+}
+
 impl Receiver {
     /// Runs the handshake of a new connection, authentication to welcome (and the sender's
     /// mapping of the ring or device slots), under one deadline; refuses the sender, with the
     /// reason, when this receiver cannot take its updates.
     pub(super) fn handshake(
         &self,
-        stream: Stream,
+        greeted: Greeted,
         local_ring: Option<Arc<LocalRing>>,
-        expect: Option<Expect>,
     ) -> Result<Established, ConnectionError> {
+        let Greeted { mut conn, hello, deadline } = greeted;
         let options = &self.shared.options;
-        // The whole handshake, authentication to welcome, has one deadline: a peer that
-        // trickles bytes cannot hold a connection open longer.
+        let plan = match plan(&SourceSet::single(hello.source.clone()), &self.shared.manifest, &hello.rules, options.tp)
+        {
+            Ok(plan) => plan,
+            Err(e) => return Err(refuse_with(&mut conn, e.to_string(), ProblemNote::all(&e))),
+        };
+        let agreed = Agreed { plan_hash: plan.hash_hex(), shards: None };
+        self.establish(conn, &hello, plan, agreed, local_ring, deadline)
+    }
+
+    /// Authenticates a new connection and reads its hello, checking what needs no plan (bucket
+    /// size, transport, rules), all under the handshake's one deadline: a peer that trickles
+    /// bytes cannot hold a connection open longer.
+    pub(super) fn greet(&self, stream: Stream, expect: Option<Expect>) -> Result<Greeted, ConnectionError> {
+        let options = &self.shared.options;
         let deadline = Instant::now() + options.handshake_timeout;
         let mut conn = Conn::server(stream, deadline)?;
         session::authenticate_sender(&mut conn, options.token.as_ref(), deadline)?;
-        let (source, rules, bucket_bytes, transport, device_writes) =
-            match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
-                Message::Hello { source, rules, bucket_bytes, transport, device_writes } => {
-                    (source, rules, bucket_bytes, transport, device_writes)
-                }
-                other => {
-                    return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
-                }
-            };
-        let refuse_with = |conn: &mut Conn, reason: String, problems: Vec<ProblemNote>| {
-            let _ = conn.send(&Message::Reject { reason: reason.clone(), problems });
-            ConnectionError::Refused(reason)
+        let hello = match conn.recv_before(deadline, MAX_MESSAGE_BYTES)? {
+            Message::Hello { source, rules, bucket_bytes, transport, device_writes, shard } => {
+                Hello { source, rules, bucket_bytes, transport, device_writes, shard }
+            }
+            other => {
+                return Err(ProtocolError::Unexpected { expected: "hello", got: other.name().into() }.into());
+            }
         };
-        let refuse = |conn: &mut Conn, reason: String| refuse_with(conn, reason, Vec::new());
-        let stream = self.shared.stream.as_ref().map(|s| &s.plan);
+        let (bucket_bytes, transport) = (hello.bucket_bytes, hello.transport);
         if bucket_bytes < 8 || bucket_bytes > options.max_bucket_bytes {
             let max = options.max_bucket_bytes;
             return Err(refuse(&mut conn, format!("bucket size {bucket_bytes} is outside 8..={max} bytes")));
@@ -72,17 +113,31 @@ impl Receiver {
             ));
         }
         if let Some((name, expected)) = &options.expected_rules {
-            if !expected.same_layout(&rules) {
+            if !expected.same_layout(&hello.rules) {
                 return Err(refuse(
                     &mut conn,
                     format!("this receiver's layout follows {name}, and the sender offered other rules"),
                 ));
             }
         }
-        let plan = match plan(&SourceSet::single(source.clone()), &self.shared.manifest, &rules, options.tp) {
-            Ok(plan) => plan,
-            Err(e) => return Err(refuse_with(&mut conn, e.to_string(), ProblemNote::all(&e))),
-        };
+        Ok(Greeted { conn, hello, deadline })
+    }
+
+    /// The rest of a handshake once the plan is made (`plan`: what this connection moves, all
+    /// of it or one rank's share): opens the receive path, the device staging and any slots,
+    /// welcomes the sender and waits for it to map them.
+    pub(super) fn establish(
+        &self,
+        mut conn: Conn,
+        hello: &Hello,
+        plan: Plan,
+        agreed: Agreed,
+        local_ring: Option<Arc<LocalRing>>,
+        deadline: Instant,
+    ) -> Result<Established, ConnectionError> {
+        let options = &self.shared.options;
+        let (bucket_bytes, transport, device_writes) = (hello.bucket_bytes, hello.transport, hello.device_writes);
+        let stream = self.shared.stream.as_ref().map(|s| &s.plan);
         // A streaming receiver's buckets are its own: the layout of its ring.
         if let Some(stream) = stream {
             if !stream.streams(&plan) {
@@ -98,7 +153,7 @@ impl Receiver {
         let full = full.expect("bucket size was validated above");
         // Only tensors on a GPU can take cuda-ipc: the IPC transfer holds them.
         let ipc = match transport {
-            TransportKind::CudaIpc => match IpcPull::new(self, source) {
+            TransportKind::CudaIpc => match IpcPull::new(self, hello.source.clone()) {
                 Ok(ipc) => Some(ipc),
                 Err(e) => return Err(refuse(&mut conn, e.to_string())),
             },
@@ -163,13 +218,14 @@ impl Receiver {
         conn.send(&Message::Welcome {
             destination: self.shared.manifest.clone(),
             tp: options.tp,
-            plan_hash: plan.hash_hex(),
+            plan_hash: agreed.plan_hash,
             committed,
             dirty,
             digests,
             ring,
             slots: slots.clone(),
             stream_bucket_bytes: stream.map(|s| s.layout.bucket_bytes),
+            shards: agreed.shards,
         })?;
         if !slot_fds.is_empty() {
             conn.send_fds(&slot_fds.iter().map(|fd| fd.as_fd()).collect::<Vec<_>>())?;

@@ -7,6 +7,7 @@
 
 mod checker;
 mod connection;
+mod group;
 mod handshake;
 mod settle;
 mod stream;
@@ -111,6 +112,8 @@ struct Shared {
     local_slots: Mutex<Option<transfer::LocalSlots>>,
     /// For a streaming receiver: the ring's layout and the hand-over to the engine.
     stream: Option<stream::Stream>,
+    /// The ranks of a sharded trainer connected so far.
+    gathering: group::Gathering,
 }
 
 /// Says whether the destination tensors may be touched now; `Err(reason)` when not (their
@@ -292,8 +295,14 @@ impl Receiver {
                 gate: Mutex::new(None),
                 local_slots: Mutex::new(None),
                 stream,
+                gathering: group::Gathering::default(),
             }),
         }
+    }
+
+    /// The engine rank this receiver holds.
+    pub fn tp(&self) -> TpRank {
+        self.shared.options.tp
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -413,7 +422,7 @@ impl Receiver {
         let options = SenderOptions { token: self.shared.options.token.clone(), ..options };
         if options.transport == TransportKind::CudaIpc {
             std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), None));
-            return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None);
+            return Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, None, None);
         }
         // A streaming receiver's buckets are its own size.
         let options = match self.stream_plan() {
@@ -430,7 +439,7 @@ impl Receiver {
         let receiver_ring = ring.clone();
         std::thread::spawn(move || receiver.handle_with(Stream::Unix(theirs), Some(receiver_ring)));
         let options = SenderOptions { transport: TransportKind::InProcess, ..options };
-        Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring))
+        Sender::connect_stream(Stream::Unix(ours), "in-process".into(), source, rules, options, Some(ring), None)
     }
 
     /// Applies `source` (a checkpoint read in this process, say) as `version`, with no sender
@@ -526,5 +535,9 @@ impl Receiver {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -266,3 +266,76 @@ fn ranks_that_offer_different_versions_are_refused_and_nothing_is_written() {
     assert_eq!(engine[0].receiver.committed(), Version(0));
     assert!(engine[0].receiver.dirty().is_empty());
 }
+
+/// The CLI: `weightlift demo --senders 3` runs three trainer processes, each pushing its
+/// FSDP pieces, into two engine processes; and a rank process that hangs up makes rank 0's
+/// `push` fail naming it, with the engines still on their last version.
+#[test]
+fn trainer_rank_processes_push_through_the_cli() {
+    let out = common::weightlift(&[
+        "demo",
+        "--synthetic",
+        "qwen3-moe-tiny",
+        "--senders",
+        "3",
+        "--tp-size",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let demo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(demo["senders"], 3);
+    let steps = demo["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert!(steps.iter().all(|s| s["verified"] == true), "{demo}");
+
+    let dir = common::temp_dir("shard-cli");
+    let engine: Vec<common::Serve> = (0..2)
+        .map(|r| {
+            let listen = format!("unix:{}", dir.join(format!("r{r}.sock")).display());
+            common::Serve::rank("qwen3-tiny", &listen, 2, r, &["--timeout-s", "5"])
+        })
+        .collect();
+    let push = |rank: u32, version: &str, fault: Option<&str>| {
+        let (rank, world) = (rank.to_string(), "2".to_string());
+        let mut args =
+            vec!["push", "--synthetic", "qwen3-tiny", "--version", version, "--rank", &rank, "--world", &world];
+        args.extend(["--bucket-bytes", "4096"]);
+        for e in &engine {
+            args.extend(["--to", e.endpoint.as_str()]);
+        }
+        if let Some(fault) = fault {
+            args.extend(["--fault", fault]);
+        }
+        let mut cmd = common::weightlift(&args);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    for rank in [push(0, "1", None), push(1, "1", None)] {
+        let out = rank.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    }
+    let (rank0, rank1) = (push(0, "2", None), push(1, "2", Some("hangup:1")));
+    assert!(!rank1.wait_with_output().unwrap().status.success());
+    let rank0 = rank0.wait_with_output().unwrap();
+    assert!(!rank0.status.success());
+    assert!(common::stderr(&rank0).contains("trainer rank 1"), "{}", common::stderr(&rank0));
+    // The engine is still on version 1: a push of version 1 is refused as not newer.
+    let again = common::weightlift(&[
+        "push",
+        "--synthetic",
+        "qwen3-tiny",
+        "--version",
+        "1",
+        "--to",
+        engine[0].endpoint.as_str(),
+    ])
+    .output()
+    .unwrap();
+    assert!(!again.status.success());
+    assert!(common::stderr(&again).contains("version 1"), "{}", common::stderr(&again));
+}

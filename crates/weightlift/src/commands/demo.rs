@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// One receiver process per rank.
     #[arg(long, default_value_t = 1)]
     pub tp_size: u32,
+    /// Trainer processes: with more than one, a sharded trainer whose ranks each hold FSDP2
+    /// pieces of the model (dim 0 of every tensor) and push them together, every version.
+    #[arg(long, default_value_t = 1)]
+    pub senders: u32,
     #[arg(long, default_value_t = 64)]
     pub bucket_mib: u64,
     /// Where the trainer's weights come from; --device then says where the engine's live
@@ -72,6 +76,7 @@ struct DemoOutput {
     source: Option<DemoSource>,
     transport: TransportKind,
     tp_size: u32,
+    senders: u32,
     steps: Vec<DemoStep>,
 }
 
@@ -145,24 +150,44 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         endpoints.push(endpoint);
     }
 
-    let mut push = Command::new(&exe);
-    push.arg("push").args(model_args.to_args());
-    for e in &endpoints {
-        push.args(["--to", &e.to_string()]);
+    if args.senders == 0 || (args.senders > 1 && trainer_device != DeviceArg::Host) {
+        return Err(CommandError::Io("--senders N (1 or more) runs trainer ranks in host memory".into()));
     }
-    push.args([
-        "--steps",
-        &args.steps.to_string(),
-        "--transport",
-        &transport.to_string(),
-        "--device",
-        &trainer_device.to_string(),
-        "--bucket-mib",
-        &args.bucket_mib.to_string(),
-        "--progress-jsonl",
-    ]);
-    let mut sender =
-        push.stdout(Stdio::piped()).spawn().map_err(|e| CommandError::Io(format!("cannot start the sender: {e}")))?;
+    let push = |rank: Option<u32>| {
+        let mut push = Command::new(&exe);
+        push.arg("push").args(model_args.to_args());
+        for e in &endpoints {
+            push.args(["--to", &e.to_string()]);
+        }
+        push.args([
+            "--steps",
+            &args.steps.to_string(),
+            "--transport",
+            &transport.to_string(),
+            "--device",
+            &trainer_device.to_string(),
+            "--bucket-mib",
+            &args.bucket_mib.to_string(),
+            "--progress-jsonl",
+        ]);
+        if let Some(rank) = rank {
+            push.args(["--rank", &rank.to_string(), "--world", &args.senders.to_string()]);
+        }
+        push
+    };
+    // Rank 0 reports the steps; the other ranks' reports are the same versions.
+    let mut ranks = Children(Vec::new());
+    for rank in 1..args.senders {
+        let child = push(Some(rank))
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| CommandError::Io(format!("cannot start trainer rank {rank}: {e}")))?;
+        ranks.0.push(child);
+    }
+    let mut sender = push((args.senders > 1).then_some(0))
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| CommandError::Io(format!("cannot start the sender: {e}")))?;
     let stdout = sender.stdout.take().expect("piped");
 
     let bar = ProgressBar::new(args.steps);
@@ -179,6 +204,14 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
     }
     bar.finish_and_clear();
     let status = sender.wait().map_err(|e| CommandError::Io(e.to_string()))?;
+    let mut others_ok = true;
+    for (rank, child) in ranks.0.iter_mut().enumerate() {
+        let status = child.wait().map_err(|e| CommandError::Io(e.to_string()))?;
+        if !status.success() {
+            eprintln!("trainer rank {} exited with {status}", rank + 1);
+            others_ok = false;
+        }
+    }
     drop(children);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -188,6 +221,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
             source: args.source,
             transport,
             tp_size: args.tp_size,
+            senders: args.senders,
             steps: steps
                 .iter()
                 .map(|s| DemoStep {
@@ -202,17 +236,18 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
         println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
     } else {
         println!(
-            "{} over {transport} ({} -> {receiver_device}), {} receiver(s)",
+            "{} over {transport} ({} -> {receiver_device}), {} sender(s), {} receiver(s)",
             model.name(),
             match args.source {
                 Some(DemoSource::Disk) => "disk".to_string(),
                 _ => trainer_device.to_string(),
             },
+            args.senders,
             args.tp_size
         );
         print_table(&steps);
     }
-    if !status.success() || steps.len() as u64 != args.steps || steps.iter().any(|s| !s.verified) {
+    if !status.success() || !others_ok || steps.len() as u64 != args.steps || steps.iter().any(|s| !s.verified) {
         return Err(CommandError::Unverified(format!(
             "{} of {} steps verified; the sender exited with {status}",
             steps.iter().filter(|s| s.verified).count(),

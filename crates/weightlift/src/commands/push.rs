@@ -9,7 +9,7 @@ use weightlift::core::{Manifest, RuleSet};
 use weightlift::core::{TpRank, Version};
 use weightlift::{
     check_exposure, default_threads, CheckpointTensors, Endpoint, Fault, GpuTensors, HostTensors, ModelSource,
-    ReceiverState, Sender, SenderOptions, SetupError, SourceTensors, StepReport, Token, Trainer, TransportKind,
+    ReceiverState, Sender, SenderOptions, SetupError, Shard, SourceTensors, StepReport, Token, Trainer, TransportKind,
 };
 
 use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs, TrainerArgs};
@@ -73,6 +73,14 @@ pub struct PushArgs {
     /// Misbehave on purpose (fault tests): flip:N, hangup:N or abort:N (bucket N).
     #[arg(long, hide = true)]
     pub fault: Option<Fault>,
+    /// Push as this rank of a sharded trainer (with --world): this process sends only its
+    /// FSDP2 pieces of the model (dim 0 of every tensor in `torch.chunk` pieces); every rank
+    /// runs `push` with the same --to, --version and --steps, and rank 0 decides each version.
+    #[arg(long, requires = "world", conflicts_with = "listen")]
+    pub rank: Option<u32>,
+    /// The ranks of the sharded trainer (with --rank).
+    #[arg(long, requires = "rank")]
+    pub world: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +125,19 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         let (rules, _) = args.model.mapping().rules(&model, tp)?;
         return publish(listen, &model, &source_manifest, &rules, options, args);
     }
+    if let (Some(rank), Some(world)) = (args.rank, args.world) {
+        let (rules, _) = args.model.mapping().rules(&model, tp)?;
+        let steps = push_shard(&model, &rules, options, rank, world, args)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&steps).expect("serialises"));
+        } else if !args.progress_jsonl {
+            print_table(&steps);
+        }
+        return match steps.iter().find_map(StepReport::failure) {
+            None => Ok(()),
+            Some(failure) => Err(CommandError::Unverified(failure)),
+        };
+    }
     // Each receiver with its module's rules (a main model and its draft take one version).
     let modules = args.model.modules_for(args.to.len())?;
     let mut senders = Vec::with_capacity(args.to.len());
@@ -150,6 +171,41 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         None => Ok(()),
         Some(failure) => Err(CommandError::Unverified(failure)),
     }
+}
+
+/// Rank `rank` of a sharded trainer of `world`: steps the whole model in memory before each
+/// version (as every rank's optimizer would) and pushes its own FSDP2 pieces of it.
+fn push_shard(
+    model: &ModelSource,
+    rules: &RuleSet,
+    options: SenderOptions,
+    rank: u32,
+    world: u32,
+    args: &PushArgs,
+) -> Result<Vec<StepReport>, CommandError> {
+    if rank >= world {
+        return Err(SetupError::Invalid(format!("--rank {rank} is not below --world {world}")).into());
+    }
+    if args.trainer.device != DeviceArg::Host {
+        return Err(SetupError::Invalid("--rank/--world push from host memory (--device host)".into()).into());
+    }
+    let mut whole = match model {
+        ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
+        ModelSource::Dir(dir) => HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?),
+    };
+    let (mine, placements) = whole.fsdp_shard(rank, world);
+    let shard = Shard { rank, world, placements };
+    let mut trainer = Trainer::connect_shard(&args.to, mine.manifest(), rules, &options, &shard)?;
+    let mut steps = Vec::new();
+    for step in 0..args.steps {
+        whole.perturb();
+        let (mine, _) = whole.fsdp_shard(rank, world);
+        steps.push(push_one(&mut trainer, Version(args.version + step), &mine, args)?);
+        if !steps.last().is_some_and(|s| s.committed) {
+            break;
+        }
+    }
+    Ok(steps)
 }
 
 /// The trainer's weights in host memory: a checkpoint straight from the page cache, or stepped

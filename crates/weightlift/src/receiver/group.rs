@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{digest, plan, Plan, SourceSet};
 
-use crate::protocol::{Message, ProblemNote, ShardSource};
+use crate::protocol::{Message, ProblemNote, ProtocolError, ShardSource};
 use crate::report::UpdateReport;
 
 use super::connection::ConnectionError;
@@ -262,6 +262,11 @@ impl Receiver {
                     let reason = format!("trainer rank {r}: expected begin, got {}", other.name());
                     tell_all(members, &reason);
                     return Err(ConnectionError::Refused(reason));
+                }
+                // Rank 0 closing between versions is a trainer that is done.
+                Err(ProtocolError::Closed) if r == 0 => {
+                    tell_all(members, "trainer rank 0 closed its connection");
+                    return Err(ProtocolError::Closed.into());
                 }
                 Err(e) => {
                     let reason = format!("trainer rank {r} did not begin the version: {e}");

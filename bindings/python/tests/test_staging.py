@@ -142,6 +142,25 @@ def test_a_sender_over_a_socket_streams_the_same(tmp_path):
         np.testing.assert_array_equal(loaded[name], want, err_msg=name)
 
 
+def test_the_report_says_where_a_streamed_updates_time_went():
+    tensors = model(4)
+    staging = wl.StagingReceiver(tensors, bucket_mib=BUCKET_MIB)
+    thread, box = push_in_thread(wl.Sender(staging.receiver), tensors, 1)
+    _, weights = staging.next_update(timeout=10)
+    slow_loader(0.001)[1](weights)
+    thread.join()
+    timing = box["report"]["ranks"][0]["stream_timing"]
+    # The same report as the sender heard it (floats through JSON: to the last digit or so).
+    assert staging.receiver.last_report["stream_timing"]["seconds"] == pytest.approx(timing["seconds"])
+    buckets = len(staging._buckets)
+    assert timing["buckets"] == timing["engine_buckets"] == weights.stats["buckets"] == buckets
+    steps = ["buffer_wait_seconds", "launch_seconds", "gpu_wait_seconds", "write_seconds", "hand_over_seconds",
+             "end_wait_seconds", "last_given_back_seconds"]
+    assert 0 <= sum(timing[s] for s in steps) <= timing["seconds"]
+    # The engine's waits are within what the iterator measured around them.
+    assert timing["engine_wait_seconds"] <= weights.stats["wait_s"]
+
+
 def test_specs_name_what_streams_and_bad_ones_are_named():
     triples = [(n, a.shape, str(a.dtype)) for n, a in model(0).items()]
     staging = wl.StagingReceiver(triples, bucket_mib=BUCKET_MIB)

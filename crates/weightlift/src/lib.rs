@@ -54,7 +54,7 @@ pub use trainer::{StepReport, Trainer};
 pub use receiver::{LocalError, Receiver, ReceiverOptions};
 // Streaming receivers: updates through a ring of buffers into the engine's own loader.
 pub use receiver::{DeviceRing, Handoff, RingTensors, StreamFailure, StreamOptions, StreamPlan, StreamSetupError};
-pub use report::{UpdateOutcome, UpdateReport};
+pub use report::{StreamTiming, UpdateOutcome, UpdateReport};
 
 // Tensors updated from and into: host memory, checkpoints, GPU memory (shared over CUDA IPC).
 pub use cuda_ipc::{next_allocation_id, DeviceTensors};

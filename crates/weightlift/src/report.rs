@@ -74,6 +74,43 @@ pub struct UpdateReport {
     /// being mostly out of the page cache, rather than copied from its maps.
     #[serde(default)]
     pub read_from_disk: bool,
+    /// A streaming receiver: where the update's time went, per step of a bucket (None for a
+    /// receiver that takes updates in place). Boxed: reports travel in enums of small variants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_timing: Option<Box<StreamTiming>>,
+}
+
+/// Where a streamed update's time went: seconds summed over its buckets, per step, on the
+/// connection's thread and on the engine's. Each step is timed with one clock read at either
+/// end, so the sum is cheap (a few per bucket) and `seconds` less the steps is the time in
+/// none of them (a host transport's reads, the loop itself).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamTiming {
+    /// The connection's thread, from the update's first bucket to its end.
+    pub seconds: f64,
+    /// Buckets verified and handed to the engine.
+    pub buckets: usize,
+    /// Waiting for the engine to give back the bucket whose buffer the next one writes.
+    pub buffer_wait_seconds: f64,
+    /// CUDA IPC: queueing a bucket's pull on the GPU.
+    pub launch_seconds: f64,
+    /// CUDA IPC: waiting for the GPU to finish a bucket's pull and digests.
+    pub gpu_wait_seconds: f64,
+    /// Host transports and local sources: writing a bucket into the ring and digesting it.
+    pub write_seconds: f64,
+    /// Comparing a bucket's digests with the sender's and handing it over.
+    pub hand_over_seconds: f64,
+    /// Waiting for the sender's `End` (CUDA IPC with sender digests: before the first
+    /// hand-over, since it carries the digests to compare with).
+    pub end_wait_seconds: f64,
+    /// After the last bucket: waiting for the engine to give it back.
+    pub last_given_back_seconds: f64,
+    /// The engine's thread: buckets it took.
+    pub engine_buckets: usize,
+    /// The engine's thread: waiting for each bucket to be handed to it, summed.
+    pub engine_wait_seconds: f64,
+    /// Of `engine_wait_seconds`, the first bucket's (which also waits out the update's setup).
+    pub engine_first_wait_seconds: f64,
 }
 
 impl UpdateReport {

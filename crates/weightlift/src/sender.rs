@@ -197,8 +197,9 @@ pub struct Sender {
 pub enum Vote {
     /// Two-phase: every tensor verified; the receiver waits for [`Sender::send_decision`].
     Verified,
-    /// The receiver settled the update on its own (committed, or failed and said why).
-    Settled(UpdateReport),
+    /// The receiver settled the update on its own (committed, or failed and said why). Boxed:
+    /// a report is far larger than the other variant.
+    Settled(Box<UpdateReport>),
 }
 
 /// What a push moves: tensors in this process's host memory (a trainer's, a mapped
@@ -484,7 +485,7 @@ impl Sender {
             "push finished"
         );
         match vote {
-            Vote::Settled(report) => Ok(report),
+            Vote::Settled(report) => Ok(*report),
             Vote::Verified => Err(unexpected_vote()),
         }
     }
@@ -715,7 +716,7 @@ impl Sender {
         loop {
             match self.conn.recv(self.options.timeout)? {
                 Message::Verified { .. } => return Ok(Vote::Verified),
-                Message::Report { report } => return Ok(Vote::Settled(self.settled(report))),
+                Message::Report { report } => return Ok(Vote::Settled(Box::new(self.settled(report)))),
                 Message::SlotFree { slot } => self.path.give_back(slot),
                 other => {
                     return Err(
@@ -732,10 +733,10 @@ impl Sender {
     fn report_instead_of(&mut self, error: SendError) -> Result<Vote, SendError> {
         self.exporter.forget_locations();
         if let SendError::Transfer(TransferError::ReceiverFailed(report)) = error {
-            return Ok(Vote::Settled(self.settled(*report)));
+            return Ok(Vote::Settled(Box::new(self.settled(*report))));
         }
         match self.path.await_report(&mut self.conn, Duration::from_secs(1)) {
-            Ok(report) => Ok(Vote::Settled(self.settled(report))),
+            Ok(report) => Ok(Vote::Settled(Box::new(self.settled(report)))),
             Err(_) => Err(error),
         }
     }

@@ -225,7 +225,7 @@ impl Trainer {
             .zip(decided)
             .map(|((s, vote), decided)| match vote {
                 Ok(Vote::Verified) => decided.and_then(|()| s.await_settled()).unwrap_or_else(|e| failed(s, e)),
-                Ok(Vote::Settled(report)) => report,
+                Ok(Vote::Settled(report)) => *report,
                 Err(e) => failed(s, e),
             })
             .collect();

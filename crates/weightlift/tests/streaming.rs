@@ -192,6 +192,60 @@ fn a_slow_engine_loads_every_tensor_exactly_over_every_host_path() {
     }
 }
 
+/// A streamed update reports where its time went: every bucket handed over and taken, each
+/// step's seconds within the update's, and the slow engine's loading seen as the receiver
+/// waiting for buffers to be given back.
+#[test]
+fn a_streamed_update_reports_its_time_per_step_over_every_host_path() {
+    for transport in TRANSPORTS {
+        let label = transport.to_string();
+        let s = setup(endpoint_for(transport, &format!("timing-{label}")));
+        let mut sender = connect(&s, transport, None);
+        let delay = Duration::from_millis(2);
+        let loading = engine(&s, Version(0), delay, None);
+        let report = sender.push(Version(1), &s.trainer).unwrap();
+        loading.join().unwrap().unwrap();
+        assert!(report.is_committed(), "{label}: {report:?}");
+        let timing = report.stream_timing.as_deref().unwrap_or_else(|| panic!("{label}: no timing in {report:?}"));
+        let buckets = s.plan.buckets.len();
+        assert_eq!((timing.buckets, timing.engine_buckets), (buckets, buckets), "{label}: {timing:?}");
+        assert_eq!(report.buckets, buckets, "{label}");
+        let steps = [
+            timing.buffer_wait_seconds,
+            timing.launch_seconds,
+            timing.gpu_wait_seconds,
+            timing.write_seconds,
+            timing.hand_over_seconds,
+            timing.end_wait_seconds,
+            timing.last_given_back_seconds,
+        ];
+        assert!(steps.iter().all(|&t| t >= 0.0) && steps.iter().sum::<f64>() <= timing.seconds, "{label}: {timing:?}");
+        assert!(timing.seconds <= report.seconds, "{label}: {timing:?} / {}", report.seconds);
+        // A host transport launches nothing on a GPU; it writes every bucket itself.
+        assert_eq!((timing.launch_seconds, timing.gpu_wait_seconds), (0.0, 0.0), "{label}");
+        assert!(timing.write_seconds > 0.0 && timing.hand_over_seconds > 0.0, "{label}: {timing:?}");
+        // The engine sleeps in every bucket: the buffers come back no faster than that, and
+        // the later buckets' waits are at most the whole update's.
+        let reused = s.plan.layout.reuses.iter().flatten().count() as f64;
+        assert!(timing.buffer_wait_seconds > 0.5 * reused * delay.as_secs_f64(), "{label}: {timing:?}");
+        assert!(timing.engine_first_wait_seconds <= timing.engine_wait_seconds, "{label}: {timing:?}");
+        assert!(timing.engine_wait_seconds <= timing.seconds + 1.0, "{label}: {timing:?}");
+    }
+}
+
+/// An update applied from a local source into a streaming receiver reports the same steps.
+#[test]
+fn a_source_applied_locally_reports_its_time_per_step() {
+    let s = setup(endpoint_for(TransportKind::Shm, "local-timing"));
+    let loading = engine(&s, Version(0), Duration::ZERO, None);
+    let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
+    let report = s.receiver.apply_local(Version(1), &s.trainer, &rules).unwrap();
+    loading.join().unwrap().unwrap();
+    let timing = report.stream_timing.expect("a streamed update's timing");
+    assert_eq!((timing.buckets, timing.engine_buckets), (s.plan.buckets.len(), s.plan.buckets.len()));
+    assert!(timing.write_seconds > 0.0, "{timing:?}");
+}
+
 #[test]
 fn a_source_applied_locally_streams_the_same() {
     let s = setup(endpoint_for(TransportKind::Shm, "local"));

@@ -131,7 +131,8 @@ class Weights:
     """The ``(name, tensor)`` pairs of one streamed version, in bucket order, each once its
     bucket is verified; iterate it once (``load_weights(weights)``). ``stats`` counts what
     the iteration cost: buckets, tensors, calls into weightlift, and the seconds spent waiting
-    in them (for the next bucket to arrive) and synchronizing the engine's stream."""
+    in them (for the next bucket to arrive) and synchronizing the engine's stream. Where the
+    receiver's time went, step by step, is in the update's report (``stream_timing``)."""
 
     def __init__(self, staging: "StagingReceiver", version: int, timeout: Optional[float]) -> None:
         self.version = version

@@ -32,7 +32,7 @@ use weightlift_core::{RuleSet, Version};
 use crate::net::Endpoint;
 use crate::protocol::TransportKind;
 use crate::receiver::{Expect, FetchError, LocalError, Receiver};
-use crate::report::UpdateReport;
+use crate::report::{StreamTiming, UpdateReport};
 use crate::session::Token;
 use crate::tensors::CheckpointTensors;
 use api::*;
@@ -786,7 +786,8 @@ async fn memory_call(
     paths(health, version, metrics_text, openapi_json, update_weights, weights_checker, release_memory, resume_memory),
     components(schemas(
         ErrorBody, ErrorDetail, UpdateWeightsRequest, UpdateSource, TransferMode, CheckerRequest, CheckerAction,
-        CheckerResponse, MemoryRequest, MemoryResponse, HealthResponse, VersionResponse, UpdateReport
+        CheckerResponse, MemoryRequest, MemoryResponse, HealthResponse, VersionResponse, UpdateReport,
+        StreamTiming
     )),
     modifiers(&BearerScheme)
 )]

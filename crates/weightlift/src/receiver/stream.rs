@@ -21,6 +21,7 @@ use weightlift_core::{
 };
 
 use crate::cuda_ipc::DeviceTensors;
+use crate::report::StreamTiming;
 use crate::tensors::DestinationTensors;
 
 /// How a streaming receiver holds an update.
@@ -300,6 +301,16 @@ struct HandoffState {
     settled: Option<(Version, Option<Failure>)>,
     /// Tensors handed over in the update in flight.
     handed_names: Vec<String>,
+    /// The engine's waits for the buckets of the update in flight.
+    engine: EngineWaits,
+}
+
+/// How long the engine waited in [`Handoff::next_bucket`] for the buckets it took.
+#[derive(Debug, Default, Clone, Copy)]
+struct EngineWaits {
+    taken: usize,
+    total: Duration,
+    first: Duration,
 }
 
 impl HandoffState {
@@ -426,6 +437,11 @@ impl Handoff {
         }
     }
 
+    /// The engine's waits for the buckets of the update in flight so far.
+    fn engine_waits(&self) -> EngineWaits {
+        self.lock().engine
+    }
+
     /// The tensors handed over in the update in flight.
     pub(super) fn handed_names(&self) -> Vec<String> {
         self.lock().handed_names.clone()
@@ -464,7 +480,8 @@ impl Handoff {
     /// The engine: gives back the bucket it holds and waits for the next of `version`; None
     /// once every bucket was taken (then [`Handoff::settled`] says whether it committed).
     pub fn next_bucket(&self, version: Version, timeout: Duration) -> Result<Option<usize>, StreamFailure> {
-        let deadline = Instant::now() + timeout;
+        let called = Instant::now();
+        let deadline = called + timeout;
         let mut state = self.lock();
         if state.version == Some(version) {
             if let Some(j) = state.taken.take() {
@@ -479,6 +496,13 @@ impl Handoff {
             if state.version == Some(version) && state.handed > state.given_back {
                 let k = state.given_back;
                 state.taken = Some(k);
+                let waited = called.elapsed();
+                let engine = &mut state.engine;
+                if engine.taken == 0 {
+                    engine.first = waited;
+                }
+                engine.taken += 1;
+                engine.total += waited;
                 return Ok(Some(k));
             }
             if state.version == Some(version) && state.given_back >= state.buckets {
@@ -562,12 +586,16 @@ pub(super) struct StreamSteps<'a> {
     stream: &'a Stream,
     timeout: Duration,
     pub(super) failed: Option<StepFailure>,
+    /// Where the update's time went; the transfer adds the steps these methods do not take.
+    pub(super) timing: StreamTiming,
+    began: Instant,
 }
 
 impl<'a> StreamSteps<'a> {
     pub(super) fn begin(stream: &'a Stream, version: Version, timeout: Duration) -> StreamSteps<'a> {
+        let began = Instant::now();
         stream.handoff.begin(version, stream.plan.buckets.len());
-        StreamSteps { stream, timeout, failed: None }
+        StreamSteps { stream, timeout, failed: None, timing: StreamTiming::default(), began }
     }
 
     /// Before writing bucket `k`: waits until its buffer is free; false when the update
@@ -577,7 +605,10 @@ impl<'a> StreamSteps<'a> {
             return false;
         }
         if let Some(j) = self.stream.plan.layout.reuses.get(k).copied().flatten() {
-            if let Err(e) = self.stream.handoff.wait_given_back(j, self.timeout) {
+            let t = Instant::now();
+            let given_back = self.stream.handoff.wait_given_back(j, self.timeout);
+            self.timing.buffer_wait_seconds += t.elapsed().as_secs_f64();
+            if let Err(e) = given_back {
                 self.failed = Some(StepFailure::Wait(e));
                 return false;
             }
@@ -587,9 +618,15 @@ impl<'a> StreamSteps<'a> {
 
     /// Whether bucket `k`'s buffer is free now (no wait): the bucket that last used it, if
     /// any, was given back.
-    pub(super) fn ready(&self, k: usize) -> bool {
+    pub(super) fn ready(&mut self, k: usize) -> bool {
         match self.stream.plan.layout.reuses.get(k).copied().flatten() {
-            Some(j) => self.stream.handoff.is_given_back(j),
+            Some(j) => {
+                // Only the lock: counted with the waits, as what stands between buckets.
+                let t = Instant::now();
+                let given_back = self.stream.handoff.is_given_back(j);
+                self.timing.buffer_wait_seconds += t.elapsed().as_secs_f64();
+                given_back
+            }
             None => true,
         }
     }
@@ -603,6 +640,12 @@ impl<'a> StreamSteps<'a> {
     /// (`ours`, in [`StreamSteps::completes`] order) with the sender's (`theirs`, any order;
     /// None: nothing to compare with) and hands them over when they match.
     pub(super) fn after(&mut self, k: usize, ours: &[u64], theirs: Option<&[(u32, u64)]>) {
+        let t = Instant::now();
+        self.compare_and_hand_over(k, ours, theirs);
+        self.timing.hand_over_seconds += t.elapsed().as_secs_f64();
+    }
+
+    fn compare_and_hand_over(&mut self, k: usize, ours: &[u64], theirs: Option<&[(u32, u64)]>) {
         let plan = &self.stream.plan.plan;
         let completes = self.completes(k);
         if let Some(theirs) = theirs {
@@ -618,6 +661,7 @@ impl<'a> StreamSteps<'a> {
             }
         }
         self.stream.handoff.hand_over(k, completes.iter().map(|&d| plan.destinations[d as usize].name.clone()));
+        self.timing.buckets += 1;
     }
 
     /// Writing bucket `k` failed with `error`.
@@ -629,18 +673,34 @@ impl<'a> StreamSteps<'a> {
 
     /// After the last bucket: waits until the engine took every bucket. The failure, if any,
     /// as the update's outcome.
-    pub(super) fn finish(mut self) -> Option<super::settle::Outcome> {
+    pub(super) fn finish(&mut self) -> Option<super::settle::Outcome> {
         use super::settle::Outcome;
         if self.failed.is_none() {
-            if let Err(e) = self.stream.handoff.wait_consumed(self.timeout) {
+            let t = Instant::now();
+            let consumed = self.stream.handoff.wait_consumed(self.timeout);
+            self.timing.last_given_back_seconds += t.elapsed().as_secs_f64();
+            if let Err(e) = consumed {
                 self.failed = Some(StepFailure::Wait(e));
             }
         }
-        self.failed.map(|failure| match failure {
+        self.failed.take().map(|failure| match failure {
             StepFailure::Mismatch(names) => Outcome::Mismatch(names),
             StepFailure::Wait(e) => Outcome::Failed(e.to_string()),
             StepFailure::Write(e) => Outcome::Failed(e),
         })
+    }
+
+    /// Where the update's time went, the engine's waits included (complete once
+    /// [`StreamSteps::finish`] saw every bucket given back).
+    pub(super) fn into_timing(self) -> StreamTiming {
+        let engine = self.stream.handoff.engine_waits();
+        StreamTiming {
+            seconds: self.began.elapsed().as_secs_f64(),
+            engine_buckets: engine.taken,
+            engine_wait_seconds: engine.total.as_secs_f64(),
+            engine_first_wait_seconds: engine.first.as_secs_f64(),
+            ..self.timing
+        }
     }
 }
 

@@ -144,7 +144,9 @@ impl Transfer for HostBuckets {
             let t = Instant::now();
             let written = sink.write(plan, &schedule, k, arrived, threads);
             if let (Some(steps), Ok(())) = (&mut steps, &written) {
-                match sink.bucket_digests(k, steps.completes(k)) {
+                let ours = sink.bucket_digests(k, steps.completes(k));
+                steps.timing.write_seconds += t.elapsed().as_secs_f64();
+                match ours {
                     Ok(ours) => steps.after(k, &ours, Some(theirs)),
                     Err(e) => steps.fail(e),
                 }
@@ -165,10 +167,13 @@ impl Transfer for HostBuckets {
         };
         let outcome = outcome.unwrap_or_else(|| {
             let _ = receiver.state().versions.verify(version);
-            if let Some(steps) = steps {
+            if let Some(steps) = &mut steps {
                 // Every bucket was compared as it landed; the end only closes the update.
                 let failed = steps.finish();
-                return match conn.recv(timeout) {
+                let t = Instant::now();
+                let end = conn.recv(timeout);
+                steps.timing.end_wait_seconds += t.elapsed().as_secs_f64();
+                return match end {
                     Ok(Message::End { version: v, two_phase, .. }) if v == version => {
                         failed.unwrap_or(Outcome::Verified {
                             digests: vec![None; plan.destinations.len()],
@@ -206,6 +211,7 @@ impl Transfer for HostBuckets {
         drop(sink);
         drop(store);
         report.unpack_seconds = unpack_seconds;
+        report.stream_timing = steps.map(|steps| Box::new(steps.into_timing()));
         (outcome, report)
     }
 }
@@ -321,13 +327,35 @@ fn pull_streamed(
 ) -> Outcome {
     let timeout = receiver.shared.options.timeout;
     let mut steps = StreamSteps::begin(stream, version, timeout);
+    let outcome = pull_buckets(receiver, conn, plan, version, &mut steps, gpu, parts, sender_digests, report);
+    report.stream_timing = Some(Box::new(steps.into_timing()));
+    outcome
+}
+
+/// [`pull_streamed`]'s buckets, each step timed in `steps.timing`.
+#[allow(clippy::too_many_arguments)]
+fn pull_buckets(
+    receiver: &Receiver,
+    conn: &mut Conn,
+    plan: &Plan,
+    version: Version,
+    steps: &mut StreamSteps<'_>,
+    gpu: &Gpu,
+    parts: &[Option<crate::gpu::GpuPlan>],
+    sender_digests: bool,
+    report: &mut UpdateReport,
+) -> Outcome {
+    let timeout = receiver.shared.options.timeout;
     // The sender's digests and its two-phase flag, once its `End` came.
     let mut end: Option<(Vec<(u32, u64)>, bool)> = None;
-    let mut read_end = |end: &mut Option<(Vec<(u32, u64)>, bool)>| -> Result<(), Outcome> {
+    let mut read_end = |end: &mut Option<(Vec<(u32, u64)>, bool)>, waited: &mut f64| -> Result<(), Outcome> {
         if end.is_some() {
             return Ok(());
         }
-        match conn.recv(timeout) {
+        let t = Instant::now();
+        let message = conn.recv(timeout);
+        *waited += t.elapsed().as_secs_f64();
+        match message {
             Ok(Message::End { version: v, digests, two_phase }) if v == version => {
                 *end = Some((digests, two_phase));
                 Ok(())
@@ -340,14 +368,16 @@ fn pull_streamed(
     // Waits for bucket `j`'s pull, compares its digests and hands it over (only waits once the
     // update failed: the pull must end before its buffer can be written again).
     let mut finish = |steps: &mut StreamSteps<'_>, end: &mut Option<(Vec<(u32, u64)>, bool)>, j: usize, launched| {
+        let t = Instant::now();
         let ours = Option::map(launched, LaunchedUpdate::wait).transpose();
+        steps.timing.gpu_wait_seconds += t.elapsed().as_secs_f64();
         if steps.failed.is_some() {
             return Ok(());
         }
         match ours {
             Ok(ours) => {
                 if sender_digests {
-                    read_end(end)?;
+                    read_end(end, &mut steps.timing.end_wait_seconds)?;
                 }
                 let theirs = end.as_ref().filter(|_| sender_digests).map(|(d, _)| d.as_slice());
                 steps.after(j, &ours.unwrap_or_default(), theirs);
@@ -365,7 +395,7 @@ fn pull_streamed(
         if !steps.ready(k) {
             // The engine still holds the bucket before last: hand over the last first.
             if let Some((j, launched)) = pending.take() {
-                if let Err(outcome) = finish(&mut steps, &mut end, j, launched) {
+                if let Err(outcome) = finish(steps, &mut end, j, launched) {
                     return outcome;
                 }
             }
@@ -373,7 +403,10 @@ fn pull_streamed(
         if !steps.before(k) {
             break;
         }
-        let launched = match part.as_ref().map(|p| p.launch(gpu)).transpose() {
+        let t = Instant::now();
+        let launched = part.as_ref().map(|p| p.launch(gpu)).transpose();
+        steps.timing.launch_seconds += t.elapsed().as_secs_f64();
+        let launched = match launched {
             Ok(launched) => launched,
             Err(e) => {
                 steps.fail(format!("pulling bucket {k}: {e}"));
@@ -381,20 +414,20 @@ fn pull_streamed(
             }
         };
         if let Some((j, previous)) = pending.replace((k, launched)) {
-            if let Err(outcome) = finish(&mut steps, &mut end, j, previous) {
+            if let Err(outcome) = finish(steps, &mut end, j, previous) {
                 return outcome;
             }
         }
     }
     if let Some((j, launched)) = pending.take() {
-        if let Err(outcome) = finish(&mut steps, &mut end, j, launched) {
+        if let Err(outcome) = finish(steps, &mut end, j, launched) {
             return outcome;
         }
     }
     report.unpack_seconds = pulled.elapsed().as_secs_f64();
     let failed = steps.finish();
     let _ = receiver.state().versions.verify(version);
-    if let Err(outcome) = read_end(&mut end) {
+    if let Err(outcome) = read_end(&mut end, &mut steps.timing.end_wait_seconds) {
         return outcome;
     }
     let two_phase = end.is_some_and(|(_, two_phase)| two_phase);
@@ -531,9 +564,11 @@ impl LocalPack<'_> {
             pack(plan, schedule, k, self.source, payload, &mut sent, options.threads);
             let theirs = completed_digests(plan, schedule, k, self.source, &sent);
             stream.writing(k);
+            let t = Instant::now();
             let ours = sink
                 .write(plan, schedule, k, Arrived::Host(payload), options.threads)
                 .and_then(|()| sink.bucket_digests(k, steps.completes(k)));
+            steps.timing.write_seconds += t.elapsed().as_secs_f64();
             match ours {
                 Ok(ours) => steps.after(k, &ours, Some(&theirs)),
                 Err(e) => steps.fail(e),
@@ -541,6 +576,7 @@ impl LocalPack<'_> {
         }
         report.unpack_seconds = written.elapsed().as_secs_f64();
         let failed = steps.finish();
+        report.stream_timing = Some(Box::new(steps.into_timing()));
         let _ = receiver.state().versions.verify(version);
         drop(sink);
         drop(store);

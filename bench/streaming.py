@@ -11,7 +11,13 @@ Rows per model:
   tensor); the same copies timed alone, without weightlift, are reported apart;
 - Python-visible overhead of the iterator: the no-op loop's time outside weightlift's waits,
   and the calls into weightlift per update;
-- device memory weightlift holds (the ring) against the model.
+- device memory weightlift holds (the ring) against the model;
+- where each row's time went (the receiver's `stream_timing`, medians over the timed
+  updates): on the connection's thread, waiting for a buffer to be given back, launching a
+  bucket's pull, waiting for the GPU, comparing and handing over, waiting for the sender's
+  `End`, for the engine to give the last bucket back, and the rest (`other`); on the engine's,
+  waiting for each bucket (the first apart: it also waits out the update's setup). In ms per
+  update and in us per bucket.
 
 For Qwen3-30B-A3B the engine's "own tensors" are one per distinct (shape, dtype): every byte
 is copied as a real load copies it, without a second 61 GB model on the GPU.
@@ -72,7 +78,36 @@ def one_update(staging, sender, trainer, version, load) -> dict:
     report = box["report"]
     assert report["committed"], report
     return {"seconds": seconds, "loop_s": loop, **weights.stats, "verified": report["verified"],
-            "device_extra_bytes": report.get("device_extra_bytes", 0)}
+            "device_extra_bytes": report.get("device_extra_bytes", 0),
+            "stream_timing": report["ranks"][0].get("stream_timing")}
+
+
+# The connection thread's steps in the receiver's `stream_timing` (seconds summed per update),
+# with the short names the table prints.
+THREAD_STEPS = [("buffer_wait_seconds", "buffer"), ("launch_seconds", "launch"), ("gpu_wait_seconds", "gpu"),
+                ("write_seconds", "write"), ("hand_over_seconds", "hand"), ("end_wait_seconds", "end"),
+                ("last_given_back_seconds", "last")]
+
+
+def breakdown(timings: list) -> dict:
+    """Medians over updates of each step's seconds (ms per update and us per bucket): the
+    connection thread's steps, the rest of its time (`other`), and the engine's waits (the
+    first bucket's apart)."""
+    timings = [t for t in timings if t]
+    if not timings:
+        return {}
+    parts = {}
+    for key, name in THREAD_STEPS:
+        parts[name] = statistics.median(t[key] for t in timings)
+    parts["other"] = statistics.median(t["seconds"] - sum(t[k] for k, _ in THREAD_STEPS) for t in timings)
+    parts["thread"] = statistics.median(t["seconds"] for t in timings)
+    parts["engine"] = statistics.median(t["engine_wait_seconds"] - t["engine_first_wait_seconds"] for t in timings)
+    parts["engine_first"] = statistics.median(t["engine_first_wait_seconds"] for t in timings)
+    buckets = timings[-1]["buckets"]
+    # The engine's steady waits are over every bucket but the first.
+    per_bucket = {k: v / max(buckets - (k == "engine"), 1) * 1e6 for k, v in parts.items() if k != "engine_first"}
+    return {"buckets": buckets, "engine_buckets": timings[-1]["engine_buckets"],
+            "ms": {k: v * 1e3 for k, v in parts.items()}, "us_per_bucket": per_bucket}
 
 
 def noop(weights):
@@ -116,7 +151,8 @@ def bench_model(model: str, steps: int, ceiling: float, bucket_mib: float, depth
         seconds = statistics.median(r["seconds"] for r in timed)
         row = {"first_s": runs[0]["seconds"], "seconds": seconds, "gbps": model_bytes / seconds / 1e9,
                "device_extra_bytes": timed[-1]["device_extra_bytes"],
-               "of_ceiling": model_bytes / seconds / ceiling, "runs": timed}
+               "of_ceiling": model_bytes / seconds / ceiling, "runs": timed,
+               "stream_timing": breakdown([r["stream_timing"] for r in timed])}
         if load is noop:
             # Outside weightlift's waits and the stream syncs: what the Python loop itself cost.
             row["python_overhead_s"] = statistics.median(r["loop_s"] - r["wait_s"] - r["sync_s"] for r in timed)
@@ -170,6 +206,26 @@ def main() -> None:
         print(f"{m['model']:<15} memory: ring {m['ring_bytes'] / 2**20:.0f} MiB (torch saw {m['held_bytes'] / 2**20:.0f}"
               f" MiB), bound plans {extra / 2**20:.0f} MiB, against the model's {m['bytes'] / 2**30:.1f} GiB;"
               f" {m['tensors']} tensors")
+    print_breakdown(results["models"])
+
+
+def print_breakdown(models: list) -> None:
+    """Each row's `stream_timing`: ms per update, then us per bucket."""
+    names = [name for _, name in THREAD_STEPS] + ["other", "thread", "engine"]
+    print("where the time went (receiver thread: buffer .. other = thread; engine: its wait per bucket after"
+          " the first; medians)")
+    print(f"{'model':<15} {'row':<26} {'unit':<6} {'bkts':>5}" + "".join(f" {n:>7}" for n in names)
+          + f" {'eng 1st':>7}")
+    for m in models:
+        for label, r in m["rows"].items():
+            b = r.get("stream_timing")
+            if not b:
+                print(f"{m['model']:<15} {label:<26} (no stream_timing in the report)")
+                continue
+            ms, us = b["ms"], b["us_per_bucket"]
+            print(f"{m['model']:<15} {label:<26} {'ms':<6} {b['buckets']:>5}" + "".join(f" {ms[n]:7.2f}" for n in names)
+                  + f" {ms['engine_first']:7.2f}")
+            print(f"{'':<15} {'':<26} {'us/bkt':<6} {'':>5}" + "".join(f" {us[n]:7.1f}" for n in names))
 
 
 if __name__ == "__main__":

@@ -69,13 +69,19 @@ pub(crate) fn preset_rules(
     expert_parallel: bool,
 ) -> PyResult<(Preset, RuleSet)> {
     let preset: Preset = preset.parse().map_err(plan_error)?;
-    let head_dim = head_dim.or_else(|| {
-        manifest.iter().find(|s| s.name.ends_with(".self_attn.q_norm.weight") && s.shape.len() == 1).map(|s| s.shape[0])
-    });
+    let head_dim = head_dim.or_else(|| head_dim_of(manifest.iter().map(|s| (s.name.as_str(), s.shape.as_slice()))));
     let rules = preset
         .module_rules(module, PresetOptions { head_dim, expert_parallel }, None)
         .map_err(|e| plan_error(format!("preset {preset}, module {module}: {e}")))?;
     Ok((preset, rules))
+}
+
+/// Qwen3's head dim, read off the shape of a q_norm among (name, shape) pairs.
+pub(crate) fn head_dim_of<'a>(shapes: impl IntoIterator<Item = (&'a str, &'a [u64])>) -> Option<u64> {
+    shapes
+        .into_iter()
+        .find(|(name, shape)| name.ends_with(".self_attn.q_norm.weight") && shape.len() == 1)
+        .map(|(_, s)| s[0])
 }
 
 /// The module a receiver holds, by name (whole, main or mtp); None is the whole checkpoint.

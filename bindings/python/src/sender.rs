@@ -5,13 +5,15 @@ use std::time::Instant;
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
-use weightlift::{Endpoint, Fault, SendError, SenderOptions, StepReport, Token, Trainer, TransportKind, UpdateOutcome};
-use weightlift_core::{Manifest, Module, RuleSet, Version};
+use weightlift::{
+    Endpoint, Fault, SendError, SenderOptions, Shard, StepReport, Token, Trainer, TransportKind, UpdateOutcome,
+};
+use weightlift_core::{Manifest, Module, Placement, RuleSet, Version};
 
-use crate::errors::{cuda_error, send_error, TransferError, VerificationError, VersionError};
+use crate::errors::{cuda_error, plan_error, send_error, TransferError, VerificationError, VersionError};
 use crate::receiver::Receiver;
 use crate::tensors::{Place, TensorSet};
-use crate::{gpu, preset_rules, seconds, to_python};
+use crate::{gpu, head_dim_of, preset_rules, seconds, to_python};
 
 /// One receiver to push to.
 struct Target {
@@ -26,10 +28,24 @@ enum To {
     Local(weightlift::Receiver),
 }
 
-/// The connections, made for one set of tensors (their manifest) and remade when it changes.
+/// The connections, made for one set of tensors (their manifest and, for a rank of a sharded
+/// trainer, their placements) and remade when it changes.
 struct Connected {
     manifest: Manifest,
+    placements: Vec<Option<Placement>>,
     trainer: Trainer,
+    /// The bytes of this rank's share of every receiver's plan (all for a single sender).
+    share_bytes: u64,
+}
+
+/// What a rank of a sharded trainer pushes, as `weightlift._sharded.local_pieces` read it.
+struct Pieces<'py> {
+    /// The (name, tensor) pairs this rank sends.
+    pairs: Bound<'py, PyAny>,
+    /// One per pair: None for a whole tensor, else where the piece lies in its whole.
+    placements: Vec<Option<Placement>>,
+    /// The head dim read off the whole tensors (a rank's own q_norm may be a piece of it).
+    head_dim: Option<u64>,
 }
 
 #[derive(Default)]
@@ -40,7 +56,8 @@ struct State {
 }
 
 /// Sender(to, *, preset="identity", head_dim=None, expert_parallel=False, transport=None,
-///        sender_digests=True, timeout=60.0, token=None, modules=None, _fault=None)
+///        sender_digests=True, timeout=60.0, token=None, modules=None, rank=None, world=None,
+///        group=None, _fault=None)
 ///
 /// Pushes a trainer's tensors to one receiver per engine rank (`to`: endpoints such as
 /// "unix:/tmp/wl.sock" or "tcp://host:port", or `Receiver` objects of this process). `preset`
@@ -55,6 +72,12 @@ struct State {
 /// version reaches a main model and its draft together, committed on both or neither
 /// (default: what each `Receiver` of this process was made with, the whole checkpoint for an
 /// endpoint).
+/// `rank` and `world` (or `group`, a torch.distributed process group whose rank() and size()
+/// give them): this process is rank `rank` of a sharded trainer of `world` processes, each
+/// with a Sender to the same endpoints, each pushing every version with its own pieces
+/// (`weightlift._sharded`: a DTensor's local shard, placed by its metadata with no
+/// collective; other tensors whole, from rank 0). Every engine rank plans over all the
+/// trainer ranks' pieces and commits a version only when every rank's share verified.
 /// `_fault` ("flip:N", "hangup:N", "abort:N": bucket N) misbehaves on purpose, for tests that
 /// show a receiver survives a bad sender.
 #[pyclass(module = "weightlift._weightlift")]
@@ -67,7 +90,71 @@ pub(crate) struct Sender {
     expert_parallel: bool,
     transport: Option<TransportKind>,
     options: SenderOptions,
+    /// (rank, world) of a sharded trainer this process is one rank of.
+    shard: Option<(u32, u32)>,
     state: Mutex<State>,
+}
+
+/// (rank, world) from `rank`/`world` and `group` (a torch.distributed process group, read
+/// through its rank() and size()), checked; None for a trainer of one process.
+fn sharding(rank: Option<i64>, world: Option<i64>, group: Option<&Bound<'_, PyAny>>) -> PyResult<Option<(u32, u32)>> {
+    let (rank, world) = match group {
+        None => (rank, world),
+        Some(group) => {
+            let read = |method: &str| -> PyResult<i64> {
+                group.call_method0(method).and_then(|v| v.extract()).map_err(|_| {
+                    plan_error(format!(
+                        "`group` must be a torch.distributed process group (its {method}() an int), got {}",
+                        group.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+                    ))
+                })
+            };
+            let (group_rank, group_size) = (read("rank")?, read("size")?);
+            if group_rank < 0 {
+                return Err(plan_error(format!(
+                    "this process is not in `group` (its rank() is {group_rank}): pass the group of the trainer's ranks"
+                )));
+            }
+            for (what, given, read) in [("rank", rank, group_rank), ("world", world, group_size)] {
+                if given.is_some_and(|g| g != read) {
+                    return Err(plan_error(format!(
+                        "`{what}={}` but `group` says {read}: give the group or rank and world",
+                        given.unwrap_or_default()
+                    )));
+                }
+            }
+            (Some(group_rank), Some(group_size))
+        }
+    };
+    match (rank, world) {
+        (None, None) => Ok(None),
+        (Some(rank), Some(world)) => {
+            let world32 = u32::try_from(world).ok().filter(|&w| w > 0);
+            let rank32 = u32::try_from(rank).ok();
+            match (rank32, world32) {
+                (Some(r), Some(w)) if r < w => Ok(Some((r, w))),
+                _ => Err(plan_error(format!(
+                    "rank {rank} of world {world}: a sharded trainer has a world of at least 1 and ranks 0 to world - 1"
+                ))),
+            }
+        }
+        (Some(rank), None) => Err(plan_error(format!("`rank={rank}` needs `world` (the number of trainer ranks)"))),
+        (None, Some(world)) => Err(plan_error(format!("`world={world}` needs `rank` (this process's rank)"))),
+    }
+}
+
+/// This rank's pieces of `named`, read by `weightlift._sharded.local_pieces` (one Python call,
+/// no collective).
+fn pieces<'py>(named: &Bound<'py, PyAny>, rank: u32) -> PyResult<Pieces<'py>> {
+    let py = named.py();
+    let read = py.import(pyo3::intern!(py, "weightlift._sharded"))?.getattr(pyo3::intern!(py, "local_pieces"))?;
+    type Read = (Vec<Option<(Vec<u64>, Vec<u64>)>>, Vec<(String, Vec<u64>)>);
+    let out = read.call1((named, rank))?;
+    let pairs = out.get_item(0)?;
+    let (placements, shapes): Read = (out.get_item(1)?.extract()?, out.get_item(2)?.extract()?);
+    let placements = placements.into_iter().map(|p| p.map(|(offset, whole)| Placement { offset, whole })).collect();
+    let head_dim = head_dim_of(shapes.iter().map(|(name, shape)| (name.as_str(), shape.as_slice())));
+    Ok(Pieces { pairs, placements, head_dim })
 }
 
 fn targets(to: &Bound<'_, PyAny>) -> PyResult<Vec<Target>> {
@@ -90,13 +177,21 @@ fn targets(to: &Bound<'_, PyAny>) -> PyResult<Vec<Target>> {
 }
 
 impl Sender {
-    /// Each target's rules: the preset, for the module it holds.
-    fn rules(&self, manifest: &Manifest) -> PyResult<Vec<RuleSet>> {
-        let (head_dim, ep) = (self.head_dim, self.expert_parallel);
+    /// Each target's rules: the preset, for the module it holds (`head_dim`, when not given,
+    /// read off `whole_head_dim` or else the manifest).
+    fn rules(&self, manifest: &Manifest, whole_head_dim: Option<u64>) -> PyResult<Vec<RuleSet>> {
+        let (head_dim, ep) = (self.head_dim.or(whole_head_dim), self.expert_parallel);
         self.modules.iter().map(|&m| preset_rules(&self.preset, m, manifest, head_dim, ep).map(|(_, r)| r)).collect()
     }
 
-    fn connect(&self, manifest: &Manifest, place: Place, rules: &[RuleSet]) -> Result<Trainer, SendError> {
+    /// Connects to every target (as this rank of a sharded trainer, with `placements`).
+    fn connect(
+        &self,
+        manifest: &Manifest,
+        placements: &[Option<Placement>],
+        place: Place,
+        rules: &[RuleSet],
+    ) -> Result<Trainer, SendError> {
         let transport = self.transport.unwrap_or(match place {
             Place::Cuda(_) => TransportKind::CudaIpc,
             Place::Host => TransportKind::Shm,
@@ -110,7 +205,14 @@ impl Sender {
                         (TransportKind::Shm, false) => TransportKind::Tcp,
                         (t, _) => t,
                     };
-                    weightlift::Sender::connect(endpoint, manifest, rules, SenderOptions { transport, ..options })?
+                    let options = SenderOptions { transport, ..options };
+                    match self.shard {
+                        None => weightlift::Sender::connect(endpoint, manifest, rules, options)?,
+                        Some((rank, world)) => {
+                            let shard = Shard { rank, world, placements: placements.to_vec() };
+                            weightlift::Sender::connect_shard(endpoint, manifest, rules, options, shard)?
+                        }
+                    }
                 }
                 To::Local(receiver) => receiver.connect_in_process(manifest, rules, options)?,
             };
@@ -125,7 +227,8 @@ impl Sender {
     #[new]
     #[pyo3(signature = (to, *, preset = "identity", head_dim = None, expert_parallel = false, transport = None,
                         sender_digests = true, timeout = 60.0, token = None, device_writes = true,
-                        pin_sources = false, host_digests = false, modules = None, _fault = None))]
+                        pin_sources = false, host_digests = false, modules = None, rank = None, world = None,
+                        group = None, _fault = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         to: &Bound<'_, PyAny>,
@@ -140,11 +243,21 @@ impl Sender {
         pin_sources: bool,
         host_digests: bool,
         modules: Option<&Bound<'_, PyAny>>,
+        rank: Option<i64>,
+        world: Option<i64>,
+        group: Option<&Bound<'_, PyAny>>,
         _fault: Option<&str>,
     ) -> PyResult<Self> {
         let targets = targets(to)?;
         if targets.is_empty() {
             return Err(crate::errors::plan_error("`to` names no receiver"));
+        }
+        let shard = sharding(rank, world, group)?;
+        if shard.is_some() && targets.iter().any(|t| matches!(t.to, To::Local(_))) {
+            return Err(plan_error(
+                "a rank of a sharded trainer pushes to endpoints (\"unix:/path\", \"tcp://host:port\"), \
+                 not to a Receiver of this process: every rank connects to the same receivers",
+            ));
         }
         // By default each receiver of this process holds the module it was made for; one at an
         // endpoint the whole checkpoint.
@@ -187,6 +300,7 @@ impl Sender {
             expert_parallel,
             transport,
             options,
+            shard,
             state: Mutex::new(State::default()),
         })
     }
@@ -200,23 +314,35 @@ impl Sender {
     /// on the way to an engine that holds bf16/f16. Raises VersionError if a receiver refuses
     /// the version, VerificationError if digests differ (the receiver keeps its last version),
     /// TransferError if the update broke off, PlanError for tensors that do not fit the plan.
+    /// As a rank of a sharded trainer, every rank pushes each version (the same versions, to
+    /// the same Senders in the same order), each with its own pieces.
     fn push(&self, py: Python<'_>, named_tensors: &Bound<'_, PyAny>, version: u64) -> PyResult<Py<PyAny>> {
         let started = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (tensors, reused) = match state.tensors.take() {
-            Some(previous) => previous.refresh(named_tensors, "pushed")?,
-            None => (TensorSet::import(named_tensors, "pushed")?, false),
+        let pieces = self.shard.map(|(rank, _)| pieces(named_tensors, rank)).transpose()?;
+        let named = pieces.as_ref().map_or(named_tensors, |p| &p.pairs);
+        let (tensors, reused) = match (state.tensors.take(), &pieces) {
+            // A rank may hold nothing of the model (every tensor whole, sent by rank 0).
+            (_, Some(p)) if p.placements.is_empty() => (TensorSet::empty(), false),
+            (Some(previous), _) => previous.refresh(named, "pushed")?,
+            (None, _) => (TensorSet::import(named, "pushed")?, false),
         };
         let imported = started.elapsed().as_secs_f64();
         let place = tensors.place();
+        let (placements, whole_head_dim) = match pieces {
+            Some(p) => (p.placements, p.head_dim),
+            None => (Vec::new(), None),
+        };
         // Tensors reused from the last push have that push's manifest: nothing to compare.
         let manifest = weightlift::SourceTensors::manifest(&tensors);
-        if state.connected.as_ref().is_none_or(|c| !reused && &c.manifest != manifest) {
+        let stale = |c: &Connected| (!reused && &c.manifest != manifest) || c.placements != placements;
+        if state.connected.as_ref().is_none_or(stale) {
             let manifest = manifest.clone();
             state.connected = None;
-            let rules = self.rules(&manifest)?;
-            let trainer = py.detach(|| self.connect(&manifest, place, &rules)).map_err(send_error)?;
-            state.connected = Some(Connected { manifest, trainer });
+            let rules = self.rules(&manifest, whole_head_dim)?;
+            let trainer = py.detach(|| self.connect(&manifest, &placements, place, &rules)).map_err(send_error)?;
+            let share_bytes = trainer.senders().iter().map(|s| s.plan().share_bytes().iter().sum::<u64>()).sum();
+            state.connected = Some(Connected { manifest, placements, trainer, share_bytes });
         }
         let connected_at = started.elapsed().as_secs_f64();
         let trainer = &mut state.connected.as_mut().expect("connected above").trainer;
@@ -247,6 +373,10 @@ impl Sender {
         });
         value["tensors_reused"] = serde_json::json!(reused);
         let connected = state.connected.as_ref().expect("connected above");
+        if let Some((rank, world)) = self.shard {
+            // `bytes` is every rank's (the receivers' reports); this rank moved its share.
+            value["shard"] = serde_json::json!({"rank": rank, "world": world, "bytes": connected.share_bytes});
+        }
         value["device_writes"] = serde_json::json!(connected
             .trainer
             .senders()

@@ -183,6 +183,12 @@ impl TensorSet {
         Ok(TensorSet { manifest, ptrs, place, objects, _owners: owners })
     }
 
+    /// No tensors, in host memory (a rank of a sharded trainer that holds none of the model).
+    pub(crate) fn empty() -> TensorSet {
+        let manifest = Manifest::new(Vec::new()).expect("an empty manifest is well formed");
+        TensorSet { manifest, ptrs: Vec::new(), place: Place::Host, objects: Vec::new(), _owners: Vec::new() }
+    }
+
     /// `self` if `named` holds the same objects under the same names, at the same addresses,
     /// dtypes and shapes (checked through DLPack's borrowed view: no Python call per tensor);
     /// otherwise a fresh import. The bool says whether it was reused.

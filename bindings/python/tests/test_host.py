@@ -281,3 +281,68 @@ def test_a_receiver_with_a_token_takes_only_senders_holding_it(tmp_path):
     np.testing.assert_array_equal(dst["w"], src["w"])
     with pytest.raises(wl.TransferError, match="without a token"):
         wl.Receiver(zeros_like(src), listen="tcp://0.0.0.0:0", token="")
+
+
+class FakeGroup:
+    """What a torch.distributed process group offers a Sender: rank() and size()."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def test_a_sharded_sender_refuses_a_rank_or_world_that_makes_no_sense(tmp_path):
+    to = f"unix:{tmp_path}/none.sock"
+    for kwargs, words in [
+        (dict(rank=2, world=2), "rank 2 of world 2"),
+        (dict(rank=-1, world=2), "rank -1 of world 2"),
+        (dict(rank=0, world=0), "rank 0 of world 0"),
+        (dict(rank=0), "needs `world`"),
+        (dict(world=2), "needs `rank`"),
+        (dict(group=object()), "torch.distributed process group"),
+        (dict(group=FakeGroup(-1, 4)), "not in `group`"),
+        (dict(group=FakeGroup(1, 4), world=2), "`world=2` but `group` says 4"),
+        (dict(group=FakeGroup(1, 4), rank=0), "`rank=0` but `group` says 1"),
+    ]:
+        with pytest.raises(wl.PlanError, match=words):
+            wl.Sender(to, **kwargs)
+    wl.Sender(to, group=FakeGroup(3, 4), rank=3, world=4)  # agreeing: fine (nothing connects yet)
+    with pytest.raises(wl.PlanError, match="endpoints"):
+        wl.Sender(wl.Receiver(zeros_like(trainer_tensors(seed=1))), rank=0, world=1)
+
+
+def test_a_sharded_trainers_plain_tensors_come_whole_from_rank_0(tmp_path):
+    """Plain arrays are whole on every rank: rank 0 sends them, rank 1 (holding nothing else)
+    sends nothing, and the version commits once both pushed it."""
+    import threading
+
+    trainer = trainer_tensors(seed=7)
+    engine = zeros_like(engine_view(trainer))
+    receiver = wl.Receiver(engine, preset="qwen3", listen=f"unix:{tmp_path}/e.sock")
+    senders = [wl.Sender(receiver.endpoint, preset="qwen3", rank=r, world=2) for r in range(2)]
+    for version in (1, 2):
+        trainer = trainer_tensors(seed=7 + version)
+        reports = [None, None]
+
+        def push(r):
+            try:
+                reports[r] = senders[r].push(trainer, version=version)
+            except wl.WeightliftError as e:
+                reports[r] = e
+
+        threads = [threading.Thread(target=push, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(isinstance(r, dict) and r["committed"] and r["verified"] for r in reports), reports
+        assert [r["shard"] for r in reports] == [
+            dict(rank=0, world=2, bytes=reports[0]["bytes"]), dict(rank=1, world=2, bytes=0)
+        ]
+        assert_same(engine, engine_view(trainer))
+        assert (receiver.version, receiver.dirty) == (version, [])

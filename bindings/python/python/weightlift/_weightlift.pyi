@@ -62,6 +62,21 @@ class Sender:
     through the shared-memory ring. `pin_sources` page-locks the tensors for those copies (kept
     while they stay put; off by default, as torch's own copies of memory reaching past a
     registered range then fail). The report's `device_writes` says, per receiver, which ran.
+
+    Sharded trainers: with `rank` and `world` (or `group`, a torch.distributed process group
+    whose rank() and size() give them) this process is one rank of a trainer of `world`
+    processes, each with a Sender to the same endpoints (not in-process Receivers), each
+    calling `push(model.named_parameters(), version)` for every version, in the same order.
+    A DTensor (FSDP2's `fully_shard` parameters) is sent as its local shard, placed in its whole
+    tensor by its own metadata (global shape, mesh, placements: no collective); uneven and
+    empty shards as FSDP2 makes them. A plain tensor, and a DTensor replicated over its mesh, is
+    whole on every rank and sent by rank 0 only (the planner refuses overlapping pieces).
+    Placements other than Shard(dim) and Replicate (Partial, strided shards) are PlanErrors
+    naming the tensor. Each engine rank waits (its `timeout`) for every trainer rank, plans over
+    all their pieces, and commits a version only when every rank's share verified; a rank that
+    fails takes the version down on all of them. Receivers in host memory only, so far. A sharded
+    push's report has `shard` (`rank`, `world`, `bytes`: this rank's share); its `bytes` and
+    `ranks` are the receivers', for all the trainer's ranks together.
     """
 
     def __init__(
@@ -79,6 +94,9 @@ class Sender:
         pin_sources: bool = False,
         host_digests: bool = False,
         modules: Optional[Union[str, Sequence[str]]] = None,
+        rank: Optional[int] = None,
+        world: Optional[int] = None,
+        group: Any = None,
     ) -> None: ...
     def push(self, named_tensors: NamedTensors, version: int) -> dict[str, Any]:
         """Pushes every tensor as `version` to every receiver; returns the report (version,

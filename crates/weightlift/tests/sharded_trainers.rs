@@ -216,6 +216,8 @@ fn a_flipped_byte_in_one_ranks_share_fails_verification_everywhere() {
         let step = steps[0].as_ref().unwrap();
         assert!(!step.committed, "rank {rank}");
         assert!(!step.ranks[0].mismatched.is_empty(), "rank {rank}: {:?}", step.ranks[0]);
+        let error = step.ranks[0].error.as_deref().unwrap();
+        assert!(error.contains("trainer rank 2's share"), "rank {rank}: {error}");
     }
     assert_eq!(engine[0].receiver.committed(), Version(0));
 }

@@ -321,6 +321,7 @@ fn of_rank(outcome: Outcome, rank: usize) -> Outcome {
         Outcome::Aborted(reason) => Outcome::Aborted(named(reason)),
         Outcome::Broken(reason) => Outcome::Broken(named(reason)),
         Outcome::Failed(reason) => Outcome::Failed(named(reason)),
+        Outcome::Mismatch(names) => Outcome::ShareMismatch { rank, names },
         other => other,
     }
 }

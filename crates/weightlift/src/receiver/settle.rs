@@ -65,6 +65,12 @@ impl Receiver {
                 report.mismatched = names;
                 (UpdateOutcome::Failed, Some(format!("digest mismatch: {}", quoted.join(", "))))
             }
+            Outcome::ShareMismatch { rank, names } => {
+                let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+                report.mismatched = names;
+                let reason = format!("digest mismatch in trainer rank {rank}'s share: {}", quoted.join(", "));
+                (UpdateOutcome::Failed, Some(reason))
+            }
             Outcome::Aborted(reason) => (UpdateOutcome::Aborted, Some(reason)),
             Outcome::Broken(reason) | Outcome::Failed(reason) => (UpdateOutcome::Failed, Some(reason)),
         };
@@ -105,6 +111,8 @@ pub(super) enum Outcome {
     Verified { digests: Vec<Option<u64>>, compared: bool, two_phase: bool },
     /// The transfer completed but these tensors' digests differ from the sender's.
     Mismatch(Vec<String>),
+    /// A sharded trainer's rank `rank` sent a share whose digests differ for these tensors.
+    ShareMismatch { rank: usize, names: Vec<String> },
     /// The sender called the update off, in step with this side.
     Aborted(String),
     /// The transfer broke off (sender gone, stalled, or out of protocol).

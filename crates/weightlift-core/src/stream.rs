@@ -6,9 +6,13 @@
 //! fits a bucket in exactly one). A tensor larger than a bucket is assembled whole in one
 //! dedicated buffer, the size of the largest such tensor, because loaders take whole tensors
 //! (a weight loader narrows the full tensor to its own shard, or checks the shape it was
-//! given). Tensors are handed over in bucket order and given back in that order, so "bucket
-//! `j` given back" says every tensor of buckets up to `j` is: bucket `k` is written only once
-//! the bucket that last used its buffer ([`StreamLayout::reuses`]) is given back.
+//! given). Large tensors take the dedicated buffer in turn, each after the last, back at its
+//! start when the next does not fit: a model's many tensors just over a bucket (Qwen3-8B's
+//! MLP weights, 96 MiB against 64 MiB buckets) then stream several deep through the buffer
+//! the largest one (the embedding) needs anyway, rather than one at a time. Tensors are
+//! handed over in bucket order and given back in that order, so "bucket `j` given back" says
+//! every tensor of buckets up to `j` is: bucket `k` is written only once the last bucket
+//! whose bytes overlap its own ([`StreamLayout::reuses`]) is given back.
 //!
 //! [`whole_tensor_buckets`]: crate::whole_tensor_buckets
 
@@ -100,7 +104,10 @@ pub fn stream_layout(
     }
     let mut places = vec![None; n];
     let mut complete_after: Vec<Vec<u32>> = vec![Vec::new(); buckets.len()];
-    let mut dedicated_bytes = 0;
+    let dedicated_bytes =
+        plan.destinations.iter().map(|d| d.byte_len()).filter(|&b| b > bucket_bytes).max().unwrap_or(0);
+    // Where the next large tensor goes in the dedicated buffer.
+    let mut cursor = 0;
     let mut buffer_bytes = 0;
     for (k, started) in starts.iter().enumerate() {
         let mut offset = 0;
@@ -113,8 +120,12 @@ pub fn stream_layout(
                 if let Some(bucket) = shared {
                     return Err(StreamError::Shared { name: spec.name.clone(), bytes, bucket });
                 }
-                dedicated_bytes = dedicated_bytes.max(bytes);
-                Place { buffer: StreamBuffer::Dedicated, offset: 0 }
+                if cursor + bytes > dedicated_bytes {
+                    cursor = 0;
+                }
+                let place = Place { buffer: StreamBuffer::Dedicated, offset: cursor };
+                cursor = (cursor + bytes).div_ceil(STREAM_ALIGN) * STREAM_ALIGN;
+                place
             } else if first != last {
                 return Err(StreamError::Spans { name: spec.name.clone(), first, last });
             } else {
@@ -127,26 +138,34 @@ pub fn stream_layout(
             complete_after[last].push(d);
         }
     }
-    // The buffer each bucket writes, and the last earlier bucket that wrote it.
-    let mut last_use: std::collections::HashMap<StreamBuffer, (usize, Option<u32>)> = Default::default();
-    let mut reuses = Vec::with_capacity(buckets.len());
+    // Per ring buffer, the last bucket that wrote it; per large tensor placed so far, its
+    // bytes in the dedicated buffer and its last bucket.
+    let mut last_use: std::collections::HashMap<StreamBuffer, usize> = Default::default();
+    let mut large: Vec<(u64, u64, usize)> = Vec::new();
+    let mut reuses: Vec<Option<usize>> = Vec::with_capacity(buckets.len());
     for (k, bucket) in buckets.iter().enumerate() {
         let Some(first) = bucket.entries.first() else {
             reuses.push(None);
             continue;
         };
-        let d = first.op.dst;
-        let buffer = places[d as usize].map_or(StreamBuffer::Ring(k as u32 % depth), |p| p.buffer);
-        // The buckets of one large tensor write one buffer in turn: the tensor before it
-        // must be given back before the first, and nothing more after.
-        let owner = (buffer == StreamBuffer::Dedicated).then_some(d);
-        let reuse = match last_use.get(&buffer) {
-            Some(&(j, o)) if owner.is_some() && o == owner => reuses[j],
-            Some(&(j, _)) => Some(j),
-            None => None,
-        };
-        reuses.push(reuse);
-        last_use.insert(buffer, (k, owner));
+        let d = first.op.dst as usize;
+        let place = places[d].unwrap_or(Place { buffer: StreamBuffer::Ring(k as u32 % depth), offset: 0 });
+        if place.buffer == StreamBuffer::Dedicated {
+            let (first, last) = span[d].expect("placed");
+            // The buckets of one large tensor write its bytes in turn: what overlapped them
+            // must be given back before the first, and nothing more after.
+            if k != first {
+                reuses.push(reuses[first]);
+                continue;
+            }
+            let (start, end) = (place.offset, place.offset + plan.destinations[d].byte_len());
+            let overlapped = large.iter().filter(|&&(s, e, _)| s < end && start < e).map(|&(_, _, j)| j).max();
+            reuses.push(overlapped);
+            large.push((start, end, last));
+        } else {
+            reuses.push(last_use.get(&place.buffer).copied());
+            last_use.insert(place.buffer, k);
+        }
     }
     Ok(StreamLayout { depth, bucket_bytes, buffer_bytes, dedicated_bytes, places, complete_after, reuses })
 }
@@ -230,7 +249,10 @@ mod tests {
                     assert_eq!(place.offset % STREAM_ALIGN, 0);
                     layout.buffer_bytes
                 }
-                StreamBuffer::Dedicated => layout.dedicated_bytes,
+                StreamBuffer::Dedicated => {
+                    assert_eq!(place.offset % STREAM_ALIGN, 0);
+                    layout.dedicated_bytes
+                }
             };
             assert!(place.offset + plan.destinations[d].byte_len() <= cap, "`{}`", plan.destinations[d].name);
         }
@@ -256,6 +278,26 @@ mod tests {
         let t4_first = buckets.iter().position(|b| b.entries[0].op.dst == 4).unwrap();
         let t1_last = buckets.iter().rposition(|b| b.entries[0].op.dst == 1).unwrap();
         assert_eq!(layout.reuses[t4_first], Some(t1_last));
+    }
+
+    #[test]
+    fn large_tensors_under_half_the_dedicated_buffer_stream_side_by_side() {
+        // bf16: one of 1000 elements (2000 bytes: the buffer), then four of 300 (600 bytes).
+        let plan = plan_of(&[1000, 300, 300, 300, 300]);
+        let buckets = whole_tensor_buckets(&plan, 512).unwrap();
+        let layout = stream_layout(&plan, &buckets, 512, 2).unwrap();
+        assert_eq!(layout.dedicated_bytes, 2000);
+        let offsets: Vec<u64> = layout.places.iter().map(|p| p.unwrap().offset).collect();
+        // Each of 600 bytes takes 768 (aligned): t1 and t2 side by side, t3 wraps to the
+        // start (a third would pass the end), t4 follows it.
+        assert_eq!(offsets, vec![0, 0, 768, 0, 768]);
+        assert_never_overwrites(&plan, &layout, &buckets);
+        let first = |d: u32| buckets.iter().position(|b| b.entries[0].op.dst == d).unwrap();
+        let last = |d: u32| buckets.iter().rposition(|b| b.entries[0].op.dst == d).unwrap();
+        // t2 waits for t0 only, not for t1 before it: two large tensors stream at once.
+        assert_eq!(layout.reuses[first(2)], Some(last(0)));
+        assert_eq!(layout.reuses[first(3)], Some(last(1)));
+        assert_eq!(layout.reuses[first(4)], Some(last(2)));
     }
 
     #[test]

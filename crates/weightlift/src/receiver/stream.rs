@@ -631,6 +631,11 @@ impl<'a> StreamSteps<'a> {
         }
     }
 
+    /// The bucket that must be given back before bucket `k` is written, if any.
+    pub(super) fn waits_for(&self, k: usize) -> Option<usize> {
+        self.stream.plan.layout.reuses.get(k).copied().flatten()
+    }
+
     /// The tensors bucket `k` completes (handed over once it is verified).
     pub(super) fn completes(&self, k: usize) -> &'a [u32] {
         &self.stream.plan.layout.complete_after[k]

@@ -392,8 +392,13 @@ fn pull_buckets(
     // engine loads it.
     let mut pending: Option<(usize, Option<LaunchedUpdate<'_>>)> = None;
     for (k, part) in parts.iter().enumerate() {
-        if !steps.ready(k) {
-            // The engine still holds the bucket before last: hand over the last first.
+        // Bucket k waits for a bucket the engine still holds. The engine gives each back as
+        // it asks for the next, so a wait for one before the pending bucket needs nothing
+        // more (k is queued beside the pending one, two buckets on the GPU at once); a wait
+        // for the pending bucket itself, or a later one, must hand it over first.
+        let hand_over_first = !steps.ready(k)
+            && pending.as_ref().is_some_and(|&(j, _)| steps.waits_for(k).is_some_and(|w| w >= j));
+        if hand_over_first {
             if let Some((j, launched)) = pending.take() {
                 if let Err(outcome) = finish(steps, &mut end, j, launched) {
                     return outcome;

@@ -380,3 +380,17 @@ fn a_main_model_and_its_mtp_draft_take_one_version_on_both_or_neither() {
     assert_loaded_exactly(&draft, &loading_draft.join().unwrap().unwrap().1, "draft v3");
     assert!(main.receiver.dirty().is_empty() && draft.receiver.dirty().is_empty());
 }
+
+/// A sharded trainer's rank is refused by name: a streaming receiver's digests are per whole
+/// tensor, and a rank holds parts.
+#[test]
+fn a_streaming_receiver_refuses_a_sharded_trainers_rank_by_name() {
+    let s = setup(weightlift::Endpoint::Unix(socket_path("stream-shard")));
+    let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
+    let (mine, placements) = s.trainer.fsdp_shard(0, 2);
+    let shard = weightlift::Shard { rank: 0, world: 2, placements };
+    let err = Sender::connect_shard(&s.endpoint, mine.manifest(), &rules, SenderOptions::default(), shard)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not yet a GPU's or a streaming receiver's"), "{err}");
+}

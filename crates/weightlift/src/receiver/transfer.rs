@@ -396,8 +396,8 @@ fn pull_buckets(
         // it asks for the next, so a wait for one before the pending bucket needs nothing
         // more (k is queued beside the pending one, two buckets on the GPU at once); a wait
         // for the pending bucket itself, or a later one, must hand it over first.
-        let hand_over_first = !steps.ready(k)
-            && pending.as_ref().is_some_and(|&(j, _)| steps.waits_for(k).is_some_and(|w| w >= j));
+        let hand_over_first =
+            !steps.ready(k) && pending.as_ref().is_some_and(|&(j, _)| steps.waits_for(k).is_some_and(|w| w >= j));
         if hand_over_first {
             if let Some((j, launched)) = pending.take() {
                 if let Err(outcome) = finish(steps, &mut end, j, launched) {

@@ -66,9 +66,10 @@ pub(super) fn refuse(conn: &mut Conn, reason: String) -> ConnectionError {
 }
 
 impl Receiver {
-    /// Runs the handshake of a new connection, authentication to welcome (and the sender's
-    /// mapping of the ring or device slots), under one deadline; refuses the sender, with the
-    /// reason, when this receiver cannot take its updates.
+    /// The rest of the handshake of a connection that greeted as one sender (not a rank of
+    /// a sharded trainer): plans its source onto this receiver's tensors and establishes it,
+    /// within the deadline its greeting started; refuses the sender, with the reason, when
+    /// this receiver cannot take its updates.
     pub(super) fn handshake(
         &self,
         greeted: Greeted,

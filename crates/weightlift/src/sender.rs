@@ -188,8 +188,8 @@ pub struct Sender {
     /// The receiver streams updates into its engine's loader: whole-tensor buckets of its
     /// size, each sent with its digests, and no delta (it keeps nothing between updates).
     streaming: bool,
-    /// This sender's rank and world as one rank of a sharded trainer.
-    shard: Option<(u32, u32)>,
+    /// This sender's rank as one rank of a sharded trainer.
+    shard_rank: Option<u32>,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -227,9 +227,7 @@ impl Sender {
         rules: &RuleSet,
         options: SenderOptions,
     ) -> Result<Sender, SendError> {
-        let stream = endpoint
-            .connect(options.timeout)
-            .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
+        let stream = dial(endpoint, &options)?;
         Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None, None)
     }
 
@@ -245,9 +243,7 @@ impl Sender {
         options: SenderOptions,
         shard: Shard,
     ) -> Result<Sender, SendError> {
-        let stream = endpoint
-            .connect(options.timeout)
-            .map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })?;
+        let stream = dial(endpoint, &options)?;
         Sender::connect_stream(stream, endpoint.to_string(), source, rules, options, None, Some(shard))
     }
 
@@ -404,7 +400,7 @@ impl Sender {
             sent_digests: Vec::new(),
             payload_pins: None,
             streaming: stream.is_some(),
-            shard: shard.map(|s| (s.rank, s.world)),
+            shard_rank: shard.map(|s| s.rank),
         })
     }
 
@@ -427,7 +423,7 @@ impl Sender {
     /// Whether this sender decides versions: any sender but a sharded trainer's ranks past 0,
     /// which leave the decision to rank 0 and take the receiver's report.
     pub fn coordinates(&self) -> bool {
-        self.shard.is_none_or(|(rank, _)| rank == 0)
+        self.shard_rank.is_none_or(|rank| rank == 0)
     }
 
     pub fn name(&self) -> String {
@@ -501,7 +497,7 @@ impl Sender {
             return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: push them from the GPU".into()));
         }
         // A rank of a sharded trainer cannot digest whole destinations: it holds parts.
-        if !self.options.delta || self.streaming || self.shard.is_some() {
+        if !self.options.delta || self.streaming || self.shard_rank.is_some() {
             return Ok(Vec::new());
         }
         let expected = expected_digests(&self.plan, &self.schedule, tensors);
@@ -782,6 +778,11 @@ impl Sender {
             ..UpdateReport::default()
         }
     }
+}
+
+/// A connection to `endpoint`, within the sender's timeout.
+fn dial(endpoint: &Endpoint, options: &SenderOptions) -> Result<Stream, SendError> {
+    endpoint.connect(options.timeout).map_err(|e| SendError::Connect { endpoint: endpoint.to_string(), source: e })
 }
 
 /// Host tensors into the receiver's device slots, copied by this process's copy engines (see

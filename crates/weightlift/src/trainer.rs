@@ -83,11 +83,7 @@ impl Trainer {
         rules: &RuleSet,
         options: &SenderOptions,
     ) -> Result<Trainer, SendError> {
-        let senders = endpoints
-            .iter()
-            .map(|e| Sender::connect(e, source, rules, options.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Trainer { senders })
+        Trainer::connect_each(endpoints, |e| Sender::connect(e, source, rules, options.clone()))
     }
 
     /// Connects as one rank of a sharded trainer (`shard`) to each rank's receiver: the
@@ -99,10 +95,14 @@ impl Trainer {
         options: &SenderOptions,
         shard: &Shard,
     ) -> Result<Trainer, SendError> {
-        let senders = endpoints
-            .iter()
-            .map(|e| Sender::connect_shard(e, source, rules, options.clone(), shard.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        Trainer::connect_each(endpoints, |e| Sender::connect_shard(e, source, rules, options.clone(), shard.clone()))
+    }
+
+    fn connect_each(
+        endpoints: &[Endpoint],
+        connect: impl Fn(&Endpoint) -> Result<Sender, SendError>,
+    ) -> Result<Trainer, SendError> {
+        let senders = endpoints.iter().map(connect).collect::<Result<Vec<_>, _>>()?;
         Ok(Trainer { senders })
     }
 

@@ -184,11 +184,7 @@ impl Receiver {
             writers[d] = Some(s);
         }
         loop {
-            let version = match self.group_begin(plan, &mut members) {
-                Ok(Some(version)) => version,
-                Ok(None) => continue,
-                Err(e) => return Err(e),
-            };
+            let Some(version) = self.group_begin(plan, &mut members)? else { continue };
             let started = Instant::now();
             let mut touched = vec![false; plan.destinations.len()];
             let mut report = UpdateReport { sender_digests: true, ..UpdateReport::default() };

@@ -60,16 +60,10 @@ impl Receiver {
                 self.shared.committed.notify_all();
                 (UpdateOutcome::Committed, None)
             }
-            Outcome::Mismatch(names) => {
-                let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-                report.mismatched = names;
-                (UpdateOutcome::Failed, Some(format!("digest mismatch: {}", quoted.join(", "))))
-            }
+            Outcome::Mismatch(names) => (UpdateOutcome::Failed, Some(mismatch(&mut report, names, ""))),
             Outcome::ShareMismatch { rank, names } => {
-                let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-                report.mismatched = names;
-                let reason = format!("digest mismatch in trainer rank {rank}'s share: {}", quoted.join(", "));
-                (UpdateOutcome::Failed, Some(reason))
+                let within = format!(" in trainer rank {rank}'s share");
+                (UpdateOutcome::Failed, Some(mismatch(&mut report, names, &within)))
             }
             Outcome::Aborted(reason) => (UpdateOutcome::Aborted, Some(reason)),
             Outcome::Broken(reason) | Outcome::Failed(reason) => (UpdateOutcome::Failed, Some(reason)),
@@ -101,6 +95,13 @@ impl Receiver {
         report.receiver_peak_rss = peak_rss_bytes();
         (report, in_sync)
     }
+}
+
+/// Records the tensors whose digests differed in `report`; the reason, naming them.
+fn mismatch(report: &mut UpdateReport, names: Vec<String>, within: &str) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    report.mismatched = names;
+    format!("digest mismatch{within}: {}", quoted.join(", "))
 }
 
 /// How an update ended.

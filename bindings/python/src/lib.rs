@@ -40,6 +40,20 @@ pub(crate) fn gpu(ordinal: usize) -> Result<Arc<Gpu>, DriverError> {
     Ok(gpu)
 }
 
+/// GPU `ordinal` for senders: the receivers' [`gpu`] with streams of its own, so a trainer
+/// digesting its tensors does not queue behind an engine pulling them in the same process.
+pub(crate) fn sender_gpu(ordinal: usize) -> Result<Arc<Gpu>, DriverError> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let shared = gpu(ordinal)?;
+    let mut open = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(gpu) = open.get(&ordinal) {
+        return Ok(gpu.clone());
+    }
+    let gpu = Arc::new(shared.with_own_streams()?);
+    open.insert(ordinal, gpu.clone());
+    Ok(gpu)
+}
+
 /// The digest of every tensor of `set`, computed where it lives. GPU work queued by other
 /// libraries (torch's optimizer step) is waited for first.
 pub(crate) fn digests_of(py: Python<'_>, set: &TensorSet) -> PyResult<Vec<u64>> {

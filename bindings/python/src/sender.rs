@@ -13,7 +13,7 @@ use weightlift_core::{Manifest, Module, Placement, RuleSet, Version};
 use crate::errors::{cuda_error, plan_error, send_error, TransferError, VerificationError, VersionError};
 use crate::receiver::Receiver;
 use crate::tensors::{Place, TensorSet};
-use crate::{gpu, head_dim_of, preset_rules, seconds, to_python};
+use crate::{head_dim_of, preset_rules, seconds, sender_gpu, to_python};
 
 /// One receiver to push to.
 struct Target {
@@ -350,7 +350,7 @@ impl Sender {
         let outcome: Result<StepReport, PyErr> = py.detach(|| match place {
             Place::Host => trainer.push(version, &tensors).map_err(send_error),
             Place::Cuda(ordinal) => {
-                let gpu = gpu(ordinal).map_err(cuda_error)?;
+                let gpu = sender_gpu(ordinal).map_err(cuda_error)?;
                 // The optimizer's writes (on torch's streams) must land before anyone reads.
                 gpu.synchronize_device().map_err(cuda_error)?;
                 trainer.push_device(version, &gpu, &tensors).map_err(send_error)

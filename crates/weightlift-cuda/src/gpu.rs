@@ -65,6 +65,15 @@ impl Gpu {
         Ok(Gpu { ctx, stream, side, kernels })
     }
 
+    /// This GPU with streams of its own, the context and compiled kernels shared: for a
+    /// sender and a receiver in one process, whose work would otherwise queue behind each
+    /// other's on one stream (in two processes each has its own anyway).
+    pub fn with_own_streams(&self) -> Result<Gpu, CudaError> {
+        let stream = self.ctx.new_stream().call("cuStreamCreate")?;
+        let side = self.ctx.new_stream().call("cuStreamCreate")?;
+        Ok(Gpu { ctx: self.ctx.clone(), stream, side, kernels: self.kernels.clone() })
+    }
+
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
     }

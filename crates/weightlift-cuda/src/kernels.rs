@@ -77,6 +77,7 @@ const SOURCE: &str = concat!(
     include_str!("kernels/combine.cu"),
 );
 
+#[derive(Clone)]
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     copy: CudaFunction,
@@ -357,8 +358,9 @@ pub struct UpdateBatch {
     /// Where `out` comes down to (pinned, so the copy is queued, not waited for); held by the
     /// one launch in flight.
     down: Mutex<PinnedHost>,
-    /// Every launch on the main stream, in order (see [`UpdateBatch::set_one_stream`]).
-    one_stream: bool,
+    /// The folds and the digests' copy down left on the side stream (see
+    /// [`UpdateBatch::set_fold_aside`]).
+    fold_aside: bool,
     /// The update's index of the tensor of each result slot (the waves' tensors in turn).
     order: Vec<usize>,
     device_bytes: u64,
@@ -400,10 +402,12 @@ impl Drop for LaunchedUpdate<'_> {
 }
 
 impl UpdateBatch {
-    /// Queues every launch on the main stream, in order, with no stream joins: for updates of a
-    /// few tensors (one streamed bucket), whose host time is otherwise mostly events.
-    pub fn set_one_stream(&mut self, one_stream: bool) {
-        self.one_stream = one_stream;
+    /// Leaves the folds, the digests' copy down and the event waited for on the side stream,
+    /// and does not make the main stream wait for them: the next batch launched (the next
+    /// bucket of a streamed update) copies while this one folds. A fold is one dependent chain
+    /// per tensor, so a bucket's fold takes about as long as its copy; joined, they add up.
+    pub fn set_fold_aside(&mut self, aside: bool) {
+        self.fold_aside = aside;
     }
 
     /// Device memory the batch holds (descriptors, chunk digests, results).
@@ -612,7 +616,7 @@ impl Gpu {
             SourceGpu::Peer => FusedKernel::PlainLoads,
         };
         let down = Mutex::new(PinnedHost::alloc(self.context(), order.len().max(1) * 8)?);
-        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, down, one_stream: false, order, device_bytes })
+        Ok(UpdateBatch { packed, waves: prepared, kernel, chunks, out, down, fold_aside: false, order, device_bytes })
     }
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
@@ -635,8 +639,9 @@ impl Gpu {
             .down
             .try_lock()
             .map_err(|_| CudaError::Invalid("this update is already in flight: wait for it first".into()))?;
-        let main = self.stream();
-        self.queue_update(batch, batch.one_stream)?;
+        // The digests come down after the last fold: on the side stream when it is left there.
+        let last = if batch.fold_aside { self.side_stream() } else { self.stream() };
+        self.queue_update(batch)?;
         let len = batch.order.len() * 8;
         let host = down.at_mut(0, len as u64)?;
         self.context().bind_to_thread().call("cuCtxSetCurrent")?;
@@ -644,29 +649,28 @@ impl Gpu {
         // and `batch.out` holds `len` bytes; the guard stays held until the copy is known done
         // (`LaunchedUpdate` waits for the event below when it is waited for or dropped).
         unsafe {
-            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), batch.out.device_ptr(), len, main.cu_stream())
+            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), batch.out.device_ptr(), len, last.cu_stream())
         }
         .result()
         .call("cuMemcpyDtoHAsync")?;
-        match main.record_event(None).call("cuEventRecord") {
+        // It follows the folds, which followed the copies (the side stream joined the main one
+        // before each fold): once it is done, so is every write of the update.
+        match last.record_event(None).call("cuEventRecord") {
             Ok(done) => Ok(LaunchedUpdate { batch, down, done: Some(done) }),
             Err(e) => {
                 // The copy into `down` is queued: it must land before the guard goes.
-                let _ = main.synchronize();
+                let _ = last.synchronize();
                 Err(e)
             }
         }
     }
 
     /// The launches of an update, wave by wave: the folds on the side stream while the main
-    /// stream goes on (see [`Gpu::run_update`]), both joined at the end; or, with
-    /// `one_stream`, every launch in order on the main stream with no events, for a small
-    /// update (one bucket's tensors) whose stream joins cost more host time than they overlap.
-    fn queue_update(&self, batch: &UpdateBatch, one_stream: bool) -> Result<(), CudaError> {
+    /// stream goes on (see [`Gpu::run_update`]), the main stream then waiting for the last
+    /// fold unless the batch leaves its folds aside.
+    fn queue_update(&self, batch: &UpdateBatch) -> Result<(), CudaError> {
         let k = self.kernels();
-        let main = self.stream();
-        let side = (!one_stream).then(|| self.side_stream());
-        let fold = side.unwrap_or(main);
+        let (main, side) = (self.stream(), self.side_stream());
         let mut folded: Vec<cudarc::driver::CudaEvent> = Vec::with_capacity(batch.waves.len());
         let base = batch.packed.device_ptr();
         for (w, wave) in batch.waves.iter().enumerate() {
@@ -678,24 +682,18 @@ impl Gpu {
             let out = batch.out.device_ptr() + u64::from(wave.first_tensor) * 8;
             for group in wave.early.iter().filter(|g| g.tensors.count > 0) {
                 self.launch_runs(main, base, &group.runs, chunks, batch.kernel)?;
-                if let Some(side) = side {
-                    side.join(main).call("cuStreamWaitEvent")?;
-                }
-                self.combine(fold, chunks, base, wave.tensor_start, &group.tensors, out)?;
+                side.join(main).call("cuStreamWaitEvent")?;
+                self.combine(side, chunks, base, wave.tensor_start, &group.tensors, out)?;
             }
             self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
             self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
             self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
             self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
-            if let Some(side) = side {
-                side.join(main).call("cuStreamWaitEvent")?;
-            }
-            self.combine(fold, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
-            if let Some(side) = side {
-                folded.push(side.record_event(None).call("cuEventRecord")?);
-            }
+            side.join(main).call("cuStreamWaitEvent")?;
+            self.combine(side, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;
+            folded.push(side.record_event(None).call("cuEventRecord")?);
         }
-        if let Some(side) = side {
+        if !batch.fold_aside {
             main.join(side).call("cuStreamWaitEvent")?;
         }
         Ok(())

@@ -167,14 +167,14 @@ fn check_fused(gpu: &Gpu, cases: &[(usize, Option<usize>, usize)], seed: u64) {
     let peer = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::Peer).unwrap().fused_kernel();
     assert_eq!(peer, FusedKernel::PlainLoads);
     assert_eq!(gpu.fused_kernels().contains(&FusedKernel::Staged), major >= 9);
-    // On two streams (folds beside the copies) and on one (a streamed bucket's launches).
-    for (kernel, one_stream) in gpu.fused_kernels().into_iter().flat_map(|k| [(k, false), (k, true)]) {
+    // With the folds joined at the end and left aside (a streamed bucket's).
+    for (kernel, aside) in gpu.fused_kernels().into_iter().flat_map(|k| [(k, false), (k, true)]) {
         let mut batch = gpu.prepare_update(std::slice::from_ref(&wave), SourceGpu::This).unwrap();
         batch.set_fused_kernel(gpu, kernel).unwrap();
-        batch.set_one_stream(one_stream);
+        batch.set_fold_aside(aside);
         for run in 0..2 {
             dst.fill(gpu, 0x5a).unwrap();
-            let label = format!("{kernel:?}, one stream {one_stream}, run {run}");
+            let label = format!("{kernel:?}, folds aside {aside}, run {run}");
             assert_eq!(gpu.run_update(&batch).unwrap(), expected_digests, "{label}");
             let mut got = vec![0u8; dst_len];
             dst.download(&mut got).unwrap();
@@ -204,7 +204,7 @@ fn updates_launched_ahead_give_their_own_digests_and_one_batch_runs_once_at_a_ti
             ..Wave::default()
         };
         let mut batch = gpu.prepare_update(&[wave], SourceGpu::This).unwrap();
-        batch.set_one_stream(true);
+        batch.set_fold_aside(true);
         batch
     };
     let (first, second) = (batch_of(0), batch_of(len));

@@ -102,8 +102,9 @@ pub(crate) struct Exporter {
     sent_blocks: HashSet<u64>,
     /// Legacy handles already asked of the driver, by allocation id.
     handles: HashMap<u64, String>,
-    /// The expected-digest batch, bound to the source addresses it was built for.
-    expected: Option<(Vec<u64>, ExpectedDigests)>,
+    /// The expected-digest batches, bound to the source addresses and the parts they were
+    /// built for (see [`Exporter::expected_parts`]).
+    expected: Option<BoundDigests>,
     /// The tensor locations and segments last sent (the receiver keeps them).
     last_located: Option<Vec<(u32, u64)>>,
     last_segments: Option<Vec<IpcSegment>>,
@@ -314,17 +315,50 @@ impl Exporter {
 
     /// GPU memory held for digesting (descriptors, chunk digests, scratch).
     pub(crate) fn device_bytes(&self) -> u64 {
-        self.expected.as_ref().map_or(0, |(_, e)| e.device_bytes())
+        self.expected.as_ref().map_or(0, |e| e.parts.iter().map(|(_, batch)| batch.device_bytes()).sum())
     }
 
     /// The digest of every destination as `plan` writes it from the sources at `ptrs`.
     pub(crate) fn expected_digests(&mut self, gpu: &Gpu, plan: &Plan, ptrs: &[u64]) -> Result<Vec<u64>, CudaError> {
-        if self.expected.as_ref().is_none_or(|(bound, _)| bound != ptrs) {
-            self.expected = None; // free the old batch before building the new one
-            self.expected = Some((ptrs.to_vec(), ExpectedDigests::new(gpu, plan, ptrs)?));
-        }
-        self.expected.as_ref().expect("just bound").1.run(gpu)
+        let whole = [(0..plan.destinations.len() as u32).collect()];
+        let (_, batch) = &self.expected_parts(gpu, plan, ptrs, &whole)?[0];
+        batch.run(gpu)
     }
+
+    /// One batch per part (destinations of `plan`) computing their digests as `plan` writes
+    /// them from the sources at `ptrs`, in the order of `parts`; built again only when the
+    /// sources moved or the parts changed.
+    pub(crate) fn expected_parts(
+        &mut self,
+        gpu: &Gpu,
+        plan: &Plan,
+        ptrs: &[u64],
+        parts: &[Vec<u32>],
+    ) -> Result<&[(Vec<u32>, ExpectedDigests)], CudaError> {
+        let bound = |e: &BoundDigests| e.ptrs == ptrs && e.parts.iter().map(|(p, _)| p).eq(parts.iter());
+        if !self.expected.as_ref().is_some_and(bound) {
+            self.expected = None; // free the old batches before building the new ones
+            let whole = |part: &[u32]| part.len() == plan.destinations.len() && part.iter().copied().eq(0..);
+            let built = parts
+                .iter()
+                .map(|part| {
+                    let batch = match whole(part) {
+                        true => ExpectedDigests::new(gpu, plan, ptrs)?,
+                        false => ExpectedDigests::new(gpu, &plan.restricted_to(part), ptrs)?,
+                    };
+                    Ok((part.clone(), batch))
+                })
+                .collect::<Result<Vec<_>, CudaError>>()?;
+            self.expected = Some(BoundDigests { ptrs: ptrs.to_vec(), parts: built });
+        }
+        Ok(&self.expected.as_ref().expect("just bound").parts)
+    }
+}
+
+/// Expected-digest batches and the source addresses they read.
+struct BoundDigests {
+    ptrs: Vec<u64>,
+    parts: Vec<(Vec<u32>, ExpectedDigests)>,
 }
 
 /// Legacy IPC mappings open in this process, by (sender pid, handle, allocation id, GPU). The
@@ -592,8 +626,8 @@ impl Importer {
                     }
                     let ptrs: Vec<u64> = part.iter().map(|&d| destinations[d as usize]).collect();
                     let mut bound = GpuPlan::new(gpu, &plan.restricted_to(part), &sources.ptrs, source_gpu, &ptrs)?;
-                    // A bucket's few tensors: its stream joins cost more than they overlap.
-                    bound.set_one_stream();
+                    // Bucket k folds while bucket k + 1 copies.
+                    bound.set_fold_aside();
                     Ok(Some(bound))
                 })
                 .collect::<Result<Vec<_>, CudaError>>()?;

@@ -228,10 +228,10 @@ impl GpuPlan {
         self.update.device_bytes()
     }
 
-    /// Queues every launch of an update on one stream, in order (see
-    /// `UpdateBatch::set_one_stream`): a streamed bucket's few tensors.
-    pub fn set_one_stream(&mut self) {
-        self.update.set_one_stream(true);
+    /// Leaves the update's folds on the side stream (see `UpdateBatch::set_fold_aside`): a
+    /// streamed bucket, whose fold then runs while the next bucket copies.
+    pub fn set_fold_aside(&mut self) {
+        self.update.set_fold_aside(true);
     }
 
     /// Runs the update's fused runs with `kernel` (to compare kernels on one bound plan).
@@ -287,6 +287,11 @@ impl ExpectedDigests {
     /// Every destination's digest as the plan would write it from the sources as they are now.
     pub fn run(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
         gpu.run_update(&self.batch)
+    }
+
+    /// [`ExpectedDigests::run`] queued, not waited for (several are queued back to back).
+    pub fn launch<'a>(&'a self, gpu: &'a Gpu) -> Result<LaunchedUpdate<'a>, CudaError> {
+        gpu.launch_update(&self.batch)
     }
 
     pub fn device_bytes(&self) -> u64 {

@@ -27,8 +27,9 @@ use crate::report::UpdateReport;
 /// 5: authentication (`Challenge`, `Proof`, `Authenticated`) and the two-phase commit of an
 /// update to several receivers (`End::two_phase`, `Verified`, `Commit`). 6: device slots.
 /// 7: buckets cut on digest chunks where they can be (both sides compute the same layout).
-/// 8: sharded trainers (`Hello::shard`, `Welcome::shards`).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 8: sharded trainers (`Hello::shard`, `Welcome::shards`). 9: `Digests`, a streaming
+/// receiver's sender digests over CUDA IPC in parts.
+pub const PROTOCOL_VERSION: u32 = 9;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -286,7 +287,15 @@ pub enum Message {
         /// not, the receiver's digests of what it wrote are what it records.
         sender_digests: bool,
     },
-    /// All buckets sent; the sender's digest of every destination tensor it wrote. With
+    /// CUDA IPC to a streaming receiver: the sender's digests of some destinations, sent as
+    /// they are computed (in the order the receiver hands tensors over), so it can hand over
+    /// the first bucket before the sender digested the whole model; `End` carries the rest.
+    Digests {
+        version: Version,
+        digests: Vec<(u32, u64)>,
+    },
+    /// All buckets sent; the sender's digest of every destination tensor it wrote (but those
+    /// sent in `Digests` before it). With
     /// `two_phase` (an update of several receivers) the receiver answers `Verified` and waits
     /// for `Commit` or `Abort`; without, it commits as soon as every digest matched.
     End {
@@ -330,6 +339,7 @@ impl Message {
             Message::SlotFree { .. } => "slot_free",
             Message::Data { .. } => "data",
             Message::IpcSources { .. } => "ipc_sources",
+            Message::Digests { .. } => "digests",
             Message::End { .. } => "end",
             Message::Verified { .. } => "verified",
             Message::Commit { .. } => "commit",
@@ -625,8 +635,8 @@ mod tests {
         assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::BadPreamble(_))));
         let (a, b) = UnixStream::pair().unwrap();
         let mut raw = Stream::Unix(a);
-        raw.write_all(b"WLFT\x09\x00\x00\x00").unwrap();
-        assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::VersionSkew(9))));
+        raw.write_all(b"WLFT\x0a\x00\x00\x00").unwrap();
+        assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::VersionSkew(10))));
     }
 
     #[test]

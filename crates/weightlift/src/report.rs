@@ -100,8 +100,8 @@ pub struct StreamTiming {
     pub write_seconds: f64,
     /// Comparing a bucket's digests with the sender's and handing it over.
     pub hand_over_seconds: f64,
-    /// Waiting for the sender's `End` (CUDA IPC with sender digests: before the first
-    /// hand-over, since it carries the digests to compare with).
+    /// Waiting for the sender's digests (CUDA IPC with sender digests: its `Digests` parts
+    /// before the hand-overs that need them) and its `End`.
     pub end_wait_seconds: f64,
     /// After the last bucket: waiting for the engine to give it back.
     pub last_given_back_seconds: f64,

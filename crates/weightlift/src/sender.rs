@@ -84,7 +84,9 @@ impl Default for SenderOptions {
 /// Deliberate faults, so tests can show the receiver survives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Flip one byte of bucket `n` after packing it (and after digesting it).
+    /// Flip one byte of bucket `n` after packing it (and after digesting it); over CUDA IPC,
+    /// where nothing is packed, one bit of the sender's digest of the first tensor completed
+    /// from bucket `n` on (what the receiver read then differs from what the sender holds).
     FlipByteInBucket(u32),
     /// Send `n` buckets, then hang up without ending the update.
     HangUpAfterBuckets(u32),
@@ -560,7 +562,7 @@ impl Sender {
                 write_device_slots(writer, &mut self.conn, &self.plan, &schedule, &self.options, version, tensors)
             }
             (Sources::Host(tensors), _) => self.send_packed(skip, tensors),
-            (Sources::Device { gpu, tensors }, _) if ipc => self.export(gpu, tensors),
+            (Sources::Device { gpu, tensors }, _) if ipc => self.export(version, gpu, tensors),
             (Sources::Device { gpu, tensors }, _) => self.send_downloaded(gpu, tensors),
         };
         let ended = sent.and_then(|digests| {
@@ -600,9 +602,16 @@ impl Sender {
     }
 
     /// GPU tensors over CUDA IPC: tells the receiver where they live (it maps what it has
-    /// not yet) and, with `sender_digests`, digests them while the receiver pulls. A failure
-    /// on this side calls the update off with the receiver.
-    fn export(&mut self, gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<(u32, u64)>, SendError> {
+    /// not yet) and, with `sender_digests`, digests them while the receiver pulls. To a
+    /// streaming receiver the digests go out in parts as they are computed (`Digests`, in the
+    /// order it hands tensors over), the last part left for `End`. A failure on this side
+    /// calls the update off with the receiver.
+    fn export(
+        &mut self,
+        version: Version,
+        gpu: &Gpu,
+        tensors: &dyn DeviceTensors,
+    ) -> Result<Vec<(u32, u64)>, SendError> {
         let sender_digests = self.options.sender_digests;
         let (sources, fds) = match self.exporter.describe(gpu, tensors, sender_digests) {
             Ok(described) => described,
@@ -615,8 +624,35 @@ impl Sender {
         if !sender_digests {
             return Ok(Vec::new());
         }
-        match self.exporter.expected_digests(gpu, &self.plan, &tensors.device_ptrs()) {
-            Ok(d) => Ok(d.iter().enumerate().map(|(d, &v)| (d as u32, v)).collect()),
+        let parts = match self.streaming {
+            true => self.schedule.digest_parts(&self.plan, 2 * self.options.bucket_bytes),
+            false => vec![(0..self.plan.destinations.len() as u32).collect()],
+        };
+        let digested = (|| {
+            let batches = self.exporter.expected_parts(gpu, &self.plan, &tensors.device_ptrs(), &parts)?;
+            let launched = batches.iter().map(|(_, batch)| batch.launch(gpu)).collect::<Result<Vec<_>, _>>()?;
+            let flipped = match self.options.fault {
+                Some(Fault::FlipByteInBucket(k)) => self.schedule.completes.iter().skip(k as usize).flatten().next(),
+                _ => None,
+            };
+            let mut last = Vec::new();
+            for (i, ((part, _), launched)) in batches.iter().zip(launched).enumerate() {
+                let mut digests: Vec<(u32, u64)> = part.iter().copied().zip(launched.wait()?).collect();
+                for (d, value) in &mut digests {
+                    if Some(&*d) == flipped {
+                        *value ^= 1;
+                    }
+                }
+                if i + 1 == batches.len() {
+                    last = digests;
+                } else if let Err(e) = self.conn.send(&Message::Digests { version, digests }) {
+                    return Ok(Err(e));
+                }
+            }
+            Ok(Ok(last))
+        })();
+        match digested {
+            Ok(sent) => Ok(sent?),
             Err(source) => Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
         }
     }

@@ -123,7 +123,39 @@ impl Schedule {
     pub fn partial(&self) -> Vec<u32> {
         (0..self.shares.len() as u32).filter(|&d| self.shares[d as usize].is_some()).collect()
     }
+
+    /// The written destinations in the order the buckets complete them, cut into parts a
+    /// sender digests and sends one after another to a streaming receiver: the first of
+    /// about `first_bytes` (so the receiver's first hand-over waits for little), each next
+    /// one twice the last, up to [`DIGEST_PART_MAX_BYTES`] (so a large model takes tens of
+    /// messages, not one per bucket). Every written destination is in exactly one part.
+    pub fn digest_parts(&self, plan: &Plan, first_bytes: u64) -> Vec<Vec<u32>> {
+        let mut parts: Vec<Vec<u32>> = Vec::new();
+        let (mut part, mut bytes, mut target) = (Vec::new(), 0u64, first_bytes.max(1));
+        let mut placed = vec![false; plan.destinations.len()];
+        let written = self.completes.iter().flatten().copied().filter(|&d| self.written[d as usize]);
+        // A destination of no bytes completes in no bucket: last, so none is left out.
+        let rest = (0..plan.destinations.len() as u32).filter(|&d| self.written[d as usize]);
+        for d in written.chain(rest) {
+            if std::mem::replace(&mut placed[d as usize], true) {
+                continue;
+            }
+            part.push(d);
+            bytes += plan.destinations[d as usize].byte_len();
+            if bytes >= target {
+                parts.push(std::mem::take(&mut part));
+                (bytes, target) = (0, (target * 2).min(DIGEST_PART_MAX_BYTES.max(first_bytes)));
+            }
+        }
+        if !part.is_empty() {
+            parts.push(part);
+        }
+        parts
+    }
 }
+
+/// The most bytes of destinations one part of [`Schedule::digest_parts`] covers.
+pub const DIGEST_PART_MAX_BYTES: u64 = 1 << 30;
 
 /// The part of one destination a share writes, for digesting it: each op's run (bytes of
 /// the destination) and where it starts in the share, sorted by where it lies.
@@ -817,6 +849,32 @@ mod tests {
     use super::*;
     use crate::setup::{MappingOptions, ModelSource};
     use crate::tensors::HostTensors;
+
+    /// Digest parts follow the buckets, cover every written destination once, start small
+    /// and grow to the cap.
+    #[test]
+    fn digest_parts_cover_the_written_destinations_once_in_bucket_order_and_grow() {
+        let source = ModelSource::synthetic("qwen3-moe-tiny").unwrap();
+        let inputs = MappingOptions::default().inputs(&source, TpRank::SINGLE).unwrap();
+        let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, TpRank::SINGLE).unwrap();
+        let bucket_bytes = 64 << 10;
+        let skip = [1, 5];
+        let schedule = Schedule::new(&plan, &skip, bucket_bytes).unwrap();
+        let parts = schedule.digest_parts(&plan, bucket_bytes);
+        let flat: Vec<u32> = parts.iter().flatten().copied().collect();
+        let mut want: Vec<u32> = (0..plan.destinations.len() as u32).filter(|d| !skip.contains(d)).collect();
+        let in_bucket_order: Vec<u32> = schedule.completes.iter().flatten().copied().collect();
+        assert_eq!(flat, in_bucket_order, "the order the buckets complete them");
+        let mut sorted = flat.clone();
+        sorted.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(sorted, want, "every written destination once");
+        let bytes: Vec<u64> =
+            parts.iter().map(|p| p.iter().map(|&d| plan.destinations[d as usize].byte_len()).sum()).collect();
+        assert!(parts.len() > 2, "{bytes:?}");
+        assert!(bytes[0] >= bucket_bytes && bytes[0] < 2 * bucket_bytes + (1 << 20), "{bytes:?}");
+        assert!(bytes[1] >= 2 * bucket_bytes, "{bytes:?}");
+    }
 
     /// A bucket staged from the checkpoint's files holds what staging it from the checkpoint's
     /// memory copies, byte for byte, with the same digests of what was packed.

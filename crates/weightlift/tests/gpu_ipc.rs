@@ -677,15 +677,19 @@ fn a_streaming_receiver_on_a_gpu_hands_its_engine_every_tensor_over_ipc_and_stag
     let rules = Preset::Identity.rules(PresetOptions::default()).unwrap();
     assert!(receiver.apply_local(Version(8), &trainer, &rules).unwrap().is_committed());
     check(loading.join().unwrap(), 1, "local");
-    // A corrupted bucket over IPC is impossible to inject (nothing travels); over tcp it fails
-    // the update in the engine, naming the tensor.
-    let loading = engine(8, 1);
-    let out = Command::new(exe())
-        .args(["push", "--synthetic", "qwen3-moe-tiny", "--preset", "identity", "--to", &to])
-        .args(["--transport", "tcp", "--version", "9", "--fault", "flip:2"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(loading.join().is_err(), "the engine's loop fails (its next bucket is an error)");
-    assert_eq!(receiver.committed(), Version(8));
+    // A corrupted bucket over tcp, and over IPC a sender's digest that differs from what the
+    // receiver read (its digests come in parts: bucket 5's is not in the first), fail the
+    // update in the engine.
+    for (transport, bucket) in [("tcp", "flip:2"), ("cuda-ipc", "flip:5")] {
+        let loading = engine(8, 1);
+        let device = if transport == "tcp" { "host" } else { "cuda:0" };
+        let out = Command::new(exe())
+            .args(["push", "--synthetic", "qwen3-moe-tiny", "--preset", "identity", "--to", &to])
+            .args(["--transport", transport, "--device", device, "--version", "9", "--fault", bucket])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{transport}");
+        assert!(loading.join().is_err(), "{transport}: the engine's loop fails (its next bucket is an error)");
+        assert_eq!(receiver.committed(), Version(8), "{transport}");
+    }
 }

@@ -310,9 +310,9 @@ impl Transfer for IpcPull {
 }
 
 /// A streamed update over CUDA IPC: each bucket's tensors pulled into the ring once its buffer
-/// is free, digested in the same pass, compared with the sender's digests (its `End`, which
-/// it sends once it digested its memory, read before the first hand-over) and handed to the
-/// engine. Only the hand-overs mark tensors touched (see `settle`).
+/// is free, digested in the same pass, compared with the sender's digests (sent in parts as it
+/// digests its memory, in hand-over order, each read when a hand-over needs it) and handed to
+/// the engine. Only the hand-overs mark tensors touched (see `settle`).
 #[allow(clippy::too_many_arguments)]
 fn pull_streamed(
     receiver: &Receiver,
@@ -346,28 +346,10 @@ fn pull_buckets(
     report: &mut UpdateReport,
 ) -> Outcome {
     let timeout = receiver.shared.options.timeout;
-    // The sender's digests and its two-phase flag, once its `End` came.
-    let mut end: Option<(Vec<(u32, u64)>, bool)> = None;
-    let mut read_end = |end: &mut Option<(Vec<(u32, u64)>, bool)>, waited: &mut f64| -> Result<(), Outcome> {
-        if end.is_some() {
-            return Ok(());
-        }
-        let t = Instant::now();
-        let message = conn.recv(timeout);
-        *waited += t.elapsed().as_secs_f64();
-        match message {
-            Ok(Message::End { version: v, digests, two_phase }) if v == version => {
-                *end = Some((digests, two_phase));
-                Ok(())
-            }
-            Ok(Message::Abort { reason }) => Err(Outcome::called_off(reason)),
-            Ok(other) => Err(Outcome::Broken(format!("expected the end of version {version}, got {}", other.name()))),
-            Err(e) => Err(Outcome::Broken(format!("waiting for the end of the update: {e}"))),
-        }
-    };
+    let mut theirs = SenderDigests::default();
     // Waits for bucket `j`'s pull, compares its digests and hands it over (only waits once the
     // update failed: the pull must end before its buffer can be written again).
-    let mut finish = |steps: &mut StreamSteps<'_>, end: &mut Option<(Vec<(u32, u64)>, bool)>, j: usize, launched| {
+    let mut finish = |steps: &mut StreamSteps<'_>, theirs: &mut SenderDigests, j: usize, launched| {
         let t = Instant::now();
         let ours = Option::map(launched, LaunchedUpdate::wait).transpose();
         steps.timing.gpu_wait_seconds += t.elapsed().as_secs_f64();
@@ -376,11 +358,17 @@ fn pull_buckets(
         }
         match ours {
             Ok(ours) => {
-                if sender_digests {
-                    read_end(end, &mut steps.timing.end_wait_seconds)?;
-                }
-                let theirs = end.as_ref().filter(|_| sender_digests).map(|(d, _)| d.as_slice());
-                steps.after(j, &ours.unwrap_or_default(), theirs);
+                let compared = match sender_digests {
+                    true => {
+                        let t = Instant::now();
+                        let read = theirs.read(conn, version, timeout, |d| d.cover(steps.completes(j)));
+                        steps.timing.end_wait_seconds += t.elapsed().as_secs_f64();
+                        read?;
+                        Some(theirs.digests.as_slice())
+                    }
+                    false => None,
+                };
+                steps.after(j, &ours.unwrap_or_default(), compared);
             }
             Err(e) => steps.fail(format!("pulling bucket {j}: {e}")),
         }
@@ -400,7 +388,7 @@ fn pull_buckets(
             !steps.ready(k) && pending.as_ref().is_some_and(|&(j, _)| steps.waits_for(k).is_some_and(|w| w >= j));
         if hand_over_first {
             if let Some((j, launched)) = pending.take() {
-                if let Err(outcome) = finish(steps, &mut end, j, launched) {
+                if let Err(outcome) = finish(steps, &mut theirs, j, launched) {
                     return outcome;
                 }
             }
@@ -419,28 +407,77 @@ fn pull_buckets(
             }
         };
         if let Some((j, previous)) = pending.replace((k, launched)) {
-            if let Err(outcome) = finish(steps, &mut end, j, previous) {
+            if let Err(outcome) = finish(steps, &mut theirs, j, previous) {
                 return outcome;
             }
         }
     }
     if let Some((j, launched)) = pending.take() {
-        if let Err(outcome) = finish(steps, &mut end, j, launched) {
+        if let Err(outcome) = finish(steps, &mut theirs, j, launched) {
             return outcome;
         }
     }
     report.unpack_seconds = pulled.elapsed().as_secs_f64();
     let failed = steps.finish();
     let _ = receiver.state().versions.verify(version);
-    if let Err(outcome) = read_end(&mut end, &mut steps.timing.end_wait_seconds) {
+    let t = Instant::now();
+    let ended = theirs.read(conn, version, timeout, |_| false);
+    steps.timing.end_wait_seconds += t.elapsed().as_secs_f64();
+    if let Err(outcome) = ended {
         return outcome;
     }
-    let two_phase = end.is_some_and(|(_, two_phase)| two_phase);
+    let two_phase = theirs.two_phase == Some(true);
     failed.unwrap_or(Outcome::Verified {
         digests: vec![None; plan.destinations.len()],
         compared: sender_digests,
         two_phase,
     })
+}
+
+/// What a streaming receiver has of the sender's digests over CUDA IPC: the parts that came
+/// (`Digests`), sorted by destination, and once `End` came, its two-phase flag.
+#[derive(Default)]
+struct SenderDigests {
+    digests: Vec<(u32, u64)>,
+    two_phase: Option<bool>,
+}
+
+impl SenderDigests {
+    /// Whether every destination of `wanted` has the sender's digest, or none is to come.
+    fn cover(&self, wanted: &[u32]) -> bool {
+        self.two_phase.is_some() || wanted.iter().all(|d| self.digests.binary_search_by_key(d, |&(t, _)| t).is_ok())
+    }
+
+    /// Reads the sender's messages until `enough` says so or its `End` came.
+    fn read(
+        &mut self,
+        conn: &mut Conn,
+        version: Version,
+        timeout: std::time::Duration,
+        enough: impl Fn(&SenderDigests) -> bool,
+    ) -> Result<(), Outcome> {
+        while self.two_phase.is_none() && !enough(self) {
+            let (digests, end) = match conn.recv(timeout) {
+                Ok(Message::Digests { version: v, digests }) if v == version => (digests, None),
+                Ok(Message::End { version: v, digests, two_phase }) if v == version => (digests, Some(two_phase)),
+                Ok(Message::Abort { reason }) => return Err(Outcome::called_off(reason)),
+                Ok(other) => {
+                    let expected = format!("digests or the end of version {version}");
+                    return Err(Outcome::Broken(format!("expected {expected}, got {}", other.name())));
+                }
+                Err(e) => return Err(Outcome::Broken(format!("waiting for the sender's digests: {e}"))),
+            };
+            // Parts come in hand-over order, not by destination: kept sorted for the search.
+            let after_the_last = self.digests.last().zip(digests.first()).is_none_or(|(a, b)| a.0 < b.0);
+            let in_order = after_the_last && digests.is_sorted_by_key(|&(t, _)| t);
+            self.digests.extend(digests);
+            if !in_order {
+                self.digests.sort_unstable_by_key(|&(t, _)| t);
+            }
+            self.two_phase = end;
+        }
+        Ok(())
+    }
 }
 
 /// A source in this process (a checkpoint read from disk) into the tensors, so nothing plays

@@ -193,15 +193,18 @@ impl SourceGpu {
 
 /// The work of one wave: destination tensors (`tensors`: each one's index in the update, which
 /// orders the digests [`Gpu::run_update`] returns; `tensor_bytes`: its size), their fused runs,
-/// the copies and casts that cannot be fused, and the chunks those write, to digest after them:
-/// (address, bytes, first out slot). Out slots count from the wave's first chunk, the wave's
-/// tensors' chunks side by side in the order listed.
+/// the copies and casts that cannot be fused, copies that gather what those wrote into one
+/// place to digest (run after them: bytes of a destination that are digested in another order
+/// than they lie), and the chunks to digest after all of them: (address, bytes, first out
+/// slot). Out slots count from the wave's first chunk, the wave's tensors' chunks side by side
+/// in the order listed.
 #[derive(Debug, Clone, Default)]
 pub struct Wave {
     pub tensors: Vec<usize>,
     pub fused: Vec<FusedRun>,
     pub copies: Vec<CopyDesc>,
     pub casts: Vec<CastDesc>,
+    pub gathers: Vec<CopyDesc>,
     pub after: Vec<(u64, u64, u64)>,
     pub tensor_bytes: Vec<u64>,
 }
@@ -290,6 +293,7 @@ struct PreparedWave {
     fused: RunList,
     copies: TiledList,
     casts: TiledList,
+    gathers: TiledList,
     after: RunList,
     /// Offset of the prefix sum of the wave's tensors' chunks.
     tensor_start: u64,
@@ -440,6 +444,7 @@ impl UpdateBatch {
                     w.fused.chunks > 0,
                     w.copies.tiles > 0,
                     w.casts.tiles > 0,
+                    w.gathers.tiles > 0,
                     w.after.chunks > 0,
                     w.late_tensors.count > 0,
                 ];
@@ -596,6 +601,7 @@ impl Gpu {
                 fused,
                 copies: packing.copies(&wave.copies)?,
                 casts: packing.casts(&wave.casts)?,
+                gathers: packing.copies(&wave.gathers)?,
                 after,
                 tensor_start: packing.push(folds.tensor_start()),
                 late_tensors: packing.indices(&late_tensors)?,
@@ -621,9 +627,9 @@ impl Gpu {
 
     /// Runs an update. Per wave: the early tensors' fused runs (the largest, then the others),
     /// each launch followed by the fold of its tensors on a second stream, then the rest (fused
-    /// copy+digest, fallback copies and casts, their chunks' digests); then the other tensors'
+    /// copy+digest, fallback copies and casts, gathers, their chunks' digests); then the other tensors'
     /// folds on that stream too, while the main stream goes on with the next wave (into the
-    /// other chunk buffer). Nine launches a wave at most, however many tensors. Returns the
+    /// other chunk buffer). Ten launches a wave at most, however many tensors. Returns the
     /// digests.
     pub fn run_update(&self, batch: &UpdateBatch) -> Result<Vec<u64>, CudaError> {
         self.launch_update(batch)?.wait()
@@ -688,6 +694,7 @@ impl Gpu {
             self.launch_runs(main, base, &wave.fused, chunks, batch.kernel)?;
             self.launch_tiled(&k.copy, base, &wave.copies, "cuLaunchKernel(batched_copy)")?;
             self.launch_tiled(&k.cast, base, &wave.casts, "cuLaunchKernel(batched_cast_f32_bf16)")?;
+            self.launch_tiled(&k.copy, base, &wave.gathers, "cuLaunchKernel(batched_copy)")?;
             self.launch_runs(main, base, &wave.after, chunks, self.local_fused_kernel())?;
             side.join(main).call("cuStreamWaitEvent")?;
             self.combine(side, chunks, base, wave.tensor_start, &wave.late_tensors, out)?;

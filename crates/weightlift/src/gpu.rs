@@ -155,10 +155,13 @@ pub(crate) fn layout(manifest: &Manifest) -> (Vec<u64>, u64) {
 }
 
 /// A plan bound to device addresses, prepared once: each update is a handful of launches
-/// (at most nine per wave of up to 8 GiB) however many tensors, and its extra device memory is
+/// (at most ten per wave of up to 8 GiB) however many tensors, and its extra device memory is
 /// bounded (descriptors and one wave's chunk digests), never a staging copy of the model.
 pub struct GpuPlan {
     update: UpdateBatch,
+    /// Where bytes of a share's part that are digested in another order than they lie are
+    /// gathered (see [`Target::Tensors`]); None when the plan writes whole destinations.
+    _scratch: Option<DeviceBuffer>,
     /// Every strided copy of the plan (kept to build the copy-only batch for measurement).
     descs: Vec<CopyDesc>,
     destinations: Vec<(u64, u64)>,
@@ -170,8 +173,11 @@ pub struct GpuPlan {
 /// How a plan's destination bytes are produced.
 #[derive(Clone, Copy)]
 enum Target<'a> {
-    /// Written into the destination tensors at these addresses.
-    Tensors(&'a [u64]),
+    /// Written into the destination tensors at `ptrs`. A destination the plan writes only part
+    /// of (a sharded trainer's share) is digested as its part, the ops' blocks one after another
+    /// (as the host paths digest it): its bytes that cannot be digested as they are copied are
+    /// gathered from where they landed into `scratch` and digested there.
+    Tensors { ptrs: &'a [u64], scratch: u64 },
     /// Only digested, as they would be written: the sender's digests of what it means to send.
     /// Bytes that cannot be digested straight from the sources are assembled in `scratch`.
     DigestOnly { scratch: u64 },
@@ -201,13 +207,19 @@ impl GpuPlan {
     ) -> Result<GpuPlan, CudaError> {
         check_counts(plan, sources, Some(destinations))?;
         let work = Fusion::of(plan, sources, wave_chunks, source_gpu.wave_order())?;
-        let waves = work.waves(Target::Tensors(destinations));
+        let scratch = match work.scratch_bytes(false) {
+            0 => None,
+            bytes => Some(gpu.alloc(bytes as usize)?),
+        };
+        let at = scratch.as_ref().map_or(0, DeviceBuffer::device_ptr);
+        let waves = work.waves(Target::Tensors { ptrs: destinations, scratch: at });
         let descs = work.all_copies(destinations);
         Ok(GpuPlan {
             update: gpu.prepare_update(&waves, source_gpu)?,
+            _scratch: scratch,
             copy_count: descs.len(),
             descs,
-            destinations: destinations.iter().zip(&work.tensor_bytes).map(|(&p, &b)| (p, b)).collect(),
+            destinations: destinations.iter().zip(&plan.destinations).map(|(&p, d)| (p, d.byte_len())).collect(),
             fused_bytes: work.fused_bytes(),
         })
     }
@@ -279,7 +291,7 @@ impl ExpectedDigests {
         check_counts(plan, sources, None)?;
         // A sender digests its own tensors, on its own GPU.
         let work = Fusion::of(plan, sources, wave_chunks, SourceGpu::This.wave_order())?;
-        let scratch = gpu.alloc(work.scratch_bytes() as usize)?;
+        let scratch = gpu.alloc(work.scratch_bytes(true) as usize)?;
         let waves = work.waves(Target::DigestOnly { scratch: scratch.device_ptr() });
         Ok(ExpectedDigests { batch: gpu.prepare_update(&waves, SourceGpu::This)?, scratch })
     }
@@ -313,20 +325,42 @@ fn check_counts(plan: &Plan, sources: &[u64], destinations: Option<&[u64]>) -> R
 }
 
 /// One destination tensor's share of the work, with addresses relative to the tensor's start
-/// (`dst` fields hold offsets until the work is placed).
+/// (`dst` fields hold offsets until the work is placed). Chunks count in the tensor's digest
+/// unit: the tensor, or for a destination the plan writes only part of, that part.
 #[derive(Default)]
 struct TensorWork {
-    /// Whole chunks copied and digested in one pass; `out` is the tensor's chunk index.
+    /// Whole chunks copied and digested in one pass; `out` is the unit's chunk index.
     fused: Vec<FusedRun>,
     copies: Vec<CopyDesc>,
     casts: Vec<CastDesc>,
     /// Chunks the copies and casts write: digested after them.
     fallback_chunks: BTreeSet<u64>,
+    /// For a part of the destination: the bytes of the copies and casts, where they lie in the
+    /// part (they are digested from scratch, not where they landed).
+    part: Option<Vec<PartPiece>>,
 }
 
-/// A plan's copies sorted, per destination tensor, into fused runs (whole destination chunks
-/// from one contiguous source run) and fallback copies and casts.
+/// Bytes of a destination's part that a copy or a cast writes: where they lie in the part, and
+/// how they get into scratch (gathered from where the pull wrote them, or, digesting only,
+/// read from the sources).
+struct PartPiece {
+    /// Offset in the part.
+    at: u64,
+    /// Where they landed: `src` is the offset in the tensor, `dst` the offset in the part.
+    landed: CopyDesc,
+    from_source: FromSource,
+}
+
+/// A part's bytes read from the sources into scratch (`dst` is the offset in the part).
+enum FromSource {
+    Copy(CopyDesc),
+    Cast(CastDesc),
+}
+
+/// A plan's copies sorted, per destination tensor, into fused runs (whole chunks of its digest
+/// unit from one contiguous source run) and fallback copies and casts.
 struct Fusion {
+    /// Bytes of each destination's digest unit (the tensor, or the part the plan writes).
     tensor_bytes: Vec<u64>,
     tensors: Vec<TensorWork>,
     /// The tensors of each wave (see [`waves_of`]).
@@ -335,10 +369,14 @@ struct Fusion {
 
 impl Fusion {
     fn of(plan: &Plan, sources: &[u64], wave_chunks: u64, order: WaveOrder) -> Result<Fusion, CudaError> {
-        let tensor_bytes: Vec<u64> = plan.destinations.iter().map(|d| d.byte_len()).collect();
-        let tensors = (0..tensor_bytes.len()).map(|_| TensorWork::default()).collect();
+        let written = plan.share_bytes();
+        let partial: Vec<bool> = plan.destinations.iter().zip(&written).map(|(d, &w)| w < d.byte_len()).collect();
+        let tensor_bytes: Vec<u64> = written;
+        let tensors = partial.iter().map(|&p| TensorWork { part: p.then(Vec::new), ..TensorWork::default() }).collect();
         let waves = waves_of(&tensor_bytes, wave_chunks, order);
         let mut fusion = Fusion { tensors, tensor_bytes, waves };
+        // Where the next op's block starts in its destination's part.
+        let mut part_at = vec![0u64; plan.destinations.len()];
         for op in &plan.ops {
             let t = op.dst as usize;
             let dst_elt = plan.destinations[t].dtype.size();
@@ -354,33 +392,34 @@ impl Fusion {
                     )));
                 }
             }
+            // The block's 2-D pieces follow one another in its row-major order.
+            let mut at = part_at[t];
             for c in plan.strided(op) {
+                let piece_bytes = c.rows * c.row_elems * dst_elt;
                 if cast.is_some() {
-                    fusion.add_cast(
-                        t,
-                        CastDesc {
-                            src: src + c.src_offset * src_elt,
-                            dst: c.dst_offset * dst_elt,
-                            rows: c.rows,
-                            row_elems: c.row_elems,
-                            src_stride: c.src_stride * src_elt,
-                            dst_stride: c.dst_stride * dst_elt,
-                        },
-                    );
+                    let desc = CastDesc {
+                        src: src + c.src_offset * src_elt,
+                        dst: c.dst_offset * dst_elt,
+                        rows: c.rows,
+                        row_elems: c.row_elems,
+                        src_stride: c.src_stride * src_elt,
+                        dst_stride: c.dst_stride * dst_elt,
+                    };
+                    fusion.add_cast(t, desc, at);
                 } else {
-                    fusion.add(
-                        t,
-                        CopyDesc {
-                            src: src + c.src_offset * src_elt,
-                            dst: c.dst_offset * dst_elt,
-                            rows: c.rows,
-                            row_bytes: c.row_elems * dst_elt,
-                            src_stride: c.src_stride * src_elt,
-                            dst_stride: c.dst_stride * dst_elt,
-                        },
-                    );
+                    let desc = CopyDesc {
+                        src: src + c.src_offset * src_elt,
+                        dst: c.dst_offset * dst_elt,
+                        rows: c.rows,
+                        row_bytes: c.row_elems * dst_elt,
+                        src_stride: c.src_stride * src_elt,
+                        dst_stride: c.dst_stride * dst_elt,
+                    };
+                    fusion.add(t, desc, at);
                 }
+                at += piece_bytes;
             }
+            part_at[t] = at;
         }
         Ok(fusion)
     }
@@ -389,69 +428,92 @@ impl Fusion {
         self.tensors.iter().flat_map(|w| &w.fused).map(|r| r.bytes).sum()
     }
 
-    /// Adds one strided copy into tensor `t` (`c.dst` is the offset in the tensor).
-    fn add(&mut self, t: usize, c: CopyDesc) {
+    /// Adds one strided copy into tensor `t` (`c.dst` is the offset in the tensor; `at` where
+    /// its bytes start in the part, for a part).
+    fn add(&mut self, t: usize, c: CopyDesc, at: u64) {
         let dst_contiguous = c.rows <= 1 || c.dst_stride == c.row_bytes;
         if !dst_contiguous {
             // Interleaved destination rows: copy, then digest every chunk it spans.
-            let end = c.dst + (c.rows - 1) * c.dst_stride + c.row_bytes;
-            self.tensors[t].fallback_chunks.extend(c.dst / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+            let (len, end) = (c.rows * c.row_bytes, c.dst + (c.rows - 1) * c.dst_stride + c.row_bytes);
+            let landed = CopyDesc { src: c.dst, dst: at, src_stride: c.dst_stride, dst_stride: c.row_bytes, ..c };
+            let from_source = FromSource::Copy(CopyDesc { dst: at, dst_stride: c.row_bytes, ..c });
+            self.fallback(t, c.dst, (end, at, len), &landed, from_source);
             self.tensors[t].copies.push(c);
             return;
         }
         if c.rows <= 1 || c.src_stride == c.row_bytes {
-            self.add_run(t, c.dst, c.src, c.rows.max(1) * c.row_bytes);
+            self.add_run(t, c.dst, at, c.src, c.rows.max(1) * c.row_bytes);
         } else {
             // A row-parallel slice: each row is contiguous on both sides.
             for r in 0..c.rows {
-                self.add_run(t, c.dst + r * c.row_bytes, c.src + r * c.src_stride, c.row_bytes);
+                self.add_run(t, c.dst + r * c.row_bytes, at + r * c.row_bytes, c.src + r * c.src_stride, c.row_bytes);
             }
         }
     }
 
-    fn add_cast(&mut self, t: usize, c: CastDesc) {
-        let end = c.dst + (c.rows.max(1) - 1) * c.dst_stride + c.row_elems * 2;
-        self.tensors[t].fallback_chunks.extend(c.dst / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
+    fn add_cast(&mut self, t: usize, c: CastDesc, at: u64) {
+        let row_bytes = c.row_elems * 2;
+        let end = c.dst + (c.rows.max(1) - 1) * c.dst_stride + row_bytes;
+        let landed =
+            CopyDesc { src: c.dst, dst: at, rows: c.rows, row_bytes, src_stride: c.dst_stride, dst_stride: row_bytes };
+        let from_source = FromSource::Cast(CastDesc { dst: at, dst_stride: row_bytes, ..c });
+        self.fallback(t, c.dst, (end, at, c.rows.max(1) * row_bytes), &landed, from_source);
         self.tensors[t].casts.push(c);
     }
 
-    /// A contiguous run at `offset` of tensor `t`: its whole chunks are fused; bytes of chunks
-    /// it shares with other runs go the slow way.
-    fn add_run(&mut self, t: usize, offset: u64, src: u64, len: u64) {
-        let end = offset + len;
-        let body_start = offset.div_ceil(CHUNK_BYTES) * CHUNK_BYTES;
-        let body_end = if end == self.tensor_bytes[t] { end } else { end / CHUNK_BYTES * CHUNK_BYTES };
-        let plain = |from: u64, to: u64| CopyDesc {
-            src: src + (from - offset),
-            dst: from,
-            rows: 1,
-            row_bytes: to - from,
-            src_stride: 0,
-            dst_stride: 0,
-        };
+    /// Marks the chunks a copy or cast writes for digesting after it: of the tensor from
+    /// `start` to `end` (`span`: end, start in the part, bytes), or of the part. `landed` is
+    /// where the bytes lie in the tensor (`src`: offset) and in the part (`dst`).
+    fn fallback(&mut self, t: usize, start: u64, span: (u64, u64, u64), landed: &CopyDesc, from_source: FromSource) {
+        let (end, at, len) = span;
         let work = &mut self.tensors[t];
-        if body_start >= body_end {
-            work.copies.push(plain(offset, end));
-            work.fallback_chunks.extend(offset / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES));
-            return;
-        }
-        work.fused.push(FusedRun {
-            src: src + (body_start - offset),
-            dst: body_start,
-            bytes: body_end - body_start,
-            out: body_start / CHUNK_BYTES,
-        });
-        if offset < body_start {
-            work.copies.push(plain(offset, body_start));
-            work.fallback_chunks.insert(offset / CHUNK_BYTES);
-        }
-        if body_end < end {
-            work.copies.push(plain(body_end, end));
-            work.fallback_chunks.insert(body_end / CHUNK_BYTES);
+        match &mut work.part {
+            None => work.fallback_chunks.extend(start / CHUNK_BYTES..end.div_ceil(CHUNK_BYTES)),
+            Some(pieces) => {
+                work.fallback_chunks.extend(at / CHUNK_BYTES..(at + len).div_ceil(CHUNK_BYTES));
+                let landed = CopyDesc { dst: at, ..*landed };
+                pieces.push(PartPiece { at, landed, from_source });
+            }
         }
     }
 
-    /// Tensor `t`'s fallback chunks as byte ranges of the tensor (consecutive chunks merged).
+    /// A contiguous run at `offset` of tensor `t` (at `at` of its part, for a part): its whole
+    /// chunks of the digest unit are fused; bytes of chunks it shares with other runs go the
+    /// slow way.
+    fn add_run(&mut self, t: usize, offset: u64, at: u64, src: u64, len: u64) {
+        // Chunks count in the unit: the tensor's offsets, or the part's.
+        let unit = if self.tensors[t].part.is_some() { at } else { offset };
+        let end = unit + len;
+        let body_start = unit.div_ceil(CHUNK_BYTES) * CHUNK_BYTES;
+        let body_end = if end == self.tensor_bytes[t] { end } else { end / CHUNK_BYTES * CHUNK_BYTES };
+        let slow = |fusion: &mut Fusion, from: u64, to: u64| {
+            let (dst, len) = (offset + (from - unit), to - from);
+            let plain =
+                CopyDesc { src: src + (from - unit), dst, rows: 1, row_bytes: len, src_stride: 0, dst_stride: 0 };
+            let from_source = FromSource::Copy(CopyDesc { dst: at + (from - unit), ..plain });
+            let landed = CopyDesc { src: dst, ..plain };
+            fusion.fallback(t, dst, (dst + len, at + (from - unit), len), &landed, from_source);
+            fusion.tensors[t].copies.push(plain);
+        };
+        if body_start >= body_end {
+            slow(self, unit, end);
+            return;
+        }
+        self.tensors[t].fused.push(FusedRun {
+            src: src + (body_start - unit),
+            dst: offset + (body_start - unit),
+            bytes: body_end - body_start,
+            out: body_start / CHUNK_BYTES,
+        });
+        if unit < body_start {
+            slow(self, unit, body_start);
+        }
+        if body_end < end {
+            slow(self, body_end, end);
+        }
+    }
+
+    /// Tensor `t`'s fallback chunks as byte ranges of its unit (consecutive chunks merged).
     fn fallback_ranges(&self, t: usize) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for &chunk in &self.tensors[t].fallback_chunks {
@@ -464,11 +526,16 @@ impl Fusion {
         out
     }
 
-    /// Scratch a digest-only run needs: the largest wave's fallback bytes.
-    fn scratch_bytes(&self) -> u64 {
+    /// Scratch a run needs: the largest wave's fallback bytes digested from scratch (every
+    /// tensor's when only digesting, else the parts').
+    fn scratch_bytes(&self, digest_only: bool) -> u64 {
+        let in_scratch = |t: usize| digest_only || self.tensors[t].part.is_some();
         self.waves
             .iter()
-            .map(|tensors| tensors.iter().flat_map(|&t| self.fallback_ranges(t)).map(|(s, e)| e - s).sum::<u64>())
+            .map(|tensors| {
+                let ranges = tensors.iter().filter(|&&t| in_scratch(t)).flat_map(|&t| self.fallback_ranges(t));
+                ranges.map(|(s, e)| e - s).sum::<u64>()
+            })
             .max()
             .unwrap_or(0)
     }
@@ -483,11 +550,11 @@ impl Fusion {
                 for &t in tensors {
                     let work = &self.tensors[t];
                     let ranges = self.fallback_ranges(t);
-                    // Where each fallback range's bytes are written, and where a byte at
-                    // tensor offset `o` (inside range `i`) goes.
-                    let bases: Vec<u64> = match target {
-                        Target::Tensors(ptrs) => ranges.iter().map(|r| ptrs[t] + r.0).collect(),
-                        Target::DigestOnly { scratch } => ranges
+                    // Where each fallback range's bytes are digested: where they landed in a
+                    // whole tensor; in scratch only digesting, or for a part.
+                    let bases: Vec<u64> = match (target, work.part.is_some()) {
+                        (Target::Tensors { ptrs, .. }, false) => ranges.iter().map(|r| ptrs[t] + r.0).collect(),
+                        (Target::Tensors { scratch, .. }, true) | (Target::DigestOnly { scratch }, _) => ranges
                             .iter()
                             .map(|r| {
                                 let at = scratch + scratch_at;
@@ -496,19 +563,48 @@ impl Fusion {
                             })
                             .collect(),
                     };
+                    // Where a byte at unit offset `o` (inside range `i`) is digested.
                     let place = |o: u64| {
                         let i = ranges.partition_point(|r| r.1 <= o);
                         bases[i] + (o - ranges[i].0)
                     };
                     for r in &work.fused {
                         let dst = match target {
-                            Target::Tensors(ptrs) => ptrs[t] + r.dst,
+                            Target::Tensors { ptrs, .. } => ptrs[t] + r.dst,
                             Target::DigestOnly { .. } => 0,
                         };
                         wave.fused.push(FusedRun { dst, out: first_chunk + r.out, ..*r });
                     }
-                    wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: place(c.dst), ..*c }));
-                    wave.casts.extend(work.casts.iter().map(|c| CastDesc { dst: place(c.dst), ..*c }));
+                    match (target, &work.part) {
+                        (Target::Tensors { ptrs, .. }, part) => {
+                            let dst = |o: u64| match part {
+                                Some(_) => ptrs[t] + o,
+                                None => place(o),
+                            };
+                            wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: dst(c.dst), ..*c }));
+                            wave.casts.extend(work.casts.iter().map(|c| CastDesc { dst: dst(c.dst), ..*c }));
+                            for piece in part.iter().flatten() {
+                                let landed = &piece.landed;
+                                wave.gathers.push(CopyDesc {
+                                    src: ptrs[t] + landed.src,
+                                    dst: place(piece.at),
+                                    ..*landed
+                                });
+                            }
+                        }
+                        (Target::DigestOnly { .. }, None) => {
+                            wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: place(c.dst), ..*c }));
+                            wave.casts.extend(work.casts.iter().map(|c| CastDesc { dst: place(c.dst), ..*c }));
+                        }
+                        (Target::DigestOnly { .. }, Some(pieces)) => {
+                            for piece in pieces {
+                                match &piece.from_source {
+                                    FromSource::Copy(c) => wave.copies.push(CopyDesc { dst: place(c.dst), ..*c }),
+                                    FromSource::Cast(c) => wave.casts.push(CastDesc { dst: place(c.dst), ..*c }),
+                                }
+                            }
+                        }
+                    }
                     for (r, base) in ranges.iter().zip(&bases) {
                         wave.after.push((*base, r.1 - r.0, first_chunk + r.0 / CHUNK_BYTES));
                     }
@@ -539,6 +635,164 @@ impl Fusion {
 mod tests {
     use super::*;
     use weightlift_core::{destination_manifest, exec, plan, synthetic, PresetOptions, SourceSet, TpRank};
+
+    /// Device memory stood in for by host buffers at made-up addresses, to run a plan's waves
+    /// as the kernels would (without casts), here, without a GPU.
+    struct FakeMemory(Vec<(u64, Vec<u8>)>);
+
+    impl FakeMemory {
+        /// Buffers of `sizes` at addresses from `base` (each on its own 2^36 bytes).
+        fn add(&mut self, base: u64, sizes: impl IntoIterator<Item = u64>) -> Vec<u64> {
+            let mut ptrs = Vec::new();
+            for (i, n) in sizes.into_iter().enumerate() {
+                let at = base + ((i as u64) << 36);
+                self.0.push((at, vec![0x5a; n as usize]));
+                ptrs.push(at);
+            }
+            ptrs
+        }
+
+        fn region(&mut self, addr: u64, len: u64) -> &mut [u8] {
+            let (base, bytes) = self
+                .0
+                .iter_mut()
+                .find(|(b, v)| *b <= addr && addr + len <= *b + v.len() as u64)
+                .unwrap_or_else(|| panic!("{len} bytes at {addr:#x} lie in no buffer"));
+            let at = (addr - *base) as usize;
+            &mut bytes[at..at + len as usize]
+        }
+
+        fn copy(&mut self, c: &CopyDesc) {
+            for r in 0..c.rows.max(1) {
+                let row = self.region(c.src + r * c.src_stride, c.row_bytes).to_vec();
+                self.region(c.dst + r * c.dst_stride, c.row_bytes).copy_from_slice(&row);
+            }
+        }
+
+        /// Runs `waves` in launch order; the digest of every tensor, by its index.
+        fn run(&mut self, waves: &[Wave]) -> Vec<(usize, u64)> {
+            let mut digests = Vec::new();
+            for wave in waves {
+                assert!(wave.casts.is_empty(), "casts run on a GPU only");
+                let mut chunks = std::collections::HashMap::new();
+                for r in &wave.fused {
+                    let bytes = self.region(r.src, r.bytes).to_vec();
+                    if r.dst != 0 {
+                        self.region(r.dst, r.bytes).copy_from_slice(&bytes);
+                    }
+                    for (i, c) in weightlift_core::digest::chunk_digests(&bytes).into_iter().enumerate() {
+                        assert!(chunks.insert(r.out + i as u64, c).is_none(), "chunk {} twice", r.out + i as u64);
+                    }
+                }
+                wave.copies.iter().chain(&wave.gathers).for_each(|c| self.copy(c));
+                for &(addr, bytes, out) in &wave.after {
+                    let bytes = self.region(addr, bytes).to_vec();
+                    for (i, c) in weightlift_core::digest::chunk_digests(&bytes).into_iter().enumerate() {
+                        assert!(chunks.insert(out + i as u64, c).is_none(), "chunk {} twice", out + i as u64);
+                    }
+                }
+                let mut first = 0;
+                for (&t, &bytes) in wave.tensors.iter().zip(&wave.tensor_bytes) {
+                    let n = bytes.div_ceil(CHUNK_BYTES);
+                    let folded: Vec<u64> = (first..first + n).map(|c| chunks[&c]).collect();
+                    digests.push((t, weightlift_core::digest::combine(&folded)));
+                    first += n;
+                }
+            }
+            digests.sort_unstable();
+            digests
+        }
+    }
+
+    /// Each rank's share of a sharded trainer's plan, as the GPU would run it (pulled into the
+    /// destinations, and digested from the sources alone): the ranks together write the whole
+    /// plan, and each share's digests (its part of each destination, the ops' blocks one after
+    /// another, as the host paths digest it) agree on both sides. Cuts along dim 0 (FSDP) and
+    /// along the last dim (pieces that land strided), in small waves. Whole plans too.
+    #[test]
+    fn shares_run_as_their_waves_write_every_byte_once_and_digest_as_the_host() {
+        for (model, world, tp_size, last_dim, wave_chunks) in [
+            ("qwen3-moe-tiny", 4u32, 1, false, WAVE_CHUNKS),
+            ("qwen3-moe-tiny", 3, 2, false, 9),
+            ("qwen3-tiny", 2, 2, true, 5),
+            ("qwen3-tiny", 1, 2, false, 7),
+            ("qwen2-tiny", 3, 4, true, WAVE_CHUNKS),
+        ] {
+            let config = synthetic(model).unwrap();
+            let rules =
+                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+            let mut whole = HostTensors::synthetic(&config, 11);
+            whole.perturb();
+            let ranks: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> = (0..world)
+                .map(|r| {
+                    let mut boxes = crate::tensors::fsdp_boxes(whole.manifest(), r, world);
+                    if last_dim {
+                        for ((offset, shape), spec) in boxes.iter_mut().zip(whole.manifest().iter()) {
+                            offset.iter_mut().for_each(|o| *o = 0);
+                            shape.clone_from(&spec.shape);
+                            if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
+                                let each = n.div_ceil(u64::from(world));
+                                *o = (each * u64::from(r)).min(*n);
+                                *n = each.min(*n - *o);
+                            }
+                        }
+                    }
+                    whole.cut(&boxes)
+                })
+                .collect();
+            let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
+            let sources = SourceSet::placed(manifests, placements).unwrap();
+            let whole_source = SourceSet::single(config.source_manifest());
+            for tp in TpRank::all(tp_size) {
+                let label = format!("{model} {world} ranks {tp} last dim {last_dim}");
+                let dest = destination_manifest(&whole_source, &rules, tp, None, false).unwrap();
+                let plan = plan(&sources, &dest, &rules, tp).unwrap();
+                let mut memory = FakeMemory(Vec::new());
+                let dst = memory.add(1 << 56, dest.iter().map(|d| d.byte_len()));
+                let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+                for (r, (tensors, _)) in ranks.iter().enumerate() {
+                    let share = plan.share_of(r as u32);
+                    let src = memory.add((r as u64 + 1) << 48, tensors.manifest().iter().map(|s| s.byte_len()));
+                    for (i, &at) in src.iter().enumerate() {
+                        memory.region(at, tensors.data()[i].len() as u64).copy_from_slice(&tensors.data()[i]);
+                    }
+                    let refs: Vec<&[u8]> = tensors.data().iter().map(Vec::as_slice).collect();
+                    exec::execute(&share, &refs, &mut expected).unwrap();
+                    let work = Fusion::of(&share, &src, wave_chunks, WaveOrder::LargestFirst).unwrap();
+                    let pulled = memory.add(1 << 60, [work.scratch_bytes(false).max(1)])[0];
+                    let ours = memory.run(&work.waves(Target::Tensors { ptrs: &dst, scratch: pulled }));
+                    let scratch = memory.add(1 << 61, [work.scratch_bytes(true).max(1)])[0];
+                    let theirs = memory.run(&work.waves(Target::DigestOnly { scratch }));
+                    memory.0.retain(|(b, _)| *b < 1 << 60);
+                    let written = share.share_bytes();
+                    let host: Vec<(usize, u64)> = (0..dest.len())
+                        .map(|d| {
+                            let landed = memory.region(dst[d], dest.specs()[d].byte_len()).to_vec();
+                            if written[d] == dest.specs()[d].byte_len() {
+                                return (d, weightlift_core::digest::digest(&landed));
+                            }
+                            let mut part = Vec::new();
+                            for op in share.ops.iter().filter(|op| op.dst as usize == d) {
+                                let mut block = vec![0u8; share.op_bytes(op) as usize];
+                                exec::gather(&share, op, &landed, &mut block).unwrap();
+                                part.extend_from_slice(&block);
+                            }
+                            (d, weightlift_core::digest::digest(&part))
+                        })
+                        .collect();
+                    assert_eq!(ours, host, "{label}: rank {r}'s pull digests differ from the host's");
+                    assert_eq!(theirs, host, "{label}: rank {r}'s own digests differ from the host's");
+                }
+                for (d, want) in expected.iter().enumerate() {
+                    assert!(
+                        memory.region(dst[d], want.len() as u64) == want.as_slice(),
+                        "{label}: `{}`",
+                        dest.specs()[d].name
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
@@ -604,6 +858,106 @@ mod tests {
                         assert_eq!(unfused, cpu, "{model} {tp}: unfused digests differ");
                     }
                 }
+            }
+        }
+    }
+
+    /// Each rank of a sharded trainer moves its share on the GPU: the ranks' pulls together
+    /// write the whole plan bit for bit, and each share's digests (the part of a destination it
+    /// writes, its ops' blocks one after another) equal the host's and the sender's own. Cuts
+    /// along dim 0 (FSDP, uneven), along the last dim (row-parallel pieces, which land strided),
+    /// with f32 sources cast to bf16, and tiny waves.
+    #[test]
+    #[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+    fn shares_of_a_sharded_trainer_pull_and_digest_on_the_gpu_as_on_the_host() {
+        let gpu = Gpu::open(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+        // (model, ranks, TP size, cut the last dim instead of dim 0, f32 cast to bf16, chunks per wave)
+        let cases = [
+            ("qwen3-moe-tiny", 4, 1, false, false, WAVE_CHUNKS),
+            ("qwen3-moe-tiny", 3, 2, false, false, 9),
+            ("qwen3-tiny", 2, 2, true, false, WAVE_CHUNKS),
+            ("qwen3-tiny", 3, 1, false, true, 5),
+            ("qwen3-0.6b", 4, 2, false, false, 20_000),
+        ];
+        for (model, world, tp_size, last_dim, cast, wave_chunks) in cases {
+            let mut config = synthetic(model).unwrap();
+            if cast {
+                config.dtype = weightlift_core::DType::F32;
+            }
+            let engine_dtype = cast.then_some(weightlift_core::DType::BF16);
+            let rules =
+                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+            let mut whole = HostTensors::synthetic(&config, 11);
+            whole.perturb();
+            let ranks: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> = (0..world)
+                .map(|r| match last_dim {
+                    false => whole.fsdp_shard(r, world),
+                    true => {
+                        let boxes: Vec<(Vec<u64>, Vec<u64>)> = whole
+                            .manifest()
+                            .iter()
+                            .map(|spec| {
+                                let (mut offset, mut shape) = (vec![0; spec.shape.len()], spec.shape.clone());
+                                if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
+                                    let each = n.div_ceil(u64::from(world));
+                                    *o = (each * u64::from(r)).min(*n);
+                                    *n = each.min(*n - *o);
+                                }
+                                (offset, shape)
+                            })
+                            .collect();
+                        whole.cut(&boxes)
+                    }
+                })
+                .collect();
+            let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
+            let sources = SourceSet::placed(manifests, placements).unwrap();
+            let whole_source = SourceSet::single(config.source_manifest());
+            for tp in TpRank::all(tp_size) {
+                let label = format!("{model} {world} ranks {tp} last dim {last_dim} cast {cast}");
+                let dest = destination_manifest(&whole_source, &rules, tp, engine_dtype, false).unwrap();
+                let plan = plan(&sources, &dest, &rules, tp).unwrap();
+                let mut dst = GpuTensors::alloc(&gpu, &dest).unwrap();
+                dst.fill(&gpu, 0x33).unwrap();
+                let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+                let mut shares = Vec::new();
+                for (r, (tensors, _)) in ranks.iter().enumerate() {
+                    let share = plan.share_of(r as u32);
+                    let mut src = GpuTensors::alloc(&gpu, tensors.manifest()).unwrap();
+                    src.upload(tensors).unwrap();
+                    let refs: Vec<&[u8]> = tensors.data().iter().map(Vec::as_slice).collect();
+                    exec::execute(&share, &refs, &mut expected).unwrap();
+                    let bound =
+                        GpuPlan::with_wave_chunks(&gpu, &share, &src.ptrs(), SourceGpu::This, &dst.ptrs(), wave_chunks)
+                            .unwrap();
+                    let sender = ExpectedDigests::with_wave_chunks(&gpu, &share, &src.ptrs(), wave_chunks).unwrap();
+                    shares.push((share, src, bound, sender));
+                }
+                for (r, (share, _src, bound, sender)) in shares.iter().enumerate() {
+                    let ours = bound.update(&gpu).unwrap();
+                    let written = share.share_bytes();
+                    let (_, landed) = dst.download().unwrap().into_parts();
+                    // The host's digest of the share: the whole tensor, or its ops' blocks read
+                    // back from where they landed, one after another.
+                    let host: Vec<u64> = (0..dest.len())
+                        .map(|d| {
+                            if written[d] == dest.specs()[d].byte_len() {
+                                return weightlift_core::digest::digest(&landed[d]);
+                            }
+                            let mut part = Vec::new();
+                            for op in share.ops.iter().filter(|op| op.dst as usize == d) {
+                                let mut block = vec![0u8; share.op_bytes(op) as usize];
+                                exec::gather(share, op, &landed[d], &mut block).unwrap();
+                                part.extend_from_slice(&block);
+                            }
+                            weightlift_core::digest::digest(&part)
+                        })
+                        .collect();
+                    assert_eq!(ours, host, "{label}: rank {r}'s share digests differ from the host's");
+                    assert_eq!(sender.run(&gpu).unwrap(), host, "{label}: rank {r}'s own digests differ");
+                }
+                let (_, got) = dst.download().unwrap().into_parts();
+                assert!(got == expected, "{label}: bytes differ");
             }
         }
     }

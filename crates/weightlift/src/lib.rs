@@ -59,7 +59,7 @@ pub use report::{StreamTiming, UpdateOutcome, UpdateReport};
 // Tensors updated from and into: host memory, checkpoints, GPU memory (shared over CUDA IPC).
 pub use cuda_ipc::{next_allocation_id, DeviceTensors};
 pub use gpu::{GpuPlan, GpuTensors};
-pub use tensors::{CheckpointTensors, DestinationTensors, HostTensors, SourceTensors};
+pub use tensors::{fsdp_boxes, fsdp_pieces, CheckpointTensors, DestinationTensors, HostTensors, SourceTensors};
 
 // Connecting the two sides: addresses, transports, the wire version, the token and its checks.
 pub use net::{Endpoint, Listener};

@@ -149,22 +149,7 @@ impl HostTensors {
     /// What FSDP2 gives rank `rank` of `world`: dim 0 of every tensor cut as `torch.chunk`
     /// cuts it (pieces of ceil(rows / world) rows, the last ranks' shorter or empty).
     pub fn fsdp_shard(&self, rank: u32, world: u32) -> (HostTensors, Vec<Option<Placement>>) {
-        let boxes: Vec<(Vec<u64>, Vec<u64>)> = self
-            .manifest
-            .iter()
-            .map(|spec| {
-                let mut offset = vec![0; spec.shape.len()];
-                let mut shape = spec.shape.clone();
-                if let (Some(first), Some(&rows)) = (shape.first_mut(), spec.shape.first()) {
-                    let chunk = rows.div_ceil(u64::from(world.max(1)));
-                    let start = (chunk * u64::from(rank)).min(rows);
-                    *first = (start + chunk).min(rows) - start;
-                    offset[0] = start;
-                }
-                (offset, shape)
-            })
-            .collect();
-        self.cut(&boxes)
+        self.cut(&fsdp_boxes(&self.manifest, rank, world))
     }
 
     /// A copy of any source's tensors in host memory (a checkpoint to step in a demo).
@@ -320,4 +305,36 @@ impl SourceTensors for CheckpointTensors {
             .sum();
         Some(if total == 0 { 1.0 } else { resident / total as f64 })
     }
+}
+
+/// Rank `rank` of `world`'s FSDP2 box of each tensor of `whole` (see
+/// [`HostTensors::fsdp_shard`]): (offset, shape).
+pub fn fsdp_boxes(whole: &Manifest, rank: u32, world: u32) -> Vec<(Vec<u64>, Vec<u64>)> {
+    whole
+        .iter()
+        .map(|spec| {
+            let mut offset = vec![0; spec.shape.len()];
+            let mut shape = spec.shape.clone();
+            if let (Some(first), Some(&rows)) = (shape.first_mut(), spec.shape.first()) {
+                let chunk = rows.div_ceil(u64::from(world.max(1)));
+                let start = (chunk * u64::from(rank)).min(rows);
+                *first = (start + chunk).min(rows) - start;
+                offset[0] = start;
+            }
+            (offset, shape)
+        })
+        .collect()
+}
+
+/// The manifest of rank `rank` of `world`'s FSDP2 pieces of `whole`, and their placements:
+/// what [`HostTensors::fsdp_shard`] holds, without the bytes.
+pub fn fsdp_pieces(whole: &Manifest, rank: u32, world: u32) -> (Manifest, Vec<Option<Placement>>) {
+    let boxes = fsdp_boxes(whole, rank, world);
+    let specs = whole.iter().zip(&boxes).map(|(spec, (_, shape))| TensorSpec { shape: shape.clone(), ..spec.clone() });
+    let placements = whole
+        .iter()
+        .zip(&boxes)
+        .map(|(spec, (offset, _))| Some(Placement { offset: offset.clone(), whole: spec.shape.clone() }))
+        .collect();
+    (Manifest::new(specs.collect()).expect("the pieces keep the whole tensors' names"), placements)
 }

@@ -8,8 +8,9 @@ use serde::Serialize;
 use weightlift::core::{Manifest, RuleSet};
 use weightlift::core::{TpRank, Version};
 use weightlift::{
-    check_exposure, default_threads, CheckpointTensors, Endpoint, Fault, GpuTensors, HostTensors, ModelSource,
-    ReceiverState, Sender, SenderOptions, SetupError, Shard, SourceTensors, StepReport, Token, Trainer, TransportKind,
+    check_exposure, default_threads, fsdp_pieces, CheckpointTensors, Endpoint, Fault, GpuTensors, HostTensors,
+    ModelSource, ReceiverState, Sender, SenderOptions, SetupError, Shard, SourceTensors, StepReport, Token, Trainer,
+    TransportKind,
 };
 
 use super::{gb, open_gpu, CommandError, DeviceArg, ModelArgs, TrainerArgs};
@@ -186,22 +187,56 @@ fn push_shard(
     if rank >= world {
         return Err(SetupError::Invalid(format!("--rank {rank} is not below --world {world}")).into());
     }
-    if args.trainer.device != DeviceArg::Host {
-        return Err(SetupError::Invalid("--rank/--world push from host memory (--device host)".into()).into());
-    }
+    let gpu_fill = args.gpu_fill && args.trainer.device != DeviceArg::Host;
+    // With --gpu-fill no host copy is made: the shard is filled on the GPU each step.
     let mut whole = match model {
-        ModelSource::Synthetic(config) => HostTensors::synthetic(config, 7),
-        ModelSource::Dir(dir) => HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?),
+        ModelSource::Synthetic(_) if gpu_fill => None,
+        ModelSource::Synthetic(config) => Some(HostTensors::synthetic(config, 7)),
+        ModelSource::Dir(_) if gpu_fill => {
+            return Err(SetupError::Invalid("--gpu-fill steps synthetic models only".into()).into())
+        }
+        ModelSource::Dir(dir) => {
+            Some(HostTensors::copy_of(&CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?))
+        }
     };
-    let (mine, placements) = whole.fsdp_shard(rank, world);
+    let (pieces, placements) = fsdp_pieces(&model.manifest(), rank, world);
+    // On a GPU, the shard is uploaded there every step (as a trainer rank's local shard lives).
+    let mut on_gpu = match args.trainer.device {
+        DeviceArg::Host => None,
+        DeviceArg::Cuda(ordinal) => {
+            let gpu = open_gpu(ordinal)?;
+            let tensors = GpuTensors::alloc(&gpu, &pieces)?;
+            Some((gpu, tensors))
+        }
+    };
     let shard = Shard { rank, world, placements };
-    let mut trainer = Trainer::connect_shard(&args.to, mine.manifest(), rules, &options, &shard)?;
+    let mut trainer = Trainer::connect_shard(&args.to, &pieces, rules, &options, &shard)?;
     let mut steps = Vec::new();
     for step in 0..args.steps {
-        whole.perturb();
-        let (mine, _) = whole.fsdp_shard(rank, world);
-        steps.push(push_one(&mut trainer, Version(args.version + step), &mine, args)?);
-        if !steps.last().is_some_and(|s| s.committed) {
+        let version = Version(args.version + step);
+        let mine = whole.as_mut().map(|whole| {
+            whole.perturb();
+            whole.fsdp_shard(rank, world).0
+        });
+        let step = match (on_gpu.as_mut(), &mine) {
+            (None, Some(mine)) => push_one(&mut trainer, version, mine, args)?,
+            (Some((gpu, tensors)), mine) => {
+                match mine {
+                    Some(mine) => tensors.upload(mine)?,
+                    None => {
+                        tensors.fill(gpu, 0x11u8.wrapping_add(version.0 as u8))?;
+                        gpu.synchronize()?;
+                    }
+                }
+                let step = trainer.push_device(version, gpu, tensors)?;
+                report_progress(&step, args);
+                step
+            }
+            (None, None) => return Err(SetupError::Invalid("--gpu-fill fills a GPU: --device cuda:N".into()).into()),
+        };
+        let committed = step.committed;
+        steps.push(step);
+        if !committed {
             break;
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{digest, plan, Plan, SourceSet};
 
-use crate::protocol::{Message, ProblemNote, ProtocolError, ShardSource};
+use crate::protocol::{Message, ProblemNote, ProtocolError, ShardSource, TransportKind};
 use crate::report::UpdateReport;
 
 use super::connection::ConnectionError;
@@ -65,9 +65,18 @@ impl Receiver {
             );
             return Err(refuse(&mut greeted.conn, reason));
         }
-        if self.shared.stream.is_some() || !matches!(*self.store(), Store::Host(_)) {
-            let reason = "a sharded trainer's ranks update receivers in host memory (not yet a GPU's or a \
-                          streaming receiver's)";
+        let ipc = greeted.hello.transport == TransportKind::CudaIpc;
+        let refusal = match &*self.store() {
+            _ if self.shared.stream.is_some() => {
+                Some("a streaming receiver takes one sender (not yet a sharded trainer)")
+            }
+            Store::Host(_) => None,
+            Store::Device { .. } if ipc => None,
+            Store::Device { .. } => {
+                Some("a sharded trainer's ranks update a GPU receiver over CUDA IPC (not yet from host memory, staged)")
+            }
+        };
+        if let Some(reason) = refusal {
             return Err(refuse(&mut greeted.conn, reason.into()));
         }
         let gathering = &self.shared.gathering;
@@ -198,8 +207,10 @@ impl Receiver {
                 report.unpack_seconds += part.unpack_seconds;
                 match outcome {
                     Outcome::Verified { digests: ours, compared: c, two_phase: t } => {
+                        // A share's digest of a destination it does not write (of no bytes)
+                        // says nothing of the destination.
                         for (d, value) in ours.into_iter().enumerate() {
-                            if value.is_some() && !shared[d] {
+                            if value.is_some() && !shared[d] && writers[d] == Some(r as u32) {
                                 digests[d] = value;
                             }
                         }
@@ -218,6 +229,15 @@ impl Receiver {
                     for d in (0..shared.len()).filter(|&d| shared[d]) {
                         digests[d] = Some(digest::digest(tensors.bytes(d)));
                     }
+                }
+                // On a GPU the whole is not digested again (it would read those tensors a
+                // second time): their digest is no longer known, so a later update sends them
+                // whole.
+                if digests.iter().zip(&shared).any(|(d, &s)| s && d.is_none()) {
+                    let mut state = self.state();
+                    (0..shared.len())
+                        .filter(|&d| shared[d] && digests[d].is_none())
+                        .for_each(|d| state.digests[d] = None);
                 }
                 Outcome::Verified { digests, compared, two_phase }
             });

@@ -181,6 +181,9 @@ enum Target<'a> {
     /// Only digested, as they would be written: the sender's digests of what it means to send.
     /// Bytes that cannot be digested straight from the sources are assembled in `scratch`.
     DigestOnly { scratch: u64 },
+    /// Already written into the destination tensors at `ptrs` (by another path): digested
+    /// where they landed, a part's bytes that lie out of its order gathered into `scratch`.
+    Landed { ptrs: &'a [u64], scratch: u64 },
 }
 
 impl GpuPlan {
@@ -267,6 +270,31 @@ impl GpuPlan {
     /// For measurement: digests of the destinations alone.
     pub fn digest_batch(&self, gpu: &Gpu) -> Result<DigestBatch, CudaError> {
         gpu.prepare_digests(&self.destinations)
+    }
+}
+
+/// The digests of a plan's destinations as they are now, where another path wrote them (a
+/// destination the plan writes part of: that part, as [`GpuPlan`] digests it).
+pub struct LandedDigests {
+    batch: UpdateBatch,
+    _scratch: Option<DeviceBuffer>,
+}
+
+impl LandedDigests {
+    pub fn new(gpu: &Gpu, plan: &Plan, destinations: &[u64]) -> Result<LandedDigests, CudaError> {
+        check_counts(plan, &vec![0; plan.sources.len()], Some(destinations))?;
+        let work = Fusion::landed(plan, WAVE_CHUNKS)?;
+        let scratch = match work.scratch_bytes(false) {
+            0 => None,
+            bytes => Some(gpu.alloc(bytes as usize)?),
+        };
+        let at = scratch.as_ref().map_or(0, DeviceBuffer::device_ptr);
+        let waves = work.waves(Target::Landed { ptrs: destinations, scratch: at });
+        Ok(LandedDigests { batch: gpu.prepare_update(&waves, SourceGpu::This)?, _scratch: scratch })
+    }
+
+    pub fn run(&self, gpu: &Gpu) -> Result<Vec<u64>, CudaError> {
+        gpu.run_update(&self.batch)
     }
 }
 
@@ -368,7 +396,17 @@ struct Fusion {
 }
 
 impl Fusion {
+    /// The work of digesting `plan`'s destinations where another path wrote them
+    /// ([`Target::Landed`]): the sources are not read, and casts are copies of what landed.
+    fn landed(plan: &Plan, wave_chunks: u64) -> Result<Fusion, CudaError> {
+        Fusion::build(plan, None, wave_chunks, WaveOrder::LargestFirst)
+    }
+
     fn of(plan: &Plan, sources: &[u64], wave_chunks: u64, order: WaveOrder) -> Result<Fusion, CudaError> {
+        Fusion::build(plan, Some(sources), wave_chunks, order)
+    }
+
+    fn build(plan: &Plan, sources: Option<&[u64]>, wave_chunks: u64, order: WaveOrder) -> Result<Fusion, CudaError> {
         let written = plan.share_bytes();
         let partial: Vec<bool> = plan.destinations.iter().zip(&written).map(|(d, &w)| w < d.byte_len()).collect();
         let tensor_bytes: Vec<u64> = written;
@@ -381,8 +419,8 @@ impl Fusion {
             let t = op.dst as usize;
             let dst_elt = plan.destinations[t].dtype.size();
             let src_elt = plan.sources[op.src as usize].spec.dtype.size();
-            let src = sources[op.src as usize];
-            let cast = plan.cast(op);
+            let src = sources.map_or(0, |s| s[op.src as usize]);
+            let cast = plan.cast(op).filter(|_| sources.is_some());
             if let Some(cast) = cast {
                 if (cast.from, cast.to) != (DType::F32, DType::BF16) {
                     let name = &plan.destinations[t].name;
@@ -553,8 +591,11 @@ impl Fusion {
                     // Where each fallback range's bytes are digested: where they landed in a
                     // whole tensor; in scratch only digesting, or for a part.
                     let bases: Vec<u64> = match (target, work.part.is_some()) {
-                        (Target::Tensors { ptrs, .. }, false) => ranges.iter().map(|r| ptrs[t] + r.0).collect(),
-                        (Target::Tensors { scratch, .. }, true) | (Target::DigestOnly { scratch }, _) => ranges
+                        (Target::Tensors { ptrs, .. } | Target::Landed { ptrs, .. }, false) => {
+                            ranges.iter().map(|r| ptrs[t] + r.0).collect()
+                        }
+                        (Target::Tensors { scratch, .. } | Target::Landed { scratch, .. }, true)
+                        | (Target::DigestOnly { scratch }, _) => ranges
                             .iter()
                             .map(|r| {
                                 let at = scratch + scratch_at;
@@ -569,13 +610,24 @@ impl Fusion {
                         bases[i] + (o - ranges[i].0)
                     };
                     for r in &work.fused {
-                        let dst = match target {
-                            Target::Tensors { ptrs, .. } => ptrs[t] + r.dst,
-                            Target::DigestOnly { .. } => 0,
+                        let (src, dst) = match target {
+                            Target::Tensors { ptrs, .. } => (r.src, ptrs[t] + r.dst),
+                            Target::DigestOnly { .. } => (r.src, 0),
+                            Target::Landed { ptrs, .. } => (ptrs[t] + r.dst, 0),
                         };
-                        wave.fused.push(FusedRun { dst, out: first_chunk + r.out, ..*r });
+                        wave.fused.push(FusedRun { src, dst, out: first_chunk + r.out, ..*r });
                     }
                     match (target, &work.part) {
+                        (Target::Landed { ptrs, .. }, part) => {
+                            for piece in part.iter().flatten() {
+                                let landed = &piece.landed;
+                                wave.gathers.push(CopyDesc {
+                                    src: ptrs[t] + landed.src,
+                                    dst: place(piece.at),
+                                    ..*landed
+                                });
+                            }
+                        }
                         (Target::Tensors { ptrs, .. }, part) => {
                             let dst = |o: u64| match part {
                                 Some(_) => ptrs[t] + o,

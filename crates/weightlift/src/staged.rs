@@ -21,6 +21,7 @@ use weightlift_cuda::{
     CopyBatch, CopyDesc, CudaError, DeviceBuffer, DigestBatch, Gpu, HostRegistration, SharedAllocation,
 };
 
+use crate::gpu::LandedDigests;
 use crate::protocol::DeviceSlots;
 use crate::update::Schedule;
 
@@ -59,7 +60,7 @@ pub struct Staging {
     /// Per buffer, the copy batches of an update that skips nothing, built once per connection.
     full: Vec<Vec<CopyBatch>>,
     /// Every destination, digested after the last bucket.
-    digests: DigestBatch,
+    digests: Landed,
     /// For a streaming receiver: per bucket, the destinations it completes, digested as soon
     /// as it landed.
     bucket_digests: Vec<DigestBatch>,
@@ -85,9 +86,16 @@ impl Staging {
                 .map(|_| gpu.alloc_shareable(bucket_bytes as usize).map(Buffer::Slot))
                 .collect::<Result<_, _>>()?,
         };
-        let regions: Vec<(u64, u64)> =
-            destinations.iter().zip(&plan.destinations).map(|(&ptr, spec)| (ptr, spec.byte_len())).collect();
-        let digests = gpu.prepare_digests(&regions)?;
+        let partial = plan.share_bytes().iter().zip(&plan.destinations).any(|(&w, d)| w < d.byte_len());
+        let digests = match partial {
+            // A sharded trainer's share: each destination digested as the part it writes.
+            true => Landed::Parts(LandedDigests::new(&gpu, plan, &destinations)?),
+            false => {
+                let regions: Vec<(u64, u64)> =
+                    destinations.iter().zip(&plan.destinations).map(|(&ptr, spec)| (ptr, spec.byte_len())).collect();
+                Landed::Whole(gpu.prepare_digests(&regions)?)
+            }
+        };
         let mut staging = Staging {
             gpu,
             buffers,
@@ -259,6 +267,15 @@ impl StagedUpdate<'_> {
     pub fn digests(&self) -> Result<Vec<u64>, CudaError> {
         let gpu = &self.staging.gpu;
         gpu.synchronize()?;
-        gpu.run_digests(&self.staging.digests)
+        match &self.staging.digests {
+            Landed::Whole(batch) => gpu.run_digests(batch),
+            Landed::Parts(parts) => parts.run(gpu),
+        }
     }
+}
+
+/// The digests of what landed: whole destinations, or the parts a share writes.
+enum Landed {
+    Whole(DigestBatch),
+    Parts(LandedDigests),
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use weightlift_core::{digest, plan, Plan, SourceSet};
 
-use crate::protocol::{Message, ProblemNote, ProtocolError, ShardSource, TransportKind};
+use crate::protocol::{Message, ProblemNote, ProtocolError, ShardSource};
 use crate::report::UpdateReport;
 
 use super::connection::ConnectionError;
@@ -65,18 +65,8 @@ impl Receiver {
             );
             return Err(refuse(&mut greeted.conn, reason));
         }
-        let ipc = greeted.hello.transport == TransportKind::CudaIpc;
-        let refusal = match &*self.store() {
-            _ if self.shared.stream.is_some() => {
-                Some("a streaming receiver takes one sender (not yet a sharded trainer)")
-            }
-            Store::Host(_) => None,
-            Store::Device { .. } if ipc => None,
-            Store::Device { .. } => {
-                Some("a sharded trainer's ranks update a GPU receiver over CUDA IPC (not yet from host memory, staged)")
-            }
-        };
-        if let Some(reason) = refusal {
+        if self.shared.stream.is_some() {
+            let reason = "a streaming receiver takes one sender (not yet a sharded trainer)";
             return Err(refuse(&mut greeted.conn, reason.into()));
         }
         let gathering = &self.shared.gathering;

@@ -39,6 +39,8 @@ cat > .gpu/run.sh <<'RUN'
 # Runs every GPU test (the ignored ones) and the GPU benchmark; summary last.
 cd "$(dirname "$0")"
 export NCCL_NVLS_ENABLE=0
+# NCCL: the libnccl.so.2 of torch's nvidia-nccl wheel, unless one is named already.
+export WEIGHTLIFT_NCCL=${WEIGHTLIFT_NCCL:-$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(n.__path__[0], "lib", "libnccl.so.2"))' 2>/dev/null)}
 # Integration tests start the CLI from here, not from the build machine's target/.
 export WEIGHTLIFT_BIN="$PWD/weightlift"
 # torch's f32 -> bf16 cast, for the cast kernel's test to match bit for bit.

@@ -16,6 +16,8 @@
 //! - [`FileReader`]: large positional reads of a file, `O_DIRECT` where the filesystem takes it,
 //!   for cold checkpoints; [`cufile_available`] and [`CuFileReader`]: GPUDirect Storage through
 //!   cuFile, loaded at run time, reading files straight into device memory.
+//! - [`nccl_available`], [`Comm`]: NCCL, loaded at run time, non-blocking communicators with
+//!   deadlines (broadcast, grouped sends and receives).
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod cufile;
@@ -26,6 +28,7 @@ pub mod host_copy;
 pub mod host_map;
 pub mod ipc;
 pub mod kernels;
+pub mod nccl;
 pub mod vmm;
 pub mod vmm_pool;
 
@@ -43,6 +46,7 @@ pub use kernels::{
     CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, LaunchedUpdate, SourceGpu,
     UpdateBatch, Wave, CHUNK_BYTES,
 };
+pub use nccl::{nccl_available, Comm, NcclError, NcclInfo, UniqueId, NCCL_PATH_ENV};
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};
 // Scheduling lives in weightlift-core; re-exported for the kernels' callers, as before.

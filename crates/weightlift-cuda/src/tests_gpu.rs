@@ -455,3 +455,46 @@ fn page_locked_ranges_are_told_from_pageable_ones() {
     drop(pinned);
     assert_eq!(gpu.unlocked_bytes(&[tail]).unwrap(), tail.len() as u64);
 }
+
+/// NCCL on one GPU: a communicator of one rank moves bytes to itself by broadcast and by a
+/// grouped send and receive; a communicator of two whose second rank never comes gives up at
+/// its deadline, aborted, instead of hanging. (`WEIGHTLIFT_NCCL` names torch's libnccl.so.2
+/// where the loader does not find one.)
+#[test]
+#[ignore = "needs a GPU and NCCL: run scripts/gpu-tests.sh on a GPU machine"]
+fn nccl_moves_bytes_on_one_gpu_and_a_rank_that_never_comes_times_out() {
+    use std::time::{Duration, Instant};
+
+    use crate::nccl::{nccl_available, Comm, NcclError, UniqueId};
+    let gpu = gpu();
+    let info = nccl_available().unwrap_or_else(|e| panic!("{e}"));
+    assert!(info.version >= 21700, "{info:?}");
+    let id = UniqueId::new().unwrap();
+    assert_eq!(UniqueId::from_hex(&id.to_hex()), Some(id));
+    let mut comm = Comm::init(&gpu, &id, 0, 1, Duration::from_secs(60)).unwrap();
+    let len = (1 << 20) + 3;
+    let data = bytes(len, 17);
+    let mut src = gpu.alloc(len).unwrap();
+    src.upload(&data).unwrap();
+    let deadline = || Instant::now() + Duration::from_secs(30);
+    for grouped in [false, true] {
+        let mut dst = gpu.alloc(len).unwrap();
+        dst.fill(&gpu, 0).unwrap();
+        match grouped {
+            false => comm.broadcast(&gpu, src.device_ptr(), dst.device_ptr(), len, 0, deadline()).unwrap(),
+            true => {
+                let (s, d) = ([(src.device_ptr(), len, 0)], [(dst.device_ptr(), len, 0)]);
+                comm.exchange(&gpu, &s, &d, deadline()).unwrap()
+            }
+        }
+        gpu.synchronize().unwrap();
+        let mut got = vec![0u8; len];
+        dst.download(&mut got).unwrap();
+        assert!(got == data, "grouped {grouped}: bytes differ");
+    }
+    drop(comm);
+    let started = Instant::now();
+    let lonely = Comm::init(&gpu, &UniqueId::new().unwrap(), 0, 2, Duration::from_secs(2));
+    assert!(matches!(lonely, Err(NcclError::Timeout { .. })), "{:?}", lonely.err());
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}

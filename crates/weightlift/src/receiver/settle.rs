@@ -105,6 +105,7 @@ fn mismatch(report: &mut UpdateReport, names: Vec<String>, within: &str) -> Stri
 }
 
 /// How an update ended.
+#[derive(Debug)]
 pub(super) enum Outcome {
     /// Every written tensor matched the sender's digest (`compared`), or, with nothing to
     /// compare with, was recorded as written; the receiver's digest of each. `two_phase`: the

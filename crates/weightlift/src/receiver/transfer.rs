@@ -850,3 +850,73 @@ fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, 
         .map(|d| plan.destinations[d].name.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::net::Stream;
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// A connection whose far end (a sender) writes `messages`, then stays open.
+    fn sender_saying(messages: Vec<Message>) -> (Conn, std::thread::JoinHandle<Conn>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut conn = Conn::client(Stream::Unix(a)).unwrap();
+            messages.iter().for_each(|m| conn.send(m).unwrap());
+            conn
+        });
+        (Conn::server(Stream::Unix(b), Instant::now() + T).unwrap(), sender)
+    }
+
+    /// The sender's digests come in parts, in any order of destinations: each hand-over reads
+    /// only as far as it needs, the parts stay searchable, and `End` (with the rest) closes.
+    #[test]
+    fn a_streaming_receiver_reads_sender_digests_in_parts_as_hand_overs_need_them() {
+        let v = Version(4);
+        let (mut conn, sender) = sender_saying(vec![
+            Message::Digests { version: v, digests: vec![(5, 50), (2, 20)] },
+            Message::Digests { version: v, digests: vec![(7, 70)] },
+            Message::End { version: v, digests: vec![(1, 10), (9, 90)], two_phase: true },
+        ]);
+        let mut theirs = SenderDigests::default();
+        theirs.read(&mut conn, v, T, |d| d.cover(&[2])).map_err(|o| format!("{o:?}")).unwrap();
+        assert_eq!(theirs.digests, [(2, 20), (5, 50)], "one part read, sorted");
+        assert!(!theirs.cover(&[7]) && theirs.two_phase.is_none());
+        theirs.read(&mut conn, v, T, |d| d.cover(&[7])).map_err(|o| format!("{o:?}")).unwrap();
+        assert_eq!(theirs.digests.len(), 3);
+        theirs.read(&mut conn, v, T, |_| false).map_err(|o| format!("{o:?}")).unwrap();
+        assert_eq!(theirs.digests, [(1, 10), (2, 20), (5, 50), (7, 70), (9, 90)]);
+        assert_eq!(theirs.two_phase, Some(true));
+        // Once `End` came nothing more is read, and every wait is covered.
+        theirs.read(&mut conn, v, T, |_| false).map_err(|o| format!("{o:?}")).unwrap();
+        assert!(theirs.cover(&[3]), "a digest the sender never sent fails the comparison, not a wait");
+        drop(sender.join());
+    }
+
+    /// An abort, another version's digests or a closed connection end the reading with the
+    /// outcome that says so.
+    #[test]
+    fn sender_digests_of_another_version_an_abort_or_a_hang_up_end_the_update() {
+        let v = Version(4);
+        let cases = [
+            (vec![Message::Abort { reason: "trainer stopped".into() }], "trainer stopped"),
+            (vec![Message::Digests { version: Version(3), digests: vec![(1, 1)] }], "expected digests or the end"),
+            (Vec::new(), "waiting for the sender's digests"),
+        ];
+        for (messages, says) in cases {
+            let hang_up = messages.is_empty();
+            let (mut conn, sender) = sender_saying(messages);
+            if hang_up {
+                drop(sender.join());
+            }
+            let mut theirs = SenderDigests::default();
+            let outcome = theirs.read(&mut conn, v, Duration::from_millis(500), |d| d.cover(&[1])).unwrap_err();
+            let text = format!("{outcome:?}");
+            assert!(text.contains(says), "{text}");
+        }
+    }
+}

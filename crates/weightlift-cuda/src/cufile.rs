@@ -27,6 +27,7 @@ use std::sync::Mutex;
 
 use libloading::Library;
 
+use crate::dynlib::{bind, load_first};
 use crate::error::Call;
 use crate::file_read::{FileReader, ReadError, ReadMode};
 use crate::{CudaError, OwnedDeviceMemory};
@@ -273,44 +274,21 @@ fn api() -> Result<&'static Api, CuFileError> {
 
 /// Loads the first library of [`LIBRARY_NAMES`] that loads and binds its calls.
 fn load() -> Result<&'static Api, CuFileError> {
-    let mut reasons = Vec::new();
-    let mut loaded = None;
-    for name in LIBRARY_NAMES {
-        // SAFETY: loading runs the library's initialisers: those of NVIDIA's libcufile, which
-        // every cuFile user runs, and which touch nothing of this process's own.
-        match unsafe { Library::new(name) } {
-            Ok(library) => {
-                loaded = Some((name, library));
-                break;
-            }
-            Err(e) => reasons.push(match std::error::Error::source(&e) {
-                // dlerror's message, which names the library: "libcufile.so.0: cannot open ...".
-                Some(source) => source.to_string(),
-                None => format!("{name}: {e}"),
-            }),
-        }
-    }
-    let Some((name, library)) = loaded else {
-        return Err(CuFileError::NoLibrary { reasons: reasons.join("; ") });
-    };
-    // Never unloaded, whatever follows: its initialisers may have started threads.
-    let library: &'static Library = Box::leak(Box::new(library));
-    fn bind<T: Copy>(library: &'static Library, name: &'static str, symbol: &'static str) -> Result<T, CuFileError> {
-        // SAFETY: each `T` below is the symbol's C signature as cufile.h declares it, and the
-        // library stays loaded for the rest of the process, so the pointer stays valid.
-        unsafe { library.get::<T>(symbol) }.map(|bound| *bound).map_err(|e| {
-            let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string());
-            CuFileError::MissingSymbol { library: name, symbol, reason }
-        })
+    let (name, library) = load_first(LIBRARY_NAMES.iter().map(|n| n.to_string()))
+        .map_err(|reasons| CuFileError::NoLibrary { reasons })?;
+    let name: &'static str = LIBRARY_NAMES.iter().find(|n| **n == name).copied().unwrap_or("libcufile");
+    fn bound<T: Copy>(library: &'static Library, name: &'static str, symbol: &'static str) -> Result<T, CuFileError> {
+        // SAFETY: each `T` below is the symbol's C signature as cufile.h declares it.
+        unsafe { bind(library, symbol) }.map_err(|reason| CuFileError::MissingSymbol { library: name, symbol, reason })
     }
     let api = Api {
         library: name,
-        driver_open: bind(library, name, "cuFileDriverOpen")?,
-        get_properties: bind(library, name, "cuFileDriverGetProperties")?,
-        get_version: bind(library, name, "cuFileGetVersion").ok(),
-        handle_register: bind(library, name, "cuFileHandleRegister")?,
-        handle_deregister: bind(library, name, "cuFileHandleDeregister")?,
-        read: bind(library, name, "cuFileRead")?,
+        driver_open: bound(library, name, "cuFileDriverOpen")?,
+        get_properties: bound(library, name, "cuFileDriverGetProperties")?,
+        get_version: bound(library, name, "cuFileGetVersion").ok(),
+        handle_register: bound(library, name, "cuFileHandleRegister")?,
+        handle_deregister: bound(library, name, "cuFileHandleDeregister")?,
+        read: bound(library, name, "cuFileRead")?,
     };
     Ok(Box::leak(Box::new(api)))
 }

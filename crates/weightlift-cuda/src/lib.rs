@@ -21,6 +21,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod cufile;
+mod dynlib;
 pub mod error;
 pub mod file_read;
 pub mod gpu;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use libloading::Library;
 
+use crate::dynlib::{bind, load_first};
 use crate::error::Call;
 use crate::{CudaError, Gpu};
 
@@ -188,48 +189,30 @@ fn candidates(from_env: Option<String>) -> Vec<String> {
 }
 
 fn load() -> Result<&'static Api, NcclError> {
-    let mut reasons = Vec::new();
-    let mut loaded = None;
-    for name in candidates(std::env::var(NCCL_PATH_ENV).ok()) {
-        // SAFETY: loading runs the library's initialisers: those of NVIDIA's libnccl, which
-        // every NCCL user (torch among them) runs, and which touch nothing of this process's.
-        match unsafe { Library::new(&name) } {
-            Ok(library) => {
-                loaded = Some((name, library));
-                break;
-            }
-            Err(e) => reasons.push(match std::error::Error::source(&e) {
-                Some(source) => source.to_string(),
-                None => format!("{name}: {e}"),
-            }),
-        }
-    }
-    let Some((name, library)) = loaded else {
-        return Err(NcclError::NoLibrary { reasons: reasons.join("; ") });
-    };
-    let library: &'static Library = Box::leak(Box::new(library));
-    fn bind<T: Copy>(library: &'static Library, name: &str, symbol: &'static str) -> Result<T, NcclError> {
-        // SAFETY: each `T` below is the symbol's C signature as nccl.h declares it, and the
-        // library stays loaded for the rest of the process, so the pointer stays valid.
-        unsafe { library.get::<T>(symbol) }.map(|bound| *bound).map_err(|e| {
-            let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string());
-            NcclError::MissingSymbol { library: name.to_string(), symbol, reason }
+    let (name, library) = load_first(candidates(std::env::var(NCCL_PATH_ENV).ok()))
+        .map_err(|reasons| NcclError::NoLibrary { reasons })?;
+    fn bound<T: Copy>(library: &'static Library, name: &str, symbol: &'static str) -> Result<T, NcclError> {
+        // SAFETY: each `T` below is the symbol's C signature as nccl.h declares it.
+        unsafe { bind(library, symbol) }.map_err(|reason| NcclError::MissingSymbol {
+            library: name.to_string(),
+            symbol,
+            reason,
         })
     }
     let api = Api {
-        get_version: bind(library, &name, "ncclGetVersion")?,
-        get_unique_id: bind(library, &name, "ncclGetUniqueId")?,
-        comm_init_rank_config: bind(library, &name, "ncclCommInitRankConfig")?,
-        comm_get_async_error: bind(library, &name, "ncclCommGetAsyncError")?,
-        comm_abort: bind(library, &name, "ncclCommAbort")?,
-        get_error_string: bind(library, &name, "ncclGetErrorString")?,
-        get_last_error: bind(library, &name, "ncclGetLastError").ok(),
-        broadcast: bind(library, &name, "ncclBroadcast")?,
-        send: bind(library, &name, "ncclSend")?,
-        recv: bind(library, &name, "ncclRecv")?,
-        group_start: bind(library, &name, "ncclGroupStart")?,
-        group_end: bind(library, &name, "ncclGroupEnd")?,
-        library: name,
+        get_version: bound(library, &name, "ncclGetVersion")?,
+        get_unique_id: bound(library, &name, "ncclGetUniqueId")?,
+        comm_init_rank_config: bound(library, &name, "ncclCommInitRankConfig")?,
+        comm_get_async_error: bound(library, &name, "ncclCommGetAsyncError")?,
+        comm_abort: bound(library, &name, "ncclCommAbort")?,
+        get_error_string: bound(library, &name, "ncclGetErrorString")?,
+        get_last_error: bound(library, &name, "ncclGetLastError").ok(),
+        broadcast: bound(library, &name, "ncclBroadcast")?,
+        send: bound(library, &name, "ncclSend")?,
+        recv: bound(library, &name, "ncclRecv")?,
+        group_start: bound(library, &name, "ncclGroupStart")?,
+        group_end: bound(library, &name, "ncclGroupEnd")?,
+        library: name.clone(),
     };
     Ok(Box::leak(Box::new(api)))
 }

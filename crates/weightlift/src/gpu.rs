@@ -756,6 +756,52 @@ mod tests {
         }
     }
 
+    /// Each rank's pieces of `whole`: FSDP's dim-0 chunks, or cuts of the last dim (pieces
+    /// that land strided in most engine tensors).
+    fn rank_cuts(
+        whole: &HostTensors,
+        world: u32,
+        last_dim: bool,
+    ) -> Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> {
+        (0..world)
+            .map(|r| {
+                let mut boxes = crate::tensors::fsdp_boxes(whole.manifest(), r, world);
+                if last_dim {
+                    for ((offset, shape), spec) in boxes.iter_mut().zip(whole.manifest().iter()) {
+                        offset.iter_mut().for_each(|o| *o = 0);
+                        shape.clone_from(&spec.shape);
+                        if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
+                            let each = n.div_ceil(u64::from(world));
+                            *o = (each * u64::from(r)).min(*n);
+                            *n = each.min(*n - *o);
+                        }
+                    }
+                }
+                whole.cut(&boxes)
+            })
+            .collect()
+    }
+
+    /// The host's digests of `share` from the destinations as they landed: the whole tensor,
+    /// or the share's op blocks read back one after another.
+    fn host_share_digests(share: &Plan, landed: &[Vec<u8>]) -> Vec<u64> {
+        let written = share.share_bytes();
+        (0..share.destinations.len())
+            .map(|d| {
+                if written[d] == share.destinations[d].byte_len() {
+                    return weightlift_core::digest::digest(&landed[d]);
+                }
+                let mut part = Vec::new();
+                for op in share.ops.iter().filter(|op| op.dst as usize == d) {
+                    let mut block = vec![0u8; share.op_bytes(op) as usize];
+                    exec::gather(share, op, &landed[d], &mut block).unwrap();
+                    part.extend_from_slice(&block);
+                }
+                weightlift_core::digest::digest(&part)
+            })
+            .collect()
+    }
+
     /// Each rank's share of a sharded trainer's plan, as the GPU would run it (pulled into the
     /// destinations, and digested from the sources alone): the ranks together write the whole
     /// plan, and each share's digests (its part of each destination, the ops' blocks one after
@@ -775,23 +821,7 @@ mod tests {
                 config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
             let mut whole = HostTensors::synthetic(&config, 11);
             whole.perturb();
-            let ranks: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> = (0..world)
-                .map(|r| {
-                    let mut boxes = crate::tensors::fsdp_boxes(whole.manifest(), r, world);
-                    if last_dim {
-                        for ((offset, shape), spec) in boxes.iter_mut().zip(whole.manifest().iter()) {
-                            offset.iter_mut().for_each(|o| *o = 0);
-                            shape.clone_from(&spec.shape);
-                            if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
-                                let each = n.div_ceil(u64::from(world));
-                                *o = (each * u64::from(r)).min(*n);
-                                *n = each.min(*n - *o);
-                            }
-                        }
-                    }
-                    whole.cut(&boxes)
-                })
-                .collect();
+            let ranks = rank_cuts(&whole, world, last_dim);
             let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
             let sources = SourceSet::placed(manifests, placements).unwrap();
             let whole_source = SourceSet::single(config.source_manifest());
@@ -816,22 +846,9 @@ mod tests {
                     let scratch = memory.add(1 << 61, [work.scratch_bytes(true).max(1)])[0];
                     let theirs = memory.run(&work.waves(Target::DigestOnly { scratch }));
                     memory.0.retain(|(b, _)| *b < 1 << 60);
-                    let written = share.share_bytes();
-                    let host: Vec<(usize, u64)> = (0..dest.len())
-                        .map(|d| {
-                            let landed = memory.region(dst[d], dest.specs()[d].byte_len()).to_vec();
-                            if written[d] == dest.specs()[d].byte_len() {
-                                return (d, weightlift_core::digest::digest(&landed));
-                            }
-                            let mut part = Vec::new();
-                            for op in share.ops.iter().filter(|op| op.dst as usize == d) {
-                                let mut block = vec![0u8; share.op_bytes(op) as usize];
-                                exec::gather(&share, op, &landed, &mut block).unwrap();
-                                part.extend_from_slice(&block);
-                            }
-                            (d, weightlift_core::digest::digest(&part))
-                        })
-                        .collect();
+                    let landed: Vec<Vec<u8>> =
+                        (0..dest.len()).map(|d| memory.region(dst[d], dest.specs()[d].byte_len()).to_vec()).collect();
+                    let host: Vec<(usize, u64)> = host_share_digests(&share, &landed).into_iter().enumerate().collect();
                     assert_eq!(ours, host, "{label}: rank {r}'s pull digests differ from the host's");
                     assert_eq!(theirs, host, "{label}: rank {r}'s own digests differ from the host's");
                 }
@@ -941,27 +958,7 @@ mod tests {
                 config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
             let mut whole = HostTensors::synthetic(&config, 11);
             whole.perturb();
-            let ranks: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> = (0..world)
-                .map(|r| match last_dim {
-                    false => whole.fsdp_shard(r, world),
-                    true => {
-                        let boxes: Vec<(Vec<u64>, Vec<u64>)> = whole
-                            .manifest()
-                            .iter()
-                            .map(|spec| {
-                                let (mut offset, mut shape) = (vec![0; spec.shape.len()], spec.shape.clone());
-                                if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
-                                    let each = n.div_ceil(u64::from(world));
-                                    *o = (each * u64::from(r)).min(*n);
-                                    *n = each.min(*n - *o);
-                                }
-                                (offset, shape)
-                            })
-                            .collect();
-                        whole.cut(&boxes)
-                    }
-                })
-                .collect();
+            let ranks = rank_cuts(&whole, world, last_dim);
             let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
             let sources = SourceSet::placed(manifests, placements).unwrap();
             let whole_source = SourceSet::single(config.source_manifest());
@@ -987,24 +984,8 @@ mod tests {
                 }
                 for (r, (share, _src, bound, sender)) in shares.iter().enumerate() {
                     let ours = bound.update(&gpu).unwrap();
-                    let written = share.share_bytes();
                     let (_, landed) = dst.download().unwrap().into_parts();
-                    // The host's digest of the share: the whole tensor, or its ops' blocks read
-                    // back from where they landed, one after another.
-                    let host: Vec<u64> = (0..dest.len())
-                        .map(|d| {
-                            if written[d] == dest.specs()[d].byte_len() {
-                                return weightlift_core::digest::digest(&landed[d]);
-                            }
-                            let mut part = Vec::new();
-                            for op in share.ops.iter().filter(|op| op.dst as usize == d) {
-                                let mut block = vec![0u8; share.op_bytes(op) as usize];
-                                exec::gather(share, op, &landed[d], &mut block).unwrap();
-                                part.extend_from_slice(&block);
-                            }
-                            weightlift_core::digest::digest(&part)
-                        })
-                        .collect();
+                    let host = host_share_digests(share, &landed);
                     assert_eq!(ours, host, "{label}: rank {r}'s share digests differ from the host's");
                     assert_eq!(sender.run(&gpu).unwrap(), host, "{label}: rank {r}'s own digests differ");
                 }

@@ -876,6 +876,51 @@ mod tests {
         assert!(bytes[1] >= 2 * bucket_bytes, "{bytes:?}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the model, bucket size, first part and skips: the parts list every written
+        /// destination once, in the order the buckets complete them (those of no bytes last),
+        /// and each part but the last reached its target (the first part's bytes, doubling up to
+        /// the cap) by less than one tensor.
+        #[test]
+        fn digest_parts_follow_the_buckets_and_grow_to_their_targets(
+            model in proptest::sample::select(vec!["qwen3-tiny", "qwen3-moe-tiny", "qwen2-tiny"]),
+            tp_size in 1u32..=2,
+            bucket_bytes in 4096u64..200_000,
+            first_bytes in 1u64..300_000,
+            skip_every in 0usize..5,
+        ) {
+            let source = ModelSource::synthetic(model).unwrap();
+            let tp = TpRank { rank: 0, size: tp_size };
+            let inputs = MappingOptions::default().inputs(&source, tp).unwrap();
+            let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).unwrap();
+            let n = plan.destinations.len() as u32;
+            let skip: Vec<u32> = match skip_every {
+                0 => Vec::new(),
+                k => (0..n).filter(|d| *d as usize % (k + 1) == 0).collect(),
+            };
+            let schedule = Schedule::new(&plan, &skip, bucket_bytes).unwrap();
+            let parts = schedule.digest_parts(&plan, first_bytes);
+            let flat: Vec<u32> = parts.iter().flatten().copied().collect();
+            let in_buckets: Vec<u32> = schedule.completes.iter().flatten().copied().collect();
+            proptest::prop_assert_eq!(&flat[..in_buckets.len()], &in_buckets[..]);
+            let mut sorted = flat.clone();
+            sorted.sort_unstable();
+            let written: Vec<u32> = (0..n).filter(|d| !skip.contains(d)).collect();
+            proptest::prop_assert_eq!(sorted, written);
+            let bytes = |d: u32| plan.destinations[d as usize].byte_len();
+            let largest = flat.iter().map(|&d| bytes(d)).max().unwrap_or(0);
+            let mut target = first_bytes;
+            for (i, part) in parts.iter().enumerate() {
+                let sum: u64 = part.iter().map(|&d| bytes(d)).sum();
+                if i + 1 < parts.len() {
+                    proptest::prop_assert!(sum >= target && sum < target + largest.max(1), "part {i}: {sum} for {target}");
+                }
+                target = (target * 2).min(DIGEST_PART_MAX_BYTES.max(first_bytes));
+            }
+        }
+    }
+
     /// A bucket staged from the checkpoint's files holds what staging it from the checkpoint's
     /// memory copies, byte for byte, with the same digests of what was packed.
     #[test]

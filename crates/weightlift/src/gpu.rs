@@ -756,25 +756,26 @@ mod tests {
         }
     }
 
-    /// Each rank's pieces of `whole`: FSDP's dim-0 chunks, or cuts of the last dim (pieces
-    /// that land strided in most engine tensors).
+    /// Each rank's pieces of `whole`: of tensor `i` FSDP's dim-0 chunks, or where `last_dim(i)`
+    /// chunks of the last dim (pieces that land strided in most engine tensors).
     fn rank_cuts(
         whole: &HostTensors,
         world: u32,
-        last_dim: bool,
+        last_dim: &dyn Fn(usize) -> bool,
     ) -> Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)> {
         (0..world)
             .map(|r| {
                 let mut boxes = crate::tensors::fsdp_boxes(whole.manifest(), r, world);
-                if last_dim {
-                    for ((offset, shape), spec) in boxes.iter_mut().zip(whole.manifest().iter()) {
-                        offset.iter_mut().for_each(|o| *o = 0);
-                        shape.clone_from(&spec.shape);
-                        if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
-                            let each = n.div_ceil(u64::from(world));
-                            *o = (each * u64::from(r)).min(*n);
-                            *n = each.min(*n - *o);
-                        }
+                for (i, ((offset, shape), spec)) in boxes.iter_mut().zip(whole.manifest().iter()).enumerate() {
+                    if !last_dim(i) {
+                        continue;
+                    }
+                    offset.iter_mut().for_each(|o| *o = 0);
+                    shape.clone_from(&spec.shape);
+                    if let (Some(o), Some(n)) = (offset.last_mut(), shape.last_mut()) {
+                        let each = n.div_ceil(u64::from(world));
+                        *o = (each * u64::from(r)).min(*n);
+                        *n = each.min(*n - *o);
                     }
                 }
                 whole.cut(&boxes)
@@ -802,11 +803,68 @@ mod tests {
             .collect()
     }
 
-    /// Each rank's share of a sharded trainer's plan, as the GPU would run it (pulled into the
-    /// destinations, and digested from the sources alone): the ranks together write the whole
-    /// plan, and each share's digests (its part of each destination, the ops' blocks one after
-    /// another, as the host paths digest it) agree on both sides. Cuts along dim 0 (FSDP) and
-    /// along the last dim (pieces that land strided), in small waves. Whole plans too.
+    /// Runs each rank's share of `model` cut over `world` ranks (`last_dim` as for
+    /// [`rank_cuts`]) into every rank of TP `tp_size`, as the GPU would run its waves (pulled
+    /// into the destinations, and digested from the sources alone); panics, naming the case,
+    /// unless the ranks together write the whole plan and each share's digests (its part of
+    /// each destination, the ops' blocks one after another, as the host paths digest it) agree
+    /// on both sides.
+    fn check_shares_on_fake_gpu(
+        model: &str,
+        world: u32,
+        tp_size: u32,
+        last_dim: &dyn Fn(usize) -> bool,
+        wave_chunks: u64,
+    ) {
+        let config = synthetic(model).unwrap();
+        let rules =
+            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+        let mut whole = HostTensors::synthetic(&config, 11);
+        whole.perturb();
+        let ranks = rank_cuts(&whole, world, last_dim);
+        let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
+        let sources = SourceSet::placed(manifests, placements).unwrap();
+        let whole_source = SourceSet::single(config.source_manifest());
+        for tp in TpRank::all(tp_size) {
+            let label = format!("{model} {world} ranks {tp} waves of {wave_chunks} chunks");
+            let dest = destination_manifest(&whole_source, &rules, tp, None, false).unwrap();
+            let plan = plan(&sources, &dest, &rules, tp).unwrap();
+            let mut memory = FakeMemory(Vec::new());
+            let dst = memory.add(1 << 56, dest.iter().map(|d| d.byte_len()));
+            let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+            for (r, (tensors, _)) in ranks.iter().enumerate() {
+                let share = plan.share_of(r as u32);
+                let src = memory.add((r as u64 + 1) << 48, tensors.manifest().iter().map(|s| s.byte_len()));
+                for (i, &at) in src.iter().enumerate() {
+                    memory.region(at, tensors.data()[i].len() as u64).copy_from_slice(&tensors.data()[i]);
+                }
+                let refs: Vec<&[u8]> = tensors.data().iter().map(Vec::as_slice).collect();
+                exec::execute(&share, &refs, &mut expected).unwrap();
+                let work = Fusion::of(&share, &src, wave_chunks, WaveOrder::LargestFirst).unwrap();
+                let pulled = memory.add(1 << 60, [work.scratch_bytes(false).max(1)])[0];
+                let ours = memory.run(&work.waves(Target::Tensors { ptrs: &dst, scratch: pulled }));
+                let scratch = memory.add(1 << 61, [work.scratch_bytes(true).max(1)])[0];
+                let theirs = memory.run(&work.waves(Target::DigestOnly { scratch }));
+                let scratch = memory.add(1 << 62, [work.scratch_bytes(false).max(1)])[0];
+                let landed_work = Fusion::landed(&share, wave_chunks).unwrap();
+                let landed_digests = memory.run(&landed_work.waves(Target::Landed { ptrs: &dst, scratch }));
+                memory.0.retain(|(b, _)| *b < 1 << 60);
+                let landed: Vec<Vec<u8>> =
+                    (0..dest.len()).map(|d| memory.region(dst[d], dest.specs()[d].byte_len()).to_vec()).collect();
+                let host: Vec<(usize, u64)> = host_share_digests(&share, &landed).into_iter().enumerate().collect();
+                assert_eq!(ours, host, "{label}: rank {r}'s pull digests differ from the host's");
+                assert_eq!(theirs, host, "{label}: rank {r}'s own digests differ from the host's");
+                assert_eq!(landed_digests, host, "{label}: rank {r}'s digests of what landed differ from the host's");
+            }
+            for (d, want) in expected.iter().enumerate() {
+                let got = memory.region(dst[d], want.len() as u64);
+                assert!(got == want.as_slice(), "{label}: `{}`", dest.specs()[d].name);
+            }
+        }
+    }
+
+    /// Shares as the GPU would run them: cuts along dim 0 (FSDP) and along the last dim, into
+    /// TP 1, 2 and 4, in small waves; a world of one is a whole plan.
     #[test]
     fn shares_run_as_their_waves_write_every_byte_once_and_digest_as_the_host() {
         for (model, world, tp_size, last_dim, wave_chunks) in [
@@ -816,50 +874,23 @@ mod tests {
             ("qwen3-tiny", 1, 2, false, 7),
             ("qwen2-tiny", 3, 4, true, WAVE_CHUNKS),
         ] {
-            let config = synthetic(model).unwrap();
-            let rules =
-                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-            let mut whole = HostTensors::synthetic(&config, 11);
-            whole.perturb();
-            let ranks = rank_cuts(&whole, world, last_dim);
-            let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
-            let sources = SourceSet::placed(manifests, placements).unwrap();
-            let whole_source = SourceSet::single(config.source_manifest());
-            for tp in TpRank::all(tp_size) {
-                let label = format!("{model} {world} ranks {tp} last dim {last_dim}");
-                let dest = destination_manifest(&whole_source, &rules, tp, None, false).unwrap();
-                let plan = plan(&sources, &dest, &rules, tp).unwrap();
-                let mut memory = FakeMemory(Vec::new());
-                let dst = memory.add(1 << 56, dest.iter().map(|d| d.byte_len()));
-                let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
-                for (r, (tensors, _)) in ranks.iter().enumerate() {
-                    let share = plan.share_of(r as u32);
-                    let src = memory.add((r as u64 + 1) << 48, tensors.manifest().iter().map(|s| s.byte_len()));
-                    for (i, &at) in src.iter().enumerate() {
-                        memory.region(at, tensors.data()[i].len() as u64).copy_from_slice(&tensors.data()[i]);
-                    }
-                    let refs: Vec<&[u8]> = tensors.data().iter().map(Vec::as_slice).collect();
-                    exec::execute(&share, &refs, &mut expected).unwrap();
-                    let work = Fusion::of(&share, &src, wave_chunks, WaveOrder::LargestFirst).unwrap();
-                    let pulled = memory.add(1 << 60, [work.scratch_bytes(false).max(1)])[0];
-                    let ours = memory.run(&work.waves(Target::Tensors { ptrs: &dst, scratch: pulled }));
-                    let scratch = memory.add(1 << 61, [work.scratch_bytes(true).max(1)])[0];
-                    let theirs = memory.run(&work.waves(Target::DigestOnly { scratch }));
-                    memory.0.retain(|(b, _)| *b < 1 << 60);
-                    let landed: Vec<Vec<u8>> =
-                        (0..dest.len()).map(|d| memory.region(dst[d], dest.specs()[d].byte_len()).to_vec()).collect();
-                    let host: Vec<(usize, u64)> = host_share_digests(&share, &landed).into_iter().enumerate().collect();
-                    assert_eq!(ours, host, "{label}: rank {r}'s pull digests differ from the host's");
-                    assert_eq!(theirs, host, "{label}: rank {r}'s own digests differ from the host's");
-                }
-                for (d, want) in expected.iter().enumerate() {
-                    assert!(
-                        memory.region(dst[d], want.len() as u64) == want.as_slice(),
-                        "{label}: `{}`",
-                        dest.specs()[d].name
-                    );
-                }
-            }
+            check_shares_on_fake_gpu(model, world, tp_size, &|_| last_dim, wave_chunks);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// The same for random cuts: each tensor cut along dim 0 or its last dim, 1 to 4 ranks,
+        /// TP 1 or 2, waves of any size.
+        #[test]
+        fn random_cuts_run_as_their_waves_and_digest_as_the_host(
+            model in proptest::sample::select(vec!["qwen3-tiny", "qwen3-moe-tiny", "qwen2-tiny"]),
+            world in 1u32..=4,
+            tp_size in 1u32..=2,
+            cuts in proptest::prelude::any::<u64>(),
+            wave_chunks in proptest::sample::select(vec![3u64, 11, 64, WAVE_CHUNKS]),
+        ) {
+            check_shares_on_fake_gpu(model, world, tp_size, &|i| cuts >> (i % 64) & 1 == 1, wave_chunks);
         }
     }
 
@@ -958,7 +989,7 @@ mod tests {
                 config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
             let mut whole = HostTensors::synthetic(&config, 11);
             whole.perturb();
-            let ranks = rank_cuts(&whole, world, last_dim);
+            let ranks = rank_cuts(&whole, world, &|_| last_dim);
             let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
             let sources = SourceSet::placed(manifests, placements).unwrap();
             let whole_source = SourceSet::single(config.source_manifest());

@@ -80,9 +80,12 @@ fn a_sender_that_hangs_up_mid_update_leaves_the_receiver_dirty_on_its_version() 
     s.trainer.perturb();
     let err = sender(&s, TransportKind::Tcp, Some(Fault::HangUpAfterBuckets(3))).push(Version(2), &s.trainer);
     assert!(err.is_err());
-    // The receiver notices at once (EOF), not after its timeout.
+    // The receiver notices at once (EOF), not after its timeout; it marks the tensors dirty,
+    // then records its report: wait for both.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while s.receiver.dirty().is_empty() && std::time::Instant::now() < deadline {
+    let settled =
+        |s: &Setup| !s.receiver.dirty().is_empty() && s.receiver.last_report().is_some_and(|r| r.version == Version(2));
+    while !settled(&s) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(s.receiver.committed(), Version(1));

@@ -783,6 +783,46 @@ mod tests {
             .collect()
     }
 
+    /// A synthetic model's tensors cut over `world` ranks (see [`rank_cuts`]), held in f32 when
+    /// `cast` (the engine then in bf16): each rank's pieces, and per TP rank the engine's
+    /// tensors and the plan over every rank's pieces.
+    struct ShardedCase {
+        ranks: Vec<(HostTensors, Vec<Option<weightlift_core::Placement>>)>,
+        sources: SourceSet,
+        whole_source: SourceSet,
+        rules: weightlift_core::RuleSet,
+        engine_dtype: Option<weightlift_core::DType>,
+    }
+
+    impl ShardedCase {
+        fn new(model: &str, world: u32, last_dim: &dyn Fn(usize) -> bool, cast: bool) -> ShardedCase {
+            let mut config = synthetic(model).unwrap();
+            if cast {
+                config.dtype = weightlift_core::DType::F32;
+            }
+            let rules =
+                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+            let mut whole = HostTensors::synthetic(&config, 11);
+            whole.perturb();
+            let ranks = rank_cuts(&whole, world, last_dim);
+            let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
+            ShardedCase {
+                ranks,
+                sources: SourceSet::placed(manifests, placements).unwrap(),
+                whole_source: SourceSet::single(config.source_manifest()),
+                rules,
+                engine_dtype: cast.then_some(weightlift_core::DType::BF16),
+            }
+        }
+
+        /// TP rank `tp`'s tensors and its plan over every rank's pieces.
+        fn plan(&self, tp: TpRank) -> (Manifest, Plan) {
+            let dest = destination_manifest(&self.whole_source, &self.rules, tp, self.engine_dtype, false).unwrap();
+            let plan = plan(&self.sources, &dest, &self.rules, tp).unwrap();
+            (dest, plan)
+        }
+    }
+
     /// The host's digests of `share` from the destinations as they landed: the whole tensor,
     /// or the share's op blocks read back one after another.
     fn host_share_digests(share: &Plan, landed: &[Vec<u8>]) -> Vec<u64> {
@@ -816,23 +856,14 @@ mod tests {
         last_dim: &dyn Fn(usize) -> bool,
         wave_chunks: u64,
     ) {
-        let config = synthetic(model).unwrap();
-        let rules =
-            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-        let mut whole = HostTensors::synthetic(&config, 11);
-        whole.perturb();
-        let ranks = rank_cuts(&whole, world, last_dim);
-        let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
-        let sources = SourceSet::placed(manifests, placements).unwrap();
-        let whole_source = SourceSet::single(config.source_manifest());
+        let case = ShardedCase::new(model, world, last_dim, false);
         for tp in TpRank::all(tp_size) {
             let label = format!("{model} {world} ranks {tp} waves of {wave_chunks} chunks");
-            let dest = destination_manifest(&whole_source, &rules, tp, None, false).unwrap();
-            let plan = plan(&sources, &dest, &rules, tp).unwrap();
+            let (dest, plan) = case.plan(tp);
             let mut memory = FakeMemory(Vec::new());
             let dst = memory.add(1 << 56, dest.iter().map(|d| d.byte_len()));
             let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
-            for (r, (tensors, _)) in ranks.iter().enumerate() {
+            for (r, (tensors, _)) in case.ranks.iter().enumerate() {
                 let share = plan.share_of(r as u32);
                 let src = memory.add((r as u64 + 1) << 48, tensors.manifest().iter().map(|s| s.byte_len()));
                 for (i, &at) in src.iter().enumerate() {
@@ -980,28 +1011,15 @@ mod tests {
             ("qwen3-0.6b", 4, 2, false, false, 20_000),
         ];
         for (model, world, tp_size, last_dim, cast, wave_chunks) in cases {
-            let mut config = synthetic(model).unwrap();
-            if cast {
-                config.dtype = weightlift_core::DType::F32;
-            }
-            let engine_dtype = cast.then_some(weightlift_core::DType::BF16);
-            let rules =
-                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-            let mut whole = HostTensors::synthetic(&config, 11);
-            whole.perturb();
-            let ranks = rank_cuts(&whole, world, &|_| last_dim);
-            let (manifests, placements) = ranks.iter().map(|(t, p)| (t.manifest().clone(), p.clone())).unzip();
-            let sources = SourceSet::placed(manifests, placements).unwrap();
-            let whole_source = SourceSet::single(config.source_manifest());
+            let case = ShardedCase::new(model, world, &|_| last_dim, cast);
             for tp in TpRank::all(tp_size) {
                 let label = format!("{model} {world} ranks {tp} last dim {last_dim} cast {cast}");
-                let dest = destination_manifest(&whole_source, &rules, tp, engine_dtype, false).unwrap();
-                let plan = plan(&sources, &dest, &rules, tp).unwrap();
+                let (dest, plan) = case.plan(tp);
                 let mut dst = GpuTensors::alloc(&gpu, &dest).unwrap();
                 dst.fill(&gpu, 0x33).unwrap();
                 let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
                 let mut shares = Vec::new();
-                for (r, (tensors, _)) in ranks.iter().enumerate() {
+                for (r, (tensors, _)) in case.ranks.iter().enumerate() {
                     let share = plan.share_of(r as u32);
                     let mut src = GpuTensors::alloc(&gpu, tensors.manifest()).unwrap();
                     src.upload(tensors).unwrap();

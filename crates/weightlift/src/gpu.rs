@@ -208,7 +208,7 @@ impl GpuPlan {
         destinations: &[u64],
         wave_chunks: u64,
     ) -> Result<GpuPlan, CudaError> {
-        check_counts(plan, sources, Some(destinations))?;
+        check_counts(plan, Some(sources), Some(destinations))?;
         let work = Fusion::of(plan, sources, wave_chunks, source_gpu.wave_order())?;
         let scratch = match work.scratch_bytes(false) {
             0 => None,
@@ -282,7 +282,7 @@ pub struct LandedDigests {
 
 impl LandedDigests {
     pub fn new(gpu: &Gpu, plan: &Plan, destinations: &[u64]) -> Result<LandedDigests, CudaError> {
-        check_counts(plan, &vec![0; plan.sources.len()], Some(destinations))?;
+        check_counts(plan, None, Some(destinations))?;
         let work = Fusion::landed(plan, WAVE_CHUNKS)?;
         let scratch = match work.scratch_bytes(false) {
             0 => None,
@@ -316,7 +316,7 @@ impl ExpectedDigests {
         sources: &[u64],
         wave_chunks: u64,
     ) -> Result<ExpectedDigests, CudaError> {
-        check_counts(plan, sources, None)?;
+        check_counts(plan, Some(sources), None)?;
         // A sender digests its own tensors, on its own GPU.
         let work = Fusion::of(plan, sources, wave_chunks, SourceGpu::This.wave_order())?;
         let scratch = gpu.alloc(work.scratch_bytes(true) as usize)?;
@@ -339,13 +339,15 @@ impl ExpectedDigests {
     }
 }
 
-fn check_counts(plan: &Plan, sources: &[u64], destinations: Option<&[u64]>) -> Result<(), CudaError> {
-    if sources.len() != plan.sources.len() || destinations.is_some_and(|d| d.len() != plan.destinations.len()) {
+/// The addresses given (None: not needed) are one per source and one per destination.
+fn check_counts(plan: &Plan, sources: Option<&[u64]>, destinations: Option<&[u64]>) -> Result<(), CudaError> {
+    let fits = |given: Option<&[u64]>, wanted: usize| given.is_none_or(|g| g.len() == wanted);
+    if !fits(sources, plan.sources.len()) || !fits(destinations, plan.destinations.len()) {
         return Err(CudaError::Invalid(format!(
             "the plan has {} sources and {} destinations; got {} and {} addresses",
             plan.sources.len(),
             plan.destinations.len(),
-            sources.len(),
+            sources.map_or(0, <[u64]>::len),
             destinations.map_or(0, <[u64]>::len)
         )));
     }
@@ -617,17 +619,20 @@ impl Fusion {
                         };
                         wave.fused.push(FusedRun { src, dst, out: first_chunk + r.out, ..*r });
                     }
+                    // A part's bytes that were not digested as they were copied: gathered
+                    // from where they landed into scratch, in the part's order.
+                    if let (Target::Tensors { ptrs, .. } | Target::Landed { ptrs, .. }, Some(pieces)) =
+                        (target, &work.part)
+                    {
+                        wave.gathers.extend(pieces.iter().map(|piece| CopyDesc {
+                            src: ptrs[t] + piece.landed.src,
+                            dst: place(piece.at),
+                            ..piece.landed
+                        }));
+                    }
                     match (target, &work.part) {
-                        (Target::Landed { ptrs, .. }, part) => {
-                            for piece in part.iter().flatten() {
-                                let landed = &piece.landed;
-                                wave.gathers.push(CopyDesc {
-                                    src: ptrs[t] + landed.src,
-                                    dst: place(piece.at),
-                                    ..*landed
-                                });
-                            }
-                        }
+                        // Written already: nothing to copy.
+                        (Target::Landed { .. }, _) => {}
                         (Target::Tensors { ptrs, .. }, part) => {
                             let dst = |o: u64| match part {
                                 Some(_) => ptrs[t] + o,
@@ -635,14 +640,6 @@ impl Fusion {
                             };
                             wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: dst(c.dst), ..*c }));
                             wave.casts.extend(work.casts.iter().map(|c| CastDesc { dst: dst(c.dst), ..*c }));
-                            for piece in part.iter().flatten() {
-                                let landed = &piece.landed;
-                                wave.gathers.push(CopyDesc {
-                                    src: ptrs[t] + landed.src,
-                                    dst: place(piece.at),
-                                    ..*landed
-                                });
-                            }
                         }
                         (Target::DigestOnly { .. }, None) => {
                             wave.copies.extend(work.copies.iter().map(|c| CopyDesc { dst: place(c.dst), ..*c }));

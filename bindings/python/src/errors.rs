@@ -108,7 +108,8 @@ pub(crate) fn send_error(error: SendError) -> PyErr {
         | SendError::Protocol(_)
         | SendError::Session(_)
         | SendError::Transfer(_)
-        | SendError::Injected(_) => TransferError::new_err(message),
+        | SendError::Injected(_)
+        | SendError::Nccl { .. } => TransferError::new_err(message),
         SendError::Rejected(_)
         | SendError::Schedule(_)
         | SendError::PlanMismatch { .. }

@@ -39,6 +39,24 @@ pub fn device_count() -> Result<usize, CudaError> {
 /// them, and an update's descriptor lists would each take 2 MiB.
 pub const ALLOCATION_ROUNDING: usize = 2 << 20;
 
+/// One of a GPU's two streams: kernels run on the main one; work that overlaps them (digest
+/// folds, NCCL transfers of the next bucket) on the side one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Main,
+    Side,
+}
+
+/// The point a lane had reached when [`Gpu::mark`] was called.
+pub struct Mark(cudarc::driver::CudaEvent);
+
+impl Mark {
+    /// Whether the GPU ran everything before the mark (never blocks).
+    pub fn done(&self) -> Result<bool, CudaError> {
+        self.0.try_is_complete().call("cuEventQuery")
+    }
+}
+
 /// One GPU, ready to run weightlift's kernels on its stream.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -96,6 +114,25 @@ impl Gpu {
 
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.kernels
+    }
+
+    pub(crate) fn lane(&self, lane: Lane) -> &Arc<CudaStream> {
+        match lane {
+            Lane::Main => &self.stream,
+            Lane::Side => &self.side,
+        }
+    }
+
+    /// A mark of everything queued on `lane` so far, to wait for on the other lane or on the
+    /// host.
+    pub fn mark(&self, lane: Lane) -> Result<Mark, CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        Ok(Mark(self.lane(lane).record_event(None).call("cuEventRecord")?))
+    }
+
+    /// Makes work queued on `lane` from now on wait for `mark` (the GPU waits, not the host).
+    pub fn wait_mark(&self, lane: Lane, mark: &Mark) -> Result<(), CudaError> {
+        self.lane(lane).wait(&mark.0).call("cuStreamWaitEvent")
     }
 
     /// Free and total device memory, in bytes.

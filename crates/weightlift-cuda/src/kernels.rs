@@ -209,10 +209,12 @@ pub struct Wave {
     pub tensor_bytes: Vec<u64>,
 }
 
-/// 2-D copies uploaded once, run with one launch each time.
+/// 2-D copies (and f32 -> bf16 casts) uploaded once, run with one launch each time (two with
+/// casts).
 pub struct CopyBatch {
     packed: DeviceBuffer,
     list: TiledList,
+    casts: TiledList,
 }
 
 /// The small device arrays of a prepared batch (descriptors, runs, prefix sums, tensor lists)
@@ -488,15 +490,24 @@ impl Gpu {
     /// Prepares `descs` for [`Gpu::run_copies`]. Every address must stay valid while the batch
     /// is used; weightlift builds batches from buffers it holds or has mapped.
     pub fn prepare_copies(&self, descs: &[CopyDesc]) -> Result<CopyBatch, CudaError> {
-        let mut packing = Packing::default();
-        let list = packing.copies(descs)?;
-        Ok(CopyBatch { packed: upload(self, &packing.0)?, list })
+        self.prepare_copies_and_casts(descs, &[])
     }
 
-    /// Queues every copy of the batch on this GPU's stream: one launch.
+    /// As [`Gpu::prepare_copies`], with casts beside the copies (what packing a bucket on the
+    /// GPU needs: a block copied as it is, or cast on the way).
+    pub fn prepare_copies_and_casts(&self, descs: &[CopyDesc], casts: &[CastDesc]) -> Result<CopyBatch, CudaError> {
+        let mut packing = Packing::default();
+        let list = packing.copies(descs)?;
+        let casts = packing.casts(casts)?;
+        Ok(CopyBatch { packed: upload(self, &packing.0)?, list, casts })
+    }
+
+    /// Queues every copy and cast of the batch on this GPU's stream: one launch each.
     pub fn run_copies(&self, batch: &CopyBatch) -> Result<(), CudaError> {
         let base = batch.packed.device_ptr();
-        self.launch_tiled(&self.kernels().copy, base, &batch.list, "cuLaunchKernel(batched_copy)")
+        let k = self.kernels();
+        self.launch_tiled(&k.copy, base, &batch.list, "cuLaunchKernel(batched_copy)")?;
+        self.launch_tiled(&k.cast, base, &batch.casts, "cuLaunchKernel(batched_cast_f32_bf16)")
     }
 
     /// One launch of a tiled kernel (batched_copy or batched_cast_f32_bf16) over `list`,

@@ -39,7 +39,7 @@ pub use file_read::{
     drop_cached, resident_bytes, resident_share, sequential_read_rate, AlignedBuffer, FileReader, ReadError, ReadMode,
     SequentialRead, DIRECT_ALIGN, SEQUENTIAL_CHUNK,
 };
-pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, OwnedDeviceMemory};
+pub use gpu::{device_count, driver_present, DeviceBuffer, Gpu, HostRegistration, Lane, Mark, OwnedDeviceMemory};
 pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{ordinal_with_uuid, IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
@@ -47,7 +47,7 @@ pub use kernels::{
     CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, LaunchedUpdate, SourceGpu,
     UpdateBatch, Wave, CHUNK_BYTES,
 };
-pub use nccl::{nccl_available, Comm, NcclError, NcclInfo, UniqueId, NCCL_PATH_ENV};
+pub use nccl::{nccl_available, BucketStep, Comm, Move, NcclError, NcclInfo, UniqueId, NCCL_PATH_ENV};
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};
 pub use vmm_pool::{GpuPool, PinnedHost, VmmDevice};
 // Scheduling lives in weightlift-core; re-exported for the kernels' callers, as before.

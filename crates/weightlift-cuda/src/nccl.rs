@@ -23,7 +23,7 @@ use libloading::Library;
 
 use crate::dynlib::{bind, load_first};
 use crate::error::Call;
-use crate::{CudaError, Gpu};
+use crate::{CopyBatch, CudaError, Gpu, Lane, Mark};
 
 /// The environment variable naming the library to load first.
 pub const NCCL_PATH_ENV: &str = "WEIGHTLIFT_NCCL";
@@ -331,12 +331,32 @@ impl Comm {
         }
     }
 
+    /// Waits until the GPU ran everything before `mark` (this communicator's transfers among
+    /// it), polling the communicator meanwhile: a peer that failed is its error at once, one
+    /// that stalls is [`NcclError::Timeout`] at `deadline` (the caller then drops, so aborts,
+    /// the communicator, which ends its transfers still on the GPU).
+    pub fn wait_for(&self, mark: &Mark, call: &'static str, deadline: Instant) -> Result<(), NcclError> {
+        let started = Instant::now();
+        loop {
+            if mark.done()? {
+                return Ok(());
+            }
+            self.wait(call, deadline)?;
+            if Instant::now() >= deadline {
+                return Err(NcclError::Timeout { call, after: started.elapsed() });
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
     /// Queues a broadcast of `bytes` from `root`'s `src` into every rank's `dst` (device
-    /// addresses on this rank's GPU) on `gpu`'s stream, then waits (see [`Comm::wait`]) until it
-    /// is queued there.
+    /// addresses on this rank's GPU; the same address on every rank moves in place) on
+    /// `gpu`'s `lane`, then waits (see [`Comm::wait`]) until it is queued there.
+    #[allow(clippy::too_many_arguments)]
     pub fn broadcast(
         &mut self,
         gpu: &Gpu,
+        lane: Lane,
         src: u64,
         dst: u64,
         bytes: usize,
@@ -344,7 +364,7 @@ impl Comm {
         deadline: Instant,
     ) -> Result<(), NcclError> {
         gpu.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let stream = gpu.stream().cu_stream() as *mut c_void;
+        let stream = gpu.lane(lane).cu_stream() as *mut c_void;
         // SAFETY: `src` and `dst` are device addresses the caller guarantees hold `bytes` bytes
         // until the GPU's stream ran the broadcast; the communicator is live.
         let result = unsafe {
@@ -362,17 +382,18 @@ impl Comm {
         self.wait("ncclBroadcast", deadline)
     }
 
-    /// Queues, as one group on `gpu`'s stream, every send (`sends`: address, bytes, peer) and
+    /// Queues, as one group on `gpu`'s `lane`, every send (`sends`: address, bytes, peer) and
     /// receive (`recvs`: address, bytes, peer), then waits until they are queued there.
     pub fn exchange(
         &mut self,
         gpu: &Gpu,
+        lane: Lane,
         sends: &[(u64, usize, u32)],
         recvs: &[(u64, usize, u32)],
         deadline: Instant,
     ) -> Result<(), NcclError> {
         gpu.context().bind_to_thread().call("cuCtxSetCurrent")?;
-        let stream = gpu.stream().cu_stream() as *mut c_void;
+        let stream = gpu.lane(lane).cu_stream() as *mut c_void;
         // SAFETY: no arguments; paired with the group end below on every path.
         check(self.api, "ncclGroupStart", unsafe { (self.api.group_start)() })?;
         let mut queued = Ok(());
@@ -391,6 +412,74 @@ impl Comm {
         queued.and(ended)?;
         self.wait("ncclGroupEnd", deadline)
     }
+
+    /// Moves an update's buckets through two device buffers, the next bucket's transfer
+    /// queued while the last one is packed or scattered: per bucket `k` (buffer `k % 2`), the
+    /// sender's pack on the main lane, the move on the side lane, the receiver's scatter on the
+    /// main lane, each waiting on the GPU for what it needs (a buffer is written again only
+    /// once its last bucket was sent or scattered). Returns once the GPU ran all of it, or
+    /// with the first error; past `deadline` with [`NcclError::Timeout`].
+    pub fn run_buckets(&mut self, gpu: &Gpu, buckets: &[BucketStep<'_>], deadline: Instant) -> Result<(), NcclError> {
+        let mut free: [Option<Mark>; 2] = [None, None];
+        for (k, step) in buckets.iter().enumerate() {
+            let b = k % 2;
+            match step.pack {
+                Some(pack) => {
+                    if let Some(mark) = &free[b] {
+                        gpu.wait_mark(Lane::Main, mark)?;
+                    }
+                    gpu.run_copies(pack)?;
+                    gpu.wait_mark(Lane::Side, &gpu.mark(Lane::Main)?)?;
+                }
+                None => {
+                    if let Some(mark) = &free[b] {
+                        gpu.wait_mark(Lane::Side, mark)?;
+                    }
+                }
+            }
+            let bytes = step.bytes as usize;
+            match step.moves[b] {
+                Move::Broadcast { buffer, root } => {
+                    self.broadcast(gpu, Lane::Side, buffer, buffer, bytes, root, deadline)?;
+                }
+                Move::ToSelf { from, to } => {
+                    let me = self.rank;
+                    self.exchange(gpu, Lane::Side, &[(from, bytes, me)], &[(to, bytes, me)], deadline)?;
+                }
+            }
+            let moved = gpu.mark(Lane::Side)?;
+            free[b] = Some(match step.scatter {
+                Some(scatter) => {
+                    gpu.wait_mark(Lane::Main, &moved)?;
+                    gpu.run_copies(scatter)?;
+                    gpu.mark(Lane::Main)?
+                }
+                None => moved,
+            });
+        }
+        gpu.wait_mark(Lane::Main, &gpu.mark(Lane::Side)?)?;
+        let all = gpu.mark(Lane::Main)?;
+        self.wait_for(&all, "the update's transfers", deadline)
+    }
+}
+
+/// How one bucket reaches its buffer (see [`Comm::run_buckets`]), per buffer of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// A broadcast in place from `root`'s buffer into every other rank's.
+    Broadcast { buffer: u64, root: u32 },
+    /// This rank sends its buffer `from` to itself, into `to` (one GPU, one rank: how the
+    /// path is tested where there is one GPU).
+    ToSelf { from: u64, to: u64 },
+}
+
+/// One bucket of [`Comm::run_buckets`]: packed into its buffer by `pack` (the sender), moved
+/// by `moves[k % 2]`, scattered from it into the tensors by `scatter` (a receiver).
+pub struct BucketStep<'a> {
+    pub bytes: u64,
+    pub pack: Option<&'a CopyBatch>,
+    pub moves: [Move; 2],
+    pub scatter: Option<&'a CopyBatch>,
 }
 
 impl Drop for Comm {

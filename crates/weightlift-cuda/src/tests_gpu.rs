@@ -4,7 +4,8 @@
 use weightlift_core::digest::digest;
 
 use crate::{
-    device_count, driver_present, CopyDesc, CudaError, FusedKernel, FusedRun, Gpu, OwnedDeviceMemory, SourceGpu, Wave,
+    device_count, driver_present, CopyDesc, CudaError, FusedKernel, FusedRun, Gpu, Lane, OwnedDeviceMemory, SourceGpu,
+    Wave,
 };
 
 const NEEDS_GPU: &str = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine";
@@ -481,10 +482,10 @@ fn nccl_moves_bytes_on_one_gpu_and_a_rank_that_never_comes_times_out() {
         let mut dst = gpu.alloc(len).unwrap();
         dst.fill(&gpu, 0).unwrap();
         match grouped {
-            false => comm.broadcast(&gpu, src.device_ptr(), dst.device_ptr(), len, 0, deadline()).unwrap(),
+            false => comm.broadcast(&gpu, Lane::Main, src.device_ptr(), dst.device_ptr(), len, 0, deadline()).unwrap(),
             true => {
                 let (s, d) = ([(src.device_ptr(), len, 0)], [(dst.device_ptr(), len, 0)]);
-                comm.exchange(&gpu, &s, &d, deadline()).unwrap()
+                comm.exchange(&gpu, Lane::Main, &s, &d, deadline()).unwrap()
             }
         }
         gpu.synchronize().unwrap();
@@ -497,4 +498,49 @@ fn nccl_moves_bytes_on_one_gpu_and_a_rank_that_never_comes_times_out() {
     let lonely = Comm::init(&gpu, &UniqueId::new().unwrap(), 0, 2, Duration::from_secs(2));
     assert!(matches!(lonely, Err(NcclError::Timeout { .. })), "{:?}", lonely.err());
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+/// The bucket pipeline of the NCCL path on one GPU: five buckets packed into two send buffers,
+/// sent by this one rank to itself into two receive buffers and scattered from there, each
+/// buffer reused while the other bucket is in flight: every byte lands where it belongs.
+#[test]
+#[ignore = "needs a GPU and NCCL: run scripts/gpu-tests.sh on a GPU machine"]
+fn nccl_buckets_run_through_two_buffers_a_side_and_land_in_place() {
+    use std::time::{Duration, Instant};
+
+    use crate::nccl::{BucketStep, Comm, Move, UniqueId};
+    let gpu = gpu();
+    let mut comm = Comm::init(&gpu, &UniqueId::new().unwrap(), 0, 1, Duration::from_secs(60)).unwrap();
+    let (bucket, count) = ((1usize << 20) + 4096, 5usize);
+    let data = bytes(bucket * count, 29);
+    let mut src = gpu.alloc(data.len()).unwrap();
+    src.upload(&data).unwrap();
+    let mut dst = gpu.alloc(data.len()).unwrap();
+    dst.fill(&gpu, 0).unwrap();
+    let send = [gpu.alloc(bucket).unwrap(), gpu.alloc(bucket).unwrap()];
+    let recv = [gpu.alloc(bucket).unwrap(), gpu.alloc(bucket).unwrap()];
+    let copy = |from: u64, to: u64| CopyDesc {
+        src: from,
+        dst: to,
+        rows: 1,
+        row_bytes: bucket as u64,
+        src_stride: 0,
+        dst_stride: 0,
+    };
+    let mut packs = Vec::new();
+    let mut scatters = Vec::new();
+    for k in 0..count {
+        let at = (k * bucket) as u64;
+        packs.push(gpu.prepare_copies(&[copy(src.device_ptr() + at, send[k % 2].device_ptr())]).unwrap());
+        scatters.push(gpu.prepare_copies(&[copy(recv[k % 2].device_ptr(), dst.device_ptr() + at)]).unwrap());
+    }
+    let moves = [0, 1].map(|b| Move::ToSelf { from: send[b].device_ptr(), to: recv[b].device_ptr() });
+    let steps: Vec<BucketStep> = (0..count)
+        .map(|k| BucketStep { bytes: bucket as u64, pack: Some(&packs[k]), moves, scatter: Some(&scatters[k]) })
+        .collect();
+    comm.run_buckets(&gpu, &steps, Instant::now() + Duration::from_secs(30)).unwrap();
+    let mut got = vec![0u8; data.len()];
+    dst.download(&mut got).unwrap();
+    let wrong = (0..count).filter(|k| got[k * bucket..(k + 1) * bucket] != data[k * bucket..(k + 1) * bucket]);
+    assert_eq!(wrong.collect::<Vec<_>>(), Vec::<usize>::new(), "buckets whose bytes differ");
 }

@@ -32,6 +32,7 @@ mod device_writes;
 mod fd_pass;
 mod gpu;
 mod memory;
+mod nccl_buckets;
 mod net;
 mod protocol;
 mod receiver;

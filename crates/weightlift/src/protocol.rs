@@ -28,8 +28,8 @@ use crate::report::UpdateReport;
 /// update to several receivers (`End::two_phase`, `Verified`, `Commit`). 6: device slots.
 /// 7: buckets cut on digest chunks where they can be (both sides compute the same layout).
 /// 8: sharded trainers (`Hello::shard`, `Welcome::shards`). 9: `Digests`, a streaming
-/// receiver's sender digests over CUDA IPC in parts.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// receiver's sender digests over CUDA IPC in parts. 10: the NCCL transport (`NcclSession`).
+pub const PROTOCOL_VERSION: u32 = 10;
 const MAGIC: &[u8; 4] = b"WLFT";
 /// Bound on a JSON frame: a manifest of 100k tensors is ~10 MB.
 pub const MAX_MESSAGE_BYTES: u32 = 64 << 20;
@@ -53,6 +53,9 @@ pub enum TransportKind {
     /// GPU to GPU on one host: the receiver maps the sender's device memory once (CUDA IPC)
     /// and pulls, on the same GPU or over NVLink.
     CudaIpc,
+    /// GPU to GPU on any host: buckets packed on the trainer's GPU, moved by NCCL into the
+    /// receiver's GPU, scattered and digested there; the connection carries control only.
+    Nccl,
 }
 
 impl std::str::FromStr for TransportKind {
@@ -63,7 +66,8 @@ impl std::str::FromStr for TransportKind {
             "tcp" | "socket" => Ok(TransportKind::Tcp),
             "inproc" | "in-process" => Ok(TransportKind::InProcess),
             "cuda-ipc" | "ipc" => Ok(TransportKind::CudaIpc),
-            _ => Err(format!("unknown transport `{s}` (expected shm, tcp, inproc or cuda-ipc)")),
+            "nccl" => Ok(TransportKind::Nccl),
+            _ => Err(format!("unknown transport `{s}` (expected shm, tcp, inproc, cuda-ipc or nccl)")),
         }
     }
 }
@@ -75,6 +79,7 @@ impl std::fmt::Display for TransportKind {
             TransportKind::Tcp => "tcp",
             TransportKind::InProcess => "inproc",
             TransportKind::CudaIpc => "cuda-ipc",
+            TransportKind::Nccl => "nccl",
         })
     }
 }
@@ -287,6 +292,15 @@ pub enum Message {
         /// not, the receiver's digests of what it wrote are what it records.
         sender_digests: bool,
     },
+    /// NCCL: the communicator the update's buckets move on. `id` (an NCCL unique id, hex) asks
+    /// the receiver to join a new one as `rank` of `world` (the sender is rank 0, the root of
+    /// every broadcast): at a connection's first update, and after one that failed. None
+    /// reuses the last one.
+    NcclSession {
+        id: Option<String>,
+        rank: u32,
+        world: u32,
+    },
     /// CUDA IPC to a streaming receiver: the sender's digests of some destinations, sent as
     /// they are computed (in the order the receiver hands tensors over), so it can hand over
     /// the first bucket before the sender digested the whole model; `End` carries the rest.
@@ -338,6 +352,7 @@ impl Message {
             Message::BucketReady { .. } => "bucket_ready",
             Message::SlotFree { .. } => "slot_free",
             Message::Data { .. } => "data",
+            Message::NcclSession { .. } => "nccl_session",
             Message::IpcSources { .. } => "ipc_sources",
             Message::Digests { .. } => "digests",
             Message::End { .. } => "end",
@@ -635,8 +650,10 @@ mod tests {
         assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::BadPreamble(_))));
         let (a, b) = UnixStream::pair().unwrap();
         let mut raw = Stream::Unix(a);
-        raw.write_all(b"WLFT\x0a\x00\x00\x00").unwrap();
-        assert!(matches!(Conn::server(Stream::Unix(b), Instant::now() + T), Err(ProtocolError::VersionSkew(10))));
+        let next = PROTOCOL_VERSION + 1;
+        raw.write_all(&[b"WLFT".as_slice(), &next.to_le_bytes()].concat()).unwrap();
+        let skew = Conn::server(Stream::Unix(b), Instant::now() + T);
+        assert!(matches!(skew, Err(ProtocolError::VersionSkew(v)) if v == next), "{:?}", skew.err());
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use std::os::fd::AsFd;
 
-use weightlift_cuda::Gpu;
+use weightlift_cuda::{Comm, Gpu, UniqueId};
 
 use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
 use crate::device_writes::{BucketWrite, SlotWriter};
+use crate::nccl_buckets::{self, SenderBuckets};
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, Shard, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
@@ -149,6 +150,8 @@ pub enum SendError {
     WrongTensors(String),
     #[error("GPU, {doing}: {source}")]
     Cuda { doing: String, source: weightlift_cuda::CudaError },
+    #[error("NCCL, {doing}: {source}")]
+    Nccl { doing: String, source: weightlift_cuda::NcclError },
     #[error("fault injected: {0}")]
     Injected(String),
     #[error("a sharded trainer's rank: {0}")]
@@ -192,6 +195,15 @@ pub struct Sender {
     streaming: bool,
     /// This sender's rank as one rank of a sharded trainer.
     shard_rank: Option<u32>,
+    /// Over NCCL: the communicator with the receiver and the packing bound to the tensors,
+    /// kept from update to update; None before the first and after one that failed.
+    nccl: Option<NcclSend>,
+}
+
+/// A sender's side of the NCCL path (see `nccl_buckets`).
+struct NcclSend {
+    comm: Comm,
+    buckets: Option<SenderBuckets>,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -380,7 +392,7 @@ impl Sender {
             }
             (TransportKind::Tcp, _, _) => SendPath::socket(options.bucket_bytes),
             // Nothing travels through the connection but control messages.
-            (TransportKind::CudaIpc, _, _) => SendPath::socket(0),
+            (TransportKind::CudaIpc | TransportKind::Nccl, _, _) => SendPath::socket(0),
         };
         let schedule = match stream {
             Some(bytes) => Schedule::whole(&plan, bytes)?,
@@ -403,6 +415,7 @@ impl Sender {
             payload_pins: None,
             streaming: stream.is_some(),
             shard_rank: shard.map(|s| s.rank),
+            nccl: None,
         })
     }
 
@@ -433,13 +446,14 @@ impl Sender {
     }
 
     /// GPU memory this sender holds beyond the tensors (CUDA IPC: to digest what it sends;
-    /// device slots: the digests of what landed).
+    /// device slots: the digests of what landed; NCCL: two send buffers too).
     pub fn device_extra_bytes(&self) -> u64 {
         let slot_digests = match &self.path {
             SendPath::Device(writer) => writer.device_bytes(),
             _ => 0,
         };
-        self.exporter.device_bytes() + slot_digests
+        let send_buffers = self.nccl.as_ref().and_then(|n| n.buckets.as_ref()).map_or(0, SenderBuckets::device_bytes);
+        self.exporter.device_bytes() + slot_digests + send_buffers
     }
 
     /// The receiver as it was when this sender connected.
@@ -495,8 +509,9 @@ impl Sender {
     pub fn skip_for(&self, sources: Sources<'_>) -> Result<Vec<u32>, SendError> {
         self.check_tensors(sources.manifest())?;
         let Sources::Host(tensors) = sources else { return Ok(Vec::new()) };
-        if self.options.transport == TransportKind::CudaIpc {
-            return Err(SendError::WrongTensors("cuda-ipc moves GPU tensors: push them from the GPU".into()));
+        if let TransportKind::CudaIpc | TransportKind::Nccl = self.options.transport {
+            let transport = self.options.transport;
+            return Err(SendError::WrongTensors(format!("{transport} moves GPU tensors: push them from the GPU")));
         }
         // A rank of a sharded trainer cannot digest whole destinations: it holds parts.
         if !self.options.delta || self.streaming || self.shard_rank.is_some() {
@@ -563,6 +578,9 @@ impl Sender {
             }
             (Sources::Host(tensors), _) => self.send_packed(skip, tensors),
             (Sources::Device { gpu, tensors }, _) if ipc => self.export(version, gpu, tensors),
+            (Sources::Device { gpu, tensors }, _) if self.options.transport == TransportKind::Nccl => {
+                self.send_nccl(gpu, tensors)
+            }
             (Sources::Device { gpu, tensors }, _) => self.send_downloaded(gpu, tensors),
         };
         let ended = sent.and_then(|digests| {
@@ -655,6 +673,62 @@ impl Sender {
             Ok(sent) => Ok(sent?),
             Err(source) => Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
         }
+    }
+
+    /// GPU tensors over NCCL: names the communicator (a new one at the first update and after
+    /// a failed one, which the receiver joins as rank 1 of 2), packs every bucket on the GPU and
+    /// broadcasts it, and digests the tensors there for the receiver to compare with. A
+    /// failure aborts the communicator and calls the update off.
+    fn send_nccl(&mut self, gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<(u32, u64)>, SendError> {
+        let timeout = self.options.timeout;
+        let ptrs = tensors.device_ptrs();
+        let join = match &self.nccl {
+            Some(_) => None,
+            None => match UniqueId::new() {
+                Ok(id) => Some(id),
+                Err(source) => {
+                    return Err(self.call_off(SendError::Nccl { doing: "naming a communicator".into(), source }))
+                }
+            },
+        };
+        self.conn.send(&Message::NcclSession { id: join.as_ref().map(UniqueId::to_hex), rank: 1, world: 2 })?;
+        if let Some(id) = join {
+            match Comm::init(gpu, &id, 0, 2, timeout) {
+                Ok(comm) => self.nccl = Some(NcclSend { comm, buckets: None }),
+                Err(source) => {
+                    return Err(self.call_off(SendError::Nccl { doing: "making the communicator".into(), source }))
+                }
+            }
+        }
+        let (plan, schedule, bucket_bytes) = (&self.plan, &self.schedule, self.options.bucket_bytes);
+        let side = self.nccl.as_mut().expect("joined above");
+        let bound = match side.buckets.take() {
+            Some(buckets) if buckets.reads(&ptrs) => Ok(buckets),
+            _ => SenderBuckets::new(gpu, plan, schedule, &ptrs, bucket_bytes),
+        };
+        let sent = bound.map_err(|source| SendError::Cuda { doing: "packing buckets".into(), source }).and_then(|b| {
+            let moved = nccl_buckets::run(&mut side.comm, gpu, &b.steps(0), Instant::now() + timeout);
+            side.buckets = Some(b);
+            moved.map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
+        });
+        if let Err(e) = sent {
+            self.nccl = None;
+            return Err(self.call_off(e));
+        }
+        let digests = match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
+            Ok(digests) => digests,
+            Err(source) => return Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
+        };
+        let flipped = match self.options.fault {
+            Some(Fault::FlipByteInBucket(k)) => {
+                self.schedule.completes.iter().skip(k as usize).flatten().next().copied()
+            }
+            _ => None,
+        };
+        Ok((0..digests.len() as u32)
+            .zip(digests)
+            .map(|(d, value)| (d, if Some(d) == flipped { value ^ 1 } else { value }))
+            .collect())
     }
 
     /// Tells the receiver the update is off because of `error` on this side (it answers

@@ -28,6 +28,17 @@ use crate::update::Schedule;
 /// Device slots a receiver offers a sender that can copy into them.
 pub const DEVICE_SLOTS: u32 = 2;
 
+/// The device buffers a staging writes buckets into before their copies into the tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    /// One buffer, for buckets copied up from host memory by this process.
+    One,
+    /// [`DEVICE_SLOTS`] shareable allocations a sender on this host copies into.
+    Slots,
+    /// Two buffers, for buckets that NCCL moves in (one lands while the other is scattered).
+    Pair,
+}
+
 /// Where a bucket is written to on the device before its copies into the tensors.
 enum Buffer {
     Plain(DeviceBuffer),
@@ -70,19 +81,21 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Staging for `plan` into tensors at `destinations` (device addresses, in plan order);
-    /// with `slots`, in device slots a sender's process can map.
+    /// Staging for `plan` into tensors at `destinations` (device addresses, in plan order),
+    /// through `buffers`.
     pub fn new(
         gpu: Arc<Gpu>,
         plan: &Plan,
         full: &Schedule,
         destinations: Vec<u64>,
         bucket_bytes: u64,
-        slots: bool,
+        buffers: Buffers,
     ) -> Result<Staging, CudaError> {
-        let buffers = match slots {
-            false => vec![Buffer::Plain(gpu.alloc(bucket_bytes as usize)?)],
-            true => (0..DEVICE_SLOTS)
+        let plain = || gpu.alloc(bucket_bytes as usize).map(Buffer::Plain);
+        let buffers = match buffers {
+            Buffers::One => vec![plain()?],
+            Buffers::Pair => vec![plain()?, plain()?],
+            Buffers::Slots => (0..DEVICE_SLOTS)
                 .map(|_| gpu.alloc_shareable(bucket_bytes as usize).map(Buffer::Slot))
                 .collect::<Result<_, _>>()?,
         };
@@ -248,6 +261,19 @@ impl StagedUpdate<'_> {
         let gpu = &self.staging.gpu;
         gpu.run_copies(self.batch(slot as usize, k)?)?;
         gpu.synchronize()
+    }
+
+    /// The copy batch that scatters bucket `k` from buffer `buffer` into the tensors.
+    pub fn scatter(&self, buffer: usize, k: usize) -> Result<&CopyBatch, CudaError> {
+        self.batch(buffer, k)
+    }
+
+    /// The device addresses of a staging of [`Buffers::Pair`].
+    pub fn buffer_pair(&self) -> Result<[u64; 2], CudaError> {
+        match self.staging.buffers.as_slice() {
+            [a @ Buffer::Plain(_), b @ Buffer::Plain(_)] => Ok([a.device_ptr(), b.device_ptr()]),
+            _ => Err(CudaError::Invalid("this staging has no pair of buffers for NCCL".into())),
+        }
     }
 
     /// Waits for bucket `k`'s copies and digests the destinations it completes (in the order

@@ -92,6 +92,47 @@ fn ipc_updates_are_bit_exact_for_dense_and_moe_at_tp1_and_tp2_on_the_same_and_an
     }
 }
 
+/// Updates over NCCL from a trainer process on cuda:0. With a second GPU, into receivers on
+/// it: three versions, verified, bit exact. On one GPU, NCCL refuses two ranks of one
+/// communicator on the same GPU: the update fails on both sides with NCCL's error named, soon
+/// (no rank waits out a deadline), and the receivers stay on their version.
+#[test]
+#[ignore = "needs a GPU and NCCL: run scripts/gpu-tests.sh on a GPU machine"]
+fn nccl_updates_reach_another_gpu_and_on_one_gpu_fail_cleanly_by_name() {
+    let gpus = device_count().expect("needs a GPU");
+    let device = if gpus >= 2 { 1 } else { 0 };
+    let options = ReceiverOptions { timeout: std::time::Duration::from_secs(20), ..ReceiverOptions::default() };
+    let ranks = gpu_ranks("qwen3-moe-tiny", 2, device, "nccl", options);
+    let mut push = Command::new(exe());
+    push.args(["push", "--synthetic", "qwen3-moe-tiny", "--device", "cuda:0", "--transport", "nccl"]);
+    push.args(["--steps", "3", "--json"]);
+    for e in &ranks.endpoints {
+        push.args(["--to", e]);
+    }
+    let started = std::time::Instant::now();
+    let out = push.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if gpus >= 2 {
+        assert!(out.status.success(), "push over nccl failed: {stderr}");
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for step in json["steps"].as_array().unwrap() {
+            assert_eq!(step["verified"], true, "{step}");
+        }
+        let mut trainer = HostTensors::synthetic(&ranks.config, 7);
+        for _ in 0..3 {
+            trainer.perturb();
+        }
+        ranks.assert_hold(&trainer, 3);
+    } else {
+        assert!(!out.status.success(), "two NCCL ranks on one GPU cannot work: {stderr}");
+        assert!(stderr.contains("NCCL"), "the error should name NCCL: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+        for (tp, _, _, receiver) in &ranks.ranks {
+            assert_eq!(receiver.committed(), Version(0), "{tp}");
+        }
+    }
+}
+
 /// A `weightlift serve --device cuda:N` process and where senders connect; with `http`, also
 /// serving its HTTP API on a free loopback port, and that address.
 fn serve_on_gpu(

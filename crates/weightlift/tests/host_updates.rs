@@ -226,11 +226,15 @@ fn pushes_of_other_tensors_than_announced_are_refused_by_name_and_change_nothing
 }
 
 #[test]
-fn a_receiver_in_host_memory_refuses_cuda_ipc_by_name() {
+fn a_receiver_in_host_memory_refuses_cuda_ipc_and_nccl_by_name() {
     let s = setup("qwen3-tiny", TpRank::SINGLE, "no-ipc", ReceiverOptions::default());
-    let options = SenderOptions { transport: TransportKind::CudaIpc, ..SenderOptions::default() };
-    let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).err().expect("refused");
-    assert!(err.to_string().contains("in host memory"), "{err}");
+    for (transport, name) in [(TransportKind::CudaIpc, "cuda-ipc"), (TransportKind::Nccl, "nccl")] {
+        let options = SenderOptions { transport, ..SenderOptions::default() };
+        let err = Sender::connect(&s.endpoint, s.trainer.manifest(), &s.rules, options).err().expect("refused");
+        let err = err.to_string();
+        assert!(err.contains("in host memory") && err.contains(name), "{err}");
+    }
+    assert_eq!(s.receiver.committed(), Version(0));
 }
 
 fn host_bytes(receiver: &weightlift::Receiver) -> Vec<Vec<u8>> {

@@ -60,6 +60,10 @@ pub enum TransferMode {
     Shm,
     Tcp,
     Ipc,
+    /// GPU to GPU on any host over NCCL: the engine connects to the trainer (`source.sender`,
+    /// the trainer's address to join, as SGLang's `init_weights_update_group` takes the
+    /// master's), and the trainer names the communicator on that connection.
+    Nccl,
 }
 
 /// `POST /weights_checker`.

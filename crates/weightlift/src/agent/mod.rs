@@ -636,6 +636,7 @@ fn update_from_sender(
         TransferMode::Shm => Some(TransportKind::Shm),
         TransferMode::Tcp => Some(TransportKind::Tcp),
         TransferMode::Ipc => Some(TransportKind::CudaIpc),
+        TransferMode::Nccl => Some(TransportKind::Nccl),
     };
     state.receiver.fetch(&endpoint, Expect { version, transport }).map_err(|e| match e {
         // Another update began (from a sender of its own) since the checks above.

@@ -122,7 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CommandError> {
                     .connect_in_process(tensors.manifest(), &inputs.rules, options)
                     .map(|s| Trainer::from_senders(vec![s]))
             }
-            TransportKind::Shm | TransportKind::Tcp | TransportKind::CudaIpc => {
+            TransportKind::Shm | TransportKind::Tcp | TransportKind::CudaIpc | TransportKind::Nccl => {
                 let listen = match transport {
                     TransportKind::Shm => format!("unix:{}", dir.join("bench.sock").display()),
                     _ => "tcp://127.0.0.1:0".into(),

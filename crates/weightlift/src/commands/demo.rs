@@ -135,7 +135,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CommandError> {
             TransportKind::Shm | TransportKind::CudaIpc => {
                 format!("unix:{}", dir.join(format!("rank{rank}.sock")).display())
             }
-            TransportKind::Tcp | TransportKind::InProcess => "tcp://127.0.0.1:0".to_string(),
+            TransportKind::Tcp | TransportKind::InProcess | TransportKind::Nccl => "tcp://127.0.0.1:0".to_string(),
         };
         let extra = [
             "--tp-size".to_string(),

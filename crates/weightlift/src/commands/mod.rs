@@ -202,8 +202,9 @@ impl std::fmt::Display for DeviceArg {
 /// Where the trainer's tensors live and how they travel: shared by `push` and `demo`.
 #[derive(Args, Debug, Clone)]
 pub struct TrainerArgs {
-    /// shm (same host), tcp, or cuda-ipc (GPU to GPU, same host); default: cuda-ipc for
-    /// --device cuda, else shm when every receiver is on this host, else tcp.
+    /// shm (same host), tcp, cuda-ipc (GPU to GPU, same host) or nccl (GPU to GPU, any host);
+    /// default: cuda-ipc for --device cuda, else shm when every receiver is on this host, else
+    /// tcp.
     #[arg(long)]
     pub transport: Option<TransportKind>,
     /// Where the trainer's tensors live: host, or cuda:N.

@@ -15,11 +15,12 @@ use crate::protocol::{
     MAX_MESSAGE_BYTES,
 };
 use crate::session;
-use crate::staged::Staging;
+use crate::staged::{Buffers, Staging};
 use crate::transport::{LocalRing, RecvPath};
 use crate::update::Schedule;
 
 use super::connection::ConnectionError;
+use super::nccl::{check_available, NcclBuckets, NcclRefusal};
 use super::transfer::{HostBuckets, IpcPull, Transfer};
 use super::{Expect, Receiver, Store};
 
@@ -160,8 +161,19 @@ impl Receiver {
             },
             _ => None,
         };
+        if transport == TransportKind::Nccl {
+            let refusal = match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+                Store::Host(_) => Some(NcclRefusal::HostTensors),
+                Store::Device { .. } if stream.is_some() => Some(NcclRefusal::Streaming),
+                Store::Device { .. } => check_available().err(),
+            };
+            if let Some(refusal) = refusal {
+                return Err(refuse(&mut conn, refusal.to_string()));
+            }
+        }
         let (mut path, ring) = match transport {
-            TransportKind::CudaIpc => (RecvPath::socket(0), None),
+            // Nothing travels through the connection but control messages.
+            TransportKind::CudaIpc | TransportKind::Nccl => (RecvPath::socket(0), None),
             TransportKind::Shm => {
                 let (path, info) = RecvPath::ring(options.ring_slots, bucket_bytes)?;
                 (path, Some(info))
@@ -191,7 +203,12 @@ impl Receiver {
                 let slots = device_writes
                     && stream.is_none()
                     && matches!(transport, TransportKind::Shm | TransportKind::InProcess);
-                let staged = Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, slots)
+                let buffers = match (transport, slots) {
+                    (TransportKind::Nccl, _) => Buffers::Pair,
+                    (_, true) => Buffers::Slots,
+                    (_, false) => Buffers::One,
+                };
+                let staged = Staging::new(gpu.clone(), &plan, &full, tensors.device_ptrs(), bucket_bytes, buffers)
                     .and_then(|mut staging| {
                         if let Some(stream) = stream {
                             staging.digest_per_bucket(&plan, &stream.layout.complete_after)?;
@@ -245,9 +262,16 @@ impl Receiver {
             }
         }
         tracing::info!(peer = conn.peer(), %transport, ops = plan.ops.len(), "sender connected");
-        let transfer: Box<dyn Transfer> = match ipc {
-            Some(ipc) => Box::new(ipc),
-            None => Box::new(HostBuckets { staging, path, full, bucket_bytes }),
+        let gpu = match &*self.shared.tensors.lock().unwrap_or_else(|e| e.into_inner()) {
+            Store::Device { gpu, .. } => Some(gpu.clone()),
+            Store::Host(_) => None,
+        };
+        let transfer: Box<dyn Transfer> = match (ipc, transport, staging, gpu) {
+            (Some(ipc), _, _, _) => Box::new(ipc),
+            (None, TransportKind::Nccl, Some(staging), Some(gpu)) => {
+                Box::new(NcclBuckets { gpu, staging, full, comm: None })
+            }
+            (None, _, staging, _) => Box::new(HostBuckets { staging, path, full, bucket_bytes }),
         };
         Ok(Established { conn, plan, transfer })
     }

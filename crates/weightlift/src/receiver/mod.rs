@@ -9,6 +9,7 @@ mod checker;
 mod connection;
 mod group;
 mod handshake;
+mod nccl;
 mod settle;
 mod stream;
 mod transfer;

@@ -18,7 +18,7 @@ use crate::cuda_ipc::{DeviceTensors, Importer};
 use crate::device_writes::{BucketWrite, SlotWriter};
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
-use crate::staged::{StagedUpdate, Staging};
+use crate::staged::{Buffers, StagedUpdate, Staging};
 use crate::tensors::{DestinationTensors, SourceTensors};
 use crate::transport::{Arrived, RecvBucketsError, RecvPath, TransferError};
 use crate::update::{completed_digests, pack, receiver_digests, sender_digests, unpack, Schedule};
@@ -570,12 +570,13 @@ impl LocalPack<'_> {
         let mut payload = vec![0u8; self.bucket_bytes as usize];
         let staging = match &*store {
             Store::Device { gpu, tensors } => {
-                let staged = Staging::new(gpu.clone(), plan, schedule, tensors.device_ptrs(), self.bucket_bytes, false)
-                    .and_then(|mut staging| {
-                        staging.digest_per_bucket(plan, &stream.plan.layout.complete_after)?;
-                        staging.pin(&payload);
-                        Ok(staging)
-                    });
+                let staged =
+                    Staging::new(gpu.clone(), plan, schedule, tensors.device_ptrs(), self.bucket_bytes, Buffers::One)
+                        .and_then(|mut staging| {
+                            staging.digest_per_bucket(plan, &stream.plan.layout.complete_after)?;
+                            staging.pin(&payload);
+                            Ok(staging)
+                        });
                 match staged {
                     Ok(staging) => Some(staging),
                     Err(e) => return (Outcome::Broken(WriteError::Stage(e).to_string()), report),
@@ -745,8 +746,8 @@ impl LocalSlots {
         key: (String, u64, Vec<u64>),
         bucket_bytes: u64,
     ) -> Result<LocalSlots, WriteError> {
-        let staging =
-            Staging::new(gpu.clone(), plan, full, key.2.clone(), bucket_bytes, true).map_err(WriteError::Stage)?;
+        let staging = Staging::new(gpu.clone(), plan, full, key.2.clone(), bucket_bytes, Buffers::Slots)
+            .map_err(WriteError::Stage)?;
         let (info, fds) = staging.offer(bucket_bytes).map_err(WriteError::Share)?.ok_or(WriteError::NoSlots)?;
         let writer = SlotWriter::map_on(gpu.clone(), &info, &fds).map_err(WriteError::Map)?;
         Ok(LocalSlots { key, staging, writer, count: info.count })
@@ -838,7 +839,7 @@ impl Sink<'_> {
 
 /// Names of written tensors whose digest differs from the sender's, that the sender sent no
 /// digest for, or whose bytes did not all arrive.
-fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
+pub(super) fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
     let mut sent: Vec<Option<u64>> = vec![None; ours.len()];
     for &(d, value) in theirs {
         if let Some(slot) = sent.get_mut(d as usize) {

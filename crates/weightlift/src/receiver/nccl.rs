@@ -1,0 +1,130 @@
+//! The NCCL transfer: a receiver's buckets arrive from the trainer's GPU by NCCL broadcast into
+//! two device buffers and are scattered into its tensors there (see `nccl_buckets`); the
+//! connection carries the session (`NcclSession`), the begin, the end and the vote. The
+//! communicator is made at the connection's first update and kept while updates succeed; one
+//! that failed (a peer died, a deadline passed) is aborted, and the sender names a new one at
+//! the next update.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weightlift_core::{Plan, Version};
+use weightlift_cuda::{nccl_available, Comm, Gpu, NcclError, UniqueId};
+
+use crate::nccl_buckets::{receiver_steps, run};
+use crate::protocol::{Conn, Message};
+use crate::report::UpdateReport;
+use crate::staged::Staging;
+use crate::update::Schedule;
+
+use super::settle::Outcome;
+use super::transfer::{compare, Transfer};
+use super::Receiver;
+
+/// Why a receiver cannot take updates over NCCL; said in its refusal at hello.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NcclRefusal {
+    #[error("this receiver's tensors are in host memory: nccl moves GPU tensors")]
+    HostTensors,
+    #[error("a streaming receiver takes its buckets over CUDA IPC or a host transport, not nccl (yet)")]
+    Streaming,
+    #[error("transport nccl: {0}")]
+    Unavailable(#[from] NcclError),
+}
+
+/// Checks that this process can take NCCL updates at all.
+pub(super) fn check_available() -> Result<(), NcclRefusal> {
+    nccl_available()?;
+    Ok(())
+}
+
+/// One connection's NCCL path: the staging (two device buffers) and the communicator.
+pub(super) struct NcclBuckets {
+    pub(super) gpu: Arc<Gpu>,
+    pub(super) staging: Staging,
+    pub(super) full: Schedule,
+    pub(super) comm: Option<Comm>,
+}
+
+impl NcclBuckets {
+    /// Joins the communicator the sender names, or keeps the last one.
+    fn session(&mut self, message: Message, timeout: Duration) -> Result<Option<Outcome>, String> {
+        match message {
+            Message::NcclSession { id: Some(id), rank, world } => {
+                self.comm = None;
+                let id = UniqueId::from_hex(&id).ok_or("the sender's NCCL unique id is not 128 bytes of hex")?;
+                let comm = Comm::init(&self.gpu, &id, rank, world, timeout)
+                    .map_err(|e| format!("joining the sender's NCCL communicator as rank {rank} of {world}: {e}"))?;
+                self.comm = Some(comm);
+                Ok(None)
+            }
+            Message::NcclSession { id: None, .. } if self.comm.is_some() => Ok(None),
+            Message::NcclSession { id: None, .. } => {
+                Err("the sender reuses an NCCL communicator this receiver does not hold".into())
+            }
+            Message::Abort { reason } => Ok(Some(Outcome::called_off(reason))),
+            other => Err(format!("expected nccl_session, got {}", other.name())),
+        }
+    }
+}
+
+impl Transfer for NcclBuckets {
+    /// Takes one update over NCCL: joins (or keeps) the communicator, receives every bucket into
+    /// the staging buffers and scatters it, digests the tensors where they live and compares
+    /// with the sender's digests.
+    fn run(
+        &mut self,
+        receiver: &Receiver,
+        conn: &mut Conn,
+        plan: &Plan,
+        version: Version,
+        _skip: &[u32],
+        touched: &mut [bool],
+    ) -> (Outcome, UpdateReport) {
+        let timeout = receiver.shared.options.timeout;
+        let store = receiver.shared.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut report = UpdateReport {
+            bytes: self.full.bytes,
+            tensors: plan.destinations.len(),
+            buckets: self.full.buckets.len(),
+            sender_digests: true,
+            device_extra_bytes: self.staging.device_bytes(),
+            ..UpdateReport::default()
+        };
+        let outcome = (|| -> Result<Outcome, String> {
+            let message = conn.recv(timeout).map_err(|e| format!("waiting for the NCCL session: {e}"))?;
+            if let Some(outcome) = self.session(message, timeout)? {
+                return Ok(outcome);
+            }
+            let update =
+                self.staging.update(plan, &self.full, false).map_err(|e| format!("preparing the update: {e}"))?;
+            let steps = receiver_steps(&update, &self.full, 0).map_err(|e| format!("preparing the update: {e}"))?;
+            touched.fill(true);
+            let started = Instant::now();
+            let comm = self.comm.as_mut().expect("joined above");
+            if let Err(e) = run(comm, &self.gpu, &steps, started + timeout) {
+                // Aborted: a communicator that failed is not used again.
+                self.comm = None;
+                return Err(format!("receiving buckets over NCCL: {e}"));
+            }
+            let ours = update.digests().map_err(|e| format!("digesting the update: {e}"))?;
+            report.unpack_seconds = started.elapsed().as_secs_f64();
+            let _ = receiver.state().versions.verify(version);
+            let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
+            match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
+                Message::End { version: v, digests, two_phase } if v == version => {
+                    let mismatched = compare(plan, touched, &ours, &digests);
+                    Ok(match mismatched.is_empty() {
+                        true => Outcome::Verified { digests: ours, compared: true, two_phase },
+                        false => Outcome::Mismatch(mismatched),
+                    })
+                }
+                Message::Abort { reason } => Ok(Outcome::called_off(reason)),
+                other => Err(format!("expected the end of version {version}, got {}", other.name())),
+            }
+        })()
+        .unwrap_or_else(Outcome::Broken);
+        drop(store);
+        (outcome, report)
+    }
+}

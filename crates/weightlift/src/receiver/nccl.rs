@@ -6,7 +6,7 @@
 //! the next update.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use weightlift_core::{Plan, Version};
 use weightlift_cuda::{nccl_available, Comm, Gpu, NcclError, UniqueId};
@@ -46,25 +46,32 @@ pub(super) struct NcclBuckets {
     pub(super) comm: Option<Comm>,
 }
 
-impl NcclBuckets {
-    /// Joins the communicator the sender names, or keeps the last one.
-    fn session(&mut self, message: Message, timeout: Duration) -> Result<Option<Outcome>, String> {
-        match message {
-            Message::NcclSession { id: Some(id), rank, world } => {
-                self.comm = None;
-                let id = UniqueId::from_hex(&id).ok_or("the sender's NCCL unique id is not 128 bytes of hex")?;
-                let comm = Comm::init(&self.gpu, &id, rank, world, timeout)
-                    .map_err(|e| format!("joining the sender's NCCL communicator as rank {rank} of {world}: {e}"))?;
-                self.comm = Some(comm);
-                Ok(None)
+/// What the sender's `NcclSession` (or whatever came instead) asks of a receiver holding
+/// `comm`: join a new communicator (`join`: the id, rank and world), keep the one it has, or
+/// stop. None to go on with the update in `comm`; an outcome to end it with; an error to break
+/// it off with (the sender is out of step).
+fn session<C>(
+    comm: &mut Option<C>,
+    message: Message,
+    join: impl FnOnce(&UniqueId, u32, u32) -> Result<C, String>,
+) -> Result<Option<Outcome>, String> {
+    match message {
+        Message::NcclSession { id: Some(id), rank, world } => {
+            // A new communicator replaces the last, which is aborted first.
+            *comm = None;
+            let id = UniqueId::from_hex(&id).ok_or("the sender's NCCL unique id is not 128 bytes of hex")?;
+            if rank == 0 || rank >= world {
+                return Err(format!("the sender asks this receiver to be NCCL rank {rank} of {world}"));
             }
-            Message::NcclSession { id: None, .. } if self.comm.is_some() => Ok(None),
-            Message::NcclSession { id: None, .. } => {
-                Err("the sender reuses an NCCL communicator this receiver does not hold".into())
-            }
-            Message::Abort { reason } => Ok(Some(Outcome::called_off(reason))),
-            other => Err(format!("expected nccl_session, got {}", other.name())),
+            *comm = Some(join(&id, rank, world)?);
+            Ok(None)
         }
+        Message::NcclSession { id: None, .. } if comm.is_some() => Ok(None),
+        Message::NcclSession { id: None, .. } => {
+            Err("the sender reuses an NCCL communicator this receiver does not hold".into())
+        }
+        Message::Abort { reason } => Ok(Some(Outcome::called_off(reason))),
+        other => Err(format!("expected nccl_session, got {}", other.name())),
     }
 }
 
@@ -93,7 +100,12 @@ impl Transfer for NcclBuckets {
         };
         let outcome = (|| -> Result<Outcome, String> {
             let message = conn.recv(timeout).map_err(|e| format!("waiting for the NCCL session: {e}"))?;
-            if let Some(outcome) = self.session(message, timeout)? {
+            let gpu = &self.gpu;
+            let join = |id: &UniqueId, rank, world| {
+                Comm::init(gpu, id, rank, world, timeout)
+                    .map_err(|e| format!("joining the sender's NCCL communicator as rank {rank} of {world}: {e}"))
+            };
+            if let Some(outcome) = session(&mut self.comm, message, join)? {
                 return Ok(outcome);
             }
             let update =
@@ -126,5 +138,48 @@ impl Transfer for NcclBuckets {
         .unwrap_or_else(Outcome::Broken);
         drop(store);
         (outcome, report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> String {
+        "ab".repeat(128)
+    }
+
+    fn ask(id: Option<String>, rank: u32, world: u32) -> Message {
+        Message::NcclSession { id, rank, world }
+    }
+
+    /// The session messages of the control plane, with no NCCL: a new id replaces the
+    /// communicator, none keeps it, and anything out of step is an error that says what was
+    /// wrong (the update then breaks off, and the sender names a new one next time).
+    #[test]
+    fn a_receiver_joins_keeps_or_refuses_a_communicator_as_the_sender_asks() {
+        let mut comm: Option<u32> = None;
+        let joined = |_: &UniqueId, rank: u32, world: u32| Ok(rank * 100 + world);
+        assert!(session(&mut comm, ask(Some(id()), 1, 2), joined).unwrap().is_none());
+        assert_eq!(comm, Some(102));
+        assert!(session(&mut comm, ask(None, 1, 2), joined).unwrap().is_none());
+        assert_eq!(comm, Some(102), "kept");
+
+        let failed = |_: &UniqueId, _: u32, _: u32| Err::<u32, _>("init timed out".to_string());
+        assert_eq!(session(&mut comm, ask(Some(id()), 1, 2), failed).unwrap_err(), "init timed out");
+        assert_eq!(comm, None, "the old communicator is gone once a new one was asked for");
+        let err = session(&mut comm, ask(None, 1, 2), joined).unwrap_err();
+        assert!(err.contains("does not hold"), "{err}");
+
+        let err = session(&mut comm, ask(Some("00".into()), 1, 2), joined).unwrap_err();
+        assert!(err.contains("hex"), "{err}");
+        for (rank, world) in [(0, 2), (2, 2)] {
+            let err = session(&mut comm, ask(Some(id()), rank, world), joined).unwrap_err();
+            assert!(err.contains(&format!("rank {rank} of {world}")), "{err}");
+        }
+        let called_off = session(&mut comm, Message::Abort { reason: "trainer gone".into() }, joined).unwrap();
+        assert!(matches!(called_off, Some(Outcome::Aborted(ref r)) if r.contains("trainer gone")), "{called_off:?}");
+        let err = session(&mut comm, Message::SlotFree { slot: 0 }, joined).unwrap_err();
+        assert!(err.contains("expected nccl_session, got slot_free"), "{err}");
     }
 }

@@ -205,6 +205,16 @@ def test_bad_arguments_are_errors_not_crashes():
     assert receiver.wait_for_version(0, timeout=0) == 0
 
 
+def test_gpu_transports_to_a_receiver_in_host_memory_are_refused_by_name(tmp_path):
+    receiver = wl.Receiver({"w": np.zeros(1000, np.float32)}, listen=f"unix:{tmp_path}/engine.sock")
+    for transport in ("cuda-ipc", "nccl"):
+        with pytest.raises(wl.PlanError, match=f"host memory: {transport} "):
+            wl.Sender(receiver.endpoint, transport=transport).push({"w": np.ones(1000, np.float32)}, version=1)
+    with pytest.raises(wl.PlanError, match="expected shm, tcp, inproc, cuda-ipc or nccl"):
+        wl.Sender(receiver.endpoint, transport="rdma")
+    assert receiver.version == 0
+
+
 def test_the_receiver_keeps_its_arrays_alive_after_python_drops_them():
     receiver = wl.Receiver({"w": np.zeros(50_000, np.float32)})
     gc.collect()

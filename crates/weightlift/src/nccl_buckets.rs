@@ -163,6 +163,17 @@ mod tests {
     use crate::tensors::HostTensors;
     use crate::update::pack;
 
+    /// A synthetic model (its sources f32 where `cast`), its rules and its sources.
+    fn model_case(model: &str, cast: bool) -> (weightlift_core::ModelConfig, weightlift_core::RuleSet, SourceSet) {
+        let mut config = synthetic(model).unwrap();
+        if cast {
+            config.dtype = DType::F32;
+        }
+        let rules =
+            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+        (config.clone(), rules, SourceSet::single(config.source_manifest()))
+    }
+
     /// Runs copy and cast descriptors over host memory laid out at fake device addresses, as
     /// the batched kernels do (casts as the host's, which the GPU's match bit for bit).
     fn run_on_host(memory: &mut [u8], copies: &[CopyDesc], casts: &[CastDesc]) {
@@ -189,13 +200,7 @@ mod tests {
     /// tensor-parallel slices (strided blocks), stacked experts, f32 sources cast to bf16 and
     /// buckets of any size.
     fn check_packing(model: &str, tp_size: u32, cast: bool, bucket_bytes: u64) {
-        let mut config = synthetic(model).unwrap();
-        if cast {
-            config.dtype = DType::F32;
-        }
-        let rules =
-            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-        let source = SourceSet::single(config.source_manifest());
+        let (config, rules, source) = model_case(model, cast);
         let trainer = HostTensors::synthetic(&config, 3);
         for tp in TpRank::all(tp_size) {
             let dest = destination_manifest(&source, &rules, tp, cast.then_some(DType::BF16), false).unwrap();
@@ -287,13 +292,7 @@ mod tests {
             ("qwen3-0.6b", 2, false, 8 << 20),
         ];
         for (model, tp_size, cast, bucket_bytes) in cases {
-            let mut config = synthetic(model).unwrap();
-            if cast {
-                config.dtype = DType::F32;
-            }
-            let rules =
-                config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
-            let source = SourceSet::single(config.source_manifest());
+            let (config, rules, source) = model_case(model, cast);
             let mut trainer = HostTensors::synthetic(&config, 11);
             for tp in TpRank::all(tp_size) {
                 let label = format!("{model} {tp} cast {cast} buckets of {bucket_bytes}");

@@ -18,7 +18,7 @@ use crate::staged::Staging;
 use crate::update::Schedule;
 
 use super::settle::Outcome;
-use super::transfer::{compare, Transfer};
+use super::transfer::{end_of_update, Transfer};
 use super::Receiver;
 
 /// Why a receiver cannot take updates over NCCL; said in its refusal at hello.
@@ -122,18 +122,7 @@ impl Transfer for NcclBuckets {
             let ours = update.digests().map_err(|e| format!("digesting the update: {e}"))?;
             report.unpack_seconds = started.elapsed().as_secs_f64();
             let _ = receiver.state().versions.verify(version);
-            let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
-            match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
-                Message::End { version: v, digests, two_phase } if v == version => {
-                    let mismatched = compare(plan, touched, &ours, &digests);
-                    Ok(match mismatched.is_empty() {
-                        true => Outcome::Verified { digests: ours, compared: true, two_phase },
-                        false => Outcome::Mismatch(mismatched),
-                    })
-                }
-                Message::Abort { reason } => Ok(Outcome::called_off(reason)),
-                other => Err(format!("expected the end of version {version}, got {}", other.name())),
-            }
+            end_of_update(conn, timeout, plan, version, touched, ours, true)
         })()
         .unwrap_or_else(Outcome::Broken);
         drop(store);

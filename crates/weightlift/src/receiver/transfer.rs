@@ -284,24 +284,7 @@ impl Transfer for IpcPull {
             let ours = bound.update(gpu).map_err(|e| format!("pulling the update: {e}"))?;
             report.unpack_seconds = pulled.elapsed().as_secs_f64();
             let _ = receiver.state().versions.verify(version);
-            let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
-            match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
-                // Nothing to compare with: the receiver's digests are recorded as pulled, and
-                // the update is committed but not verified.
-                Message::End { version: v, two_phase, .. } if v == version && !sender_digests => {
-                    Ok(Outcome::Verified { digests: ours, compared: false, two_phase })
-                }
-                Message::End { version: v, digests, two_phase } if v == version => {
-                    let mismatched = compare(plan, touched, &ours, &digests);
-                    Ok(if mismatched.is_empty() {
-                        Outcome::Verified { digests: ours, compared: true, two_phase }
-                    } else {
-                        Outcome::Mismatch(mismatched)
-                    })
-                }
-                Message::Abort { reason } => Ok(Outcome::called_off(reason)),
-                other => Err(format!("expected the end of version {version}, got {}", other.name())),
-            }
+            end_of_update(conn, timeout, plan, version, touched, ours, sender_digests)
         })()
         .unwrap_or_else(Outcome::Broken);
         drop(store);
@@ -837,9 +820,39 @@ impl Sink<'_> {
     }
 }
 
+/// Reads the sender's `End` of `version` after every byte landed and the receiver digested
+/// it (`ours`, per destination), and compares. Without `sender_digests` there is nothing to
+/// compare with: the receiver's digests are recorded as written, and the update is committed
+/// but not verified.
+pub(super) fn end_of_update(
+    conn: &mut Conn,
+    timeout: std::time::Duration,
+    plan: &Plan,
+    version: Version,
+    written: &[bool],
+    ours: Vec<u64>,
+    sender_digests: bool,
+) -> Result<Outcome, String> {
+    let ours: Vec<Option<u64>> = ours.into_iter().map(Some).collect();
+    match conn.recv(timeout).map_err(|e| format!("waiting for the end of the update: {e}"))? {
+        Message::End { version: v, two_phase, .. } if v == version && !sender_digests => {
+            Ok(Outcome::Verified { digests: ours, compared: false, two_phase })
+        }
+        Message::End { version: v, digests, two_phase } if v == version => {
+            let mismatched = compare(plan, written, &ours, &digests);
+            Ok(match mismatched.is_empty() {
+                true => Outcome::Verified { digests: ours, compared: true, two_phase },
+                false => Outcome::Mismatch(mismatched),
+            })
+        }
+        Message::Abort { reason } => Ok(Outcome::called_off(reason)),
+        other => Err(format!("expected the end of version {version}, got {}", other.name())),
+    }
+}
+
 /// Names of written tensors whose digest differs from the sender's, that the sender sent no
 /// digest for, or whose bytes did not all arrive.
-pub(super) fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
+fn compare(plan: &Plan, written: &[bool], ours: &[Option<u64>], theirs: &[(u32, u64)]) -> Vec<String> {
     let mut sent: Vec<Option<u64>> = vec![None; ours.len()];
     for &(d, value) in theirs {
         if let Some(slot) = sent.get_mut(d as usize) {

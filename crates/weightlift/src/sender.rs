@@ -588,10 +588,21 @@ impl Sender {
             self.sent_digests = digests;
             Ok(())
         });
-        match ended {
+        let vote = match ended {
             Ok(()) => self.vote(),
             Err(e) => self.report_instead_of(e),
+        };
+        // A communicator is kept only through updates that went through: after any other, the
+        // receiver may have dropped its side, and the next update names a new one.
+        let through = match &vote {
+            Ok(Vote::Verified) => true,
+            Ok(Vote::Settled(report)) => report.outcome == UpdateOutcome::Committed,
+            Err(_) => false,
+        };
+        if !through {
+            self.nccl = None;
         }
+        vote
     }
 
     /// Host tensors as packed buckets through the ring or the socket: packed (and digested)

@@ -340,6 +340,21 @@ impl ExpectedDigests {
 }
 
 /// The addresses given (None: not needed) are one per source and one per destination.
+/// The cast `op` needs on the GPU, if any: the kernels cast F32 -> BF16 only, and any other is
+/// an error naming the destination.
+pub(crate) fn gpu_cast(plan: &Plan, op: &weightlift_core::CopyOp) -> Result<Option<weightlift_core::Cast>, CudaError> {
+    match plan.cast(op) {
+        Some(cast) if (cast.from, cast.to) != (DType::F32, DType::BF16) => {
+            let name = &plan.destinations[op.dst as usize].name;
+            Err(CudaError::Invalid(format!(
+                "`{name}` needs a {} -> {} cast; the GPU path casts F32 -> BF16 only",
+                cast.from, cast.to
+            )))
+        }
+        cast => Ok(cast),
+    }
+}
+
 fn check_counts(plan: &Plan, sources: Option<&[u64]>, destinations: Option<&[u64]>) -> Result<(), CudaError> {
     let fits = |given: Option<&[u64]>, wanted: usize| given.is_none_or(|g| g.len() == wanted);
     if !fits(sources, plan.sources.len()) || !fits(destinations, plan.destinations.len()) {
@@ -422,16 +437,10 @@ impl Fusion {
             let dst_elt = plan.destinations[t].dtype.size();
             let src_elt = plan.sources[op.src as usize].spec.dtype.size();
             let src = sources.map_or(0, |s| s[op.src as usize]);
-            let cast = plan.cast(op).filter(|_| sources.is_some());
-            if let Some(cast) = cast {
-                if (cast.from, cast.to) != (DType::F32, DType::BF16) {
-                    let name = &plan.destinations[t].name;
-                    return Err(CudaError::Invalid(format!(
-                        "`{name}` needs a {} -> {} cast; the GPU path casts F32 -> BF16 only",
-                        cast.from, cast.to
-                    )));
-                }
-            }
+            let cast = match sources {
+                Some(_) => gpu_cast(plan, op)?,
+                None => None,
+            };
             // The block's 2-D pieces follow one another in its row-major order.
             let mut at = part_at[t];
             for c in plan.strided(op) {

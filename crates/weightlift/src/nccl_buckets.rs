@@ -9,9 +9,10 @@
 //! on each receiver's (its [`Staging`] of two buffers), and the copy descriptors.
 
 use weightlift_core::region::strided_copies;
-use weightlift_core::{DType, Plan};
-use weightlift_cuda::{BucketStep, CastDesc, Comm, CopyBatch, CopyDesc, CudaError, DeviceBuffer, Gpu, Move};
+use weightlift_core::Plan;
+use weightlift_cuda::{BucketStep, CastDesc, CopyBatch, CopyDesc, CudaError, DeviceBuffer, Gpu, Move};
 
+use crate::gpu::gpu_cast;
 use crate::staged::StagedUpdate;
 use crate::update::Schedule;
 
@@ -37,15 +38,7 @@ pub fn pack_descs(
                 op.src, plan.sources[op.src as usize].spec.name
             ))
         })?;
-        let cast = plan.cast(op);
-        if let Some(cast) = cast {
-            if (cast.from, cast.to) != (DType::F32, DType::BF16) {
-                return Err(CudaError::Invalid(format!(
-                    "`{}` needs a {} -> {} cast; the GPU path casts F32 -> BF16 only",
-                    d.name, cast.from, cast.to
-                )));
-            }
-        }
+        let cast = gpu_cast(plan, op)?;
         let zeros = vec![0; op.extent.len()];
         let at = buffer + entry.payload_offset;
         for c in strided_copies(&s.shape, &op.src_start, &op.extent, &zeros, &op.extent) {
@@ -143,21 +136,12 @@ pub fn receiver_steps<'a>(
         .collect()
 }
 
-/// Runs `steps` on `comm` by the update's deadline.
-pub fn run(
-    comm: &mut Comm,
-    gpu: &Gpu,
-    steps: &[BucketStep<'_>],
-    deadline: std::time::Instant,
-) -> Result<(), weightlift_cuda::NcclError> {
-    comm.run_buckets(gpu, steps, deadline)
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
     use weightlift_core::models::synthetic;
-    use weightlift_core::{destination_manifest, plan, PresetOptions, SourceSet, TpRank};
+    use weightlift_core::{destination_manifest, plan, DType, PresetOptions, SourceSet, TpRank};
+    use weightlift_cuda::Comm;
 
     use super::*;
     use crate::tensors::HostTensors;
@@ -320,7 +304,7 @@ mod tests {
                             scatter: Some(update.scatter(k % 2, k).unwrap()),
                         })
                         .collect();
-                    run(&mut comm, &gpu, &steps, Instant::now() + Duration::from_secs(30)).unwrap();
+                    comm.run_buckets(&gpu, &steps, Instant::now() + Duration::from_secs(30)).unwrap();
                     let ours = update.digests().unwrap();
                     let refs: Vec<&[u8]> = trainer.data().iter().map(Vec::as_slice).collect();
                     let mut expected: Vec<Vec<u8>> = dest.iter().map(|d| vec![0; d.byte_len() as usize]).collect();

@@ -13,7 +13,7 @@ use weightlift_cuda::{Comm, Gpu, UniqueId};
 use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
 use crate::device_writes::{BucketWrite, SlotWriter};
-use crate::nccl_buckets::{self, SenderBuckets};
+use crate::nccl_buckets::SenderBuckets;
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, Shard, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
@@ -718,7 +718,7 @@ impl Sender {
             _ => SenderBuckets::new(gpu, plan, schedule, &ptrs, bucket_bytes),
         };
         let sent = bound.map_err(|source| SendError::Cuda { doing: "packing buckets".into(), source }).and_then(|b| {
-            let moved = nccl_buckets::run(&mut side.comm, gpu, &b.steps(0), Instant::now() + timeout);
+            let moved = side.comm.run_buckets(gpu, &b.steps(0), Instant::now() + timeout);
             side.buckets = Some(b);
             moved.map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
         });

@@ -11,7 +11,7 @@ use std::time::Instant;
 use weightlift_core::{Plan, Version};
 use weightlift_cuda::{nccl_available, Comm, Gpu, NcclError, UniqueId};
 
-use crate::nccl_buckets::{receiver_steps, run};
+use crate::nccl_buckets::receiver_steps;
 use crate::protocol::{Conn, Message};
 use crate::report::UpdateReport;
 use crate::staged::Staging;
@@ -114,7 +114,7 @@ impl Transfer for NcclBuckets {
             touched.fill(true);
             let started = Instant::now();
             let comm = self.comm.as_mut().expect("joined above");
-            if let Err(e) = run(comm, &self.gpu, &steps, started + timeout) {
+            if let Err(e) = comm.run_buckets(&self.gpu, &steps, started + timeout) {
                 // Aborted: a communicator that failed is not used again.
                 self.comm = None;
                 return Err(format!("receiving buckets over NCCL: {e}"));

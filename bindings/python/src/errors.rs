@@ -101,9 +101,16 @@ fn plan_problems_error(message: String, problems: &[ProblemNote]) -> PyErr {
 
 pub(crate) fn send_error(error: SendError) -> PyErr {
     let message = error.to_string();
+    send_error_as(&error, message)
+}
+
+/// `error` as the Python exception of its kind (that of the failure it stands for, for one
+/// shared by a fan-out class), with `message`.
+fn send_error_as(error: &SendError, message: String) -> PyErr {
     match error {
-        SendError::Plan(plan) => plan_problems_error(message, &ProblemNote::all(&plan)),
-        SendError::Unplannable { problems, .. } => plan_problems_error(message, &problems),
+        SendError::Plan(plan) => plan_problems_error(message, &ProblemNote::all(plan)),
+        SendError::Unplannable { problems, .. } => plan_problems_error(message, problems),
+        SendError::Class(shared) => send_error_as(shared, message),
         SendError::Connect { .. }
         | SendError::Protocol(_)
         | SendError::Session(_)

@@ -136,6 +136,31 @@ pub fn receiver_steps<'a>(
         .collect()
 }
 
+/// Whether receivers planned as `a` and `b` take the same bytes, so that one broadcast feeds
+/// both: the same source pieces copied by the same ops into destinations of the same dtypes and
+/// shapes. Their buckets at one bucket size, their scatters and their digests are then the
+/// same; names may differ.
+pub fn same_bytes(a: &Plan, b: &Plan) -> bool {
+    a.sources == b.sources
+        && a.ops == b.ops
+        && a.destinations.len() == b.destinations.len()
+        && a.destinations.iter().zip(&b.destinations).all(|(x, y)| x.dtype == y.dtype && x.shape == y.shape)
+}
+
+/// The receivers of one update (by their plans) in fan-out classes: the receivers of a class
+/// take the same bytes (one communicator, one broadcast per bucket); classes in the order of
+/// their first receiver, receivers in the order given.
+pub fn fan_out_classes(plans: &[&Plan]) -> Vec<Vec<usize>> {
+    let mut classes: Vec<Vec<usize>> = Vec::new();
+    for (i, plan) in plans.iter().enumerate() {
+        match classes.iter_mut().find(|class| same_bytes(plans[class[0]], plan)) {
+            Some(class) => class.push(i),
+            None => classes.push(vec![i]),
+        }
+    }
+    classes
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -230,6 +255,71 @@ mod tests {
             bucket_bytes in 64u64..200_000,
         ) {
             check_packing(model, tp_size, cast, bucket_bytes);
+        }
+    }
+
+    /// The plans of receivers at the given TP sizes and ranks (and engine dtypes) of one
+    /// synthetic model.
+    fn receiver_plans(model: &str, receivers: &[(u32, u32, Option<DType>)]) -> Vec<Plan> {
+        let (_, rules, source) = model_case(model, false);
+        receivers
+            .iter()
+            .map(|&(size, rank, dtype)| {
+                let tp = TpRank { rank, size };
+                let dest = destination_manifest(&source, &rules, tp, dtype, false).unwrap();
+                plan(&source, &dest, &rules, tp).unwrap()
+            })
+            .collect()
+    }
+
+    /// Replicas that hold the same bytes share a class (one broadcast feeds them), whatever
+    /// else they are: three TP 1 replicas are one class; two TP 2 replicas make two classes,
+    /// one per rank; an engine that casts to another dtype is a class of its own.
+    #[test]
+    fn replicas_that_hold_the_same_bytes_share_one_broadcast() {
+        let receivers = [
+            (1, 0, None),
+            (2, 0, None),
+            (2, 1, None),
+            (1, 0, None),
+            (2, 1, None),
+            (2, 0, None),
+            (1, 0, Some(DType::F32)),
+            (1, 0, None),
+        ];
+        for model in ["qwen3-tiny", "qwen3-moe-tiny"] {
+            let plans = receiver_plans(model, &receivers);
+            let refs: Vec<&Plan> = plans.iter().collect();
+            assert_eq!(fan_out_classes(&refs), vec![vec![0, 3, 7], vec![1, 5], vec![2, 4], vec![6]], "{model}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// For any mix of replicas, the classes partition the receivers, and two receivers
+        /// share one exactly when they are the same rank of the same TP size (the synthetic
+        /// models' ranks all hold different bytes).
+        #[test]
+        fn fan_out_classes_are_the_receivers_of_one_tp_rank(
+            picks in prop::collection::vec((0u32..3, 0u32..4), 1..10),
+        ) {
+            let receivers: Vec<(u32, u32, Option<DType>)> =
+                picks.iter().map(|&(log, rank)| (1 << log, rank % (1 << log), None)).collect();
+            let plans = receiver_plans("qwen3-tiny", &receivers);
+            let refs: Vec<&Plan> = plans.iter().collect();
+            let classes = fan_out_classes(&refs);
+            let mut seen: Vec<usize> = classes.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            prop_assert_eq!(seen, (0..receivers.len()).collect::<Vec<_>>());
+            for (a, class) in classes.iter().enumerate() {
+                for &i in class {
+                    prop_assert_eq!(receivers[i].0, receivers[class[0]].0);
+                    prop_assert_eq!(receivers[i].1, receivers[class[0]].1);
+                }
+                for other in &classes[a + 1..] {
+                    prop_assert!(receivers[other[0]] != receivers[class[0]]);
+                }
+            }
         }
     }
 

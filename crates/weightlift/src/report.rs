@@ -74,6 +74,10 @@ pub struct UpdateReport {
     /// being mostly out of the page cache, rather than copied from its maps.
     #[serde(default)]
     pub read_from_disk: bool,
+    /// NCCL: the ranks of the communicator the update came through, the trainer and every
+    /// receiver one broadcast fed (a fan-out class); 0 for other transports.
+    #[serde(default)]
+    pub nccl_ranks: u32,
     /// A streaming receiver: where the update's time went, per step of a bucket (None for a
     /// receiver that takes updates in place). Boxed: reports travel in enums of small variants.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,12 +8,11 @@ use std::sync::Arc;
 
 use std::os::fd::AsFd;
 
-use weightlift_cuda::{Comm, Gpu, UniqueId};
+use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::{DeviceTensors, Exporter};
 use crate::device_sources::{fill_from_device, Downloads};
 use crate::device_writes::{BucketWrite, SlotWriter};
-use crate::nccl_buckets::SenderBuckets;
 use crate::net::{Endpoint, Stream};
 use crate::protocol::{Conn, Message, ProblemNote, ProtocolError, Shard, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
@@ -23,6 +22,10 @@ use crate::transport::{LocalRing, SendPath, TransferError};
 use crate::update::{
     all_cores, completed_digests, default_threads, digest_verbatim, expected_digests, pack, sender_digests, Schedule,
 };
+
+mod nccl;
+
+use nccl::NcclSend;
 
 /// Host transfers default to 64 MiB buckets: a two-slot ring stays small next to any model.
 pub const DEFAULT_HOST_BUCKET_BYTES: u64 = 64 << 20;
@@ -152,6 +155,9 @@ pub enum SendError {
     Cuda { doing: String, source: weightlift_cuda::CudaError },
     #[error("NCCL, {doing}: {source}")]
     Nccl { doing: String, source: weightlift_cuda::NcclError },
+    /// One failure on this side that ended the update for every receiver of a fan-out class.
+    #[error(transparent)]
+    Class(Arc<SendError>),
     #[error("fault injected: {0}")]
     Injected(String),
     #[error("a sharded trainer's rank: {0}")]
@@ -195,15 +201,10 @@ pub struct Sender {
     streaming: bool,
     /// This sender's rank as one rank of a sharded trainer.
     shard_rank: Option<u32>,
-    /// Over NCCL: the communicator with the receiver and the packing bound to the tensors,
-    /// kept from update to update; None before the first and after one that failed.
+    /// Over NCCL, in the first sender of a fan-out class: the communicator with the class's
+    /// receivers and the packing bound to the tensors, kept from update to update; None before
+    /// the first and after one that did not go through.
     nccl: Option<NcclSend>,
-}
-
-/// A sender's side of the NCCL path (see `nccl_buckets`).
-struct NcclSend {
-    comm: Comm,
-    buckets: Option<SenderBuckets>,
 }
 
 /// How a receiver answered the end of a transfer.
@@ -423,6 +424,10 @@ impl Sender {
         &self.plan
     }
 
+    pub fn transport(&self) -> TransportKind {
+        self.options.transport
+    }
+
     /// Whom this sender talks to: the receiver's rank and endpoint (or the peer that connected).
     /// Whether buckets go into the receiver's device slots, copied by this process.
     pub fn writes_device_slots(&self) -> bool {
@@ -452,7 +457,7 @@ impl Sender {
             SendPath::Device(writer) => writer.device_bytes(),
             _ => 0,
         };
-        let send_buffers = self.nccl.as_ref().and_then(|n| n.buckets.as_ref()).map_or(0, SenderBuckets::device_bytes);
+        let send_buffers = self.nccl.as_ref().map_or(0, NcclSend::device_bytes);
         self.exporter.device_bytes() + slot_digests + send_buffers
     }
 
@@ -579,30 +584,31 @@ impl Sender {
             (Sources::Host(tensors), _) => self.send_packed(skip, tensors),
             (Sources::Device { gpu, tensors }, _) if ipc => self.export(version, gpu, tensors),
             (Sources::Device { gpu, tensors }, _) if self.options.transport == TransportKind::Nccl => {
-                self.send_nccl(gpu, tensors)
+                let mut votes = Sender::transfer_nccl(&mut [self], version, gpu, tensors, two_phase);
+                return votes.pop().expect("one vote per receiver");
             }
             (Sources::Device { gpu, tensors }, _) => self.send_downloaded(gpu, tensors),
         };
+        self.finish(version, sent, two_phase)
+    }
+
+    /// Ends a transfer that sent `sent` (the digests to compare with) or failed: the `End`,
+    /// then the receiver's vote, or the report it ended the update with.
+    fn finish(
+        &mut self,
+        version: Version,
+        sent: Result<Vec<(u32, u64)>, SendError>,
+        two_phase: bool,
+    ) -> Result<Vote, SendError> {
         let ended = sent.and_then(|digests| {
             self.conn.send(&Message::End { version, digests: digests.clone(), two_phase })?;
             self.sent_digests = digests;
             Ok(())
         });
-        let vote = match ended {
+        match ended {
             Ok(()) => self.vote(),
             Err(e) => self.report_instead_of(e),
-        };
-        // A communicator is kept only through updates that went through: after any other, the
-        // receiver may have dropped its side, and the next update names a new one.
-        let through = match &vote {
-            Ok(Vote::Verified) => true,
-            Ok(Vote::Settled(report)) => report.outcome == UpdateOutcome::Committed,
-            Err(_) => false,
-        };
-        if !through {
-            self.nccl = None;
         }
-        vote
     }
 
     /// Host tensors as packed buckets through the ring or the socket: packed (and digested)
@@ -684,62 +690,6 @@ impl Sender {
             Ok(sent) => Ok(sent?),
             Err(source) => Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
         }
-    }
-
-    /// GPU tensors over NCCL: names the communicator (a new one at the first update and after
-    /// a failed one, which the receiver joins as rank 1 of 2), packs every bucket on the GPU and
-    /// broadcasts it, and digests the tensors there for the receiver to compare with. A
-    /// failure aborts the communicator and calls the update off.
-    fn send_nccl(&mut self, gpu: &Gpu, tensors: &dyn DeviceTensors) -> Result<Vec<(u32, u64)>, SendError> {
-        let timeout = self.options.timeout;
-        let ptrs = tensors.device_ptrs();
-        let join = match &self.nccl {
-            Some(_) => None,
-            None => match UniqueId::new() {
-                Ok(id) => Some(id),
-                Err(source) => {
-                    return Err(self.call_off(SendError::Nccl { doing: "naming a communicator".into(), source }))
-                }
-            },
-        };
-        self.conn.send(&Message::NcclSession { id: join.as_ref().map(UniqueId::to_hex), rank: 1, world: 2 })?;
-        if let Some(id) = join {
-            match Comm::init(gpu, &id, 0, 2, timeout) {
-                Ok(comm) => self.nccl = Some(NcclSend { comm, buckets: None }),
-                Err(source) => {
-                    return Err(self.call_off(SendError::Nccl { doing: "making the communicator".into(), source }))
-                }
-            }
-        }
-        let (plan, schedule, bucket_bytes) = (&self.plan, &self.schedule, self.options.bucket_bytes);
-        let side = self.nccl.as_mut().expect("joined above");
-        let bound = match side.buckets.take() {
-            Some(buckets) if buckets.reads(&ptrs) => Ok(buckets),
-            _ => SenderBuckets::new(gpu, plan, schedule, &ptrs, bucket_bytes),
-        };
-        let sent = bound.map_err(|source| SendError::Cuda { doing: "packing buckets".into(), source }).and_then(|b| {
-            let moved = side.comm.run_buckets(gpu, &b.steps(0), Instant::now() + timeout);
-            side.buckets = Some(b);
-            moved.map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
-        });
-        if let Err(e) = sent {
-            self.nccl = None;
-            return Err(self.call_off(e));
-        }
-        let digests = match self.exporter.expected_digests(gpu, &self.plan, &ptrs) {
-            Ok(digests) => digests,
-            Err(source) => return Err(self.call_off(SendError::Cuda { doing: "digesting its tensors".into(), source })),
-        };
-        let flipped = match self.options.fault {
-            Some(Fault::FlipByteInBucket(k)) => {
-                self.schedule.completes.iter().skip(k as usize).flatten().next().copied()
-            }
-            _ => None,
-        };
-        Ok((0..digests.len() as u32)
-            .zip(digests)
-            .map(|(d, value)| (d, if Some(d) == flipped { value ^ 1 } else { value }))
-            .collect())
     }
 
     /// Tells the receiver the update is off because of `error` on this side (it answers

@@ -7,6 +7,10 @@
 //! 3. Only when every receiver verified is every one told to commit; otherwise the ones that
 //!    verified are told to call it off (their written tensors marked dirty).
 //!
+//! Over NCCL the receivers that take the same bytes (replicas, or the same rank of replicas at
+//! one TP size) form a fan-out class fed by one communicator, every bucket broadcast once to
+//! the class (see `nccl_buckets::fan_out_classes`); the classes run in parallel.
+//!
 //! A receiver that never hears the decision settles as failed, dirty, on its old version, when
 //! its timeout passes; the report names it. An update of one receiver needs no vote: it
 //! commits as soon as its digests match.
@@ -19,8 +23,9 @@ use weightlift_core::{Manifest, RuleSet, Version};
 use weightlift_cuda::Gpu;
 
 use crate::cuda_ipc::DeviceTensors;
+use crate::nccl_buckets::fan_out_classes;
 use crate::net::Endpoint;
-use crate::protocol::Shard;
+use crate::protocol::{Shard, TransportKind};
 use crate::report::{UpdateOutcome, UpdateReport};
 use crate::sender::{ReceiverState, SendError, Sender, SenderOptions, Sources, Vote};
 use crate::tensors::SourceTensors;
@@ -53,6 +58,37 @@ impl StepReport {
         let ranks: Vec<String> = self.ranks.iter().zip(&self.receivers).map(|(r, who)| describe(r, who)).collect();
         Some(format!("version {} was not committed on every receiver: {}", self.version, ranks.join("; ")))
     }
+}
+
+/// GPU tensors over NCCL to every receiver: one transfer per fan-out class, the classes in
+/// parallel; each receiver's vote, in the order of `senders`.
+fn fan_out(
+    senders: &mut [Sender],
+    version: Version,
+    gpu: &Gpu,
+    tensors: &dyn DeviceTensors,
+    two_phase: bool,
+) -> Vec<Result<Vote, SendError>> {
+    let classes = fan_out_classes(&senders.iter().map(Sender::plan).collect::<Vec<_>>());
+    let mut unclassed: Vec<Option<&mut Sender>> = senders.iter_mut().map(Some).collect();
+    let members: Vec<Vec<&mut Sender>> = classes
+        .iter()
+        .map(|class| class.iter().map(|&i| unclassed[i].take().expect("classes partition the senders")).collect())
+        .collect();
+    let voted: Vec<Vec<Result<Vote, SendError>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = members
+            .into_iter()
+            .map(|mut class| scope.spawn(move || Sender::transfer_nccl(&mut class, version, gpu, tensors, two_phase)))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a push thread panicked")).collect()
+    });
+    let mut votes: Vec<Option<Result<Vote, SendError>>> = (0..senders.len()).map(|_| None).collect();
+    for (class, voted) in classes.iter().zip(voted) {
+        for (&i, vote) in class.iter().zip(voted) {
+            votes[i] = Some(vote);
+        }
+    }
+    votes.into_iter().map(|v| v.expect("a vote from every receiver")).collect()
 }
 
 fn describe(report: &UpdateReport, who: &str) -> String {
@@ -140,14 +176,27 @@ impl Trainer {
     /// Pushes `sources` as `version` to every rank, as [`Trainer::push`].
     pub fn push_sources(&mut self, version: Version, sources: Sources<'_>) -> Result<StepReport, SendError> {
         let skips = self.senders.iter().map(|s| s.skip_for(sources)).collect::<Result<Vec<_>, _>>()?;
-        Ok(self.run(version, skips, |sender, skip, two_phase| sender.transfer(version, skip, sources, two_phase)))
+        let nccl = self.senders.iter().all(|s| s.transport() == TransportKind::Nccl);
+        Ok(self.run(version, skips, |senders, skips, two_phase| match sources {
+            Sources::Device { gpu, tensors } if nccl => fan_out(senders, version, gpu, tensors, two_phase),
+            _ => std::thread::scope(|scope| {
+                let handles: Vec<_> = senders
+                    .iter_mut()
+                    .zip(skips)
+                    .map(|(s, skip)| scope.spawn(move || s.transfer(version, skip, sources, two_phase)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("a push thread panicked")).collect()
+            }),
+        }))
     }
 
+    /// The two-phase push of `version`; `transfer` moves the bytes to every receiver (each
+    /// with what it may skip) and returns each one's vote, in order.
     fn run(
         &mut self,
         version: Version,
         skips: Vec<Vec<u32>>,
-        transfer: impl Fn(&mut Sender, &[u32], bool) -> Result<Vote, SendError> + Sync,
+        transfer: impl FnOnce(&mut [Sender], &[Vec<u32>], bool) -> Vec<Result<Vote, SendError>>,
     ) -> StepReport {
         let started = Instant::now();
         let two_phase = self.senders.len() > 1;
@@ -180,19 +229,8 @@ impl Trainer {
         }
 
         // 2. The transfers, in parallel; each receiver verifies and votes.
-        let transfer = &transfer;
-        let votes: Vec<Result<Vote, SendError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .senders
-                .iter_mut()
-                .zip(&begun)
-                .map(|(s, skip)| {
-                    let skip = skip.as_deref().unwrap_or_default();
-                    scope.spawn(move || transfer(s, skip, two_phase))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("a push thread panicked")).collect()
-        });
+        let skips: Vec<Vec<u32>> = begun.into_iter().map(Result::unwrap_or_default).collect();
+        let votes = transfer(&mut self.senders, &skips, two_phase);
 
         // 3. Commit where every receiver verified, else call it off where one did.
         let problem = votes.iter().enumerate().find_map(|(i, vote)| match vote {

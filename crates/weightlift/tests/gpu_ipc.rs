@@ -133,6 +133,86 @@ fn nccl_updates_reach_another_gpu_and_on_one_gpu_fail_cleanly_by_name() {
     }
 }
 
+/// Fan-out over NCCL from a trainer process on cuda:0 into `weightlift serve` processes (needs
+/// 4 GPUs; with fewer it says so and checks nothing, the multi-GPU issues run it): three TP 1
+/// replicas on cuda:1-3 and two TP 2 replicas (rank 0 on cuda:1 and cuda:2, rank 1 on cuda:2
+/// and cuda:3) take three versions in one push, every rank verified, the TP 1 replicas fed
+/// through one communicator of 4 ranks (one broadcast for the three) and each TP 2 rank through
+/// one of 3. Then faults: the trainer dies mid-update (abort:1), and a replica is killed while
+/// the trainer stalls mid-update; each time no rank commits, and the next push (a new
+/// communicator) commits everywhere it can reach.
+#[test]
+#[ignore = "needs 4 GPUs and NCCL: run scripts/gpu-tests.sh on a GPU machine"]
+fn nccl_fan_out_feeds_replicas_in_one_broadcast_and_a_dead_rank_commits_nothing() {
+    let gpus = device_count().expect("needs a GPU");
+    if gpus < 4 {
+        eprintln!("skipped: fan-out over NCCL needs 4 GPUs, this machine has {gpus}");
+        return;
+    }
+    let model = "qwen3-moe-tiny";
+    // (TP size, TP rank, GPU) of every receiver.
+    let layout = [(1, 0, 1), (1, 0, 2), (1, 0, 3), (2, 0, 1), (2, 1, 2), (2, 0, 2), (2, 1, 3)];
+    let mut servers: Vec<Option<(Killed, Endpoint)>> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(size, rank, device))| {
+            let tp = ["--tp-size".to_string(), size.to_string(), "--tp-rank".to_string(), rank.to_string()];
+            let tp: Vec<&str> = tp.iter().map(String::as_str).collect();
+            let (server, endpoint, _) = serve_on_gpu(model, device, &format!("fan-out-{i}"), false, &tp);
+            Some((server, endpoint))
+        })
+        .collect();
+    let push = |servers: &[Option<(Killed, Endpoint)>], extra: &[&str]| {
+        let mut push = Command::new(exe());
+        push.args(["push", "--synthetic", model, "--device", "cuda:0", "--transport", "nccl", "--json"]);
+        push.args(extra);
+        for (_, endpoint) in servers.iter().flatten() {
+            push.args(["--to", &endpoint.to_string()]);
+        }
+        push.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let steps = |out: &std::process::Output| -> Vec<Value> {
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        json["steps"].as_array().cloned().unwrap_or_default()
+    };
+    let out = push(&servers, &["--steps", "3"]).wait_with_output().unwrap();
+    assert!(out.status.success(), "fan-out push failed: {}", String::from_utf8_lossy(&out.stderr));
+    for step in steps(&out) {
+        assert_eq!(step["verified"], true, "{step}");
+        let ranks: Vec<u64> =
+            step["ranks"].as_array().unwrap().iter().map(|r| r["nccl_ranks"].as_u64().unwrap()).collect();
+        assert_eq!(ranks, [4, 4, 4, 3, 3, 3, 3], "one communicator per class of the same bytes: {step}");
+    }
+
+    // The trainer dies after its first bucket: every receiver fails by its deadline, on v3.
+    let out = push(&servers, &["--version", "4", "--fault", "abort:1"]).wait_with_output().unwrap();
+    assert!(!out.status.success(), "the trainer was to abort");
+    let out = push(&servers, &["--version", "4"]).wait_with_output().unwrap();
+    assert!(out.status.success(), "after a dead trainer: {}", String::from_utf8_lossy(&out.stderr));
+    let step = &steps(&out)[0];
+    let committed: Vec<u64> =
+        step["ranks"].as_array().unwrap().iter().map(|r| r["committed"].as_u64().unwrap()).collect();
+    assert_eq!(committed, [4; 7], "{step}");
+
+    // A TP 1 replica killed while the trainer stalls mid-update: nobody commits version 5.
+    let child = push(&servers, &["--version", "5", "--fault", "stall:1"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(servers[1].take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a replica died: the version cannot commit");
+    for step in steps(&out) {
+        for rank in step["ranks"].as_array().unwrap() {
+            assert_eq!(rank["committed"].as_u64(), Some(4), "{rank}");
+        }
+    }
+    let out = push(&servers, &["--version", "6"]).wait_with_output().unwrap();
+    assert!(out.status.success(), "the survivors take the next version: {}", String::from_utf8_lossy(&out.stderr));
+    let step = &steps(&out)[0];
+    assert_eq!(step["verified"], true, "{step}");
+    let ranks: Vec<u64> = step["ranks"].as_array().unwrap().iter().map(|r| r["nccl_ranks"].as_u64().unwrap()).collect();
+    assert_eq!(ranks, [3, 3, 3, 3, 3, 3], "{step}");
+}
+
 /// A `weightlift serve --device cuda:N` process and where senders connect; with `http`, also
 /// serving its HTTP API on a free loopback port, and that address.
 fn serve_on_gpu(

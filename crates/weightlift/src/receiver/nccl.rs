@@ -114,6 +114,7 @@ impl Transfer for NcclBuckets {
             touched.fill(true);
             let started = Instant::now();
             let comm = self.comm.as_mut().expect("joined above");
+            report.nccl_ranks = comm.world();
             if let Err(e) = comm.run_buckets(&self.gpu, &steps, started + timeout) {
                 // Aborted: a communicator that failed is not used again.
                 self.comm = None;

@@ -9,6 +9,7 @@
 //! fused copies on a GPU.
 
 pub mod bucket;
+pub mod cluster;
 pub mod digest;
 pub mod dtype;
 pub mod exec;

@@ -45,6 +45,7 @@ pub const SYNTHETIC_MODELS: &[&str] = &[
     "qwen2-tiny",
     "qwen3-tiny-mtp",
     "qwen3-moe-tiny-mtp",
+    "kimi-k2-shape",
 ];
 
 /// The configuration of a synthetic model by name (see [`SYNTHETIC_MODELS`]).
@@ -74,6 +75,14 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
             experts: 128,
             moe_intermediate: 768,
             ..dense(Preset::Qwen3Moe, 2048, 48, 32, 4, 128, 6144, 151_936, false)
+        },
+        // Kimi-K2's sizes (1.03 T parameters: 61 layers, 384 experts of 2048, hidden 7168,
+        // vocab 163,840) in Qwen3-MoE's layout: its MLA attention and shared expert are not
+        // modelled (under 2% of the bytes). For `weightlift plan --placement` at 1 T scale.
+        "kimi-k2-shape" => ModelConfig {
+            experts: 384,
+            moe_intermediate: 2048,
+            ..dense(Preset::Qwen3Moe, 7168, 61, 64, 8, 128, 18_432, 163_840, false)
         },
         "llama3-8b" => dense(Preset::Llama, 4096, 32, 32, 8, 128, 14_336, 128_256, false),
         // Same structure, a few layers, small sizes: 2 KV heads so TP 4 and 8 replicate them.
@@ -240,6 +249,9 @@ mod tests {
         assert_eq!(bytes("llama3-8b"), 16_060_522_496);
         // ~61 GB (30.5 B parameters in bf16), the figure DESIGN.md quotes.
         assert_eq!(bytes("qwen3-30b-a3b"), 61_064_245_248);
+        // 1.04 T parameters in bf16, 1.03 T of them in the routed experts.
+        assert_eq!(count("kimi-k2-shape"), 1 + 61 * (3 * 384 + 9) + 2);
+        assert_eq!(bytes("kimi-k2-shape"), 2_084_348_846_592);
     }
 
     #[test]

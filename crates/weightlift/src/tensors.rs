@@ -316,9 +316,8 @@ pub fn fsdp_boxes(whole: &Manifest, rank: u32, world: u32) -> Vec<(Vec<u64>, Vec
             let mut offset = vec![0; spec.shape.len()];
             let mut shape = spec.shape.clone();
             if let (Some(first), Some(&rows)) = (shape.first_mut(), spec.shape.first()) {
-                let chunk = rows.div_ceil(u64::from(world.max(1)));
-                let start = (chunk * u64::from(rank)).min(rows);
-                *first = (start + chunk).min(rows) - start;
+                let (start, end) = weightlift_core::cluster::fsdp_rows(rows, rank, world);
+                *first = end - start;
                 offset[0] = start;
             }
             (offset, shape)

@@ -184,3 +184,67 @@ fn bad_options_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("q_proj.weight"), "{}", stderr(&out));
 }
+
+/// `--placement`: the cluster model over every rank of every engine. Three TP 1 replicas of
+/// Qwen3-30B-A3B on one host: with fan-out the trainer's GPU sends the model once (each
+/// replica forwards it), without it three times, and the time is that at NVLink's rate. Four
+/// trainer ranks into two TP 2 replicas over the network: each trainer rank sends a quarter
+/// of each class's bytes. A placement with a field it does not know is refused by name.
+#[test]
+fn a_placement_gets_the_bytes_of_every_link_and_the_time_of_one_update() {
+    let placements = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/placements");
+    let fan_out = placements.join("one-host-fan-out-3.json");
+    let json = json_of(&weightlift(&[
+        "plan",
+        "--synthetic",
+        "qwen3-30b-a3b",
+        "--placement",
+        fan_out.to_str().unwrap(),
+        "--json",
+    ]));
+    let model = 61_064_245_248u64;
+    assert_eq!(json["model_bytes"], model);
+    assert_eq!(json["fan_out"]["trainer_egress_bytes"], model);
+    assert_eq!(json["fan_out"]["engine_forward_bytes"], model);
+    assert_eq!(json["per_replica"]["trainer_egress_bytes"], 3 * model);
+    let seconds = json["fan_out"]["seconds"].as_f64().unwrap();
+    assert!((seconds - model as f64 / 330e9).abs() < 1e-9, "{seconds}");
+    assert_eq!(json["engines"][0]["classes"], 1);
+    assert_eq!(json["engines"][0]["receivers_per_class"], 3);
+
+    let dir = temp_dir("placement");
+    let sharded = dir.join("sharded.json");
+    std::fs::write(
+        &sharded,
+        r#"{"trainer": {"ranks": 4}, "engines": [{"replicas": 2, "tp": 2}],
+            "links": {"nvlink_gbps": 450, "network_gbps": 50}}"#,
+    )
+    .unwrap();
+    let json = json_of(&weightlift(&[
+        "plan",
+        "--synthetic",
+        "qwen3-30b-a3b",
+        "--placement",
+        sharded.to_str().unwrap(),
+        "--json",
+    ]));
+    let ranks: Vec<u64> =
+        json["engines"][0]["rank_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    assert_eq!(ranks.len(), 2);
+    let egress = json["fan_out"]["trainer_egress_bytes"].as_u64().unwrap();
+    let sum: u64 = ranks.iter().sum();
+    assert!(egress >= sum / 4 && egress < sum / 4 + sum / 100, "{egress} of {sum}");
+    assert!(json["fan_out"]["bottleneck"].as_str().unwrap().starts_with("engine GPU ingress (network)"), "{json}");
+    assert_eq!(json["communicators_per_trainer_rank"], 2);
+
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"trainer": {"ranks": 4, "gpus": 8}, "engines": [], "links": {"nvlink_gbps": 1, "network_gbps": 1}}"#,
+    )
+    .unwrap();
+    let out = weightlift(&["plan", "--synthetic", "qwen3-tiny", "--placement", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("bad.json") && err.contains("unknown field `gpus`"), "{err}");
+}

@@ -1,11 +1,14 @@
-//! `weightlift plan`: build one rank's plan and report it.
+//! `weightlift plan`: build one rank's plan and report it; with `--placement`, every rank of
+//! every engine of a cluster placement, and the model of one update over its links
+//! (`weightlift_core::cluster`).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
-use weightlift::core::{buckets, plan, PlanSummary};
+use weightlift::core::cluster::{self, ClusterModel, LinkLoad, Placement};
+use weightlift::core::{buckets, plan, PlanSummary, TpRank};
 use weightlift::{MappingOptions, SetupError};
 
 use super::{gb, tp_rank, CommandError, ModelArgs};
@@ -29,6 +32,11 @@ pub struct PlanArgs {
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// A cluster placement as JSON (trainer ranks, engine replicas and TP sizes, link rates;
+    /// see docs/design.md): plans every rank of every engine and prints the bytes each link
+    /// carries and the predicted time of one update.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["engine", "save", "tp_rank"])]
+    pub placement: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +51,9 @@ struct Report<'a> {
 }
 
 pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
+    if let Some(path) = &args.placement {
+        return run_cluster(args, path);
+    }
     let model = args.model.source(None)?;
     let tp = tp_rank(args.tp_rank, args.tp_size)?;
     let options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
@@ -88,4 +99,88 @@ fn print_summary(r: &Report) {
     println!("  coverage     every destination byte written exactly once");
     println!("  plan hash    {}", s.plan_hash);
     println!("  planned in   {:.1} ms", r.planning_ms);
+}
+
+/// `--placement`: plans every TP rank of every engine, then models the update.
+fn run_cluster(args: &PlanArgs, path: &std::path::Path) -> Result<(), CommandError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CommandError::Io(format!("cannot read {}: {e}", path.display())))?;
+    let placement: Placement =
+        serde_json::from_str(&text).map_err(|e| SetupError::Invalid(format!("{}: {e}", path.display())))?;
+    let model = args.model.source(None)?;
+    let started = Instant::now();
+    let mut engine_plans = Vec::new();
+    for engine in &placement.engines {
+        let options = MappingOptions { expert_parallel: engine.expert_parallel, ..args.model.mapping() };
+        let plans = TpRank::all(engine.tp)
+            .map(|tp| {
+                let inputs = options.inputs(&model, tp)?;
+                Ok(plan(&inputs.source, &inputs.destination, &inputs.rules, tp).map_err(SetupError::from)?)
+            })
+            .collect::<Result<Vec<_>, CommandError>>()?;
+        engine_plans.push(plans);
+    }
+    let modelled = cluster::model(&placement, &engine_plans).map_err(|e| SetupError::Invalid(e.to_string()))?;
+    let planning_ms = started.elapsed().as_secs_f64() * 1e3;
+    if args.json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            model: String,
+            #[serde(flatten)]
+            cluster: &'a ClusterModel,
+            planning_ms: f64,
+        }
+        let out = Out { model: model.name(), cluster: &modelled, planning_ms };
+        println!("{}", serde_json::to_string_pretty(&out).expect("a model always serialises"));
+    } else {
+        print_cluster(&model.name(), &modelled, planning_ms);
+    }
+    Ok(())
+}
+
+fn print_cluster(model: &str, m: &ClusterModel, planning_ms: f64) {
+    let p = &m.placement;
+    let (link, rate) = match p.same_host {
+        true => ("NVLink", p.links.nvlink_gbps),
+        false => ("network", p.links.network_gbps),
+    };
+    let trainer = match p.trainer.ranks {
+        1 => "one trainer rank holding whole tensors".to_string(),
+        n => format!("{n} trainer ranks holding FSDP2 shards"),
+    };
+    println!("one update of {model} ({}): {trainer}, {link} at {rate} GB/s per GPU", gb(m.model_bytes));
+    for (i, e) in m.engines.iter().enumerate() {
+        let (least, most) = (e.rank_bytes.iter().min().copied(), e.rank_bytes.iter().max().copied());
+        println!(
+            "  engine {i}: {} replica(s) at TP {}{}: {} a replica, {}-{} a rank; {} class(es) of {} receiver(s)",
+            e.replicas,
+            e.tp,
+            if e.expert_parallel { " (experts split)" } else { "" },
+            gb(e.replica_bytes),
+            gb(least.unwrap_or(0)),
+            gb(most.unwrap_or(0)),
+            e.classes,
+            e.receivers_per_class
+        );
+    }
+    println!(
+        "  {:<24} {:>14} {:>14} {:>14} {:>12} {:>9}  bottleneck",
+        "", "trainer egress", "engine ingress", "forwarding", "all links", "seconds"
+    );
+    let row = |name: &str, l: &LinkLoad| {
+        println!(
+            "  {name:<24} {:>14} {:>14} {:>14} {:>12} {:>9.3}  {}",
+            gb(l.trainer_egress_bytes),
+            gb(l.engine_ingress_bytes),
+            gb(l.engine_forward_bytes),
+            gb(l.total_bytes),
+            l.seconds,
+            l.bottleneck
+        )
+    };
+    row("weightlift (fan-out)", &m.fan_out);
+    row("one send per replica", &m.per_replica);
+    row("gather, rank 0 pushes", &m.gather_then_push);
+    println!("  NCCL communicators per trainer rank (one per class): {}", m.communicators_per_trainer_rank);
+    println!("  planned in {planning_ms:.0} ms");
 }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use weightlift_core::{
     digest as host_digest, synthetic, Manifest, Module, Preset, PresetOptions, RuleSet, SYNTHETIC_MODELS,
 };
@@ -164,6 +164,35 @@ fn synthetic_manifest(name: &str) -> PyResult<Vec<(String, Vec<u64>, String)>> {
     Ok(config.source_manifest().iter().map(|s| (s.name.clone(), s.shape.clone(), s.dtype.name().to_string())).collect())
 }
 
+/// _quantize_fp8(data, shape, block) -> (bytes, bytes)
+///
+/// The host's FP8 (e4m3) block quantizer over `data` (f32, little-endian, row-major `shape`):
+/// the e4m3 bytes and the f32 scales (`weight_scale_inv`), one per block of the last two
+/// dimensions. What weightlift writes into FP8 engines; `weightlift.quantize_fp8` wraps it.
+#[pyfunction]
+fn _quantize_fp8<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    shape: Vec<u64>,
+    block: (u64, u64),
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let n = shape.len();
+    let numel: u64 = shape.iter().product();
+    if n < 2 || block.0 == 0 || block.1 == 0 || data.len() as u64 != 4 * numel {
+        return Err(plan_error(format!(
+            "quantize_fp8: {} bytes of f32 with shape {shape:?} in blocks of {block:?}: needs a shape of two \
+             dimensions or more, its bytes, and blocks of at least 1 x 1",
+            data.len()
+        )));
+    }
+    let x: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let grid = shape[..n - 2].iter().product::<u64>() * shape[n - 2].div_ceil(block.0) * shape[n - 1].div_ceil(block.1);
+    let (mut q, mut scales) = (vec![0u8; x.len()], vec![0f32; grid as usize]);
+    weightlift_core::quant::quantize(&x, &shape, [block.0, block.1], &mut q, &mut scales);
+    let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    Ok((PyBytes::new(py, &q), PyBytes::new(py, &scale_bytes)))
+}
+
 /// cuda_available() -> bool: whether a CUDA driver and NVRTC can be loaded here.
 #[pyfunction]
 fn cuda_available() -> bool {
@@ -188,6 +217,7 @@ fn _weightlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(_quantize_fp8, m)?)?;
     m.add_function(wrap_pyfunction!(stream::stream_layout, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

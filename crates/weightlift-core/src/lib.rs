@@ -19,6 +19,7 @@ pub mod pattern;
 pub mod plan;
 pub mod pool;
 pub mod presets;
+pub mod quant;
 pub mod region;
 pub mod rules;
 mod schedule;

@@ -248,3 +248,43 @@ fn a_placement_gets_the_bytes_of_every_link_and_the_time_of_one_update() {
     let err = stderr(&out);
     assert!(err.contains("bad.json") && err.contains("unknown field `gpus`"), "{err}");
 }
+
+/// `--dtype F8_E4M3 --quant block:128`: the linear weights quantized, each with its block
+/// scales among the engine's covered parameters (fused qkv: the three projections' rows
+/// together; stacked experts: a grid per expert); at TP 4 Qwen3-30B-A3B's expert slices of 192
+/// rows split blocks, which is refused naming the tensor.
+#[test]
+fn fp8_block_quantization_reports_every_scale_covered() {
+    let json = json_of(&weightlift(&[
+        "plan",
+        "--synthetic",
+        "qwen3-30b-a3b",
+        "--dtype",
+        "F8_E4M3",
+        "--quant",
+        "block:128",
+        "--json",
+    ]));
+    let quant = &json["quant"];
+    assert_eq!(quant["scheme"], "block:128");
+    assert_eq!(quant["dtype"], "F8_E4M3");
+    assert_eq!(quant["scales_covered"], true);
+    let scales = quant["scales"].as_array().unwrap();
+    let shape_of = |name: &str| scales.iter().find(|s| s["name"] == name).map(|s| s["shape"].clone());
+    let qkv = shape_of("model.layers.0.self_attn.qkv_proj.weight_scale_inv");
+    assert_eq!(qkv, Some(serde_json::json!([40, 16])), "(4096 + 2 x 512) / 128 rows, 2048 / 128 columns");
+    let experts = shape_of("model.layers.0.mlp.experts.w13_weight_scale_inv");
+    assert_eq!(experts, Some(serde_json::json!([128, 12, 16])));
+    assert!(
+        shape_of("model.embed_tokens.weight_scale_inv").is_none() && shape_of("lm_head.weight_scale_inv").is_none()
+    );
+    assert_eq!(
+        quant["engine_tensors"],
+        json["destination_tensors"].as_u64().unwrap() + quant["scale_tensors"].as_u64().unwrap()
+    );
+
+    let out = weightlift(&["plan", "--synthetic", "qwen3-30b-a3b", "--quant", "block:128", "--tp-size", "4"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("experts.w13_weight") && err.contains("rows (0, 192)") && err.contains("more"), "{err}");
+}

@@ -43,6 +43,7 @@ from weightlift._weightlift import (
     synthetic_manifest,
 )
 from weightlift import memory
+from weightlift.fp8 import quantize_fp8
 from weightlift.client import AgentError, Client
 from weightlift.staging import StagingGroup, StagingReceiver
 
@@ -65,5 +66,6 @@ __all__ = [
     "cuda_available",
     "digest",
     "memory",
+    "quantize_fp8",
     "synthetic_manifest",
 ]

@@ -168,6 +168,8 @@ def synthetic_manifest(name: str) -> list[Tuple[str, list[int], str]]:
     """(name, shape, dtype) of each tensor of a synthetic model shape (qwen3-8b, ...)."""
 
 def cuda_available() -> bool: ...
+def _quantize_fp8(data: bytes, shape: list[int], block: Tuple[int, int]) -> Tuple[bytes, bytes]:
+    """e4m3 bytes and f32 scales of f32 `data` in blocks (see weightlift.quantize_fp8)."""
 def stream_layout(specs: list[Tuple[str, Tuple[int, ...], str]], depth: int, bucket_bytes: int) -> dict[str, Any]:
     """Where a streaming receiver keeps each tensor: buffer_sizes, places, buckets, bytes."""
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use weightlift::core::cluster::{self, ClusterModel, LinkLoad, Placement};
-use weightlift::core::{buckets, plan, PlanSummary, TpRank};
+use weightlift::core::quant::{Quant, QuantPlan};
+use weightlift::core::{buckets, plan, DType, PlanSummary, TpRank};
 use weightlift::{MappingOptions, SetupError};
 
 use super::{gb, tp_rank, CommandError, ModelArgs};
@@ -37,6 +38,11 @@ pub struct PlanArgs {
     /// carries and the predicted time of one update.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["engine", "save", "tp_rank"])]
     pub placement: Option<PathBuf>,
+    /// Quantize the engine's linear weights to FP8 (e4m3) on the way: block:N (N x N blocks,
+    /// `weight_scale_inv`), block:RxC, or channel (`weight_scale`). With --dtype F8_E4M3 the
+    /// other parameters keep the source's dtype.
+    #[arg(long, value_name = "SCHEME", conflicts_with = "placement")]
+    pub quant: Option<Quant>,
 }
 
 #[derive(Serialize)]
@@ -48,6 +54,31 @@ struct Report<'a> {
     bucket_bytes: u64,
     buckets: usize,
     planning_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quant: Option<QuantReport>,
+}
+
+/// `--quant`: the quantized weights and their scales, every scale covered once.
+#[derive(Serialize)]
+struct QuantReport {
+    scheme: String,
+    dtype: DType,
+    weights: usize,
+    scale_tensors: usize,
+    scale_bytes: u64,
+    /// The engine's parameters (quantized weights and scales included) and their bytes.
+    engine_tensors: usize,
+    engine_bytes: u64,
+    scales_covered: bool,
+    scales: Vec<ScaleReport>,
+}
+
+#[derive(Serialize)]
+struct ScaleReport {
+    name: String,
+    weight: String,
+    shape: Vec<u64>,
+    block: [u64; 2],
 }
 
 pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
@@ -56,13 +87,20 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
     }
     let model = args.model.source(None)?;
     let tp = tp_rank(args.tp_rank, args.tp_size)?;
-    let options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
+    let mut options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
+    if args.quant.is_some() && options.dtype == Some(DType::F8E4M3) {
+        options.dtype = None;
+    }
 
     let started = Instant::now();
     let inputs = options.inputs(&model, tp)?;
     let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).map_err(SetupError::from)?;
     let bucket_bytes = args.bucket_mib.saturating_mul(1 << 20);
     let bucket_count = buckets(&plan, bucket_bytes).map_err(|e| SetupError::Invalid(e.to_string()))?.len();
+    let quant = match args.quant {
+        Some(scheme) => Some(quant_report(&plan, scheme)?),
+        None => None,
+    };
     let planning_ms = started.elapsed().as_secs_f64() * 1e3;
 
     if let Some(path) = &args.save {
@@ -77,6 +115,7 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
         bucket_bytes,
         buckets: bucket_count,
         planning_ms,
+        quant,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("a report always serialises"));
@@ -84,6 +123,39 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
         print_summary(&report);
     }
     Ok(())
+}
+
+fn quant_report(plan: &weightlift::core::Plan, scheme: Quant) -> Result<QuantReport, CommandError> {
+    let quant = QuantPlan::new(plan, scheme).map_err(|errors| {
+        let first: Vec<String> = errors.iter().take(3).map(ToString::to_string).collect();
+        let more = match errors.len() {
+            n if n > 3 => format!("; and {} more", n - 3),
+            _ => String::new(),
+        };
+        SetupError::Invalid(format!("cannot quantize with {scheme}: {}{more}", first.join("; ")))
+    })?;
+    let engine = quant.engine_manifest(plan);
+    let scales: Vec<ScaleReport> = quant
+        .targets
+        .iter()
+        .map(|t| ScaleReport {
+            name: t.scale.name.clone(),
+            weight: plan.destinations[t.weight as usize].name.clone(),
+            shape: t.scale.shape.clone(),
+            block: t.block,
+        })
+        .collect();
+    Ok(QuantReport {
+        scheme: scheme.to_string(),
+        dtype: DType::F8E4M3,
+        weights: quant.targets.len(),
+        scale_tensors: quant.targets.len(),
+        scale_bytes: quant.targets.iter().map(|t| t.scale.byte_len()).sum(),
+        engine_tensors: engine.len(),
+        engine_bytes: engine.total_bytes(),
+        scales_covered: true,
+        scales,
+    })
 }
 
 fn print_summary(r: &Report) {
@@ -97,6 +169,17 @@ fn print_summary(r: &Report) {
         s.ops, s.strided_ops, s.cast_ops, s.ignored
     );
     println!("  coverage     every destination byte written exactly once");
+    if let Some(q) = &r.quant {
+        println!(
+            "  quantized    {} weight(s) to {} ({}), {} scale tensor(s) of {}, each scale covered once",
+            q.weights,
+            q.dtype,
+            q.scheme,
+            q.scale_tensors,
+            gb(q.scale_bytes)
+        );
+        println!("  engine       {:>8} params   {:>10}", q.engine_tensors, gb(q.engine_bytes));
+    }
     println!("  plan hash    {}", s.plan_hash);
     println!("  planned in   {:.1} ms", r.planning_ms);
 }

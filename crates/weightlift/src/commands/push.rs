@@ -98,6 +98,16 @@ struct PushOutput<'a> {
     steps: &'a [StepReport],
 }
 
+/// `push --rank r --world n --json`: this rank's view of each version.
+#[derive(Serialize)]
+struct ShardOutput<'a> {
+    model: String,
+    transport: TransportKind,
+    rank: u32,
+    world: u32,
+    steps: &'a [StepReport],
+}
+
 pub fn run(args: &PushArgs) -> Result<(), CommandError> {
     let model = args.model.source(None)?;
     let local = match &args.listen {
@@ -130,7 +140,8 @@ pub fn run(args: &PushArgs) -> Result<(), CommandError> {
         let (rules, _) = args.model.mapping().rules(&model, tp)?;
         let steps = push_shard(&model, &rules, options, rank, world, args)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&steps).expect("serialises"));
+            let out = ShardOutput { model: model.name(), transport, rank, world, steps: &steps };
+            println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
         } else if !args.progress_jsonl {
             print_table(&steps);
         }

@@ -75,6 +75,8 @@ const SOURCE: &str = concat!(
     include_str!("kernels/read_all.cu"),
     "\n",
     include_str!("kernels/combine.cu"),
+    "\n",
+    include_str!("kernels/quant.cu"),
 );
 
 #[derive(Clone)]
@@ -88,6 +90,7 @@ pub(crate) struct Kernels {
     copy_digest_staged: Option<CudaFunction>,
     combine: CudaFunction,
     read_all: CudaFunction,
+    quant: CudaFunction,
     /// Streaming multiprocessors of the GPU.
     sms: u32,
 }
@@ -123,6 +126,7 @@ impl Kernels {
             copy_digest_staged,
             combine: load("combine_digests")?,
             read_all: load("read_all")?,
+            quant: load("batched_quant_e4m3")?,
             sms: sms.max(1) as u32,
             _module: module,
         })
@@ -166,6 +170,79 @@ pub struct CastDesc {
     pub row_elems: u64,
     pub src_stride: u64,
     pub dst_stride: u64,
+}
+
+/// One region quantized to FP8 (e4m3) on the way (see `kernels/quant.cu` and
+/// `weightlift_core::quant`): `rows` x `cols` elements of the source (`src_dtype`: F32, BF16
+/// or F16; rows `src_stride` bytes apart) in blocks of `block_rows` x `block_cols`, written as
+/// e4m3 at `dst` (rows `dst_stride` bytes apart) and one f32 scale per block at `scale` (scale
+/// rows `scale_stride` bytes apart). The kernels' `QuantDesc` layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantDesc {
+    pub src: u64,
+    pub dst: u64,
+    pub scale: u64,
+    pub rows: u64,
+    pub cols: u64,
+    pub src_stride: u64,
+    pub dst_stride: u64,
+    pub scale_stride: u64,
+    pub block_rows: u64,
+    pub block_cols: u64,
+    src_dtype: u64,
+}
+
+impl QuantDesc {
+    /// A region of `rows` x `cols` at `src` (of `src_dtype`) into `dst` and its scales at
+    /// `scale`; an error for a source dtype the kernel does not read or an empty block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        src: (u64, u64, weightlift_core::DType),
+        dst: (u64, u64),
+        scale: (u64, u64),
+        rows: u64,
+        cols: u64,
+        block: [u64; 2],
+    ) -> Result<QuantDesc, CudaError> {
+        use weightlift_core::DType;
+        let src_dtype = match src.2 {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            other => return Err(CudaError::Invalid(format!("FP8 quantization reads F32, BF16 or F16, not {other}"))),
+        };
+        if block.contains(&0) {
+            return Err(CudaError::Invalid(format!("FP8 quantization in blocks of {block:?}: at least 1 x 1")));
+        }
+        Ok(QuantDesc {
+            src: src.0,
+            src_stride: src.1,
+            dst: dst.0,
+            dst_stride: dst.1,
+            scale: scale.0,
+            scale_stride: scale.1,
+            rows,
+            cols,
+            block_rows: block[0],
+            block_cols: block[1],
+            src_dtype,
+        })
+    }
+
+    /// Quantization blocks of the region.
+    fn blocks(&self) -> u64 {
+        self.rows.div_ceil(self.block_rows) * self.cols.div_ceil(self.block_cols)
+    }
+}
+
+/// FP8 quantizations uploaded once, run with one launch each time.
+pub struct QuantBatch {
+    packed: DeviceBuffer,
+    descs: u64,
+    start: u64,
+    count: u32,
+    blocks: u64,
 }
 
 /// A run of a destination tensor copied and digested in one pass: `bytes` from `src` to
@@ -531,6 +608,40 @@ impl Gpu {
         // descriptor addresses live device memory (the batch's contract), and the arrays at
         // `base` (the batch's packed arrays, alive while it is) hold `count` (+1) entries.
         unsafe { launch.launch(config) }.call(call)?;
+        Ok(())
+    }
+
+    /// Prepares `descs` for [`Gpu::run_quant`]; addresses as for [`Gpu::prepare_copies`].
+    pub fn prepare_quant(&self, descs: &[QuantDesc]) -> Result<QuantBatch, CudaError> {
+        let mut packing = Packing::default();
+        let (start, blocks) = prefix(descs.iter().map(QuantDesc::blocks), 1);
+        let (descs_at, start_at) = (packing.push(descs), packing.push(&start));
+        Ok(QuantBatch {
+            packed: upload(self, &packing.0)?,
+            descs: descs_at,
+            start: start_at,
+            count: count(descs.len())?,
+            blocks,
+        })
+    }
+
+    /// Queues the batch's quantizations on this GPU's stream: one launch, one block of
+    /// threads per quantization block.
+    pub fn run_quant(&self, batch: &QuantBatch) -> Result<(), CudaError> {
+        if batch.blocks == 0 {
+            return Ok(());
+        }
+        let k = self.kernels();
+        let grid = batch.blocks.min(u64::from(k.grid_stride_blocks())) as u32;
+        let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let base = batch.packed.device_ptr();
+        let (descs, starts) = (base + batch.descs, base + batch.start);
+        let mut launch = self.stream().launch_builder(&k.quant);
+        launch.arg(&descs).arg(&starts).arg(&batch.count);
+        // SAFETY: the kernel takes (descriptors, block starts, count); the arrays at `base` (the
+        // batch's, alive while it is) hold `count` descriptors and `count + 1` starts, and every
+        // descriptor addresses live device memory (the batch's contract).
+        unsafe { launch.launch(config) }.call("cuLaunchKernel(batched_quant_e4m3)")?;
         Ok(())
     }
 
@@ -979,11 +1090,27 @@ mod tests {
         }
         let options = CompileOptions { options: vec!["--gpu-architecture=sm_90".into()], ..Default::default() };
         let ptx = compile_ptx_with_opts(SOURCE, options).unwrap_or_else(|e| panic!("{e}"));
-        for kernel in
-            ["copy_digest_staged", "copy_digest", "copy_digest_peer", "combine_digests", "batched_cast_f32_bf16"]
-        {
+        for kernel in [
+            "copy_digest_staged",
+            "copy_digest",
+            "copy_digest_peer",
+            "combine_digests",
+            "batched_cast_f32_bf16",
+            "batched_quant_e4m3",
+        ] {
             assert!(ptx.to_src().contains(&format!(".entry {kernel}(")), "{kernel} is not in the PTX");
         }
+    }
+
+    /// A quantization the kernel cannot run is refused when it is described, by name.
+    #[test]
+    fn a_quantization_the_kernel_cannot_run_is_refused_by_name() {
+        let err = QuantDesc::new((0, 0, weightlift_core::DType::I32), (0, 0), (0, 0), 1, 1, [1, 1]).unwrap_err();
+        assert!(err.to_string().contains("not I32"), "{err}");
+        let err = QuantDesc::new((0, 0, weightlift_core::DType::BF16), (0, 0), (0, 0), 1, 1, [0, 128]).unwrap_err();
+        assert!(err.to_string().contains("at least 1 x 1"), "{err}");
+        let ok = QuantDesc::new((0, 0, weightlift_core::DType::BF16), (0, 0), (0, 0), 300, 260, [128, 128]).unwrap();
+        assert_eq!(ok.blocks(), 3 * 3);
     }
 
     #[test]

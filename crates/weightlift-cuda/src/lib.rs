@@ -44,8 +44,8 @@ pub use host_copy::PinnedRanges;
 pub use host_map::{MapError, MappedFile, SharedMemory};
 pub use ipc::{ordinal_with_uuid, IpcMapping, Located, Piece, Segment, Sharing, IPC_HANDLE_BYTES};
 pub use kernels::{
-    CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, LaunchedUpdate, SourceGpu,
-    UpdateBatch, Wave, CHUNK_BYTES,
+    CastDesc, ChunkDigester, CopyBatch, CopyDesc, DigestBatch, FusedKernel, FusedRun, LaunchedUpdate, QuantBatch,
+    QuantDesc, SourceGpu, UpdateBatch, Wave, CHUNK_BYTES,
 };
 pub use nccl::{nccl_available, BucketStep, Comm, Move, NcclError, NcclInfo, UniqueId, NCCL_PATH_ENV};
 pub use vmm::{ImportedAllocation, MappedPieces, PhysicalMemory, SharedAllocation, SharedPieces};

@@ -544,3 +544,92 @@ fn nccl_buckets_run_through_two_buffers_a_side_and_land_in_place() {
     let wrong = (0..count).filter(|k| got[k * bucket..(k + 1) * bucket] != data[k * bucket..(k + 1) * bucket]);
     assert_eq!(wrong.collect::<Vec<_>>(), Vec::<usize>::new(), "buckets whose bytes differ");
 }
+
+/// FP8 quantization on the GPU equals the host's (`weightlift_core::quant::quantize`, itself
+/// torch-exact) bit for bit: f32 and bf16 sources read as strided slices of wider tensors (a
+/// TP slice), blocks of 128 x 128 with partial edges, per-channel blocks, and blocks of zeros,
+/// subnormals, an infinity, NaNs and magnitudes near f32's largest.
+#[test]
+#[ignore = "needs a GPU: run scripts/gpu-tests.sh on a GPU machine"]
+fn fp8_block_quantization_on_the_gpu_equals_the_host_bit_for_bit() {
+    use weightlift_core::quant::quantize;
+    use weightlift_core::DType;
+
+    use crate::QuantDesc;
+    let gpu = gpu();
+    // (rows, cols of the slice, cols of the tensor it is cut from, block, source dtype)
+    let cases = [
+        (300u64, 260u64, 400u64, [128u64, 128u64], DType::F32),
+        (384, 256, 512, [128, 128], DType::BF16),
+        (257, 129, 129, [1, 129], DType::F32),
+        (64, 64, 96, [16, 32], DType::BF16),
+    ];
+    for (case, &(rows, cols, wide, block, dtype)) in cases.iter().enumerate() {
+        let elt = dtype.size();
+        let raw = bytes((rows * wide * 4) as usize, 40 + case as u64);
+        // Values: small normals from the random bytes, then the adversarial ones.
+        let mut full: Vec<f32> =
+            raw.chunks_exact(4).map(|c| (i32::from_le_bytes(c.try_into().unwrap()) as f32) / 2e8).collect();
+        for r in 0..rows.min(128) as usize {
+            for c in 0..cols.min(128) as usize {
+                full[r * wide as usize + c] = 0.0;
+            }
+        }
+        full[(rows as usize - 1) * wide as usize + cols as usize - 1] = f32::INFINITY;
+        full[(rows as usize - 3) * wide as usize + 5] = f32::NAN;
+        full[5 * wide as usize + cols as usize - 7] = 3.0e38;
+        full[7 * wide as usize + 200 % cols as usize] = 1e-40;
+        if dtype == DType::BF16 {
+            // As the trainer holds them: bf16 values (truncated; every bf16 is exact in f32).
+            full.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits() & 0xffff_0000));
+        }
+        let src_bytes: Vec<u8> = match dtype {
+            DType::F32 => full.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            _ => full.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect(),
+        };
+        let slice: Vec<f32> = (0..rows as usize)
+            .flat_map(|r| full[r * wide as usize..r * wide as usize + cols as usize].to_vec())
+            .collect();
+        let grid = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
+        let (mut q, mut scales) = (vec![0u8; slice.len()], vec![0f32; (grid[0] * grid[1]) as usize]);
+        quantize(&slice, &[rows, cols], block, &mut q, &mut scales);
+
+        let mut src = gpu.alloc(src_bytes.len()).unwrap();
+        src.upload(&src_bytes).unwrap();
+        let mut dst = gpu.alloc((rows * cols) as usize).unwrap();
+        dst.fill(&gpu, 0x11).unwrap();
+        let mut scale = gpu.alloc((grid[0] * grid[1] * 4) as usize).unwrap();
+        scale.fill(&gpu, 0x22).unwrap();
+        let desc = QuantDesc::new(
+            (src.device_ptr(), wide * elt, dtype),
+            (dst.device_ptr(), cols),
+            (scale.device_ptr(), grid[1] * 4),
+            rows,
+            cols,
+            block,
+        )
+        .unwrap();
+        let batch = gpu.prepare_quant(&[desc]).unwrap();
+        gpu.run_quant(&batch).unwrap();
+        gpu.synchronize().unwrap();
+        let mut got = vec![0u8; q.len()];
+        dst.download(&mut got).unwrap();
+        let mut got_scales = vec![0u8; scales.len() * 4];
+        scale.download(&mut got_scales).unwrap();
+        let got_scales: Vec<f32> =
+            got_scales.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let label = format!("case {case}: {rows} x {cols} of {wide}, {block:?}, {dtype}");
+        let bad_scale = got_scales
+            .iter()
+            .zip(&scales)
+            .position(|(g, e)| !(g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan())));
+        assert!(bad_scale.is_none(), "{label}: scale {bad_scale:?} differs");
+        let bad = got.iter().zip(&q).position(|(g, e)| g != e && !((g & 0x7f) == 0x7f && (e & 0x7f) == 0x7f));
+        assert!(
+            bad.is_none(),
+            "{label}: element {bad:?} differs ({:?} vs {:?})",
+            bad.map(|i| got[i]),
+            bad.map(|i| q[i])
+        );
+    }
+}

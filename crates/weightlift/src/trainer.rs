@@ -60,16 +60,16 @@ impl StepReport {
     }
 }
 
-/// GPU tensors over NCCL to every receiver: one transfer per fan-out class, the classes in
-/// parallel; each receiver's vote, in the order of `senders`.
+/// GPU tensors over NCCL to every receiver: one transfer per fan-out class (`classes`: indices
+/// into `senders`), the classes in parallel; each receiver's vote, in the order of `senders`.
 fn fan_out(
     senders: &mut [Sender],
+    classes: &[Vec<usize>],
     version: Version,
     gpu: &Gpu,
     tensors: &dyn DeviceTensors,
     two_phase: bool,
 ) -> Vec<Result<Vote, SendError>> {
-    let classes = fan_out_classes(&senders.iter().map(Sender::plan).collect::<Vec<_>>());
     let mut unclassed: Vec<Option<&mut Sender>> = senders.iter_mut().map(Some).collect();
     let members: Vec<Vec<&mut Sender>> = classes
         .iter()
@@ -109,6 +109,9 @@ fn describe(report: &UpdateReport, who: &str) -> String {
 /// Senders to every rank of one engine.
 pub struct Trainer {
     senders: Vec<Sender>,
+    /// The NCCL fan-out classes of the senders' receivers, found at the first NCCL push (the
+    /// plans are fixed from connect on).
+    classes: Option<Vec<Vec<usize>>>,
 }
 
 impl Trainer {
@@ -139,12 +142,12 @@ impl Trainer {
         connect: impl Fn(&Endpoint) -> Result<Sender, SendError>,
     ) -> Result<Trainer, SendError> {
         let senders = endpoints.iter().map(connect).collect::<Result<Vec<_>, _>>()?;
-        Ok(Trainer { senders })
+        Ok(Trainer { senders, classes: None })
     }
 
     /// Senders already connected (e.g. to in-process receivers).
     pub fn from_senders(senders: Vec<Sender>) -> Trainer {
-        Trainer { senders }
+        Trainer { senders, classes: None }
     }
 
     pub fn senders(&self) -> &[Sender] {
@@ -177,8 +180,14 @@ impl Trainer {
     pub fn push_sources(&mut self, version: Version, sources: Sources<'_>) -> Result<StepReport, SendError> {
         let skips = self.senders.iter().map(|s| s.skip_for(sources)).collect::<Result<Vec<_>, _>>()?;
         let nccl = self.senders.iter().all(|s| s.transport() == TransportKind::Nccl);
-        Ok(self.run(version, skips, |senders, skips, two_phase| match sources {
-            Sources::Device { gpu, tensors } if nccl => fan_out(senders, version, gpu, tensors, two_phase),
+        if nccl && self.classes.is_none() {
+            self.classes = Some(fan_out_classes(&self.senders.iter().map(Sender::plan).collect::<Vec<_>>()));
+        }
+        let classes = self.classes.clone();
+        Ok(self.run(version, skips, |senders, skips, two_phase| match (sources, &classes) {
+            (Sources::Device { gpu, tensors }, Some(classes)) if nccl => {
+                fan_out(senders, classes, version, gpu, tensors, two_phase)
+            }
             _ => std::thread::scope(|scope| {
                 let handles: Vec<_> = senders
                     .iter_mut()

@@ -275,19 +275,6 @@ pub fn e4m3(x: f32) -> u8 {
     value | sign
 }
 
-/// e4m3 -> f32, exactly.
-pub fn e4m3_to_f32(q: u8) -> f32 {
-    let sign = if q & 0x80 != 0 { -1.0 } else { 1.0 };
-    let (exponent, mantissa) = (i32::from((q >> 3) & 0xf), f32::from(q & 0x7));
-    if q & 0x7f == 0x7f {
-        return f32::NAN;
-    }
-    sign * match exponent {
-        0 => mantissa / 8.0 * 2f32.powi(-6),
-        e => (1.0 + mantissa / 8.0) * 2f32.powi(e - 7),
-    }
-}
-
 /// The scale of a block whose largest magnitude is `amax` (NaN if the block holds one).
 pub fn scale_of(amax: f32) -> f32 {
     if amax.is_nan() {
@@ -355,6 +342,19 @@ mod tests {
         let source = SourceSet::single(config.source_manifest());
         let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
         plan(&source, &dest, &rules, tp).unwrap()
+    }
+
+    /// e4m3 -> f32, exactly.
+    fn e4m3_to_f32(q: u8) -> f32 {
+        let sign = if q & 0x80 != 0 { -1.0 } else { 1.0 };
+        let (exponent, mantissa) = (i32::from((q >> 3) & 0xf), f32::from(q & 0x7));
+        if q & 0x7f == 0x7f {
+            return f32::NAN;
+        }
+        sign * match exponent {
+            0 => mantissa / 8.0 * 2f32.powi(-6),
+            e => (1.0 + mantissa / 8.0) * 2f32.powi(e - 7),
+        }
     }
 
     #[test]

@@ -196,7 +196,6 @@ pub struct QuantDesc {
 impl QuantDesc {
     /// A region of `rows` x `cols` at `src` (of `src_dtype`) into `dst` and its scales at
     /// `scale`; an error for a source dtype the kernel does not read or an empty block.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         src: (u64, u64, weightlift_core::DType),
         dst: (u64, u64),

@@ -113,22 +113,24 @@ fn send_class(
     let sent = bound.map_err(|source| SendError::Cuda { doing: "packing buckets".into(), source }).and_then(|b| {
         let steps = b.steps(0);
         // A fault strikes once the buckets before it went (run to the end on the GPU).
+        // Without one, the buckets run in one pass (no wait on the GPU in between).
         let cut = match fault {
             Some(Fault::HangUpAfterBuckets(n) | Fault::AbortAfterBuckets(n) | Fault::StallAfterBuckets(n)) => {
-                (n as usize).min(steps.len())
+                Some((n as usize).min(steps.len()))
             }
-            _ => 0,
+            _ => None,
         };
         let deadline = Instant::now() + timeout;
-        let moved = side
-            .comm
-            .run_buckets(gpu, &steps[..cut], deadline)
-            .map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
-            .and_then(|()| super::inject(fault, cut as u32, conn))
-            .and_then(|()| {
-                let rest = side.comm.run_buckets(gpu, &steps[cut..], deadline);
-                rest.map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
-            });
+        let mut run = |steps: &[_]| {
+            let ran = side.comm.run_buckets(gpu, steps, deadline);
+            ran.map_err(|source| SendError::Nccl { doing: "sending buckets".into(), source })
+        };
+        let moved = match cut {
+            None => run(&steps),
+            Some(cut) => run(&steps[..cut])
+                .and_then(|()| super::inject(fault, cut as u32, conn))
+                .and_then(|()| run(&steps[cut..])),
+        };
         drop(steps);
         side.buckets = Some(b);
         moved

@@ -7,6 +7,8 @@
 # (mapping, planning) left out. Times are each version's wall time as rank 0 sees it
 # (`seconds`: begin to the last receiver's report), median of the last 3. Models: qwen3-8b,
 # and qwen3-30b-a3b when the GPU holds two copies of it (trainer and engine: 122 GB).
+# SPREAD=1 spreads them over the machine's GPUs: trainer rank r and engine TP rank r on GPU
+# r mod the GPU count (the one sender on GPU 0), the runs of the multi-GPU issues.
 # On a GPU machine, after `bash scripts/gpu-tests.sh build` (carry .gpu):
 #   bash bench/sharded_gpu.sh [OUT.json]
 cd "$(dirname "$0")/.."
@@ -14,6 +16,8 @@ WL=${WEIGHTLIFT_BIN:-.gpu/weightlift}
 WORLD=${WORLD:-4}
 OUT=${1:-/tmp/sharded_gpu.json}
 export NCCL_NVLS_ENABLE=0
+gpus=$(nvidia-smi -L | wc -l)
+gpu_of() { if [ "${SPREAD:-0}" = 1 ]; then echo $(($1 % gpus)); else echo 0; fi; }
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ -z "${MODELS:-}" ]; then
   MODELS=qwen3-8b
@@ -26,7 +30,7 @@ for M in $MODELS; do
     to=()
     for r in $(seq 0 $((TP - 1))); do
       rm -f /tmp/wl-eng-$r.sock
-      $WL serve --synthetic $M --device cuda:0 --tp-size $TP --tp-rank $r --listen unix:/tmp/wl-eng-$r.sock \
+      $WL serve --synthetic $M --device cuda:$(gpu_of $r) --tp-size $TP --tp-rank $r --listen unix:/tmp/wl-eng-$r.sock \
         --timeout-s 120 > /tmp/wl-eng-$r.log 2>&1 &
       to+=(--to unix:/tmp/wl-eng-$r.sock)
     done
@@ -37,13 +41,13 @@ for M in $MODELS; do
       --json > /tmp/wl-one.json 2> /tmp/wl-one.err || tail -3 /tmp/wl-one.err
     pids=()
     for r in $(seq 0 $((WORLD - 1))); do
-      $WL push --synthetic $M --device cuda:0 --gpu-fill --transport cuda-ipc "${to[@]}" --version 11 --steps 4 \
+      $WL push --synthetic $M --device cuda:$(gpu_of $r) --gpu-fill --transport cuda-ipc "${to[@]}" --version 11 --steps 4 \
         --rank $r --world $WORLD --json > /tmp/wl-rank-$r.json 2> /tmp/wl-rank-$r.err &
       pids+=($!)
     done
     for p in "${pids[@]}"; do wait $p || true; done
     tail -3 /tmp/wl-rank-0.err
-    python3 - $M $TP $WORLD >> $rows <<'PY'
+    python3 - $M $TP $WORLD "${SPREAD:-0}" >> $rows <<'PY'
 import json, statistics, sys
 model, tp, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def steps(path):
@@ -56,7 +60,7 @@ def median_s(st):
     return statistics.median(timed) if timed else None
 one, ranks = steps("/tmp/wl-one.json"), [steps(f"/tmp/wl-rank-{r}.json") for r in range(world)]
 pull = lambda st: statistics.median(sum(r.get("unpack_seconds", 0) for r in s["ranks"]) for s in st[1:]) if len(st) > 1 else None
-row = {"model": model, "tp": tp, "world": world,
+row = {"model": model, "tp": tp, "world": world, "spread": sys.argv[4] == "1",
        "one_sender_s": median_s(one), "sharded_s": median_s(ranks[0]),
        "one_sender_pull_s": pull(one), "sharded_rank0_pull_s": pull(ranks[0]),
        "bytes": one[0]["bytes"] if one else None,

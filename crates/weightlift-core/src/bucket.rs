@@ -1,6 +1,8 @@
 //! Buckets: a plan's operations grouped into bounded transfers. A bucket's payload is the
-//! concatenation of its entries' blocks, each in the destination dtype and row-major order;
-//! an operation larger than the room left is split, so large tensors span buckets.
+//! concatenation of its entries' blocks, each in the payload dtype ([`Plan::payload_dtype`])
+//! and row-major order; an operation larger than the room left is split, so large tensors
+//! span buckets. A quantized op is split only between its quantization blocks, so each piece
+//! is quantized on its own with the same scales as the whole.
 
 use std::collections::VecDeque;
 
@@ -29,6 +31,45 @@ pub struct Bucket {
 pub enum BucketError {
     #[error("bucket size of {0} bytes cannot hold one element of every dtype (needs at least 8)")]
     TooSmall(u64),
+    #[error("bucket size of {max} bytes cannot hold one quantization block of `{tensor}` ({bytes} bytes)")]
+    BlockTooLarge { tensor: String, bytes: u64, max: u64 },
+}
+
+/// The split rules of an op: bytes per element as it travels, and for a quantized op its
+/// block (pieces hold whole blocks).
+#[derive(Clone, Copy)]
+struct Grain {
+    elt: u64,
+    lead: usize,
+    block: Option<[u64; 2]>,
+}
+
+impl Grain {
+    fn of(plan: &Plan, op: &CopyOp) -> Grain {
+        Grain {
+            elt: plan.payload_dtype(op).size(),
+            lead: op.extent.len() - op.src_start.len(),
+            block: plan.scaled_of(op.dst).map(|s| s.block),
+        }
+    }
+
+    /// Indices along dim `d` of an `n`-dim op that a cut keeps together.
+    fn granule(&self, d: usize, n: usize) -> u64 {
+        match self.block {
+            Some(b) if d + 2 == n => b[0],
+            Some(b) if d + 1 == n => b[1],
+            _ => 1,
+        }
+    }
+
+    /// Bytes of the smallest piece of `op`: one element, or one block of a quantized op.
+    fn least(&self, op: &CopyOp) -> u64 {
+        let n = op.extent.len();
+        match self.block {
+            Some(b) => b[0].min(op.extent[n - 2]) * b[1].min(op.extent[n - 1]) * self.elt,
+            None => self.elt,
+        }
+    }
 }
 
 /// Groups `plan`'s operations, in order, into buckets of at most `max_bytes` payload bytes.
@@ -88,13 +129,12 @@ impl<'a> Filler<'a> {
 
     /// Adds `op` to the current bucket, the rest of it to the next ones when it does not fit.
     fn push(&mut self, op: &CopyOp) -> Result<(), BucketError> {
-        let elt = self.plan.destinations[op.dst as usize].dtype.size();
-        let lead = op.extent.len() - op.src_start.len();
+        let grain = Grain::of(self.plan, op);
         let mut queue = VecDeque::from([op.clone()]);
         while let Some(piece) = queue.pop_front() {
-            match split_front(&piece, self.max_bytes - self.current.bytes, elt, lead) {
+            match split_front(&piece, self.max_bytes - self.current.bytes, grain, 0) {
                 (Some(head), rest) => {
-                    let bytes = head.numel() * elt;
+                    let bytes = head.numel() * grain.elt;
                     self.current.entries.push(BucketEntry { op: head, payload_offset: self.current.bytes });
                     self.current.bytes += bytes;
                     for r in rest.into_iter().rev() {
@@ -105,6 +145,13 @@ impl<'a> Filler<'a> {
                 (None, _) if !self.current.entries.is_empty() => {
                     self.close();
                     queue.push_front(piece);
+                }
+                (None, _) if grain.block.is_some() => {
+                    return Err(BucketError::BlockTooLarge {
+                        tensor: self.plan.destinations[op.dst as usize].name.clone(),
+                        bytes: grain.least(&piece),
+                        max: self.max_bytes,
+                    })
                 }
                 (None, _) => return Err(BucketError::TooSmall(self.max_bytes)),
             }
@@ -128,45 +175,65 @@ impl<'a> Filler<'a> {
 /// `op` cut, in row-major order, into pieces of at most `max_bytes` destination bytes (or one
 /// element, if larger): executors move a piece while its bytes are hot in cache.
 pub fn pieces(plan: &Plan, op: &CopyOp, max_bytes: u64) -> Vec<CopyOp> {
-    let elt = plan.destinations[op.dst as usize].dtype.size();
-    let lead = op.extent.len() - op.src_start.len();
+    let grain = Grain::of(plan, op);
     let mut out = Vec::new();
     let mut rest = vec![op.clone()];
     while let Some(piece) = rest.pop() {
-        match split_front(&piece, max_bytes.max(elt), elt, lead) {
+        match split_front(&piece, max_bytes.max(grain.least(&piece)), grain, 0) {
             (Some(head), tail) => {
                 out.push(head);
                 rest.extend(tail.into_iter().rev());
             }
-            (None, _) => unreachable!("a budget of at least one element always fits one"),
+            (None, _) => unreachable!("a budget of at least one element (or block) always fits one"),
         }
     }
     out
 }
 
-/// Splits off the front of `op` that fits in `budget` bytes (None if not one element does),
-/// returning it and the rest as ops in row-major order.
-fn split_front(op: &CopyOp, budget: u64, elt: u64, lead: usize) -> (Option<CopyOp>, Vec<CopyOp>) {
+/// Splits off the front of `op` that fits in `budget` bytes (None if not one element, or one
+/// block of a quantized op, does), cutting along dims `from..` only, returning it and the
+/// rest as ops in row-major order.
+fn split_front(op: &CopyOp, budget: u64, grain: Grain, from: usize) -> (Option<CopyOp>, Vec<CopyOp>) {
+    let elt = grain.elt;
     if op.numel() * elt <= budget {
         return (Some(op.clone()), Vec::new());
     }
-    let Some(d) = op.extent.iter().position(|&e| e > 1) else {
+    let n = op.extent.len();
+    let Some(d) = (from..n).find(|&d| op.extent[d] > 1) else {
         return (None, vec![op.clone()]);
     };
-    let slice_bytes = op.extent[d + 1..].iter().product::<u64>() * elt;
-    // Whole digest chunks where the budget allows (a multiple of `align` slices ends on a
-    // chunk boundary): a piece that ends mid-chunk leaves a fragment for the digest to
-    // reassemble, and a MoE model's down projections (1536-byte rows) had one at every piece.
-    let align = CHUNK_BYTES as u64 / gcd(slice_bytes, CHUNK_BYTES as u64);
-    let take = budget / slice_bytes;
-    let take = if take >= align { take - take % align } else { take };
-    let (head, tail) = cut(op, d, take.max(1), lead);
+    let granule = grain.granule(d, n);
+    // A cut along `d` keeps every index of the other dims (those before `d` are 1, but for
+    // a quantized op's row blocks).
+    let slice_bytes = op.numel() / op.extent[d] * elt;
+    let take = budget / (slice_bytes * granule) * granule;
+    let take = if granule == 1 {
+        // Whole digest chunks where the budget allows (a multiple of `align` slices ends on a
+        // chunk boundary): a piece that ends mid-chunk leaves a fragment for the digest to
+        // reassemble, and a MoE model's down projections (1536-byte rows) had one at every
+        // piece.
+        let align = CHUNK_BYTES as u64 / gcd(slice_bytes, CHUNK_BYTES as u64);
+        if take >= align {
+            take - take % align
+        } else {
+            take
+        }
+    } else {
+        take
+    };
     if take >= 1 {
+        let (head, tail) = cut(op, d, take, grain.lead);
         return (Some(head), vec![tail]);
     }
-    // Not even one slice along `d` fits: split that slice along the next dimension.
-    let (inner_head, mut inner_rest) = split_front(&head, budget, elt, lead);
-    inner_rest.push(tail);
+    if d + 1 == n {
+        return (None, vec![op.clone()]);
+    }
+    // Not even one slice (or block row) along `d` fits: split it along the next dimensions.
+    let (head, tail) = cut(op, d, granule.min(op.extent[d]), grain.lead);
+    let (inner_head, mut inner_rest) = split_front(&head, budget, grain, d + 1);
+    if op.extent[d] > granule {
+        inner_rest.push(tail);
+    }
     (inner_head, inner_rest)
 }
 

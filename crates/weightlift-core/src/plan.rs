@@ -11,6 +11,7 @@ use xxhash_rust::xxh64::Xxh64;
 use crate::dtype::{Cast, DType};
 use crate::layout::{Block, LayoutError, TpRank};
 use crate::pattern::{Bindings, Pattern};
+use crate::quant::{check_scaled, engine_scales, QuantError, Scaled};
 use crate::region::{strided_copies, Strided};
 use crate::rules::{Part, Rule, RuleSet, Segment, Stack};
 use crate::spec::{Manifest, TensorSpec};
@@ -129,6 +130,10 @@ pub struct Plan {
     pub ops: Vec<CopyOp>,
     /// Source tensors dropped by an explicit `ignore` rule.
     pub ignored: Vec<String>,
+    /// The destinations quantized to FP8 on the way, with their scale tensors, by weight
+    /// (absent from the JSON of a plan with none, so such plans hash as they always did).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scaled: Vec<Scaled>,
 }
 
 /// Figures that describe a plan.
@@ -224,6 +229,8 @@ pub enum Problem {
         destination: String,
         detail: String,
     },
+    /// An FP8 weight or its scales that cannot be written as the engine lays them out.
+    Quant(QuantError),
 }
 
 /// What gives a part of a fused or stacked destination its shape.
@@ -253,6 +260,7 @@ impl Problem {
             Problem::Layout { .. } => "layout",
             Problem::BadPieces { .. } => "bad_pieces",
             Problem::Coverage { .. } => "coverage",
+            Problem::Quant(_) => "quant",
         }
     }
 
@@ -275,6 +283,7 @@ impl Problem {
             | Problem::BadParts { destination, .. }
             | Problem::Coverage { destination, .. } => vec![destination],
             Problem::Layout { tensor, .. } => vec![tensor],
+            Problem::Quant(error) => vec![error.tensor()],
         }
     }
 }
@@ -327,6 +336,7 @@ impl fmt::Display for Problem {
             Problem::Layout { tensor, error } => write!(f, "layout: `{tensor}`: {error}"),
             Problem::BadPieces { source, detail } => write!(f, "bad pieces of `{source}`: {detail}"),
             Problem::Coverage { destination, detail } => write!(f, "coverage: `{destination}`: {detail}"),
+            Problem::Quant(error) => write!(f, "quantization: {error}"),
         }
     }
 }
@@ -923,6 +933,15 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
     let mut planner = Planner::new(source, rules, tp);
     let (targets, ignored) = planner.targets(&Destination::Engine(destination));
     let mut written = vec![false; destination.len()];
+    // FP8 weights with a scale tensor beside them: quantized on the way, their scales written
+    // from the weights' ops.
+    let (scaled, errors) = engine_scales(destination);
+    planner.problems.extend(errors.into_iter().map(Problem::Quant));
+    let mut quantized = vec![false; destination.len()];
+    for s in &scaled {
+        quantized[s.weight as usize] = true;
+        written[s.scale as usize] = true;
+    }
     let mut ops = Vec::new();
     for target in &targets {
         // Sources for a parameter the engine lacks are reported as themselves, not as the
@@ -932,6 +951,11 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
             planner.problems.push(Problem::NoDestination { destination: target.name.clone(), sources });
             continue;
         };
+        if let Some(s) = scaled.iter().find(|s| s.scale as usize == dst) {
+            let scale = destination.specs()[s.scale as usize].name.clone();
+            planner.problems.push(Problem::Quant(QuantError::ScaleWritten { scale }));
+            continue;
+        }
         // A parameter whose sources have problems is still accounted for, not "not written".
         written[dst] = true;
         let Some(resolved) = planner.resolve(target) else { continue };
@@ -947,7 +971,7 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
         let mut castable = true;
         for (li, _, _) in &resolved.copies {
             let tensor = &planner.logical[*li];
-            if !tensor.dtype.casts_to(spec.dtype) {
+            if !casts(tensor.dtype, spec.dtype, quantized[dst]) {
                 let problem = Problem::DtypeMismatch {
                     destination: resolved.name.clone(),
                     source: tensor.name.clone(),
@@ -972,9 +996,15 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
         }
     }
     planner.fail_if_problems()?;
-    let plan = Plan { tp, sources: planner.pieces, destinations: destination.specs().to_vec(), ops, ignored };
+    let plan = Plan { tp, sources: planner.pieces, destinations: destination.specs().to_vec(), ops, ignored, scaled };
     plan.verify()?;
     Ok(plan)
+}
+
+/// Whether a copy may convert `from` into `to`: a cast [`DType::casts_to`] allows, or a
+/// float quantized into an FP8 weight that has scales.
+fn casts(from: DType, to: DType, quantized: bool) -> bool {
+    from.casts_to(to) || (quantized && to == DType::F8E4M3 && matches!(from, DType::F32 | DType::BF16 | DType::F16))
 }
 
 /// The parameters an engine rank should hold for `source` under `rules`: what `plan` expects
@@ -1003,6 +1033,32 @@ pub fn destination_manifest(
 }
 
 impl Plan {
+    /// The quantized weight (and its scales) that `dst` is, if it is one.
+    pub fn scaled_of(&self, dst: u32) -> Option<&Scaled> {
+        let i = self.scaled.binary_search_by_key(&dst, |s| s.weight).ok()?;
+        Some(&self.scaled[i])
+    }
+
+    /// Per destination: whether it is the scale tensor of a quantized weight (written from
+    /// that weight's ops, with none of its own).
+    pub fn scale_tensors(&self) -> Vec<bool> {
+        let mut out = vec![false; self.destinations.len()];
+        for s in &self.scaled {
+            out[s.scale as usize] = true;
+        }
+        out
+    }
+
+    /// The dtype of an op's block as it travels: the destination's, but a quantized op's
+    /// block travels in its source's dtype and is quantized where it is written (where its
+    /// whole blocks are, for their scales).
+    pub fn payload_dtype(&self, op: &CopyOp) -> DType {
+        match self.scaled_of(op.dst) {
+            Some(_) => self.sources[op.src as usize].spec.dtype,
+            None => self.destinations[op.dst as usize].dtype,
+        }
+    }
+
     /// The dtype conversion of an op, if its source and destination dtypes differ.
     pub fn cast(&self, op: &CopyOp) -> Option<Cast> {
         let (from, to) = (self.sources[op.src as usize].spec.dtype, self.destinations[op.dst as usize].dtype);
@@ -1024,6 +1080,11 @@ impl Plan {
         for op in &self.ops {
             let d = op.dst as usize;
             let copies = self.strided(op);
+            if self.scaled_of(op.dst).is_some() {
+                // Quantized in whole blocks, not front to back: digested once complete.
+                next[d] = None;
+                continue;
+            }
             next[d] = match (next[d], copies.as_slice()) {
                 (Some(at), [one]) if one.dst_offset == at && (one.rows <= 1 || one.dst_stride == one.row_elems) => {
                     Some(at + one.numel())
@@ -1047,12 +1108,22 @@ impl Plan {
             .iter()
             .filter_map(|op| renumbered[op.dst as usize].map(|dst| CopyOp { dst, ..op.clone() }))
             .collect();
+        let mut scaled: Vec<Scaled> = self
+            .scaled
+            .iter()
+            .filter_map(|s| {
+                let (weight, scale) = (renumbered[s.weight as usize]?, renumbered[s.scale as usize]?);
+                Some(Scaled { weight, scale, block: s.block })
+            })
+            .collect();
+        scaled.sort_unstable_by_key(|s| s.weight);
         Plan {
             tp: self.tp,
             sources: self.sources.clone(),
             destinations: destinations.iter().map(|&d| self.destinations[d as usize].clone()).collect(),
             ops,
             ignored: Vec::new(),
+            scaled,
         }
     }
 
@@ -1080,7 +1151,14 @@ impl Plan {
             .iter()
             .filter_map(|op| renumbered[op.src as usize].map(|src| CopyOp { src, ..op.clone() }))
             .collect();
-        Plan { tp: self.tp, sources, destinations: self.destinations.clone(), ops, ignored: self.ignored.clone() }
+        Plan {
+            tp: self.tp,
+            sources,
+            destinations: self.destinations.clone(),
+            ops,
+            ignored: self.ignored.clone(),
+            scaled: self.scaled.clone(),
+        }
     }
 
     /// Bytes of each destination this plan writes: all of it for a plan that verifies, the
@@ -1088,14 +1166,20 @@ impl Plan {
     pub fn share_bytes(&self) -> Vec<u64> {
         let mut bytes = vec![0; self.destinations.len()];
         for op in &self.ops {
-            bytes[op.dst as usize] += self.op_bytes(op);
+            bytes[op.dst as usize] += op.numel() * self.destinations[op.dst as usize].dtype.size();
+        }
+        // A scale tensor is written with its weight (a share of part of a quantized weight is
+        // not sent: the sender refuses it).
+        for s in &self.scaled {
+            let whole = bytes[s.weight as usize] == self.destinations[s.weight as usize].byte_len();
+            bytes[s.scale as usize] = if whole { self.destinations[s.scale as usize].byte_len() } else { 0 };
         }
         bytes
     }
 
-    /// Bytes an op delivers, in the destination dtype.
+    /// Bytes an op's block takes in a payload, in [`Plan::payload_dtype`].
     pub fn op_bytes(&self, op: &CopyOp) -> u64 {
-        op.numel() * self.destinations[op.dst as usize].dtype.size()
+        op.numel() * self.payload_dtype(op).size()
     }
 
     /// Stable across runs and machines: xxh64 of the plan's canonical JSON form.
@@ -1145,8 +1229,10 @@ impl Plan {
     /// inside its source and destination with a dtype that casts, and the ops' blocks tile
     /// every destination exactly (pairwise disjoint, volumes adding up to the whole).
     pub fn verify(&self) -> Result<(), PlanError> {
-        let mut problems = Vec::new();
+        let mut problems = self.scaled_problems();
+        let scales = if problems.is_empty() { self.scale_tensors() } else { vec![false; self.destinations.len()] };
         let mut blocks: Vec<Vec<(&[u64], &[u64])>> = vec![Vec::new(); self.destinations.len()];
+        let mut ops_of: Vec<Vec<&CopyOp>> = vec![Vec::new(); self.destinations.len()];
         for (i, op) in self.ops.iter().enumerate() {
             let (Some(src), Some(dst)) = (self.sources.get(op.src as usize), self.destinations.get(op.dst as usize))
             else {
@@ -1154,13 +1240,29 @@ impl Plan {
                     .push(Problem::Coverage { destination: format!("op {i}"), detail: "refers to no tensor".into() });
                 continue;
             };
-            if let Err(detail) = check_op(op, &src.spec, dst) {
+            if scales[op.dst as usize] {
+                problems.push(Problem::Quant(QuantError::ScaleWritten { scale: dst.name.clone() }));
+                continue;
+            }
+            if let Err(detail) = check_op(op, &src.spec, dst, self.scaled_of(op.dst).is_some()) {
                 problems.push(Problem::Coverage { destination: dst.name.clone(), detail: format!("op {i}: {detail}") });
                 continue;
             }
             blocks[op.dst as usize].push((&op.dst_start, &op.extent));
+            ops_of[op.dst as usize].push(op);
         }
-        for (dst, mut list) in self.destinations.iter().zip(blocks) {
+        if problems.is_empty() {
+            for s in &self.scaled {
+                let (weight, scale) = (&self.destinations[s.weight as usize], &self.destinations[s.scale as usize]);
+                let channel = s.block == [1, weight.shape[weight.shape.len() - 1].max(1)];
+                let errors = check_scaled(weight, scale, s.block, channel, &ops_of[s.weight as usize], &self.sources);
+                problems.extend(errors.into_iter().map(Problem::Quant));
+            }
+        }
+        for ((dst, mut list), scale) in self.destinations.iter().zip(blocks).zip(scales) {
+            if scale {
+                continue;
+            }
             let written: u64 = list.iter().map(|(_, e)| e.iter().product::<u64>()).sum();
             if let Some(detail) = overlap(&mut list) {
                 problems.push(Problem::Coverage { destination: dst.name.clone(), detail });
@@ -1178,6 +1280,52 @@ impl Plan {
         }
     }
 
+    /// What is wrong with the plan's list of quantized weights itself: indices out of range,
+    /// not sorted by weight, a tensor both a weight and a scale, a weight not F8_E4M3 or of
+    /// fewer than two dims, a scale not F32 or not of the block grid's shape.
+    fn scaled_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let count = self.destinations.len() as u32;
+        let mut seen = vec![false; self.destinations.len()];
+        let bad = |detail: String| Problem::Coverage { destination: "<quantized weights>".into(), detail };
+        for (i, s) in self.scaled.iter().enumerate() {
+            if s.weight >= count || s.scale >= count || s.weight == s.scale {
+                problems.push(bad(format!("entry {i} refers to no weight and scale pair")));
+                continue;
+            }
+            if i > 0 && self.scaled[i - 1].weight >= s.weight {
+                problems.push(bad(format!("entry {i} is out of order")));
+            }
+            for d in [s.weight, s.scale] {
+                if std::mem::replace(&mut seen[d as usize], true) {
+                    problems.push(bad(format!("`{}` is in two entries", self.destinations[d as usize].name)));
+                }
+            }
+            let (weight, scale) = (&self.destinations[s.weight as usize], &self.destinations[s.scale as usize]);
+            if weight.shape.len() < 2 || weight.dtype != DType::F8E4M3 || s.block.contains(&0) {
+                problems
+                    .push(Problem::Quant(QuantError::Rank { weight: weight.name.clone(), rank: weight.shape.len() }));
+                continue;
+            }
+            if scale.dtype != DType::F32 {
+                problems.push(Problem::Quant(QuantError::ScaleDtype { scale: scale.name.clone(), dtype: scale.dtype }));
+            }
+            let expected = crate::quant::scale_shape(&weight.shape, s.block);
+            if scale.shape != expected {
+                problems.push(Problem::Quant(QuantError::ScaleShape {
+                    scale: scale.name.clone(),
+                    weight: weight.name.clone(),
+                    shape: scale.shape.clone(),
+                    weight_shape: weight.shape.clone(),
+                    expected,
+                    block_rows: s.block[0],
+                    block_cols: s.block[1],
+                }));
+            }
+        }
+        problems
+    }
+
     /// Reads a plan from JSON and verifies it: a stored plan is trusted no more than a new one.
     pub fn from_json(text: &str) -> Result<Plan, StoredPlanError> {
         let plan: Plan = serde_json::from_str(text)?;
@@ -1186,8 +1334,8 @@ impl Plan {
     }
 }
 
-fn check_op(op: &CopyOp, src: &TensorSpec, dst: &TensorSpec) -> Result<(), String> {
-    if !src.dtype.casts_to(dst.dtype) {
+fn check_op(op: &CopyOp, src: &TensorSpec, dst: &TensorSpec, quantized: bool) -> Result<(), String> {
+    if !casts(src.dtype, dst.dtype, quantized) {
         return Err(format!("`{}` is {}, which cannot be cast to {}", src.name, src.dtype, dst.dtype));
     }
     let nd = dst.shape.len();

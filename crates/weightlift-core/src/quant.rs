@@ -18,7 +18,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
-use crate::plan::Plan;
+use crate::plan::{CopyOp, Plan, SourcePiece};
 use crate::spec::{Manifest, TensorSpec};
 
 /// The largest finite e4m3 value.
@@ -134,6 +134,209 @@ pub enum QuantError {
     ScaleExists { scale: String, weight: String },
     #[error("`{scale}`: scale {index} written {count} time(s), not once")]
     ScaleCoverage { scale: String, index: u64, count: u32 },
+    #[error("`{scale}`: the scale of an FP8 weight is F32, not {dtype}")]
+    ScaleDtype { scale: String, dtype: DType },
+    #[error(
+        "`{scale}` is {shape:?}, but `{weight}` {weight_shape:?} in {block_rows} x {block_cols} blocks has \
+         {expected:?} scales"
+    )]
+    ScaleShape {
+        scale: String,
+        weight: String,
+        shape: Vec<u64>,
+        weight_shape: Vec<u64>,
+        expected: Vec<u64>,
+        block_rows: u64,
+        block_cols: u64,
+    },
+    #[error("`{weight}`: an FP8 weight of {rank} dimension(s); a quantized weight is a matrix or a stack of them")]
+    Rank { weight: String, rank: usize },
+    #[error("`{scale}`: a scale tensor is written from its weight's ops, never by a copy of its own")]
+    ScaleWritten { scale: String },
+}
+
+impl QuantError {
+    /// The engine tensor the error is about (the weight, or the scale tensor).
+    pub fn tensor(&self) -> &str {
+        match self {
+            QuantError::SplitBlock { destination, .. } | QuantError::SourceDtype { destination, .. } => destination,
+            QuantError::ScaleExists { scale, .. }
+            | QuantError::ScaleCoverage { scale, .. }
+            | QuantError::ScaleDtype { scale, .. }
+            | QuantError::ScaleShape { scale, .. }
+            | QuantError::ScaleWritten { scale } => scale,
+            QuantError::Rank { weight, .. } => weight,
+        }
+    }
+}
+
+/// A quantized weight of a [`Plan`]: the ops into destination `weight` (F8_E4M3) quantize
+/// their blocks, and write one scale per `block` (rows x columns of its last two dimensions)
+/// into destination `scale` (F32, row-major over the leading dimensions then the block grid).
+/// The scale tensor has no ops: each scale is written by the one op whose bytes it scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Scaled {
+    pub weight: u32,
+    pub scale: u32,
+    pub block: [u64; 2],
+}
+
+/// The block grid of a weight of `shape` in `block`s: the scale tensor's shape.
+pub fn scale_shape(shape: &[u64], block: [u64; 2]) -> Vec<u64> {
+    let n = shape.len();
+    let mut out = shape[..n - 2].to_vec();
+    out.extend([shape[n - 2].div_ceil(block[0]), shape[n - 1].div_ceil(block[1])]);
+    out
+}
+
+/// The block FP8 engines use unless their scales say otherwise (DeepSeek-V3, Qwen3 FP8).
+pub const DEFAULT_BLOCK: [u64; 2] = [128, 128];
+
+/// The scales of an engine manifest: each F8_E4M3 weight `w` with an F32 `w_scale_inv`
+/// beside it (block scales) or `w_scale` (per output channel, vLLM's `[rows, 1]`). The block
+/// of the `_scale_inv` tensors is one for the whole engine, as an FP8 checkpoint's
+/// `weight_block_size` is: 128 x 128 when every scale's shape agrees with it, else the
+/// power-of-two block every scale agrees with; a scale that fits neither is an error naming
+/// it. Returns (weight, scale, block) by weight, and the errors.
+pub fn engine_scales(engine: &Manifest) -> (Vec<Scaled>, Vec<QuantError>) {
+    let mut found: Vec<(usize, usize, bool)> = Vec::new();
+    for (s, spec) in engine.iter().enumerate() {
+        let (weight, blocks) = match (spec.name.strip_suffix("_scale_inv"), spec.name.strip_suffix("_scale")) {
+            (Some(w), _) => (w, true),
+            (None, Some(w)) => (w, false),
+            _ => continue,
+        };
+        let Some(w) = engine.position(weight) else { continue };
+        if engine.specs()[w].dtype == DType::F8E4M3 {
+            found.push((w, s, blocks));
+        }
+    }
+    let mut errors = Vec::new();
+    found.retain(|&(w, s, _)| {
+        let (weight, scale) = (&engine.specs()[w], &engine.specs()[s]);
+        if weight.shape.len() < 2 {
+            errors.push(QuantError::Rank { weight: weight.name.clone(), rank: weight.shape.len() });
+            return false;
+        }
+        if scale.dtype != DType::F32 {
+            errors.push(QuantError::ScaleDtype { scale: scale.name.clone(), dtype: scale.dtype });
+            return false;
+        }
+        true
+    });
+    // (rows or cols of the weight, grid along it) of every block-scaled weight.
+    let dims = |axis: usize| -> Vec<(u64, u64)> {
+        found
+            .iter()
+            .filter(|f| f.2)
+            .filter_map(|&(w, s, _)| {
+                let (weight, scale) = (&engine.specs()[w].shape, &engine.specs()[s].shape);
+                let (n, m) = (weight.len(), scale.len());
+                (m >= 2).then(|| (weight[n - 2 + axis], scale[m - 2 + axis]))
+            })
+            .collect()
+    };
+    let block_along = |axis: usize| -> u64 {
+        let dims = dims(axis);
+        let fits = |b: u64| dims.iter().filter(|&&(len, grid)| len.div_ceil(b) == grid).count();
+        let derived = dims.iter().filter(|d| d.1 > 1).map(|&(len, grid)| len.div_ceil(grid).next_power_of_two());
+        // The block most scales agree with (the default on a tie): one scale of a wrong shape
+        // is named alone, not every other one with it.
+        let mut best = (fits(DEFAULT_BLOCK[axis]), DEFAULT_BLOCK[axis]);
+        for b in derived {
+            if fits(b) > best.0 {
+                best = (fits(b), b);
+            }
+        }
+        best.1
+    };
+    let block = [block_along(0), block_along(1)];
+    let mut scaled = Vec::new();
+    for (w, s, blocks) in found {
+        let (weight, scale) = (&engine.specs()[w], &engine.specs()[s]);
+        let n = weight.shape.len();
+        let block = if blocks { block } else { Quant::Channel.block(weight.shape[n - 1]) };
+        let expected = scale_shape(&weight.shape, block);
+        if scale.shape != expected {
+            errors.push(QuantError::ScaleShape {
+                scale: scale.name.clone(),
+                weight: weight.name.clone(),
+                shape: scale.shape.clone(),
+                weight_shape: weight.shape.clone(),
+                expected,
+                block_rows: block[0],
+                block_cols: block[1],
+            });
+            continue;
+        }
+        scaled.push(Scaled { weight: w as u32, scale: s as u32, block });
+    }
+    scaled.sort_unstable_by_key(|s| s.weight);
+    (scaled, errors)
+}
+
+/// Whether a span `[start, end)` of a dimension of `len` is whole blocks of `size` (the last
+/// block of the dimension may be short).
+fn whole_blocks(start: u64, end: u64, size: u64, len: u64) -> bool {
+    start % size == 0 && (end % size == 0 || end == len)
+}
+
+/// Checks the ops of a quantized weight: each from a float source, each writing whole blocks
+/// of the engine's tensor and (for block scales) of the source's whole tensor (a TP slice is
+/// a range of the checkpoint's blocks, as vLLM requires), and together writing every scale
+/// once.
+pub(crate) fn check_scaled(
+    weight: &TensorSpec,
+    scale: &TensorSpec,
+    block: [u64; 2],
+    channel: bool,
+    ops: &[&CopyOp],
+    sources: &[SourcePiece],
+) -> Vec<QuantError> {
+    let mut errors = Vec::new();
+    let n = weight.shape.len();
+    let (rows, cols) = (weight.shape[n - 2], weight.shape[n - 1]);
+    let mut written = vec![0u32; scale.numel() as usize];
+    for op in ops {
+        let piece = &sources[op.src as usize];
+        let source = &piece.spec;
+        if !matches!(source.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            errors.push(QuantError::SourceDtype { destination: weight.name.clone(), dtype: source.dtype });
+            return errors;
+        }
+        let (r0, c0) = (op.dst_start[n - 2], op.dst_start[n - 1]);
+        let (r1, c1) = (r0 + op.extent[n - 2], c0 + op.extent[n - 1]);
+        let mut aligned = whole_blocks(r0, r1, block[0], rows) && whole_blocks(c0, c1, block[1], cols);
+        // The same span in the source's whole tensor, along the dims it shares.
+        let lead = n - source.shape.len();
+        for (axis, size) in [(n - 2, block[0]), (n - 1, block[1])] {
+            let Some(d) = axis.checked_sub(lead) else { continue };
+            if channel && axis == n - 1 {
+                continue; // a channel's scale is of the engine's own columns
+            }
+            let start = piece.offset[d] + op.src_start[d];
+            let len = piece.whole.as_ref().map_or(piece.offset[d] + source.shape[d], |w| w[d]);
+            aligned &= whole_blocks(start, start + op.extent[axis], size, len);
+        }
+        if !aligned {
+            errors.push(QuantError::SplitBlock {
+                destination: weight.name.clone(),
+                from: source.name.clone(),
+                rows: (r0, r1),
+                cols: (c0, c1),
+                block_rows: block[0],
+                block_cols: block[1],
+            });
+            continue;
+        }
+        mark_scales(&mut written, &op.dst_start, &op.extent, &scale.shape, block);
+    }
+    if errors.is_empty() {
+        if let Some((index, &count)) = written.iter().enumerate().find(|(_, &c)| c != 1) {
+            errors.push(QuantError::ScaleCoverage { scale: scale.name.clone(), index: index as u64, count });
+        }
+    }
+    errors
 }
 
 impl QuantPlan {
@@ -152,46 +355,15 @@ impl QuantPlan {
                 continue;
             }
             let n = spec.shape.len();
-            let (rows, cols) = (spec.shape[n - 2], spec.shape[n - 1]);
-            let block = quant.block(cols);
-            let grid = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
-            let mut scale_shape = spec.shape[..n - 2].to_vec();
-            scale_shape.extend(grid);
-            let scale = TensorSpec::new(quant.scale_name(&spec.name), DType::F32, scale_shape);
+            let block = quant.block(spec.shape[n - 1]);
+            let scale = TensorSpec::new(quant.scale_name(&spec.name), DType::F32, scale_shape(&spec.shape, block));
             if names.contains(scale.name.as_str()) {
                 errors.push(QuantError::ScaleExists { scale: scale.name.clone(), weight: spec.name.clone() });
                 continue;
             }
-            let mut written = vec![0u32; scale.numel() as usize];
-            for &i in &ops_of[d] {
-                let op = &plan.ops[i];
-                let source = &plan.sources[op.src as usize].spec;
-                if !matches!(source.dtype, DType::F32 | DType::BF16 | DType::F16) {
-                    errors.push(QuantError::SourceDtype { destination: spec.name.clone(), dtype: source.dtype });
-                    break;
-                }
-                let (r0, c0) = (op.dst_start[n - 2], op.dst_start[n - 1]);
-                let (r1, c1) = (r0 + op.extent[n - 2], c0 + op.extent[n - 1]);
-                let aligned =
-                    |start: u64, end: u64, size: u64, dim: u64| start % size == 0 && (end % size == 0 || end == dim);
-                if !aligned(r0, r1, block[0], rows) || !aligned(c0, c1, block[1], cols) {
-                    errors.push(QuantError::SplitBlock {
-                        destination: spec.name.clone(),
-                        from: source.name.clone(),
-                        rows: (r0, r1),
-                        cols: (c0, c1),
-                        block_rows: block[0],
-                        block_cols: block[1],
-                    });
-                    continue;
-                }
-                mark_scales(&mut written, &op.dst_start, &op.extent, &scale.shape, block);
-            }
-            if let Some((index, &count)) = written.iter().enumerate().find(|(_, &c)| c != 1) {
-                if errors.is_empty() {
-                    errors.push(QuantError::ScaleCoverage { scale: scale.name.clone(), index: index as u64, count });
-                }
-            }
+            let ops: Vec<&CopyOp> = ops_of[d].iter().map(|&i| &plan.ops[i]).collect();
+            let channel = quant == Quant::Channel;
+            errors.extend(check_scaled(spec, &scale, block, channel, &ops, &plan.sources));
             targets.push(QuantTarget { weight: d as u32, scale, block });
         }
         match errors.is_empty() {
@@ -354,6 +526,321 @@ mod tests {
         sign * match exponent {
             0 => mantissa / 8.0 * 2f32.powi(-6),
             e => (1.0 + mantissa / 8.0) * 2f32.powi(e - 7),
+        }
+    }
+
+    /// A synthetic model's bf16 plan at `tp`, and the plan of the same sources into its FP8
+    /// engine (every quantizable weight in `quant` blocks, a scale tensor beside each).
+    fn fp8_plans(model: &str, tp: TpRank, quant: Quant) -> (Plan, Result<Plan, crate::PlanError>) {
+        let config = synthetic(model).unwrap();
+        let rules =
+            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+        let source = SourceSet::single(config.source_manifest());
+        let dest = destination_manifest(&source, &rules, tp, None, false).unwrap();
+        let bf16 = plan(&source, &dest, &rules, tp).unwrap();
+        let engine = QuantPlan::new(&bf16, quant).unwrap().engine_manifest(&bf16);
+        let fp8 = plan(&source, &engine, &rules, tp);
+        (bf16, fp8)
+    }
+
+    /// bf16 bytes of values in about [-3, 3], deterministic per tensor, with a few zeros and
+    /// a block's worth of tiny (denormal in e4m3) values.
+    fn bf16_values(seed: usize, numel: u64) -> Vec<u8> {
+        (0..numel)
+            .flat_map(|i| {
+                let h =
+                    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (seed as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 40;
+                let v = match i % 97 {
+                    0 => 0.0,
+                    1..=4 => (h as f32) * 1e-12,
+                    _ => (h as f32 / (1u64 << 24) as f32 - 0.5) * 6.0,
+                };
+                half::bf16::from_f32(v).to_le_bytes()
+            })
+            .collect()
+    }
+
+    /// What the engine should hold: the bf16 plan's tensors, each quantized weight quantized
+    /// whole (the torch reference's way) with its scales beside it.
+    fn reference(bf16: &Plan, fp8: &Plan, sources: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut wide: Vec<Vec<u8>> = bf16.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+        crate::exec::execute(bf16, sources, &mut wide).unwrap();
+        let mut out: Vec<Vec<u8>> = fp8.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+        for (d, spec) in fp8.destinations.iter().enumerate() {
+            if let Some(b) = bf16.destinations.iter().position(|w| w.name == spec.name) {
+                if fp8.scaled_of(d as u32).is_none() {
+                    out[d] = wide[b].clone();
+                }
+            }
+        }
+        for s in &fp8.scaled {
+            let w = &fp8.destinations[s.weight as usize];
+            let b = bf16.destinations.iter().position(|x| x.name == w.name).unwrap();
+            let x: Vec<f32> = wide[b].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+            let mut scales = vec![0f32; fp8.destinations[s.scale as usize].numel() as usize];
+            quantize(&x, &w.shape, s.block, &mut out[s.weight as usize], &mut scales);
+            out[s.scale as usize] = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+        out
+    }
+
+    /// Runs `plan` bucket by bucket, packing and unpacking (quantizing) as a transport does.
+    fn through_buckets(plan: &Plan, sources: &[&[u8]], bucket_bytes: u64) -> Vec<Vec<u8>> {
+        let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xAB; d.byte_len() as usize]).collect();
+        for bucket in crate::buckets(plan, bucket_bytes).unwrap() {
+            assert!(bucket.bytes <= bucket_bytes);
+            let mut payload = vec![0u8; bucket.bytes as usize];
+            for e in &bucket.entries {
+                let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
+                crate::exec::pack(plan, &e.op, sources[e.op.src as usize], &mut payload[range]).unwrap();
+            }
+            for e in &bucket.entries {
+                let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
+                match plan.scaled_of(e.op.dst) {
+                    Some(s) => {
+                        let (w, sc) = crate::exec::two_mut(&mut dst, s.weight as usize, s.scale as usize);
+                        crate::exec::unpack_quantized(plan, &e.op, &payload[range], w, sc).unwrap();
+                    }
+                    None => crate::exec::unpack(plan, &e.op, &payload[range], &mut dst[e.op.dst as usize]).unwrap(),
+                }
+            }
+        }
+        dst
+    }
+
+    /// An FP8 engine of Qwen3 / Qwen3-MoE plans from the bf16 trainer: its weights' ops are
+    /// quantizing, its scales covered from them; run directly or through buckets of any size
+    /// (split between blocks), it holds what quantizing each whole bf16 tensor gives.
+    #[test]
+    fn fp8_engines_hold_the_whole_tensor_quantization_by_every_path() {
+        for model in ["qwen3-tiny", "qwen3-moe-tiny"] {
+            for tp in [TpRank::SINGLE, TpRank::new(1, 2).unwrap()] {
+                for quant in [Quant::Block { rows: 16, cols: 16 }, Quant::Block { rows: 8, cols: 16 }, Quant::Channel] {
+                    let (bf16, fp8) = fp8_plans(model, tp, quant);
+                    let fp8 = fp8.unwrap_or_else(|e| panic!("{model} {tp} {quant}: {e}"));
+                    let expected_scaled = QuantPlan::new(&bf16, quant).unwrap().targets.len();
+                    assert_eq!(fp8.scaled.len(), expected_scaled, "{model} {tp} {quant}");
+                    assert!(fp8
+                        .scaled
+                        .iter()
+                        .all(|s| s.block
+                            == quant.block(fp8.destinations[s.weight as usize].shape.last().copied().unwrap())));
+                    let bytes: Vec<Vec<u8>> =
+                        fp8.sources.iter().enumerate().map(|(i, p)| bf16_values(i, p.spec.numel())).collect();
+                    let sources: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+                    let want = reference(&bf16, &fp8, &sources);
+                    let mut direct: Vec<Vec<u8>> =
+                        fp8.destinations.iter().map(|d| vec![0xCD; d.byte_len() as usize]).collect();
+                    crate::exec::execute(&fp8, &sources, &mut direct).unwrap();
+                    for (d, spec) in fp8.destinations.iter().enumerate() {
+                        assert!(direct[d] == want[d], "{model} {tp} {quant}: `{}` directly", spec.name);
+                    }
+                    for bucket_bytes in [1 << 10, 3000, 1 << 20] {
+                        let got = through_buckets(&fp8, &sources, bucket_bytes);
+                        for (d, spec) in fp8.destinations.iter().enumerate() {
+                            assert!(got[d] == want[d], "{model} {tp} {quant} {bucket_bytes}: `{}`", spec.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The default 128 x 128 blocks are found from real shapes' scales; a scale of the wrong
+    /// shape, or not F32, is named; an F8 weight with no scale is a dtype mismatch.
+    #[test]
+    fn engine_scales_are_found_by_name_and_checked_by_shape() {
+        let (_, fp8) = fp8_plans("qwen3-8b", TpRank::new(1, 8).unwrap(), Quant::Block { rows: 128, cols: 128 });
+        let fp8 = fp8.unwrap();
+        assert!(fp8.scaled.iter().all(|s| s.block == [128, 128]));
+        let (bf16, _) = fp8_plans("qwen3-tiny", TpRank::SINGLE, Quant::Block { rows: 16, cols: 16 });
+        let engine = QuantPlan::new(&bf16, Quant::Block { rows: 16, cols: 16 }).unwrap().engine_manifest(&bf16);
+        let source = SourceSet::single(synthetic("qwen3-tiny").unwrap().source_manifest());
+        let rules = synthetic("qwen3-tiny").unwrap().preset.rules(PresetOptions::default()).unwrap();
+        let edit = |f: &dyn Fn(&mut TensorSpec) -> bool| {
+            let specs: Vec<TensorSpec> = engine.iter().cloned().filter_map(|mut t| f(&mut t).then_some(t)).collect();
+            plan(&source, &Manifest::new(specs).unwrap(), &rules, TpRank::SINGLE).unwrap_err().to_string()
+        };
+        let scale = "model.layers.1.mlp.down_proj.weight_scale_inv";
+        let wrong_shape = edit(&|t| {
+            if t.name == scale {
+                t.shape[1] += 1;
+            }
+            true
+        });
+        assert!(wrong_shape.contains(scale) && wrong_shape.contains("16 x 16 blocks"), "{wrong_shape}");
+        let wrong_dtype = edit(&|t| {
+            if t.name == scale {
+                t.dtype = DType::BF16;
+            }
+            true
+        });
+        assert!(wrong_dtype.contains(scale) && wrong_dtype.contains("F32"), "{wrong_dtype}");
+        let no_scale = edit(&|t| t.name != scale);
+        assert!(no_scale.contains("model.layers.1.mlp.down_proj.weight") && no_scale.contains("F8_E4M3"), "{no_scale}");
+    }
+
+    /// A stored plan is checked again: an op into a scale tensor, a scale of the wrong shape or
+    /// an FP8 weight left without its scales does not verify.
+    #[test]
+    fn tampered_quantized_plans_do_not_verify() {
+        let (_, fp8) = fp8_plans("qwen3-tiny", TpRank::SINGLE, Quant::Block { rows: 16, cols: 16 });
+        let fp8 = fp8.unwrap();
+        fp8.verify().unwrap();
+        assert_eq!(Plan::from_json(&serde_json::to_string(&fp8).unwrap()).unwrap(), fp8);
+        let mut unscaled = fp8.clone();
+        unscaled.scaled.pop();
+        assert!(unscaled.verify().unwrap_err().to_string().contains("cannot be cast to F8_E4M3"));
+        let mut reshaped = fp8.clone();
+        let s = reshaped.scaled[0];
+        reshaped.destinations[s.scale as usize].shape[0] += 1;
+        let text = reshaped.verify().unwrap_err().to_string();
+        assert!(text.contains(&reshaped.destinations[s.scale as usize].name), "{text}");
+        let mut into_scale = fp8.clone();
+        let mut op = into_scale.ops[0].clone();
+        op.dst = s.scale;
+        into_scale.ops.push(op);
+        assert!(into_scale.verify().unwrap_err().to_string().contains("never by a copy of its own"));
+        let mut split = fp8.clone();
+        let i = split.ops.iter().position(|op| op.dst == s.weight).unwrap();
+        let mut head = split.ops[i].clone();
+        head.extent[0] = 8;
+        let mut tail = split.ops[i].clone();
+        tail.extent[0] -= 8;
+        tail.dst_start[0] += 8;
+        tail.src_start[0] += 8;
+        split.ops.splice(i..=i, [head, tail]);
+        let text = split.verify().unwrap_err().to_string();
+        assert!(text.contains("split its 16 x 16 blocks"), "{text}");
+    }
+
+    /// TP that cuts a 128-row block is refused by the planner, naming the weight, whether the
+    /// cut is in the engine's tensor (a fused part) or in the checkpoint's (a rank's slice).
+    #[test]
+    fn the_planner_refuses_blocks_split_by_tp() {
+        // Qwen3-30B-A3B's experts at TP 4: 192 rows of gate and of up a rank.
+        let (_, fp8) = fp8_plans("qwen3-30b-a3b", TpRank::new(0, 4).unwrap(), Quant::Channel);
+        let fp8 = fp8.unwrap();
+        let bf16 = rank_plan("qwen3-30b-a3b", TpRank::new(1, 4).unwrap());
+        let engine = QuantPlan::new(&bf16, Quant::Channel).unwrap().engine_manifest(&bf16);
+        // The same engine shapes with 128-row block scales: gate and up split a block.
+        let blocks: Vec<TensorSpec> = engine
+            .iter()
+            .map(|t| match t.name.strip_suffix("_scale") {
+                Some(w) => {
+                    let weight = engine.get(w).unwrap();
+                    TensorSpec::new(format!("{w}_scale_inv"), DType::F32, scale_shape(&weight.shape, [128, 128]))
+                }
+                None => t.clone(),
+            })
+            .collect();
+        let config = synthetic("qwen3-30b-a3b").unwrap();
+        let rules =
+            config.preset.rules(PresetOptions { head_dim: Some(config.head_dim), expert_parallel: false }).unwrap();
+        let source = SourceSet::single(config.source_manifest());
+        let err = plan(&source, &Manifest::new(blocks).unwrap(), &rules, TpRank::new(1, 4).unwrap()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("experts.w13_weight") && text.contains("split its 128 x 128 blocks"), "{text}");
+        assert!(err.problems.iter().all(|p| p.kind() == "quant"), "{text}");
+        // Per channel nothing splits.
+        assert!(fp8.scaled.iter().all(|s| s.block[0] == 1));
+    }
+
+    /// A row-parallel weight whose rank holds 64 of a 128-column block: whole in the engine's
+    /// tensor (its last, short block) but a cut of the checkpoint's block.
+    #[test]
+    fn a_tp_slice_ending_mid_block_is_refused() {
+        use crate::layout::Split;
+        use crate::rules::{Rule, RuleSet};
+        let source =
+            SourceSet::single(Manifest::new(vec![TensorSpec::new("w.weight", DType::BF16, vec![256, 128])]).unwrap());
+        let rules =
+            RuleSet::new(vec![Rule::rename("w.weight", "w.weight", Split::Dim { dim: 1, granule: 1 }).unwrap()])
+                .unwrap();
+        let tp = TpRank::new(1, 2).unwrap();
+        let engine = Manifest::new(vec![
+            TensorSpec::new("w.weight", DType::F8E4M3, vec![256, 64]),
+            TensorSpec::new("w.weight_scale_inv", DType::F32, vec![2, 1]),
+        ])
+        .unwrap();
+        let text = plan(&source, &engine, &rules, tp).unwrap_err().to_string();
+        assert!(text.contains("`w.weight`") && text.contains("columns (0, 64)"), "{text}");
+        // At TP 1 the same weight is whole blocks.
+        let whole = Manifest::new(vec![
+            TensorSpec::new("w.weight", DType::F8E4M3, vec![256, 128]),
+            TensorSpec::new("w.weight_scale_inv", DType::F32, vec![2, 1]),
+        ])
+        .unwrap();
+        let one = plan(&source, &whole, &rules, TpRank::SINGLE).unwrap();
+        assert_eq!(one.scaled, vec![Scaled { weight: 0, scale: 1, block: [128, 128] }]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Any matrix, TP split and block: the plan exists exactly when every rank's slice is
+        /// whole blocks of the checkpoint's tensor; then every scale is covered once, buckets
+        /// of any size cut only between blocks, and the engine holds the whole tensor's
+        /// quantization of its slice; otherwise the error names the weight.
+        #[test]
+        fn quantized_plans_cover_every_scale_once_or_name_the_split(
+            rows in 1u64..9, cols in 1u64..9, br in 1u64..5, bc in 1u64..5, tp in 1u32..4,
+            row_parallel in proptest::prelude::any::<bool>(), bucket in 16u64..400, f32_source in proptest::prelude::any::<bool>(),
+        ) {
+            use crate::layout::Split;
+            use crate::rules::{Rule, RuleSet};
+            let (rows, cols) = (rows * u64::from(tp) * 2, cols * u64::from(tp) * 2);
+            let dtype = if f32_source { DType::F32 } else { DType::BF16 };
+            let source = SourceSet::single(Manifest::new(vec![TensorSpec::new("m.weight", dtype, vec![rows, cols])]).unwrap());
+            let dim = usize::from(row_parallel);
+            let rules = RuleSet::new(vec![Rule::rename("m.weight", "m.weight", Split::Dim { dim, granule: 1 }).unwrap()]).unwrap();
+            let block = [br.next_power_of_two(), bc.next_power_of_two()];
+            for rank in 0..tp {
+                let tp = TpRank::new(rank, tp).unwrap();
+                let mut local = vec![rows, cols];
+                local[dim] /= u64::from(tp.size);
+                let engine = Manifest::new(vec![
+                    TensorSpec::new("m.weight", DType::F8E4M3, local.clone()),
+                    TensorSpec::new("m.weight_scale_inv", DType::F32, scale_shape(&local, block)),
+                ]).unwrap();
+                let start = local[dim] * u64::from(rank);
+                let whole = [rows, cols][dim];
+                // A scale grid of one along a dim says only that the block is at least the
+                // dim: the planner takes the default, 128.
+                let inferred: Vec<u64> = (0..2).map(|a| if local[a].div_ceil(block[a]) == 1 { 128 } else { block[a] }).collect();
+                let aligned = whole_blocks(start, start + local[dim], inferred[dim], whole);
+                let planned = plan(&source, &engine, &rules, tp);
+                proptest::prop_assert_eq!(planned.is_ok(), aligned, "{:?}", planned.as_ref().err().map(ToString::to_string));
+                match planned {
+                    Ok(p) => {
+                        p.verify().unwrap();
+                        let s = p.scaled[0];
+                        let values: Vec<u8> = match dtype {
+                            DType::F32 => (0..rows * cols).flat_map(|i| ((i as f32 * 0.37).sin() * (i % 7) as f32).to_le_bytes()).collect(),
+                            _ => bf16_values(rank as usize, rows * cols),
+                        };
+                        let mut want_q = vec![0u8; (local[0] * local[1]) as usize];
+                        let mut want_s = vec![0f32; p.destinations[1].numel() as usize];
+                        let x: Vec<f32> = (0..local[0]).flat_map(|r| (0..local[1]).map(move |c| (r, c))).map(|(r, c)| {
+                            let (gr, gc) = if dim == 0 { (r + start, c) } else { (r, c + start) };
+                            let i = (gr * cols + gc) as usize;
+                            match dtype {
+                                DType::F32 => f32::from_le_bytes(values[i * 4..i * 4 + 4].try_into().unwrap()),
+                                _ => half::bf16::from_le_bytes([values[i * 2], values[i * 2 + 1]]).to_f32(),
+                            }
+                        }).collect();
+                        quantize(&x, &local, s.block, &mut want_q, &mut want_s);
+                        let got = through_buckets(&p, &[&values], bucket.max(s.block[0] * s.block[1] * dtype.size()));
+                        proptest::prop_assert_eq!(&got[0], &want_q);
+                        let want_s: Vec<u8> = want_s.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        proptest::prop_assert_eq!(&got[1], &want_s);
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        proptest::prop_assert!(text.contains("`m.weight`") && text.contains("split its"), "{}", text);
+                    }
+                }
+            }
         }
     }
 

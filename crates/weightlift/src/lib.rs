@@ -52,7 +52,7 @@ pub use sender::{Fault, ReceiverState, SendError, Sender, SenderOptions, Sources
 pub use trainer::{StepReport, Trainer};
 
 // Taking updates: the engine-side receiver and what each update reports.
-pub use receiver::{LocalError, Receiver, ReceiverOptions};
+pub use receiver::{CannotQuantize, LocalError, Receiver, ReceiverOptions};
 // Streaming receivers: updates through a ring of buffers into the engine's own loader.
 pub use receiver::{DeviceRing, Handoff, RingTensors, StreamFailure, StreamOptions, StreamPlan, StreamSetupError};
 pub use report::{StreamTiming, UpdateOutcome, UpdateReport};

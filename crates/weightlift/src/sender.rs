@@ -162,6 +162,10 @@ pub enum SendError {
     Injected(String),
     #[error("a sharded trainer's rank: {0}")]
     BadShard(String),
+    /// The plan quantizes `weight` to FP8 on the way, and this sender's path does not: only
+    /// host tensors from one trainer, packed over shm or tcp, are quantized today.
+    #[error("`{weight}` is FP8 in the engine, quantized on the way, and {why}")]
+    Quantized { weight: String, why: &'static str },
 }
 
 /// What a receiver said of itself when a sender connected.
@@ -356,6 +360,13 @@ impl Sender {
         if ours != plan_hash {
             return Err(SendError::PlanMismatch { receiver: plan_hash, sender: ours });
         }
+        if let (Some(s), Some(_)) = (plan.scaled.first(), &shard) {
+            let weight = plan.destinations[s.weight as usize].name.clone();
+            return Err(SendError::Quantized {
+                weight,
+                why: "a sharded trainer's ranks do not quantize their shares yet",
+            });
+        }
         let plan = match &shard {
             Some(shard) => plan.share_of(shard.rank),
             None => plan,
@@ -513,6 +524,14 @@ impl Sender {
     /// they are sent).
     pub fn skip_for(&self, sources: Sources<'_>) -> Result<Vec<u32>, SendError> {
         self.check_tensors(sources.manifest())?;
+        if let (Some(s), Sources::Device { .. }) = (self.plan.scaled.first(), sources) {
+            let weight = self.plan.destinations[s.weight as usize].name.clone();
+            return Err(SendError::Quantized { weight, why: "GPU sources are not quantized yet: push host tensors" });
+        }
+        if let (Some(s), SendPath::Device(_)) = (self.plan.scaled.first(), &self.path) {
+            let weight = self.plan.destinations[s.weight as usize].name.clone();
+            return Err(SendError::Quantized { weight, why: "device slots do not quantize yet" });
+        }
         let Sources::Host(tensors) = sources else { return Ok(Vec::new()) };
         if let TransportKind::CudaIpc | TransportKind::Nccl = self.options.transport {
             let transport = self.options.transport;

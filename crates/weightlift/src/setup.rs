@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use weightlift_core::quant::{Quant, QuantPlan};
 use weightlift_core::{
-    destination_manifest, synthetic, DType, Manifest, ModelConfig, Module, PlanError, Preset, PresetOptions, RuleSet,
-    SourceSet, TpRank, SYNTHETIC_MODELS,
+    destination_manifest, plan, synthetic, DType, Manifest, ModelConfig, Module, PlanError, Preset, PresetOptions,
+    RuleSet, SourceSet, TpRank, SYNTHETIC_MODELS,
 };
 
 use crate::safetensors_dir::{SafetensorsDir, SourceError};
@@ -78,6 +79,10 @@ pub struct MappingOptions {
     pub engine_manifest: Option<PathBuf>,
     /// The part of a checkpoint with a draft the engine holds (main model, MTP module, ...).
     pub module: Module,
+    /// A derived engine (no `engine_manifest`) in FP8: its linear weights in F8_E4M3 with a
+    /// scale tensor each, as an FP8 checkpoint of the model lays them out; the other
+    /// parameters in `dtype` (the source's when that is F8_E4M3 or absent).
+    pub quant: Option<Quant>,
 }
 
 /// Everything `weightlift_core::plan` needs for one rank.
@@ -133,10 +138,39 @@ impl MappingOptions {
                     std::fs::read_to_string(path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
                 serde_json::from_str(&text).map_err(|e| SetupError::Invalid(format!("{}: {e}", path.display())))?
             }
-            None => destination_manifest(&source, &rules, tp, self.dtype, self.untied_lm_head)?,
+            None => {
+                let dtype = self.dtype.filter(|&d| self.quant.is_none() || d != DType::F8E4M3);
+                let derived = destination_manifest(&source, &rules, tp, dtype, self.untied_lm_head)?;
+                match self.quant {
+                    None => derived,
+                    Some(quant) => fp8_engine(&source, derived, &rules, tp, quant)?,
+                }
+            }
         };
         Ok(PlanInputs { source, destination, rules, tp, rules_name })
     }
+}
+
+/// The FP8 engine of `derived` (what the rules give the engine in its unquantized dtype):
+/// each quantizable weight in F8_E4M3 with its scales beside it; refused, naming the weights,
+/// where a TP slice splits a block.
+fn fp8_engine(
+    source: &SourceSet,
+    derived: Manifest,
+    rules: &RuleSet,
+    tp: TpRank,
+    quant: Quant,
+) -> Result<Manifest, SetupError> {
+    let unquantized = plan(source, &derived, rules, tp)?;
+    let quantized = QuantPlan::new(&unquantized, quant).map_err(|errors| {
+        let first: Vec<String> = errors.iter().take(3).map(ToString::to_string).collect();
+        let more = match errors.len() {
+            n if n > 3 => format!("; and {} more", n - 3),
+            _ => String::new(),
+        };
+        SetupError::Invalid(format!("cannot quantize with {quant}: {}{more}", first.join("; ")))
+    })?;
+    Ok(quantized.engine_manifest(&unquantized))
 }
 
 /// Qwen3 checkpoints carry the head dim as the length of the per-head q_norm weight.

@@ -59,6 +59,11 @@ impl Schedule {
         for &d in skip {
             written[d as usize] = false;
         }
+        // A scale tensor is written with its weight, and only then: both sides skip the pair
+        // together whatever `skip` says of the scale.
+        for s in &plan.scaled {
+            written[s.scale as usize] = written[s.weight as usize];
+        }
         let mut kept = plan.clone();
         kept.ops.retain(|op| written[op.dst as usize]);
         Ok(Schedule::of(plan, buckets(&kept, bucket_bytes)?, written))
@@ -86,6 +91,10 @@ impl Schedule {
             for entry in &bucket.entries {
                 last[entry.op.dst as usize] = Some(k);
             }
+        }
+        // A weight's scales are complete when its last block is.
+        for s in &plan.scaled {
+            last[s.scale as usize] = last[s.weight as usize];
         }
         let mut completes = vec![Vec::new(); buckets.len()];
         for (d, k) in last.iter().enumerate() {
@@ -726,9 +735,17 @@ pub fn unpack(
         digests[d as usize].add(piece);
     }
     for piece in strided {
-        let dst = destinations.bytes_mut(piece.op.dst as usize);
-        exec::unpack(plan, &piece.op, &payload[piece.payload.clone()], dst)
-            .expect("plans match their destinations' sizes");
+        let block = &payload[piece.payload.clone()];
+        match plan.scaled_of(piece.op.dst) {
+            // Quantized where it lands: e4m3 bytes into the weight, its blocks' scales beside.
+            Some(s) => {
+                let mut all = destinations.all_mut();
+                let (weight, scale) = exec::two_mut(&mut all, s.weight as usize, s.scale as usize);
+                exec::unpack_quantized(plan, &piece.op, block, weight, scale)
+            }
+            None => exec::unpack(plan, &piece.op, block, destinations.bytes_mut(piece.op.dst as usize)),
+        }
+        .expect("plans match their destinations' sizes");
     }
 }
 
@@ -792,6 +809,18 @@ pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTe
 }
 
 fn assemble_digest(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTensors, dst: u32) -> u64 {
+    let weight_of = |d: u32| plan.scaled.iter().find(|s| s.weight == d || s.scale == d);
+    if let Some(s) = weight_of(dst) {
+        // What the engine will hold once quantized: the sender quantizes too, for its digest.
+        let spec = |d: u32| &plan.destinations[d as usize];
+        let (mut weight, mut scale) =
+            (vec![0u8; spec(s.weight).byte_len() as usize], vec![0u8; spec(s.scale).byte_len() as usize]);
+        for op in plan.ops.iter().filter(|op| op.dst == s.weight) {
+            exec::copy_quantized(plan, op, sources.bytes(op.src as usize), &mut weight, &mut scale)
+                .expect("sizes match");
+        }
+        return digest::digest(if dst == s.weight { &weight } else { &scale });
+    }
     if schedule.shares[dst as usize].is_some() {
         // A part of the destination: its ops' blocks one after another, in plan order.
         let mut digester = digest::Digester::new();
@@ -834,7 +863,7 @@ fn gathered_digest(plan: &Plan, destinations: &dyn DestinationTensors, dst: u32)
     let mut digester = digest::Digester::new();
     let mut block = Vec::new();
     for op in plan.ops.iter().filter(|op| op.dst == dst) {
-        block.resize(plan.op_bytes(op) as usize, 0);
+        block.resize((op.numel() * plan.destinations[dst as usize].dtype.size()) as usize, 0);
         exec::gather(plan, op, destinations.bytes(dst as usize), &mut block).expect("sizes match");
         digester.update(&block);
     }

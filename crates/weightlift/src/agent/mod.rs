@@ -616,9 +616,11 @@ fn update_from_disk(
         LocalError::Refused { .. } | LocalError::Version(_) => {
             ApiError::new(StatusCode::CONFLICT, "busy", e.to_string())
         }
-        LocalError::Rules(_) | LocalError::Plan(_) | LocalError::Schedule(_) | LocalError::NotStreamed => {
-            ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string())
-        }
+        LocalError::Rules(_)
+        | LocalError::Plan(_)
+        | LocalError::Schedule(_)
+        | LocalError::NotStreamed
+        | LocalError::Quantized(_) => ApiError::new(StatusCode::BAD_REQUEST, "plan_error", e.to_string()),
     })
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use clap::Args;
+use weightlift::core::quant::Quant;
 use weightlift::core::{DType, Module, Preset, TpRank};
 use weightlift::{Endpoint, MappingOptions, ModelSource, SendError, SetupError, TransportKind};
 
@@ -71,6 +72,11 @@ pub struct ModelArgs {
     /// draft (a separate draft model sent under `draft.`). `push` takes one per `--to`.
     #[arg(long = "module", value_name = "MODULE")]
     pub modules: Vec<Module>,
+    /// A derived engine in FP8: its linear weights in F8_E4M3, quantized on the way, with
+    /// their scales: block:N (N x N blocks, `weight_scale_inv`), block:RxC, or channel
+    /// (`weight_scale`). The other parameters keep --dtype (the source's with F8_E4M3).
+    #[arg(long, value_name = "SCHEME")]
+    pub quant: Option<Quant>,
 }
 
 impl ModelArgs {
@@ -96,6 +102,7 @@ impl ModelArgs {
             untied_lm_head: self.untied_lm_head,
             engine_manifest: None,
             module: self.modules.first().copied().unwrap_or_default(),
+            quant: self.quant,
         }
     }
 

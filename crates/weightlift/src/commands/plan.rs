@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use weightlift::core::cluster::{self, ClusterModel, LinkLoad, Placement};
-use weightlift::core::quant::{Quant, QuantPlan};
+use weightlift::core::quant::Quant;
 use weightlift::core::{buckets, plan, DType, PlanSummary, TpRank};
 use weightlift::{MappingOptions, SetupError};
 
@@ -38,11 +38,6 @@ pub struct PlanArgs {
     /// carries and the predicted time of one update.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["engine", "save", "tp_rank"])]
     pub placement: Option<PathBuf>,
-    /// Quantize the engine's linear weights to FP8 (e4m3) on the way: block:N (N x N blocks,
-    /// `weight_scale_inv`), block:RxC, or channel (`weight_scale`). With --dtype F8_E4M3 the
-    /// other parameters keep the source's dtype.
-    #[arg(long, value_name = "SCHEME", conflicts_with = "placement")]
-    pub quant: Option<Quant>,
 }
 
 #[derive(Serialize)]
@@ -58,7 +53,8 @@ struct Report<'a> {
     quant: Option<QuantReport>,
 }
 
-/// `--quant`: the quantized weights and their scales, every scale covered once.
+/// An FP8 engine (`--quant`, or an `--engine` manifest with scales): the quantized weights
+/// and their scales, every scale covered once (the plan verified).
 #[derive(Serialize)]
 struct QuantReport {
     scheme: String,
@@ -87,20 +83,14 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
     }
     let model = args.model.source(None)?;
     let tp = tp_rank(args.tp_rank, args.tp_size)?;
-    let mut options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
-    if args.quant.is_some() && options.dtype == Some(DType::F8E4M3) {
-        options.dtype = None;
-    }
+    let options = MappingOptions { engine_manifest: args.engine.clone(), ..args.model.mapping() };
 
     let started = Instant::now();
     let inputs = options.inputs(&model, tp)?;
     let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).map_err(SetupError::from)?;
     let bucket_bytes = args.bucket_mib.saturating_mul(1 << 20);
     let bucket_count = buckets(&plan, bucket_bytes).map_err(|e| SetupError::Invalid(e.to_string()))?.len();
-    let quant = match args.quant {
-        Some(scheme) => Some(quant_report(&plan, scheme)?),
-        None => None,
-    };
+    let quant = quant_report(&plan);
     let planning_ms = started.elapsed().as_secs_f64() * 1e3;
 
     if let Some(path) = &args.save {
@@ -125,35 +115,34 @@ pub fn run(args: &PlanArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
-fn quant_report(plan: &weightlift::core::Plan, scheme: Quant) -> Result<QuantReport, CommandError> {
-    let quant = QuantPlan::new(plan, scheme).map_err(|errors| {
-        let first: Vec<String> = errors.iter().take(3).map(ToString::to_string).collect();
-        let more = match errors.len() {
-            n if n > 3 => format!("; and {} more", n - 3),
-            _ => String::new(),
-        };
-        SetupError::Invalid(format!("cannot quantize with {scheme}: {}{more}", first.join("; ")))
-    })?;
-    let engine = quant.engine_manifest(plan);
-    let scales: Vec<ScaleReport> = quant
-        .targets
+fn quant_report(plan: &weightlift::core::Plan) -> Option<QuantReport> {
+    let first = plan.scaled.first()?;
+    let name = |d: u32| plan.destinations[d as usize].name.clone();
+    let scheme = match first.block {
+        [1, cols] if cols == plan.destinations[first.weight as usize].shape.last().copied().unwrap_or(0) => {
+            Quant::Channel
+        }
+        [rows, cols] => Quant::Block { rows, cols },
+    };
+    let scales: Vec<ScaleReport> = plan
+        .scaled
         .iter()
-        .map(|t| ScaleReport {
-            name: t.scale.name.clone(),
-            weight: plan.destinations[t.weight as usize].name.clone(),
-            shape: t.scale.shape.clone(),
-            block: t.block,
+        .map(|s| ScaleReport {
+            name: name(s.scale),
+            weight: name(s.weight),
+            shape: plan.destinations[s.scale as usize].shape.clone(),
+            block: s.block,
         })
         .collect();
-    Ok(QuantReport {
+    Some(QuantReport {
         scheme: scheme.to_string(),
         dtype: DType::F8E4M3,
-        weights: quant.targets.len(),
-        scale_tensors: quant.targets.len(),
-        scale_bytes: quant.targets.iter().map(|t| t.scale.byte_len()).sum(),
-        engine_tensors: engine.len(),
-        engine_bytes: engine.total_bytes(),
-        scales_covered: true,
+        weights: plan.scaled.len(),
+        scale_tensors: plan.scaled.len(),
+        scale_bytes: plan.scaled.iter().map(|s| plan.destinations[s.scale as usize].byte_len()).sum(),
+        engine_tensors: plan.destinations.len(),
+        engine_bytes: plan.destinations.iter().map(|d| d.byte_len()).sum(),
+        scales_covered: plan.verify().is_ok(),
         scales,
     })
 }

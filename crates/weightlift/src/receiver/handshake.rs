@@ -83,6 +83,9 @@ impl Receiver {
             Ok(plan) => plan,
             Err(e) => return Err(refuse_with(&mut conn, e.to_string(), ProblemNote::all(&e))),
         };
+        if let Err(e) = self.quantizes(&plan) {
+            return Err(refuse(&mut conn, e.to_string()));
+        }
         let agreed = Agreed { plan_hash: plan.hash_hex(), shards: None };
         self.establish(conn, &hello, plan, agreed, local_ring, deadline)
     }

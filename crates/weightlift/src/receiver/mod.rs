@@ -23,7 +23,7 @@ use weightlift_core::{digest, Manifest, TpRank, Version, VersionError, VersionSt
 
 use std::os::unix::net::UnixStream;
 
-use weightlift_core::{plan, PlanError, RuleSet, SourceSet};
+use weightlift_core::{plan, Plan, PlanError, RuleSet, SourceSet};
 
 use crate::cuda_ipc::DeviceTensors;
 use crate::net::{Listener, Stream};
@@ -175,6 +175,19 @@ pub enum LocalError {
     Version(VersionError),
     #[error("the source's tensors are not the ones this receiver streams")]
     NotStreamed,
+    #[error(transparent)]
+    Quantized(#[from] CannotQuantize),
+}
+
+/// A plan into FP8 weights (quantized on the way) that this receiver cannot apply: only host
+/// tensors written bucket by bucket quantize today; the GPU paths and the streaming receiver
+/// refuse it, naming the weight, rather than write bytes without their scales.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{weight}` is FP8 with its scales in `{scale}`, quantized on the way, and {why}")]
+pub struct CannotQuantize {
+    pub weight: String,
+    pub scale: String,
+    pub why: &'static str,
 }
 
 /// Where the receiver's tensors live.
@@ -462,6 +475,7 @@ impl Receiver {
             }
         }
         let plan = plan(&SourceSet::single(source.manifest().clone()), &self.shared.manifest, rules, options.tp)?;
+        self.quantizes(&plan)?;
         let (bucket_bytes, full) = match self.stream_plan() {
             Some(stream) if !stream.streams(&plan) => return Err(LocalError::NotStreamed),
             Some(stream) => (stream.layout.bucket_bytes, Schedule::whole(&plan, stream.layout.bucket_bytes)?),
@@ -494,6 +508,21 @@ impl Receiver {
         let (report, _) = self.settle(&plan, version, outcome, &touched, report, started);
         self.record(&report);
         Ok(report)
+    }
+
+    /// Whether this receiver can apply `plan`'s quantized weights (it has none, or its
+    /// tensors are in host memory and not streamed).
+    pub(crate) fn quantizes(&self, plan: &Plan) -> Result<(), CannotQuantize> {
+        let Some(s) = plan.scaled.first() else { return Ok(()) };
+        let why = if self.is_on_gpu() {
+            "this receiver's tensors are on a GPU, whose update paths do not quantize yet"
+        } else if self.shared.stream.is_some() {
+            "a streaming receiver does not quantize yet"
+        } else {
+            return Ok(());
+        };
+        let name = |d: u32| plan.destinations[d as usize].name.clone();
+        Err(CannotQuantize { weight: name(s.weight), scale: name(s.scale), why })
     }
 
     /// Whether the tensors live on a GPU (updates then arrive over CUDA IPC).

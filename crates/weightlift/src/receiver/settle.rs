@@ -74,8 +74,11 @@ impl Receiver {
             // streaming receiver, every tensor its engine was handed (and may have loaded).
             let dirty: Vec<String> = match &self.shared.stream {
                 Some(stream) => stream.handoff.handed_names(),
+                // A quantized weight's scales are written with it: dirty with it.
                 None => (0..touched.len())
-                    .filter(|&d| touched[d])
+                    .filter(|&d| {
+                        touched[d] || plan.scaled.iter().any(|s| s.scale as usize == d && touched[s.weight as usize])
+                    })
                     .map(|d| {
                         state.digests[d] = None;
                         plan.destinations[d].name.clone()

@@ -30,6 +30,14 @@ pub struct ModelConfig {
     /// `mtp.*`, config `num_nextn_predict_layers`); 0 for none.
     #[serde(default)]
     pub mtp_layers: u64,
+    /// DeepSeek-style shared experts (config `n_shared_experts`): one dense MLP of
+    /// `shared_experts * moe_intermediate` beside the routed experts (`mlp.shared_experts`).
+    #[serde(default)]
+    pub shared_experts: u64,
+    /// Leading layers with a dense MLP of `intermediate` in an MoE model (DeepSeek's
+    /// `first_k_dense_replace`).
+    #[serde(default)]
+    pub first_dense_layers: u64,
     pub dtype: DType,
 }
 
@@ -46,6 +54,8 @@ pub const SYNTHETIC_MODELS: &[&str] = &[
     "qwen3-tiny-mtp",
     "qwen3-moe-tiny-mtp",
     "kimi-k2-shape",
+    "deepseek-v3-shape",
+    "deepseek-moe-tiny",
 ];
 
 /// The configuration of a synthetic model by name (see [`SYNTHETIC_MODELS`]).
@@ -65,6 +75,8 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
         experts: 0,
         moe_intermediate: 0,
         mtp_layers: 0,
+        shared_experts: 0,
+        first_dense_layers: 0,
         dtype: DType::BF16,
     };
     let config = match name {
@@ -84,6 +96,16 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
             moe_intermediate: 2048,
             ..dense(Preset::Qwen3Moe, 7168, 61, 64, 8, 128, 18_432, 163_840, false)
         },
+        // DeepSeek-V3's MoE shape (61 layers, the first 3 dense of 18,432, then 256 routed
+        // experts of 2048 and one shared expert; hidden 7168, vocab 129,280) with GQA
+        // attention in Qwen3-MoE's layout instead of MLA: for FP8 planning at its real sizes.
+        "deepseek-v3-shape" => ModelConfig {
+            experts: 256,
+            moe_intermediate: 2048,
+            shared_experts: 1,
+            first_dense_layers: 3,
+            ..dense(Preset::Qwen3Moe, 7168, 61, 64, 8, 128, 18_432, 129_280, false)
+        },
         "llama3-8b" => dense(Preset::Llama, 4096, 32, 32, 8, 128, 14_336, 128_256, false),
         // Same structure, a few layers, small sizes: 2 KV heads so TP 4 and 8 replicate them.
         "qwen3-tiny" => dense(Preset::Qwen3, 64, 2, 4, 2, 16, 128, 256, true),
@@ -91,6 +113,14 @@ pub fn synthetic(name: &str) -> Option<ModelConfig> {
             experts: 8,
             moe_intermediate: 32,
             ..dense(Preset::Qwen3Moe, 64, 2, 4, 2, 16, 128, 256, false)
+        },
+        // The same structure, small: a dense first layer, then 8 routed and 2 shared experts.
+        "deepseek-moe-tiny" => ModelConfig {
+            experts: 8,
+            moe_intermediate: 32,
+            shared_experts: 2,
+            first_dense_layers: 1,
+            ..dense(Preset::Qwen3Moe, 64, 3, 4, 2, 16, 128, 256, false)
         },
         "llama-tiny" => dense(Preset::Llama, 64, 2, 4, 2, 16, 128, 256, false),
         "qwen2-tiny" => ModelConfig { qkv_bias: true, ..dense(Preset::Llama, 64, 2, 4, 2, 16, 128, 256, true) },
@@ -145,6 +175,8 @@ impl ModelConfig {
             experts: int("num_experts").unwrap_or(0),
             moe_intermediate: int("moe_intermediate_size").unwrap_or(0),
             mtp_layers: int("num_nextn_predict_layers").unwrap_or(0),
+            shared_experts: int("n_shared_experts").unwrap_or(0),
+            first_dense_layers: int("first_k_dense_replace").unwrap_or(0),
             dtype,
         })
     }
@@ -174,7 +206,7 @@ impl ModelConfig {
         let mut add = |name: String, shape: Vec<u64>| specs.push(TensorSpec::new(name, self.dtype, shape));
         add("model.embed_tokens.weight".into(), vec![self.vocab, h]);
         for l in 0..self.layers {
-            self.add_layer(&format!("model.layers.{l}"), stacked_experts, &mut add);
+            self.add_layer(&format!("model.layers.{l}"), l < self.first_dense_layers, stacked_experts, &mut add);
         }
         add("model.norm.weight".into(), vec![h]);
         if !self.tie_word_embeddings {
@@ -187,15 +219,16 @@ impl ModelConfig {
             add("mtp.pre_fc_norm_embedding.weight".into(), vec![h]);
             add("mtp.pre_fc_norm_hidden.weight".into(), vec![h]);
             for l in 0..self.mtp_layers {
-                self.add_layer(&format!("mtp.layers.{l}"), stacked_experts, &mut add);
+                self.add_layer(&format!("mtp.layers.{l}"), false, stacked_experts, &mut add);
             }
             add("mtp.norm.weight".into(), vec![h]);
         }
         Manifest::new(specs).expect("generated names are unique and well formed")
     }
 
-    /// One decoder layer's tensors, named under `p`.
-    fn add_layer(&self, p: &str, stacked_experts: bool, add: &mut impl FnMut(String, Vec<u64>)) {
+    /// One decoder layer's tensors, named under `p` (with a dense MLP when `dense`, or when the
+    /// model has no experts).
+    fn add_layer(&self, p: &str, dense: bool, stacked_experts: bool, add: &mut impl FnMut(String, Vec<u64>)) {
         let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
         add(format!("{p}.input_layernorm.weight"), vec![h]);
         add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
@@ -212,9 +245,15 @@ impl ModelConfig {
             add(format!("{p}.self_attn.k_norm.weight"), vec![self.head_dim]);
         }
         add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-        if self.experts > 0 {
+        if self.experts > 0 && !dense {
             let i = self.moe_intermediate;
             add(format!("{p}.mlp.gate.weight"), vec![self.experts, h]);
+            if self.shared_experts > 0 {
+                let shared = self.shared_experts * i;
+                add(format!("{p}.mlp.shared_experts.gate_proj.weight"), vec![shared, h]);
+                add(format!("{p}.mlp.shared_experts.up_proj.weight"), vec![shared, h]);
+                add(format!("{p}.mlp.shared_experts.down_proj.weight"), vec![h, shared]);
+            }
             if stacked_experts {
                 add(format!("{p}.mlp.experts.gate_up_proj"), vec![self.experts, 2 * i, h]);
                 add(format!("{p}.mlp.experts.down_proj"), vec![self.experts, h, i]);

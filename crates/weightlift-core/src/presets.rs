@@ -213,6 +213,10 @@ impl Preset {
             rules.push(gate_up("mlp.shared_expert")?);
             rules.push(rename("mlp.shared_expert.down_proj.weight", rows)?);
             rules.push(rename("mlp.shared_expert_gate.weight", rep)?);
+            // DeepSeek-V2 / V3 shared experts: one dense MLP of all of them, ungated, as
+            // vLLM's DeepseekV2MoE holds it (`mlp.shared_experts`).
+            rules.push(gate_up("mlp.shared_experts")?);
+            rules.push(rename("mlp.shared_experts.down_proj.weight", rows)?);
             rules.push(
                 Rule::stack(
                     &format!("{to_mlp}.experts.w13_weight"),

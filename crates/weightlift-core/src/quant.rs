@@ -613,7 +613,7 @@ mod tests {
     /// (split between blocks), it holds what quantizing each whole bf16 tensor gives.
     #[test]
     fn fp8_engines_hold_the_whole_tensor_quantization_by_every_path() {
-        for model in ["qwen3-tiny", "qwen3-moe-tiny"] {
+        for model in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-moe-tiny"] {
             for tp in [TpRank::SINGLE, TpRank::new(1, 2).unwrap()] {
                 for quant in [Quant::Block { rows: 16, cols: 16 }, Quant::Block { rows: 8, cols: 16 }, Quant::Channel] {
                     let (bf16, fp8) = fp8_plans(model, tp, quant);
@@ -644,6 +644,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// DeepSeek-V3's MoE shape (dense first layers, routed and shared experts) at TP 8, as its
+    /// FP8 checkpoint is served: every projection, shared and routed expert quantized in
+    /// 128 x 128 blocks, every scale covered; the routers stay.
+    #[test]
+    fn a_deepseek_style_moe_plans_into_its_fp8_engine_at_tp_8() {
+        let (bf16, fp8) =
+            fp8_plans("deepseek-v3-shape", TpRank::new(7, 8).unwrap(), Quant::Block { rows: 128, cols: 128 });
+        let fp8 = fp8.unwrap();
+        let names: Vec<&str> = fp8.scaled.iter().map(|s| fp8.destinations[s.weight as usize].name.as_str()).collect();
+        for want in [
+            "model.layers.0.mlp.gate_up_proj.weight",
+            "model.layers.3.mlp.shared_experts.gate_up_proj.weight",
+            "model.layers.3.mlp.shared_experts.down_proj.weight",
+            "model.layers.60.mlp.experts.w13_weight",
+            "model.layers.60.mlp.experts.w2_weight",
+        ] {
+            assert!(names.contains(&want), "{want}");
+        }
+        assert!(!names.iter().any(|n| n.ends_with("mlp.gate.weight")));
+        assert_eq!(fp8.destinations.len(), bf16.destinations.len() + fp8.scaled.len());
+        assert!(fp8.scaled.iter().all(|s| s.block == [128, 128]));
+        let w13 = fp8.destinations.iter().position(|d| d.name == "model.layers.60.mlp.experts.w13_weight_scale_inv");
+        assert_eq!(fp8.destinations[w13.unwrap()].shape, vec![256, 2 * 2048 / 8 / 128, 7168 / 128]);
     }
 
     /// The default 128 x 128 blocks are found from real shapes' scales; a scale of the wrong

@@ -462,6 +462,8 @@ fn small_config() -> impl Strategy<Value = (ModelConfig, u32, bool, u64, usize)>
                 experts: if preset == Preset::Qwen3Moe { 8 } else { 0 },
                 moe_intermediate: 8,
                 mtp_layers: 0,
+                shared_experts: 0,
+                first_dense_layers: 0,
                 dtype: DType::BF16,
             };
             (config, tp, ep, bucket, senders)

@@ -121,7 +121,8 @@ fn send_error_as(error: &SendError, message: String) -> PyErr {
         | SendError::Schedule(_)
         | SendError::PlanMismatch { .. }
         | SendError::WrongTensors(_)
-        | SendError::BadShard(_) => PlanError::new_err(message),
+        | SendError::BadShard(_)
+        | SendError::Quantized { .. } => PlanError::new_err(message),
         SendError::Refused { .. } => VersionError::new_err(message),
         SendError::Cuda { .. } => CudaError::new_err(message),
     }

@@ -189,3 +189,18 @@ def test_an_fp8_engine_whose_scales_a_tp_slice_splits_is_refused_by_name():
         wl.Sender([receiver], preset="qwen3").push(trainer.named_parameters(), version=1)
     assert "k_proj" in str(refused.value)
     assert receiver.version == 0 and receiver.dirty == []
+
+
+def test_a_streaming_receiver_refuses_an_fp8_engine_by_name():
+    """The streaming receiver (engines that load through `load_weights`) does not quantize
+    yet: a sender into FP8 specs is refused naming the weight, before any byte moves."""
+    specs = [
+        ("layers.0.proj.weight", (128, 64), "F8_E4M3"),
+        ("layers.0.proj.weight_scale_inv", (1, 1), "F32"),
+        ("norm.weight", (64,), "BF16"),
+    ]
+    staging = wl.StagingReceiver(specs, bucket_mib=1)
+    trainer = {"layers.0.proj.weight": torch.ones(128, 64), "norm.weight": torch.ones(64, dtype=torch.bfloat16)}
+    with pytest.raises(wl.PlanError, match=r"`layers\.0\.proj\.weight` is FP8.*streaming receiver"):
+        wl.Sender(staging.receiver).push(trainer.items(), version=1)
+    assert staging.version == 0

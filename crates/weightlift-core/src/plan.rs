@@ -933,9 +933,18 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
     let mut planner = Planner::new(source, rules, tp);
     let (targets, ignored) = planner.targets(&Destination::Engine(destination));
     let mut written = vec![false; destination.len()];
-    // FP8 weights with a scale tensor beside them: quantized on the way, their scales written
-    // from the weights' ops.
-    let (scaled, errors) = engine_scales(destination);
+    // FP8 weights with a scale tensor beside them: quantized on the way from float sources,
+    // their scales written from the weights' ops. From FP8 sources (a trainer that quantizes
+    // itself and sends its scales) both are copied as they are.
+    let already_fp8: std::collections::HashSet<&str> = targets
+        .iter()
+        .filter(|t| {
+            let mut dtypes = t.sources.iter().flatten().flatten().map(|&li| planner.logical[li].dtype);
+            dtypes.next().is_some_and(|first| first == DType::F8E4M3 && dtypes.all(|d| d == DType::F8E4M3))
+        })
+        .map(|t| t.name.as_str())
+        .collect();
+    let (scaled, errors) = engine_scales(destination, |weight| !already_fp8.contains(weight));
     planner.problems.extend(errors.into_iter().map(Problem::Quant));
     let mut quantized = vec![false; destination.len()];
     for s in &scaled {

@@ -197,8 +197,9 @@ pub const DEFAULT_BLOCK: [u64; 2] = [128, 128];
 /// of the `_scale_inv` tensors is one for the whole engine, as an FP8 checkpoint's
 /// `weight_block_size` is: 128 x 128 when every scale's shape agrees with it, else the
 /// power-of-two block every scale agrees with; a scale that fits neither is an error naming
-/// it. Returns (weight, scale, block) by weight, and the errors.
-pub fn engine_scales(engine: &Manifest) -> (Vec<Scaled>, Vec<QuantError>) {
+/// it. Only the weights `quantized` takes (by name) count. Returns (weight, scale, block) by
+/// weight, and the errors.
+pub fn engine_scales(engine: &Manifest, quantized: impl Fn(&str) -> bool) -> (Vec<Scaled>, Vec<QuantError>) {
     let mut found: Vec<(usize, usize, bool)> = Vec::new();
     for (s, spec) in engine.iter().enumerate() {
         let (weight, blocks) = match (spec.name.strip_suffix("_scale_inv"), spec.name.strip_suffix("_scale")) {
@@ -207,7 +208,7 @@ pub fn engine_scales(engine: &Manifest) -> (Vec<Scaled>, Vec<QuantError>) {
             _ => continue,
         };
         let Some(w) = engine.position(weight) else { continue };
-        if engine.specs()[w].dtype == DType::F8E4M3 {
+        if engine.specs()[w].dtype == DType::F8E4M3 && quantized(weight) {
             found.push((w, s, blocks));
         }
     }
@@ -644,6 +645,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A trainer that holds FP8 weights and their scales already (it quantizes itself) has
+    /// both copied as they are: nothing is quantized twice.
+    #[test]
+    fn fp8_sources_with_their_scales_are_copied_as_they_are() {
+        use crate::layout::Split;
+        use crate::rules::{Rule, RuleSet};
+        let specs = vec![
+            TensorSpec::new("w.weight", DType::F8E4M3, vec![256, 128]),
+            TensorSpec::new("w.weight_scale_inv", DType::F32, vec![2, 1]),
+        ];
+        let source = SourceSet::single(Manifest::new(specs.clone()).unwrap());
+        let rules = RuleSet::new(vec![Rule::rename("{name*}", "{name*}", Split::Replicated).unwrap()]).unwrap();
+        let copied = plan(&source, &Manifest::new(specs).unwrap(), &rules, TpRank::SINGLE).unwrap();
+        assert!(copied.scaled.is_empty());
+        assert_eq!(copied.ops.len(), 2);
+        assert!(copied.ops.iter().all(|op| copied.cast(op).is_none()));
     }
 
     /// DeepSeek-V3's MoE shape (dense first layers, routed and shared experts) at TP 8, as its

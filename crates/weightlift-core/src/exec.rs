@@ -136,27 +136,59 @@ pub fn unpack_quantized(
     weight: &mut [u8],
     scale: &mut [u8],
 ) -> Result<(), ExecError> {
+    let block = quantize_block(plan, op, payload)?;
+    place_quantized(plan, op, &block, weight, scale)
+}
+
+/// A quantized op's block as the engine will hold it: e4m3 bytes (row-major over the op's
+/// extent) and the scales of its blocks (row-major over their grid). Made apart from the
+/// tensors, so blocks can be quantized on several threads and placed after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedBlock {
+    pub e4m3: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+/// Quantizes a packed block of a quantized op (from `payload`, in its source's dtype).
+pub fn quantize_block(plan: &Plan, op: &CopyOp, payload: &[u8]) -> Result<QuantizedBlock, ExecError> {
     let d = &plan.destinations[op.dst as usize];
     let s = *plan.scaled_of(op.dst).ok_or_else(|| ExecError::NotQuantized { tensor: d.name.clone() })?;
-    let scale_spec = &plan.destinations[s.scale as usize];
     check(&format!("payload of {}", d.name), plan.op_bytes(op), payload.len())?;
-    check(&d.name, d.byte_len(), weight.len())?;
-    check(&scale_spec.name, scale_spec.byte_len(), scale.len())?;
-    let n = op.extent.len();
     let numel = op.numel() as usize;
     let mut wide = vec![0u8; numel * 4];
     convert(Cast { from: plan.payload_dtype(op), to: DType::F32 }, payload, &mut wide, numel);
     let x: Vec<f32> = wide.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let grid = quant::scale_shape(&op.extent, s.block);
-    let mut q = vec![0u8; numel];
-    let mut scales = vec![0f32; grid.iter().product::<u64>() as usize];
-    quant::quantize(&x, &op.extent, s.block, &mut q, &mut scales);
+    let mut block =
+        QuantizedBlock { e4m3: vec![0u8; numel], scales: vec![0f32; grid.iter().product::<u64>() as usize] };
+    quant::quantize(&x, &op.extent, s.block, &mut block.e4m3, &mut block.scales);
+    Ok(block)
+}
+
+/// Writes a [`quantize_block`] result into `op`'s place in `weight` and its scales' places in
+/// `scale`.
+pub fn place_quantized(
+    plan: &Plan,
+    op: &CopyOp,
+    block: &QuantizedBlock,
+    weight: &mut [u8],
+    scale: &mut [u8],
+) -> Result<(), ExecError> {
+    let d = &plan.destinations[op.dst as usize];
+    let s = *plan.scaled_of(op.dst).ok_or_else(|| ExecError::NotQuantized { tensor: d.name.clone() })?;
+    let scale_spec = &plan.destinations[s.scale as usize];
+    let grid = quant::scale_shape(&op.extent, s.block);
+    check(&format!("block of {}", d.name), op.numel(), block.e4m3.len())?;
+    check(&format!("scales of {}", d.name), grid.iter().product::<u64>() * 4, block.scales.len() * 4)?;
+    check(&d.name, d.byte_len(), weight.len())?;
+    check(&scale_spec.name, scale_spec.byte_len(), scale.len())?;
+    let n = op.extent.len();
     let zeros = vec![0; n];
     let e4m3 = Cast { from: DType::F8E4M3, to: DType::F8E4M3 };
-    run(&strided_copies(&op.extent, &zeros, &d.shape, &op.dst_start, &op.extent), e4m3, &q, weight);
+    run(&strided_copies(&op.extent, &zeros, &d.shape, &op.dst_start, &op.extent), e4m3, &block.e4m3, weight);
     let mut at = op.dst_start[..n - 2].to_vec();
     at.extend([op.dst_start[n - 2] / s.block[0], op.dst_start[n - 1] / s.block[1]]);
-    let bytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = block.scales.iter().flat_map(|v| v.to_le_bytes()).collect();
     let f32s = Cast { from: DType::F32, to: DType::F32 };
     run(&strided_copies(&grid, &zeros, &scale_spec.shape, &at, &grid), f32s, &bytes, scale);
     Ok(())

@@ -2,6 +2,7 @@
 //! moving bytes in cache-sized pieces, spread over threads, digesting each piece while it is
 //! hot. Digests are per 4 KiB chunk, so pieces may be digested in any order on any thread.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use weightlift_core::digest::{self, ChunkDigests, PieceDigests, PieceLayout};
@@ -734,18 +735,28 @@ pub fn unpack(
     for (d, piece) in results.into_iter().flatten() {
         digests[d as usize].add(piece);
     }
+    let (quantized, strided): (Vec<&Piece>, Vec<&Piece>) =
+        strided.into_iter().partition(|p| plan.scaled_of(p.op.dst).is_some());
     for piece in strided {
-        let block = &payload[piece.payload.clone()];
-        match plan.scaled_of(piece.op.dst) {
-            // Quantized where it lands: e4m3 bytes into the weight, its blocks' scales beside.
-            Some(s) => {
-                let mut all = destinations.all_mut();
-                let (weight, scale) = exec::two_mut(&mut all, s.weight as usize, s.scale as usize);
-                exec::unpack_quantized(plan, &piece.op, block, weight, scale)
-            }
-            None => exec::unpack(plan, &piece.op, block, destinations.bytes_mut(piece.op.dst as usize)),
-        }
-        .expect("plans match their destinations' sizes");
+        exec::unpack(plan, &piece.op, &payload[piece.payload.clone()], destinations.bytes_mut(piece.op.dst as usize))
+            .expect("plans match their destinations' sizes");
+    }
+    // Quantized where they land: the blocks on every thread, then their e4m3 bytes and scales
+    // placed in the weights and scale tensors (a copy, small next to the quantizing).
+    let runs = split_runs(quantized, threads, |p| p.payload.len());
+    let blocks = in_parallel(runs, |run| {
+        run.into_iter()
+            .map(|piece| {
+                let block = exec::quantize_block(plan, &piece.op, &payload[piece.payload.clone()]);
+                (piece, block.expect("plans match their payloads' sizes"))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut all = destinations.all_mut();
+    for (piece, block) in blocks.into_iter().flatten() {
+        let s = plan.scaled_of(piece.op.dst).expect("quantized pieces only");
+        let (weight, scale) = exec::two_mut(&mut all, s.weight as usize, s.scale as usize);
+        exec::place_quantized(plan, &piece.op, &block, weight, scale).expect("plans match their destinations' sizes");
     }
 }
 
@@ -757,12 +768,13 @@ pub fn sender_digests(
     sources: &dyn SourceTensors,
     digests: &[ChunkDigests],
 ) -> Vec<(u32, u64)> {
+    let mut quantized = HashMap::new();
     (0..plan.destinations.len())
         .filter(|&d| schedule.written[d])
         .map(|d| {
             let value = match schedule.sequential[d] {
                 true => digests[d].finish().expect("every chunk of a written tensor was packed"),
-                false => assemble_digest(plan, schedule, sources, d as u32),
+                false => assemble_digest(plan, schedule, sources, d as u32, &mut quantized),
             };
             (d as u32, value)
         })
@@ -777,12 +789,13 @@ pub fn completed_digests(
     sources: &dyn SourceTensors,
     digests: &[ChunkDigests],
 ) -> Vec<(u32, u64)> {
+    let mut quantized = HashMap::new();
     schedule.completes[k]
         .iter()
         .map(|&d| {
             let value = match schedule.sequential[d as usize] {
                 true => digests[d as usize].finish().expect("every chunk of a completed tensor was packed"),
-                false => assemble_digest(plan, schedule, sources, d),
+                false => assemble_digest(plan, schedule, sources, d, &mut quantized),
             };
             (d, value)
         })
@@ -800,18 +813,28 @@ pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTe
         exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), &mut scratch).expect("sizes match");
         digests[piece.op.dst as usize].add(PieceDigests::new(at.len, at.offset, &scratch));
     }
+    let mut quantized = HashMap::new();
     (0..plan.destinations.len())
         .map(|d| match schedule.sequential[d] {
             true => digests[d].finish().expect("every chunk was packed"),
-            false => assemble_digest(plan, schedule, sources, d as u32),
+            false => assemble_digest(plan, schedule, sources, d as u32, &mut quantized),
         })
         .collect()
 }
 
-fn assemble_digest(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTensors, dst: u32) -> u64 {
-    let weight_of = |d: u32| plan.scaled.iter().find(|s| s.weight == d || s.scale == d);
-    if let Some(s) = weight_of(dst) {
-        // What the engine will hold once quantized: the sender quantizes too, for its digest.
+fn assemble_digest(
+    plan: &Plan,
+    schedule: &Schedule,
+    sources: &dyn SourceTensors,
+    dst: u32,
+    quantized: &mut HashMap<u32, u64>,
+) -> u64 {
+    if let Some(&known) = quantized.get(&dst) {
+        return known;
+    }
+    if let Some(s) = plan.scaled.iter().find(|s| s.weight == dst || s.scale == dst) {
+        // What the engine will hold once quantized: the sender quantizes too, for its digest,
+        // once for the weight and its scales both.
         let spec = |d: u32| &plan.destinations[d as usize];
         let (mut weight, mut scale) =
             (vec![0u8; spec(s.weight).byte_len() as usize], vec![0u8; spec(s.scale).byte_len() as usize]);
@@ -819,7 +842,9 @@ fn assemble_digest(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTensors
             exec::copy_quantized(plan, op, sources.bytes(op.src as usize), &mut weight, &mut scale)
                 .expect("sizes match");
         }
-        return digest::digest(if dst == s.weight { &weight } else { &scale });
+        quantized.insert(s.weight, digest::digest(&weight));
+        quantized.insert(s.scale, digest::digest(&scale));
+        return quantized[&dst];
     }
     if schedule.shares[dst as usize].is_some() {
         // A part of the destination: its ops' blocks one after another, in plan order.

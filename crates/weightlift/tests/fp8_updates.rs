@@ -33,7 +33,9 @@ fn fp8_setup(model: &str, tp: TpRank, quant: Quant, label: &str) -> Fp8 {
     let engine: Manifest = QuantPlan::new(&bf16, quant).unwrap().engine_manifest(&bf16);
     let fp8 = plan(&source, &engine, &rules, tp).unwrap();
     assert!(!fp8.scaled.is_empty());
-    let receiver = Receiver::new(HostTensors::filled(engine, 0), ReceiverOptions { tp, ..ReceiverOptions::default() });
+    // Three threads (not the default of one here): blocks are quantized on several at once.
+    let options = ReceiverOptions { tp, threads: 3, ..ReceiverOptions::default() };
+    let receiver = Receiver::new(HostTensors::filled(engine, 0), options);
     let listener = Endpoint::Unix(socket_path(label)).bind().unwrap();
     let endpoint = listener.endpoint().unwrap();
     let serving = receiver.clone();

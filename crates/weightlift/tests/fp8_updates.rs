@@ -7,7 +7,9 @@ use weightlift::core::quant::{quantize, Quant, QuantPlan};
 use weightlift::core::{
     destination_manifest, exec, plan, synthetic, Manifest, Plan, PresetOptions, RuleSet, SourceSet, TpRank, Version,
 };
-use weightlift::{Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, TransportKind};
+use weightlift::{
+    Endpoint, Fault, HostTensors, Receiver, ReceiverOptions, Sender, SenderOptions, Shard, Trainer, TransportKind,
+};
 
 mod common;
 use common::socket_path;
@@ -172,4 +174,38 @@ fn local_and_in_process_updates_of_an_fp8_engine_agree_with_the_reference() {
         assert!(tx.push(Version(v), &pushed.trainer).unwrap().verified);
         assert_eq!(first_difference(&pushed), None, "in process v{v}");
     }
+}
+
+/// A sharded trainer's ranks do not quantize their shares yet: each is refused naming the
+/// weight, and the engine stays where it was.
+#[test]
+fn a_sharded_trainer_is_refused_by_name_and_changes_nothing() {
+    let s = fp8_setup("qwen3-tiny", TpRank::SINGLE, Quant::Block { rows: 16, cols: 16 }, "fp8-sharded");
+    let endpoints = vec![s.endpoint.clone()];
+    let errors: Vec<String> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let (endpoints, s) = (&endpoints, &s);
+                scope.spawn(move || {
+                    let (mine, placements) = s.trainer.fsdp_shard(rank, 2);
+                    let shard = Shard { rank, world: 2, placements };
+                    let options =
+                        SenderOptions { timeout: std::time::Duration::from_secs(5), ..SenderOptions::default() };
+                    match Trainer::connect_shard(endpoints, mine.manifest(), &s.rules, &options, &shard) {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errors {
+        assert!(
+            e.contains("`model.layers.0.self_attn.qkv_proj.weight` is FP8") && e.contains("sharded trainer"),
+            "{errors:?}"
+        );
+    }
+    assert_eq!(s.receiver.committed(), Version(0));
+    assert!(s.receiver.dirty().is_empty());
 }

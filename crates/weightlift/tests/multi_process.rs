@@ -253,3 +253,36 @@ fn demo_runs_each_source_into_host_engines_and_refuses_mixed_flags() {
     let out = Command::new(EXE).args(["demo", "--source", "gpu", "--device", "host"]).output().unwrap();
     assert!(stderr(&out).contains("--source gpu needs --device cuda"), "{}", stderr(&out));
 }
+
+/// `weightlift serve --quant`: an FP8 engine of the model (linear weights in e4m3 with their
+/// block scales) takes three verified updates from a bf16 `push` at TP 2, over shm and tcp.
+#[test]
+fn fp8_engines_served_with_quant_take_verified_pushes() {
+    let dir = temp_dir("fp8");
+    for transport in ["shm", "tcp"] {
+        let servers: Vec<Serve> = (0..2)
+            .map(|rank| {
+                let listen = match transport {
+                    "shm" => format!("unix:{}", dir.join(format!("fp8-{rank}.sock")).display()),
+                    _ => "tcp://127.0.0.1:0".to_string(),
+                };
+                Serve::rank("qwen3-moe-tiny", &listen, 2, rank, &["--quant", "block:16", "--timeout-s", "5"])
+            })
+            .collect();
+        let refs: Vec<&Serve> = servers.iter().collect();
+        let args = ["--synthetic", "qwen3-moe-tiny", "--steps", "3", "--transport", transport, "--json"];
+        let v = json(&push(&refs, &args));
+        let steps = v["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 3);
+        assert!(steps.iter().all(|s| s["verified"] == true), "{transport}: {v}");
+    }
+    // 64-row blocks split the 16 rows of k a rank holds: refused naming the tensor.
+    let out = Command::new(EXE)
+        .args(["serve", "--synthetic", "qwen3-moe-tiny", "--tp-size", "2", "--quant", "block:64", "--listen"])
+        .arg(format!("unix:{}", dir.join("split.sock").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("qkv_proj.weight") && err.contains("split its 64 x 64 blocks"), "{err}");
+}

@@ -82,10 +82,10 @@ pub fn run(args: &ServeArgs) -> Result<(), CommandError> {
         let checkpoint = CheckpointTensors::open(&dir.dir).map_err(SetupError::from)?;
         let plan = plan(&inputs.source, &inputs.destination, &inputs.rules, tp).map_err(SetupError::from)?;
         let (manifest, mut data) = tensors.into_parts();
-        for op in &plan.ops {
-            let src = weightlift::SourceTensors::bytes(&checkpoint, op.src as usize);
-            exec::copy(&plan, op, src, &mut data[op.dst as usize]).map_err(|e| CommandError::Io(e.to_string()))?;
-        }
+        // Quantized into an FP8 engine (`--quant`) where the plan says so.
+        let sources: Vec<&[u8]> =
+            (0..plan.sources.len()).map(|i| weightlift::SourceTensors::bytes(&checkpoint, i)).collect();
+        exec::execute(&plan, &sources, &mut data).map_err(|e| CommandError::Io(e.to_string()))?;
         tensors = HostTensors::new(manifest, data).map_err(|e| CommandError::Io(e.to_string()))?;
     }
     serve(args, &model, inputs.destination.clone(), Some(tensors), tp, &inputs.rules)

@@ -151,6 +151,9 @@ impl Receiver {
             Ok(plan) => plan,
             Err(e) => return Err(refuse_all(&mut members, e.to_string(), ProblemNote::all(&e))),
         };
+        if let Err(e) = self.quantizes(&plan) {
+            return Err(refuse_all(&mut members, e.to_string(), Vec::new()));
+        }
         let plan_hash = plan.hash_hex();
         let mut established = Vec::with_capacity(members.len());
         let mut members = members.into_iter().enumerate();

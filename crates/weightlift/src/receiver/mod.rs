@@ -180,8 +180,9 @@ pub enum LocalError {
 }
 
 /// A plan into FP8 weights (quantized on the way) that this receiver cannot apply: only host
-/// tensors written bucket by bucket quantize today; the GPU paths and the streaming receiver
-/// refuse it, naming the weight, rather than write bytes without their scales.
+/// tensors written bucket by bucket from one sender quantize today; the GPU paths, the
+/// streaming receiver and sharded trainers are refused, naming the weight, rather than write
+/// bytes without their scales.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{weight}` is FP8 with its scales in `{scale}`, quantized on the way, and {why}")]
 pub struct CannotQuantize {
@@ -511,13 +512,15 @@ impl Receiver {
     }
 
     /// Whether this receiver can apply `plan`'s quantized weights (it has none, or its
-    /// tensors are in host memory and not streamed).
+    /// tensors are in host memory, not streamed, and one sender sends every tensor whole).
     pub(crate) fn quantizes(&self, plan: &Plan) -> Result<(), CannotQuantize> {
         let Some(s) = plan.scaled.first() else { return Ok(()) };
         let why = if self.is_on_gpu() {
             "this receiver's tensors are on a GPU, whose update paths do not quantize yet"
         } else if self.shared.stream.is_some() {
             "a streaming receiver does not quantize yet"
+        } else if plan.senders() > 1 {
+            "a sharded trainer's ranks do not quantize their shares yet"
         } else {
             return Ok(());
         };

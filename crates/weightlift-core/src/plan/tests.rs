@@ -1057,3 +1057,92 @@ proptest! {
         prop_assert!(seen.iter().zip(&plan.destinations).all(|(&s, d)| s || d.byte_len() == 0));
     }
 }
+
+/// Runs a plan with FP8 weights bucket by bucket, quantizing where each block lands.
+fn run_fp8_through_buckets(plan: &Plan, sources: &[Vec<u8>], bucket_bytes: u64) -> Vec<Vec<u8>> {
+    let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xAB; d.byte_len() as usize]).collect();
+    for bucket in buckets(plan, bucket_bytes).unwrap() {
+        let mut payload = vec![0u8; bucket.bytes as usize];
+        for e in &bucket.entries {
+            let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
+            exec::pack(plan, &e.op, &sources[e.op.src as usize], &mut payload[range]).unwrap();
+        }
+        for e in &bucket.entries {
+            let block = &payload[e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize];
+            match plan.scaled_of(e.op.dst) {
+                Some(s) => {
+                    let (weight, scale) = exec::two_mut(&mut dst, s.weight as usize, s.scale as usize);
+                    exec::unpack_quantized(plan, &e.op, block, weight, scale).unwrap();
+                }
+                None => exec::unpack(plan, &e.op, block, &mut dst[e.op.dst as usize]).unwrap(),
+            }
+        }
+    }
+    dst
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// For random models, presets, TP ranks, trainer shards and blocks: the FP8 engine of the
+    /// rank either plans, and then holds through buckets of any size (and directly) exactly
+    /// what quantizing each of its bf16 tensors whole gives, or fails with quantization
+    /// problems only, each naming an engine tensor.
+    #[test]
+    fn fp8_engines_of_random_models_hold_the_whole_tensor_quantization(
+        (config, tp_size, ep, bucket, senders) in small_config(),
+        rows_pow in 0u32..4, cols_pow in 0u32..4, rank in 0u32..8,
+    ) {
+        use crate::quant::{quantize, Quant, QuantPlan};
+        let whole = config.source_manifest();
+        let rules = rules_for(&config, ep);
+        let single = SourceSet::single(whole.clone());
+        let tp = TpRank { rank: rank % tp_size, size: tp_size };
+        let dest = destination_manifest(&single, &rules, tp, None, false);
+        prop_assume!(dest.is_ok());
+        let dest = dest.unwrap();
+        let source = if senders > 1 { SourceSet::sharded(chunk_dim0(&whole, senders as u64)) } else { single.clone() };
+        let bf16 = plan(&source, &dest, &rules, tp).unwrap();
+        let quant = Quant::Block { rows: 1 << rows_pow, cols: 1 << cols_pow };
+        let derived = QuantPlan::new(&bf16, quant);
+        prop_assume!(derived.as_ref().is_ok_and(|q| !q.targets.is_empty()));
+        let engine = derived.unwrap().engine_manifest(&bf16);
+        let fp8 = match plan(&source, &engine, &rules, tp) {
+            Ok(fp8) => fp8,
+            Err(e) => {
+                // The engine's scales say "at least the whole dim" where their grid is one,
+                // and the planner then takes 128, which a TP slice may split.
+                prop_assert!(e.problems.iter().all(|p| p.kind() == "quant"), "{}", e);
+                prop_assert!(e.problems.iter().all(|p| p.names().iter().all(|n| engine.get(n).is_some())), "{}", e);
+                return Ok(());
+            }
+        };
+        let originals: Vec<Vec<u8>> = whole.iter().enumerate().map(|(t, s)| fill_bytes(t, s.byte_len())).collect();
+        let pieces: Vec<Vec<u8>> = fp8.sources.iter().map(|p| {
+            let t = whole.position(&p.spec.name).unwrap();
+            let row_bytes = p.spec.byte_len().checked_div(p.spec.shape[0]).unwrap_or(0);
+            originals[t][(p.offset[0] * row_bytes) as usize..(p.offset[0] * row_bytes + p.spec.byte_len()) as usize].to_vec()
+        }).collect();
+        let wide = run_direct(&bf16, &pieces);
+        let mut want: Vec<Vec<u8>> = fp8.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
+        for (d, spec) in fp8.destinations.iter().enumerate() {
+            if let Some(b) = bf16.destinations.iter().position(|w| w.name == spec.name) {
+                want[d] = wide[b].clone();
+            }
+        }
+        for s in &fp8.scaled {
+            let w = &fp8.destinations[s.weight as usize];
+            let b = bf16.destinations.iter().position(|x| x.name == w.name).unwrap();
+            let x: Vec<f32> = wide[b].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+            let mut scales = vec![0f32; fp8.destinations[s.scale as usize].numel() as usize];
+            want[s.weight as usize] = vec![0; w.numel() as usize];
+            quantize(&x, &w.shape, s.block, &mut want[s.weight as usize], &mut scales);
+            want[s.scale as usize] = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+        let got = run_fp8_through_buckets(&fp8, &pieces, bucket.max(512));
+        for (d, spec) in fp8.destinations.iter().enumerate() {
+            prop_assert!(got[d] == want[d], "`{}` through buckets", spec.name);
+        }
+        prop_assert_eq!(run_direct(&fp8, &pieces), want);
+    }
+}

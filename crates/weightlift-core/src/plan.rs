@@ -946,9 +946,10 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
         .collect();
     let (scaled, errors) = engine_scales(destination, |weight| !already_fp8.contains(weight));
     planner.problems.extend(errors.into_iter().map(Problem::Quant));
-    let mut quantized = vec![false; destination.len()];
+    let (mut quantized, mut is_scale) = (vec![false; destination.len()], vec![false; destination.len()]);
     for s in &scaled {
         quantized[s.weight as usize] = true;
+        is_scale[s.scale as usize] = true;
         written[s.scale as usize] = true;
     }
     let mut ops = Vec::new();
@@ -960,8 +961,8 @@ pub fn plan(source: &SourceSet, destination: &Manifest, rules: &RuleSet, tp: TpR
             planner.problems.push(Problem::NoDestination { destination: target.name.clone(), sources });
             continue;
         };
-        if let Some(s) = scaled.iter().find(|s| s.scale as usize == dst) {
-            let scale = destination.specs()[s.scale as usize].name.clone();
+        if is_scale[dst] {
+            let scale = destination.specs()[dst].name.clone();
             planner.problems.push(Problem::Quant(QuantError::ScaleWritten { scale }));
             continue;
         }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use weightlift_core::digest::{self, ChunkDigests, PieceDigests, PieceLayout};
+use weightlift_core::quant::Scaled;
 use weightlift_core::{buckets, exec, pieces, Bucket, BucketError, CopyOp, Plan};
 
 use weightlift_cuda::{AlignedBuffer, FileReader, ReadError, ReadMode, DIRECT_ALIGN};
@@ -768,7 +769,7 @@ pub fn sender_digests(
     sources: &dyn SourceTensors,
     digests: &[ChunkDigests],
 ) -> Vec<(u32, u64)> {
-    let mut quantized = HashMap::new();
+    let mut quantized = QuantDigests::new(plan);
     (0..plan.destinations.len())
         .filter(|&d| schedule.written[d])
         .map(|d| {
@@ -789,7 +790,7 @@ pub fn completed_digests(
     sources: &dyn SourceTensors,
     digests: &[ChunkDigests],
 ) -> Vec<(u32, u64)> {
-    let mut quantized = HashMap::new();
+    let mut quantized = QuantDigests::new(plan);
     schedule.completes[k]
         .iter()
         .map(|&d| {
@@ -813,7 +814,7 @@ pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTe
         exec::pack(plan, &piece.op, sources.bytes(piece.op.src as usize), &mut scratch).expect("sizes match");
         digests[piece.op.dst as usize].add(PieceDigests::new(at.len, at.offset, &scratch));
     }
-    let mut quantized = HashMap::new();
+    let mut quantized = QuantDigests::new(plan);
     (0..plan.destinations.len())
         .map(|d| match schedule.sequential[d] {
             true => digests[d].finish().expect("every chunk was packed"),
@@ -822,17 +823,31 @@ pub fn expected_digests(plan: &Plan, schedule: &Schedule, sources: &dyn SourceTe
         .collect()
 }
 
+/// The digests of quantized weights and their scales, made a pair at a time.
+struct QuantDigests {
+    /// Each quantized weight and each scale tensor, to its pair.
+    pair_of: HashMap<u32, Scaled>,
+    digests: HashMap<u32, u64>,
+}
+
+impl QuantDigests {
+    fn new(plan: &Plan) -> QuantDigests {
+        let pair_of = plan.scaled.iter().flat_map(|&s| [(s.weight, s), (s.scale, s)]).collect();
+        QuantDigests { pair_of, digests: HashMap::new() }
+    }
+}
+
 fn assemble_digest(
     plan: &Plan,
     schedule: &Schedule,
     sources: &dyn SourceTensors,
     dst: u32,
-    quantized: &mut HashMap<u32, u64>,
+    quantized: &mut QuantDigests,
 ) -> u64 {
-    if let Some(&known) = quantized.get(&dst) {
+    if let Some(&known) = quantized.digests.get(&dst) {
         return known;
     }
-    if let Some(s) = plan.scaled.iter().find(|s| s.weight == dst || s.scale == dst) {
+    if let Some(&s) = quantized.pair_of.get(&dst) {
         // What the engine will hold once quantized: the sender quantizes too, for its digest,
         // once for the weight and its scales both.
         let spec = |d: u32| &plan.destinations[d as usize];
@@ -842,9 +857,9 @@ fn assemble_digest(
             exec::copy_quantized(plan, op, sources.bytes(op.src as usize), &mut weight, &mut scale)
                 .expect("sizes match");
         }
-        quantized.insert(s.weight, digest::digest(&weight));
-        quantized.insert(s.scale, digest::digest(&scale));
-        return quantized[&dst];
+        quantized.digests.insert(s.weight, digest::digest(&weight));
+        quantized.digests.insert(s.scale, digest::digest(&scale));
+        return quantized.digests[&dst];
     }
     if schedule.shares[dst as usize].is_some() {
         // A part of the destination: its ops' blocks one after another, in plan order.

@@ -44,6 +44,11 @@ impl Receiver {
         started: Instant,
     ) -> (UpdateReport, bool) {
         report.version = version;
+        // A quantized weight's scales are written with it: dirty with it.
+        let mut touched = touched.to_vec();
+        for s in &plan.scaled {
+            touched[s.scale as usize] |= touched[s.weight as usize];
+        }
         let mut state = self.state();
         let in_sync = !matches!(outcome, Outcome::Broken(_));
         let (outcome, reason) = match outcome {
@@ -74,11 +79,8 @@ impl Receiver {
             // streaming receiver, every tensor its engine was handed (and may have loaded).
             let dirty: Vec<String> = match &self.shared.stream {
                 Some(stream) => stream.handoff.handed_names(),
-                // A quantized weight's scales are written with it: dirty with it.
                 None => (0..touched.len())
-                    .filter(|&d| {
-                        touched[d] || plan.scaled.iter().any(|s| s.scale as usize == d && touched[s.weight as usize])
-                    })
+                    .filter(|&d| touched[d])
                     .map(|d| {
                         state.digests[d] = None;
                         plan.destinations[d].name.clone()

@@ -435,14 +435,16 @@ pub fn e4m3(x: f32) -> u8 {
     let bits = x.to_bits();
     let sign = ((bits >> 24) & 0x80) as u8;
     let magnitude = bits & 0x7fff_ffff;
+    // Both roundings are computed and one is selected, with no branch: the loops over a
+    // block then vectorize.
+    let subnormal = (f32::from_bits(magnitude) + f32::from_bits(SUBNORMAL_BIAS)).to_bits().wrapping_sub(SUBNORMAL_BIAS);
+    let odd = (magnitude >> 20) & 1;
+    let rebased = magnitude.wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7_ffff)).wrapping_add(odd);
     let value = if magnitude >= NAN_FROM {
         0x7f
     } else if magnitude < (121 << 23) {
-        let shifted = (f32::from_bits(magnitude) + f32::from_bits(SUBNORMAL_BIAS)).to_bits();
-        (shifted - SUBNORMAL_BIAS) as u8
+        subnormal as u8
     } else {
-        let odd = (magnitude >> 20) & 1;
-        let rebased = magnitude.wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7_ffff)) + odd;
         (rebased >> 20) as u8
     };
     value | sign
@@ -458,10 +460,8 @@ pub fn scale_of(amax: f32) -> f32 {
 
 /// One element quantized with its block's scale.
 pub fn quantize_one(x: f32, scale: f32) -> u8 {
-    let scaled = x / scale;
-    // clamp keeps NaN; f32::clamp would too, but say so.
-    let clamped = if scaled.is_nan() { scaled } else { scaled.clamp(-E4M3_MAX, E4M3_MAX) };
-    e4m3(clamped)
+    // f32::clamp keeps a NaN a NaN.
+    e4m3((x / scale).clamp(-E4M3_MAX, E4M3_MAX))
 }
 
 /// Quantizes `x` (row-major, `shape` with at least two dimensions, as f32) in blocks of the
@@ -477,24 +477,35 @@ pub fn quantize(x: &[f32], shape: &[u64], block: [u64; 2], q: &mut [u8], scales:
     assert_eq!(x.len(), matrices * rows * cols);
     assert_eq!(q.len(), x.len());
     assert_eq!(scales.len(), matrices * grid_r * grid_c);
+    // A magnitude's bits order as the magnitude does, and every NaN's are above infinity's:
+    // the largest |x| of a block is the largest of its elements' bits less the sign, NaN
+    // when that is past infinity (torch's amax propagates NaN). Integer maxima vectorize.
+    const MAGNITUDE: u32 = 0x7fff_ffff;
+    const INFINITY: u32 = 0x7f80_0000;
+    let mut amax = vec![0u32; grid_c];
+    let mut scale_row = vec![0f32; grid_c];
     for m in 0..matrices {
         let base = m * rows * cols;
         for gr in 0..grid_r {
-            for gc in 0..grid_c {
-                let rows_of = gr * br..((gr + 1) * br).min(rows);
-                let cols_of = gc * bc..((gc + 1) * bc).min(cols);
-                let mut amax = 0f32;
-                for r in rows_of.clone() {
-                    for &v in &x[base + r * cols + cols_of.start..base + r * cols + cols_of.end] {
-                        // NaN wins, as torch's amax propagates it.
-                        amax = if v.is_nan() || amax.is_nan() { f32::NAN } else { amax.max(v.abs()) };
-                    }
+            let rows_of = gr * br..((gr + 1) * br).min(rows);
+            amax.fill(0);
+            for r in rows_of.clone() {
+                let row = &x[base + r * cols..base + (r + 1) * cols];
+                for (gc, part) in row.chunks(bc).enumerate() {
+                    amax[gc] = part.iter().fold(amax[gc], |a, v| a.max(v.to_bits() & MAGNITUDE));
                 }
-                let scale = scale_of(amax);
-                scales[(m * grid_r + gr) * grid_c + gc] = scale;
-                for r in rows_of {
-                    for c in cols_of.clone() {
-                        q[base + r * cols + c] = quantize_one(x[base + r * cols + c], scale);
+            }
+            for (gc, &bits) in amax.iter().enumerate() {
+                let magnitude = if bits > INFINITY { f32::NAN } else { f32::from_bits(bits) };
+                scale_row[gc] = scale_of(magnitude);
+                scales[(m * grid_r + gr) * grid_c + gc] = scale_row[gc];
+            }
+            for r in rows_of {
+                let (row, out) =
+                    (&x[base + r * cols..base + (r + 1) * cols], &mut q[base + r * cols..base + (r + 1) * cols]);
+                for ((part, out), &scale) in row.chunks(bc).zip(out.chunks_mut(bc)).zip(&scale_row) {
+                    for (o, &v) in out.iter_mut().zip(part) {
+                        *o = quantize_one(v, scale);
                     }
                 }
             }

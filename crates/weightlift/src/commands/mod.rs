@@ -135,6 +135,7 @@ impl ModelArgs {
         push("--rules", self.rules.as_ref().map(|p| p.display().to_string()));
         push("--head-dim", self.head_dim.map(|h| h.to_string()));
         push("--dtype", self.dtype.map(|d| d.name().to_string()));
+        push("--quant", self.quant.map(|q| q.to_string()));
         if self.expert_parallel {
             args.push("--expert-parallel".into());
         }

@@ -514,7 +514,7 @@ pub fn quantize(x: &[f32], shape: &[u64], block: [u64; 2], q: &mut [u8], scales:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::plan::{destination_manifest, plan, SourceSet};
     use crate::{synthetic, PresetOptions, TpRank};
@@ -574,7 +574,7 @@ mod tests {
 
     /// What the engine should hold: the bf16 plan's tensors, each quantized weight quantized
     /// whole (the torch reference's way) with its scales beside it.
-    fn reference(bf16: &Plan, fp8: &Plan, sources: &[&[u8]]) -> Vec<Vec<u8>> {
+    pub(crate) fn reference(bf16: &Plan, fp8: &Plan, sources: &[&[u8]]) -> Vec<Vec<u8>> {
         let mut wide: Vec<Vec<u8>> = bf16.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
         crate::exec::execute(bf16, sources, &mut wide).unwrap();
         let mut out: Vec<Vec<u8>> = fp8.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
@@ -597,7 +597,7 @@ mod tests {
     }
 
     /// Runs `plan` bucket by bucket, packing and unpacking (quantizing) as a transport does.
-    fn through_buckets(plan: &Plan, sources: &[&[u8]], bucket_bytes: u64) -> Vec<Vec<u8>> {
+    pub(crate) fn through_buckets(plan: &Plan, sources: &[&[u8]], bucket_bytes: u64) -> Vec<Vec<u8>> {
         let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xAB; d.byte_len() as usize]).collect();
         for bucket in crate::buckets(plan, bucket_bytes).unwrap() {
             assert!(bucket.bytes <= bucket_bytes);

@@ -1058,29 +1058,6 @@ proptest! {
     }
 }
 
-/// Runs a plan with FP8 weights bucket by bucket, quantizing where each block lands.
-fn run_fp8_through_buckets(plan: &Plan, sources: &[Vec<u8>], bucket_bytes: u64) -> Vec<Vec<u8>> {
-    let mut dst: Vec<Vec<u8>> = plan.destinations.iter().map(|d| vec![0xAB; d.byte_len() as usize]).collect();
-    for bucket in buckets(plan, bucket_bytes).unwrap() {
-        let mut payload = vec![0u8; bucket.bytes as usize];
-        for e in &bucket.entries {
-            let range = e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize;
-            exec::pack(plan, &e.op, &sources[e.op.src as usize], &mut payload[range]).unwrap();
-        }
-        for e in &bucket.entries {
-            let block = &payload[e.payload_offset as usize..(e.payload_offset + plan.op_bytes(&e.op)) as usize];
-            match plan.scaled_of(e.op.dst) {
-                Some(s) => {
-                    let (weight, scale) = exec::two_mut(&mut dst, s.weight as usize, s.scale as usize);
-                    exec::unpack_quantized(plan, &e.op, block, weight, scale).unwrap();
-                }
-                None => exec::unpack(plan, &e.op, block, &mut dst[e.op.dst as usize]).unwrap(),
-            }
-        }
-    }
-    dst
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -1093,7 +1070,7 @@ proptest! {
         (config, tp_size, ep, bucket, senders) in small_config(),
         rows_pow in 0u32..4, cols_pow in 0u32..4, rank in 0u32..8,
     ) {
-        use crate::quant::{quantize, Quant, QuantPlan};
+        use crate::quant::{Quant, QuantPlan};
         let whole = config.source_manifest();
         let rules = rules_for(&config, ep);
         let single = SourceSet::single(whole.clone());
@@ -1123,23 +1100,9 @@ proptest! {
             let row_bytes = p.spec.byte_len().checked_div(p.spec.shape[0]).unwrap_or(0);
             originals[t][(p.offset[0] * row_bytes) as usize..(p.offset[0] * row_bytes + p.spec.byte_len()) as usize].to_vec()
         }).collect();
-        let wide = run_direct(&bf16, &pieces);
-        let mut want: Vec<Vec<u8>> = fp8.destinations.iter().map(|d| vec![0; d.byte_len() as usize]).collect();
-        for (d, spec) in fp8.destinations.iter().enumerate() {
-            if let Some(b) = bf16.destinations.iter().position(|w| w.name == spec.name) {
-                want[d] = wide[b].clone();
-            }
-        }
-        for s in &fp8.scaled {
-            let w = &fp8.destinations[s.weight as usize];
-            let b = bf16.destinations.iter().position(|x| x.name == w.name).unwrap();
-            let x: Vec<f32> = wide[b].chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
-            let mut scales = vec![0f32; fp8.destinations[s.scale as usize].numel() as usize];
-            want[s.weight as usize] = vec![0; w.numel() as usize];
-            quantize(&x, &w.shape, s.block, &mut want[s.weight as usize], &mut scales);
-            want[s.scale as usize] = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
-        }
-        let got = run_fp8_through_buckets(&fp8, &pieces, bucket.max(512));
+        let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        let want = crate::quant::tests::reference(&bf16, &fp8, &refs);
+        let got = crate::quant::tests::through_buckets(&fp8, &refs, bucket.max(512));
         for (d, spec) in fp8.destinations.iter().enumerate() {
             prop_assert!(got[d] == want[d], "`{}` through buckets", spec.name);
         }
